@@ -1,0 +1,165 @@
+"""``edgec.compile``: the one entry point the CLI and the Python API share."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from . import loader, verify as verify_mod
+from .analysis import costs as costs_mod
+from .errors import InternalError, UserError, VerificationError
+from .ir import IR
+from .pipeline import Pass, PassManager, PassRecord, get_pass
+
+
+@dataclass
+class CompileResult:
+    ir: IR
+    model: onnx.ModelProto
+    report: dict
+    records: list[PassRecord] = field(default_factory=list)
+    output: Path | None = None
+
+
+def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike | None = None, *,
+            target: str = "cpu", passes: Sequence[str | Pass] | None = None, verify: bool = False,
+            inputs: str | os.PathLike | dict | None = None, eval_data: str | os.PathLike | None = None,
+            rtol: float = 1e-4, atol: float = 1e-5,
+            log: Callable[[str], None] | None = None) -> CompileResult:
+    """Compile ``model`` for ``target``; write it to ``output`` (atomically) if given.
+
+    ``passes`` replaces the target's pipeline with the named passes. ``verify`` compares ONNX
+    Runtime outputs of the result with the original's on ``inputs`` (an .npz/.npy path or a
+    dict; random inputs from the model's signature when absent) and raises VerificationError
+    when they differ beyond ``rtol``/``atol``. ``eval_data`` (an .npz with the model's input
+    names and ``labels``) adds top-1 accuracy before and after to the report.
+    """
+    from edgec.backends import get_target
+
+    log = log or (lambda s: None)
+    t_start = time.perf_counter()
+    tgt = get_target(target)
+    src_path = None
+    if isinstance(model, onnx.ModelProto):
+        original = model
+    else:
+        src_path = Path(model)
+        original = loader.load_model(src_path)
+    if output is not None:
+        loader.check_output_path(output, src_path)
+    source_opset = loader.check_opset(original, str(src_path or "model"))
+    pipeline = tgt.passes() if passes is None else [get_pass(p) if isinstance(p, str) else p for p in passes]
+    feeds = _feeds(inputs, original) if (verify or inputs is not None) else None
+    evaluation = _eval_set(eval_data, original) if eval_data is not None else None
+
+    normalized, notes = loader.normalize_opset(original)
+    ir = IR.from_onnx(normalized, info=loader.ModelInfo(source_opset=source_opset, notes=notes,
+                                                        source_path=str(src_path) if src_path else None))
+    before = costs_mod.compute(ir)
+    records = PassManager(pipeline, on_pass=lambda r: None).run(ir)
+    after = costs_mod.compute(ir)
+    result_model = ir.to_onnx()
+    loader.check_model(result_model)
+    problems = tgt.conformance(ir)
+    if problems:
+        raise UserError(f"the model does not fit target '{tgt.name}': {problems[0]}")
+
+    report = {
+        "model": str(src_path) if src_path else None,
+        "output": str(output) if output is not None else None,
+        "target": tgt.name,
+        "opset": {"source": source_opset, "output": ir.opset},
+        "notes": list(ir.info.notes),
+        "before": before.as_dict(),
+        "after": after.as_dict(),
+        "passes": [r.as_dict() for r in records],
+    }
+    if feeds is not None:
+        comparison = verify_mod.verify(original, result_model, feeds, rtol=rtol, atol=atol)
+        report["verify"] = {**comparison.as_dict(), "inputs": "given" if inputs is not None else "random",
+                            "passed": comparison.allclose}
+        if verify and not comparison.allclose:
+            raise VerificationError(
+                f"the compiled model differs from the original: max abs error {comparison.max_abs_error:.3g} "
+                f"(rtol {rtol}, atol {atol}); nothing was written")
+    if evaluation is not None:
+        x, labels = evaluation
+        report["accuracy"] = {"samples": int(len(labels)), "before": _accuracy(original, x, labels),
+                              "after": _accuracy(result_model, x, labels)}
+    report["seconds"] = round(time.perf_counter() - t_start, 4)
+    if output is not None:
+        loader.save(result_model, output, check=False)
+        report["output_file_bytes"] = Path(output).stat().st_size
+    return CompileResult(ir=ir, model=result_model, report=report, records=records,
+                         output=Path(output) if output is not None else None)
+
+
+def _feeds(inputs, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    if inputs is None:
+        return verify_mod.random_inputs(model)
+    if isinstance(inputs, dict):
+        return verify_mod.check_feeds(inputs, verify_mod.input_specs(model), "inputs")
+    return verify_mod.load_inputs(inputs, model)
+
+
+def _eval_set(path, model: onnx.ModelProto):
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such evaluation file")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise UserError(f"{p}: cannot read it as .npz ({type(e).__name__})") from None
+    if "labels" not in data:
+        raise UserError(f"{p}: an evaluation set needs a 'labels' array beside the inputs")
+    labels = data.pop("labels")
+    specs = verify_mod.input_specs(model)
+    if len(specs) == 1 and specs[0].name not in data and len(data) == 1:
+        data = {specs[0].name: next(iter(data.values()))}
+    feeds = verify_mod.check_feeds(data, specs, str(p))
+    n = {len(v) for v in feeds.values()}
+    if n != {len(labels)}:
+        raise UserError(f"{p}: {len(labels)} labels but {sorted(n)} input samples")
+    return feeds, labels
+
+
+def _accuracy(model: onnx.ModelProto, feeds: dict[str, np.ndarray], labels: np.ndarray) -> float:
+    sess = verify_mod.session(model)
+    out = sess.run([sess.get_outputs()[0].name], feeds)[0]
+    pred = out.reshape(len(labels), -1).argmax(axis=1)
+    return float(np.mean(pred == labels.reshape(-1)))
+
+
+def inspect(model: str | os.PathLike | onnx.ModelProto, *, top: int = 10) -> dict:
+    """What is inside a model and what it costs (``edgec inspect``)."""
+    if isinstance(model, onnx.ModelProto):
+        proto, where = model, "model"
+    else:
+        proto, where = loader.load_model(model), str(model)
+    opset = loader.check_opset(proto, where)
+    ir = IR.from_onnx(proto)
+    c = costs_mod.compute(ir)
+    info = {
+        "model": where if not isinstance(model, onnx.ModelProto) else None,
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "ir_version": proto.ir_version,
+        "opset": opset,
+        "opsets": {(k or "ai.onnx"): v for k, v in ir.opsets.items()},
+        "inputs": [_tensor_info(t) for t in ir.inputs],
+        "outputs": [_tensor_info(t) for t in ir.outputs],
+        **c.as_dict(top=top),
+    }
+    return info
+
+
+def _tensor_info(t) -> dict:
+    return {"name": t.name, "dtype": str(np.dtype(t.dtype)) if t.dtype is not None else None,
+            "shape": [d if isinstance(d, (int, np.integer)) else str(d) for d in t.shape] if t.shape is not None else None}

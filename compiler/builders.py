@@ -1,0 +1,713 @@
+"""Deterministic builders for small, realistic ONNX test models.
+
+Every model function is pure: given the same arguments (including ``seed``) it
+returns a byte-identical ``onnx.ModelProto`` (opset 17, ir_version 8, static
+float32 shapes) that passes ``onnx.checker.check_model(m, full_check=True)`` and
+runs in onnxruntime in milliseconds.  Weights use He-style scales and every
+BatchNormalization has non-trivial gamma/beta/mean/var, so folding or pruning
+bugs show up numerically rather than hiding behind identity parameters.
+
+``GraphBuilder`` is the small helper the model functions are written with; it
+is exported so tests can assemble ad-hoc graphs::
+
+    b = GraphBuilder(seed=0)
+    x = b.input("input", [1, 3, 16, 16])
+    y = b.relu(b.bn(b.conv(x, 8, 3, bias=False)))
+    b.output(b.gemm(b.flatten(b.gap(y)), 10))
+    model = b.build()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = [
+    "OPSET",
+    "IR_VERSION",
+    "GraphBuilder",
+    "resnet_basic",
+    "resnet_bottleneck",
+    "mobilenet_v2",
+    "inception",
+    "densenet",
+    "shufflenet_v2",
+    "se_block",
+    "flatten_gemm_head",
+    "transformer_encoder",
+    "plain_cnn",
+    "ALL_MODELS",
+]
+
+OPSET = 17
+IR_VERSION = 8
+
+Shape = list[int]
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, (int, np.integer)):
+        return int(v), int(v)
+    a, b = v
+    return int(a), int(b)
+
+
+class GraphBuilder:
+    """Append-only ONNX graph builder that tracks static shapes and unique names.
+
+    Every op method takes tensor names and returns the output tensor name(s);
+    ``shape(name)`` / ``channels(name)`` give the tracked static shape.  Weights
+    are drawn from ``np.random.default_rng(seed)`` in call order, so building
+    the same sequence of calls with the same seed is fully deterministic.
+    """
+
+    def __init__(self, name: str = "edgec_test", seed: int = 0):
+        self.name = name
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.shapes: dict[str, Shape] = {}
+        self._used: set[str] = set()
+        self._counters: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ naming
+    def _uname(self, prefix: str) -> str:
+        n = self._counters.get(prefix, 0)
+        while True:
+            cand = f"{prefix}_{n}"
+            n += 1
+            if cand not in self._used:
+                break
+        self._counters[prefix] = n
+        self._used.add(cand)
+        return cand
+
+    def _out_name(self, node: str) -> str:
+        name = f"{node}_out"
+        return self._reserve(name) if name not in self._used else self._uname(name)
+
+    def _rename(self, old: str, new: str) -> None:
+        self._reserve(new)
+        for node in self.nodes:
+            for seq in (node.input, node.output):
+                for i, v in enumerate(seq):
+                    if v == old:
+                        seq[i] = new
+        self.shapes[new] = self.shapes.pop(old)
+
+    def _reserve(self, name: str) -> str:
+        if name in self._used:
+            raise ValueError(f"name {name!r} already used")
+        self._used.add(name)
+        return name
+
+    # ----------------------------------------------------------------- shapes
+    def shape(self, x: str) -> Shape:
+        """Tracked static shape of tensor ``x``."""
+        return list(self.shapes[x])
+
+    def channels(self, x: str) -> int:
+        """Size of axis 1 (the channel axis for NCHW / [N, C] tensors)."""
+        return self.shapes[x][1]
+
+    # ------------------------------------------------------------ primitives
+    def input(self, name: str = "input", shape: Sequence[int] = (1, 3, 16, 16)) -> str:
+        """Declare a float32 graph input with a static shape."""
+        self._reserve(name)
+        shape = [int(d) for d in shape]
+        self.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+        self.shapes[name] = shape
+        return name
+
+    def output(self, x: str, name: str | None = None) -> str:
+        """Mark ``x`` as a graph output, renaming the tensor in place to ``name`` if given.
+
+        Graph inputs and initializers cannot be renamed, so those get an Identity.
+        """
+        if name is not None and name != x:
+            produced = any(x in n.output for n in self.nodes)
+            if not produced or any(o.name == x for o in self.outputs):
+                x = self.op("Identity", [x], self.shape(x), out_name=name)
+            else:
+                self._rename(x, name)
+                x = name
+        self.outputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, self.shape(x)))
+        return x
+
+    def const(self, value, hint: str = "const", dtype=np.float32) -> str:
+        """Add an initializer (any array-like) and return its name."""
+        arr = np.asarray(value, dtype=dtype)
+        name = self._uname(hint)
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        self.shapes[name] = list(arr.shape)
+        return name
+
+    def _param(self, owner: str, suffix: str, arr: np.ndarray, dtype=np.float32) -> str:
+        arr = np.asarray(arr, dtype=dtype)
+        name = self._reserve(f"{owner}.{suffix}")
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        self.shapes[name] = list(arr.shape)
+        return name
+
+    def _operand(self, v, hint: str) -> str:
+        if isinstance(v, str):
+            return v
+        return self.const(v, hint)
+
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        out_shape: Shape | Sequence[Shape],
+        *,
+        n_out: int = 1,
+        out_name: str | None = None,
+        node_name: str | None = None,
+        **attrs,
+    ):
+        """Generic node; ``out_shape`` is one shape, or a list of shapes if ``n_out > 1``."""
+        if node_name is None:
+            node = self._uname(op_type.lower())
+        else:  # names from _uname are already reserved
+            node = node_name
+            self._used.add(node)
+        if n_out == 1:
+            outs = [self._reserve(out_name) if out_name else self._out_name(node)]
+            shapes = [list(out_shape)]
+        else:
+            outs = [self._uname(f"{node}_out{i}") for i in range(n_out)]
+            shapes = [list(s) for s in out_shape]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=node, **attrs))
+        for o, s in zip(outs, shapes):
+            self.shapes[o] = [int(d) for d in s]
+        return outs[0] if n_out == 1 else outs
+
+    # ----------------------------------------------------------- init helpers
+    def _he(self, shape: Sequence[int], fan_in: int, gain: float = 2.0) -> np.ndarray:
+        return self.rng.normal(0.0, math.sqrt(gain / max(fan_in, 1)), size=tuple(shape))
+
+    # ------------------------------------------------------------ conv / norm
+    def conv(
+        self,
+        x: str,
+        cout: int,
+        k: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = 1,
+        pad: int | Sequence[int] | None = None,
+        group: int = 1,
+        bias: bool = True,
+        dilation: int | Sequence[int] = 1,
+    ) -> str:
+        """Conv2d (NCHW) with He-initialised weight; ``pad=None`` means 'same' for odd k."""
+        n, cin, h, w = self.shape(x)
+        kh, kw = _pair(k)
+        sh, sw = _pair(stride)
+        dh, dw = _pair(dilation)
+        ph, pw = _pair(pad) if pad is not None else (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
+        if cin % group or cout % group:
+            raise ValueError(f"group={group} must divide cin={cin} and cout={cout}")
+        node = self._uname("conv")
+        wname = self._param(node, "weight", self._he([cout, cin // group, kh, kw], cin // group * kh * kw))
+        ins = [x, wname]
+        if bias:
+            ins.append(self._param(node, "bias", self.rng.normal(0.0, 0.1, size=cout)))
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        out = self._out_name(node)
+        self.nodes.append(
+            helper.make_node(
+                "Conv", ins, [out], name=node,
+                kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, ph, pw],
+                dilations=[dh, dw], group=group,
+            )
+        )
+        self.shapes[out] = [n, cout, ho, wo]
+        return out
+
+    def dwconv(self, x: str, k: int = 3, stride: int = 1, bias: bool = False) -> str:
+        """Depthwise conv: group == channels == cout."""
+        c = self.channels(x)
+        return self.conv(x, c, k, stride, group=c, bias=bias)
+
+    def bn(self, x: str, eps: float = 1e-5) -> str:
+        """BatchNormalization (inference) with non-trivial random gamma/beta/mean/var."""
+        c = self.channels(x)
+        node = self._uname("bn")
+        g = self._param(node, "scale", self.rng.uniform(0.5, 1.5, c))
+        b = self._param(node, "bias", self.rng.normal(0.0, 0.2, c))
+        m = self._param(node, "mean", self.rng.normal(0.0, 0.2, c))
+        v = self._param(node, "var", self.rng.uniform(0.5, 1.5, c))
+        return self.op("BatchNormalization", [x, g, b, m, v], self.shape(x), node_name=node, epsilon=eps)
+
+    def layernorm(self, x: str, axis: int = -1, eps: float = 1e-5) -> str:
+        """LayerNormalization (opset 17) with random scale ~1 and bias ~0."""
+        s = self.shape(x)
+        norm_shape = s[axis:] if axis != 0 else s
+        node = self._uname("layernorm")
+        g = self._param(node, "scale", 1.0 + self.rng.normal(0.0, 0.1, norm_shape))
+        b = self._param(node, "bias", self.rng.normal(0.0, 0.1, norm_shape))
+        return self.op("LayerNormalization", [x, g, b], s, node_name=node, axis=axis, epsilon=eps)
+
+    # ------------------------------------------------------------ activations
+    def relu(self, x: str) -> str:
+        return self.op("Relu", [x], self.shape(x))
+
+    def sigmoid(self, x: str) -> str:
+        return self.op("Sigmoid", [x], self.shape(x))
+
+    def tanh(self, x: str) -> str:
+        return self.op("Tanh", [x], self.shape(x))
+
+    def hardswish(self, x: str) -> str:
+        return self.op("HardSwish", [x], self.shape(x))
+
+    def erf(self, x: str) -> str:
+        return self.op("Erf", [x], self.shape(x))
+
+    def clip(self, x: str, lo: float | None = 0.0, hi: float | None = 6.0) -> str:
+        """Clip with scalar min/max initializers (opset 11+ form)."""
+        ins = [x, self.const(lo, "clip_min") if lo is not None else ""]
+        if hi is not None:
+            ins.append(self.const(hi, "clip_max"))
+        return self.op("Clip", ins, self.shape(x))
+
+    def relu6(self, x: str) -> str:
+        return self.clip(x, 0.0, 6.0)
+
+    def silu(self, x: str) -> str:
+        """SiLU / Swish exported as x * Sigmoid(x)."""
+        return self.mul(x, self.sigmoid(x))
+
+    def gelu(self, x: str) -> str:
+        """Exact GELU in the exporter's Erf form: x * 0.5 * (1 + Erf(x / sqrt(2)))."""
+        e = self.erf(self.div(x, np.float32(math.sqrt(2.0))))
+        return self.mul(self.mul(x, self.add(e, np.float32(1.0))), np.float32(0.5))
+
+    def softmax(self, x: str, axis: int = -1) -> str:
+        return self.op("Softmax", [x], self.shape(x), axis=axis)
+
+    def identity(self, x: str) -> str:
+        return self.op("Identity", [x], self.shape(x))
+
+    def dropout(self, x: str) -> str:
+        """Inference-mode Dropout (no ratio / training_mode inputs): an identity."""
+        return self.op("Dropout", [x], self.shape(x))
+
+    # -------------------------------------------------------------- binary ops
+    def _binary(self, op_type: str, a, b) -> str:
+        a = self._operand(a, f"{op_type.lower()}_const")
+        b = self._operand(b, f"{op_type.lower()}_const")
+        out = list(np.broadcast_shapes(tuple(self.shapes[a]), tuple(self.shapes[b])))
+        return self.op(op_type, [a, b], out)
+
+    def add(self, a, b) -> str:
+        """Add; either side may be a tensor name or a constant (array/scalar)."""
+        return self._binary("Add", a, b)
+
+    def sub(self, a, b) -> str:
+        return self._binary("Sub", a, b)
+
+    def mul(self, a, b) -> str:
+        return self._binary("Mul", a, b)
+
+    def div(self, a, b) -> str:
+        return self._binary("Div", a, b)
+
+    def channel_affine(self, x: str, scale: bool = True, shift: bool = True) -> str:
+        """Constant per-channel Mul and/or Add with [1, C, 1, 1] constants (foldable into a conv)."""
+        c = self.channels(x)
+        if scale:
+            x = self.mul(x, self.rng.uniform(0.5, 1.5, (1, c, 1, 1)))
+        if shift:
+            x = self.add(x, self.rng.normal(0.0, 0.2, (1, c, 1, 1)))
+        return x
+
+    # -------------------------------------------------------------- dense ops
+    def gemm(self, x: str, nout: int, bias: bool = True, trans_b: int = 1, gain: float = 2.0) -> str:
+        """Gemm with a constant weight: [N, K] x W^T (transB=1, W is [nout, K]) + bias."""
+        n, k = self.shape(x)
+        node = self._uname("gemm")
+        wshape = [nout, k] if trans_b else [k, nout]
+        ins = [x, self._param(node, "weight", self._he(wshape, k, gain))]
+        if bias:
+            ins.append(self._param(node, "bias", self.rng.normal(0.0, 0.1, nout)))
+        return self.op("Gemm", ins, [n, nout], node_name=node, transB=trans_b)
+
+    def matmul(self, a: str, b: "str | int", gain: float = 1.0) -> str:
+        """MatMul of two tensors, or (``b`` an int) of ``a`` with a constant [K, b] weight."""
+        if isinstance(b, (int, np.integer)):
+            k = self.shape(a)[-1]
+            node = self._uname("matmul")
+            w = self._param(node, "weight", self._he([k, int(b)], k, gain))
+            return self.op("MatMul", [a, w], self.shape(a)[:-1] + [int(b)], node_name=node)
+        sa, sb = self.shape(a), self.shape(b)
+        if sa[-1] != sb[-2]:
+            raise ValueError(f"MatMul mismatch {sa} x {sb}")
+        batch = list(np.broadcast_shapes(tuple(sa[:-2]), tuple(sb[:-2])))
+        return self.op("MatMul", [a, b], batch + [sa[-2], sb[-1]])
+
+    def linear(self, x: str, nout: int, bias: bool = True, gain: float = 1.0) -> str:
+        """Transformer-style projection: MatMul with constant weight, then Add bias."""
+        y = self.matmul(x, nout, gain)
+        if bias:
+            y = self.add(y, self.rng.normal(0.0, 0.05, nout))
+        return y
+
+    # ----------------------------------------------------------- shape ops
+    def reshape(self, x: str, shape: Sequence[int]) -> str:
+        """Reshape with an int64 shape initializer (0 copies, -1 infers; allowzero=0)."""
+        src = self.shape(x)
+        out = [src[i] if d == 0 else int(d) for i, d in enumerate(shape)]
+        if -1 in out:
+            known = int(np.prod([d for d in out if d != -1]))
+            out[out.index(-1)] = int(np.prod(src)) // known
+        if int(np.prod(out)) != int(np.prod(src)):
+            raise ValueError(f"cannot reshape {src} to {list(shape)}")
+        s = self.const(np.asarray(shape, dtype=np.int64), "shape", dtype=np.int64)
+        return self.op("Reshape", [x, s], out)
+
+    def transpose(self, x: str, perm: Sequence[int]) -> str:
+        s = self.shape(x)
+        return self.op("Transpose", [x], [s[p] for p in perm], perm=list(perm))
+
+    def flatten(self, x: str, axis: int = 1) -> str:
+        s = self.shape(x)
+        return self.op("Flatten", [x], [int(np.prod(s[:axis])), int(np.prod(s[axis:]))], axis=axis)
+
+    def concat(self, xs: Sequence[str], axis: int = 1) -> str:
+        shapes = [self.shape(x) for x in xs]
+        out = list(shapes[0])
+        out[axis] = sum(s[axis] for s in shapes)
+        return self.op("Concat", list(xs), out, axis=axis)
+
+    def split(self, x: str, sizes: Sequence[int], axis: int = 1) -> list[str]:
+        """Split with the ``split`` sizes as an int64 input (opset 13+ form)."""
+        s = self.shape(x)
+        if sum(sizes) != s[axis]:
+            raise ValueError(f"split sizes {list(sizes)} do not sum to {s[axis]}")
+        sz = self.const(np.asarray(sizes, dtype=np.int64), "split", dtype=np.int64)
+        shapes = []
+        for n in sizes:
+            o = list(s)
+            o[axis] = int(n)
+            shapes.append(o)
+        return self.op("Split", [x, sz], shapes, n_out=len(sizes), axis=axis)
+
+    def channel_shuffle(self, x: str, groups: int = 2) -> str:
+        """Reshape [N, g, C/g, H, W] -> Transpose [0, 2, 1, 3, 4] -> Reshape [N, C, H, W]."""
+        n, c, h, w = self.shape(x)
+        y = self.reshape(x, [n, groups, c // groups, h, w])
+        y = self.transpose(y, [0, 2, 1, 3, 4])
+        return self.reshape(y, [n, c, h, w])
+
+    # ----------------------------------------------------------------- pools
+    def _pool_out(self, x: str, k, stride, pad) -> Shape:
+        n, c, h, w = self.shape(x)
+        kh, kw = _pair(k)
+        sh, sw = _pair(stride)
+        ph, pw = _pair(pad)
+        return [n, c, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1]
+
+    def maxpool(self, x: str, k: int = 2, stride: int | None = None, pad: int = 0) -> str:
+        stride = k if stride is None else stride
+        kh, kw = _pair(k)
+        ph, pw = _pair(pad)
+        return self.op(
+            "MaxPool", [x], self._pool_out(x, k, stride, pad),
+            kernel_shape=[kh, kw], strides=list(_pair(stride)), pads=[ph, pw, ph, pw],
+        )
+
+    def avgpool(self, x: str, k: int = 2, stride: int | None = None, pad: int = 0) -> str:
+        stride = k if stride is None else stride
+        kh, kw = _pair(k)
+        ph, pw = _pair(pad)
+        return self.op(
+            "AveragePool", [x], self._pool_out(x, k, stride, pad),
+            kernel_shape=[kh, kw], strides=list(_pair(stride)), pads=[ph, pw, ph, pw],
+        )
+
+    def gap(self, x: str) -> str:
+        """GlobalAveragePool -> [N, C, 1, 1]."""
+        s = self.shape(x)
+        return self.op("GlobalAveragePool", [x], s[:2] + [1] * (len(s) - 2))
+
+    # ------------------------------------------------------------ composites
+    def conv_bn(self, x: str, cout: int, k: int = 3, stride: int = 1, group: int = 1, act: str | None = "relu") -> str:
+        """Conv (no bias) -> BN -> optional activation ('relu', 'relu6', 'hardswish', 'silu')."""
+        y = self.bn(self.conv(x, cout, k, stride, group=group, bias=False))
+        return self.act(y, act)
+
+    def act(self, x: str, kind: str | None) -> str:
+        if kind is None:
+            return x
+        return {
+            "relu": self.relu, "relu6": self.relu6, "hardswish": self.hardswish,
+            "silu": self.silu, "sigmoid": self.sigmoid, "gelu": self.gelu,
+        }[kind](x)
+
+    def classifier(self, x: str, num_classes: int, reshape: bool = False) -> str:
+        """GAP -> Flatten (or Reshape [N, C]) -> Gemm."""
+        y = self.gap(x)
+        y = self.reshape(y, [self.shape(y)[0], self.channels(y)]) if reshape else self.flatten(y)
+        return self.gemm(y, num_classes, gain=1.0)
+
+    # ----------------------------------------------------------------- build
+    def build(self, doc: str = "", value_info: bool = False) -> onnx.ModelProto:
+        """Assemble the ModelProto (opset 17, ir_version 8).
+
+        With ``value_info=True`` the tracked shape of every intermediate tensor
+        is recorded as graph value_info.
+        """
+        vi = []
+        if value_info:
+            io = {v.name for v in self.inputs} | {v.name for v in self.outputs}
+            inits = {t.name for t in self.initializers}
+            for node in self.nodes:
+                for o in node.output:
+                    if o and o not in io and o not in inits:
+                        vi.append(helper.make_tensor_value_info(o, TensorProto.FLOAT, self.shapes[o]))
+        graph = helper.make_graph(
+            self.nodes, self.name, self.inputs, self.outputs,
+            initializer=self.initializers, value_info=vi, doc_string=doc,
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgec.builders",
+        )
+        model.ir_version = IR_VERSION
+        return model
+
+
+# ============================================================== model zoo
+
+
+def _basic_block(b: GraphBuilder, x: str, cout: int, stride: int) -> str:
+    y = b.conv_bn(x, cout, 3, stride)
+    y = b.conv_bn(y, cout, 3, 1, act=None)
+    skip = x
+    if stride != 1 or b.channels(x) != cout:
+        skip = b.conv_bn(x, cout, 1, stride, act=None)
+    return b.relu(b.add(y, skip))
+
+
+def resnet_basic(batch: int = 1, in_ch: int = 3, hw: int = 16, width: int = 8,
+                 num_classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """Stem + identity basic block + strided block with 1x1 conv-BN projection, GAP-Flatten-Gemm: residual Add channel coupling."""
+    b = GraphBuilder("resnet_basic", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.conv_bn(x, width, 3)
+    y = _basic_block(b, y, width, 1)
+    y = _basic_block(b, y, 2 * width, 2)
+    b.output(b.classifier(y, num_classes), "output")
+    return b.build(resnet_basic.__doc__)
+
+
+def _bottleneck(b: GraphBuilder, x: str, mid: int, cout: int, stride: int) -> str:
+    y = b.conv_bn(x, mid, 1)
+    y = b.conv_bn(y, mid, 3, stride)
+    y = b.conv_bn(y, cout, 1, act=None)
+    skip = x
+    if stride != 1 or b.channels(x) != cout:
+        skip = b.conv_bn(x, cout, 1, stride, act=None)
+    return b.relu(b.add(y, skip))
+
+
+def resnet_bottleneck(batch: int = 1, in_ch: int = 3, hw: int = 16, width: int = 16, mid: int = 8,
+                      num_classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """1x1-3x3-1x1 bottleneck blocks (projection, identity, strided projection) with residual Adds: internal vs coupled channels."""
+    b = GraphBuilder("resnet_bottleneck", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.maxpool(b.conv_bn(x, width, 3), 3, 1, 1)
+    y = _bottleneck(b, y, mid, 4 * mid, 1)
+    y = _bottleneck(b, y, mid, 4 * mid, 1)
+    y = _bottleneck(b, y, 2 * mid, 8 * mid, 2)
+    b.output(b.classifier(y, num_classes), "output")
+    return b.build(resnet_bottleneck.__doc__)
+
+
+def _inverted_residual(b: GraphBuilder, x: str, cout: int, stride: int, expand: int) -> str:
+    cin = b.channels(x)
+    y = x
+    if expand != 1:
+        y = b.conv_bn(y, cin * expand, 1, act="relu6")
+    y = b.conv_bn(y, b.channels(y), 3, stride, group=b.channels(y), act="relu6")
+    y = b.conv_bn(y, cout, 1, act=None)
+    if stride == 1 and cin == cout:
+        y = b.add(x, y)
+    return y
+
+
+def mobilenet_v2(batch: int = 1, in_ch: int = 3, hw: int = 16, width: int = 16,
+                 num_classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """Inverted residuals (1x1 expand-ReLU6, depthwise 3x3, linear 1x1 project, residual Add), Reshape+Gemm head: depthwise group coupling."""
+    b = GraphBuilder("mobilenet_v2", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.conv_bn(x, width, 3, 2, act="relu6")
+    y = _inverted_residual(b, y, width // 2, 1, 1)      # t=1: no expand conv
+    y = _inverted_residual(b, y, width, 1, 4)
+    y = _inverted_residual(b, y, width, 1, 4)           # residual
+    y = _inverted_residual(b, y, width + width // 2, 2, 4)
+    y = _inverted_residual(b, y, width + width // 2, 1, 4)  # residual
+    y = b.conv_bn(y, 4 * width, 1, act="relu6")
+    b.output(b.classifier(y, num_classes, reshape=True), "output")
+    return b.build(mobilenet_v2.__doc__)
+
+
+def inception(batch: int = 1, in_ch: int = 3, hw: int = 16, width: int = 16, num_classes: int = 10,
+              factorize_5x5: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """4-branch inception module (1x1; 1x1-3x3; 1x1-5x5; maxpool-1x1) Concat then a consumer conv: concat channel-offset mapping."""
+    b = GraphBuilder("inception", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.conv_bn(x, width, 3)
+    b1 = b.conv_bn(y, 8, 1)
+    b2 = b.conv_bn(b.conv_bn(y, 8, 1), 12, 3)
+    b3 = b.conv_bn(y, 4, 1)
+    if factorize_5x5:
+        b3 = b.conv_bn(b.conv_bn(b3, 6, 3), 6, 3)
+    else:
+        b3 = b.conv_bn(b3, 6, 5)
+    b4 = b.conv_bn(b.maxpool(y, 3, 1, 1), 6, 1)
+    y = b.concat([b1, b2, b3, b4], axis=1)
+    y = b.conv_bn(y, width, 1)
+    b.output(b.classifier(y, num_classes), "output")
+    return b.build(inception.__doc__)
+
+
+def densenet(batch: int = 1, in_ch: int = 3, hw: int = 16, width: int = 16, growth: int = 8,
+             n_layers: int = 3, num_classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """Dense block (BN-ReLU-conv output concatenated onto its input) + transition BN-ReLU-1x1-AvgPool: BN over concatenated channels."""
+    b = GraphBuilder("densenet", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.conv(x, width, 3, bias=False)
+    for _ in range(n_layers):
+        new = b.conv(b.relu(b.bn(y)), growth, 3, bias=False)
+        y = b.concat([y, new], axis=1)
+    y = b.conv(b.relu(b.bn(y)), b.channels(y) // 2, 1, bias=False)
+    y = b.avgpool(y, 2)
+    y = b.relu(b.bn(y))
+    b.output(b.classifier(y, num_classes), "output")
+    return b.build(densenet.__doc__)
+
+
+def _shuffle_unit(b: GraphBuilder, x: str, cout: int, stride: int) -> str:
+    if stride == 1:
+        c = b.channels(x)
+        left, right = b.split(x, [c // 2, c // 2], axis=1)
+        half = c // 2
+    else:
+        half = cout // 2
+        left = b.conv_bn(b.conv_bn(x, b.channels(x), 3, stride, group=b.channels(x), act=None), half, 1)
+        right = x
+    r = b.conv_bn(right, half, 1)
+    r = b.conv_bn(r, half, 3, stride, group=half, act=None)
+    r = b.conv_bn(r, half, 1)
+    return b.channel_shuffle(b.concat([left, r], axis=1), 2)
+
+
+def shufflenet_v2(batch: int = 1, in_ch: int = 3, hw: int = 16, width: int = 16,
+                  num_classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """ShuffleNetV2 units: Split halves, 1x1-dw3x3-1x1 branch, Concat, 5-D Reshape-Transpose-Reshape shuffle: channel permutation."""
+    b = GraphBuilder("shufflenet_v2", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.conv_bn(x, width, 3)
+    y = _shuffle_unit(b, y, width, 1)
+    y = _shuffle_unit(b, y, 2 * width, 2)
+    y = _shuffle_unit(b, y, 2 * width, 1)
+    y = b.conv_bn(y, 4 * width, 1)
+    b.output(b.classifier(y, num_classes), "output")
+    return b.build(shufflenet_v2.__doc__)
+
+
+def se_block(batch: int = 1, in_ch: int = 3, hw: int = 16, width: int = 16, reduction: int = 4,
+             num_classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """Conv-BN-HardSwish + squeeze-excitation (GAP-1x1-ReLU-1x1-Sigmoid-Mul) + SiLU: broadcast Mul gating couples channels."""
+    b = GraphBuilder("se_block", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.conv_bn(x, width, 3, act="relu")
+    y = b.conv_bn(y, width, 3, act="hardswish")
+    s = b.gap(y)
+    s = b.relu(b.conv(s, max(width // reduction, 1), 1, bias=True))
+    s = b.sigmoid(b.conv(s, width, 1, bias=True))
+    y = b.mul(y, s)
+    y = b.conv_bn(y, width, 3, 2, act="silu")
+    b.output(b.classifier(y, num_classes), "output")
+    return b.build(se_block.__doc__)
+
+
+def flatten_gemm_head(batch: int = 1, in_ch: int = 3, hw: int = 16, width: int = 8, hidden: int = 32,
+                      num_classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """Conv-BN-ReLU [N,C,4,4] -> Flatten -> Gemm-ReLU-Gemm: each conv channel owns H*W Gemm input features."""
+    b = GraphBuilder("flatten_gemm_head", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.conv_bn(x, width, 3, 2)
+    y = b.conv_bn(y, width, 3, 2)
+    y = b.flatten(y, axis=1)
+    y = b.relu(b.gemm(y, hidden))
+    b.output(b.gemm(y, num_classes, gain=1.0), "output")
+    return b.build(flatten_gemm_head.__doc__)
+
+
+def transformer_encoder(batch: int = 1, seq: int = 8, d_model: int = 32, heads: int = 4, d_ff: int = 64,
+                        seed: int = 0) -> onnx.ModelProto:
+    """Post-LN encoder layer: Q/K/V MatMul+bias, head Reshape/Transpose, scaled Softmax attention, LayerNorm, Erf-GELU FFN: head coupling."""
+    if d_model % heads:
+        raise ValueError("d_model must be divisible by heads")
+    dh = d_model // heads
+    b = GraphBuilder("transformer_encoder", seed)
+    x = b.input("input", [batch, seq, d_model])
+
+    def heads_view(t: str, perm: list[int]) -> str:
+        return b.transpose(b.reshape(t, [batch, seq, heads, dh]), perm)
+
+    q = heads_view(b.linear(x, d_model), [0, 2, 1, 3])          # [B, h, T, dh]
+    k = heads_view(b.linear(x, d_model), [0, 2, 3, 1])          # [B, h, dh, T]
+    v = heads_view(b.linear(x, d_model), [0, 2, 1, 3])          # [B, h, T, dh]
+    att = b.mul(b.matmul(q, k), np.float32(1.0 / math.sqrt(dh)))
+    att = b.softmax(att, axis=-1)
+    ctx = b.matmul(att, v)                                       # [B, h, T, dh]
+    ctx = b.reshape(b.transpose(ctx, [0, 2, 1, 3]), [batch, seq, d_model])
+    y = b.layernorm(b.add(x, b.linear(ctx, d_model)))
+    f = b.linear(b.gelu(b.linear(y, d_ff)), d_model)
+    y = b.layernorm(b.add(y, f))
+    b.output(y, "output")
+    return b.build(transformer_encoder.__doc__)
+
+
+def plain_cnn(batch: int = 1, in_ch: int = 3, hw: int = 16, width: int = 8,
+              num_classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """VGG-ish conv-BN-ReLU-MaxPool chain with Identity, Dropout, cancelling Transposes, Reshape chain, Conv+channel Mul/Add: cleanup fodder."""
+    b = GraphBuilder("plain_cnn", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.relu(b.bn(b.conv(x, width, 3, bias=True)))            # conv bias + BN
+    y = b.maxpool(b.identity(y), 2)
+    y = b.conv(y, 2 * width, 3, bias=True)
+    y = b.relu(b.channel_affine(y))                               # Conv -> Mul[1,C,1,1] -> Add[1,C,1,1]
+    y = b.dropout(y)
+    y = b.transpose(b.transpose(y, [0, 2, 3, 1]), [0, 3, 1, 2])   # NCHW -> NHWC -> NCHW
+    y = b.conv_bn(y, 2 * width, 3)
+    y = b.maxpool(y, 2)
+    n, c, h, w = b.shape(y)
+    y = b.reshape(b.reshape(y, [n, c, h * w]), [n, c * h * w])   # Reshape chain
+    y = b.flatten(b.identity(y), axis=1)                         # Flatten of an already-2-D tensor
+    y = b.relu(b.gemm(b.dropout(y), 32))
+    b.output(b.gemm(y, num_classes, gain=1.0), "output")
+    return b.build(plain_cnn.__doc__)
+
+
+ALL_MODELS: dict[str, Callable[..., onnx.ModelProto]] = {
+    "resnet_basic": resnet_basic,
+    "resnet_bottleneck": resnet_bottleneck,
+    "mobilenet_v2": mobilenet_v2,
+    "inception": inception,
+    "densenet": densenet,
+    "shufflenet_v2": shufflenet_v2,
+    "se_block": se_block,
+    "flatten_gemm_head": flatten_gemm_head,
+    "transformer_encoder": transformer_encoder,
+    "plain_cnn": plain_cnn,
+}

@@ -1,0 +1,144 @@
+"""The ``edgec`` command line. It only parses arguments and calls the public API.
+
+Exit codes: 0 success, 2 a user mistake (one line on stderr), 1 an internal failure (the pass
+that failed is named; set EDGEC_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import InternalError, UserError, VerificationError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgec", description="Compile ONNX models for edge devices.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    c = sub.add_parser("compile", help="optimise a model for a target and write it")
+    c.add_argument("model", help="input .onnx file (never modified)")
+    c.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
+    c.add_argument("-t", "--target", default="cpu", help="target device family (see `edgec targets`; default cpu)")
+    c.add_argument("--passes", help="comma-separated passes to run instead of the target's pipeline")
+    c.add_argument("--verify", action="store_true",
+                   help="compare ONNX Runtime outputs with the original; fail (exit 1, nothing written) on a mismatch")
+    c.add_argument("--inputs", help=".npz keyed by input name (or .npy for one input) used by --verify")
+    c.add_argument("--eval", dest="eval_data", help=".npz with the model's inputs and 'labels': top-1 accuracy before/after")
+    c.add_argument("--rtol", type=float, default=1e-4, help="--verify relative tolerance (default 1e-4)")
+    c.add_argument("--atol", type=float, default=1e-5, help="--verify absolute tolerance (default 1e-5)")
+    c.add_argument("--report", help="write the report as JSON to this file")
+    c.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    i = sub.add_parser("inspect", help="what is inside a model and what it costs")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument("--top", type=int, default=10, help="how many of the largest layers to list (default 10)")
+
+    ps = sub.add_parser("passes", help="list every pass")
+    ps.add_argument("--json", action="store_true")
+    ts = sub.add_parser("targets", help="list the targets")
+    ts.add_argument("--json", action="store_true")
+    return p
+
+
+def _check_writable(path: str, what: str) -> None:
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"{path}: the {what} folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{path}: the {what} is not writable")
+
+
+def _compile(args) -> int:
+    from . import api, report
+
+    if args.report:
+        _check_writable(args.report, "report")
+    passes = None
+    if args.passes is not None:
+        passes = [p.strip() for p in args.passes.split(",") if p.strip()]
+        if not passes:
+            raise UserError("--passes is empty; name at least one pass (see `edgec passes`)")
+    log = (lambda s: None) if args.quiet or args.json else (lambda s: print(s, file=sys.stderr))
+    result = api.compile(args.model, args.output, target=args.target, passes=passes, verify=args.verify,
+                         inputs=args.inputs, eval_data=args.eval_data, rtol=args.rtol, atol=args.atol, log=log)
+    if args.report:
+        report.write_json(result.report, args.report)
+    if args.json:
+        print(json.dumps(result.report, indent=2, default=report._json_default))
+    elif not args.quiet:
+        print(report.compile_text(result.report))
+    return 0
+
+
+def _inspect(args) -> int:
+    from . import api, report
+
+    info = api.inspect(args.model, top=args.top)
+    print(json.dumps(info, indent=2, default=report._json_default) if args.json else report.inspect_text(info))
+    return 0
+
+
+def _passes(args) -> int:
+    from .pipeline import registry
+
+    reg = registry()
+    if args.json:
+        print(json.dumps([{"name": n, "description": c.description, "lossless": c.lossless,
+                           "requires": list(c.requires)} for n, c in sorted(reg.items())], indent=2))
+    else:
+        width = max(len(n) for n in reg)
+        for n, cls in sorted(reg.items()):
+            print(f"{n:{width}}  {cls.description}")
+    return 0
+
+
+def _targets(args) -> int:
+    from edgec.backends import targets
+
+    ts = targets()
+    if args.json:
+        print(json.dumps([{"name": t.name, "description": t.description, "opsets": [t.min_opset, t.max_opset],
+                           "channel_multiple": t.channel_multiple, "static_shapes": t.static_shapes}
+                          for t in ts.values()], indent=2))
+    else:
+        for t in ts.values():
+            print(f"{t.name:8}  {t.description} (opsets {t.min_opset}-{t.max_opset}, channel multiple {t.channel_multiple})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"compile": _compile, "inspect": _inspect, "passes": _passes, "targets": _targets}[args.command]
+    try:
+        return handler(args)
+    except UserError as e:
+        print(f"edgec: error: {e}", file=sys.stderr)
+        return 2
+    except VerificationError as e:
+        print(f"edgec: verification failed: {e}", file=sys.stderr)
+        return 1
+    except InternalError as e:
+        if os.environ.get("EDGEC_DEBUG"):
+            traceback.print_exc()
+        print(f"edgec: internal error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgec: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: say so in one line, traceback on request
+        if os.environ.get("EDGEC_DEBUG"):
+            traceback.print_exc()
+        print(f"edgec: internal error: {type(e).__name__}: {e} (EDGEC_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

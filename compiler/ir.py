@@ -1,0 +1,431 @@
+"""The edgec IR: an onnx-graphsurgeon graph plus the facts passes need.
+
+What this adds on top of ``gs.Graph``:
+
+* producers/consumers, graph input/output tests;
+* one representation of constants: ``Constant`` nodes are lowered to ``gs.Constant``
+  tensors at import, and :meth:`IR.const_value` also sees through ``ConstantOfShape`` of a
+  constant shape (the model-zoo "light" models store their weights that way);
+* shapes and dtypes of every tensor from onnx shape inference with data propagation
+  (symbolic dims kept as their names), refreshed by :meth:`IR.infer_shapes`;
+* unique-name generation, safe rewiring helpers (``replace_uses``, ``bypass``);
+* opset awareness (``ir.opset`` is the default-domain opset, other domains in ``ir.opsets``).
+
+Nodes carrying subgraphs (If/Loop/Scan) and custom-domain nodes are kept as they are; passes
+only touch nodes they understand.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
+
+from .errors import InternalError
+
+# graphsurgeon logs a warning for every tensor it can't type; we report problems ourselves.
+logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
+DEFAULT_DOMAINS = (None, "", "ai.onnx")
+
+
+@dataclass
+class ModelInfo:
+    """What the IR keeps of the ModelProto besides the graph."""
+
+    ir_version: int = 8
+    producer_name: str = ""
+    producer_version: str = ""
+    domain: str = ""
+    model_version: int = 0
+    doc_string: str = ""
+    metadata: dict = field(default_factory=dict)
+    source_opset: int = 0
+    source_path: str | None = None
+    notes: list = field(default_factory=list)  # what loading did (opset conversion, ...)
+
+
+class IR:
+    """A model under compilation. Wraps (and owns) a ``gs.Graph``."""
+
+    def __init__(self, graph: gs.Graph, opsets: dict[str, int], info: ModelInfo | None = None):
+        self.graph = graph
+        self.opsets = dict(opsets)
+        self.info = info or ModelInfo()
+        self._names: set[str] | None = None
+        self._counter = itertools.count()
+        self.version = 0  # bumped by every change; analyses cache on it
+        self._shapes_version = -1
+        self.analysis_cache: dict = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_onnx(cls, model: onnx.ModelProto, info: ModelInfo | None = None) -> "IR":
+        opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
+        graph = gs.import_onnx(model)
+        info = info or ModelInfo()
+        info.ir_version = model.ir_version
+        info.producer_name = model.producer_name
+        info.producer_version = model.producer_version
+        info.domain = model.domain
+        info.model_version = model.model_version
+        info.doc_string = model.doc_string
+        info.metadata = {p.key: p.value for p in model.metadata_props}
+        if not info.source_opset:
+            info.source_opset = opsets.get("", 0)
+        ir = cls(graph, opsets, info)
+        ir._lower_constant_nodes()
+        ir._has_shapes_from_import()
+        return ir
+
+    def to_onnx(self, *, check_types: bool = False) -> onnx.ModelProto:
+        """Export to a ModelProto (weights included)."""
+        self.graph.opset = self.opset
+        model = gs.export_onnx(self.graph, do_type_check=check_types)
+        del model.opset_import[:]
+        for domain, version in sorted(self.opsets.items()):
+            model.opset_import.append(helper.make_opsetid(domain, version))
+        # Custom domains used by nodes (incl. subgraphs) but not declared: declare them.
+        declared = {o.domain for o in model.opset_import}
+        for node in _all_nodes_proto(model.graph):
+            if node.domain not in declared and node.domain not in DEFAULT_DOMAINS:
+                model.opset_import.append(helper.make_opsetid(node.domain, 1))
+                declared.add(node.domain)
+        min_ir = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+        model.ir_version = max(min_ir, min(self.info.ir_version, onnx.IR_VERSION), 7)
+        model.producer_name = "edgec"
+        from . import __version__
+
+        model.producer_version = __version__
+        model.domain = self.info.domain
+        model.model_version = self.info.model_version
+        model.doc_string = self.info.doc_string
+        for k, v in self.info.metadata.items():
+            model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+        return model
+
+    def copy(self) -> "IR":
+        ir = IR.from_onnx(self.to_onnx(), info=_copy_info(self.info))
+        return ir
+
+    # ------------------------------------------------------------------ basic facts
+    @property
+    def opset(self) -> int:
+        return self.opsets.get("", 0)
+
+    @property
+    def nodes(self) -> list[gs.Node]:
+        return self.graph.nodes
+
+    @property
+    def inputs(self) -> list[gs.Variable]:
+        return self.graph.inputs
+
+    @property
+    def outputs(self) -> list[gs.Variable]:
+        return self.graph.outputs
+
+    def tensors(self) -> dict[str, gs.Tensor]:
+        return self.graph.tensors()
+
+    def constants(self) -> list[gs.Constant]:
+        """Every constant tensor used by a node of the main graph (deduplicated)."""
+        seen: dict[int, gs.Constant] = {}
+        for node in self.graph.nodes:
+            for t in node.inputs:
+                if isinstance(t, gs.Constant):
+                    seen[id(t)] = t
+        return list(seen.values())
+
+    @staticmethod
+    def producer(t: gs.Tensor) -> gs.Node | None:
+        return t.inputs[0] if t.inputs else None
+
+    @staticmethod
+    def consumers(t: gs.Tensor) -> list[gs.Node]:
+        return list(t.outputs)
+
+    def is_graph_output(self, t: gs.Tensor) -> bool:
+        return any(o is t for o in self.graph.outputs)
+
+    def is_graph_input(self, t: gs.Tensor) -> bool:
+        return any(i is t for i in self.graph.inputs)
+
+    def node_index(self) -> dict[int, int]:
+        return {id(n): i for i, n in enumerate(self.graph.nodes)}
+
+    # ------------------------------------------------------------------ constants
+    def const_value(self, t: gs.Tensor | None) -> np.ndarray | None:
+        """The value of ``t`` if it is a compile-time constant, else None."""
+        if t is None or _is_empty(t):
+            return None
+        if isinstance(t, gs.Constant):
+            return _values(t)
+        prod = self.producer(t)
+        if prod is None or prod.domain not in DEFAULT_DOMAINS:
+            return None
+        if prod.op == "ConstantOfShape" and len(prod.inputs) == 1:
+            shape = self.const_value(prod.inputs[0])
+            if shape is None:
+                return None
+            fill = prod.attrs.get("value")
+            if fill is None:
+                fill_arr = np.zeros(1, dtype=np.float32)
+            else:
+                fill_arr = _values(fill) if isinstance(fill, gs.Constant) else np.asarray(fill)
+            return np.full(tuple(int(d) for d in shape), fill_arr.reshape(-1)[0], dtype=fill_arr.dtype)
+        return None
+
+    def is_const(self, t: gs.Tensor | None) -> bool:
+        if t is None or _is_empty(t):
+            return False
+        if isinstance(t, gs.Constant):
+            return True
+        prod = self.producer(t)
+        return bool(prod is not None and prod.op == "ConstantOfShape" and prod.inputs
+                    and isinstance(prod.inputs[0], gs.Constant))
+
+    def make_const(self, hint: str, value: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.unique_name(hint), np.ascontiguousarray(value))
+
+    def make_var(self, hint: str, dtype=None, shape=None) -> gs.Variable:
+        return gs.Variable(self.unique_name(hint), dtype=dtype, shape=shape)
+
+    # ------------------------------------------------------------------ names
+    def unique_name(self, hint: str) -> str:
+        if self._names is None:
+            self._names = set(self.graph.tensors().keys())
+            self._names.update(n.name for n in self.graph.nodes if n.name)
+        base = hint or "t"
+        name = base
+        while name in self._names:
+            name = f"{base}__{next(self._counter)}"
+        self._names.add(name)
+        return name
+
+    # ------------------------------------------------------------------ rewiring
+    def replace_uses(self, old: gs.Tensor, new: gs.Tensor, *, except_node: gs.Node | None = None) -> None:
+        """Make every consumer of ``old`` read ``new`` instead (graph outputs not touched)."""
+        for node in list(old.outputs):
+            if node is except_node:
+                continue
+            for i, t in enumerate(node.inputs):
+                if t is old:
+                    node.inputs[i] = new
+
+    def bypass(self, node: gs.Node, data_input: int = 0) -> bool:
+        """Remove a node that passes ``inputs[data_input]`` through unchanged to ``outputs[0]``.
+
+        Keeps graph-output names stable: if the node's output is a graph output, the
+        producer of its input is made to produce that output directly. Returns False (and
+        leaves the graph alone) where that is impossible.
+        """
+        x = node.inputs[data_input]
+        y = node.outputs[0]
+        if self.is_graph_output(y):
+            prod = self.producer(x)
+            if (prod is None or self.is_graph_output(x) or self.is_graph_input(x)
+                    or isinstance(x, gs.Constant)):
+                return False
+            # Producer writes y directly; other readers of x read y.
+            self.replace_uses(x, y, except_node=node)
+            idx = [i for i, t in enumerate(prod.outputs) if t is x][0]
+            node.outputs.clear()
+            node.inputs.clear()
+            prod.outputs[idx] = y
+            if y.dtype is None:
+                y.dtype = x.dtype
+            if y.shape is None:
+                y.shape = x.shape
+            return True
+        self.replace_uses(y, x)
+        node.outputs.clear()
+        node.inputs.clear()
+        return True
+
+    def remove_dead(self) -> None:
+        self.graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
+
+    def toposort(self) -> None:
+        self.graph.toposort()
+
+    def changed(self) -> None:
+        """Record that the graph was modified (invalidates cached analyses)."""
+        self.version += 1
+        self.analysis_cache.clear()
+        self._names = None
+
+    # ------------------------------------------------------------------ shapes
+    def infer_shapes(self, *, force: bool = False) -> None:
+        """Annotate every tensor with the shape and dtype onnx shape inference finds."""
+        if not force and self._shapes_version == self.version:
+            return
+        model = self.to_onnx()
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
+                                                         data_prop=True)
+        except Exception:  # inference is best effort: keep what we have
+            self._shapes_version = self.version
+            return
+        infos = {}
+        for vi in itertools.chain(inferred.graph.value_info, inferred.graph.output, inferred.graph.input):
+            if vi.type.HasField("tensor_type"):
+                infos[vi.name] = vi.type.tensor_type
+        for name, t in self.graph.tensors().items():
+            if isinstance(t, gs.Constant):
+                continue
+            tt = infos.get(name)
+            if tt is None:
+                continue
+            if tt.elem_type:
+                t.dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type not in _NON_NUMPY else t.dtype
+            if tt.HasField("shape"):
+                dims = []
+                for d in tt.shape.dim:
+                    if d.HasField("dim_value"):
+                        dims.append(int(d.dim_value))
+                    elif d.HasField("dim_param"):
+                        dims.append(d.dim_param)
+                    else:
+                        dims.append(None)
+                if t.shape is None or _more_specific(dims, t.shape):
+                    t.shape = dims
+        self._shapes_version = self.version
+
+    def _has_shapes_from_import(self) -> None:
+        # Shapes from the model's value_info were imported by gs; inference happens on demand.
+        self._shapes_version = -1
+
+    @staticmethod
+    def static_shape(t: gs.Tensor) -> tuple[int, ...] | None:
+        """The shape of ``t`` if every dim is a known integer."""
+        if isinstance(t, gs.Constant):
+            return tuple(int(d) for d in t.shape)
+        if t.shape is None:
+            return None
+        if all(isinstance(d, (int, np.integer)) and d >= 0 for d in t.shape):
+            return tuple(int(d) for d in t.shape)
+        return None
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Cheap structural check between passes: raises InternalError on a broken graph."""
+        produced: dict[str, gs.Node] = {}
+        graph_inputs = {t.name for t in self.graph.inputs}
+        for node in self.graph.nodes:
+            for t in node.outputs:
+                if not t.name:
+                    continue
+                if t.name in produced or t.name in graph_inputs:
+                    raise InternalError(f"tensor '{t.name}' is produced twice")
+                produced[t.name] = node
+        known = set(produced) | graph_inputs
+        for node in self.graph.nodes:
+            for t in node.inputs:
+                if _is_empty(t) or isinstance(t, gs.Constant):
+                    continue
+                if t.name not in known:
+                    raise InternalError(f"node '{node.name}' ({node.op}) reads '{t.name}', which nothing produces")
+        for t in self.graph.outputs:
+            if not isinstance(t, gs.Constant) and t.name not in known:
+                raise InternalError(f"graph output '{t.name}' is not produced")
+
+    # ------------------------------------------------------------------ lowering
+    def _lower_constant_nodes(self) -> None:
+        """Constant nodes become gs.Constant tensors (one representation for constants)."""
+        for node in list(self.graph.nodes):
+            if node.op != "Constant" or node.domain not in DEFAULT_DOMAINS or len(node.outputs) != 1:
+                continue
+            out = node.outputs[0]
+            if self.is_graph_output(out):
+                continue
+            value = _constant_node_value(node)
+            if value is None:
+                continue
+            const = gs.Constant(out.name, value)
+            for consumer in list(out.outputs):
+                for i, t in enumerate(consumer.inputs):
+                    if t is out:
+                        consumer.inputs[i] = const
+            node.outputs.clear()
+        self.graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
+
+    # ------------------------------------------------------------------ iteration helpers
+    def find(self, op: str) -> Iterator[gs.Node]:
+        for node in list(self.graph.nodes):
+            if node.op == op and node.domain in DEFAULT_DOMAINS:
+                yield node
+
+    def single_consumer(self, t: gs.Tensor) -> gs.Node | None:
+        """The one node reading ``t``, if exactly one does and ``t`` is no graph output."""
+        if self.is_graph_output(t) or len(t.outputs) != 1:
+            return None
+        return t.outputs[0]
+
+
+_NON_NUMPY = {onnx.TensorProto.STRING}
+
+
+def _copy_info(info: ModelInfo) -> ModelInfo:
+    return ModelInfo(**{**info.__dict__, "metadata": dict(info.metadata), "notes": list(info.notes)})
+
+
+def _is_empty(t) -> bool:
+    return t is None or (isinstance(t, gs.Variable) and t.is_empty())
+
+
+def _values(c: gs.Constant) -> np.ndarray:
+    v = c.values
+    if not isinstance(v, np.ndarray):  # LazyValues
+        v = v.load()
+        c.values = v
+    return v
+
+
+def _more_specific(new: list, old) -> bool:
+    if len(new) != len(old):
+        return True
+    score = lambda dims: sum(isinstance(d, (int, np.integer)) for d in dims)  # noqa: E731
+    return score(new) >= score(old)
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    a = node.attrs
+    if "value" in a:
+        v = a["value"]
+        return _values(v) if isinstance(v, gs.Constant) else None
+    if "value_float" in a:
+        return np.array(a["value_float"], dtype=np.float32)
+    if "value_floats" in a:
+        return np.array(a["value_floats"], dtype=np.float32)
+    if "value_int" in a:
+        return np.array(a["value_int"], dtype=np.int64)
+    if "value_ints" in a:
+        return np.array(a["value_ints"], dtype=np.int64)
+    return None
+
+
+def _all_nodes_proto(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes_proto(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_nodes_proto(g)
+
+
+def tensor_nbytes(arr: np.ndarray) -> int:
+    return int(arr.nbytes)
+
+
+def to_numpy(t: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(t)

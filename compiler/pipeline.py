@@ -1,0 +1,177 @@
+"""Passes and the pass manager.
+
+A pass is a small object: ``name``, a one-line ``description``, what it ``requires`` of the IR
+before it runs (``"shapes"``: tensor shapes inferred), whether it is ``lossless``, and
+``run(ir) -> changed``. A pass may leave human-readable ``notes`` (e.g. why a BatchNorm was not
+folded) that the report prints.
+
+The manager runs an ordered pipeline, where an item is a pass or a :class:`FixedPoint` group
+(passes repeated until none changes the graph), times each pass, records what it changed
+(nodes, constants, parameters), validates the graph after every pass and names the pass in
+any failure.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .errors import EdgecError, InternalError
+from .ir import IR
+
+
+class Pass:
+    name: str = ""
+    description: str = ""
+    requires: tuple[str, ...] = ()
+    lossless: bool = True
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def run(self, ir: IR) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name}>"
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by name (CLI ``--passes``, ``edgec passes``)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Pass]]:
+    import edgec.passes  # noqa: F401  (registers every pass)
+
+    return dict(_REGISTRY)
+
+
+def get_pass(name: str, **kwargs) -> Pass:
+    from .errors import UserError
+
+    reg = registry()
+    if name not in reg:
+        raise UserError(f"unknown pass '{name}' (see `edgec passes`; known: {', '.join(sorted(reg))})")
+    return reg[name](**kwargs)
+
+
+@dataclass
+class FixedPoint:
+    """Run ``passes`` in order, again and again, until a round changes nothing."""
+
+    passes: Sequence[Pass]
+    max_rounds: int = 8
+
+
+@dataclass
+class PassRecord:
+    name: str
+    changed: bool = False
+    seconds: float = 0.0
+    runs: int = 0
+    nodes_removed: int = 0
+    nodes_added: int = 0
+    constants_removed: int = 0
+    params_removed: int = 0
+    notes: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name, "changed": self.changed, "seconds": round(self.seconds, 6),
+            "runs": self.runs, "nodes_removed": self.nodes_removed, "nodes_added": self.nodes_added,
+            "constants_removed": self.constants_removed, "params_removed": self.params_removed,
+            "notes": list(self.notes),
+        }
+
+
+def _footprint(ir: IR) -> tuple[int, int, int]:
+    consts = ir.constants()
+    params = sum(int(np.prod(c.shape)) for c in consts if _is_param(c))
+    return len(ir.nodes), len(consts), params
+
+
+def _is_param(c: gs.Constant) -> bool:
+    dt = np.dtype(c.dtype) if c.dtype is not None else None
+    return dt is not None and dt.kind in "fiuc" and dt != np.int64
+
+
+class PassManager:
+    def __init__(self, pipeline: Iterable[Pass | FixedPoint], *, validate: bool = True,
+                 on_pass: Callable[[PassRecord], None] | None = None):
+        self.pipeline = list(pipeline)
+        self.validate = validate
+        self.on_pass = on_pass
+        self.records: dict[str, PassRecord] = {}
+
+    def run(self, ir: IR) -> list[PassRecord]:
+        self.records = {}
+        for item in self.pipeline:
+            if isinstance(item, FixedPoint):
+                for _ in range(item.max_rounds):
+                    if not any([self._run_one(ir, p) for p in item.passes]):
+                        break
+            else:
+                self._run_one(ir, item)
+        ir.toposort()
+        return list(self.records.values())
+
+    def _run_one(self, ir: IR, p: Pass) -> bool:
+        rec = self.records.setdefault(p.name, PassRecord(p.name))
+        before = _footprint(ir)
+        if "shapes" in p.requires:
+            ir.infer_shapes()
+        t0 = time.perf_counter()
+        try:
+            changed = bool(p.run(ir))
+        except EdgecError:
+            raise
+        except Exception as e:
+            raise InternalError(f"pass '{p.name}' failed: {type(e).__name__}: {e}", p.name) from e
+        if changed:
+            ir.changed()
+            ir.remove_dead()
+            try:
+                ir.toposort()
+            except Exception as e:
+                raise InternalError(f"pass '{p.name}' left a graph with a cycle: {e}", p.name) from e
+            if self.validate:
+                try:
+                    ir.validate()
+                except InternalError as e:
+                    raise InternalError(f"pass '{p.name}' left a broken graph: {e}", p.name) from None
+        rec.seconds += time.perf_counter() - t0
+        rec.runs += 1
+        rec.changed |= changed
+        after = _footprint(ir)
+        rec.nodes_removed += max(0, before[0] - after[0])
+        rec.nodes_added += max(0, after[0] - before[0])
+        rec.constants_removed += before[1] - after[1]
+        rec.params_removed += before[2] - after[2]
+        for n in p.notes:
+            if n not in rec.notes:
+                rec.notes.append(n)
+        p.notes.clear()
+        if self.on_pass:
+            self.on_pass(rec)
+        return changed
+
+
+def run_passes(ir: IR, names_or_passes: Iterable[str | Pass], **kwargs) -> list[PassRecord]:
+    """Convenience for the Python API: run passes given by name or instance, in order."""
+    passes = [get_pass(p) if isinstance(p, str) else p for p in names_or_passes]
+    return PassManager(passes, **kwargs).run(ir)

@@ -1,0 +1,112 @@
+"""Human-readable text for compile reports and inspections (the JSON is the dict itself)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{int(n)}{unit}"
+
+
+def _change(a: float, b: float) -> str:
+    if a == 0:
+        return "" if b == 0 else "new"
+    return f"{(b - a) / a * 100:+.1f}%"
+
+
+def compile_text(r: dict) -> str:
+    b, a = r["before"], r["after"]
+    lines = [f"edgec: {r.get('model') or 'model'} -> {r.get('output') or '(not written)'}  "
+             f"[target {r['target']}, opset {r['opset']['source']} -> {r['opset']['output']}]"]
+    for note in r.get("notes", []):
+        lines.append(f"  note: {note}")
+    lines.append(f"  {'':22}{'before':>12}{'after':>12}{'change':>10}")
+    rows = [("params", "params", ""), ("MACs", "macs", ""), ("weight bytes", "bytes", "B"),
+            ("peak activations", "peak_activation_bytes", "B"), ("nodes", "nodes", "")]
+    for label, key, unit in rows:
+        lines.append(f"  {label:22}{human(b[key], unit):>12}{human(a[key], unit):>12}{_change(b[key], a[key]):>10}")
+    if b.get("symbolic_dims"):
+        lines.append("  (symbolic dims counted as 1: MACs and activations are per batch item)")
+    lines.append("  passes:")
+    for p in r["passes"]:
+        what = []
+        if p["nodes_removed"]:
+            what.append(f"-{p['nodes_removed']} nodes")
+        if p["nodes_added"]:
+            what.append(f"+{p['nodes_added']} nodes")
+        if p["constants_removed"]:
+            what.append(f"{-p['constants_removed']:+d} constants")
+        if p["params_removed"]:
+            what.append(f"{-p['params_removed']:+d} params")
+        status = "changed" if p["changed"] else "-"
+        lines.append(f"    {p['name']:22}{status:>8}{p['seconds'] * 1000:9.1f} ms  {', '.join(what)}")
+        for n in p["notes"][:8]:
+            lines.append(f"      {n}")
+        if len(p["notes"]) > 8:
+            lines.append(f"      ... and {len(p['notes']) - 8} more notes (see --report)")
+    v = r.get("verify")
+    if v:
+        verdict = "OK" if v["passed"] else "MISMATCH"
+        lines.append(f"  verify ({v['inputs']} inputs, ONNX Runtime): max abs error {v['max_abs_error']:.3g}, "
+                     f"max rel error {v['max_rel_error']:.3g}, min cosine {v['min_cosine']:.6f}  {verdict}")
+    acc = r.get("accuracy")
+    if acc:
+        lines.append(f"  accuracy (top-1, {acc['samples']} samples): {acc['before']:.4f} -> {acc['after']:.4f}")
+    if "output_file_bytes" in r:
+        lines.append(f"  wrote {r['output']} ({human(r['output_file_bytes'], 'B')}) in {r['seconds']:.2f} s")
+    return "\n".join(lines)
+
+
+def inspect_text(info: dict) -> str:
+    lines = [f"{info.get('model') or 'model'}: ir_version {info['ir_version']}, opsets "
+             + ", ".join(f"{k} {v}" for k, v in info["opsets"].items())
+             + (f", producer {info['producer']}" if info["producer"] else "")]
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            shape = "[" + ", ".join(str(d) for d in t["shape"]) + "]" if t["shape"] is not None else "?"
+            lines.append(f"  {kind[:-1]:7} {t['name']}: {t['dtype']}{shape}")
+    lines.append(f"  nodes {info['nodes']}, params {human(info['params'])}, MACs {human(info['macs'])}, "
+                 f"weight bytes {human(info['bytes'], 'B')}, peak activations {human(info['peak_activation_bytes'], 'B')}"
+                 + (" (per batch item)" if info.get("symbolic_dims") else ""))
+    lines.append("  ops: " + ", ".join(f"{op} {n}" for op, n in info["op_histogram"].items()))
+    if info.get("largest_layers"):
+        lines.append("  largest layers:")
+        for c in info["largest_layers"]:
+            lines.append(f"    {c['op']:18} {c['name'][:40]:40} MACs {human(c['macs']):>9}  params {human(c['params']):>8}")
+    return "\n".join(lines)
+
+
+def write_json(data: dict, path: str | os.PathLike) -> None:
+    """Atomic JSON write."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.resolve().parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)

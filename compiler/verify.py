@@ -1,0 +1,167 @@
+"""Numeric verification with ONNX Runtime: run two models on the same inputs and compare.
+
+Inputs come from the user (``.npz`` keyed by input name, or one ``.npy`` for a one-input
+model) or are generated from the model's input shapes and dtypes (symbolic dims become 1).
+Both models run with ONNX Runtime's graph optimisations off, so what is compared is edgec's
+rewrite and not ORT's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import UserError
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
+    "tensor(bool)": np.bool_,
+}
+
+
+def session(model: onnx.ModelProto | bytes | str, *, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class InputSpec:
+    name: str
+    shape: list  # ints, or str/None for symbolic dims
+    dtype: np.dtype
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    inits = {i.name for i in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        specs.append(InputSpec(vi.name, dims, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+    return specs
+
+
+def random_inputs(model: onnx.ModelProto, *, seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
+    """Inputs drawn from the model's input types: N(0,1) floats, small non-negative ints."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in input_specs(model):
+        shape = [d if isinstance(d, int) and d > 0 else batch for d in spec.shape]
+        if spec.dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            feeds[spec.name] = rng.integers(0, 4, shape).astype(spec.dtype)
+    return feeds
+
+
+def load_inputs(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Read user inputs and check them against the model's inputs (names, ranks, dims, dtypes)."""
+    p = Path(path)
+    specs = input_specs(model)
+    if not p.exists():
+        raise UserError(f"{p}: no such input file")
+    try:
+        if p.suffix == ".npy":
+            if len(specs) != 1:
+                raise UserError(f"{p}: a .npy file feeds a one-input model; this model has "
+                                f"{len(specs)} inputs ({', '.join(s.name for s in specs)}): use an .npz keyed by name")
+            data = {specs[0].name: np.load(p, allow_pickle=False)}
+        else:
+            with np.load(p, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{p}: cannot read inputs as .npz/.npy ({type(e).__name__})") from None
+    return check_feeds(data, specs, str(p))
+
+
+def check_feeds(data: dict[str, np.ndarray], specs: list[InputSpec], where: str) -> dict[str, np.ndarray]:
+    names = {s.name for s in specs}
+    missing = [s.name for s in specs if s.name not in data]
+    if missing:
+        raise UserError(f"{where}: missing input '{missing[0]}' (the model's inputs: {', '.join(sorted(names))})")
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise UserError(f"{where}: '{unknown[0]}' is not an input of the model (its inputs: {', '.join(sorted(names))})")
+    feeds = {}
+    for s in specs:
+        arr = np.asarray(data[s.name])
+        expected = "[" + ", ".join(str(d) if d is not None else "?" for d in s.shape) + "]"
+        if arr.ndim != len(s.shape) or any(isinstance(d, int) and d > 0 and d != a for d, a in zip(s.shape, arr.shape)):
+            raise UserError(f"{where}: input '{s.name}' has shape {list(arr.shape)}, the model expects {expected}")
+        if arr.dtype != s.dtype:
+            if arr.dtype.kind == s.dtype.kind or (arr.dtype.kind in "iu" and s.dtype.kind in "iu"):
+                arr = arr.astype(s.dtype)
+            else:
+                raise UserError(f"{where}: input '{s.name}' has dtype {arr.dtype}, the model expects {s.dtype}")
+        feeds[s.name] = arr
+    return feeds
+
+
+def run(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+@dataclass
+class Comparison:
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0  # max |a - b| / max |reference|, per output, worst output
+    min_cosine: float = 1.0
+    per_output: dict = field(default_factory=dict)
+    allclose: bool = True
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+    def as_dict(self) -> dict:
+        return {"max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
+                "min_cosine": self.min_cosine, "allclose": self.allclose, "rtol": self.rtol,
+                "atol": self.atol, "outputs": self.per_output}
+
+
+def compare(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], *, rtol: float = 1e-4,
+            atol: float = 1e-5) -> Comparison:
+    res = Comparison(rtol=rtol, atol=atol)
+    for name, ref in reference.items():
+        if name not in actual:
+            raise AssertionError(f"output '{name}' is missing from the rewritten model")
+        got = actual[name]
+        if ref.shape != got.shape:
+            raise AssertionError(f"output '{name}' has shape {got.shape}, the original {ref.shape}")
+        r = ref.astype(np.float64)
+        g = got.astype(np.float64)
+        abs_err = float(np.max(np.abs(r - g))) if r.size else 0.0
+        scale = float(np.max(np.abs(r))) if r.size else 0.0
+        rel = abs_err / scale if scale > 0 else abs_err
+        denom = np.linalg.norm(r) * np.linalg.norm(g)
+        cos = float(np.dot(r.ravel(), g.ravel()) / denom) if denom > 0 else (1.0 if abs_err == 0 else 0.0)
+        close = bool(np.allclose(g, r, rtol=rtol, atol=atol))
+        res.per_output[name] = {"max_abs_error": abs_err, "max_rel_error": rel, "cosine": cos, "allclose": close}
+        res.max_abs_error = max(res.max_abs_error, abs_err)
+        res.max_rel_error = max(res.max_rel_error, rel)
+        res.min_cosine = min(res.min_cosine, cos)
+        res.allclose &= close
+    return res
+
+
+def verify(original: onnx.ModelProto | bytes, rewritten: onnx.ModelProto | bytes,
+           feeds: dict[str, np.ndarray], **tol) -> Comparison:
+    return compare(run(original, feeds), run(rewritten, feeds), **tol)

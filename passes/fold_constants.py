@@ -1,0 +1,137 @@
+"""fold_constants: evaluate nodes whose inputs are all constants.
+
+Rules
+- A node folds when every input is a constant (or the output of another folding node), it is
+  in the default domain, deterministic, has no subgraph, and is not a Q/DQ node (those carry
+  a quantized model's intent).
+- Size cap: an output becomes a constant only if it is at most ``max(1 KiB, bytes of the
+  node's inputs)``; a node whose inferred output is larger (e.g. ``ConstantOfShape`` making a
+  big weight from a 4-element shape) is not evaluated at all. Folding therefore never bloats
+  the model.
+- Evaluation runs once, in ONNX Runtime, over a model made of all foldable nodes.
+Post-condition: outputs of the graph are unchanged bit for bit (same kernels compute them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from edgec.ir import IR
+from edgec.pipeline import Pass, register
+
+from ._util import NONDETERMINISTIC, QUANT_OPS, has_subgraph, is_default_domain
+
+SMALL_BYTES = 1024
+
+
+def _nbytes_of_shape(t: gs.Tensor) -> int | None:
+    shape = IR.static_shape(t)
+    if shape is None or t.dtype is None:
+        return None
+    try:
+        return int(np.prod(shape)) * np.dtype(t.dtype).itemsize
+    except TypeError:
+        return None
+
+
+@register
+class FoldConstants(Pass):
+    name = "fold_constants"
+    description = "evaluate nodes whose inputs are all constants (size-capped: never grows the model)"
+    requires = ("shapes",)
+
+    def run(self, ir: IR) -> bool:
+        const_bytes: dict[int, int] = {}  # id(tensor) -> bytes, for constants and folded tensors
+        foldable: list[gs.Node] = []
+        for node in ir.nodes:  # nodes are kept in topological order
+            if (not is_default_domain(node) or node.op in NONDETERMINISTIC or node.op in QUANT_OPS
+                    or node.op == "Constant" or has_subgraph(node) or not node.outputs):
+                continue
+            in_bytes = 0
+            ok = True
+            for t in node.inputs:
+                if isinstance(t, gs.Variable) and t.is_empty():
+                    continue
+                if isinstance(t, gs.Constant):
+                    in_bytes += int(t.values.nbytes) if isinstance(t.values, np.ndarray) else \
+                        int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize
+                elif id(t) in const_bytes:
+                    in_bytes += const_bytes[id(t)]
+                else:
+                    ok = False
+                    break
+            if not ok:
+                continue
+            cap = max(SMALL_BYTES, in_bytes)
+            sizes = [_nbytes_of_shape(o) for o in node.outputs]
+            if any(s is not None and s > cap for s in sizes):
+                continue
+            foldable.append(node)
+            for o, s in zip(node.outputs, sizes):
+                const_bytes[id(o)] = s if s is not None else cap
+        if not foldable:
+            return False
+        values = self._evaluate(ir, foldable)
+        changed = False
+        for node in foldable:
+            in_bytes = sum(int(values[t.name].nbytes) if t.name in values else
+                           (int(t.values.nbytes) if isinstance(t, gs.Constant) else 0)
+                           for t in node.inputs if not (isinstance(t, gs.Variable) and t.is_empty()))
+            for o in node.outputs:
+                v = values.get(o.name)
+                if v is None or v.nbytes > max(SMALL_BYTES, in_bytes) or not o.outputs:
+                    continue
+                if ir.is_graph_output(o):
+                    continue
+                const = ir.make_const(o.name + "_folded", v)
+                ir.replace_uses(o, const)
+                changed = True
+        return changed
+
+    def _evaluate(self, ir: IR, nodes: list[gs.Node]) -> dict[str, np.ndarray]:
+        wanted = {o.name for n in nodes for o in n.outputs if o.name}
+        try:
+            return _run_subgraph(ir, nodes, wanted)
+        except Exception:
+            pass
+        values: dict[str, np.ndarray] = {}
+        for node in nodes:  # one at a time: skip what ORT cannot run
+            try:
+                feeds_ok = all(isinstance(t, gs.Constant) or t.name in values or
+                               (isinstance(t, gs.Variable) and t.is_empty()) for t in node.inputs)
+                if not feeds_ok:
+                    continue
+                values.update(_run_subgraph(ir, [node], {o.name for o in node.outputs if o.name}, values))
+            except Exception:
+                self.note(f"could not evaluate {node.op} '{node.name}'; left as is")
+        return values
+
+
+def _run_subgraph(ir: IR, nodes: list[gs.Node], wanted: set[str],
+                  known: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    known = known or {}
+    inits: dict[str, onnx.TensorProto] = {}
+    node_protos = []
+    exporter = gs.exporters.onnx_exporter.OnnxExporter
+    for n in nodes:
+        for t in n.inputs:
+            if isinstance(t, gs.Constant) and t.name not in inits:
+                inits[t.name] = exporter.export_tensor_proto(t)
+            elif t.name in known and t.name not in inits:
+                inits[t.name] = onnx.numpy_helper.from_array(known[t.name], t.name)
+        node_protos.append(exporter.export_node(n))
+    outputs = [onnx.ValueInfoProto(name=name) for name in sorted(wanted)]
+    graph = onnx.helper.make_graph(node_protos, "fold", [], outputs, initializer=list(inits.values()))
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in ir.opsets.items()]
+    model = onnx.helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True) if opsets else 8
+    model.ir_version = max(model.ir_version, 7)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, {})))

@@ -1,0 +1,17 @@
+"""infer_shapes: annotate every tensor with its shape and dtype (onnx shape inference with
+data propagation; symbolic dims keep their names). Changes no node: it returns False."""
+
+from __future__ import annotations
+
+from edgec.ir import IR
+from edgec.pipeline import Pass, register
+
+
+@register
+class InferShapes(Pass):
+    name = "infer_shapes"
+    description = "annotate tensors with shapes and dtypes (onnx shape inference, data propagation)"
+
+    def run(self, ir: IR) -> bool:
+        ir.infer_shapes(force=True)
+        return False
