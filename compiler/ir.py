@@ -338,8 +338,9 @@ class IR:
                 raise InternalError(f"graph output '{t.name}' is not produced")
 
     # ------------------------------------------------------------------ lowering
-    def _lower_constant_nodes(self) -> None:
+    def _lower_constant_nodes(self) -> bool:
         """Constant nodes become gs.Constant tensors (one representation for constants)."""
+        lowered = False
         for node in list(self.graph.nodes):
             if node.op != "Constant" or node.domain not in DEFAULT_DOMAINS or len(node.outputs) != 1:
                 continue
@@ -355,7 +356,9 @@ class IR:
                     if t is out:
                         consumer.inputs[i] = const
             node.outputs.clear()
-        self.graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
+            self.graph.nodes.remove(node)
+            lowered = True
+        return lowered
 
     # ------------------------------------------------------------------ iteration helpers
     def find(self, op: str) -> Iterator[gs.Node]:

@@ -149,13 +149,20 @@ def check_output_path(out: str | os.PathLike, inp: str | os.PathLike | None = No
 
 def save(model_or_ir, path: str | os.PathLike, *, check: bool = True) -> Path:
     """Write a model atomically. Large models get one external-data file beside them."""
-    model = model_or_ir.to_onnx() if isinstance(model_or_ir, IR) else model_or_ir
+    if isinstance(model_or_ir, IR):
+        model_or_ir.infer_shapes()
+        model = model_or_ir.to_onnx()
+    else:
+        model = model_or_ir
     if check:
         check_model(model)
     p = Path(path)
     parent = p.resolve().parent
     external = _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    tmp_model = tempfile.NamedTemporaryFile(dir=parent, prefix=f".{p.name}.", suffix=".tmp", delete=False)
+    try:
+        tmp_model = tempfile.NamedTemporaryFile(dir=parent, prefix=f".{p.name}.", suffix=".tmp", delete=False)
+    except OSError as e:
+        raise UserError(f"{p}: cannot write there ({e.strerror or e})") from None
     tmp_model.close()
     tmp_paths = [tmp_model.name]
     try:
@@ -180,12 +187,14 @@ def save(model_or_ir, path: str | os.PathLike, *, check: bool = True) -> Path:
             with open(tmp_model.name, "wb") as f:
                 f.write(model.SerializeToString())
         os.replace(tmp_model.name, p)
-    except BaseException:
+    except BaseException as e:
         for t in tmp_paths:
             try:
                 os.unlink(t)
             except OSError:
                 pass
+        if isinstance(e, OSError):
+            raise UserError(f"{p}: cannot write the model ({e.strerror or e})") from None
         raise
     return p
 

@@ -128,6 +128,7 @@ class PassManager:
             else:
                 self._run_one(ir, item)
         ir.toposort()
+        ir.infer_shapes()  # outputs leave with shapes (onnx.checker requires them on graph outputs)
         return list(self.records.values())
 
     def _run_one(self, ir: IR, p: Pass) -> bool:

@@ -1,4 +1,4 @@
-"""Top-1 accuracy of an ONNX model on the digits test split (numpy + onnxruntime only).
+"""Top-1 accuracy of an ONNX model on the digits test split (eval.npz) (numpy + onnxruntime only).
 
 Usage: python examples/digits/evaluate.py MODEL.onnx
 """
@@ -16,8 +16,8 @@ def main(argv):
     if len(argv) != 2:
         print(__doc__.strip(), file=sys.stderr)
         return 2
-    data = np.load(os.path.join(HERE, "data.npz"))
-    x, y = data["test_x"], data["test_y"]
+    data = np.load(os.path.join(HERE, "eval.npz"))
+    x, y = data["input"], data["labels"]
     sess = ort.InferenceSession(argv[1], providers=["CPUExecutionProvider"])
     logits = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     correct = int((np.asarray(logits).argmax(axis=1) == y).sum())

@@ -10,8 +10,11 @@ torch / scikit-learn are NOT edgec dependencies; only this script uses them.
 Writes, next to this file:
   model.onnx     opset 17, legacy TorchScript exporter, dynamic batch dim,
                  BatchNormalization nodes kept un-fused (for the BN-folding pass)
-  data.npz       test_x/test_y (held-out test split) and calib_x (calibration
-                 split), already normalised: x = (pixel/16 - mean) / std
+  eval.npz       held-out test split: input [360,1,8,8] float32 and labels [360] int64
+                 (edgec compile --eval examples/digits/eval.npz)
+  calib.npz      calibration split: input [200,1,8,8] float32, disjoint from the test split
+                 (edgec compile --calib examples/digits/calib.npz)
+                 Both already normalised: x = (pixel/16 - mean) / std
   metadata.json  normalisation constants, split sizes, onnxruntime test accuracy
 
 Splits (seed 0, stratified): 360 test, 200 calib, remaining 1237 train.
@@ -157,8 +160,9 @@ def main():
     ort_acc = float((logits.argmax(1) == y_test).mean())
     print(f"onnxruntime test accuracy {ort_acc:.4f}")
 
-    np.savez_compressed(os.path.join(HERE, "data.npz"),
-                        test_x=x_test, test_y=y_test, calib_x=x_calib)
+    # Keyed the way edgec reads them: the model's input name (+ "labels" for evaluation).
+    np.savez_compressed(os.path.join(HERE, "eval.npz"), input=x_test, labels=y_test)
+    np.savez_compressed(os.path.join(HERE, "calib.npz"), input=x_calib)
     meta = {
         "dataset": "scikit-learn load_digits",
         "input": "input",

@@ -1,0 +1,62 @@
+"""Shared test fixtures: the golden-file option, model helpers, ORT comparisons."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "golden"
+LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+LIGHT_MODELS = sorted(glob.glob(str(LIGHT_DIR / "*.onnx")))
+EXAMPLE = ROOT / "examples" / "digits"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite the golden files under golden/ instead of comparing with them")
+
+
+@pytest.fixture
+def update_golden(request) -> bool:
+    return bool(request.config.getoption("--update-golden"))
+
+
+def check_golden(path: Path, text: str, update: bool) -> None:
+    """Compare ``text`` with the golden file (or write it with --update-golden)."""
+    if update or os.environ.get("EDGEC_UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return
+    assert path.exists(), f"missing golden file {path}; run: python -m pytest tests --update-golden"
+    expected = path.read_text()
+    if text != expected:
+        import difflib
+
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
+                                            "golden", "actual", n=2))
+        pytest.fail(f"{path.relative_to(ROOT)} differs (python -m pytest tests --update-golden to accept):\n{diff[:4000]}")
+
+
+def assert_same_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, *, seed: int = 0,
+                        rtol: float = 1e-4, atol: float = 1e-5, feeds=None) -> dict:
+    """Run both models in ONNX Runtime on the same inputs; assert the outputs match."""
+    from edgec import verify
+
+    feeds = feeds if feeds is not None else verify.random_inputs(original, seed=seed)
+    ref = verify.run(original, feeds)
+    got = verify.run(rewritten, feeds)
+    assert set(ref) == set(got), f"outputs differ: {sorted(ref)} vs {sorted(got)}"
+    for name in ref:
+        assert ref[name].shape == got[name].shape, name
+        np.testing.assert_allclose(got[name], ref[name], rtol=rtol, atol=atol, err_msg=name)
+    return ref
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
