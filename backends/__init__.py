@@ -6,8 +6,11 @@ from edgec.errors import UserError
 from edgec.target import Target
 
 
-def lossless_pipeline() -> list:
-    """The clean-up every target starts from: exact rewrites, repeated to a fixed point."""
+def lossless_pipeline(extra: list | tuple = ()) -> list:
+    """The clean-up every target starts from: exact rewrites, repeated to a fixed point.
+
+    ``extra`` passes (a target's own rewrites) join the fixed-point group, after the clean-up.
+    """
     from edgec.passes import (CollapseReshapes, DedupInitializers, EliminateDead, EliminateIdentity,
                               FoldBatchNorm, FoldConstants, FoldConvAffine, FoldShapes, FuseTransposes,
                               InferShapes)
@@ -17,20 +20,21 @@ def lossless_pipeline() -> list:
         EliminateDead(),
         InferShapes(),
         FixedPoint([FoldShapes(), FoldConstants(), EliminateIdentity(), FuseTransposes(), CollapseReshapes(),
-                    FoldBatchNorm(), FoldConvAffine()]),
+                    FoldBatchNorm(), FoldConvAffine(), *extra]),
         DedupInitializers(),
         EliminateDead(),
     ]
 
 
 def targets() -> dict[str, Target]:
-    from . import cpu
+    from . import cpu, jetson, neon, rknn
 
-    return {t.name: t for t in (cpu.TARGET,)}
+    return {t.name: t for t in (cpu.TARGET, neon.TARGET, jetson.TARGET, rknn.TARGET)}
 
 
-def get_target(name: str) -> Target:
+def get_target(name: str, options: dict | None = None) -> Target:
+    """The profile of target ``name`` with ``--target-option`` overrides applied."""
     all_targets = targets()
     if name not in all_targets:
         raise UserError(f"unknown target '{name}' (known: {', '.join(sorted(all_targets))})")
-    return all_targets[name]
+    return all_targets[name].with_options(options)

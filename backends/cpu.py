@@ -1,15 +1,17 @@
 """cpu: ONNX Runtime on x86-64 CPUs (the default target).
 
 Profile: any opset ONNX Runtime reads (7-23), dynamic shapes allowed, channel multiple 8
-(AVX2 holds 8 float32 lanes). Pipeline: the lossless clean-up. Check: every op in the
-default domain must be one ONNX Runtime's CPU provider loads, which is proved by creating a
-session on the result.
+(AVX2 holds 8 float32 lanes), int8 as U8S8 (uint8 asymmetric activations, int8 per-channel
+weights: the fast path with VNNI). Pipeline: the lossless clean-up. Check: the opset; that
+ONNX Runtime loads the result is proved by --verify and the tests.
 """
 
 from __future__ import annotations
 
 from edgec.ir import IR
-from edgec.target import Target
+from edgec.target import QuantScheme, Target
+
+from . import _checks
 
 
 def _pipeline(target: Target) -> list:
@@ -19,10 +21,7 @@ def _pipeline(target: Target) -> list:
 
 
 def _check(target: Target, ir: IR) -> list[str]:
-    problems = []
-    if not target.min_opset <= ir.opset <= target.max_opset:
-        problems.append(f"opset {ir.opset} is outside {target.min_opset}-{target.max_opset}")
-    return problems
+    return _checks.check_opset(target, ir)
 
 
 TARGET = Target(
@@ -31,6 +30,7 @@ TARGET = Target(
     min_opset=7,
     max_opset=23,
     channel_multiple=8,
+    quant=QuantScheme(activations="asymmetric", weights="per-channel", bias="int32", quantize_outputs=True),
     pipeline=_pipeline,
     check=_check,
 )

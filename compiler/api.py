@@ -29,12 +29,15 @@ class CompileResult:
 
 
 def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike | None = None, *,
-            target: str = "cpu", passes: Sequence[str | Pass] | None = None, verify: bool = False,
+            target: str = "cpu", target_options: dict | None = None, input_shapes: dict | None = None,
+            passes: Sequence[str | Pass] | None = None, verify: bool = False,
             inputs: str | os.PathLike | dict | None = None, eval_data: str | os.PathLike | None = None,
             rtol: float = 1e-4, atol: float = 1e-5,
             log: Callable[[str], None] | None = None) -> CompileResult:
     """Compile ``model`` for ``target``; write it to ``output`` (atomically) if given.
 
+    ``target_options`` overrides the target profile's options (``--target-option k=v``);
+    ``input_shapes`` fixes graph input shapes (``{"input": [1, 3, 224, 224]}``) before any pass.
     ``passes`` replaces the target's pipeline with the named passes. ``verify`` compares ONNX
     Runtime outputs of the result with the original's on ``inputs`` (an .npz/.npy path or a
     dict; random inputs from the model's signature when absent) and raises VerificationError
@@ -45,7 +48,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
 
     log = log or (lambda s: None)
     t_start = time.perf_counter()
-    tgt = get_target(target)
+    tgt = get_target(target, target_options)
     src_path = None
     if isinstance(model, onnx.ModelProto):
         original = model
@@ -56,31 +59,45 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
         loader.check_output_path(output, src_path)
     source_opset = loader.check_opset(original, str(src_path or "model"))
     pipeline = tgt.passes() if passes is None else [get_pass(p) if isinstance(p, str) else p for p in passes]
-    feeds = _feeds(inputs, original) if (verify or inputs is not None) else None
+    if input_shapes:
+        from edgec.passes import FixInputShapes
+
+        pipeline = [FixInputShapes(input_shapes)] + pipeline
+    feeds = _feeds(inputs, original) if inputs is not None else None
     evaluation = _eval_set(eval_data, original) if eval_data is not None else None
 
     normalized, notes = loader.normalize_opset(original)
     ir = IR.from_onnx(normalized, info=loader.ModelInfo(source_opset=source_opset, notes=notes,
                                                         source_path=str(src_path) if src_path else None))
     before = costs_mod.compute(ir)
+    if tgt.static_shapes:
+        _require_static(tgt, ir, input_shapes or {})
     records = PassManager(pipeline, on_pass=lambda r: None).run(ir)
     after = costs_mod.compute(ir)
     result_model = ir.to_onnx()
     loader.check_model(result_model)
-    problems = tgt.conformance(ir)
+    problems = [p for p in tgt.conformance(ir) if not p.startswith("warning:")]
     if problems:
-        raise UserError(f"the model does not fit target '{tgt.name}': {problems[0]}")
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"the model does not fit target {tgt.name} ({tgt.description}): "
+                        + "; ".join(problems[:3]) + more)
 
     report = {
         "model": str(src_path) if src_path else None,
         "output": str(output) if output is not None else None,
         "target": tgt.name,
+        "target_profile": {"description": tgt.description, "options": dict(tgt.options),
+                           "opsets": [tgt.min_opset, tgt.max_opset], "channel_multiple": tgt.channel_multiple,
+                           "static_shapes": tgt.static_shapes, "float_precision": tgt.float_precision,
+                           "int8": dict(tgt.quant.__dict__)},
         "opset": {"source": source_opset, "output": ir.opset},
         "notes": list(ir.info.notes),
         "before": before.as_dict(),
         "after": after.as_dict(),
         "passes": [r.as_dict() for r in records],
     }
+    if verify and feeds is None:  # random inputs from the compiled signature (input shapes may be fixed now)
+        feeds = verify_mod.random_inputs(result_model)
     if feeds is not None:
         comparison = verify_mod.verify(original, result_model, feeds, rtol=rtol, atol=atol)
         report["verify"] = {**comparison.as_dict(), "inputs": "given" if inputs is not None else "random",
@@ -97,8 +114,23 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     if output is not None:
         loader.save(result_model, output, check=False)
         report["output_file_bytes"] = Path(output).stat().st_size
+        if tgt.extras is not None:
+            extra_files = tgt.extras(tgt, ir, Path(output))
+            report["extra_files"] = [str(f) for f in extra_files]
     return CompileResult(ir=ir, model=result_model, report=report, records=records,
                          output=Path(output) if output is not None else None)
+
+
+def _require_static(tgt, ir: IR, given: dict) -> None:
+    for t in ir.inputs:
+        if t.name in given:
+            continue
+        dims = list(t.shape) if t.shape is not None else None
+        if dims is None or any(not isinstance(d, (int, np.integer)) or d <= 0 for d in dims):
+            shown = "[" + ", ".join(str(d) for d in dims) + "]" if dims is not None else "unknown"
+            example = ",".join(str(d) if isinstance(d, (int, np.integer)) and d > 0 else "1" for d in (dims or [1]))
+            raise UserError(f"target {tgt.name} needs static input shapes: input '{t.name}' has shape {shown}; "
+                            f"give --input-shape {t.name}={example}")
 
 
 def _feeds(inputs, model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -25,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="input .onnx file (never modified)")
     c.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
     c.add_argument("-t", "--target", default="cpu", help="target device family (see `edgec targets`; default cpu)")
+    c.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a target profile option, e.g. trt=10 or platform=rk3566 (repeatable)")
+    c.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                   help="fix an input's shape, e.g. input=1,3,224,224 (repeatable; static-shape targets need it)")
     c.add_argument("--passes", help="comma-separated passes to run instead of the target's pipeline")
     c.add_argument("--verify", action="store_true",
                    help="compare ONNX Runtime outputs with the original; fail (exit 1, nothing written) on a mismatch")
@@ -56,6 +60,29 @@ def _check_writable(path: str, what: str) -> None:
         raise UserError(f"{path}: the {what} is not writable")
 
 
+def _key_values(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UserError(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _shapes(items: list[str]) -> dict[str, list[int]]:
+    shapes = {}
+    for name, value in _key_values(items, "--input-shape").items():
+        try:
+            dims = [int(d) for d in value.replace("x", ",").split(",")]
+        except ValueError:
+            raise UserError(f"--input-shape {name}={value}: dims must be integers, e.g. {name}=1,3,224,224") from None
+        if any(d <= 0 for d in dims):
+            raise UserError(f"--input-shape {name}={value}: dims must be positive")
+        shapes[name] = dims
+    return shapes
+
+
 def _compile(args) -> int:
     from . import api, report
 
@@ -67,7 +94,9 @@ def _compile(args) -> int:
         if not passes:
             raise UserError("--passes is empty; name at least one pass (see `edgec passes`)")
     log = (lambda s: None) if args.quiet or args.json else (lambda s: print(s, file=sys.stderr))
-    result = api.compile(args.model, args.output, target=args.target, passes=passes, verify=args.verify,
+    result = api.compile(args.model, args.output, target=args.target,
+                         target_options=_key_values(args.target_option, "--target-option"),
+                         input_shapes=_shapes(args.input_shape), passes=passes, verify=args.verify,
                          inputs=args.inputs, eval_data=args.eval_data, rtol=args.rtol, atol=args.atol, log=log)
     if args.report:
         report.write_json(result.report, args.report)

@@ -1,11 +1,31 @@
-"""Target profiles: what a device family needs, as data, plus the passes and checks it adds."""
+"""Target profiles: what a device family needs, as data, plus the passes and checks it adds.
+
+A profile says which opsets the device's toolchain reads, whether it needs static shapes
+(and batch 1), the int8 scheme its kernels want, what float precision it falls back to, the
+channel multiple pruning should round to, and the user-settable options (``--target-option
+k=v``) with their defaults. ``pipeline(target)`` returns the passes the target runs and
+``check(target, ir)`` returns what in the graph the device would not accept.
+"""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .errors import UserError
 from .ir import IR
+
+
+@dataclass
+class QuantScheme:
+    """How a target wants int8: what the QDQ pass and the backends agree on."""
+
+    activations: str = "asymmetric"  # "asymmetric" (uint8) or "symmetric" (int8, zero point 0)
+    weights: str = "per-channel"     # "per-channel" or "per-tensor"
+    bias: str = "int32"              # "int32" (quantized bias) or "float"
+    quantize_outputs: bool = False   # Q/DQ on weighted ops' outputs (False: TensorRT style)
+    int4: bool = False               # int4 weights available
 
 
 @dataclass
@@ -16,14 +36,37 @@ class Target:
     max_opset: int = 23
     channel_multiple: int = 1  # pruning rounds channel counts to this (vector width)
     static_shapes: bool = False
-    options: dict = field(default_factory=dict)
+    batch1: bool = False
+    float_precision: str = "fp32"  # what float layers run in on the device
+    quant: QuantScheme = field(default_factory=QuantScheme)
+    options: dict = field(default_factory=dict)  # name -> value (defaults; overridable)
+    option_help: dict = field(default_factory=dict)  # name -> "what it is (choices)"
+    configure: Callable[["Target"], None] | None = field(default=None, repr=False)
     # pipeline(target) -> list of passes / FixedPoint groups
     pipeline: Callable[["Target"], list] = field(default=lambda t: [], repr=False)
     # check(target, ir) -> list of problems ("op X is not supported"); empty when the graph conforms
     check: Callable[["Target", IR], list] = field(default=lambda t, ir: [], repr=False)
+    # write_extras(target, ir, output_path, context) -> list of extra files written (build configs, ...)
+    extras: Callable | None = field(default=None, repr=False)
 
     def passes(self) -> list:
         return self.pipeline(self)
 
     def conformance(self, ir: IR) -> list[str]:
         return self.check(self, ir)
+
+    def with_options(self, overrides: dict[str, str] | None) -> "Target":
+        """A copy with ``--target-option`` values applied (validated) and the profile re-derived."""
+        t = copy.deepcopy(self)
+        for key, value in (overrides or {}).items():
+            if key not in t.options:
+                known = ", ".join(f"{k} ({t.option_help.get(k, '')})" for k in t.options) or "none"
+                raise UserError(f"target '{t.name}' has no option '{key}' (its options: {known})")
+            default = t.options[key]
+            try:
+                t.options[key] = type(default)(value) if not isinstance(default, (list, type(None))) else value
+            except ValueError:
+                raise UserError(f"target option {key}={value!r}: expected a {type(default).__name__}") from None
+        if t.configure is not None:
+            t.configure(t)
+        return t

@@ -2,27 +2,38 @@
 
 from . import (  # noqa: F401
     collapse_reshapes,
+    decompose_ops,
     dedup_initializers,
     eliminate_dead,
     eliminate_identity,
     fold_batchnorm,
     fold_constants,
     fold_conv_affine,
+    fix_input_shapes,
     fold_shapes,
     fuse_transposes,
+    gemm_to_conv,
     infer_shapes,
+    narrow_int64,
+    shuffle_to_4d,
 )
 
 from .collapse_reshapes import CollapseReshapes
+from .decompose_ops import DecomposeOps
 from .dedup_initializers import DedupInitializers
 from .eliminate_dead import EliminateDead
 from .eliminate_identity import EliminateIdentity
 from .fold_batchnorm import FoldBatchNorm
 from .fold_constants import FoldConstants
 from .fold_conv_affine import FoldConvAffine
+from .fix_input_shapes import FixInputShapes
 from .fold_shapes import FoldShapes
 from .fuse_transposes import FuseTransposes
+from .gemm_to_conv import GemmToConv
 from .infer_shapes import InferShapes
+from .narrow_int64 import NarrowInt64
+from .shuffle_to_4d import ShuffleTo4D
 
-__all__ = ["CollapseReshapes", "DedupInitializers", "EliminateDead", "EliminateIdentity", "FoldBatchNorm",
-           "FoldConstants", "FoldConvAffine", "FoldShapes", "FuseTransposes", "InferShapes"]
+__all__ = ["CollapseReshapes", "DecomposeOps", "DedupInitializers", "EliminateDead", "EliminateIdentity",
+           "FixInputShapes", "FoldBatchNorm", "FoldConstants", "FoldConvAffine", "FoldShapes", "FuseTransposes",
+           "GemmToConv", "InferShapes", "NarrowInt64", "ShuffleTo4D"]

@@ -49,6 +49,8 @@ def test_pass_golden(pass_name, model_name, update_golden):
 def test_target_golden(target, model_name, update_golden):
     model = builders.ALL_MODELS[model_name]()
     ir = edgec.from_model(model)
-    PassManager(get_target(target).passes()).run(ir)
+    profile = get_target(target)
+    PassManager(profile.passes()).run(ir)
     check_golden(GOLDEN / "backends" / target / f"{model_name}.txt", printer.dump(ir), update_golden)
     assert_same_outputs(model, ir.to_onnx())
+    assert profile.conformance(ir) == []

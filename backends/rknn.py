@@ -1,0 +1,148 @@
+"""rknn: RKNN-compatible ONNX for Rockchip NPUs (RKNN-Toolkit2 2.x).
+
+Options: ``platform`` = rk3588 (default), rk3576, rk3568, rk3566, rk3562, rv1106, rv1103;
+``dynamic_input`` = shapes RKNN should build for when inputs stay dynamic, as
+``1x3x224x224;4x3x224x224`` (RKNN's ``config(dynamic_input=...)``); ``mean``/``std`` =
+per-channel normalisation the NPU applies before the model (default none: the ONNX input is
+already normalised).
+
+Profile: opset <= 19, fixed input shapes (or ``dynamic_input``), 4-D NCHW, int8 asymmetric
+activations with per-channel weights, float layers in FP16; rv1106/rv1103 have no float mode.
+Pipeline: the lossless clean-up plus rewrites into what the NPU runs: ops it lacks decomposed
+(Sum, Mean, Neg, Reciprocal, Abs, ReduceL2, ReduceSumSquare, Softsign), Gemm on feature
+vectors as 1x1 Conv, 5-D channel shuffles as 4-D.
+Check: RKNN-Toolkit2's ONNX op list (backends/op_tables.py): unsupported ops, batch-1
+restrictions, Resize modes, custom domains, data-dependent ops, opset and static shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from edgec.errors import UserError
+from edgec.ir import IR
+from edgec.target import QuantScheme, Target
+
+from . import _checks, op_tables
+
+PLATFORMS = ("rk3588", "rk3576", "rk3568", "rk3566", "rk3562", "rv1106", "rv1103")
+NO_FLOAT = ("rv1106", "rv1103")
+DECOMPOSE = ("Sum", "Mean", "Neg", "Reciprocal", "Abs", "ReduceL2", "ReduceSumSquare", "Softsign")
+BATCH1_OPS = {op for op, why in op_tables.RKNN_RESTRICTED.items() if "batch size 1" in why}
+
+
+def _configure(t: Target) -> None:
+    if t.options["platform"] not in PLATFORMS:
+        raise UserError(f"target rknn: platform={t.options['platform']} is not known (choose one of {', '.join(PLATFORMS)})")
+    t.static_shapes = not t.options["dynamic_input"]
+    t.description = f"Rockchip {t.options['platform']} NPU (RKNN-Toolkit2 2.x)"
+
+
+def _pipeline(t: Target) -> list:
+    from edgec.passes import DecomposeOps, GemmToConv, ShuffleTo4D
+
+    from . import lossless_pipeline
+
+    return lossless_pipeline(extra=[DecomposeOps(ops=DECOMPOSE), GemmToConv(), ShuffleTo4D()])
+
+
+def _unsupported(name: str) -> bool:
+    if name in op_tables.RKNN_UNSUPPORTED:
+        return True
+    return any(p.endswith("*") and name.startswith(p[:-1]) for p in op_tables.RKNN_UNSUPPORTED)
+
+
+def _check(t: Target, ir: IR) -> list[str]:
+    problems = _checks.check_opset(t, ir)
+    if t.static_shapes:
+        problems += _checks.check_static(t, ir)
+    batch = max((int(i.shape[0]) for i in ir.inputs if i.shape and isinstance(i.shape[0], (int, np.integer))), default=1)
+
+    def verdict(node: gs.Node) -> str | None:
+        if node.domain not in (None, "", "ai.onnx"):
+            return f"custom domain '{node.domain}': RKNN-Toolkit2 cannot build it"
+        if _unsupported(node.op):
+            return "not supported by RKNN-Toolkit2 (no NPU or CPU kernel in its ONNX op list)"
+        if node.op in BATCH1_OPS and batch > 1:
+            return f"RKNN supports {node.op} with batch size 1 only (batch is {batch})"
+        if node.op == "Resize" and node.attrs.get("mode", "nearest") not in ("nearest", "linear"):
+            return f"resize mode {node.attrs.get('mode')} is not supported (nearest, bilinear)"
+        if node.op in ("EyeLike", "If") and not all(ir.is_const(i) for i in node.inputs[:1]):
+            return "RKNN needs a constant input here"
+        return None
+
+    problems += _checks.check_ops(ir, verdict)
+    return problems
+
+
+def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quantized_model: bool = False) -> list[Path]:
+    """Write ``OUT.rknn.json`` (the arguments of RKNN's config/build) and, with calibration data,
+    ``OUT.dataset/NNNN.npy`` + ``dataset.txt`` (NCHW .npy files, as RKNN's build wants them)."""
+    written = []
+    cfg = {
+        "target_platform": t.options["platform"],
+        "model": output.name,
+        "config": {"target_platform": t.options["platform"]},
+        "build": {"do_quantization": False},
+        "inputs": [{"name": i.name, "shape": [int(d) if isinstance(d, (int, np.integer)) else str(d) for d in (i.shape or [])]}
+                   for i in ir.inputs],
+    }
+    if t.options["mean"]:
+        cfg["config"]["mean_values"] = [[float(v) for v in t.options["mean"].split(",")]]
+    if t.options["std"]:
+        cfg["config"]["std_values"] = [[float(v) for v in t.options["std"].split(",")]]
+    if t.options["dynamic_input"]:
+        cfg["config"]["dynamic_input"] = [[[int(d) for d in s.split("x")]] for s in t.options["dynamic_input"].split(";")]
+    if quantized_model:
+        cfg["note"] = "pre-quantized QDQ model: build with do_quantization=False (RKNN treats it as QAT)"
+    elif calib_batches is not None:
+        ds_dir = output.with_name(output.name + ".dataset")
+        ds_dir.mkdir(exist_ok=True)
+        lines = []
+        count = 0
+        for batch in calib_batches:
+            arrays = list(batch.values())
+            for k in range(len(arrays[0])):
+                names = []
+                for j, arr in enumerate(arrays):
+                    p = ds_dir / f"{count:05d}_{j}.npy"
+                    np.save(p, np.ascontiguousarray(arr[k:k + 1]))
+                    names.append(str(p.resolve()))
+                lines.append(" ".join(names))
+                count += 1
+        (ds_dir / "dataset.txt").write_text("\n".join(lines) + "\n")
+        cfg["build"] = {"do_quantization": True, "dataset": str((ds_dir / "dataset.txt").resolve())}
+        cfg["config"].update({"quantized_dtype": "w8a8", "quantized_algorithm": "normal", "quantized_method": "channel"})
+        written.append(ds_dir)
+    elif t.options["platform"] in NO_FLOAT:
+        raise UserError(f"{t.options['platform']} has no float mode: give --calib (RKNN quantizes) or --quantize int8")
+    path = output.with_name(output.name + ".rknn.json")
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    written.append(path)
+    return written
+
+
+TARGET = Target(
+    name="rknn",
+    description="Rockchip rk3588 NPU (RKNN-Toolkit2 2.x)",
+    min_opset=7,
+    max_opset=19,
+    channel_multiple=16,
+    static_shapes=True,
+    batch1=True,
+    float_precision="fp16",
+    quant=QuantScheme(activations="asymmetric", weights="per-channel", bias="int32", quantize_outputs=True),
+    options={"platform": "rk3588", "dynamic_input": "", "mean": "", "std": ""},
+    option_help={"platform": "/".join(PLATFORMS), "dynamic_input": "e.g. 1x3x224x224;4x3x224x224",
+                 "mean": "per-channel mean the NPU subtracts, e.g. 123.7,116.3,103.5",
+                 "std": "per-channel std the NPU divides by"},
+    configure=_configure,
+    pipeline=_pipeline,
+    check=_check,
+    extras=write_build_config,
+)
+_configure(TARGET)

@@ -1,0 +1,49 @@
+"""fix_input_shapes: give graph inputs fixed shapes (static-shape targets, known batch).
+
+``FixInputShapes({"input": [1, 3, 224, 224]})`` replaces the input's dims (symbolic ones
+included); the shapes of the rest of the graph are re-inferred, after which ``fold_shapes``
+and ``fold_constants`` can fold the shape arithmetic. A given shape must agree with every
+static dim the model already declares (a UserError otherwise).
+"""
+
+from __future__ import annotations
+
+from edgec.errors import UserError
+from edgec.ir import IR
+from edgec.pipeline import Pass, register
+
+
+@register
+class FixInputShapes(Pass):
+    name = "fix_input_shapes"
+    description = "set graph input shapes (e.g. batch 1) so shape computations fold"
+
+    def __init__(self, shapes: dict | None = None):
+        super().__init__()
+        self.shapes = dict(shapes or {})
+
+    def run(self, ir: IR) -> bool:
+        changed = False
+        names = {t.name: t for t in ir.inputs}
+        for name, shape in self.shapes.items():
+            if name not in names:
+                raise UserError(f"--input-shape names '{name}', which is not an input of the model "
+                                f"(its inputs: {', '.join(names)})")
+            t = names[name]
+            shape = [int(d) for d in shape]
+            old = list(t.shape) if t.shape is not None else None
+            if old is not None:
+                if len(old) != len(shape):
+                    raise UserError(f"--input-shape {name}: rank {len(shape)} given, the model's input has rank {len(old)}")
+                for d_old, d_new in zip(old, shape):
+                    if isinstance(d_old, int) and d_old > 0 and d_old != d_new:
+                        raise UserError(f"--input-shape {name}={shape} contradicts the model's static shape {old}")
+            if old != shape:
+                t.shape = shape
+                changed = True
+        if changed:
+            inputs = {id(t) for t in ir.inputs}
+            for t in ir.graph.tensors().values():  # forget inferred shapes: they are re-derived
+                if id(t) not in inputs and not hasattr(t, "values"):
+                    t.shape = None
+        return changed

@@ -1,0 +1,105 @@
+"""RKNN-Toolkit2 2.5.0 (its x86 simulator) builds and runs what `edgec compile -t rknn` writes.
+
+The toolkit lives in its own virtual environment (created on first use, see tests/vendor) and
+runs in a subprocess. Asserted for each model: it builds, runs, matches ONNX Runtime on the
+same input (float build: cosine >= 0.9999, the NPU computes in FP16; RKNN int8 build from
+edgec's calibration dataset: cosine >= 0.99 against float ONNX Runtime), and no standard
+CNN op is placed on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import edgec
+from edgec import builders, verify
+
+import vendor
+from conftest import EXAMPLE
+
+pytestmark = pytest.mark.slow
+
+MODELS = ["resnet_basic", "resnet_bottleneck", "mobilenet_v2", "inception", "densenet", "shufflenet_v2",
+          "se_block", "flatten_gemm_head", "plain_cnn"]
+# Ops that must run on the NPU: everything a CNN is made of. RKNN keeps the graph's input and
+# output operators, and a final reshape of the logits, on the CPU.
+CNN_OPS = ("Conv", "Relu", "Clip", "Add", "Mul", "Concat", "Pool", "Sigmoid", "HardSwish", "Transpose", "Split",
+           "Gemm", "MatMul", "BatchNorm")
+
+
+def cosine(a, b):
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture(scope="module")
+def rknn():
+    try:
+        vendor.ensure_venv("rknn")
+    except vendor.Unavailable as e:
+        pytest.skip(str(e))
+    return vendor
+
+
+def _compile_jobs(tmp_path, models: dict, quantize: bool, calib=None, feeds=None):
+    jobs, refs = [], {}
+    for name, model in models.items():
+        out = tmp_path / f"{name}.onnx"
+        src = tmp_path / f"{name}.src.onnx"
+        onnx.save(model, src)
+        shapes = {i.name: [d.dim_value or 1 for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+        edgec.compile(src, out, target="rknn", input_shapes=shapes)
+        compiled = onnx.load(out)
+        x = feeds if feeds is not None else verify.random_inputs(compiled, seed=3)
+        np.savez(tmp_path / f"{name}.in.npz", *x.values())
+        refs[name] = list(verify.run(compiled, x).values())
+        dataset = None
+        if quantize:
+            dataset = tmp_path / f"{name}.dataset.txt"
+            lines = []
+            for k, x in enumerate(calib(compiled)):
+                p = tmp_path / f"{name}.calib{k}.npy"
+                np.save(p, x)
+                lines.append(str(p))
+            dataset.write_text("\n".join(lines) + "\n")
+        jobs.append({"model": str(out), "platform": "rk3588", "inputs": str(tmp_path / f"{name}.in.npz"),
+                     "out": str(tmp_path / f"{name}.rknn_out.npz"), "do_quantization": quantize,
+                     "dataset": str(dataset) if dataset else None, "log": str(tmp_path / f"{name}.log")})
+    return jobs, refs
+
+
+def _check(jobs, results, refs, min_cos):
+    report = {}
+    for job, res in zip(jobs, results):
+        name = job["model"].rsplit("/", 1)[-1][:-len(".onnx")]
+        assert res["ok"], f"{name}: {res['error']}\n{res.get('trace', '')}"
+        with np.load(job["out"]) as z:
+            outs = [z[k] for k in z.files]
+        cos = min(cosine(o, r) for o, r in zip(outs, refs[name]))
+        cnn_on_cpu = [op for op in res["cpu_ops"] if any(k in op[0] for k in CNN_OPS)]
+        report[name] = (cos, cnn_on_cpu)
+        assert cos >= min_cos, f"{name}: cosine {cos:.6f} < {min_cos}"
+        assert not cnn_on_cpu, f"{name}: CNN ops on the CPU: {cnn_on_cpu}"
+    return report
+
+
+def test_float_builds_match_onnxruntime(rknn, tmp_path):
+    models = {name: builders.ALL_MODELS[name]() for name in MODELS}
+    jobs, refs = _compile_jobs(tmp_path, models, quantize=False)
+    _check(jobs, rknn.run_jobs("rknn", jobs), refs, min_cos=0.9999)
+
+
+def test_example_float_and_int8_from_edgec_dataset(rknn, tmp_path):
+    model = onnx.load(EXAMPLE / "model.onnx")
+    with np.load(EXAMPLE / "calib.npz") as z:
+        calib_x = z["input"][:64]
+    with np.load(EXAMPLE / "eval.npz") as z:
+        image = {"input": z["input"][:1]}  # a real held-out image (inside the calibrated range)
+    jobs, refs = _compile_jobs(tmp_path, {"digits": model}, quantize=False, feeds=image)
+    qjobs, qrefs = _compile_jobs(tmp_path, {"digits_int8": model}, quantize=True,
+                                 calib=lambda m: [x[None] for x in calib_x], feeds=image)
+    results = rknn.run_jobs("rknn", jobs + qjobs)
+    _check(jobs, results[:1], refs, min_cos=0.9999)
+    _check(qjobs, results[1:], qrefs, min_cos=0.99)
