@@ -82,6 +82,8 @@ def _check(t: Target, ir: IR) -> list[str]:
 def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quantized_model: bool = False) -> list[Path]:
     """Write ``OUT.rknn.json`` (the arguments of RKNN's config/build) and, with calibration data,
     ``OUT.dataset/NNNN.npy`` + ``dataset.txt`` (NCHW .npy files, as RKNN's build wants them)."""
+    if t.options["platform"] in NO_FLOAT and calib_batches is None and not quantized_model:
+        raise UserError(f"{t.options['platform']} has no float mode: give --calib (RKNN quantizes) or --quantize int8")
     written = []
     cfg = {
         "target_platform": t.options["platform"],
@@ -118,8 +120,6 @@ def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quan
         cfg["build"] = {"do_quantization": True, "dataset": str((ds_dir / "dataset.txt").resolve())}
         cfg["config"].update({"quantized_dtype": "w8a8", "quantized_algorithm": "normal", "quantized_method": "channel"})
         written.append(ds_dir)
-    elif t.options["platform"] in NO_FLOAT:
-        raise UserError(f"{t.options['platform']} has no float mode: give --calib (RKNN quantizes) or --quantize int8")
     path = output.with_name(output.name + ".rknn.json")
     path.write_text(json.dumps(cfg, indent=2) + "\n")
     written.append(path)

@@ -112,11 +112,11 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
                               "after": _accuracy(result_model, x, labels)}
     report["seconds"] = round(time.perf_counter() - t_start, 4)
     if output is not None:
-        loader.save(result_model, output, check=False)
-        report["output_file_bytes"] = Path(output).stat().st_size
-        if tgt.extras is not None:
+        if tgt.extras is not None:  # before the model: a refusal here leaves nothing behind
             extra_files = tgt.extras(tgt, ir, Path(output))
             report["extra_files"] = [str(f) for f in extra_files]
+        loader.save(result_model, output, check=False)
+        report["output_file_bytes"] = Path(output).stat().st_size
     return CompileResult(ir=ir, model=result_model, report=report, records=records,
                          output=Path(output) if output is not None else None)
 

@@ -1,0 +1,176 @@
+"""Target rewrites (checked in ONNX Runtime) and target conformance: what each device refuses
+is reported as a clear error naming the op and the target."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgec
+from edgec.backends import get_target, targets
+from edgec.builders import GraphBuilder, resnet_basic, shufflenet_v2, transformer_encoder
+from edgec.errors import UserError
+from edgec.passes import DecomposeOps, FixInputShapes, GemmToConv, NarrowInt64, ShuffleTo4D
+from edgec.pipeline import PassManager
+
+from conftest import EXAMPLE, assert_same_outputs, ops
+
+
+def run(model, *passes):
+    ir = edgec.from_model(model)
+    PassManager(list(passes)).run(ir)
+    out = ir.to_onnx()
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def make(nodes, inputs, outputs, inits=(), opset=17):
+    m = helper.make_model(helper.make_graph(nodes, "t", inputs, outputs, list(inits)),
+                          opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def f32(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+# ------------------------------------------------------------------------ rewrites
+@pytest.mark.parametrize("opset", [17, 19])
+def test_decompose_ops_are_exact(opset):
+    axes = [numpy_helper.from_array(np.array([1], np.int64), "ax")] if opset >= 18 else []
+    red_in = ["x", "ax"] if opset >= 18 else ["x"]
+    red_attr = {} if opset >= 18 else {"axes": [1]}
+    nodes = [helper.make_node("Sum", ["x", "x2", "x"], ["s"]), helper.make_node("Mean", ["s", "x2"], ["m"]),
+             helper.make_node("Neg", ["m"], ["n"]), helper.make_node("Abs", ["n"], ["a"]),
+             helper.make_node("Softsign", ["a"], ["ss"]), helper.make_node("Reciprocal", ["ss"], ["r"]),
+             helper.make_node("ReduceL2", red_in, ["l2"], keepdims=1, **red_attr),
+             helper.make_node("ReduceSumSquare", red_in, ["sq"], keepdims=0, **red_attr),
+             helper.make_node("Mul", ["r", "l2"], ["y"])]
+    m = make(nodes, [f32("x", [2, 3, 4]), f32("x2", [2, 3, 4])], [f32("y", [2, 3, 4]), f32("sq", [2, 4])], axes,
+             opset=opset)
+    out = run(m, DecomposeOps())
+    assert not {"Sum", "Mean", "Neg", "Abs", "Softsign", "Reciprocal", "ReduceL2", "ReduceSumSquare"} & set(ops(out))
+    assert_same_outputs(m, out, rtol=1e-5, atol=1e-5)
+
+
+def test_layernorm_decomposition_is_exact():
+    m = transformer_encoder()
+    out = run(m, DecomposeOps(ops=("LayerNormalization",)))
+    assert "LayerNormalization" not in ops(out)
+    assert_same_outputs(m, out, rtol=1e-4, atol=1e-5)
+
+
+def test_gemm_to_conv_after_global_pool_and_plain():
+    b = GraphBuilder()
+    x = b.input("x", [2, 3, 4, 4])
+    g = b.gemm(b.flatten(b.gap(b.conv(x, 8, 3))), 5)     # GAP -> Flatten -> Gemm: conv on the 4-D tensor
+    b.output(b.gemm(b.relu(g), 3, trans_b=0), "y")        # a Gemm on a plain [N, K] tensor
+    m = b.build()
+    out = run(m, GemmToConv())
+    assert "Gemm" not in ops(out) and ops(out).count("Conv") == 3
+    assert_same_outputs(m, out)
+
+
+def test_shuffle_to_4d_is_exact_and_4d():
+    m = shufflenet_v2()
+    out = run(m, ShuffleTo4D())
+    ranks = [len(n.attribute[0].ints) for n in out.graph.node if n.op_type == "Transpose"]
+    assert ranks and all(r == 4 for r in ranks)
+    assert_same_outputs(m, out)
+
+
+def test_narrow_int64_only_where_readers_accept_int32():
+    nodes = [helper.make_node("Gather", ["x", "idx"], ["g"], axis=1),           # indices: int32 allowed
+             helper.make_node("Reshape", ["g", "shape"], ["y"])]                # shape: int64 only
+    m = make(nodes, [f32("x", [2, 5])], [f32("y", [6])],
+             [numpy_helper.from_array(np.array([0, 2, 4], np.int64), "idx"),
+              numpy_helper.from_array(np.array([6], np.int64), "shape")])
+    out = run(m, NarrowInt64())
+    types = {i.name: i.data_type for i in out.graph.initializer}
+    assert sorted(types.values()) == sorted([TensorProto.INT32, TensorProto.INT64])
+    assert_same_outputs(m, out)
+
+
+def test_fix_input_shapes_then_shapes_fold():
+    m = onnx.load(EXAMPLE / "model.onnx")
+    out = run(m, FixInputShapes({"input": [4, 1, 8, 8]}))
+    dims = [d.dim_value for d in out.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [4, 1, 8, 8]
+    assert [d.dim_value for d in out.graph.output[0].type.tensor_type.shape.dim] == [4, 10]
+    from edgec import verify
+
+    feeds = verify.random_inputs(out)
+    np.testing.assert_allclose(verify.run(out, feeds)["logits"], verify.run(m, feeds)["logits"], rtol=1e-6)
+
+
+def test_fix_input_shapes_contradiction_is_a_user_error():
+    with pytest.raises(UserError, match="contradicts"):
+        run(resnet_basic(), FixInputShapes({"input": [1, 3, 32, 32]}))
+
+
+# ------------------------------------------------------------------------ conformance
+def custom_op_model():
+    return make([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Frob", ["r"], ["y"], domain="com.acme")],
+                [f32("x", [1, 3])], [f32("y", [1, 3])])
+
+
+def test_every_target_accepts_the_builder_models():
+    for name in targets():
+        result = edgec.compile(resnet_basic(), target=name, verify=True)
+        assert result.report["target"] == name and result.report["verify"]["passed"]
+
+
+@pytest.mark.parametrize("target,opts,model,message", [
+    ("rknn", {}, lambda: make([helper.make_node("Relu", ["x"], ["y"])], [f32("x", [1, 3])], [f32("y", [1, 3])], opset=21),
+     "opset 21 is outside"),
+    ("rknn", {}, lambda: onnx.load(EXAMPLE / "model.onnx"), "needs static input shapes: input 'input'"),
+    ("rknn", {}, custom_op_model, "com.acme::Frob 'y': custom domain 'com.acme'"),
+    ("rknn", {}, lambda: make([helper.make_node("Cos", ["x"], ["c"]), helper.make_node("Erf", ["c"], ["d"]),
+                               helper.make_node("Trilu", ["d"], ["y"])], [f32("x", [1, 3, 3])], [f32("y", [1, 3, 3])]),
+     "Trilu 'y': not supported by RKNN-Toolkit2"),
+    ("jetson", {"trt": "8.5"}, lambda: make([helper.make_node("Relu", ["x"], ["y"])], [f32("x", [1, 3])],
+                                            [f32("y", [1, 3])], opset=19), "opset 19 is outside"),
+    ("jetson", {"trt": "10"}, custom_op_model, "the TensorRT 10 parser needs a plugin"),
+    ("jetson", {"trt": "10"}, lambda: make([helper.make_node("Col2Im", ["x", "s", "k"], ["y"])],
+                                           [f32("x", [1, 4, 4])], [f32("y", None)],
+                                           [numpy_helper.from_array(np.array([3, 3], np.int64), "s"),
+                                            numpy_helper.from_array(np.array([2, 2], np.int64), "k")], opset=18),
+     "Col2Im 'y': not supported by the TensorRT 10 ONNX parser"),
+])
+def test_bad_input_per_target(target, opts, model, message):
+    with pytest.raises(UserError) as e:
+        edgec.compile(model(), target=target, target_options=opts)
+    assert message in str(e.value) and target in str(e.value)
+
+
+def test_tensorrt_refuses_asymmetric_qdq():
+    q = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(3, np.int8), "zp")]
+    m = make([helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
+              helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])], [f32("x", [1, 4])], [f32("y", [1, 4])], q)
+    with pytest.raises(UserError, match="zero point 0"):
+        edgec.compile(m, target="jetson")
+
+
+def test_unknown_target_option_lists_the_known_ones():
+    with pytest.raises(UserError, match="has no option 'chip'.*platform"):
+        get_target("rknn", {"chip": "rk3588"})
+
+
+def test_rknn_writes_its_build_config(tmp_path):
+    out = tmp_path / "m.onnx"
+    result = edgec.compile(EXAMPLE / "model.onnx", out, target="rknn", input_shapes={"input": [1, 1, 8, 8]},
+                           target_options={"platform": "rk3566", "mean": "0", "std": "1"})
+    cfg = __import__("json").loads((tmp_path / "m.onnx.rknn.json").read_text())
+    assert cfg["target_platform"] == "rk3566" and cfg["config"]["mean_values"] == [[0.0]]
+    assert cfg["inputs"] == [{"name": "input", "shape": [1, 1, 8, 8]}]
+    assert str(tmp_path / "m.onnx.rknn.json") in result.report["extra_files"]
+
+
+def test_rv1106_without_quantization_is_refused(tmp_path):
+    with pytest.raises(UserError, match="no float mode"):
+        edgec.compile(EXAMPLE / "model.onnx", tmp_path / "m.onnx", target="rknn",
+                      input_shapes={"input": [1, 1, 8, 8]}, target_options={"platform": "rv1106"})
+    assert not (tmp_path / "m.onnx.rknn.json").exists()

@@ -1,0 +1,50 @@
+"""OpenVINO (a second CPU runtime, in its own virtual environment, driven as a subprocess)
+runs what edgec writes and agrees with ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import edgec
+from edgec import builders, verify
+
+import vendor
+from conftest import EXAMPLE
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def openvino():
+    try:
+        vendor.ensure_venv("openvino")
+    except vendor.Unavailable as e:
+        pytest.skip(str(e))
+    return vendor
+
+
+def run_both(tmp_path, models: dict, target="cpu", **compile_kw):
+    jobs, refs = [], {}
+    for name, model in models.items():
+        out = tmp_path / f"{name}.onnx"
+        edgec.compile(model, out, target=target, **compile_kw)
+        compiled = onnx.load(out)
+        feeds = verify.random_inputs(compiled, seed=5)
+        np.savez(tmp_path / f"{name}.in.npz", **feeds)
+        refs[name] = verify.run(compiled, feeds)
+        jobs.append({"model": str(out), "inputs": str(tmp_path / f"{name}.in.npz"), "out": str(tmp_path / f"{name}.ov.npz")})
+    return jobs, refs
+
+
+def test_float_models_match_onnxruntime(openvino, tmp_path):
+    models = {name: fn() for name, fn in builders.ALL_MODELS.items()}
+    models["digits"] = onnx.load(EXAMPLE / "model.onnx")
+    jobs, refs = run_both(tmp_path, models)
+    for job, res in zip(jobs, openvino.run_jobs("openvino", jobs)):
+        assert res["ok"], res["error"]
+        name = job["model"].rsplit("/", 1)[-1][:-5]
+        with np.load(job["out"]) as z:
+            for key, ref in refs[name].items():
+                np.testing.assert_allclose(z[key], ref, rtol=1e-4, atol=1e-4, err_msg=f"{name}:{key}")
