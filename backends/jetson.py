@@ -17,9 +17,12 @@ pooling, TopK sorted, Pad/Slice axes constant, no custom-domain ops (they need p
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from edgec.errors import UserError
 from edgec.ir import IR
 from edgec.target import QuantScheme, Target
 
@@ -31,8 +34,6 @@ VERSIONS = {"8.5": op_tables.TRT85, "8.6": op_tables.TRT85, "10": op_tables.TRT1
 def _configure(t: Target) -> None:
     version = str(t.options["trt"])
     if version not in VERSIONS:
-        from edgec.errors import UserError
-
         raise UserError(f"target jetson: trt={version} is not known (choose one of {', '.join(VERSIONS)})")
     if version == "10":
         t.min_opset, t.max_opset = 9, 20
@@ -95,8 +96,54 @@ def _verdict(t: Target, ir: IR):
     return verdict
 
 
+def _profile(t: Target, ir: IR) -> dict[str, list[list[int]]]:
+    """min/opt/max shapes per dynamic input, from ``--target-option profile=NAME:MIN:OPT:MAX[;...]``
+    (dims joined by x); inputs left out get batch 1 everywhere."""
+    given = {}
+    for item in filter(None, str(t.options["profile"]).split(";")):
+        parts = item.split(":")
+        if len(parts) != 4:
+            raise UserError(f"target option profile: '{item}' is not NAME:MIN:OPT:MAX (e.g. input:1x3x224x224:8x3x224x224:32x3x224x224)")
+        try:
+            given[parts[0]] = [[int(d) for d in p.split("x")] for p in parts[1:]]
+        except ValueError:
+            raise UserError(f"target option profile: dims in '{item}' must be integers joined by x") from None
+    profile = {}
+    for inp in ir.inputs:
+        dims = list(inp.shape or [])
+        if all(isinstance(d, (int, np.integer)) and d > 0 for d in dims):
+            continue
+        fixed = [int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in dims]
+        profile[inp.name] = given.get(inp.name, [fixed, fixed, fixed])
+    unknown = set(given) - {i.name for i in ir.inputs}
+    if unknown:
+        raise UserError(f"target option profile names {sorted(unknown)[0]!r}, not a model input")
+    return profile
+
+
 def _check(t: Target, ir: IR) -> list[str]:
-    return _checks.check_opset(t, ir) + _checks.check_ops(ir, _verdict(t, ir))
+    problems = _checks.check_opset(t, ir) + _checks.check_ops(ir, _verdict(t, ir))
+    for name, (lo, opt, hi) in _profile(t, ir).items():
+        if not t.options["profile"] or name not in t.options["profile"]:
+            problems.append(f"warning: input '{name}' is dynamic: TensorRT needs an optimisation profile; using "
+                            f"{'x'.join(map(str, opt))} for min/opt/max (set --target-option profile=...)")
+    return problems
+
+
+def write_trtexec(t: Target, ir: IR, output: Path) -> list[Path]:
+    """``OUT.trtexec.txt``: the trtexec command that builds this model on the Jetson."""
+    args = [f"trtexec --onnx={output.name} --saveEngine={output.stem}.engine"]
+    has_qdq = any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in ir.nodes)
+    args.append("--int8 --fp16" if has_qdq else "--fp16")
+    profile = _profile(t, ir)
+    for flag, k in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
+        if profile:
+            args.append(flag + "=" + ",".join(f"{n}:{'x'.join(map(str, s[k]))}" for n, s in profile.items()))
+    if t.options["sparsity"] == "2:4":
+        args.append("--sparsity=enable")
+    path = output.with_name(output.name + ".trtexec.txt")
+    path.write_text(" \\\n    ".join(args) + "\n")
+    return [path]
 
 
 TARGET = Target(
@@ -107,10 +154,13 @@ TARGET = Target(
     channel_multiple=8,
     float_precision="fp16",
     quant=QuantScheme(activations="symmetric", weights="per-channel", bias="float", quantize_outputs=False),
-    options={"trt": "8.5"},
-    option_help={"trt": "TensorRT version: 8.5, 8.6 or 10"},
+    options={"trt": "8.5", "profile": "", "sparsity": ""},
+    option_help={"trt": "TensorRT version: 8.5, 8.6 or 10",
+                 "profile": "min/opt/max shapes of dynamic inputs: NAME:1x3x224x224:8x3x224x224:32x3x224x224[;...]",
+                 "sparsity": "2:4 to prune eligible weights for Ampere/Orin sparse tensor cores"},
     configure=_configure,
     pipeline=_pipeline,
     check=_check,
+    extras=write_trtexec,
 )
 _configure(TARGET)

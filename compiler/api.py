@@ -76,7 +76,9 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     after = costs_mod.compute(ir)
     result_model = ir.to_onnx()
     loader.check_model(result_model)
-    problems = [p for p in tgt.conformance(ir) if not p.startswith("warning:")]
+    found = tgt.conformance(ir)
+    warnings = [p[len("warning:"):].strip() for p in found if p.startswith("warning:")]
+    problems = [p for p in found if not p.startswith("warning:")]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UserError(f"the model does not fit target {tgt.name} ({tgt.description}): "
@@ -91,7 +93,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
                            "static_shapes": tgt.static_shapes, "float_precision": tgt.float_precision,
                            "int8": dict(tgt.quant.__dict__)},
         "opset": {"source": source_opset, "output": ir.opset},
-        "notes": list(ir.info.notes),
+        "notes": list(ir.info.notes) + warnings,
         "before": before.as_dict(),
         "after": after.as_dict(),
         "passes": [r.as_dict() for r in records],

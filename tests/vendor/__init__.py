@@ -28,8 +28,10 @@ RECIPES = {
          "torch==2.13.0"],
     ],
     "openvino": [["openvino", "numpy"]],
+    # NVIDIA's polygraphy without TensorRT: ONNX-only checks (lint, inspect).
+    "polygraphy": [["polygraphy", "onnx", "onnxruntime", "numpy", "onnx-graphsurgeon", "colored"]],
 }
-CHECK = {"rknn": "from rknn.api import RKNN", "openvino": "import openvino"}
+CHECK = {"rknn": "from rknn.api import RKNN", "openvino": "import openvino", "polygraphy": "import polygraphy"}
 NETWORK_ERRORS = ("Could not find a version", "No matching distribution", "Temporary failure in name resolution",
                   "Failed to establish a new connection", "Network is unreachable", "ConnectionError")
 
@@ -60,6 +62,11 @@ def ensure_venv(name: str) -> Path:
     if check.returncode != 0:
         raise RuntimeError(f"{name} installed but does not import:\n{check.stderr[-3000:]}")
     return py
+
+
+def tool(name: str, command: str) -> Path:
+    """A console script installed in the ``name`` environment (e.g. polygraphy)."""
+    return ensure_venv(name).parent / command
 
 
 def run_jobs(name: str, jobs: list[dict], timeout: int = 900) -> list[dict]:

@@ -1,0 +1,41 @@
+"""NVIDIA polygraphy (without TensorRT, in its own virtual environment) accepts the
+TensorRT-ready graphs `edgec compile -t jetson` writes: `check lint` passes with no lint
+warnings and `inspect model` reads them."""
+
+from __future__ import annotations
+
+import subprocess
+
+import onnx
+import pytest
+
+import edgec
+from edgec import builders
+
+import vendor
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def polygraphy():
+    try:
+        return vendor.tool("polygraphy", "polygraphy")
+    except vendor.Unavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("trt", ["8.5", "10"])
+def test_jetson_graphs_pass_polygraphy_lint(polygraphy, tmp_path, trt):
+    for name, fn in builders.ALL_MODELS.items():
+        out = tmp_path / f"{name}.onnx"
+        edgec.compile(fn(), out, target="jetson", target_options={"trt": trt})
+        if trt == "8.5":
+            assert "LayerNormalization" not in {n.op_type for n in onnx.load(out).graph.node}
+        lint = subprocess.run([str(polygraphy), "check", "lint", str(out)], capture_output=True, text=True, timeout=300)
+        text = lint.stdout + lint.stderr
+        assert lint.returncode == 0 and "PASSED" in text, f"{name}: {text[-2000:]}"
+        assert "[W] LINT" not in text and "[E] LINT" not in text, f"{name}: {text[-2000:]}"
+        inspect = subprocess.run([str(polygraphy), "inspect", "model", str(out)], capture_output=True, text=True,
+                                 timeout=300)
+        assert inspect.returncode == 0 and "ONNX Opset" in inspect.stdout, inspect.stderr[-2000:]
