@@ -32,7 +32,11 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
             target: str = "cpu", target_options: dict | None = None, input_shapes: dict | None = None,
             passes: Sequence[str | Pass] | None = None, verify: bool = False,
             inputs: str | os.PathLike | dict | None = None, eval_data: str | os.PathLike | None = None,
-            rtol: float = 1e-4, atol: float = 1e-5,
+            rtol: float = 1e-4, atol: float = 1e-5, max_error: float | None = None,
+            calib=None, calib_samples: int | None = None,
+            prune: float | None = None, prune_macs: float | None = None, importance: str = "l1",
+            prune_mode: str = "uniform", prune_steps: int = 1, round_to: int | None = None,
+            max_layer_ratio: float = 0.9, reconstruct: bool = True, bench: bool = False,
             log: Callable[[str], None] | None = None) -> CompileResult:
     """Compile ``model`` for ``target``; write it to ``output`` (atomically) if given.
 
@@ -43,6 +47,15 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     dict; random inputs from the model's signature when absent) and raises VerificationError
     when they differ beyond ``rtol``/``atol``. ``eval_data`` (an .npz with the model's input
     names and ``labels``) adds top-1 accuracy before and after to the report.
+
+    Lossy steps: ``prune`` (channel ratio) or ``prune_macs`` (fraction of MACs to remove) runs
+    dependency-aware channel pruning first, with ``importance`` (l1, l2, bn, activation,
+    fused), ``prune_steps`` progressive steps, channel counts rounded to ``round_to`` (default:
+    the target's channel multiple) and at most ``max_layer_ratio`` of any group removed; with
+    ``calib`` data (a path, ``"random"``, or arrays) each consumer layer is re-fitted by least
+    squares unless ``reconstruct`` is False. For lossy compiles ``verify`` measures the output
+    error (relative L2, cosine) on the calibration/eval inputs and fails only above ``max_error``.
+    ``bench`` adds ONNX Runtime latency before and after.
     """
     from edgec.backends import get_target
 
@@ -59,6 +72,27 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
         loader.check_output_path(output, src_path)
     source_opset = loader.check_opset(original, str(src_path or "model"))
     pipeline = tgt.passes() if passes is None else [get_pass(p) if isinstance(p, str) else p for p in passes]
+    calib_set = None
+    if calib is not None:
+        from .calibdata import load_calibration
+
+        if isinstance(calib, str) and calib == "random":
+            log("warning: calibrating on random data (--calib random): pruning and quantization will not "
+                "reflect the real input distribution")
+        calib_set = load_calibration(calib, original, max_samples=calib_samples)
+    prune_pass = None
+    if prune is not None or prune_macs is not None:
+        from edgec.passes.prune_channels import PruneChannels
+
+        if prune is not None and prune_macs is not None:
+            raise UserError("give --prune or --prune-macs, not both")
+        if importance == "activation" and calib_set is None:
+            raise UserError("--importance activation needs calibration data (--calib PATH)")
+        feeds = list(calib_set) if calib_set is not None else None
+        prune_pass = PruneChannels(prune, mode=prune_mode, macs_target=prune_macs, importance=importance,
+                                   round_to=round_to or tgt.channel_multiple, max_layer_ratio=max_layer_ratio,
+                                   steps=prune_steps, feeds=feeds, reconstruct=bool(reconstruct and feeds))
+        pipeline = [prune_pass] + pipeline
     if input_shapes:
         from edgec.passes import FixInputShapes
 
@@ -98,16 +132,38 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
         "after": after.as_dict(),
         "passes": [r.as_dict() for r in records],
     }
-    if verify and feeds is None:  # random inputs from the compiled signature (input shapes may be fixed now)
-        feeds = verify_mod.random_inputs(result_model)
+    lossy = any(not getattr(p, "lossless", True) for p in _flatten(pipeline))
+    source = "given" if inputs is not None else "random"
+    if (verify or max_error is not None) and feeds is None:
+        if lossy and evaluation is not None:  # lossy: measure on real data when there is some
+            feeds, source = evaluation[0], "eval"
+        elif lossy and calib_set is not None:
+            feeds, source = _first_samples(calib_set, 256), "calibration"
+        else:  # random inputs from the compiled signature (input shapes may be fixed now)
+            feeds = verify_mod.random_inputs(result_model)
     if feeds is not None:
         comparison = verify_mod.verify(original, result_model, feeds, rtol=rtol, atol=atol)
-        report["verify"] = {**comparison.as_dict(), "inputs": "given" if inputs is not None else "random",
-                            "passed": comparison.allclose}
-        if verify and not comparison.allclose:
+        passed = comparison.allclose if not lossy else (max_error is None or comparison.rel_l2 <= max_error)
+        report["verify"] = {**comparison.as_dict(), "inputs": source, "lossy": lossy, "passed": passed,
+                            "max_error": max_error}
+        if (verify or max_error is not None) and not passed:
+            if lossy:
+                raise VerificationError(
+                    f"the compiled model's output error (relative L2 {comparison.rel_l2:.4g}) is above "
+                    f"--max-error {max_error}; nothing was written")
             raise VerificationError(
                 f"the compiled model differs from the original: max abs error {comparison.max_abs_error:.3g} "
                 f"(rtol {rtol}, atol {atol}); nothing was written")
+    if prune_pass is not None:
+        report["pruning"] = {"ratio": prune_pass.solved_ratio if prune_macs is not None else prune,
+                             "macs_target": prune_macs, "importance": importance, "mode": prune_mode,
+                             "steps": prune_steps, "round_to": round_to or tgt.channel_multiple,
+                             "reconstruct": bool(reconstruct and calib_set is not None),
+                             "groups": prune_pass.summary, "reconstruction": prune_pass.reconstruction}
+    if bench:
+        bench_feeds = verify_mod.random_inputs(result_model)
+        report["latency_ms"] = {"before": verify_mod.latency_ms(original, bench_feeds),
+                                "after": verify_mod.latency_ms(result_model, bench_feeds)}
     if evaluation is not None:
         x, labels = evaluation
         report["accuracy"] = {"samples": int(len(labels)), "before": _accuracy(original, x, labels),
@@ -121,6 +177,28 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
         report["output_file_bytes"] = Path(output).stat().st_size
     return CompileResult(ir=ir, model=result_model, report=report, records=records,
                          output=Path(output) if output is not None else None)
+
+
+def _flatten(pipeline):
+    from .pipeline import FixedPoint
+
+    for item in pipeline:
+        if isinstance(item, FixedPoint):
+            yield from item.passes
+        else:
+            yield item
+
+
+def _first_samples(calib_set, n: int) -> dict[str, np.ndarray]:
+    parts: dict[str, list] = {}
+    count = 0
+    for batch in calib_set:
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(v)
+        count += len(next(iter(batch.values())))
+        if count >= n:
+            break
+    return {k: np.concatenate(v)[:n] for k, v in parts.items()}
 
 
 def _require_static(tgt, ir: IR, given: dict) -> None:
@@ -172,7 +250,7 @@ def _accuracy(model: onnx.ModelProto, feeds: dict[str, np.ndarray], labels: np.n
     return float(np.mean(pred == labels.reshape(-1)))
 
 
-def inspect(model: str | os.PathLike | onnx.ModelProto, *, top: int = 10) -> dict:
+def inspect(model: str | os.PathLike | onnx.ModelProto, *, top: int = 10, groups: bool = False) -> dict:
     """What is inside a model and what it costs (``edgec inspect``)."""
     if isinstance(model, onnx.ModelProto):
         proto, where = model, "model"
@@ -191,6 +269,13 @@ def inspect(model: str | os.PathLike | onnx.ModelProto, *, top: int = 10) -> dic
         "outputs": [_tensor_info(t) for t in ir.outputs],
         **c.as_dict(top=top),
     }
+    if groups:
+        from .analysis.channels import find_groups, format_groups
+
+        found = find_groups(ir)
+        info["groups"] = [{"id": g.id, "channels": g.channels, "units": g.units, "prunable": g.prunable,
+                           "reason": g.reason, "origins": list(g.origins)} for g in found]
+        info["groups_text"] = format_groups(found)
     return info
 
 

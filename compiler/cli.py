@@ -37,6 +37,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--eval", dest="eval_data", help=".npz with the model's inputs and 'labels': top-1 accuracy before/after")
     c.add_argument("--rtol", type=float, default=1e-4, help="--verify relative tolerance (default 1e-4)")
     c.add_argument("--atol", type=float, default=1e-5, help="--verify absolute tolerance (default 1e-5)")
+    c.add_argument("--max-error", type=float, help="lossy compiles: fail (exit 1, nothing written) when the output's "
+                   "relative L2 error against the original exceeds this (e.g. 0.01)")
+    c.add_argument("--calib", help="calibration data: .npz keyed by input name, .npy, a folder of them or of images, "
+                   "or 'random' (explicitly, with a warning)")
+    c.add_argument("--calib-samples", type=int, help="use at most this many calibration samples")
+    g = c.add_argument_group("pruning (dependency-aware structured channel pruning)")
+    g.add_argument("--prune", type=float, metavar="RATIO", help="remove this fraction of channels (e.g. 0.3)")
+    g.add_argument("--prune-macs", type=float, metavar="FRACTION", help="remove this fraction of MACs (solves for the ratio)")
+    g.add_argument("--importance", default="l1", choices=["l1", "l2", "bn", "activation", "fused"],
+                   help="channel importance (default l1; activation/fused use --calib)")
+    g.add_argument("--prune-mode", default="uniform", choices=["uniform", "global"],
+                   help="same ratio in every group, or one global ranking (default uniform)")
+    g.add_argument("--prune-steps", type=int, default=1, help="prune progressively in K steps, re-fitting after each")
+    g.add_argument("--round-to", type=int, help="keep channel counts multiples of N (default: the target's)")
+    g.add_argument("--max-layer-ratio", type=float, default=0.9, help="never remove more than this from a group (0.9)")
+    g.add_argument("--no-reconstruct", action="store_true", help="skip the least-squares re-fit of pruned layers")
+    c.add_argument("--bench", action="store_true", help="measure ONNX Runtime latency before and after")
     c.add_argument("--report", help="write the report as JSON to this file")
     c.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
@@ -45,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument("--top", type=int, default=10, help="how many of the largest layers to list (default 10)")
+    i.add_argument("--groups", action="store_true", help="list every channel group: prunable or not, and why")
 
     ps = sub.add_parser("passes", help="list every pass")
     ps.add_argument("--json", action="store_true")
@@ -89,6 +107,12 @@ def _compile(args) -> int:
 
     if args.report:
         _check_writable(args.report, "report")
+    for flag, value, lo, hi in (("--prune", args.prune, 0.0, 1.0), ("--prune-macs", args.prune_macs, 0.0, 1.0),
+                                ("--max-layer-ratio", args.max_layer_ratio, 0.0, 1.0)):
+        if value is not None and not lo <= value < hi:
+            raise UserError(f"{flag} {value}: must be in [{lo}, {hi})")
+    if args.prune_steps < 1 or (args.round_to is not None and args.round_to < 1):
+        raise UserError("--prune-steps and --round-to must be positive integers")
     passes = None
     if args.passes is not None:
         passes = [p.strip() for p in args.passes.split(",") if p.strip()]
@@ -98,7 +122,12 @@ def _compile(args) -> int:
     result = api.compile(args.model, args.output, target=args.target,
                          target_options=_key_values(args.target_option, "--target-option"),
                          input_shapes=_shapes(args.input_shape), passes=passes, verify=args.verify,
-                         inputs=args.inputs, eval_data=args.eval_data, rtol=args.rtol, atol=args.atol, log=log)
+                         inputs=args.inputs, eval_data=args.eval_data, rtol=args.rtol, atol=args.atol,
+                         max_error=args.max_error, calib=args.calib, calib_samples=args.calib_samples,
+                         prune=args.prune, prune_macs=args.prune_macs, importance=args.importance,
+                         prune_mode=args.prune_mode, prune_steps=args.prune_steps, round_to=args.round_to,
+                         max_layer_ratio=args.max_layer_ratio, reconstruct=not args.no_reconstruct,
+                         bench=args.bench, log=log)
     if args.report:
         report.write_json(result.report, args.report)
     if args.json:
@@ -111,7 +140,7 @@ def _compile(args) -> int:
 def _inspect(args) -> int:
     from . import api, report
 
-    info = api.inspect(args.model, top=args.top)
+    info = api.inspect(args.model, top=args.top, groups=args.groups)
     print(json.dumps(info, indent=2, default=report._json_default) if args.json else report.inspect_text(info))
     return 0
 

@@ -51,11 +51,35 @@ def compile_text(r: dict) -> str:
             lines.append(f"      {n}")
         if len(p["notes"]) > 8:
             lines.append(f"      ... and {len(p['notes']) - 8} more notes (see --report)")
+    pr = r.get("pruning")
+    if pr:
+        groups = pr["groups"]
+        pruned = [g for g in groups if g.get("removed")]
+        blocked = [g for g in groups if not g.get("prunable")]
+        how = f"ratio {pr['ratio']:.3f}" if pr.get("ratio") is not None else ""
+        if pr.get("macs_target") is not None:
+            how = f"MACs target -{pr['macs_target']:.0%} (solved {how})"
+        lines.append(f"  pruning: {how}, importance {pr['importance']}, {pr['mode']}, {pr['steps']} step(s), "
+                     f"round to {pr['round_to']}, reconstruct {'on' if pr['reconstruct'] else 'off'}: "
+                     f"{len(pruned)} of {len(groups)} groups pruned, {len(blocked)} unprunable")
+        for g in pruned[:12]:
+            lines.append(f"    {g['id']:>5} {g['channels_before']:>5} -> {g['channels_after']:<5} "
+                         f"{', '.join(g.get('origins', [])[:2])[:60]}")
+        if len(pruned) > 12:
+            lines.append(f"    ... {len(pruned) - 12} more groups (see --report)")
+        for g in blocked[:5]:
+            lines.append(f"    {g['id']:>5} kept: {g.get('reason')}")
+    lat = r.get("latency_ms")
+    if lat:
+        lines.append(f"  latency (ONNX Runtime, median): {lat['before']:.3f} ms -> {lat['after']:.3f} ms "
+                     f"({lat['before'] / lat['after']:.2f}x)")
     v = r.get("verify")
     if v:
         verdict = "OK" if v["passed"] else "MISMATCH"
+        budget = f" (budget {v['max_error']})" if v.get("max_error") is not None else ""
         lines.append(f"  verify ({v['inputs']} inputs, ONNX Runtime): max abs error {v['max_abs_error']:.3g}, "
-                     f"max rel error {v['max_rel_error']:.3g}, min cosine {v['min_cosine']:.6f}  {verdict}")
+                     f"max rel error {v['max_rel_error']:.3g}, relative L2 {v['rel_l2']:.3g}{budget}, "
+                     f"min cosine {v['min_cosine']:.6f}  {verdict}")
     acc = r.get("accuracy")
     if acc:
         lines.append(f"  accuracy (top-1, {acc['samples']} samples): {acc['before']:.4f} -> {acc['after']:.4f}")
@@ -76,6 +100,9 @@ def inspect_text(info: dict) -> str:
                  f"weight bytes {human(info['bytes'], 'B')}, peak activations {human(info['peak_activation_bytes'], 'B')}"
                  + (" (per batch item)" if info.get("symbolic_dims") else ""))
     lines.append("  ops: " + ", ".join(f"{op} {n}" for op, n in info["op_histogram"].items()))
+    if info.get("groups_text"):
+        lines.append("  channel groups:")
+        lines.extend("    " + line for line in info["groups_text"].rstrip().splitlines())
     if info.get("largest_layers"):
         lines.append("  largest layers:")
         for c in info["largest_layers"]:

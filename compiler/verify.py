@@ -126,6 +126,7 @@ class Comparison:
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0  # max |a - b| / max |reference|, per output, worst output
     min_cosine: float = 1.0
+    rel_l2: float = 0.0  # ||a - b|| / ||reference||, worst output: what --max-error bounds
     per_output: dict = field(default_factory=dict)
     allclose: bool = True
     rtol: float = 1e-4
@@ -133,7 +134,7 @@ class Comparison:
 
     def as_dict(self) -> dict:
         return {"max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
-                "min_cosine": self.min_cosine, "allclose": self.allclose, "rtol": self.rtol,
+                "min_cosine": self.min_cosine, "rel_l2": self.rel_l2, "allclose": self.allclose, "rtol": self.rtol,
                 "atol": self.atol, "outputs": self.per_output}
 
 
@@ -154,12 +155,32 @@ def compare(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], *, 
         denom = np.linalg.norm(r) * np.linalg.norm(g)
         cos = float(np.dot(r.ravel(), g.ravel()) / denom) if denom > 0 else (1.0 if abs_err == 0 else 0.0)
         close = bool(np.allclose(g, r, rtol=rtol, atol=atol))
-        res.per_output[name] = {"max_abs_error": abs_err, "max_rel_error": rel, "cosine": cos, "allclose": close}
+        norm = float(np.linalg.norm(r))
+        rel_l2 = float(np.linalg.norm(r - g)) / norm if norm > 0 else float(np.linalg.norm(r - g))
+        res.per_output[name] = {"max_abs_error": abs_err, "max_rel_error": rel, "cosine": cos, "rel_l2": rel_l2,
+                                "allclose": close}
+        res.rel_l2 = max(res.rel_l2, rel_l2)
         res.max_abs_error = max(res.max_abs_error, abs_err)
         res.max_rel_error = max(res.max_rel_error, rel)
         res.min_cosine = min(res.min_cosine, cos)
         res.allclose &= close
     return res
+
+
+def latency_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, runs: int = 30, warmup: int = 5) -> float:
+    """Median ONNX Runtime latency (all graph optimisations on, as deployed), milliseconds."""
+    import time
+
+    sess = session(model, optimize=True)
+    names = [o.name for o in sess.get_outputs()]
+    for _ in range(warmup):
+        sess.run(names, feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(names, feeds)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000)
 
 
 def verify(original: onnx.ModelProto | bytes, rewritten: onnx.ModelProto | bytes,

@@ -15,6 +15,8 @@ from . import (  # noqa: F401
     gemm_to_conv,
     infer_shapes,
     narrow_int64,
+    prune_channels,
+    reconstruct,
     shuffle_to_4d,
 )
 
@@ -32,8 +34,10 @@ from .fuse_transposes import FuseTransposes
 from .gemm_to_conv import GemmToConv
 from .infer_shapes import InferShapes
 from .narrow_int64 import NarrowInt64
+from .prune_channels import PruneChannels
+from .reconstruct import Reconstruct
 from .shuffle_to_4d import ShuffleTo4D
 
 __all__ = ["CollapseReshapes", "DecomposeOps", "DedupInitializers", "EliminateDead", "EliminateIdentity",
            "FixInputShapes", "FoldBatchNorm", "FoldConstants", "FoldConvAffine", "FoldShapes", "FuseTransposes",
-           "GemmToConv", "InferShapes", "NarrowInt64", "ShuffleTo4D"]
+           "GemmToConv", "InferShapes", "NarrowInt64", "PruneChannels", "Reconstruct", "ShuffleTo4D"]

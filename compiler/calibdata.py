@@ -1,0 +1,484 @@
+"""Calibration data: where the samples come from, and batches of them.
+
+Sources (:func:`load_calibration`):
+- an ``.npz`` file keyed by input name (a one-input model may use any single key), each array
+  holding samples along axis 0;
+- an ``.npy`` file (one-input models);
+- a directory of ``.npy``/``.npz`` files, read one file at a time in sorted name order. A file
+  whose array has the model input's rank holds a batch; one with one dimension less holds one
+  sample (a batch axis is added);
+- an image folder (``.ppm``/``.pgm`` decoded here, ``.npy`` HxW or HxWxC arrays, and
+  ``.png``/``.jpg``/``.jpeg``/``.bmp`` through Pillow when it is installed: without Pillow
+  those raise a UserError) with a :class:`Preprocess` spec (resize nearest/bilinear in numpy,
+  NCHW/NHWC layout, RGB/BGR order, scale then mean/std). A folder is an image folder when it
+  holds image files, or ``.npy`` files while ``preprocess`` is given;
+- ``"random"``: N(0,1) samples from the input signature, only when asked for by that exact name
+  (the caller warns: ranges from random data are rarely right).
+
+Batches are ``dict[input name, np.ndarray]`` checked with :func:`edgec.verify.check_feeds`
+(a wrong shape or dtype is a UserError naming the input and the expected shape). Models with a
+fixed batch dimension get batches of exactly that size. Data is streamed: a
+:class:`CalibrationSet` can be iterated several times and never holds more than one source
+file plus one batch beyond what the source itself is (an ``.npz`` file is read per array).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from .errors import UserError
+from .verify import InputSpec, check_feeds, input_specs
+
+IMAGE_EXTS = {".ppm", ".pgm", ".png", ".jpg", ".jpeg", ".bmp"}
+PILLOW_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+@dataclass
+class Preprocess:
+    """How an image becomes an input tensor.
+
+    ``size`` (H, W) resizes with ``resize`` = ``nearest`` | ``bilinear`` (None: from the model's
+    input shape when static, else the image's own size); pixels are divided by ``scale`` (255
+    maps 8-bit images to [0, 1]), then ``(x - mean) / std`` per channel; ``channels`` = ``RGB`` |
+    ``BGR`` | ``GRAY``; ``layout`` = ``NCHW`` | ``NHWC``.
+    """
+
+    size: tuple[int, int] | None = None
+    resize: str = "bilinear"
+    layout: str = "NCHW"
+    channels: str = "RGB"
+    scale: float = 255.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self):
+        if self.resize not in ("nearest", "bilinear"):
+            raise UserError(f"unknown resize mode '{self.resize}' (nearest, bilinear)")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise UserError(f"unknown layout '{self.layout}' (NCHW, NHWC)")
+        if self.channels not in ("RGB", "BGR", "GRAY"):
+            raise UserError(f"unknown channel order '{self.channels}' (RGB, BGR, GRAY)")
+
+
+class CalibrationSet:
+    """A re-iterable source of calibration batches for one model."""
+
+    def __init__(self, specs: list[InputSpec], samples_fn, *, batch_size: int = 32,
+                 max_samples: int | None = None, where: str = "calibration data", count: int | None = None):
+        self.specs = specs
+        self._samples_fn = samples_fn  # () -> iterator of dict[name, array with batch axis]
+        self.max_samples = max_samples
+        self.where = where
+        self._count = count
+        fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+        self.batch_size = fixed.pop() if len(fixed) == 1 else max(1, int(batch_size))
+        self.fixed_batch = bool(fixed) or any(
+            s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 for s in specs)
+
+    @property
+    def num_samples(self) -> int | None:
+        """Number of samples a full iteration yields (None if unknown before reading)."""
+        if self._count is None:
+            return self.max_samples
+        return min(self._count, self.max_samples) if self.max_samples else self._count
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        pending: dict[str, list[np.ndarray]] = {s.name: [] for s in self.specs}
+        pending_n = 0
+        yielded = 0
+        limit = self.max_samples
+        for chunk in self._samples_fn():
+            n = {len(v) for v in chunk.values()}
+            if len(n) != 1:
+                raise UserError(f"{self.where}: inputs have different sample counts {sorted(n)}")
+            k = n.pop()
+            if limit is not None:
+                k = min(k, limit - yielded - pending_n)
+                if k <= 0:
+                    break
+                chunk = {name: v[:k] for name, v in chunk.items()}
+            for name, v in chunk.items():
+                pending[name].append(v)
+            pending_n += k
+            while pending_n >= self.batch_size:
+                batch, pending, pending_n = _take(pending, pending_n, self.batch_size)
+                yield self._check(batch)
+                yielded += self.batch_size
+            if limit is not None and yielded + pending_n >= limit:
+                break
+        if pending_n:
+            if self.fixed_batch:
+                # a fixed-batch model cannot take a short batch: pad by repeating (statistics
+                # are barely affected; min/max/histograms see repeated samples only)
+                batch, _, _ = _take(pending, pending_n, pending_n)
+                reps = -(-self.batch_size // pending_n)
+                batch = {k: np.concatenate([v] * reps)[: self.batch_size] for k, v in batch.items()}
+                yield self._check(batch)
+            else:
+                batch, _, _ = _take(pending, pending_n, pending_n)
+                yield self._check(batch)
+
+    def _check(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return check_feeds(batch, self.specs, self.where)
+
+    def first(self) -> dict[str, np.ndarray]:
+        for b in self:
+            return b
+        raise UserError(f"{self.where}: no samples")
+
+    def take(self, n: int) -> "CalibrationSet":
+        """The same source limited to ``n`` samples."""
+        lim = n if self.max_samples is None else min(n, self.max_samples)
+        return CalibrationSet(self.specs, self._samples_fn, batch_size=self.batch_size,
+                              max_samples=lim, where=self.where, count=self._count)
+
+
+def _take(pending, n_pending, k):
+    batch, rest = {}, {}
+    for name, parts in pending.items():
+        arr = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        batch[name] = arr[:k]
+        rest[name] = [arr[k:]] if k < len(arr) else []
+    return batch, rest, n_pending - k
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"224x224"`` or ``"224"`` -> (H, W) (for a CLI flag)."""
+    parts = str(text).lower().replace(",", "x").split("x")
+    try:
+        vals = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        vals = []
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or min(vals) <= 0:
+        raise UserError(f"bad image size '{text}' (expected HxW, e.g. 224x224)")
+    return vals[0], vals[1]
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    """``"0.485,0.456,0.406"`` -> floats (for --mean/--std style flags)."""
+    try:
+        vals = tuple(float(p) for p in str(text).split(",") if p.strip())
+    except ValueError:
+        vals = ()
+    if not vals:
+        raise UserError(f"bad list of numbers '{text}' (expected e.g. 0.485,0.456,0.406)")
+    return vals
+
+
+# ====================================================================== sources
+def load_calibration(source, model: onnx.ModelProto, *, max_samples: int | None = None,
+                     batch_size: int = 32, preprocess: Preprocess | None = None,
+                     seed: int = 0) -> CalibrationSet:
+    """A :class:`CalibrationSet` for ``model`` from ``source`` (see the module doc).
+
+    ``source`` is a path, ``"random"``, a dict of arrays keyed by input name, or a list of such
+    dicts (batches).
+    """
+    specs = input_specs(model)
+    if not specs:
+        raise UserError("the model has no inputs to calibrate with")
+    if max_samples is not None and max_samples <= 0:
+        raise UserError(f"the number of calibration samples must be positive, got {max_samples}")
+    if isinstance(source, dict):
+        data = _rekey(dict(source), specs, "calibration data")
+        n = _count(data, "calibration data")
+        return CalibrationSet(specs, lambda: iter([data]), batch_size=batch_size, max_samples=max_samples,
+                              where="calibration data", count=n)
+    if isinstance(source, (list, tuple)):
+        batches = [_rekey(dict(b), specs, "calibration data") for b in source]
+        n = sum(_count(b, "calibration data") for b in batches)
+        return CalibrationSet(specs, lambda: iter(batches), batch_size=batch_size, max_samples=max_samples,
+                              where="calibration data", count=n)
+    if isinstance(source, str) and source == "random":
+        n = max_samples or 64
+        return CalibrationSet(specs, lambda: _random_chunks(specs, n, seed), batch_size=batch_size,
+                              max_samples=n, where="random calibration data", count=n)
+    p = Path(source)
+    if not p.exists():
+        raise UserError(f"{p}: no such calibration file or folder")
+    where = str(p)
+    if p.is_file():
+        if p.suffix == ".npz":
+            n = _npz_count(p, specs)
+            return CalibrationSet(specs, lambda: iter([_read_npz(p, specs)]), batch_size=batch_size,
+                                  max_samples=max_samples, where=where, count=n)
+        if p.suffix == ".npy":
+            if len(specs) != 1:
+                raise UserError(f"{p}: a .npy file feeds a one-input model; this model has {len(specs)} inputs "
+                                f"({', '.join(s.name for s in specs)}): use an .npz keyed by input name")
+            arr = _load_npy(p, mmap=True)
+            arr = _as_batch(arr, specs[0], where)
+            return CalibrationSet(specs, lambda: iter([{specs[0].name: arr}]), batch_size=batch_size,
+                                  max_samples=max_samples, where=where, count=len(arr))
+        if p.suffix.lower() in IMAGE_EXTS:
+            raise UserError(f"{p}: give the folder that holds the calibration images, not one image")
+        raise UserError(f"{p}: calibration data must be an .npz/.npy file or a folder (got '{p.suffix}')")
+    files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+    images = [f for f in files if f.suffix.lower() in IMAGE_EXTS]
+    arrays = [f for f in files if f.suffix in (".npy", ".npz")]
+    if images or (preprocess is not None and arrays):
+        imgs = images + ([f for f in arrays if f.suffix == ".npy"] if preprocess is not None else [])
+        imgs.sort()
+        if len(specs) != 1:
+            raise UserError(f"{p}: an image folder feeds a one-input model; this model has {len(specs)} inputs")
+        if any(f.suffix.lower() in PILLOW_EXTS for f in imgs):
+            _require_pillow(p)
+        pre = preprocess or Preprocess()
+        return CalibrationSet(specs, lambda: _image_chunks(imgs, specs[0], pre), batch_size=batch_size,
+                              max_samples=max_samples, where=where, count=len(imgs))
+    if not arrays:
+        raise UserError(f"{p}: the folder holds no .npy/.npz files or images")
+    return CalibrationSet(specs, lambda: _file_chunks(arrays, specs), batch_size=batch_size,
+                          max_samples=max_samples, where=where, count=None)
+
+
+def _rekey(data: dict, specs: list[InputSpec], where: str) -> dict:
+    if len(specs) == 1 and specs[0].name not in data and len(data) == 1:
+        data = {specs[0].name: next(iter(data.values()))}
+    names = {s.name for s in specs}
+    for k in data:
+        if k not in names:
+            raise UserError(f"{where}: '{k}' is not an input of the model (its inputs: {', '.join(sorted(names))})")
+    missing = [s.name for s in specs if s.name not in data]
+    if missing:
+        raise UserError(f"{where}: missing input '{missing[0]}' (the model's inputs: {', '.join(sorted(names))})")
+    return {s.name: _as_batch(np.asarray(data[s.name]), s, where) for s in specs}
+
+
+def _count(data: dict, where: str) -> int:
+    n = {len(v) for v in data.values()}
+    if len(n) != 1:
+        raise UserError(f"{where}: inputs have different sample counts {sorted(n)}")
+    return n.pop()
+
+
+def _expected(spec: InputSpec) -> str:
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in spec.shape) + "]"
+
+
+def _as_batch(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
+    """``arr`` with a batch axis: samples of rank len(shape)-1 get one."""
+    rank = len(spec.shape)
+    if arr.ndim == rank - 1 and rank >= 1:
+        arr = arr[None]
+    if arr.ndim != rank:
+        raise UserError(f"{where}: input '{spec.name}' has shape {list(arr.shape)}, the model expects {_expected(spec)}")
+    return arr
+
+
+def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except Exception as e:
+        raise UserError(f"{path}: cannot read it as .npy ({type(e).__name__})") from None
+
+
+def _open_npz(path: Path):
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise UserError(f"{path}: cannot read it as .npz ({type(e).__name__})") from None
+
+
+def _npz_keys(z, specs, path) -> dict[str, str]:
+    """input name -> key in the npz."""
+    files = list(z.files)
+    if len(specs) == 1 and specs[0].name not in files:
+        if len(files) == 1:
+            return {specs[0].name: files[0]}
+        raise UserError(f"{path}: no array named '{specs[0].name}' (the model's input) and more than one "
+                        f"array ({', '.join(files)}): name the array after the input")
+    names = {s.name for s in specs}
+    unknown = [k for k in files if k not in names]
+    if unknown:
+        raise UserError(f"{path}: '{unknown[0]}' is not an input of the model (its inputs: {', '.join(sorted(names))})")
+    missing = [s.name for s in specs if s.name not in files]
+    if missing:
+        raise UserError(f"{path}: missing input '{missing[0]}' (the model's inputs: {', '.join(sorted(names))})")
+    return {s.name: s.name for s in specs}
+
+
+def _npz_count(path: Path, specs) -> int:
+    with _open_npz(path) as z:
+        keys = _npz_keys(z, specs, path)
+        counts = set()
+        for s in specs:
+            counts.add(len(_as_batch(z[keys[s.name]], s, str(path))))
+    if len(counts) != 1:
+        raise UserError(f"{path}: inputs have different sample counts {sorted(counts)}")
+    return counts.pop()
+
+
+def _read_npz(path: Path, specs) -> dict[str, np.ndarray]:
+    with _open_npz(path) as z:
+        keys = _npz_keys(z, specs, path)
+        return {s.name: _as_batch(z[keys[s.name]], s, str(path)) for s in specs}
+
+
+def _file_chunks(files: list[Path], specs) -> Iterator[dict[str, np.ndarray]]:
+    for f in files:
+        if f.suffix == ".npz":
+            yield _read_npz(f, specs)
+        else:
+            if len(specs) != 1:
+                raise UserError(f"{f}: a .npy file feeds a one-input model; this model has {len(specs)} "
+                                f"inputs: use .npz files keyed by input name")
+            yield {specs[0].name: _as_batch(_load_npy(f), specs[0], str(f))}
+
+
+def _random_chunks(specs, n: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    chunk = {}
+    for s in specs:
+        shape = [n] + [d if isinstance(d, int) and d > 0 else 1 for d in s.shape[1:]]
+        if s.dtype.kind == "f":
+            chunk[s.name] = rng.standard_normal(shape).astype(s.dtype)
+        elif s.dtype.kind == "b":
+            chunk[s.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            chunk[s.name] = rng.integers(0, 4, shape).astype(s.dtype)
+    yield chunk
+
+
+# ====================================================================== images
+def _require_pillow(where) -> None:
+    try:
+        import PIL.Image  # noqa: F401
+    except ImportError:
+        raise UserError(f"{where}: PNG/JPEG/BMP images need Pillow (pip install pillow), which is not "
+                        f"installed; convert them to .ppm/.pgm or .npy arrays, or use an .npz") from None
+
+
+def read_pnm(path: str | os.PathLike) -> np.ndarray:
+    """Decode a binary (P5/P6) or ASCII (P2/P3) PGM/PPM: HxW (gray) or HxWx3 uint8/uint16."""
+    data = Path(path).read_bytes()
+    if data[:2] not in (b"P2", b"P3", b"P5", b"P6"):
+        raise UserError(f"{path}: not a PPM/PGM image (magic {data[:2]!r})")
+    tokens: list[bytes] = []
+    pos = 0
+    while len(tokens) < 4:
+        while pos < len(data) and data[pos:pos + 1].isspace():
+            pos += 1
+        if pos < len(data) and data[pos:pos + 1] == b"#":
+            while pos < len(data) and data[pos:pos + 1] not in (b"\n", b"\r"):
+                pos += 1
+            continue
+        start = pos
+        while pos < len(data) and not data[pos:pos + 1].isspace():
+            pos += 1
+        if start == pos:
+            raise UserError(f"{path}: truncated PPM/PGM header")
+        tokens.append(data[start:pos])
+    magic = tokens[0]
+    if magic not in (b"P2", b"P3", b"P5", b"P6"):
+        raise UserError(f"{path}: not a PPM/PGM image (magic {magic[:2]!r})")
+    try:
+        w, h, maxval = int(tokens[1]), int(tokens[2]), int(tokens[3])
+    except ValueError:
+        raise UserError(f"{path}: bad PPM/PGM header") from None
+    ch = 3 if magic in (b"P3", b"P6") else 1
+    dtype = np.uint8 if maxval < 256 else np.dtype(">u2")
+    if magic in (b"P5", b"P6"):
+        pos += 1  # one whitespace after maxval
+        need = w * h * ch * np.dtype(dtype).itemsize
+        raw = data[pos:pos + need]
+        if len(raw) != need:
+            raise UserError(f"{path}: truncated image data")
+        arr = np.frombuffer(raw, dtype=dtype)
+    else:
+        arr = np.array(data[pos:].split()[: w * h * ch], dtype=np.int64)
+        if arr.size != w * h * ch:
+            raise UserError(f"{path}: truncated image data")
+    arr = arr.astype(np.uint16 if maxval >= 256 else np.uint8).reshape((h, w, ch) if ch == 3 else (h, w))
+    return arr
+
+
+def _read_image(path: Path) -> np.ndarray:
+    ext = path.suffix.lower()
+    if ext in (".ppm", ".pgm"):
+        return read_pnm(path)
+    if ext == ".npy":
+        return np.asarray(_load_npy(path))
+    _require_pillow(path)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
+
+
+def resize(img: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
+    """Resize an HxW or HxWxC image to ``size`` = (H, W) with numpy (half-pixel centres)."""
+    h, w = img.shape[:2]
+    oh, ow = int(size[0]), int(size[1])
+    if (h, w) == (oh, ow):
+        return img.astype(np.float32)
+    ys = (np.arange(oh) + 0.5) * h / oh - 0.5
+    xs = (np.arange(ow) + 0.5) * w / ow - 0.5
+    src = img.astype(np.float32)
+    if mode == "nearest":
+        yi = np.clip(np.floor(ys + 0.5), 0, h - 1).astype(int)
+        xi = np.clip(np.floor(xs + 0.5), 0, w - 1).astype(int)
+        return src[yi][:, xi]
+    y0 = np.clip(np.floor(ys), 0, h - 1).astype(int)
+    x0 = np.clip(np.floor(xs), 0, w - 1).astype(int)
+    y1 = np.minimum(y0 + 1, h - 1)
+    x1 = np.minimum(x0 + 1, w - 1)
+    wy = np.clip(ys - y0, 0, 1).astype(np.float32)
+    wx = np.clip(xs - x0, 0, 1).astype(np.float32)
+    if src.ndim == 3:
+        wy = wy[:, None, None]
+        wx = wx[None, :, None]
+    else:
+        wy = wy[:, None]
+        wx = wx[None, :]
+    top = src[y0][:, x0] * (1 - wx) + src[y0][:, x1] * wx
+    bot = src[y1][:, x0] * (1 - wx) + src[y1][:, x1] * wx
+    return top * (1 - wy) + bot * wy
+
+
+def preprocess_image(img: np.ndarray, spec: InputSpec, pre: Preprocess, where: str = "image") -> np.ndarray:
+    """One image -> one sample (no batch axis) laid out for ``spec``."""
+    if len(spec.shape) != 4:
+        raise UserError(f"{where}: images feed a 4-D input; input '{spec.name}' expects {_expected(spec)}")
+    img = np.asarray(img)
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    if pre.layout == "NCHW":
+        c_exp, h_exp, w_exp = spec.shape[1], spec.shape[2], spec.shape[3]
+    else:
+        h_exp, w_exp, c_exp = spec.shape[1], spec.shape[2], spec.shape[3]
+    size = pre.size
+    if size is None and isinstance(h_exp, int) and isinstance(w_exp, int) and h_exp > 0 and w_exp > 0:
+        size = (h_exp, w_exp)
+    x = resize(img, size, pre.resize) if size is not None else img.astype(np.float32)
+    want_c = c_exp if isinstance(c_exp, int) and c_exp > 0 else (1 if pre.channels == "GRAY" else 3)
+    if x.ndim == 2:
+        x = x[:, :, None]
+    if x.shape[2] == 1 and want_c == 3:
+        x = np.repeat(x, 3, axis=2)
+    elif x.shape[2] == 3 and want_c == 1:
+        x = (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[:, :, None]
+    if x.shape[2] == 3 and pre.channels == "BGR":
+        x = x[:, :, ::-1]
+    x = x / np.float32(pre.scale)
+    mean = np.asarray(pre.mean, dtype=np.float32).reshape(1, 1, -1)
+    std = np.asarray(pre.std, dtype=np.float32).reshape(1, 1, -1)
+    if mean.size not in (1, x.shape[2]) or std.size not in (1, x.shape[2]):
+        raise UserError(f"{where}: mean/std have {mean.size}/{std.size} values for {x.shape[2]} channels")
+    x = (x - mean) / std
+    if pre.layout == "NCHW":
+        x = np.transpose(x, (2, 0, 1))
+    return np.ascontiguousarray(x.astype(spec.dtype if spec.dtype.kind == "f" else np.float32))
+
+
+def _image_chunks(files: list[Path], spec: InputSpec, pre: Preprocess) -> Iterator[dict[str, np.ndarray]]:
+    for f in files:
+        yield {spec.name: preprocess_image(_read_image(f), spec, pre, str(f))[None]}

@@ -1,0 +1,187 @@
+"""Per-unit importance of channel groups, for choosing what to prune.
+
+Every score is computed per *unit* of a :class:`~edgec.analysis.channels.ChannelGroup`
+(a channel, or a whole head / tied set of channels), aggregated over every parameter slice
+in the group:
+
+* ``l1`` / ``l2``: norm of each weight slice (producer rows and consumer columns). Each
+  member's norms are divided by that member's mean first, so a wide 3x3 conv and a 1x1 conv
+  weigh the same; the unit's score is the mean over members.
+* ``bn``: ``|gamma|`` of the BatchNormalizations in the group (network slimming); falls back
+  to ``l1`` for groups without a BN.
+* ``activation``: mean ``|activation|`` of the group's layer outputs (after the BN/activation
+  chain that directly follows each producer) on calibration feeds. ONNX Runtime runs the
+  model with those tensors exposed as extra outputs, batch by batch, keeping running sums.
+* ``fused``: mean of the normalised ``l2``, ``bn`` (if the group has BNs) and ``activation``
+  (if feeds are given).
+
+Scores are normalised per group to mean 1 ("relative importance"), which makes a global
+ranking across groups meaningful: a unit with score 0.2 is five times less important than
+its group's average.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import onnx
+
+from edgec.analysis.channels import ChannelGroup
+from edgec.ir import IR
+
+METHODS = ("l1", "l2", "bn", "activation", "fused")
+WEIGHT_ROLES = ("weight.out", "weight.in", "dw.weight")
+_CHAIN_OPS = {"BatchNormalization", "Relu", "LeakyRelu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid",
+              "Tanh", "Elu", "Selu", "PRelu", "Identity", "Dropout", "Add"}
+
+
+def _normalise(s: np.ndarray) -> np.ndarray:
+    m = float(np.mean(s)) if s.size else 0.0
+    return s / m if m > 0 else np.ones_like(s)
+
+
+def _per_position(value: np.ndarray, axis: int, npos: int, block: int, kind: str) -> np.ndarray:
+    v = np.moveaxis(value.astype(np.float64), axis, 0).reshape(npos, block, -1)
+    if kind == "l1":
+        return np.abs(v).sum(axis=(1, 2))
+    return (v * v).sum(axis=(1, 2))
+
+
+def param_scores(ir: IR, g: ChannelGroup, kind: str) -> np.ndarray | None:
+    """l1/l2 (``kind``) or bn (``|gamma|``) per unit; None if the group has no such member."""
+    total = np.zeros(g.channels)
+    count = np.zeros(g.channels)
+    for mb, pos, idx in g.members:
+        if mb.kind != "param":
+            continue
+        if kind == "bn":
+            if mb.role != "bn.scale":
+                continue
+        elif mb.role not in WEIGHT_ROLES:
+            continue
+        t = mb.node.inputs[mb.slot]
+        prod = ir.producer(t)
+        if prod is not None and prod.op == "ConstantOfShape":
+            continue  # uniform weights (model-zoo "light" models) carry no ranking information
+        v = ir.const_value(t)
+        if v is None:
+            continue
+        if kind == "bn":
+            per = np.abs(v.astype(np.float64)).reshape(len(mb.elems), mb.block).mean(axis=1)
+        else:
+            per = _per_position(v, mb.axis, len(mb.elems), mb.block, kind)
+        per = per[pos]
+        u = np.zeros(g.channels)
+        np.add.at(u, idx, per)
+        if kind == "l2":
+            u = np.sqrt(u)
+        hit = np.zeros(g.channels)
+        np.add.at(hit, idx, 1)
+        seen = hit > 0
+        norm = u[seen].mean() if seen.any() else 0.0
+        total[seen] += u[seen] / norm if norm > 0 else 1.0
+        count[seen] += 1
+    if not count.any():
+        return None
+    return np.where(count > 0, total / np.maximum(count, 1), 0.0)
+
+
+def _measured_tensors(ir: IR, g: ChannelGroup) -> list[tuple[str, int, list, list, int]]:
+    """For each origin of the group: the tensor at the end of its BN/activation chain."""
+    a = g.analysis
+    tensors = ir.tensors()
+    by_name = {name: (axis, pos, idx, blk) for name, axis, pos, idx, blk in g.tensors}
+    out = []
+    for name, op, _ in g.origins:
+        if op == "untracked" or name not in by_name:
+            continue
+        t = tensors.get(name)
+        cur = name
+        while t is not None and len(t.outputs) == 1 and t.outputs[0].op in _CHAIN_OPS:
+            nxt = t.outputs[0].outputs[0]
+            if nxt.name not in by_name or a.maps.get(nxt.name) is None or \
+                    a.maps[nxt.name].elems != a.maps[cur].elems:
+                break
+            cur, t = nxt.name, nxt
+        axis, pos, idx, blk = by_name[cur]
+        out.append((cur, axis, pos, idx, blk))
+    return out
+
+
+def activation_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict]) -> dict[str, np.ndarray]:
+    """Mean |activation| per unit, per group id, over the calibration feeds."""
+    from edgec import verify
+
+    wanted = {g.id: _measured_tensors(ir, g) for g in groups}
+    names = sorted({t[0] for lst in wanted.values() for t in lst})
+    if not names:
+        return {}
+    model = ir.to_onnx()
+    existing = {o.name for o in model.graph.output}
+    for n in names:
+        if n not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    sess = verify.session(model)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, float] = {}
+    axes = {t[0]: t[1] for lst in wanted.values() for t in lst}
+    for batch in feeds:
+        outs = sess.run(names, batch)
+        for n, v in zip(names, outs):
+            v = np.abs(np.asarray(v, dtype=np.float64))
+            ax = axes[n]
+            red = tuple(i for i in range(v.ndim) if i != ax)
+            s = v.sum(axis=red)
+            sums[n] = sums.get(n, 0) + s
+            counts[n] = counts.get(n, 0) + v.size / v.shape[ax]
+    res = {}
+    for g in groups:
+        total = np.zeros(g.channels)
+        cnt = np.zeros(g.channels)
+        for name, ax, pos, idx, blk in wanted[g.id]:
+            if name not in sums:
+                continue
+            per = (sums[name] / counts[name]).reshape(-1, blk).mean(axis=1)
+            u = np.zeros(g.channels)
+            np.add.at(u, idx, per[pos])
+            hit = np.zeros(g.channels)
+            np.add.at(hit, idx, 1)
+            seen = hit > 0
+            u[seen] /= hit[seen]
+            norm = u[seen].mean() if seen.any() else 0.0
+            total[seen] += u[seen] / norm if norm > 0 else 1.0
+            cnt[seen] += 1
+        if cnt.any():
+            res[g.id] = np.where(cnt > 0, total / np.maximum(cnt, 1), 0.0)
+    return res
+
+
+def compute(ir: IR, groups: list[ChannelGroup], method: str = "l1",
+            feeds: list[dict] | None = None) -> dict[str, np.ndarray]:
+    """Normalised importance (mean 1 per group) of every unit of every prunable group."""
+    if method not in METHODS:
+        raise ValueError(f"unknown importance method '{method}' (known: {', '.join(METHODS)})")
+    groups = [g for g in groups if g.prunable]
+    if method in ("activation", "fused") and not feeds:
+        if method == "activation":
+            raise ValueError("importance 'activation' needs calibration feeds")
+    act = activation_scores(ir, groups, feeds) if method in ("activation", "fused") and feeds else {}
+    out = {}
+    for g in groups:
+        if method in ("l1", "l2"):
+            s = param_scores(ir, g, method)
+        elif method == "bn":
+            s = param_scores(ir, g, "bn")
+            if s is None:
+                s = param_scores(ir, g, "l1")
+        elif method == "activation":
+            s = act.get(g.id)
+            if s is None:
+                s = param_scores(ir, g, "l1")
+        else:
+            parts = [param_scores(ir, g, "l2"), param_scores(ir, g, "bn"), act.get(g.id)]
+            parts = [_normalise(p) for p in parts if p is not None]
+            s = np.mean(parts, axis=0) if parts else None
+        out[g.id] = _normalise(s) if s is not None else np.ones(g.channels)
+    return out

@@ -1,0 +1,230 @@
+"""reconstruct: least-squares recovery of the layers that read pruned channels.
+
+Design choice: reconstruction is a *function* (:func:`reconstruct`) that ``prune_channels``
+calls after every pruning step when calibration feeds are given (it needs the unpruned model
+and the map of which channels survived, which only the pruning knows). A thin pass
+(:class:`Reconstruct`) wraps it for pipelines that carry these explicitly.
+
+For every Conv (group 1, no auto_pad), Gemm (transA=0) and MatMul with a constant 2-D weight
+whose input lost channels, in graph order:
+
+* ``X``: its input in the *pruned* model (already-reconstructed layers upstream included), as
+  im2col patches for Conv; ``Y``: its output in the *unpruned* model at the same tensor (only
+  the surviving output channels), both on the calibration feeds;
+* spatial positions are sampled (``max_rows`` rows per layer) to bound memory;
+* weights (and bias; a Conv without bias gets one) are solved in closed form from the ridge
+  regularised normal equations ``(X'X + lambda I) W = X'Y``, ``lambda = ridge * mean(diag(X'X))``;
+* the ridge strength is picked among ``ridge * (1, 10, 100, 1000)`` on a held-out fifth of the
+  rows, and the fit (then redone on all rows) is kept only if it beats the current weights on
+  those held-out rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from edgec.ir import IR
+from edgec.pipeline import Pass, register
+
+
+def _layers(ir: IR, kept: dict[str, tuple]) -> list[gs.Node]:
+    out = []
+    for node in ir.nodes:
+        if not node.inputs or node.inputs[0].name not in kept:
+            continue
+        if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1 and \
+                node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET") and ir.const_value(node.inputs[1]) is not None:
+            out.append(node)
+        elif node.op == "Gemm" and not node.attrs.get("transA", 0) and ir.const_value(node.inputs[1]) is not None:
+            out.append(node)
+        elif node.op == "MatMul" and ir.const_value(node.inputs[1]) is not None and \
+                ir.const_value(node.inputs[1]).ndim == 2 and not ir.is_const(node.inputs[0]):
+            out.append(node)
+    return out
+
+
+def _run(model: onnx.ModelProto, names: list[str], feeds: list[dict]) -> list[list[np.ndarray]]:
+    from edgec import verify
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    existing = {o.name for o in model.graph.output}
+    for n in names:
+        if n not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    sess = verify.session(model)
+    res = [[] for _ in names]
+    for batch in feeds:
+        for i, v in enumerate(sess.run(names, batch)):
+            res[i].append(np.asarray(v))
+    return res
+
+
+def _conv_geometry(node: gs.Node, w: np.ndarray):
+    k = w.shape[2:]
+    nd = len(k)
+    strides = list(node.attrs.get("strides", [1] * nd))
+    dil = list(node.attrs.get("dilations", [1] * nd))
+    pads = list(node.attrs.get("pads", [0] * (2 * nd)))
+    return k, strides, dil, pads
+
+
+def _conv_rows(x: np.ndarray, node: gs.Node, w: np.ndarray, rows: tuple) -> np.ndarray:
+    """im2col patches [R, C*prod(k)] of ``x`` at output positions ``rows`` = (n, oy, ox)."""
+    k, s, d, p = _conv_geometry(node, w)
+    if len(k) != 2:
+        raise NotImplementedError
+    xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
+    n, oy, ox = rows
+    ys = oy[:, None] * s[0] + np.arange(k[0])[None, :] * d[0]
+    xs = ox[:, None] * s[1] + np.arange(k[1])[None, :] * d[1]
+    c = np.arange(x.shape[1])
+    patches = xp[n[:, None, None, None], c[None, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
+    return patches.reshape(len(n), -1)
+
+
+def _solve(X: np.ndarray, Y: np.ndarray, ridge: float, bias: bool) -> np.ndarray:
+    X = X.astype(np.float64)
+    if bias:
+        X = np.concatenate([X, np.ones((X.shape[0], 1))], axis=1)
+    G = X.T @ X
+    d = G.shape[0] - (1 if bias else 0)
+    lam = ridge * float(np.mean(np.diag(G)[:d])) if d else 0.0
+    G[np.arange(d), np.arange(d)] += lam + 1e-12
+    return np.linalg.solve(G, X.T @ Y.astype(np.float64))
+
+
+def _set(ir: IR, node: gs.Node, slot: int, value: np.ndarray) -> None:
+    value = np.ascontiguousarray(value)
+    if slot < len(node.inputs):
+        t = node.inputs[slot]
+        if isinstance(t, gs.Constant) and len(t.outputs) == 1:
+            t.values = value
+            return
+        node.inputs[slot] = ir.make_const((t.name or node.name) + "_refit", value)
+    else:
+        node.inputs.append(ir.make_const(node.name + "_refit_bias", value))
+
+
+def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict[str, tuple], *,
+                ridge: float = 1e-3, max_rows: int = 4096, seed: int = 0) -> list[dict]:
+    """Re-fit the consumers of pruned channels in ``ir`` (in place). ``kept`` maps tensor names
+    to (axis, surviving positions in the original tensor). Returns one dict per layer."""
+    layers = _layers(ir, kept)
+    if not layers or not feeds:
+        return []
+    orig_names = {o for n in original.graph.node for o in n.output}
+    layers = [n for n in layers if n.outputs[0].name in orig_names]
+    targets = _run(original, [n.outputs[0].name for n in layers], feeds)
+    rng = np.random.default_rng(seed)
+    report = []
+    for node, ys in zip(layers, targets):
+        yname = node.outputs[0].name
+        w = ir.const_value(node.inputs[1]).astype(np.float64)
+        has_b = len(node.inputs) > 2 and ir.const_value(node.inputs[2]) is not None
+        b = ir.const_value(node.inputs[2]).astype(np.float64) if has_b else None
+        xs = _run(ir.to_onnx(), [node.inputs[0].name], feeds)[0]
+        X_rows, Y_rows = [], []
+        per_batch = max(1, max_rows // len(xs))
+        for x, y in zip(xs, ys):
+            if yname in kept:
+                axis, pos = kept[yname]
+                y = np.take(y, pos, axis=axis)
+            if node.op == "Conv":
+                if y.ndim != 4:
+                    break
+                N, _, H, W = y.shape
+                total = N * H * W
+                idx = rng.choice(total, size=min(per_batch, total), replace=False)
+                n, rem = np.divmod(idx, H * W)
+                oy, ox = np.divmod(rem, W)
+                X_rows.append(_conv_rows(x, node, w, (n, oy, ox)))
+                Y_rows.append(y[n, :, oy, ox])
+            else:
+                x2 = x.reshape(-1, x.shape[-1])
+                y2 = y.reshape(-1, y.shape[-1])
+                idx = rng.choice(len(x2), size=min(per_batch, len(x2)), replace=False)
+                X_rows.append(x2[idx])
+                Y_rows.append(y2[idx])
+        if not X_rows:
+            report.append({"layer": node.name, "refit": False, "reason": "unsupported layout"})
+            continue
+        X = np.concatenate(X_rows).astype(np.float64)
+        Y = np.concatenate(Y_rows).astype(np.float64)
+        # current weights as a [K, Nout] matrix (+ bias)
+        if node.op == "Conv":
+            W0 = w.reshape(w.shape[0], -1).T
+        elif node.op == "Gemm":
+            alpha = float(node.attrs.get("alpha", 1.0))
+            beta = float(node.attrs.get("beta", 1.0))
+            W0 = alpha * (w.T if node.attrs.get("transB", 0) else w)
+            if b is not None:
+                b = beta * np.broadcast_to(b.reshape(-1), (W0.shape[1],)) if b.size in (1, W0.shape[1]) else None
+                has_b = b is not None
+        else:
+            W0 = w
+        fit_bias = node.op in ("Conv", "Gemm")
+        if node.op == "Gemm" and len(node.inputs) > 2 and not has_b:
+            fit_bias = False  # a non-constant / full-matrix C: leave it alone
+        # choose the ridge strength on held-out rows (guards against too few calibration rows)
+        perm = rng.permutation(len(X))
+        n_val = max(1, len(X) // 5)
+        val, tr = perm[:n_val], perm[n_val:]
+
+        def err(W, bb, rows):
+            return float(np.mean((X[rows] @ W + (bb if bb is not None else 0.0) - Y[rows]) ** 2))
+
+        err0 = err(W0, b if has_b else None, val)
+        best = None
+        for lam in (ridge, ridge * 10, ridge * 100, ridge * 1000):
+            sol = _solve(X[tr], Y[tr], lam, fit_bias)
+            W1, b1 = (sol[:-1], sol[-1]) if fit_bias else (sol, None)
+            e = err(W1, b1, val)
+            if best is None or e < best[0]:
+                best = (e, lam)
+        err1, lam = best
+        entry = {"layer": node.name, "op": node.op, "rows": int(X.shape[0]), "ridge": lam,
+                 "val_mse_before": err0, "val_mse_after": err1}
+        sol = _solve(X, Y, lam, fit_bias)
+        W1, b1 = (sol[:-1], sol[-1]) if fit_bias else (sol, None)
+        if not err1 < err0:
+            entry["refit"] = False
+            report.append(entry)
+            continue
+        dt = ir.const_value(node.inputs[1]).dtype
+        if node.op == "Conv":
+            _set(ir, node, 1, W1.T.reshape(w.shape).astype(dt))
+            _set(ir, node, 2, b1.astype(dt))
+        elif node.op == "Gemm":
+            node.attrs["alpha"] = 1.0
+            node.attrs["beta"] = 1.0
+            _set(ir, node, 1, (W1.T if node.attrs.get("transB", 0) else W1).astype(dt))
+            if b1 is not None:
+                _set(ir, node, 2, b1.astype(dt))
+        else:
+            _set(ir, node, 1, W1.astype(dt))
+        entry["refit"] = True
+        report.append(entry)
+        ir.changed()
+    return report
+
+
+@register
+class Reconstruct(Pass):
+    name = "reconstruct"
+    description = "least-squares re-fit of the layers reading pruned channels (needs the unpruned model)"
+    lossless = False
+
+    def __init__(self, original: onnx.ModelProto | None = None, feeds: list[dict] | None = None,
+                 kept: dict[str, tuple] | None = None, ridge: float = 1e-3):
+        super().__init__()
+        self.original, self.feeds, self.kept, self.ridge = original, feeds, kept or {}, ridge
+        self.report: list[dict] = []
+
+    def run(self, ir: IR) -> bool:
+        if self.original is None or not self.feeds:
+            self.note("reconstruct: no original model or calibration feeds given; nothing done")
+            return False
+        self.report = reconstruct(ir, self.original, self.feeds, self.kept, ridge=self.ridge)
+        return any(r.get("refit") for r in self.report)

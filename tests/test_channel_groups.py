@@ -1,0 +1,179 @@
+"""Channel dependency analysis: golden dumps for every builder model, rule checks, blockers."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import onnx
+import pytest
+
+import edgec
+from edgec.analysis.channels import RULES, find_groups, format_groups
+from edgec.builders import ALL_MODELS, GraphBuilder
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "golden" / "groups"
+LIGHT = sorted(glob.glob(str(Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "*.onnx")))
+
+
+def _groups(model):
+    return find_groups(edgec.from_model(model))
+
+
+def _by_origin(groups, tensor):
+    for g in groups:
+        if any(o[0] == tensor for o in g.origins):
+            return g
+    raise AssertionError(f"no group with origin {tensor}")
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+def test_golden_groups(name, request):
+    text = format_groups(_groups(ALL_MODELS[name]()))
+    path = GOLDEN / f"{name}.txt"
+    update = request.config.getoption("--update-golden", default=False) or os.environ.get("EDGEC_UPDATE_GOLDEN")
+    if update:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return
+    assert path.exists(), f"missing {path}: run python -m pytest tests/test_channel_groups.py --update-golden"
+    assert text == path.read_text(), f"{path.name} differs (run with --update-golden to accept)"
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+def test_dump_is_deterministic(name):
+    assert format_groups(_groups(ALL_MODELS[name]())) == format_groups(_groups(ALL_MODELS[name]()))
+
+
+def test_residual_add_ties_layers():
+    groups = _groups(ALL_MODELS["resnet_basic"]())
+    g = _by_origin(groups, "conv_0_out")
+    assert {o[0] for o in g.origins} == {"conv_0_out", "conv_2_out"}  # identity block: stem + block output
+    assert g.prunable and g.channels == 8
+    roles = {(mb.node.name, mb.role) for mb, _, _ in g.members}
+    assert ("conv_1", "weight.in") in roles and ("conv_3", "weight.in") in roles and ("bn_2", "bn.scale") in roles
+    out = [g for g in groups if "graph output" in g.reason]
+    assert len(out) == 1 and not out[0].prunable
+
+
+def test_concat_offsets_inception():
+    groups = _groups(ALL_MODELS["inception"]())
+    windows = []
+    for g in groups:
+        for mb, pos, idx in g.members:
+            if mb.node.name == "conv_7" and mb.role == "weight.in":
+                windows.append((pos[0], pos[-1]))
+    assert sorted(windows) == [(0, 7), (8, 19), (20, 25), (26, 31)]
+
+
+def test_depthwise_group_attr_and_split_members():
+    g = _by_origin(_groups(ALL_MODELS["mobilenet_v2"]()), "conv_0_out")
+    assert any(mb.kind == "attr" and mb.role == "group" for mb, _, _ in g.members)
+    groups = _groups(ALL_MODELS["shufflenet_v2"]())
+    assert all(g.prunable for g in groups if "graph output" not in g.reason)
+    kinds = {mb.kind for g in groups for mb, _, _ in g.members}
+    assert {"split", "shape", "attr", "param"} <= kinds
+
+
+def test_flatten_block_and_se_tie():
+    g = _by_origin(_groups(ALL_MODELS["flatten_gemm_head"]()), "conv_1_out")
+    gemm = [mb for mb, _, _ in g.members if mb.node.op == "Gemm"]
+    assert gemm and gemm[0].block == 16  # each channel owns 4*4 features
+    g = _by_origin(_groups(ALL_MODELS["se_block"]()), "conv_1_out")
+    assert {o[0] for o in g.origins} == {"conv_1_out", "conv_3_out"}  # gate channels = feature channels
+
+
+def test_attention_heads_are_units():
+    groups = _groups(ALL_MODELS["transformer_encoder"]())
+    g = _by_origin(groups, "matmul_0_out")
+    assert g.prunable and g.channels == 4 and g.unit_sizes() == [8, 8, 8, 8]
+    assert {o[0] for o in g.origins} == {"matmul_0_out", "matmul_1_out", "matmul_2_out"}
+    residual = _by_origin(groups, "matmul_5_out")
+    assert not residual.prunable and "LayerNormalization" in residual.reason
+    ffn = _by_origin(groups, "matmul_6_out")
+    assert ffn.prunable and ffn.channels == 64
+
+
+def _tiny(build):
+    b = GraphBuilder("tiny", seed=0)
+    x = b.input("input", [1, 3, 8, 8])
+    build(b, x)
+    return b.build()
+
+
+def test_softmax_over_channels_blocks():
+    def build(b, x):
+        y = b.conv_bn(b.conv_bn(x, 8, 3), 6, 3)
+        b.output(b.softmax(y, axis=1), "output")
+    groups = _groups(_tiny(build))
+    g = _by_origin(groups, "conv_1_out")
+    assert not g.prunable and "Softmax" in g.reason
+    assert _by_origin(groups, "conv_0_out").prunable
+
+
+def test_softmax_over_other_axis_passes():
+    def build(b, x):
+        y = b.conv_bn(b.conv_bn(x, 8, 3), 6, 3)
+        y = b.softmax(y, axis=-1)
+        b.output(b.classifier(y, 4), "output")
+    assert _by_origin(_groups(_tiny(build)), "conv_1_out").prunable
+
+
+def test_grouped_conv_prunes_whole_groups():
+    def build(b, x):
+        y = b.conv_bn(x, 8, 3)
+        y = b.conv_bn(y, 12, 3, group=2)
+        b.output(b.classifier(y, 4), "output")
+    groups = _groups(_tiny(build))
+    g = _by_origin(groups, "conv_0_out")
+    assert g.prunable and g.channels == 2 and g.unit_sizes() == [6, 6]  # a unit = one conv group
+    assert any(mb.kind == "attr" and mb.div == 6 for mb, _, _ in g.members)
+    assert "graph output" in _by_origin(groups, "output").reason
+
+
+def test_depthwise_multiplier_blocks():
+    def build(b, x):
+        y = b.conv_bn(x, 4, 3)
+        y = b.conv(y, 8, 3, group=4)
+        b.output(b.classifier(y, 4), "output")
+    g = _by_origin(_groups(_tiny(build)), "conv_0_out")
+    assert not g.prunable and "channel multiplier" in g.reason
+
+
+def test_unknown_op_blocks_with_reason():
+    def build(b, x):
+        y = b.conv_bn(x, 8, 3)
+        y = b.op("LpNormalization", [y], b.shape(y), axis=1)
+        b.output(b.classifier(y, 4), "output")
+    g = _by_origin(_groups(_tiny(build)), "conv_0_out")
+    assert not g.prunable and "no channel rule for LpNormalization" in g.reason
+
+
+def test_residual_with_graph_input_blocks():
+    def build(b, x):
+        y = b.conv_bn(x, 3, 3, act=None)
+        b.output(b.classifier(b.add(x, y), 4), "output")
+    g = _by_origin(_groups(_tiny(build)), "conv_0_out")
+    assert not g.prunable and "input" in g.reason
+
+
+def test_rule_table_covers_brief_ops():
+    for op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Relu", "LeakyRelu", "PRelu",
+               "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Elu", "MaxPool", "AveragePool",
+               "GlobalAveragePool", "GlobalMaxPool", "Resize", "Pad", "Dropout", "Identity", "Cast",
+               "InstanceNormalization", "Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Concat", "Split",
+               "Flatten", "Reshape", "Transpose", "LayerNormalization", "GroupNormalization", "Softmax"):
+        assert op in RULES, op
+
+
+@pytest.mark.parametrize("path", LIGHT, ids=[Path(p).stem for p in LIGHT])
+def test_light_models_analyse(path):
+    groups = _groups(onnx.load(path))
+    assert groups
+    assert all(g.prunable or g.reason for g in groups)
+    text = format_groups(groups)
+    assert text.count("group g") == len(groups)
+    if "resnet50" in path or "squeezenet" in path or "vgg19" in path:
+        assert sum(g.prunable for g in groups) >= len(groups) - 1

@@ -1,0 +1,338 @@
+"""Structured channel pruning: exactness on dead channels (ONNX Runtime), ratio/MACs/round_to/cap
+behaviour, importance methods, least-squares reconstruction (builders and the digits example)."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import edgec
+from edgec import verify
+from edgec.analysis import costs
+from edgec.analysis.channels import find_groups
+from edgec.builders import ALL_MODELS, GraphBuilder
+from edgec.passes.fold_batchnorm import FoldBatchNorm
+from edgec.passes.prune_channels import PruneChannels, apply_pruning, select
+from edgec.pipeline import PassManager
+
+ROOT = Path(__file__).resolve().parent.parent
+LIGHT = sorted(glob.glob(str(Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "*.onnx")))
+DIGITS = ROOT / "examples" / "digits"
+
+
+# ---------------------------------------------------------------------------- helpers
+def make_dead(ir, groups, remove) -> None:
+    """Make the chosen units dead: every layer reading them gets zero weights for them, so they
+    cannot influence any output; pruning exactly those units must not change the outputs."""
+    for g in groups:
+        units = set(remove.get(g.id, []))
+        if not units:
+            continue
+        for mb, pos, idx in g.members:
+            if mb.kind == "param" and mb.role == "weight.in":
+                t = mb.node.inputs[mb.slot]
+                v = np.array(ir.const_value(t), copy=True)
+                cols = [p * mb.block + k for p, u in zip(pos, idx) if u in units for k in range(mb.block)]
+                sl = [slice(None)] * v.ndim
+                sl[mb.axis] = cols
+                v[tuple(sl)] = 0
+                t.values = v
+
+
+def prune_dead_and_compare(model, *, ratio=0.4, seed=0, fold=False, feeds=None) -> int:
+    ir = edgec.from_model(model)
+    if fold:
+        PassManager([FoldBatchNorm()]).run(ir)
+    groups = find_groups(ir)
+    rng = np.random.default_rng(seed)
+    scores = {g.id: rng.random(g.channels) for g in groups if g.prunable}
+    remove = select(groups, scores, ratio=ratio)
+    make_dead(ir, groups, remove)
+    reference = ir.to_onnx()
+    apply_pruning(ir, groups, remove)
+    ir.validate()
+    pruned = ir.to_onnx()
+    onnx.checker.check_model(pruned)
+    feeds = feeds or verify.random_inputs(reference, seed=seed, batch=2)
+    ref, got = verify.run(reference, feeds), verify.run(pruned, feeds)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], atol=1e-5, rtol=1e-5, err_msg=k)
+    n = sum(len(v) for v in remove.values())
+    if remove:
+        assert costs.compute(edgec.from_model(pruned)).params < costs.compute(edgec.from_model(reference)).params
+    return n
+
+
+# ---------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_when_pruned_channels_are_dead(name, seed):
+    assert prune_dead_and_compare(ALL_MODELS[name](), seed=seed, ratio=0.3 + 0.2 * seed) > 0
+
+
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "mobilenet_v2", "shufflenet_v2", "inception"])
+def test_exact_after_fold_batchnorm(name):
+    assert prune_dead_and_compare(ALL_MODELS[name](), fold=True) > 0
+
+
+def test_exact_on_digits_example():
+    model = onnx.load(DIGITS / "model.onnx")
+    x = np.load(DIGITS / "data.npz")["test_x"][:16]
+    assert prune_dead_and_compare(model, feeds={model.graph.input[0].name: x}) > 0
+
+
+@st.composite
+def coupled_architecture(draw):
+    b = GraphBuilder("random", seed=draw(st.integers(0, 10_000)))
+    x = b.input("input", [1, 3, 8, 8])
+    width = st.sampled_from([3, 4, 6, 8])
+    y = b.conv_bn(x, draw(width), 3)
+    for _ in range(draw(st.integers(1, 6))):
+        kind = draw(st.sampled_from(["conv", "residual", "concat", "depthwise", "se", "pool", "affine",
+                                     "grouped", "slice", "instnorm", "pad", "prelu", "resize"]))
+        c = b.channels(y)
+        if kind == "conv":
+            y = b.conv_bn(y, draw(width), draw(st.sampled_from([1, 3])),
+                          act=draw(st.sampled_from(["relu", "relu6", "hardswish", "silu", None])))
+        elif kind == "residual":
+            z = b.conv_bn(b.conv_bn(y, draw(width), 1), c, 3, act=None)
+            y = b.relu(b.add(y, z))
+        elif kind == "concat":
+            parts = [y] + [b.conv_bn(y, draw(width), 1) for _ in range(draw(st.integers(1, 2)))]
+            y = b.concat(parts, axis=1)
+        elif kind == "depthwise":
+            y = b.conv_bn(y, c, 3, group=c)
+        elif kind == "se":
+            s = b.sigmoid(b.conv(b.relu(b.conv(b.gap(y), 2, 1)), c, 1))
+            y = b.mul(y, s)
+        elif kind == "pool" and b.shape(y)[2] >= 4:
+            y = b.maxpool(y, 2)
+        elif kind == "affine":
+            y = b.channel_affine(y)
+        elif kind == "instnorm":
+            y = b.op("InstanceNormalization", [y, b.const(b.rng.uniform(0.5, 1.5, c)), b.const(b.rng.normal(0, 0.2, c))],
+                     b.shape(y), epsilon=1e-5)
+        elif kind == "pad":
+            shape = b.shape(y)
+            shape[2] += 2
+            shape[3] += 1
+            y = b.op("Pad", [y, b.const([0, 0, 1, 0, 0, 0, 1, 1], "pads", np.int64)], shape, mode="reflect")
+        elif kind == "prelu":
+            y = b.op("PRelu", [y, b.const(b.rng.uniform(0, 0.3, (c, 1, 1)))], b.shape(y))
+        elif kind == "resize" and b.shape(y)[2] <= 8:
+            shape = b.shape(y)
+            shape[2] *= 2
+            shape[3] *= 2
+            y = b.op("Resize", [y, "", b.const([1, 1, 2, 2], "scales")], shape, mode="nearest")
+        elif kind == "grouped" and c % 2 == 0:
+            y = b.conv_bn(y, 2 * draw(st.sampled_from([2, 3, 4])), 3, group=2)
+        elif kind == "slice" and c >= 3:
+            lo = draw(st.integers(0, c - 2))
+            hi = draw(st.integers(lo + 1, c))
+            shape = b.shape(y)
+            shape[1] = hi - lo
+            y = b.op("Slice", [y, b.const([lo], "st", np.int64), b.const([hi if hi < c else 2**62], "en", np.int64),
+                               b.const([1], "ax", np.int64)], shape)
+    if draw(st.booleans()):
+        b.output(b.classifier(y, 5), "output")
+    else:
+        b.output(b.gemm(b.flatten(y), 5), "output")
+    return b.build()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model=coupled_architecture(), ratio=st.floats(0.1, 0.8), seed=st.integers(0, 100))
+def test_exact_random_coupled_architectures(model, ratio, seed):
+    prune_dead_and_compare(model, ratio=ratio, seed=seed)
+
+
+LIGHT_PRUNE = [p for p in LIGHT if not any(k in p for k in ("vgg19", "alexnet", "densenet121"))]  # time
+
+
+def test_exact_groupnorm_whole_groups():
+    b = GraphBuilder("gn", seed=0)
+    x = b.input("input", [1, 3, 8, 8])
+    y = b.conv(x, 8, 3)
+    y = b.op("GroupNormalization", [y, b.const(b.rng.uniform(0.5, 1.5, 8)), b.const(b.rng.normal(0, 0.2, 8))],
+             b.shape(y), num_groups=4, epsilon=1e-5)
+    b.output(b.gemm(b.flatten(b.gap(b.relu(y))), 3), "output")
+    model = b.build()
+    model.opset_import[0].version = 21  # GroupNormalization with per-channel scale/bias
+    model.ir_version = 10
+    g = find_groups(edgec.from_model(model))[0]
+    assert g.prunable and g.channels == 4 and g.unit_sizes() == [2, 2, 2, 2]
+    assert prune_dead_and_compare(model, ratio=0.5) == 2
+
+
+@pytest.mark.parametrize("path", LIGHT_PRUNE, ids=[Path(p).stem for p in LIGHT_PRUNE])
+def test_light_models_stay_valid(path):
+    model = onnx.load(path)
+    ir = edgec.from_model(model)
+    before = costs.compute(ir).params
+    p = PruneChannels(0.25)
+    PassManager([p]).run(ir)
+    pruned = ir.to_onnx()
+    got = verify.run(pruned, verify.random_inputs(model))
+    expected = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    assert {k: list(v.shape) for k, v in got.items()} == expected
+    if any(s["removed"] for s in p.summary):
+        assert costs.compute(edgec.from_model(pruned)).params < before
+
+
+# ---------------------------------------------------------------------------- ratio / targets
+def _prune(model, **kw):
+    ir = edgec.from_model(model)
+    before = costs.compute(ir)
+    p = PruneChannels(**kw)
+    PassManager([p]).run(ir)
+    return ir, p, before, costs.compute(ir)
+
+
+def test_ratio_reduces_params_and_macs():
+    model = ALL_MODELS["resnet_bottleneck"]()
+    _, p30, b, a30 = _prune(model, ratio=0.3)
+    _, p60, _, a60 = _prune(model, ratio=0.6)
+    assert a60.params < a30.params < b.params and a60.macs < a30.macs < b.macs
+    for s in p30.summary:
+        if s["prunable"]:
+            n = s["channels_before"]
+            assert s["channels_after"] == n - int(np.floor(n * 0.3 + 1e-9))
+        else:
+            assert s["channels_after"] == s["channels_before"] and s["reason"]
+
+
+def test_round_to_and_cap():
+    model = ALL_MODELS["mobilenet_v2"]()
+    _, p, _, _ = _prune(model, ratio=0.45, round_to=8)
+    for s in p.summary:
+        if s["prunable"] and s["channels_before"] > 8:
+            assert s["channels_after"] % 8 == 0 and s["channels_after"] > 0
+    _, p, _, _ = _prune(model, ratio=0.99 - 0.04, max_layer_ratio=0.5)
+    for s in p.summary:
+        assert s["channels_after"] >= int(np.ceil(s["channels_before"] * 0.5))
+
+
+def test_never_empties_a_split_or_layer():
+    for name in ("shufflenet_v2", "densenet", "inception"):
+        ir, p, _, _ = _prune(ALL_MODELS[name](), ratio=0.95, max_layer_ratio=0.99)
+        model = ir.to_onnx()
+        onnx.checker.check_model(model)
+        verify.run(model, verify.random_inputs(model))
+        assert all(s["channels_after"] >= 1 for s in p.summary)
+
+
+def test_macs_target():
+    model = ALL_MODELS["resnet_basic"]()
+    _, p, b, a = _prune(model, macs_target=0.4)
+    reduction = 1 - a.macs / b.macs
+    assert 0.4 <= reduction < 0.6, reduction
+    assert p.solved_ratio is not None and 0 < p.solved_ratio < 0.9
+
+
+def test_global_mode_and_steps():
+    model = ALL_MODELS["inception"]()
+    _, pg, b, ag = _prune(model, ratio=0.4, mode="global")
+    removed = sum(s["removed"] for s in pg.summary)
+    total = sum(s["channels_before"] for s in pg.summary if s["prunable"])
+    assert 0.3 * total <= removed <= 0.4 * total + 1
+    ir, ps, _, a3 = _prune(model, ratio=0.4, steps=3)
+    assert a3.params < b.params
+    verify.run(ir.to_onnx(), verify.random_inputs(model))
+
+
+@pytest.mark.parametrize("method", ["l1", "l2", "bn", "activation", "fused"])
+def test_importance_methods(method):
+    model = ALL_MODELS["se_block"]()
+    feeds = [verify.random_inputs(model, seed=s, batch=4) for s in range(2)]
+    ir, p, b, a = _prune(model, ratio=0.5, importance=method, feeds=feeds, reconstruct=False)
+    assert a.params < b.params
+    pruned = [s for s in p.summary if s["removed"]]
+    assert pruned and all(s["importance_removed"] <= s["importance_kept"] for s in pruned)
+
+
+def test_importance_finds_dead_channels():
+    """With dead producer rows (zero weights and BN gamma/beta), every method ranks them last."""
+    model = ALL_MODELS["resnet_basic"]()
+    ir = edgec.from_model(model)
+    PassManager([FoldBatchNorm()]).run(ir)
+    groups = find_groups(ir)
+    g = next(g for g in groups if any(o[0] == "conv_1_out" for o in g.origins))
+    for mb, pos, idx in g.members:
+        if mb.role in ("weight.out", "bias"):
+            v = np.array(ir.const_value(mb.node.inputs[mb.slot]), copy=True)
+            v[[0, 3]] = 0
+            mb.node.inputs[mb.slot].values = v
+    from edgec import importance
+
+    feeds = [verify.random_inputs(model, batch=4)]
+    for method in ("l1", "l2", "activation"):
+        s = importance.compute(ir, groups, method, feeds)[g.id]
+        assert set(np.argsort(s)[:2]) == {0, 3}, method
+
+
+def test_unprunable_groups_untouched():
+    b = GraphBuilder("sm", seed=0)
+    x = b.input("input", [1, 3, 8, 8])
+    y = b.conv_bn(b.conv_bn(x, 8, 3), 6, 3)
+    b.output(b.softmax(y, axis=1), "output")
+    ir, p, _, _ = _prune(b.build(), ratio=0.5)
+    blocked = [s for s in p.summary if not s["prunable"]]
+    assert blocked and "Softmax" in blocked[0]["reason"] and blocked[0]["channels_after"] == 6
+
+
+# ---------------------------------------------------------------------------- reconstruction
+def _output_error(original, pruned, feeds) -> float:
+    errs = []
+    for f in feeds:
+        r, g = verify.run(original, f), verify.run(pruned, f)
+        errs += [float(np.mean((r[k] - g[k]) ** 2)) for k in r]
+    return float(np.mean(errs))
+
+
+@pytest.mark.parametrize("name,ratio", [("resnet_basic", 0.4), ("mobilenet_v2", 0.3), ("flatten_gemm_head", 0.5)])
+def test_reconstruction_reduces_error(name, ratio):
+    model = ALL_MODELS[name](batch=8)
+    calib = [verify.random_inputs(model, seed=s) for s in range(16)]
+    held_out = [verify.random_inputs(model, seed=100 + s) for s in range(4)]
+    plain, _, _, _ = _prune(model, ratio=ratio)
+    rec, p, _, _ = _prune(model, ratio=ratio, feeds=calib)
+    assert any(r.get("refit") for r in p.reconstruction)
+    e_plain = _output_error(model, plain.to_onnx(), held_out)
+    e_rec = _output_error(model, rec.to_onnx(), held_out)
+    print(f"\n{name} at {ratio:.0%}: output MSE without reconstruction {e_plain:.4g}, with {e_rec:.4g}")
+    assert e_rec < 0.7 * e_plain
+
+
+def test_progressive_pruning_with_reconstruction():
+    model = ALL_MODELS["resnet_basic"]()
+    calib = [verify.random_inputs(model, seed=s) for s in range(16)]
+    ir, p, b, a = _prune(model, ratio=0.4, steps=2, feeds=calib)
+    assert a.params < b.params and p.reconstruction
+
+
+def test_digits_accuracy_with_and_without_reconstruction():
+    """30% uniform pruning of examples/digits/model.onnx, l1 importance; calibration on calib_x."""
+    model = onnx.load(DIGITS / "model.onnx")
+    data = np.load(DIGITS / "data.npz")
+    name = model.graph.input[0].name
+    calib = [{name: data["calib_x"][i:i + 50]} for i in range(0, len(data["calib_x"]), 50)]
+
+    def accuracy(m) -> float:
+        logits = list(verify.run(m, {name: data["test_x"]}).values())[0]
+        return float((logits.argmax(axis=1) == data["test_y"]).mean())
+
+    base = accuracy(model)
+    plain, _, b, a = _prune(model, ratio=0.3)
+    rec, p, _, _ = _prune(model, ratio=0.3, feeds=calib)
+    acc_plain, acc_rec = accuracy(plain.to_onnx()), accuracy(rec.to_onnx())
+    print(f"\ndigits: accuracy unpruned {base:.4f}; 30% channels pruned (params {b.params} -> {a.params}, "
+          f"MACs {b.macs} -> {a.macs}): without reconstruction {acc_plain:.4f}, "
+          f"with least-squares reconstruction {acc_rec:.4f}")
+    assert acc_rec > acc_plain
+    assert acc_rec > base - 0.1
