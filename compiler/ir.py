@@ -34,6 +34,7 @@ logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 DEFAULT_DOMAINS = (None, "", "ai.onnx")
+SMALL_CONST = 64  # constants up to this many elements carry their values into shape inference
 
 
 @dataclass
@@ -264,12 +265,16 @@ class IR:
 
     # ------------------------------------------------------------------ shapes
     def infer_shapes(self, *, force: bool = False) -> None:
-        """Annotate every tensor with the shape and dtype onnx shape inference finds."""
+        """Annotate every tensor with the shape and dtype onnx shape inference finds.
+
+        Inference runs on a skeleton of the graph: weights travel as typed graph inputs (no
+        data) and only small constants (shapes, axes, scales) carry values for data
+        propagation, so the cost does not grow with the model's weight bytes.
+        """
         if not force and self._shapes_version == self.version:
             return
-        model = self.to_onnx()
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
+            inferred = onnx.shape_inference.infer_shapes(self._skeleton(), check_type=False, strict_mode=False,
                                                          data_prop=True)
         except Exception:  # inference is best effort: keep what we have
             self._shapes_version = self.version
@@ -284,8 +289,8 @@ class IR:
             tt = infos.get(name)
             if tt is None:
                 continue
-            if tt.elem_type:
-                t.dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type not in _NON_NUMPY else t.dtype
+            if tt.elem_type and tt.elem_type not in _NON_NUMPY:
+                t.dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
             if tt.HasField("shape"):
                 dims = []
                 for d in tt.shape.dim:
@@ -298,6 +303,36 @@ class IR:
                 if t.shape is None or _more_specific(dims, t.shape):
                     t.shape = dims
         self._shapes_version = self.version
+
+    def shapes_current(self) -> bool:
+        return self._shapes_version == self.version
+
+    def shapes_still_valid(self) -> None:
+        """A pass that kept every surviving tensor's shape (and set the shapes of tensors it
+        created) calls this after :meth:`changed` so shapes are not re-inferred for it."""
+        self._shapes_version = self.version
+
+    def _skeleton(self) -> onnx.ModelProto:
+        exporter = gs.exporters.onnx_exporter.OnnxExporter
+        g = self.graph
+        nodes = [exporter.export_node(n) for n in g.nodes]
+        inputs = [exporter.export_value_info_proto(t, do_type_check=False) for t in g.inputs]
+        inits = []
+        for t in g.tensors().values():
+            if not isinstance(t, gs.Constant):
+                continue
+            if int(np.prod(t.shape)) <= SMALL_CONST:
+                inits.append(exporter.export_tensor_proto(t))
+            else:
+                inputs.append(helper.make_tensor_value_info(t.name, helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)),
+                                                            list(t.shape)))
+        outputs = [onnx.ValueInfoProto(name=t.name) for t in g.outputs]
+        graph = helper.make_graph(nodes, g.name or "g", inputs, outputs, initializer=inits)
+        opsets = [helper.make_opsetid(d, v) for d, v in self.opsets.items()]
+        model = helper.make_model(graph, opset_imports=opsets)
+        model.ir_version = max(8, min(self.info.ir_version, onnx.IR_VERSION))
+        model.functions.extend(exporter.export_function(f) for f in getattr(g, "functions", []))
+        return model
 
     def _has_shapes_from_import(self) -> None:
         # Shapes from the model's value_info were imported by gs; inference happens on demand.
@@ -363,7 +398,7 @@ class IR:
     # ------------------------------------------------------------------ iteration helpers
     def find(self, op: str) -> Iterator[gs.Node]:
         for node in list(self.graph.nodes):
-            if node.op == op and node.domain in DEFAULT_DOMAINS:
+            if node.op == op and node.domain in DEFAULT_DOMAINS and node.outputs:  # skip detached nodes
                 yield node
 
     def single_consumer(self, t: gs.Tensor) -> gs.Node | None:

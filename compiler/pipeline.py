@@ -8,11 +8,13 @@ folded) that the report prints.
 The manager runs an ordered pipeline, where an item is a pass or a :class:`FixedPoint` group
 (passes repeated until none changes the graph), times each pass, records what it changed
 (nodes, constants, parameters), validates the graph after every pass and names the pass in
-any failure.
+any failure. Dead nodes are dropped and topological order restored once per round (and before
+a pass that ``requires`` ``"order"``), so passes may leave dead nodes behind.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -29,6 +31,9 @@ class Pass:
     description: str = ""
     requires: tuple[str, ...] = ()
     lossless: bool = True
+    # True when every tensor that survives the pass keeps its shape and new tensors get theirs:
+    # the manager then skips re-running shape inference after it.
+    preserves_shapes: bool = False
 
     def __init__(self) -> None:
         self.notes: list[str] = []
@@ -100,9 +105,12 @@ class PassRecord:
 
 
 def _footprint(ir: IR) -> tuple[int, int, int]:
-    consts = ir.constants()
-    params = sum(int(np.prod(c.shape)) for c in consts if _is_param(c))
-    return len(ir.nodes), len(consts), params
+    cached = ir.analysis_cache.get("footprint")
+    if cached is None:
+        consts = ir.constants()
+        params = sum(math.prod(c.shape) for c in consts if _is_param(c))
+        cached = ir.analysis_cache["footprint"] = (len(ir.nodes), len(consts), params)
+    return cached
 
 
 def _is_param(c: gs.Constant) -> bool:
@@ -120,22 +128,40 @@ class PassManager:
 
     def run(self, ir: IR) -> list[PassRecord]:
         self.records = {}
+        self._dirty = False
         for item in self.pipeline:
             if isinstance(item, FixedPoint):
                 for _ in range(item.max_rounds):
-                    if not any([self._run_one(ir, p) for p in item.passes]):
+                    changed = [self._run_one(ir, p) for p in item.passes]
+                    self._tidy(ir)
+                    if not any(changed):
                         break
             else:
                 self._run_one(ir, item)
-        ir.toposort()
+        self._tidy(ir, force=True)
         ir.infer_shapes()  # outputs leave with shapes (onnx.checker requires them on graph outputs)
         return list(self.records.values())
 
+    def _tidy(self, ir: IR, force: bool = False) -> None:
+        """Drop dead nodes and restore topological order: once per round, not after every pass."""
+        if not (self._dirty or force):
+            return
+        ir.remove_dead()
+        try:
+            ir.toposort()
+        except Exception as e:
+            raise InternalError(f"the graph has a cycle after {self._last}: {e}", self._last) from e
+        self._dirty = False
+
     def _run_one(self, ir: IR, p: Pass) -> bool:
         rec = self.records.setdefault(p.name, PassRecord(p.name))
+        if "order" in p.requires:  # the pass walks nodes producers-first
+            self._tidy(ir)
+        self._last = p.name
         before = _footprint(ir)
         if "shapes" in p.requires:
             ir.infer_shapes()
+        shapes_valid = ir.shapes_current()
         t0 = time.perf_counter()
         try:
             changed = bool(p.run(ir))
@@ -145,11 +171,9 @@ class PassManager:
             raise InternalError(f"pass '{p.name}' failed: {type(e).__name__}: {e}", p.name) from e
         if changed:
             ir.changed()
-            ir.remove_dead()
-            try:
-                ir.toposort()
-            except Exception as e:
-                raise InternalError(f"pass '{p.name}' left a graph with a cycle: {e}", p.name) from e
+            if p.preserves_shapes and shapes_valid:
+                ir.shapes_still_valid()
+            self._dirty = True
             if self.validate:
                 try:
                     ir.validate()

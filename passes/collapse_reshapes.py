@@ -20,6 +20,7 @@ from edgec.pipeline import Pass, register
 class CollapseReshapes(Pass):
     name = "collapse_reshapes"
     description = "collapse Reshape/Flatten chains and remove shape-preserving Reshapes"
+    preserves_shapes = True
     requires = ("shapes",)
 
     def run(self, ir: IR) -> bool:

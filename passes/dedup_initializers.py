@@ -18,6 +18,7 @@ from edgec.pipeline import Pass, register
 class DedupInitializers(Pass):
     name = "dedup_initializers"
     description = "merge constants that hold identical values"
+    preserves_shapes = True
 
     def run(self, ir: IR) -> bool:
         first: dict[tuple, object] = {}

@@ -14,6 +14,7 @@ from edgec.pipeline import Pass, register
 class EliminateDead(Pass):
     name = "eliminate_dead"
     description = "remove nodes whose outputs are never read and unused initializers"
+    preserves_shapes = True
 
     def run(self, ir: IR) -> bool:
         before = (len(ir.nodes), len(ir.tensors()))

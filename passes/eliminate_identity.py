@@ -21,6 +21,7 @@ from edgec.pipeline import Pass, register
 class EliminateIdentity(Pass):
     name = "eliminate_identity"
     description = "remove Identity, inference Dropout and no-op Cast nodes"
+    preserves_shapes = True
     requires = ("shapes",)
 
     def run(self, ir: IR) -> bool:

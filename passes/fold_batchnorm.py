@@ -31,6 +31,7 @@ FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 class FoldBatchNorm(Pass):
     name = "fold_batchnorm"
     description = "fold BatchNormalization into a preceding Conv, ConvTranspose, Gemm or constant-weight MatMul"
+    preserves_shapes = True
     requires = ("shapes",)
 
     def run(self, ir: IR) -> bool:

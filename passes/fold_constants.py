@@ -41,7 +41,8 @@ def _nbytes_of_shape(t: gs.Tensor) -> int | None:
 class FoldConstants(Pass):
     name = "fold_constants"
     description = "evaluate nodes whose inputs are all constants (size-capped: never grows the model)"
-    requires = ("shapes",)
+    preserves_shapes = True
+    requires = ("shapes", "order")
 
     def run(self, ir: IR) -> bool:
         const_bytes: dict[int, int] = {}  # id(tensor) -> bytes, for constants and folded tensors

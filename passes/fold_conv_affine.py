@@ -27,6 +27,7 @@ OPS = ("Mul", "Add", "Sub", "Div")
 class FoldConvAffine(Pass):
     name = "fold_conv_affine"
     description = "fold a constant per-channel Mul/Add/Sub/Div that follows a Conv into its weights and bias"
+    preserves_shapes = True
     requires = ("shapes",)
 
     def run(self, ir: IR) -> bool:

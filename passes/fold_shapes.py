@@ -20,6 +20,7 @@ from edgec.pipeline import Pass, register
 class FoldShapes(Pass):
     name = "fold_shapes"
     description = "replace Shape/Size of statically shaped tensors with constants"
+    preserves_shapes = True
     requires = ("shapes",)
 
     def run(self, ir: IR) -> bool:

@@ -27,6 +27,7 @@ def _perm(node) -> list[int] | None:
 class FuseTransposes(Pass):
     name = "fuse_transposes"
     description = "compose consecutive Transposes and remove identity permutations"
+    preserves_shapes = True
     requires = ("shapes",)
 
     def run(self, ir: IR) -> bool:

@@ -25,6 +25,7 @@ from edgec.pipeline import Pass, register
 class GemmToConv(Pass):
     name = "gemm_to_conv"
     description = "rewrite Gemm on feature vectors as a 1x1 Conv (NPU-friendly)"
+    preserves_shapes = True
     requires = ("shapes",)
 
     def run(self, ir: IR) -> bool:

@@ -13,5 +13,5 @@ class InferShapes(Pass):
     description = "annotate tensors with shapes and dtypes (onnx shape inference, data propagation)"
 
     def run(self, ir: IR) -> bool:
-        ir.infer_shapes(force=True)
+        ir.infer_shapes()
         return False

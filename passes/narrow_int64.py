@@ -43,6 +43,7 @@ def _accepts_int32(node: gs.Node, index: int, opset: int) -> bool:
 class NarrowInt64(Pass):
     name = "narrow_int64"
     description = "store INT64 constants as INT32 where values fit and every reader accepts INT32"
+    preserves_shapes = True
 
     def run(self, ir: IR) -> bool:
         changed = False

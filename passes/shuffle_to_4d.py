@@ -18,6 +18,7 @@ from edgec.pipeline import Pass, register
 class ShuffleTo4D(Pass):
     name = "shuffle_to_4d"
     description = "rewrite 5-D Reshape-Transpose channel shuffles into 4-D equivalents"
+    preserves_shapes = True
     requires = ("shapes",)
 
     def run(self, ir: IR) -> bool:

@@ -15,6 +15,7 @@ Per node and in total. Needs shapes (the IR infers them). Conventions:
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -70,7 +71,7 @@ class Costs:
 
 
 def _numel(shape) -> int:
-    return int(np.prod([d if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in shape])) if shape else 1
+    return math.prod(int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in shape) if shape else 1
 
 
 def _is_param_dtype(dtype) -> bool:
@@ -82,19 +83,19 @@ def _is_param_dtype(dtype) -> bool:
 
 
 def _const_shape(ir: IR, t: gs.Tensor):
+    """Shape of a constant without materialising it (ConstantOfShape weights stay unbuilt)."""
     if isinstance(t, gs.Constant):
         return tuple(t.shape)
     if ir.is_const(t):
-        v = ir.const_value(t)
-        return v.shape if v is not None else None
+        return tuple(int(d) for d in ir.const_value(ir.producer(t).inputs[0]))
     return None
 
 
 def _const_dtype(ir: IR, t):
     if isinstance(t, gs.Constant):
         return t.dtype
-    v = ir.const_value(t)
-    return v.dtype if v is not None else None
+    fill = ir.producer(t).attrs.get("value") if ir.producer(t) is not None else None
+    return fill.dtype if isinstance(fill, gs.Constant) else np.float32
 
 
 def node_macs(ir: IR, node: gs.Node) -> int:
@@ -188,14 +189,16 @@ def _peak_memory(ir: IR) -> tuple[int, bool]:
         b, s = _tensor_bytes(t)
         symbolic |= s
         live[id(t)] = b
-    peak = sum(live.values())
+    current = sum(live.values())
+    peak = current
     for i, node in enumerate(order):
         for t in node.outputs:
             b, s = _tensor_bytes(t)
             symbolic |= s
+            current += b - live.get(id(t), 0)
             live[id(t)] = b
-        peak = max(peak, sum(live.values()))
+        peak = max(peak, current)
         for t in list(node.inputs) + list(node.outputs):
             if id(t) in live and last_use.get(id(t), -1) <= i:
-                del live[id(t)]
+                current -= live.pop(id(t))
     return int(peak), symbolic
