@@ -375,8 +375,8 @@ class IR:
     # ------------------------------------------------------------------ lowering
     def _lower_constant_nodes(self) -> bool:
         """Constant nodes become gs.Constant tensors (one representation for constants)."""
-        lowered = False
-        for node in list(self.graph.nodes):
+        lowered: set[int] = set()
+        for node in self.graph.nodes:
             if node.op != "Constant" or node.domain not in DEFAULT_DOMAINS or len(node.outputs) != 1:
                 continue
             out = node.outputs[0]
@@ -391,9 +391,10 @@ class IR:
                     if t is out:
                         consumer.inputs[i] = const
             node.outputs.clear()
-            self.graph.nodes.remove(node)
-            lowered = True
-        return lowered
+            lowered.add(id(node))
+        if lowered:  # one rebuild: list.remove() is quadratic with gs.Node's deep __eq__
+            self.graph.nodes = [n for n in self.graph.nodes if id(n) not in lowered]
+        return bool(lowered)
 
     # ------------------------------------------------------------------ iteration helpers
     def find(self, op: str) -> Iterator[gs.Node]:

@@ -9,6 +9,9 @@ Rules
   big weight from a 4-element shape) is not evaluated at all. Folding therefore never bloats
   the model.
 - Evaluation runs once, in ONNX Runtime, over a model made of all foldable nodes.
+- Generated constants stay generated: a shape-only op (Unsqueeze, Squeeze, Reshape, Flatten,
+  Expand) of a ``ConstantOfShape`` becomes one ``ConstantOfShape`` of the output's static
+  shape, so the chain shrinks without materialising the tensor.
 Post-condition: outputs of the graph are unchanged bit for bit (same kernels compute them).
 """
 
@@ -25,6 +28,7 @@ from edgec.pipeline import Pass, register
 from ._util import NONDETERMINISTIC, QUANT_OPS, has_subgraph, is_default_domain
 
 SMALL_BYTES = 1024
+SHAPE_ONLY = ("Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand")
 
 
 def _nbytes_of_shape(t: gs.Tensor) -> int | None:
@@ -45,6 +49,32 @@ class FoldConstants(Pass):
     requires = ("shapes", "order")
 
     def run(self, ir: IR) -> bool:
+        changed = self._reshape_generated(ir)
+        return self._fold(ir) or changed
+
+    def _reshape_generated(self, ir: IR) -> bool:
+        changed = False
+        for node in list(ir.nodes):
+            if node.op not in SHAPE_ONLY or not is_default_domain(node) or not node.outputs or not node.inputs:
+                continue
+            src = ir.producer(node.inputs[0])
+            out = node.outputs[0]
+            shape = IR.static_shape(out)
+            if (src is None or src.op != "ConstantOfShape" or not ir.is_const(node.inputs[0]) or shape is None
+                    or ir.is_graph_output(out) or not all(ir.is_const(t) for t in node.inputs[1:]
+                                                          if not (isinstance(t, gs.Variable) and t.is_empty()))):
+                continue
+            new_shape = ir.make_const(out.name + "_shape", np.array(shape, dtype=np.int64))
+            node.op = "ConstantOfShape"
+            node.attrs.clear()
+            if "value" in src.attrs:
+                node.attrs["value"] = src.attrs["value"]
+            node.inputs.clear()
+            node.inputs.append(new_shape)
+            changed = True
+        return changed
+
+    def _fold(self, ir: IR) -> bool:
         const_bytes: dict[int, int] = {}  # id(tensor) -> bytes, for constants and folded tensors
         foldable: list[gs.Node] = []
         for node in ir.nodes:  # nodes are kept in topological order
