@@ -323,8 +323,8 @@ def test_shape_ops_of_generated_constants_stay_generated():
     cos = helper.make_node("ConstantOfShape", ["shp"], ["g"],
                            value=numpy_helper.from_array(np.array([0.25], dtype=np.float32)))
     m = make_model([cos, helper.make_node("Unsqueeze", ["g", "axes"], ["u"]), helper.make_node("Mul", ["x", "u"], ["y"])],
-                   [f32("x", [2, 64, 32, 32])], [f32("y", None)],
-                   [init("shp", np.array([64], dtype=np.int64)), init("axes", np.array([1, 2], dtype=np.int64))])
+                   [f32("x", [2, 4096, 2, 2])], [f32("y", None)],
+                   [init("shp", np.array([4096], dtype=np.int64)), init("axes", np.array([1, 2], dtype=np.int64))])
     out, rec = run(m, FoldConstants())
     assert ops(out) == ["ConstantOfShape", "Mul"]
     assert out.ByteSize() < 2048
