@@ -8,7 +8,8 @@ no Q/DQ on weighted ops' outputs, float bias); float layers run in FP16; channel
 (tensor cores).
 
 Pipeline: the lossless clean-up, LayerNormalization decomposed for 8.x (its parser has none),
-INT64 constants narrowed to INT32 where readers accept it.
+INT64 constants narrowed to INT32 where readers accept it; with ``sparsity=2:4`` eligible
+weights are pruned 2:4 for Ampere/Orin sparse tensor cores and re-fitted on ``--calib`` data.
 Check: every node (subgraphs included) against onnx-tensorrt's support matrix of the chosen
 version (backends/op_tables.py), plus the restrictions that matter in practice: Q/DQ zero
 points 0 and INT8 only, no QLinear/Integer ops, MaxPool's Indices output unused, 2-D/3-D
@@ -51,7 +52,14 @@ def _pipeline(t: Target) -> list:
     extra = [NarrowInt64()]
     if not VERSIONS[str(t.options["trt"])].get("LayerNormalization", (False,))[0]:
         extra.insert(0, DecomposeOps(ops=("LayerNormalization",)))
-    return lossless_pipeline(extra=extra)
+    pipeline = lossless_pipeline(extra=extra)
+    if t.options["sparsity"] == "2:4":  # on the final (BN-folded) weights
+        from edgec.passes.sparsify_24 import Sparsify24
+
+        pipeline.append(Sparsify24())
+    elif t.options["sparsity"]:
+        raise UserError(f"target jetson: sparsity={t.options['sparsity']} is not known (2:4)")
+    return pipeline
 
 
 def _verdict(t: Target, ir: IR):

@@ -93,6 +93,12 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
                                    round_to=round_to or tgt.channel_multiple, max_layer_ratio=max_layer_ratio,
                                    steps=prune_steps, feeds=feeds, reconstruct=bool(reconstruct and feeds))
         pipeline = [prune_pass] + pipeline
+    if calib_set is not None:  # passes that learn from data (2:4 re-fit, ...) get the calibration feeds
+        cached_feeds = None
+        for p in _flatten(pipeline):
+            if hasattr(p, "feeds") and p.feeds is None:
+                cached_feeds = cached_feeds if cached_feeds is not None else list(calib_set)
+                p.feeds = cached_feeds
     if input_shapes:
         from edgec.passes import FixInputShapes
 
@@ -160,6 +166,9 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
                              "steps": prune_steps, "round_to": round_to or tgt.channel_multiple,
                              "reconstruct": bool(reconstruct and calib_set is not None),
                              "groups": prune_pass.summary, "reconstruction": prune_pass.reconstruction}
+    sparse = [p for p in _flatten(pipeline) if getattr(p, "name", "") == "sparsify_24"]
+    if sparse:
+        report["sparsity"] = {"pattern": "2:4", "layers": sparse[0].summary}
     if bench:
         bench_feeds = verify_mod.random_inputs(result_model)
         report["latency_ms"] = {"before": verify_mod.latency_ms(original, bench_feeds),

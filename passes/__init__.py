@@ -18,6 +18,7 @@ from . import (  # noqa: F401
     prune_channels,
     reconstruct,
     shuffle_to_4d,
+    sparsify_24,
 )
 
 from .collapse_reshapes import CollapseReshapes
@@ -37,7 +38,8 @@ from .narrow_int64 import NarrowInt64
 from .prune_channels import PruneChannels
 from .reconstruct import Reconstruct
 from .shuffle_to_4d import ShuffleTo4D
+from .sparsify_24 import Sparsify24
 
 __all__ = ["CollapseReshapes", "DecomposeOps", "DedupInitializers", "EliminateDead", "EliminateIdentity",
            "FixInputShapes", "FoldBatchNorm", "FoldConstants", "FoldConvAffine", "FoldShapes", "FuseTransposes",
-           "GemmToConv", "InferShapes", "NarrowInt64", "PruneChannels", "Reconstruct", "ShuffleTo4D"]
+           "GemmToConv", "InferShapes", "NarrowInt64", "PruneChannels", "Reconstruct", "ShuffleTo4D", "Sparsify24"]

@@ -26,6 +26,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from edgec.ir import IR
+from edgec.lstsq import ridge_solve as _solve
+from edgec.lstsq import run_tensors as _run
+from edgec.lstsq import sample_rows
 from edgec.pipeline import Pass, register
 
 
@@ -43,56 +46,6 @@ def _layers(ir: IR, kept: dict[str, tuple]) -> list[gs.Node]:
                 ir.const_value(node.inputs[1]).ndim == 2 and not ir.is_const(node.inputs[0]):
             out.append(node)
     return out
-
-
-def _run(model: onnx.ModelProto, names: list[str], feeds: list[dict]) -> list[list[np.ndarray]]:
-    from edgec import verify
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    existing = {o.name for o in model.graph.output}
-    for n in names:
-        if n not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    sess = verify.session(model)
-    res = [[] for _ in names]
-    for batch in feeds:
-        for i, v in enumerate(sess.run(names, batch)):
-            res[i].append(np.asarray(v))
-    return res
-
-
-def _conv_geometry(node: gs.Node, w: np.ndarray):
-    k = w.shape[2:]
-    nd = len(k)
-    strides = list(node.attrs.get("strides", [1] * nd))
-    dil = list(node.attrs.get("dilations", [1] * nd))
-    pads = list(node.attrs.get("pads", [0] * (2 * nd)))
-    return k, strides, dil, pads
-
-
-def _conv_rows(x: np.ndarray, node: gs.Node, w: np.ndarray, rows: tuple) -> np.ndarray:
-    """im2col patches [R, C*prod(k)] of ``x`` at output positions ``rows`` = (n, oy, ox)."""
-    k, s, d, p = _conv_geometry(node, w)
-    if len(k) != 2:
-        raise NotImplementedError
-    xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
-    n, oy, ox = rows
-    ys = oy[:, None] * s[0] + np.arange(k[0])[None, :] * d[0]
-    xs = ox[:, None] * s[1] + np.arange(k[1])[None, :] * d[1]
-    c = np.arange(x.shape[1])
-    patches = xp[n[:, None, None, None], c[None, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
-    return patches.reshape(len(n), -1)
-
-
-def _solve(X: np.ndarray, Y: np.ndarray, ridge: float, bias: bool) -> np.ndarray:
-    X = X.astype(np.float64)
-    if bias:
-        X = np.concatenate([X, np.ones((X.shape[0], 1))], axis=1)
-    G = X.T @ X
-    d = G.shape[0] - (1 if bias else 0)
-    lam = ridge * float(np.mean(np.diag(G)[:d])) if d else 0.0
-    G[np.arange(d), np.arange(d)] += lam + 1e-12
-    return np.linalg.solve(G, X.T @ Y.astype(np.float64))
 
 
 def _set(ir: IR, node: gs.Node, slot: int, value: np.ndarray) -> None:
@@ -131,22 +84,11 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
             if yname in kept:
                 axis, pos = kept[yname]
                 y = np.take(y, pos, axis=axis)
-            if node.op == "Conv":
-                if y.ndim != 4:
-                    break
-                N, _, H, W = y.shape
-                total = N * H * W
-                idx = rng.choice(total, size=min(per_batch, total), replace=False)
-                n, rem = np.divmod(idx, H * W)
-                oy, ox = np.divmod(rem, W)
-                X_rows.append(_conv_rows(x, node, w, (n, oy, ox)))
-                Y_rows.append(y[n, :, oy, ox])
-            else:
-                x2 = x.reshape(-1, x.shape[-1])
-                y2 = y.reshape(-1, y.shape[-1])
-                idx = rng.choice(len(x2), size=min(per_batch, len(x2)), replace=False)
-                X_rows.append(x2[idx])
-                Y_rows.append(y2[idx])
+            rows = sample_rows(node, w, x, y, per_batch, rng)
+            if rows is None:
+                break
+            X_rows.append(rows[0])
+            Y_rows.append(rows[1])
         if not X_rows:
             report.append({"layer": node.name, "refit": False, "reason": "unsupported layout"})
             continue

@@ -174,3 +174,41 @@ def test_rv1106_without_quantization_is_refused(tmp_path):
         edgec.compile(EXAMPLE / "model.onnx", tmp_path / "m.onnx", target="rknn",
                       input_shapes={"input": [1, 1, 8, 8]}, target_options={"platform": "rv1106"})
     assert not (tmp_path / "m.onnx.rknn.json").exists()
+
+
+# ------------------------------------------------------------------------ 2:4 sparsity
+def _is_24(w: np.ndarray, layout: str) -> bool:
+    rows = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1) if layout == "conv" else w
+    return bool(np.all((rows.reshape(rows.shape[0], -1, 4) != 0).sum(axis=2) <= 2))
+
+
+@pytest.mark.parametrize("builder", ["resnet_basic", "mobilenet_v2"])
+def test_sparsity_24_pattern_and_least_squares_recovery(builder):
+    from edgec import builders, verify
+
+    model = builders.ALL_MODELS[builder](width=16)
+    calib = {"input": np.random.default_rng(1).normal(size=(16, 3, 16, 16)).astype(np.float32)}
+    held_out = {"input": np.random.default_rng(2).normal(size=(8, 3, 16, 16)).astype(np.float32)}
+    def outputs(m):  # the builder models have a static batch of 1
+        return np.concatenate([verify.run(m, {"input": x[None]})["output"] for x in held_out["input"]])
+
+    ref = outputs(model)
+    errors = {}
+    for name, kw in (("magnitude", {}), ("refit", {"calib": calib})):
+        result = edgec.compile(model, target="jetson", target_options={"sparsity": "2:4"}, **kw)
+        out = result.model
+        convs = [i for n in out.graph.node if n.op_type == "Conv" for i in out.graph.initializer if i.name == n.input[1]]
+        sparse = [numpy_helper.to_array(i) for i in convs if numpy_helper.to_array(i).shape[1] % 4 == 0]
+        assert sparse and all(_is_24(w, "conv") for w in sparse)
+        # at least half zero: the re-fit may also zero an input channel the data never excites
+        assert all(float(np.mean(w == 0)) >= 0.5 for w in sparse)
+        layers = result.report["sparsity"]["layers"]
+        assert len(layers) == len(sparse) + sum(n.op_type in ("Gemm",) for n in out.graph.node)
+        got = outputs(out)
+        errors[name] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    assert errors["refit"] < 0.3 * errors["magnitude"], errors
+
+
+def test_sparsity_is_refused_outside_known_patterns():
+    with pytest.raises(UserError, match="sparsity=1:8"):
+        edgec.compile(resnet_basic(), target="jetson", target_options={"sparsity": "1:8"})
