@@ -330,8 +330,13 @@ class PruneChannels(Pass):
                 entry["importance_kept"] = round(float(np.mean(s[kept])), 4) if kept else None
 
     def _macs_after(self, ir: IR, ratio: float) -> int:
+        """MACs after pruning at ``ratio`` with the same progressive schedule ``run`` uses
+        (per-step rounding makes K steps differ from one)."""
         trial = ir.copy()
-        self._step(trial, ratio, record=False)
+        per_step = 1.0 - (1.0 - ratio) ** (1.0 / self.steps)
+        for _ in range(self.steps):
+            if not self._step(trial, per_step, record=False):
+                break
         return costs_mod.compute(trial).macs
 
     def _solve_ratio(self, ir: IR) -> float:

@@ -336,3 +336,14 @@ def test_digits_accuracy_with_and_without_reconstruction():
           f"with least-squares reconstruction {acc_rec:.4f}")
     assert acc_rec > acc_plain
     assert acc_rec > base - 0.1
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_macs_target_is_met_with_progressive_steps(steps):
+    """--prune-macs solves the ratio for the same step schedule the pruning then runs."""
+    import edgec
+
+    model = edgec.builders.resnet_bottleneck()
+    result = edgec.compile(model, prune_macs=0.4, prune_steps=steps, round_to=1)
+    before, after = result.report["before"]["macs"], result.report["after"]["macs"]
+    assert after <= 0.6 * before * 1.02, (before, after)
