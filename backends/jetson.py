@@ -138,7 +138,7 @@ def _check(t: Target, ir: IR) -> list[str]:
     return problems
 
 
-def write_trtexec(t: Target, ir: IR, output: Path) -> list[Path]:
+def write_trtexec(t: Target, ir: IR, output: Path, **_) -> list[Path]:
     """``OUT.trtexec.txt``: the trtexec command that builds this model on the Jetson."""
     args = [f"trtexec --onnx={output.name} --saveEngine={output.stem}.engine"]
     has_qdq = any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in ir.nodes)

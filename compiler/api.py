@@ -37,6 +37,9 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
             prune: float | None = None, prune_macs: float | None = None, importance: str = "l1",
             prune_mode: str = "uniform", prune_steps: int = 1, round_to: int | None = None,
             max_layer_ratio: float = 0.9, reconstruct: bool = True, bench: bool = False,
+            quantize: str | None = None, calib_method: str = "minmax", percentile: float = 99.99,
+            activations: str | None = None, weights: str | None = None, keep_float: Sequence[str] = (),
+            max_bytes: int | None = None, progress: bool = False,
             log: Callable[[str], None] | None = None) -> CompileResult:
     """Compile ``model`` for ``target``; write it to ``output`` (atomically) if given.
 
@@ -56,6 +59,12 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     squares unless ``reconstruct`` is False. For lossy compiles ``verify`` measures the output
     error (relative L2, cosine) on the calibration/eval inputs and fails only above ``max_error``.
     ``bench`` adds ONNX Runtime latency before and after.
+
+    ``quantize`` = ``int8`` (static QDQ from ``calib``), ``fp16`` or ``mixed`` (a precision per
+    layer, FP32/FP16/INT8/INT4, from measured sensitivity, meeting ``max_error`` or
+    ``max_bytes``) runs after the target's pipeline, in the target's int8 scheme unless
+    ``activations``/``weights`` override it: ONNX Runtime's fusable QDQ groups for cpu/neon/rknn,
+    TensorRT's explicit-quantization placement for jetson.
     """
     from edgec.backends import get_target
 
@@ -79,7 +88,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
         if isinstance(calib, str) and calib == "random":
             log("warning: calibrating on random data (--calib random): pruning and quantization will not "
                 "reflect the real input distribution")
-        calib_set = load_calibration(calib, original, max_samples=calib_samples)
+        calib_set = load_calibration(calib, _signature(original, input_shapes), max_samples=calib_samples)
     prune_pass = None
     if prune is not None or prune_macs is not None:
         from edgec.passes.prune_channels import PruneChannels
@@ -113,6 +122,12 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     if tgt.static_shapes:
         _require_static(tgt, ir, input_shapes or {})
     records = PassManager(pipeline, on_pass=lambda r: None).run(ir)
+    quant_report = None
+    if quantize is not None:
+        quant_report = _quantize(ir, original, tgt, quantize, calib_set, method=calib_method, percentile=percentile,
+                                 activations=activations, weights=weights, keep_float=keep_float,
+                                 max_error=max_error, max_bytes=max_bytes, progress=progress, log=log)
+        ir.infer_shapes()
     after = costs_mod.compute(ir)
     result_model = ir.to_onnx()
     loader.check_model(result_model)
@@ -138,7 +153,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
         "after": after.as_dict(),
         "passes": [r.as_dict() for r in records],
     }
-    lossy = any(not getattr(p, "lossless", True) for p in _flatten(pipeline))
+    lossy = quantize is not None or any(not getattr(p, "lossless", True) for p in _flatten(pipeline))
     source = "given" if inputs is not None else "random"
     if (verify or max_error is not None) and feeds is None:
         if lossy and evaluation is not None:  # lossy: measure on real data when there is some
@@ -166,6 +181,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
                              "steps": prune_steps, "round_to": round_to or tgt.channel_multiple,
                              "reconstruct": bool(reconstruct and calib_set is not None),
                              "groups": prune_pass.summary, "reconstruction": prune_pass.reconstruction}
+    if quant_report is not None:
+        report["quantization"] = quant_report
     sparse = [p for p in _flatten(pipeline) if getattr(p, "name", "") == "sparsify_24"]
     if sparse:
         report["sparsity"] = {"pattern": "2:4", "layers": sparse[0].summary}
@@ -180,12 +197,79 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     report["seconds"] = round(time.perf_counter() - t_start, 4)
     if output is not None:
         if tgt.extras is not None:  # before the model: a refusal here leaves nothing behind
-            extra_files = tgt.extras(tgt, ir, Path(output))
+            extra_files = tgt.extras(tgt, ir, Path(output), calib_batches=calib_set,
+                                     quantized_model=quantize in ("int8", "mixed"))
             report["extra_files"] = [str(f) for f in extra_files]
         loader.save(result_model, output, check=False)
         report["output_file_bytes"] = Path(output).stat().st_size
     return CompileResult(ir=ir, model=result_model, report=report, records=records,
                          output=Path(output) if output is not None else None)
+
+
+def _quantize(ir: IR, original, tgt, mode: str, calib_set, *, method, percentile, activations, weights,
+              keep_float, max_error, max_bytes, progress, log) -> dict:
+    from . import quantize_api
+
+    if mode not in ("int8", "fp16", "mixed"):
+        raise UserError(f"--quantize {mode}: choose int8, fp16 or mixed")
+    if mode != "fp16" and calib_set is None:
+        raise UserError(f"--quantize {mode} needs calibration data: --calib PATH (or --calib random, explicitly)")
+    from . import calibration as calib_mod
+
+    activations = activations or tgt.quant.activations
+    weights = weights or tgt.quant.weights
+    method = calib_mod.parse_method(method) if isinstance(method, str) else method
+    if tgt.name == "jetson" and mode != "fp16":
+        if mode == "mixed":
+            raise UserError("target jetson: use --quantize int8 (TensorRT chooses FP16 or INT8 per layer itself "
+                            "when built with --int8 --fp16); keep sensitive layers float with --keep-float")
+        if activations != "symmetric":
+            raise UserError("target jetson: TensorRT needs symmetric activations (zero point 0)")
+        return _quantize_tensorrt(ir, calib_set, method=method, percentile=percentile, keep_float=keep_float,
+                                  progress=progress)
+    return quantize_api.quantize(ir, original, mode=mode, calib_batches=calib_set, method=method,
+                                 percentile=percentile, activations=activations, weights=weights,
+                                 keep_float=keep_float, max_error=max_error, max_bytes=max_bytes,
+                                 progress=progress, log=log)
+
+
+def _quantize_tensorrt(ir: IR, calib_set, *, method, percentile, keep_float, progress) -> dict:
+    import time as _time
+
+    from . import calibration as calib_mod
+    from . import quantize_api
+    from edgec.passes.quantize_tensorrt import QuantizeTensorRT
+
+    t0 = _time.perf_counter()
+    ir.infer_shapes()
+    float_model = ir.to_onnx()
+    tensors = quantize_api.calibration_tensors(float_model)
+    stats = calib_mod.collect(float_model, tensors, calib_set, progress=progress,
+                              total=getattr(calib_set, "num_samples", None))
+    ranges = calib_mod.ranges_from_stats(float_model, stats, method=method, percentile=percentile, symmetric=True)
+    p = QuantizeTensorRT(ranges, keep_float=keep_float)
+    records = PassManager([p]).run(ir)
+    rep = {"mode": "int8", "method": method, "activations": "symmetric", "weights": "per-channel",
+           **p.summary, "notes": [n for r in records for n in r.notes]}
+    rep["error"] = quantize_api.output_error(float_model, ir.to_onnx(), calib_set)
+    rep["seconds"] = round(_time.perf_counter() - t0, 3)
+    return rep
+
+
+def _signature(model: onnx.ModelProto, input_shapes: dict | None) -> onnx.ModelProto:
+    """A model holding only ``model``'s inputs, with ``input_shapes`` applied: what calibration
+    batches must match once the compiled model's inputs are fixed."""
+    if not input_shapes:
+        return model
+    stub = onnx.ModelProto()
+    stub.graph.input.extend(model.graph.input)
+    stub.graph.initializer.extend(onnx.TensorProto(name=i.name) for i in model.graph.initializer)
+    for vi in stub.graph.input:
+        if vi.name in input_shapes:
+            del vi.type.tensor_type.shape.dim[:]
+            for d in input_shapes[vi.name]:
+                vi.type.tensor_type.shape.dim.add().dim_value = int(d)
+    return stub
 
 
 def _flatten(pipeline):
@@ -253,8 +337,7 @@ def _eval_set(path, model: onnx.ModelProto):
 
 
 def _accuracy(model: onnx.ModelProto, feeds: dict[str, np.ndarray], labels: np.ndarray) -> float:
-    sess = verify_mod.session(model)
-    out = sess.run([sess.get_outputs()[0].name], feeds)[0]
+    out = next(iter(verify_mod.run(model, feeds).values()))
     pred = out.reshape(len(labels), -1).argmax(axis=1)
     return float(np.mean(pred == labels.reshape(-1)))
 

@@ -53,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--round-to", type=int, help="keep channel counts multiples of N (default: the target's)")
     g.add_argument("--max-layer-ratio", type=float, default=0.9, help="never remove more than this from a group (0.9)")
     g.add_argument("--no-reconstruct", action="store_true", help="skip the least-squares re-fit of pruned layers")
+    q = c.add_argument_group("quantization")
+    q.add_argument("--quantize", choices=["int8", "fp16", "mixed"],
+                   help="int8 static QDQ, fp16, or mixed (per-layer FP32/FP16/INT8/INT4 from measured sensitivity)")
+    q.add_argument("--calib-method", default="minmax",
+                   help="minmax, percentile, entropy or mse; or per tensor class, e.g. default=minmax,unbounded=percentile")
+    q.add_argument("--percentile", type=float, default=99.99, help="percentile for --calib-method percentile (99.99)")
+    q.add_argument("--activations", choices=["asymmetric", "symmetric"], help="activation scheme (default: the target's)")
+    q.add_argument("--weights", choices=["per-channel", "per-tensor"], help="weight scales (default: the target's)")
+    q.add_argument("--keep-float", default="", metavar="NAME,...", help="nodes or tensors that stay float")
+    q.add_argument("--max-bytes", type=int, help="--quantize mixed: the smallest plan whose weights fit this size")
     c.add_argument("--bench", action="store_true", help="measure ONNX Runtime latency before and after")
     c.add_argument("--report", help="write the report as JSON to this file")
     c.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
@@ -111,6 +121,10 @@ def _compile(args) -> int:
                                 ("--max-layer-ratio", args.max_layer_ratio, 0.0, 1.0)):
         if value is not None and not lo <= value < hi:
             raise UserError(f"{flag} {value}: must be in [{lo}, {hi})")
+    if args.percentile is not None and not 0 < args.percentile <= 100:
+        raise UserError(f"--percentile {args.percentile}: must be in (0, 100]")
+    if args.calib_samples is not None and args.calib_samples < 1:
+        raise UserError("--calib-samples must be a positive integer")
     if args.prune_steps < 1 or (args.round_to is not None and args.round_to < 1):
         raise UserError("--prune-steps and --round-to must be positive integers")
     passes = None
@@ -127,7 +141,10 @@ def _compile(args) -> int:
                          prune=args.prune, prune_macs=args.prune_macs, importance=args.importance,
                          prune_mode=args.prune_mode, prune_steps=args.prune_steps, round_to=args.round_to,
                          max_layer_ratio=args.max_layer_ratio, reconstruct=not args.no_reconstruct,
-                         bench=args.bench, log=log)
+                         bench=args.bench, quantize=args.quantize, calib_method=args.calib_method,
+                         percentile=args.percentile, activations=args.activations, weights=args.weights,
+                         keep_float=[k.strip() for k in args.keep_float.split(",") if k.strip()],
+                         max_bytes=args.max_bytes, progress=not (args.quiet or args.json), log=log)
     if args.report:
         report.write_json(result.report, args.report)
     if args.json:

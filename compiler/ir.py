@@ -194,7 +194,10 @@ class IR:
                     and isinstance(prod.inputs[0], gs.Constant))
 
     def make_const(self, hint: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.unique_name(hint), np.ascontiguousarray(value))
+        value = np.asarray(value)
+        # np.ascontiguousarray would turn a 0-d scalar into shape [1]: a per-tensor Q/DQ scale
+        # must stay a scalar (a 1-D scale means per-axis).
+        return gs.Constant(self.unique_name(hint), np.ascontiguousarray(value) if value.ndim else value.copy())
 
     def make_var(self, hint: str, dtype=None, shape=None) -> gs.Variable:
         return gs.Variable(self.unique_name(hint), dtype=dtype, shape=shape)

@@ -116,9 +116,28 @@ def check_feeds(data: dict[str, np.ndarray], specs: list[InputSpec], where: str)
 
 
 def run(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of ``model`` on ``feeds``. When the model's batch dim is a fixed size smaller
+    than the data's (``--input-shape`` batch 1, say), the data runs in chunks of that size."""
     sess = session(model)
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    chunk = _static_batch(sess, feeds)
+    if chunk is None:
+        return dict(zip(names, sess.run(names, feeds)))
+    n = len(next(iter(feeds.values())))
+    parts = [sess.run(names, {k: v[i:i + chunk] for k, v in feeds.items()}) for i in range(0, n, chunk)]
+    return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(names)}
+
+
+def _static_batch(sess, feeds) -> int | None:
+    chunk = None
+    for inp in sess.get_inputs():
+        dim0 = inp.shape[0] if inp.shape else None
+        data = feeds.get(inp.name)
+        if isinstance(dim0, int) and data is not None and data.ndim and len(data) != dim0:
+            if len(data) % dim0:
+                return None  # let ONNX Runtime report the mismatch
+            chunk = dim0
+    return chunk
 
 
 @dataclass

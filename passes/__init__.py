@@ -16,6 +16,7 @@ from . import (  # noqa: F401
     infer_shapes,
     narrow_int64,
     prune_channels,
+    quantize_tensorrt,
     reconstruct,
     shuffle_to_4d,
     sparsify_24,
@@ -36,10 +37,11 @@ from .gemm_to_conv import GemmToConv
 from .infer_shapes import InferShapes
 from .narrow_int64 import NarrowInt64
 from .prune_channels import PruneChannels
+from .quantize_tensorrt import QuantizeTensorRT
 from .reconstruct import Reconstruct
 from .shuffle_to_4d import ShuffleTo4D
 from .sparsify_24 import Sparsify24
 
 __all__ = ["CollapseReshapes", "DecomposeOps", "DedupInitializers", "EliminateDead", "EliminateIdentity",
            "FixInputShapes", "FoldBatchNorm", "FoldConstants", "FoldConvAffine", "FoldShapes", "FuseTransposes",
-           "GemmToConv", "InferShapes", "NarrowInt64", "PruneChannels", "Reconstruct", "ShuffleTo4D", "Sparsify24"]
+           "GemmToConv", "InferShapes", "NarrowInt64", "PruneChannels", "QuantizeTensorRT", "Reconstruct", "ShuffleTo4D", "Sparsify24"]

@@ -27,8 +27,7 @@ class DedupInitializers(Pass):
             v = ir.const_value(const)
             if v is None:
                 continue
-            v = np.ascontiguousarray(v)
-            key = (str(v.dtype), v.shape, hashlib.sha1(v.tobytes()).hexdigest())
+            key = (str(v.dtype), v.shape, hashlib.sha1(np.asarray(v).tobytes()).hexdigest())
             keep = first.setdefault(key, const)
             if keep is const or not np.array_equal(ir.const_value(keep), v):
                 continue

@@ -48,3 +48,29 @@ def test_float_models_match_onnxruntime(openvino, tmp_path):
         with np.load(job["out"]) as z:
             for key, ref in refs[name].items():
                 np.testing.assert_allclose(z[key], ref, rtol=1e-4, atol=1e-4, err_msg=f"{name}:{key}")
+
+
+def test_int8_qdq_runs_on_int8_kernels(openvino, tmp_path):
+    """edgec's CPU QDQ output is executed by OpenVINO with int8 convolution kernels and agrees
+    with ONNX Runtime's QDQ execution."""
+    models = {"digits": onnx.load(EXAMPLE / "model.onnx"), "resnet_basic": builders.resnet_basic(),
+              "mobilenet_v2": builders.mobilenet_v2()}
+    jobs, refs = [], {}
+    for name, model in models.items():
+        shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+        calib = [{model.graph.input[0].name: np.random.default_rng(k).normal(size=shape).astype(np.float32)}
+                 for k in range(8)]
+        if name == "digits":
+            calib = str(EXAMPLE / "calib.npz")
+        j, r = run_both(tmp_path, {name: model}, quantize="int8", calib=calib)
+        jobs += j
+        refs.update(r)
+    for job, res in zip(jobs, openvino.run_jobs("openvino", jobs)):
+        name = job["model"].rsplit("/", 1)[-1][:-5]
+        assert res["ok"], res["error"]
+        conv_precisions = set(res["precisions"].get("Convolution", []))
+        assert conv_precisions & {"u8", "i8"}, (name, res["precisions"])
+        with np.load(job["out"]) as z:
+            for key, ref in refs[name].items():
+                cos = float(np.dot(z[key].ravel(), ref.ravel()) / (np.linalg.norm(z[key]) * np.linalg.norm(ref)))
+                assert cos > 0.999, (name, key, cos)

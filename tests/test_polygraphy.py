@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 
+import numpy as np
 import onnx
 import pytest
 
@@ -39,3 +40,16 @@ def test_jetson_graphs_pass_polygraphy_lint(polygraphy, tmp_path, trt):
         inspect = subprocess.run([str(polygraphy), "inspect", "model", str(out)], capture_output=True, text=True,
                                  timeout=300)
         assert inspect.returncode == 0 and "ONNX Opset" in inspect.stdout, inspect.stderr[-2000:]
+
+
+def test_jetson_int8_qdq_graphs_pass_polygraphy_lint(polygraphy, tmp_path):
+    for name in ("resnet_basic", "mobilenet_v2", "transformer_encoder"):
+        model = builders.ALL_MODELS[name]()
+        shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+        calib = [{model.graph.input[0].name: np.random.default_rng(k).normal(size=shape).astype(np.float32)}
+                 for k in range(8)]
+        out = tmp_path / f"{name}_int8.onnx"
+        edgec.compile(model, out, target="jetson", target_options={"trt": "10"}, quantize="int8", calib=calib)
+        lint = subprocess.run([str(polygraphy), "check", "lint", str(out)], capture_output=True, text=True, timeout=300)
+        text = lint.stdout + lint.stderr
+        assert lint.returncode == 0 and "PASSED" in text and "LINT" not in text.replace("check lint", ""), text[-2000:]

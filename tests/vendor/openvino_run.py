@@ -27,10 +27,21 @@ def run(core, job):
     precisions = {}
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
-        layer = str(info["layerType"]) if "layerType" in info else op.get_type_name()
-        prec = str(info["runtimePrecision"]) if "runtimePrecision" in info else "?"
+        layer = _text(info["layerType"]) if "layerType" in info else op.get_type_name()
+        prec = _text(info["runtimePrecision"]) if "runtimePrecision" in info else "?"
         precisions.setdefault(layer, set()).add(prec)
     return {"ok": True, "error": None, "precisions": {k: sorted(v) for k, v in precisions.items()}}
+
+
+def _text(value) -> str:
+    """rt_info values are OVAny objects: ask for their string form."""
+    for attr in ("astype",):
+        if hasattr(value, attr):
+            try:
+                return value.astype(str)
+            except Exception:
+                pass
+    return str(getattr(value, "value", value))
 
 
 def main():

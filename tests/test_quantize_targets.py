@@ -1,0 +1,94 @@
+"""Quantization in each target's scheme, through edgec.compile: TensorRT's explicit form for
+jetson, ONNX Runtime's fusable QDQ for cpu; checked structurally and in ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import edgec
+from edgec import builders, verify
+from edgec.errors import UserError
+
+from conftest import EXAMPLE
+
+
+def calib_for(model, n=16, seed=1):
+    shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    rng = np.random.default_rng(seed)
+    return [{model.graph.input[0].name: rng.normal(size=shape).astype(np.float32)} for _ in range(n)]
+
+
+def cosine(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "mobilenet_v2", "inception", "transformer_encoder"])
+def test_tensorrt_placement(name):
+    model = builders.ALL_MODELS[name]()
+    result = edgec.compile(model, target="jetson", target_options={"trt": "10"}, quantize="int8",
+                           calib=calib_for(model))
+    out = result.model
+    producers = {o: n for n in out.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    weighted = [n for n in out.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and
+                n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear"]
+    assert weighted, "no weighted op was quantized"
+    for n in weighted:  # both the activation and the weight come through Q/DQ
+        assert producers[n.input[0]].op_type == "DequantizeLinear", n.name
+        if len(n.input) > 2 and n.input[2]:
+            assert n.input[2] in inits and inits[n.input[2]].dtype == np.float32  # float bias
+    for n in out.graph.node:
+        if n.op_type in ("Relu", "Clip", "BatchNormalization", "Sigmoid"):  # TensorRT fuses these into the conv
+            src = producers.get(n.input[0])
+            assert src is None or src.op_type != "DequantizeLinear", f"Q/DQ splits the fusion before {n.name}"
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert not np.any(inits[n.input[2]]) and inits[n.input[2]].dtype == np.int8  # symmetric int8
+            if not any(a.name == "axis" for a in n.attribute):
+                assert inits[n.input[1]].ndim == 0  # per-tensor scale is a scalar
+    assert result.report["quantization"]["placement"] == "tensorrt"
+    feeds = calib_for(model, n=1, seed=9)[0]
+    ref, got = verify.run(model, feeds), verify.run(out, feeds)
+    assert min(cosine(ref[k], got[k]) for k in ref) > 0.99
+
+
+def test_tensorrt_quantizes_the_residual_input_of_skip_adds():
+    model = builders.resnet_basic()
+    out = edgec.compile(model, target="jetson", quantize="int8", calib=calib_for(model)).model
+    producers = {o: n for n in out.graph.node for o in n.output}
+    adds = [n for n in out.graph.node if n.op_type == "Add" and all(i in producers for i in n.input)]
+    kinds = [sorted(producers[i].op_type for i in n.input) for n in adds]
+    assert len(kinds) == 2 and all(k == ["Conv", "DequantizeLinear"] for k in kinds), kinds
+
+
+def test_example_int8_accuracy_on_both_placements():
+    meta_acc = 0.9888888888888889
+    for target in ("cpu", "jetson"):
+        r = edgec.compile(EXAMPLE / "model.onnx", target=target, quantize="int8", calib=EXAMPLE / "calib.npz",
+                          eval_data=EXAMPLE / "eval.npz", verify=True).report
+        assert r["accuracy"]["before"] == pytest.approx(meta_acc)
+        assert r["accuracy"]["after"] >= meta_acc - 0.01, (target, r["accuracy"])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"quantize": "int8"}, "needs calibration data"),
+    ({"quantize": "mixed", "target": "jetson", "calib": "random"}, "target jetson: use --quantize int8"),
+    ({"quantize": "int8", "target": "jetson", "calib": "random", "activations": "asymmetric"}, "symmetric"),
+])
+def test_quantization_user_errors(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        edgec.compile(builders.resnet_basic(), **kwargs)
+
+
+def test_cli_quantize_max_error_budget(tmp_path, capsys):
+    from edgec import cli
+
+    out = tmp_path / "q.onnx"
+    code = cli.main([
+        "compile", str(EXAMPLE / "model.onnx"), "-o", str(out), "--quantize", "int8", "--calib",
+        str(EXAMPLE / "calib.npz"), "--max-error", "1e-6"])
+    err = capsys.readouterr().err
+    assert code == 1 and "above --max-error" in err and not out.exists()
