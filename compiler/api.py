@@ -39,7 +39,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
             max_layer_ratio: float = 0.9, reconstruct: bool = True, bench: bool = False,
             quantize: str | None = None, calib_method: str = "minmax", percentile: float = 99.99,
             activations: str | None = None, weights: str | None = None, keep_float: Sequence[str] = (),
-            max_bytes: int | None = None, progress: bool = False,
+            max_bytes: int | None = None, progress: bool = False, goal: str | None = None,
             log: Callable[[str], None] | None = None) -> CompileResult:
     """Compile ``model`` for ``target``; write it to ``output`` (atomically) if given.
 
@@ -65,8 +65,22 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     ``max_bytes``) runs after the target's pipeline, in the target's int8 scheme unless
     ``activations``/``weights`` override it: ONNX Runtime's fusable QDQ groups for cpu/neon/rknn,
     TensorRT's explicit-quantization placement for jetson.
+
+    ``goal`` (latency, size, accuracy) lets edgec choose pruning and precision for the target
+    within ``max_error``/``max_bytes`` (see :mod:`edgec.strategy`); the report says what was
+    tried and why the winner was chosen.
     """
     from edgec.backends import get_target
+
+    if goal is not None:
+        from . import strategy
+
+        args = dict(locals())
+        for key in ("model", "output", "goal", "max_error", "max_bytes", "calib", "log", "verify", "strategy",
+                    "get_target"):
+            args.pop(key, None)
+        return strategy.run(compile, model, output, goal=goal, target_profile=get_target(target, target_options),
+                            max_error=max_error, max_bytes=max_bytes, calib=calib, log=log, **args)
 
     log = log or (lambda s: None)
     t_start = time.perf_counter()

@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", choices=["per-channel", "per-tensor"], help="weight scales (default: the target's)")
     q.add_argument("--keep-float", default="", metavar="NAME,...", help="nodes or tensors that stay float")
     q.add_argument("--max-bytes", type=int, help="--quantize mixed: the smallest plan whose weights fit this size")
+    c.add_argument("--goal", choices=["latency", "size", "accuracy"],
+                   help="let edgec choose pruning and precision for the target within --max-error/--max-bytes")
     c.add_argument("--bench", action="store_true", help="measure ONNX Runtime latency before and after")
     c.add_argument("--report", help="write the report as JSON to this file")
     c.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
@@ -144,7 +146,8 @@ def _compile(args) -> int:
                          bench=args.bench, quantize=args.quantize, calib_method=args.calib_method,
                          percentile=args.percentile, activations=args.activations, weights=args.weights,
                          keep_float=[k.strip() for k in args.keep_float.split(",") if k.strip()],
-                         max_bytes=args.max_bytes, progress=not (args.quiet or args.json), log=log)
+                         max_bytes=args.max_bytes, progress=not (args.quiet or args.json), goal=args.goal,
+                         log=log)
     if args.report:
         report.write_json(result.report, args.report)
     if args.json:

@@ -51,6 +51,31 @@ def compile_text(r: dict) -> str:
             lines.append(f"      {n}")
         if len(p["notes"]) > 8:
             lines.append(f"      ... and {len(p['notes']) - 8} more notes (see --report)")
+    st = r.get("strategy")
+    if st:
+        budget = ", ".join(f"{k} {st[k]}" for k in ("max_error", "max_bytes") if st.get(k) is not None) or "no budget"
+        chosen = ", ".join(f"{k}={v}" for k, v in st["chosen"].items()) or "exact rewrites only"
+        lines.append(f"  goal {st['goal']} ({budget}): chose {chosen}")
+        for why in st["reasons"]:
+            lines.append(f"    - {why}")
+        for t in st["tried"]:
+            label = ", ".join(f"{k}={v}" for k, v in t["settings"].items()) or "exact"
+            err = f"rel L2 {t['rel_l2']:.4g}, " if t.get("rel_l2") is not None else ""
+            size = f"{human(t['bytes'], 'B')}, " if t.get("bytes") is not None else ""
+            lines.append(f"    tried {label:28} {err}{size}{'ok' if t['ok'] else 'rejected'}: {t['why'][:100]}")
+    q = r.get("quantization")
+    if q:
+        err = q.get("error", {})
+        lines.append(f"  quantization: {q.get('mode')} ({q.get('placement', 'onnxruntime')} placement"
+                     + (f", {q.get('method')}" if q.get("method") else "")
+                     + (f", activations {q.get('activations')}, weights {q.get('weights')}" if q.get("activations") else "")
+                     + ")" + (f": calibration-set error rel L2 {err['rel_l2']:.4g}, SQNR {err.get('sqnr_db')} dB"
+                              if err.get("rel_l2") is not None else ""))
+        if q.get("plan"):
+            counts = {}
+            for prec in q["plan"].values():
+                counts[prec] = counts.get(prec, 0) + 1
+            lines.append("    precision plan: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     pr = r.get("pruning")
     if pr:
         groups = pr["groups"]

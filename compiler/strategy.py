@@ -1,0 +1,99 @@
+"""``--goal``: choose pruning and precision for a target, within an error or size budget.
+
+What each goal means on a profile:
+
+* ``accuracy``: only exact rewrites. Float layers run in the device's float precision (FP16
+  on Jetson and Rockchip NPUs, where the toolchain converts; FP32 on CPUs).
+* ``latency``: the device computes channels in parallel (vector lanes, tensor cores, NPU
+  MACs), so structured channel pruning, rounded to its channel multiple, cuts real time;
+  every target here has int8 units (VNNI/dot-product CPUs, tensor cores, the NPU), so INT8.
+  The pruning ratio is the largest of ``RATIOS`` that keeps the output error within
+  ``max_error``; without a budget nothing is pruned (pruning blind is a guess).
+* ``size``: the smallest weights: INT8 (``mixed`` down to INT4 where the budget allows)
+  and pruning within the budget.
+
+Candidates are compiled most aggressive first; the first one that meets the budgets wins.
+The report's ``strategy`` section lists what was tried, the measured error and size of each,
+and why the winner was chosen.
+"""
+
+from __future__ import annotations
+
+from .errors import EdgecError, UserError
+
+GOALS = ("latency", "size", "accuracy")
+RATIOS = (0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+def candidates(target, goal: str, *, has_calib: bool, max_error, max_bytes,
+               round_to: int | None = None) -> tuple[list[dict], list[str]]:
+    """Compile settings to try, most aggressive first, and the reasons behind them."""
+    reasons = []
+    if goal == "accuracy":
+        reasons.append(f"accuracy: exact rewrites only; float layers run in {target.float_precision.upper()} "
+                       f"on {target.description}")
+        return [{}], reasons
+    if not has_calib:
+        reasons.append(f"{goal}: no --calib data, so no int8 and no pruning (both learn from data); exact rewrites only")
+        return [{}], reasons
+    quant = "mixed" if goal == "size" and target.name != "jetson" else "int8"
+    reasons.append(f"{goal}: {target.description} has int8 units: --quantize {quant}"
+                   + (" (per-layer FP32/FP16/INT8/INT4 by measured sensitivity)" if quant == "mixed" else ""))
+    ratios: tuple = ()
+    if max_error is not None or max_bytes is not None:
+        ratios = RATIOS
+        multiple = round_to or target.channel_multiple
+        why = "the device computes that many in parallel" if not round_to else "--round-to"
+        reasons.append(f"{goal}: structured channel pruning rounded to {multiple} channels ({why}), "
+                       f"the largest ratio within the budget")
+    else:
+        reasons.append(f"{goal}: no --max-error/--max-bytes budget, so no pruning (pruning blind is a guess)")
+    # last resort: exact rewrites only, when int8 cannot meet the budget
+    return [{"prune": r, "quantize": quant} for r in ratios] + [{"quantize": quant}, {}], reasons
+
+
+def _fits(report: dict, max_error, max_bytes) -> tuple[bool, str]:
+    err = report.get("verify", {}).get("rel_l2")
+    size = report["after"]["bytes"]
+    if max_error is not None and (err is None or err > max_error):
+        return False, f"error {err:.4g} > {max_error}"
+    if max_bytes is not None and size > max_bytes:
+        return False, f"{size} bytes > {max_bytes}"
+    return True, "within budget"
+
+
+def run(compile_fn, model, output, *, goal: str, target_profile, max_error=None, max_bytes=None,
+        calib=None, log=None, **kwargs):
+    if goal not in GOALS:
+        raise UserError(f"--goal {goal}: choose one of {', '.join(GOALS)}")
+    for key in ("prune", "prune_macs", "quantize"):
+        if kwargs.pop(key, None) is not None:
+            raise UserError(f"--goal chooses pruning and precision itself: drop --{key.replace('_', '-')}")
+    log = log or (lambda s: None)
+    options, reasons = candidates(target_profile, goal, has_calib=calib is not None, max_error=max_error,
+                                  max_bytes=max_bytes, round_to=kwargs.get("round_to"))
+    tried = []
+    for i, opts in enumerate(options):
+        last = i == len(options) - 1
+        label = ", ".join(f"{k}={v}" for k, v in opts.items()) or "exact rewrites only"
+        log(f"goal {goal}: trying {label}")
+        try:
+            result = compile_fn(model, None, calib=calib, max_error=None, verify=True, log=log, **opts, **kwargs)
+        except EdgecError as e:
+            tried.append({"settings": opts, "ok": False, "why": str(e)})
+            continue
+        ok, why = _fits(result.report, max_error, max_bytes)
+        tried.append({"settings": opts, "ok": ok, "why": why, "rel_l2": result.report.get("verify", {}).get("rel_l2"),
+                      "bytes": result.report["after"]["bytes"], "macs": result.report["after"]["macs"]})
+        if ok or last:
+            chosen = opts
+            if not ok:
+                reasons.append(f"no candidate met the budget; the last one (exact rewrites) is used: {why}")
+            # compile the winner again, writing the output (and failing on the budget if it still misses)
+            final = compile_fn(model, output, calib=calib, max_error=max_error, verify=True, log=log, **chosen,
+                               **kwargs) if ok else compile_fn(model, output, calib=calib, verify=True, log=log,
+                                                               **chosen, **kwargs)
+            final.report["strategy"] = {"goal": goal, "max_error": max_error, "max_bytes": max_bytes,
+                                        "chosen": chosen, "reasons": reasons, "tried": tried}
+            return final
+    raise UserError(f"--goal {goal}: no candidate compiled")  # pragma: no cover - the last always compiles

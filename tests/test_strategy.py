@@ -1,0 +1,43 @@
+"""--goal: edgec chooses pruning and precision for the target within the budget, and says why."""
+
+from __future__ import annotations
+
+import pytest
+
+import edgec
+from edgec.errors import UserError
+
+from conftest import EXAMPLE
+
+
+def test_latency_goal_meets_the_error_budget_on_real_data(tmp_path):
+    out = tmp_path / "g.onnx"
+    r = edgec.compile(EXAMPLE / "model.onnx", out, goal="latency", max_error=0.3, calib=EXAMPLE / "calib.npz",
+                      eval_data=EXAMPLE / "eval.npz", round_to=4).report
+    st = r["strategy"]
+    assert st["chosen"].get("quantize") == "int8"
+    assert r["verify"]["rel_l2"] <= 0.3 and r["verify"]["passed"]
+    rejected = [t for t in st["tried"] if not t["ok"]]
+    assert all(t["rel_l2"] is None or t["rel_l2"] > 0.3 for t in rejected)
+    # the chosen ratio is the most aggressive one that fits: the one tried just before it did not fit
+    chosen_index = [t["settings"] for t in st["tried"]].index(st["chosen"])
+    assert all(not t["ok"] for t in st["tried"][:chosen_index])
+    assert r["after"]["macs"] < r["before"]["macs"] and out.exists()
+    assert any("int8 units" in why for why in st["reasons"])
+
+
+def test_accuracy_goal_is_exact():
+    r = edgec.compile(EXAMPLE / "model.onnx", goal="accuracy", target="jetson", calib=EXAMPLE / "calib.npz").report
+    assert r["strategy"]["chosen"] == {} and "quantization" not in r and "pruning" not in r
+    assert r["verify"]["allclose"]
+    assert "FP16" in r["strategy"]["reasons"][0]
+
+
+def test_goal_without_calibration_data_stays_exact():
+    r = edgec.compile(EXAMPLE / "model.onnx", goal="size").report
+    assert r["strategy"]["chosen"] == {} and "no --calib" in r["strategy"]["reasons"][0]
+
+
+def test_goal_refuses_explicit_choices():
+    with pytest.raises(UserError, match="drop --prune"):
+        edgec.compile(EXAMPLE / "model.onnx", goal="latency", prune=0.3, calib=EXAMPLE / "calib.npz")
