@@ -177,7 +177,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
         else:  # random inputs from the compiled signature (input shapes may be fixed now)
             feeds = verify_mod.random_inputs(result_model)
     if feeds is not None:
-        comparison = verify_mod.verify(original, result_model, feeds, rtol=rtol, atol=atol)
+        comparison = _compare(original, result_model, feeds, rtol=rtol, atol=atol, generated=source == "random")
         passed = comparison.allclose if not lossy else (max_error is None or comparison.rel_l2 <= max_error)
         report["verify"] = {**comparison.as_dict(), "inputs": source, "lossy": lossy, "passed": passed,
                             "max_error": max_error}
@@ -218,6 +218,35 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
         report["output_file_bytes"] = Path(output).stat().st_size
     return CompileResult(ir=ir, model=result_model, report=report, records=records,
                          output=Path(output) if output is not None else None)
+
+
+SYMBOLIC_FILLS = (1, 8, 16, 32, 64, 224)
+
+
+def _compare(original, result_model, feeds, *, rtol, atol, generated: bool):
+    """Run both models and compare. Generated inputs retry other sizes for symbolic non-batch
+    dims (a UNet with dynamic H/W cannot run at 1x1); a model that never runs is the user's to
+    feed (--inputs), a compiled model that fails where the original ran is edgec's bug."""
+    tries = SYMBOLIC_FILLS if generated else (None,)
+    last = None
+    for fill in tries:
+        if fill is not None:
+            feeds = verify_mod.random_inputs(result_model, fill=fill)
+        try:
+            reference = verify_mod.run(original, feeds)
+        except Exception as e:  # ORT refuses these inputs for the original model
+            last = e
+            continue
+        try:
+            actual = verify_mod.run(result_model, feeds)
+        except Exception as e:
+            raise InternalError(f"the compiled model fails in ONNX Runtime where the original runs: "
+                                f"{str(e).strip().splitlines()[0][:300]}") from None
+        return verify_mod.compare(reference, actual, rtol=rtol, atol=atol)
+    first = str(last).strip().splitlines()[0][:200] if last else ""
+    raise UserError("the original model does not run in ONNX Runtime on generated inputs"
+                    + (" (symbolic dims tried as " + ", ".join(map(str, tries)) + ")" if generated else "")
+                    + f": pass real inputs with --inputs F.npz ({first})")
 
 
 def _quantize(ir: IR, original, tgt, mode: str, calib_set, *, method, percentile, activations, weights,
@@ -363,14 +392,16 @@ def inspect(model: str | os.PathLike | onnx.ModelProto, *, top: int = 10, groups
     else:
         proto, where = loader.load_model(model), str(model)
     opset = loader.check_opset(proto, where)
-    ir = IR.from_onnx(proto)
+    normalized, notes = loader.normalize_opset(proto)  # costs as compile sees them ("before")
+    ir = IR.from_onnx(normalized)
     c = costs_mod.compute(ir)
     info = {
         "model": where if not isinstance(model, onnx.ModelProto) else None,
         "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
         "ir_version": proto.ir_version,
         "opset": opset,
-        "opsets": {(k or "ai.onnx"): v for k, v in ir.opsets.items()},
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in proto.opset_import},
+        "notes": notes,
         "inputs": [_tensor_info(t) for t in ir.inputs],
         "outputs": [_tensor_info(t) for t in ir.outputs],
         **c.as_dict(top=top),

@@ -139,7 +139,9 @@ class PassManager:
             else:
                 self._run_one(ir, item)
         self._tidy(ir, force=True)
-        ir.infer_shapes()  # outputs leave with shapes (onnx.checker requires them on graph outputs)
+        # Forced: shape-preserving passes keep shapes valid, but folding can make unknown dims
+        # knowable; outputs must leave with shapes (onnx.checker requires them) and costs need them.
+        ir.infer_shapes(force=True)
         return list(self.records.values())
 
     def _tidy(self, ir: IR, force: bool = False) -> None:

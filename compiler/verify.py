@@ -29,7 +29,7 @@ def session(model: onnx.ModelProto | bytes | str, *, optimize: bool = False, thr
     so = ort.SessionOptions()
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures surface as exceptions, reported by edgec in one line
     if threads:
         so.intra_op_num_threads = threads
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
@@ -55,12 +55,13 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def random_inputs(model: onnx.ModelProto, *, seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
-    """Inputs drawn from the model's input types: N(0,1) floats, small non-negative ints."""
+def random_inputs(model: onnx.ModelProto, *, seed: int = 0, batch: int = 1, fill: int = 1) -> dict[str, np.ndarray]:
+    """Inputs drawn from the model's input types: N(0,1) floats, small non-negative ints.
+    A symbolic first dim becomes ``batch``, other symbolic dims ``fill``."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in input_specs(model):
-        shape = [d if isinstance(d, int) and d > 0 else batch for d in spec.shape]
+        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else fill) for i, d in enumerate(spec.shape)]
         if spec.dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind == "b":

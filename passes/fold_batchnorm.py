@@ -5,7 +5,8 @@ Rules
   channel (axis 1).
 - Foldable producers, when ``x`` has no other reader and is not a graph output, the weights
   (and bias, if any) are constants (``ConstantOfShape`` weights included), and the BN is in
-  inference mode with only its first output used:
+  inference mode (``training_mode=0``; below opset 14 training mode is signalled by declaring
+  the statistics outputs at all) with only its first output used:
   * Conv (any group count, bias or not): ``W[o] *= s[o]``, ``b = (b - mean) * s + beta``;
   * ConvTranspose: output channel ``o = g * (C_out/g) + j`` is weight ``W[g*C_in/g + i, j]``;
   * Gemm: columns of ``op(B)`` scaled, ``C`` rewritten (``beta`` folded to 1);
@@ -47,6 +48,10 @@ class FoldBatchNorm(Pass):
     def _fold(self, ir: IR, bn: gs.Node) -> str | None:
         if bn.attrs.get("training_mode", 0):
             return "training_mode=1"
+        if ir.opset < 14 and any(o.name for o in bn.outputs[1:]):
+            # BatchNormalization-9..13: declaring the statistics outputs *is* training mode
+            # (ONNX Runtime then normalises with batch statistics), read or not.
+            return "training mode (opset < 14 with its statistics outputs declared)"
         if bn.attrs.get("spatial", 1) != 1:
             return "spatial=0 (per-activation statistics)"
         if any(o.outputs or ir.is_graph_output(o) for o in bn.outputs[1:]):
