@@ -8,7 +8,9 @@ well. Rules:
 - any other ``Gemm`` on a 2-D input ``[N,K]`` with constant ``B`` becomes
   ``Reshape[N,K,1,1] -> Conv 1x1 -> Reshape[N,M]``;
 - ``alpha`` is folded into the weights and ``beta * C`` into the bias (``C`` must be a
-  constant that broadcasts per output feature).
+  constant that broadcasts per output feature);
+- ``MatMul`` of a 2-D ``[N, K]`` activation by a constant ``[K, M]`` matrix is handled as a
+  Gemm without bias.
 Exact up to float rounding.
 """
 
@@ -24,14 +26,14 @@ from edgec.pipeline import Pass, register
 @register
 class GemmToConv(Pass):
     name = "gemm_to_conv"
-    description = "rewrite Gemm on feature vectors as a 1x1 Conv (NPU-friendly)"
+    description = "rewrite Gemm/MatMul on feature vectors as a 1x1 Conv (NPU-friendly)"
     preserves_shapes = True
     requires = ("shapes",)
 
     def run(self, ir: IR) -> bool:
         changed = False
-        for gemm in list(ir.find("Gemm")):
-            if self._rewrite(ir, gemm):
+        for node in list(ir.find("Gemm")) + list(ir.find("MatMul")):
+            if self._rewrite(ir, node):
                 changed = True
         return changed
 
@@ -43,6 +45,8 @@ class GemmToConv(Pass):
         n, k = a.shape
         if not isinstance(k, (int, np.integer)):
             return False
+        if gemm.op == "MatMul" and b.ndim == 2:  # [N, K] x [K, M]: a Gemm without bias
+            gemm.attrs.clear()
         w = b if gemm.attrs.get("transB", 0) else b.T  # [M, K]
         m = w.shape[0]
         alpha = float(gemm.attrs.get("alpha", 1.0))

@@ -74,6 +74,16 @@ def test_gemm_to_conv_after_global_pool_and_plain():
     assert_same_outputs(m, out)
 
 
+def test_matmul_on_feature_vectors_to_conv():
+    b = GraphBuilder()
+    x = b.input("x", [3, 12])
+    b.output(b.matmul(b.relu(b.matmul(x, 8)), 4), "y")
+    m = b.build()
+    out = run(m, GemmToConv())
+    assert "MatMul" not in ops(out) and ops(out).count("Conv") == 2
+    assert_same_outputs(m, out)
+
+
 def test_shuffle_to_4d_is_exact_and_4d():
     m = shufflenet_v2()
     out = run(m, ShuffleTo4D())
