@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401
     collapse_reshapes,
+    convert_fp16,
     decompose_ops,
     dedup_initializers,
     eliminate_dead,
@@ -16,6 +17,7 @@ from . import (  # noqa: F401
     infer_shapes,
     narrow_int64,
     prune_channels,
+    quantize,
     quantize_tensorrt,
     reconstruct,
     shuffle_to_4d,
@@ -23,6 +25,7 @@ from . import (  # noqa: F401
 )
 
 from .collapse_reshapes import CollapseReshapes
+from .convert_fp16 import ConvertFP16
 from .decompose_ops import DecomposeOps
 from .dedup_initializers import DedupInitializers
 from .eliminate_dead import EliminateDead
@@ -37,11 +40,12 @@ from .gemm_to_conv import GemmToConv
 from .infer_shapes import InferShapes
 from .narrow_int64 import NarrowInt64
 from .prune_channels import PruneChannels
+from .quantize import QuantizeQDQ
 from .quantize_tensorrt import QuantizeTensorRT
 from .reconstruct import Reconstruct
 from .shuffle_to_4d import ShuffleTo4D
 from .sparsify_24 import Sparsify24
 
-__all__ = ["CollapseReshapes", "DecomposeOps", "DedupInitializers", "EliminateDead", "EliminateIdentity",
+__all__ = ["CollapseReshapes", "ConvertFP16", "DecomposeOps", "DedupInitializers", "EliminateDead", "EliminateIdentity",
            "FixInputShapes", "FoldBatchNorm", "FoldConstants", "FoldConvAffine", "FoldShapes", "FuseTransposes",
-           "GemmToConv", "InferShapes", "NarrowInt64", "PruneChannels", "QuantizeTensorRT", "Reconstruct", "ShuffleTo4D", "Sparsify24"]
+           "GemmToConv", "InferShapes", "NarrowInt64", "PruneChannels", "QuantizeQDQ", "QuantizeTensorRT", "Reconstruct", "ShuffleTo4D", "Sparsify24"]

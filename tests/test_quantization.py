@@ -1,0 +1,493 @@
+"""QDQ quantization: numerics against numpy, placement/fusion in ONNX Runtime, the example model."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgec
+from edgec import calibdata, quantize_api, verify
+from edgec.builders import ALL_MODELS, GraphBuilder
+from edgec.errors import UserError
+from edgec.passes.quantize import QuantizeQDQ
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits"
+
+
+# ------------------------------------------------------------------ numpy references
+def np_quantize(x, scale, zp, qmin, qmax, axis=None):
+    """ONNX QuantizeLinear: round half to even, saturate."""
+    x = np.asarray(x, dtype=np.float64)
+    if axis is not None:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale = np.asarray(scale, dtype=np.float64).reshape(shape)
+        zp = np.asarray(zp, dtype=np.float64).reshape(shape)
+    return np.clip(np.rint(x / scale) + zp, qmin, qmax)
+
+
+def np_fake_quant(x, scale, zp, qmin, qmax, axis=None):
+    q = np_quantize(x, scale, zp, qmin, qmax, axis)
+    if axis is not None:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale = np.asarray(scale, dtype=np.float64).reshape(shape)
+        zp = np.asarray(zp, dtype=np.float64).reshape(shape)
+    return ((q - zp) * scale).astype(np.float32)
+
+
+def session(model, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, optimized_path=None):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.log_severity_level = 3
+    if optimized_path:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def fused_ops(model, tmp_path, level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED) -> Counter:
+    path = tmp_path / "ort_optimized.onnx"
+    session(model, level, path)
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def one_layer_model(op: str, *, trans_b: int = 1, group: int = 1, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    if op in ("Conv", "ConvTranspose"):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6, 6])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+        wshape = [6, 4 // group, 3, 3] if op == "Conv" else [4, 6 // group, 3, 3]
+        w = rng.normal(0, 0.3, wshape).astype(np.float32)
+        w[0] *= 10  # a channel with a much larger range: per-channel scales matter
+        b = rng.normal(0, 0.5, 6).astype(np.float32)
+        node = helper.make_node(op, ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], group=group)
+    else:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 8])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+        w = rng.normal(0, 0.3, [6, 8] if (op == "Gemm" and trans_b) else [8, 6]).astype(np.float32)
+        b = rng.normal(0, 0.5, 6).astype(np.float32)
+        if op == "Gemm":
+            node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=trans_b)
+        else:
+            node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(b, "b")] if node.op_type != "MatMul" else [])
+    g = helper.make_graph([node], "one", [x], [y], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m, w, (b if node.op_type != "MatMul" else None)
+
+
+def quantize_with_ranges(model, ranges, **kw) -> onnx.ModelProto:
+    ir = edgec.from_model(model)
+    edgec.run_passes(ir, [QuantizeQDQ(ranges, **kw)])
+    return ir.to_onnx()
+
+
+def dq_values(model: onnx.ModelProto, feeds) -> dict[str, np.ndarray]:
+    """Every DequantizeLinear output of ``model`` computed by ONNX Runtime."""
+    names = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    from edgec.calibration import augment
+
+    sess = session(augment(model, names))
+    outs = sess.run(names, feeds)
+    return dict(zip(names, outs))
+
+
+# ------------------------------------------------------------------ numerics
+SCHEMES = [
+    ("Conv", "asymmetric", "per-channel", "int8", {}),
+    ("Conv", "symmetric", "per-tensor", "int8", {}),
+    ("Conv", "asymmetric", "per-channel", "int4", {}),
+    ("Conv", "symmetric", "per-channel", "int4", {"group": 2}),
+    ("ConvTranspose", "asymmetric", "per-channel", "int8", {}),
+    ("Gemm", "asymmetric", "per-channel", "int8", {"trans_b": 1}),
+    ("Gemm", "symmetric", "per-channel", "int8", {"trans_b": 0}),
+    ("Gemm", "asymmetric", "per-tensor", "int4", {"trans_b": 0}),
+    ("MatMul", "asymmetric", "per-channel", "int8", {}),
+    ("MatMul", "symmetric", "per-channel", "int4", {}),
+]
+
+
+@pytest.mark.parametrize("op,acts,wmode,bits,kw", SCHEMES, ids=[f"{s[0]}-{s[1]}-{s[2]}-{s[3]}-{s[4]}" for s in SCHEMES])
+def test_qdq_numerics_match_numpy(op, acts, wmode, bits, kw):
+    model, w, b = one_layer_model(op, **kw)
+    rng = np.random.default_rng(1)
+    xshape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = rng.normal(0.3, 1.0, xshape).astype(np.float32)
+    lo, hi = -1.25, 2.0  # the calibrated range: values outside must saturate
+    x.flat[:4] = [5.0, -5.0, 0.0, hi]
+    ref_y = verify.run(model, {"x": x})["y"]
+    q = quantize_with_ranges(model, {"x": (lo, hi), "y": (float(ref_y.min()), float(ref_y.max()))},
+                             activations=acts, weights=wmode, plan={model.graph.node[0].output[0]: bits})
+    onnx.checker.check_model(q, full_check=True)
+
+    # activation parameters, by the book
+    if acts == "asymmetric":
+        s_x = np.float32((hi - lo) / 255)
+        zp_x = int(np.rint(-lo / s_x))
+        qmin, qmax = 0, 255  # QuantizeLinear saturates to the full uint8 range
+        # half-way points between two levels round to even
+        x.flat[4:6] = [(2.5 - zp_x) * s_x, (3.5 - zp_x) * s_x]
+    else:
+        s_x, zp_x = np.float32(max(-lo, hi) / 127), 0
+        qmin, qmax = -128, 127  # the scale uses [-127, 127]; QuantizeLinear saturates to int8's range
+        x.flat[4:6] = [2.5 * s_x, -3.5 * s_x]
+    x_ref = np_fake_quant(x, s_x, zp_x, qmin, qmax)
+    # weights
+    axis = {"Conv": 0, "ConvTranspose": 1, "Gemm": 0 if kw.get("trans_b", 1) else 1, "MatMul": 1}[op]
+    if op == "Conv" and kw.get("group", 1) > 1:
+        axis = 0
+    qw = 127 if bits == "int8" else 7
+    if wmode == "per-channel":
+        moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        s_w = (np.abs(moved).max(axis=1) / qw).astype(np.float32)
+        w_ref = np_fake_quant(w, s_w, np.zeros_like(s_w), -qw - 1, qw, axis=axis)
+    else:
+        s_w = np.float32(np.abs(w).max() / qw)
+        w_ref = np_fake_quant(w, s_w, 0, -qw - 1, qw)
+    if bits == "int4":
+        wq = [numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("_weight_quantized")][0]
+        assert wq.min() >= -8 and wq.max() <= 7, "int4 weights must be in [-8, 7]"
+
+    dqs = dq_values(q, {"x": x})
+    got_x = [v for k, v in dqs.items() if k.startswith("x_dequantized")][0]
+    np.testing.assert_array_equal(got_x, x_ref)  # exact: round-half-even + saturation
+    got_w = [v for k, v in dqs.items() if "_weight_dequantized" in k][0]
+    np.testing.assert_allclose(got_w, w_ref, rtol=1e-6, atol=1e-7)
+
+    # bias: int32 with scale s_x * s_w (per output channel)
+    if b is not None:
+        got_b = [v for k, v in dqs.items() if "_bias_dequantized" in k][0]
+        s_b = (np.float64(s_x) * np.broadcast_to(np.asarray(s_w, dtype=np.float64), (b.shape[0],))).astype(np.float32)
+        b_ref = (np.rint(b / s_b.astype(np.float64)) * s_b).astype(np.float32)
+        np.testing.assert_allclose(got_b, b_ref, rtol=1e-6, atol=1e-7)
+        bq = [numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("_bias_quantized")][0]
+        assert bq.dtype == np.int32
+
+    # the layer on the numpy-fake-quantized operands, run as float: same result as the QDQ model
+    float_ref = onnx.ModelProto()
+    float_ref.CopyFrom(model)
+    for init in float_ref.graph.initializer:
+        if init.name == "w":
+            init.CopyFrom(numpy_helper.from_array(w_ref, "w"))
+        if init.name == "b" and b is not None:
+            init.CopyFrom(numpy_helper.from_array(b_ref, "b"))
+    y_ref = verify.run(float_ref, {"x": x_ref})["y"]
+    y_q = session(q).run(None, {"x": x})[0]
+    out_ranges = (float(ref_y.min()), float(ref_y.max()))
+    if op == "Gemm":  # graph output read by no quantized op: QGemm's float output, no Q
+        np.testing.assert_allclose(y_q, y_ref, rtol=1e-5, atol=1e-5)
+    else:
+        # graph outputs stay float: no Q after the layer
+        assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "y" for n in q.graph.node)
+        np.testing.assert_allclose(y_q, y_ref, rtol=1e-5, atol=1e-5)
+    del out_ranges
+
+
+def test_activation_params_and_weight_quantizer_by_hand():
+    from edgec.passes.quantize import activation_params, quantize_weight
+
+    s, zp = activation_params(-1.0, 3.0, symmetric=False)
+    assert np.isclose(s, 4 / 255) and zp == 64
+    s, zp = activation_params(0.0, 6.0, symmetric=False)
+    assert zp == 0  # ReLU-floored ranges keep 0 at the bottom: the Q saturation is the ReLU
+    s, zp = activation_params(-2.0, 1.0, symmetric=True)
+    assert np.isclose(s, 2 / 127) and zp == 0
+    w = np.array([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0], [-3.0, 1.5, 0.1]], dtype=np.float32)
+    q, sc = quantize_weight(w, 0, 8)
+    np.testing.assert_allclose(sc, [1 / 127, 1.0, 3 / 127], rtol=1e-6)
+    np.testing.assert_array_equal(q[0], [127, -64, 32])  # -63.5 -> -64 (half to even), 31.75 -> 32
+    q4, sc4 = quantize_weight(np.array([[-7.0, 3.5, 2.5, -0.5]], dtype=np.float32), 0, 4)
+    assert float(sc4[0]) == 1.0
+    np.testing.assert_array_equal(q4[0], [-7, 4, 2, 0])  # halves to even
+
+
+# ------------------------------------------------------------------ placement and fusion
+@pytest.fixture(scope="module")
+def digits():
+    d = np.load(EXAMPLE / "data.npz")
+    model = onnx.load(str(EXAMPLE / "model.onnx"))
+    return model, d
+
+
+def _accuracy(model, x, y) -> float:
+    out = session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"input": x})[0]
+    return float(np.mean(out.argmax(axis=1) == y))
+
+
+def _compile_int8(model, calib, **kw):
+    ir = edgec.from_model(model)
+    edgec.run_passes(ir, ["fold_batchnorm", "eliminate_dead"])
+    rep = quantize_api.quantize(ir, model, calib_batches=calib, **kw)
+    return ir.to_onnx(), rep
+
+
+@pytest.fixture(scope="module")
+def digits_int8(digits):
+    model, d = digits
+    calib = calibdata.load_calibration({"input": d["calib_x"]}, model, batch_size=50)
+    return _compile_int8(model, calib, mode="int8")
+
+
+def test_example_int8_accuracy_within_one_percent(digits, digits_int8):
+    model, d = digits
+    q, rep = digits_int8
+    fp32 = _accuracy(model, d["test_x"], d["test_y"])
+    int8 = _accuracy(q, d["test_x"], d["test_y"])
+    assert int8 >= fp32 - 0.01, (fp32, int8)
+    assert rep["layers_int8"] == 8 and rep["error"]["sqnr_db"] > 25
+
+
+def test_ort_fuses_every_qdq_group_into_integer_kernels(digits_int8, tmp_path):
+    q, _ = digits_int8
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        ops = fused_ops(q, tmp_path, level)
+        assert ops["QLinearConv"] == 7, ops
+        assert "Conv" not in ops and "Relu" not in ops and "DequantizeLinear" not in ops, ops
+        assert ops["QLinearAdd"] == 1 and ops["QLinearConcat"] == 1 and ops["QLinearGlobalAveragePool"] == 1, ops
+        assert ops["QGemm"] == 1 and "Gemm" not in ops, ops
+
+
+def test_graph_outputs_stay_float_and_keep_their_names(digits, digits_int8):
+    model, _ = digits
+    q, _ = digits_int8
+    assert [o.name for o in q.graph.output] == [o.name for o in model.graph.output]
+    assert q.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "logits" for n in q.graph.node)
+
+
+def test_relu_folded_into_zero_floored_ranges(digits_int8):
+    q, rep = digits_int8
+    assert rep["relu_folded"] == 7
+    assert not any(n.op_type == "Relu" for n in q.graph.node)
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    # the Q after each op that fed a ReLU has zero point 0 (uint8): its saturation is the ReLU
+    prod = {o: n for n in q.graph.node for o in n.output}
+    floored = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in prod
+               and prod[n.input[0]].op_type in ("Conv", "Add") and int(inits[n.input[2]]) == 0]
+    assert len(floored) == 7
+    assert all(inits[n.input[2]].dtype == np.uint8 for n in floored)
+
+
+def test_concat_inputs_share_one_scale(digits_int8):
+    q, _ = digits_int8
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    prod = {o: n for n in q.graph.node for o in n.output}
+    concat = [n for n in q.graph.node if n.op_type == "Concat"][0]
+    scales = {float(inits[prod[i].input[1]]) for i in concat.input}  # DQ scale of each input
+    consumers = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == concat.output[0]]
+    scales.add(float(inits[consumers[0].input[1]]))
+    assert len(scales) == 1
+
+
+def test_symmetric_activations_and_per_tensor_weights(digits, tmp_path):
+    model, d = digits
+    calib = calibdata.load_calibration({"input": d["calib_x"]}, model, batch_size=100)
+    q, rep = _compile_int8(model, calib, mode="int8", activations="symmetric", weights="per-tensor",
+                           bias_correction=False)
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    for n in q.graph.node:
+        if n.op_type == "QuantizeLinear":
+            zp = inits[n.input[2]]
+            assert zp.dtype == np.int8 and int(zp) == 0
+        if n.op_type == "DequantizeLinear" and "_weight_" in n.input[0]:
+            assert inits[n.input[1]].ndim == 0
+    assert _accuracy(q, d["test_x"], d["test_y"]) >= _accuracy(model, d["test_x"], d["test_y"]) - 0.03
+    # (symmetric int8 cannot fold a ReLU into a zero-floored range: ONNX Runtime keeps those
+    # ReLUs in float between DQ and Q, so fewer groups fuse than with asymmetric activations)
+    assert fused_ops(q, tmp_path)["QLinearConv"] >= 1
+
+
+def test_keep_float_keeps_a_layer_float(digits, tmp_path):
+    model, d = digits
+    calib = calibdata.load_calibration({"input": d["calib_x"]}, model, batch_size=100)
+    q, rep = _compile_int8(model, calib, mode="int8", keep_float=["/stem/stem.0/Conv", "logits"],
+                           bias_correction=False)
+    assert rep["layers_int8"] == 6
+    conv = [n for n in q.graph.node if n.name == "/stem/stem.0/Conv"][0]
+    assert conv.input[1].endswith("bnfolded_W")  # float weight, no DQ
+    gemm = [n for n in q.graph.node if n.op_type == "Gemm"][0]
+    assert gemm.input[1] == "fc.weight"
+    ops = fused_ops(q, tmp_path)
+    assert ops["Conv"] >= 1 and ops["QLinearConv"] == 6
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+def test_builder_models_quantize_fuse_and_stay_close(name, tmp_path):
+    model = ALL_MODELS[name]()
+    q, rep = _compile_int8(model, calibdata.load_calibration("random", model, max_samples=32, seed=1),
+                           mode="int8", bias_correction=False)
+    onnx.checker.check_model(q, full_check=True)
+    test = calibdata.load_calibration("random", model, max_samples=16, seed=2)
+    err = quantize_api.output_error(model, q, test)
+    assert err["sqnr_db"] > 25, err
+    ops = fused_ops(q, tmp_path)
+    float_convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert ops.get("Conv", 0) == 0 and ops.get("QLinearConv", 0) == len(float_convs), ops
+    if any(n.op_type == "MatMul" for n in q.graph.node if "weight" in "".join(n.input)):
+        assert ops["QLinearMatMul"] >= 1, ops
+
+
+def test_pass_by_name_without_ranges_is_a_user_error():
+    ir = edgec.from_model(ALL_MODELS["plain_cnn"]())
+    with pytest.raises(UserError, match="calibrated activation ranges"):
+        edgec.run_passes(ir, ["quantize_qdq"])
+
+
+def test_unknown_mode_and_missing_calibration_are_user_errors(digits):
+    model, _ = digits
+    ir = edgec.from_model(model)
+    with pytest.raises(UserError, match="unknown quantization mode"):
+        quantize_api.quantize(ir, model, mode="int2")
+    with pytest.raises(UserError, match="calibration data"):
+        quantize_api.quantize(ir, model, mode="int8", calib_batches=None)
+
+
+# ------------------------------------------------------------------ fp16
+def test_fp16_example_accuracy_unchanged_and_interface_float32(digits):
+    model, d = digits
+    ir = edgec.from_model(model)
+    edgec.run_passes(ir, ["fold_batchnorm", "eliminate_dead"])
+    rep = quantize_api.quantize(ir, model, mode="fp16")
+    q = ir.to_onnx()
+    onnx.checker.check_model(q, full_check=True)
+    assert _accuracy(q, d["test_x"], d["test_y"]) == _accuracy(model, d["test_x"], d["test_y"])
+    assert [(i.name, i.type.tensor_type.elem_type) for i in q.graph.input] == [("input", TensorProto.FLOAT)]
+    assert [(o.name, o.type.tensor_type.elem_type) for o in q.graph.output] == [("logits", TensorProto.FLOAT)]
+    assert all(numpy_helper.to_array(i).dtype != np.float32 for i in q.graph.initializer if "weight" in i.name
+               or "bnfolded" in i.name)
+    assert rep["nodes_fp16"] > 0 and q.ByteSize() < 0.6 * ir_bytes(model)
+
+
+def ir_bytes(model) -> int:
+    return model.ByteSize()
+
+
+def test_fp16_keeps_overflow_prone_ops_in_float32():
+    model = ALL_MODELS["transformer_encoder"]()
+    ir = edgec.from_model(model)
+    quantize_api.quantize(ir, model, mode="fp16")
+    q = ir.to_onnx()
+    inferred = onnx.shape_inference.infer_shapes(q)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for n in q.graph.node:
+        if n.op_type in ("Softmax", "LayerNormalization"):
+            assert types[n.output[0]] == TensorProto.FLOAT, n.op_type
+        if n.op_type == "MatMul":
+            assert types[n.output[0]] == TensorProto.FLOAT16
+    feeds = verify.random_inputs(model, seed=3)
+    ref, got = verify.run(model, feeds)["output"], verify.run(q, feeds)["output"]
+    err = quantize_api.error_metrics({"o": ref}, {"o": got})
+    assert err["sqnr_db"] > 45, err
+
+
+def test_fp16_saturates_out_of_range_constants_with_a_note():
+    b = GraphBuilder(seed=0)
+    x = b.input("input", [1, 4])
+    b.output(b.mul(b.add(x, np.full(4, 1e6, np.float32)), np.float32(1e-3)), "output")
+    model = b.build()
+    ir = edgec.from_model(model)
+    rep = quantize_api.quantize(ir, model, mode="fp16")
+    assert any("saturated" in n for n in rep["notes"])
+
+
+# ------------------------------------------------------------------ mixed precision
+def test_mixed_meets_the_error_budget_with_smaller_weights(digits):
+    model, d = digits
+    calib = calibdata.load_calibration({"input": d["calib_x"]}, model, batch_size=100)
+    test = calibdata.load_calibration({"input": d["test_x"]}, model, batch_size=360)
+    sizes = {}
+    for budget in (0.01, 0.1):
+        q, rep = _compile_int8(model, calib, mode="mixed", max_error=budget, bias_correction=False)
+        search = rep["search"]
+        assert search["within_budget"] and search["error_rel_l2"] <= budget
+        # measured on held-out data: within the budget up to calibration/test mismatch
+        assert quantize_api.output_error(model, q, test)["rel_l2"] <= 1.5 * budget
+        assert _accuracy(q, d["test_x"], d["test_y"]) >= _accuracy(model, d["test_x"], d["test_y"]) - 0.01
+        table = rep["sensitivity"]
+        assert len(table) == 8 and {"layer", "op", "params", "precision", "int8_sqnr_db", "int4_sqnr_db"} <= set(table[0])
+        assert table[0]["precision"] == "fp32" and table[-1]["precision"] == "fp32"  # ends stay float
+        assert all(r["int4_rel_l2"] > r["int8_rel_l2"] for r in table)  # int4 hurts more than int8
+        sizes[budget] = search["weights_bytes"]
+    assert sizes[0.1] < sizes[0.01] < 28032  # a looser budget buys a smaller model
+    assert rep["layers_int4"] >= 1
+
+
+def test_mixed_size_budget():
+    model = ALL_MODELS["flatten_gemm_head"]()
+    calib = calibdata.load_calibration("random", model, max_samples=32, seed=0)
+    ir = edgec.from_model(model)
+    rep = quantize_api.quantize(ir, model, mode="mixed", calib_batches=calib, max_error=None,
+                                bias_correction=False, max_bytes=4000)
+    assert rep["search"]["weights_bytes"] <= 4000 < 5208 and rep["layers_int4"] >= 1  # all-int8 is 5208 B
+
+
+# ------------------------------------------------------------------ bias correction
+def test_bias_correction_is_kept_only_when_it_lowers_the_error(digits):
+    model, d = digits
+    calib = calibdata.load_calibration({"input": d["calib_x"]}, model, batch_size=100)
+    test = calibdata.load_calibration({"input": d["test_x"]}, model, batch_size=360)
+    q0, r0 = _compile_int8(model, calib, mode="int8", bias_correction=False)
+    q1, r1 = _compile_int8(model, calib, mode="int8", bias_correction=True)
+    assert r1["error"]["rel_l2"] <= r0["error"]["rel_l2"]  # on the calibration data: by construction
+    if r1["bias_correction"]["layers"]:
+        # and it carries over to held-out data
+        assert quantize_api.output_error(model, q1, test)["rel_l2"] < quantize_api.output_error(model, q0, test)["rel_l2"]
+        changed = [i.name for i in q1.graph.initializer if i.name.endswith("_bias_quantized")]
+        assert changed
+
+
+# ------------------------------------------------------------------ cross-layer equalisation
+def _dw_chain_model():
+    """conv -> relu -> depthwise -> relu -> pointwise, with badly balanced channel ranges."""
+    b = GraphBuilder(seed=3)
+    x = b.input("input", [2, 3, 8, 8])
+    y = b.relu(b.conv(x, 8, 3))
+    y = b.relu(b.dwconv(y, 3, bias=True))
+    y = b.conv(y, 8, 1)
+    b.output(b.flatten(b.gap(y)), "output")
+    m = b.build()
+    scale = np.array([8.0, 0.05, 1, 20, 0.2, 1, 3, 0.02], np.float32)
+    for init in m.graph.initializer:  # unbalance the first conv's output channels
+        if init.name in ("conv_0.weight", "conv_0.bias"):
+            v = numpy_helper.to_array(init)
+            v = v * scale.reshape((-1,) + (1,) * (v.ndim - 1))
+            init.CopyFrom(numpy_helper.from_array(v.astype(np.float32), init.name))
+    return m
+
+
+def test_cross_layer_equalization_is_lossless_and_balances_ranges():
+    from edgec.passes.quantize import cross_layer_equalization
+
+    model = _dw_chain_model()
+    ir = edgec.from_model(model)
+    assert cross_layer_equalization(ir) == 2
+    eq = ir.to_onnx()
+    feeds = verify.random_inputs(model, seed=0, batch=2)
+    np.testing.assert_allclose(verify.run(eq, feeds)["output"], verify.run(model, feeds)["output"], rtol=1e-4, atol=1e-5)
+    inits = {i.name: numpy_helper.to_array(i) for i in eq.graph.initializer}
+    w = {n.name: inits[n.input[1]] for n in eq.graph.node if n.op_type == "Conv"}
+    r1 = np.abs(w["conv_0"].reshape(8, -1)).max(1)
+    r2 = np.abs(w["conv_1"].reshape(8, -1)).max(1)
+    assert np.max(np.abs(np.log(r1 / r2))) < np.log(1.5)  # ranges close after equalisation
+    assert np.ptp(np.log(r1)) < np.ptp(np.log(np.abs(numpy_helper.to_array(model.graph.initializer[0])).reshape(8, -1).max(1)))
+
+
+def test_equalize_auto_keeps_the_better_model_per_tensor():
+    model = _dw_chain_model()
+    calib = calibdata.load_calibration("random", model, max_samples=32, seed=1)
+    ir = edgec.from_model(model)
+    rep = quantize_api.quantize(ir, model, mode="int8", calib_batches=calib, weights="per-tensor",
+                                bias_correction=False, equalize="auto")
+    cle = rep["cross_layer_equalization"]
+    assert cle["pairs"] == 2
+    assert rep["error"]["rel_l2"] == min(cle["rel_l2_without"], cle["rel_l2_with"])
+    assert cle["applied"] == (cle["rel_l2_with"] < cle["rel_l2_without"])
+    # per-tensor weights with channel ranges spread over 3 decades: equalisation must help
+    assert cle["applied"] and cle["rel_l2_with"] < 0.9 * cle["rel_l2_without"]
