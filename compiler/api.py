@@ -273,7 +273,7 @@ def _quantize(ir: IR, original, tgt, mode: str, calib_set, *, method, percentile
     return quantize_api.quantize(ir, original, mode=mode, calib_batches=calib_set, method=method,
                                  percentile=percentile, activations=activations, weights=weights,
                                  keep_float=keep_float, max_error=max_error, max_bytes=max_bytes,
-                                 progress=progress, log=log)
+                                 progress=progress, pointwise=tgt.quant.pointwise, log=log)
 
 
 def _quantize_tensorrt(ir: IR, calib_set, *, method, percentile, keep_float, progress) -> dict:

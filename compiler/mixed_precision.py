@@ -69,7 +69,7 @@ class _Evaluator:
 
 def choose_plan(ir: IR, float_model: onnx.ModelProto, ranges: dict, calib_batches: Iterable[dict], *,
                 max_error: float | None = None, max_bytes: int | None = None, activations: str = "asymmetric",
-                weights: str = "per-channel", keep_float: Iterable[str] = (), keep_ends: bool = True,
+                weights: str = "per-channel", keep_float: Iterable[str] = (), pointwise=(), keep_ends: bool = True,
                 eval_samples: int = 128, log: Callable[[str], None] | None = None
                 ) -> tuple[dict[str, str], list[dict], dict]:
     """Return ``(plan, sensitivity table, search summary)``; see the module doc."""
@@ -82,7 +82,7 @@ def choose_plan(ir: IR, float_model: onnx.ModelProto, ranges: dict, calib_batche
         raise UserError(f"the size budget must be positive, got {max_bytes}")
     if max_error is None and max_bytes is None:
         max_error = DEFAULT_MAX_ERROR
-    opts = dict(activations=activations, weights=weights, keep_float=list(keep_float or ()))
+    opts = dict(activations=activations, weights=weights, keep_float=list(keep_float or ()), pointwise=tuple(pointwise))
     probe = QuantizeQDQ(ranges, **opts)
     ir.toposort()
     layers = [n for n in weighted_nodes(ir) if n.inputs[0].name in ranges and not probe._kept(n)]

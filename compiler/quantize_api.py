@@ -65,7 +65,7 @@ def quantize(ir: IR, original_model: onnx.ModelProto | None = None, *, mode: str
              percentile: float = 99.99, activations: str = "asymmetric", weights: str = "per-channel",
              keep_float: Iterable[str] = (), max_error: float | None = None, max_bytes: int | None = None,
              bias_correction: bool = True, equalize: bool | str = "auto", progress=False,
-             log: Callable[[str], None] | None = None) -> dict:
+             pointwise=(), log: Callable[[str], None] | None = None) -> dict:
     """Quantize ``ir`` in place; return the report section.
 
     ``equalize``: cross-layer equalisation (see :func:`edgec.passes.quantize.cross_layer_equalization`):
@@ -98,7 +98,7 @@ def quantize(ir: IR, original_model: onnx.ModelProto | None = None, *, mode: str
         raise UserError(f"--quantize {mode} needs calibration data (--calib PATH)")
     args = dict(mode=mode, method=method, percentile=percentile, activations=activations, weights=weights,
                 keep_float=keep_float, max_error=max_error, max_bytes=max_bytes,
-                bias_correction=bias_correction, progress=progress, log=log)
+                bias_correction=bias_correction, progress=progress, pointwise=tuple(pointwise), log=log)
     report = None
     if equalize not in (False, None, "auto", "always", True):
         raise UserError(f"equalize must be 'auto', 'always' or False, got {equalize!r}")
@@ -130,7 +130,7 @@ def quantize(ir: IR, original_model: onnx.ModelProto | None = None, *, mode: str
 
 
 def _quantize_integer(ir: IR, calib_batches, *, mode, method, percentile, activations, weights, keep_float,
-                      max_error, max_bytes, bias_correction, progress, log, reference=None) -> dict:
+                      max_error, max_bytes, bias_correction, progress, log, pointwise=(), reference=None) -> dict:
     """Calibrate ``ir`` and rewrite it with QDQ (int8 or mixed); the report section."""
     ir.infer_shapes()
     float_model = ir.to_onnx()
@@ -143,7 +143,7 @@ def _quantize_integer(ir: IR, calib_batches, *, mode, method, percentile, activa
     symmetric = activations == "symmetric"
     ranges = calib_mod.ranges_from_stats(float_model, stats, method=method, percentile=percentile,
                                          symmetric=symmetric)
-    opts = dict(activations=activations, weights=weights, keep_float=keep_float)
+    opts = dict(activations=activations, weights=weights, keep_float=keep_float, pointwise=tuple(pointwise))
     report: dict = {"mode": mode, "method": method if isinstance(method, str) else dict(method),
                     "activations": activations, "weights": weights,
                     "calibration": {"samples": _samples(calib_batches),

@@ -26,6 +26,7 @@ class QuantScheme:
     bias: str = "int32"              # "int32" (quantized bias) or "float"
     quantize_outputs: bool = False   # Q/DQ on weighted ops' outputs (False: TensorRT style)
     int4: bool = False               # int4 weights available
+    pointwise: tuple = ()            # unary ops whose outputs get Q/DQ too (toolchains that want all tensors int8)
 
 
 @dataclass

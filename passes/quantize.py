@@ -43,7 +43,10 @@ QLinearGlobalAveragePool, QLinearAveragePool, and Q/DQ pairs around data-movemen
   Runtime runs them in float between DQ and Q and fuses fewer groups; asymmetric (U8S8) is the
   mode for ONNX Runtime CPU, symmetric the one for TensorRT-style back ends;
 - graph outputs stay float (no Q/DQ on a graph output); ``keep_float`` names nodes or tensors
-  that stay float (a tensor name keeps its producer float).
+  that stay float (a tensor name keeps its producer float);
+- ``pointwise`` ops (a target's choice: RKNN lists Sigmoid, HardSwish, HardSigmoid, Tanh,
+  LeakyRelu) are quantized like the aggregate ops when their input is, so a toolchain that
+  wants every tensor quantized gets every tensor quantized.
 """
 
 from __future__ import annotations
@@ -157,8 +160,11 @@ class QuantizeQDQ(Pass):
 
     def __init__(self, ranges: dict | None = None, *, activations: str = "asymmetric",
                  weights: str = "per-channel", plan: dict | None = None, keep_float=(),
-                 bias_shift: dict | None = None, quantize_activations: bool = True):
+                 bias_shift: dict | None = None, quantize_activations: bool = True, pointwise=()):
         super().__init__()
+        # unary ops whose output is quantized too when their input is (a target that wants every
+        # tensor quantized, e.g. RKNN's pre-quantized path, lists Sigmoid, HardSwish, ...)
+        self.pointwise = tuple(pointwise or ())
         if activations not in ("asymmetric", "symmetric"):
             raise UserError(f"activations must be 'asymmetric' or 'symmetric', got '{activations}'")
         if weights not in ("per-channel", "per-tensor"):
@@ -389,8 +395,8 @@ class QuantizeQDQ(Pass):
             ok = len(acts) == 2 and len(n.inputs) == 2
         elif n.op == "Concat":
             ok = len(acts) == len(n.inputs)
-        elif n.op in ("GlobalAveragePool", "AveragePool"):
-            ok = len(acts) == 1
+        elif n.op in ("GlobalAveragePool", "AveragePool") or n.op in self.pointwise:
+            ok = len(acts) == 1 and len(n.outputs) == 1
         elif n.op in DATA_MOVEMENT:
             ok = len(acts) == 1 and n.inputs[0] is acts[0] and len(n.outputs) == 1
             if n.op == "Resize" and n.attrs.get("mode", "nearest") != "nearest":
