@@ -71,7 +71,8 @@ def load_case(name: str):
     """(model, calib dict, test dict, labels or None)."""
     if name == "digits":
         # (calibration in batches of 40: ORT's Percentile calibrator fails on a short last batch)
-        d = np.load(ROOT / "examples" / "digits" / "data.npz")
+        e, c = (np.load(ROOT / "examples" / "digits" / f) for f in ("eval.npz", "calib.npz"))
+        d = {"test_x": e["input"], "test_y": e["labels"], "calib_x": c["input"]}
         model = onnx.load(str(ROOT / "examples" / "digits" / "model.onnx"))
         return model, {"input": d["calib_x"]}, {"input": d["test_x"]}, d["test_y"]
     model = ALL_MODELS[name](batch=8)

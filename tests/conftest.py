@@ -60,3 +60,9 @@ def assert_same_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, *
 
 def ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
+
+
+def digits_data() -> dict[str, np.ndarray]:
+    """The example's real data: test_x/test_y (held-out, eval.npz) and calib_x (calib.npz)."""
+    with np.load(EXAMPLE / "eval.npz") as e, np.load(EXAMPLE / "calib.npz") as c:
+        return {"test_x": e["input"], "test_y": e["labels"], "calib_x": c["input"]}

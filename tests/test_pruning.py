@@ -21,6 +21,8 @@ from edgec.passes.fold_batchnorm import FoldBatchNorm
 from edgec.passes.prune_channels import PruneChannels, apply_pruning, select
 from edgec.pipeline import PassManager
 
+from conftest import digits_data
+
 ROOT = Path(__file__).resolve().parent.parent
 LIGHT = sorted(glob.glob(str(Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "*.onnx")))
 DIGITS = ROOT / "examples" / "digits"
@@ -83,7 +85,7 @@ def test_exact_after_fold_batchnorm(name):
 
 def test_exact_on_digits_example():
     model = onnx.load(DIGITS / "model.onnx")
-    x = np.load(DIGITS / "data.npz")["test_x"][:16]
+    x = digits_data()["test_x"][:16]
     assert prune_dead_and_compare(model, feeds={model.graph.input[0].name: x}) > 0
 
 
@@ -319,7 +321,7 @@ def test_progressive_pruning_with_reconstruction():
 def test_digits_accuracy_with_and_without_reconstruction():
     """30% uniform pruning of examples/digits/model.onnx, l1 importance; calibration on calib_x."""
     model = onnx.load(DIGITS / "model.onnx")
-    data = np.load(DIGITS / "data.npz")
+    data = digits_data()
     name = model.graph.input[0].name
     calib = [{name: data["calib_x"][i:i + 50]} for i in range(0, len(data["calib_x"]), 50)]
 

@@ -17,6 +17,8 @@ from edgec.builders import ALL_MODELS, GraphBuilder
 from edgec.errors import UserError
 from edgec.passes.quantize import QuantizeQDQ
 
+from conftest import digits_data
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits"
 
 
@@ -211,7 +213,7 @@ def test_activation_params_and_weight_quantizer_by_hand():
 # ------------------------------------------------------------------ placement and fusion
 @pytest.fixture(scope="module")
 def digits():
-    d = np.load(EXAMPLE / "data.npz")
+    d = digits_data()
     model = onnx.load(str(EXAMPLE / "model.onnx"))
     return model, d
 
