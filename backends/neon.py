@@ -7,20 +7,9 @@ counts round to 4 (a 128-bit NEON register holds 4 float32 lanes).
 
 from __future__ import annotations
 
-from edgec.ir import IR
 from edgec.target import QuantScheme, Target
 
-from . import _checks
-
-
-def _pipeline(t: Target) -> list:
-    from . import lossless_pipeline
-
-    return lossless_pipeline()
-
-
-def _check(t: Target, ir: IR) -> list[str]:
-    return _checks.check_opset(t, ir)
+from .cpu import _check, _pipeline  # same runtime, same clean-up and checks; only the profile differs
 
 
 TARGET = Target(

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 
 from .errors import UserError
-from .verify import InputSpec, check_feeds, input_specs
+from .verify import InputSpec, check_feeds, input_specs, random_array
 
 IMAGE_EXTS = {".ppm", ".pgm", ".png", ".jpg", ".jpeg", ".bmp"}
 PILLOW_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -339,12 +339,7 @@ def _random_chunks(specs, n: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
     chunk = {}
     for s in specs:
         shape = [n] + [d if isinstance(d, int) and d > 0 else 1 for d in s.shape[1:]]
-        if s.dtype.kind == "f":
-            chunk[s.name] = rng.standard_normal(shape).astype(s.dtype)
-        elif s.dtype.kind == "b":
-            chunk[s.name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            chunk[s.name] = rng.integers(0, 4, shape).astype(s.dtype)
+        chunk[s.name] = random_array(rng, shape, s.dtype)
     yield chunk
 
 

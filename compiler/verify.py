@@ -62,13 +62,17 @@ def random_inputs(model: onnx.ModelProto, *, seed: int = 0, batch: int = 1, fill
     feeds = {}
     for spec in input_specs(model):
         shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else fill) for i, d in enumerate(spec.shape)]
-        if spec.dtype.kind == "f":
-            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype.kind == "b":
-            feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            feeds[spec.name] = rng.integers(0, 4, shape).astype(spec.dtype)
+        feeds[spec.name] = random_array(rng, shape, spec.dtype)
     return feeds
+
+
+def random_array(rng: np.random.Generator, shape, dtype: np.dtype) -> np.ndarray:
+    """N(0,1) floats, 0/1 bools, small non-negative ints (valid as indices of small tables)."""
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(bool)
+    return rng.integers(0, 4, shape).astype(dtype)
 
 
 def load_inputs(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -128,24 +128,29 @@ class DecomposeOps(Pass):
         self._finish(node)
         self._abs(ir, node, x, y)
 
-    def _ReduceL2(self, ir, node):
+    def _reduce_args(self, ir, node):
+        """(x, y, axes, keepdims) of a Reduce node, or None where the rewrite does not apply."""
         if node.attrs.get("noop_with_empty_axes", 0):
-            return False
-        x, y = node.inputs[0], node.outputs[0]
-        axes, keep = self._axes(ir, node), int(node.attrs.get("keepdims", 1))
+            return None
+        axes = self._axes(ir, node)
         if axes is None and len(node.inputs) > 1:
+            return None  # axes given but not constant
+        return node.inputs[0], node.outputs[0], axes, int(node.attrs.get("keepdims", 1))
+
+    def _ReduceL2(self, ir, node):
+        args = self._reduce_args(ir, node)
+        if args is None:
             return False
+        x, y, axes, keep = args
         self._finish(node)
         sq = self._emit(ir, node, "Mul", [x, x])
         self._emit(ir, node, "Sqrt", [self._reduce(ir, node, "ReduceSum", sq, axes, keep)], y)
 
     def _ReduceSumSquare(self, ir, node):
-        if node.attrs.get("noop_with_empty_axes", 0):
+        args = self._reduce_args(ir, node)
+        if args is None:
             return False
-        x, y = node.inputs[0], node.outputs[0]
-        axes, keep = self._axes(ir, node), int(node.attrs.get("keepdims", 1))
-        if axes is None and len(node.inputs) > 1:
-            return False
+        x, y, axes, keep = args
         self._finish(node)
         self._reduce(ir, node, "ReduceSum", self._emit(ir, node, "Mul", [x, x]), axes, keep, y)
 
