@@ -109,7 +109,16 @@ def _footprint(ir: IR) -> tuple[int, int, int]:
     if cached is None:
         consts = ir.constants()
         params = sum(math.prod(c.shape) for c in consts if _is_param(c))
-        cached = ir.analysis_cache["footprint"] = (len(ir.nodes), len(consts), params)
+        live = 0
+        for n in ir.nodes:
+            if not n.outputs:
+                continue  # detached nodes are gone already
+            live += 1
+            if n.op == "ConstantOfShape" and n.outputs[0].outputs and n.inputs and isinstance(n.inputs[0], gs.Constant):
+                fill = n.attrs.get("value")  # generated weights are parameters too (as costs.compute counts them)
+                if fill is None or (isinstance(fill, gs.Constant) and _is_param(fill)):
+                    params += math.prod(int(d) for d in ir.const_value(n.inputs[0]))
+        cached = ir.analysis_cache["footprint"] = (live, len(consts), params)
     return cached
 
 
@@ -148,7 +157,15 @@ class PassManager:
         """Drop dead nodes and restore topological order: once per round, not after every pass."""
         if not (self._dirty or force):
             return
+        before = _footprint(ir)
         ir.remove_dead()
+        ir.analysis_cache.pop("footprint", None)
+        after = _footprint(ir)
+        rec = self.records.get(getattr(self, "_last_changed", None))
+        if rec is not None:  # dead code left by the last rewrite is that rewrite's doing
+            rec.nodes_removed += max(0, before[0] - after[0])
+            rec.constants_removed += before[1] - after[1]
+            rec.params_removed += before[2] - after[2]
         try:
             ir.toposort()
         except Exception as e:
@@ -176,6 +193,7 @@ class PassManager:
             if p.preserves_shapes and shapes_valid:
                 ir.shapes_still_valid()
             self._dirty = True
+            self._last_changed = p.name
             if self.validate:
                 try:
                     ir.validate()

@@ -52,3 +52,18 @@ def test_symbolic_batch_counts_per_item():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     r = costs.compute(edgec.from_model(m))
     assert r.macs == 24 and r.symbolic_dims
+
+
+def test_pass_records_add_up_to_the_cost_totals():
+    """What the passes say they removed equals what the before/after costs say changed, and a
+    weight two layers share counts once."""
+    import os
+
+    import onnx
+
+    path = os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light/light_resnet50.onnx")
+    r = edgec.compile(path).report
+    removed_nodes = sum(p["nodes_removed"] - p["nodes_added"] for p in r["passes"])
+    removed_params = sum(p["params_removed"] for p in r["passes"])
+    assert removed_nodes == r["before"]["nodes"] - r["after"]["nodes"]
+    assert removed_params == r["before"]["params"] - r["after"]["params"]
