@@ -12,7 +12,9 @@ Pipeline: the lossless clean-up plus rewrites into what the NPU runs: ops it lac
 (Sum, Mean, Neg, Reciprocal, Abs, ReduceL2, ReduceSumSquare, Softsign), Gemm on feature
 vectors as 1x1 Conv, 5-D channel shuffles as 4-D.
 Check: RKNN-Toolkit2's ONNX op list (backends/op_tables.py): unsupported ops, batch-1
-restrictions, Resize modes, custom domains, data-dependent ops, opset and static shapes.
+restrictions, Resize modes, custom domains, data-dependent ops, opset and static shapes, and
+Transposes too large for the NPU (a warning; an error on rv1106/rv1103, which cannot fall back).
+Transposes that cancel or compose are already gone (fuse_transposes) before the check.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ PLATFORMS = ("rk3588", "rk3576", "rk3568", "rk3566", "rk3562", "rv1106", "rv1103
 NO_FLOAT = ("rv1106", "rv1103")
 DECOMPOSE = ("Sum", "Mean", "Neg", "Reciprocal", "Abs", "ReduceL2", "ReduceSumSquare", "Softsign")
 BATCH1_OPS = {op for op, why in op_tables.RKNN_RESTRICTED.items() if "batch size 1" in why}
+# RKNN-Toolkit2 puts a Transpose on the CPU when its input's height x width exceeds this ("Transpose
+# will fallback to CPU, because input shape has exceeded the max limit, height(H) * width(W) = N,
+# required product no larger than 8192!", airockchip/rknn-toolkit2#490; older releases said 16384).
+# rv1106/rv1103 have no CPU Transpose at all: such a model fails at rknn_init (#145, #316).
+TRANSPOSE_HW_LIMIT = 8192
 
 
 def _configure(t: Target) -> None:
@@ -76,6 +83,17 @@ def _check(t: Target, ir: IR) -> list[str]:
         return None
 
     problems += _checks.check_ops(ir, verdict)
+    for node in ir.find("Transpose"):
+        shape = IR.static_shape(node.inputs[0])
+        if shape is None or len(shape) < 3 or shape[-2] * shape[-1] <= TRANSPOSE_HW_LIMIT:
+            continue
+        hw = shape[-2] * shape[-1]
+        if t.options["platform"] in NO_FLOAT:
+            problems.append(f"Transpose '{node.name}': input height x width = {hw} > {TRANSPOSE_HW_LIMIT}: "
+                            f"{t.options['platform']} cannot run it on the NPU and has no CPU Transpose")
+        else:
+            problems.append(f"warning: Transpose '{node.name}' on height x width = {hw} > {TRANSPOSE_HW_LIMIT} "
+                            f"will fall back to the CPU on {t.options['platform']} (slow: NPU<->CPU copies)")
     return problems
 
 

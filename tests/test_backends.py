@@ -222,3 +222,13 @@ def test_sparsity_24_pattern_and_least_squares_recovery(builder):
 def test_sparsity_is_refused_outside_known_patterns():
     with pytest.raises(UserError, match="sparsity=1:8"):
         edgec.compile(resnet_basic(), target="jetson", target_options={"sparsity": "1:8"})
+
+
+def test_rknn_large_transposes_warn_or_fail_by_platform():
+    """RKNN runs a Transpose whose input is larger than 8192 (H x W) on the CPU; rv1106 cannot."""
+    m = make([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1, 3]), helper.make_node("Relu", ["t"], ["y"])],
+             [f32("x", [1, 4, 128, 128])], [f32("y", [1, 128, 4, 128])])
+    r = edgec.compile(m, target="rknn").report
+    assert any("fall back to the CPU" in n for n in r["notes"])
+    with pytest.raises(UserError, match="rv1106 cannot run it on the NPU"):
+        edgec.compile(m, target="rknn", target_options={"platform": "rv1106"}, calib="random")
