@@ -103,6 +103,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
             log("warning: calibrating on random data (--calib random): pruning and quantization will not "
                 "reflect the real input distribution")
         calib_set = load_calibration(calib, _signature(original, input_shapes), max_samples=calib_samples)
+        _check_calibration_runs(original, calib_set, calib, input_shapes)
     prune_pass = None
     if prune is not None or prune_macs is not None:
         from edgec.passes.prune_channels import PruneChannels
@@ -297,6 +298,23 @@ def _quantize_tensorrt(ir: IR, calib_set, *, method, percentile, keep_float, pro
     rep["error"] = quantize_api.output_error(float_model, ir.to_onnx(), calib_set)
     rep["seconds"] = round(_time.perf_counter() - t0, 3)
     return rep
+
+
+def _check_calibration_runs(model: onnx.ModelProto, calib_set, source, input_shapes) -> None:
+    """The first calibration batch must run through the model: data that does not (symbolic
+    spatial dims filled with 1 by --calib random, wrong value ranges, ...) is the user's to fix,
+    said once here instead of as an ONNX Runtime failure deep inside calibration or pruning."""
+    first = next(iter(calib_set), None)
+    if first is None:
+        raise UserError(f"{source}: the calibration data holds no samples")
+    try:
+        verify_mod.run(model, first)
+    except Exception as e:
+        hint = ("random calibration data fills symbolic dims with 1; give --input-shape NAME=D1,D2,... "
+                "or real data" if isinstance(source, str) and source == "random" and not input_shapes
+                else "check its shapes and value ranges")
+        raise UserError(f"the calibration data does not run through the model in ONNX Runtime ({hint}): "
+                        f"{str(e).strip().splitlines()[0][:200]}") from None
 
 
 def _signature(model: onnx.ModelProto, input_shapes: dict | None) -> onnx.ModelProto:

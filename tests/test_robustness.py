@@ -116,3 +116,21 @@ def test_rnn_macs_and_if_branch_weights_are_counted():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 10])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     assert edgec.inspect(m)["params"] == 100
+
+
+def test_calibration_data_that_cannot_run_is_a_user_error(tmp_path):
+    """--calib random on a model with dynamic H/W (a UNet skip Concat needs H, W >= 2) says what
+    to do instead of failing inside calibration; with --input-shape it compiles."""
+    w = numpy_helper.from_array(RNG.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Resize", ["r", "", "scales"], ["u"], mode="nearest"),
+             helper.make_node("Concat", ["u", "x"], ["y"], axis=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7, "H", "W"])], [w, scales])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UserError, match="give --input-shape"):
+        edgec.compile(m, quantize="int8", calib="random")
+    r = edgec.compile(m, quantize="int8", calib="random", input_shapes={"x": [1, 3, 16, 16]}, verify=True)
+    assert r.report["quantization"]["mode"] == "int8"
