@@ -181,6 +181,67 @@ def run_ort(model, calib: dict, method: str, batch: int | None, workdir: Path) -
     return out.read_bytes()
 
 
+def calib_only_ort(model, calib: dict, method: str, batch: int | None, workdir: Path) -> dict:
+    """ONNX Runtime's calibrator alone: augment, run every batch, compute the ranges."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    src = workdir / "in.onnx"
+    onnx.save(model, str(src))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches_of(calib, batch or 32))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    cal = create_calibrator(str(src), augmented_model_path=str(workdir / "aug.onnx"),
+                            calibrate_method=getattr(CalibrationMethod, method))
+    cal.collect_data(Reader())
+    return cal.compute_data()
+
+
+def calib_only_edgec(float_model, calib: dict, method: str, batch: int | None) -> dict:
+    """edgec's calibration alone: streaming statistics over every batch, then the ranges."""
+    from edgec import calibration
+
+    cs = calibdata.load_calibration(calib, float_model, batch_size=batch or 32)
+    tensors = quantize_api.calibration_tensors(float_model)
+    stats = calibration.collect(float_model, tensors, cs, histograms=calibration.needs_histograms(method))
+    return calibration.ranges_from_stats(float_model, stats, method=method)
+
+
+def calibration_table(names: list[str]) -> list[dict]:
+    """Calibration time and memory alone (no quantization, no error measuring), same data,
+    same (lossless-compiled) float model for both tools."""
+    rows = []
+    for name in names:
+        model, calib, _, _ = load_case(name)
+        batch = fixed_batch(model)
+        ir = edgec.from_model(model)
+        edgec.run_passes(ir, LOSSLESS)
+        float_model = ir.to_onnx()
+        for ort_method, ours in (("MinMax", "minmax"), ("Percentile", "percentile")):
+            with tempfile.TemporaryDirectory() as td, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _, t_ort, m_ort = measured(lambda: calib_only_ort(float_model, calib, ort_method, batch, Path(td)))
+                _, t_ours, m_ours = measured(lambda: calib_only_edgec(float_model, calib, ours, batch))
+            rows.append({"model": name, "method": ours, "ort_s": t_ort, "edgec_s": t_ours,
+                         "ort_mb": m_ort / 2**20, "edgec_mb": m_ours / 2**20})
+    return rows
+
+
+def fmt_calibration(rows: list[dict]) -> str:
+    lines = [f"{'model':20s} {'method':11s} {'ORT s':>8s} {'edgec s':>8s} {'ratio':>6s} {'ORT MB':>8s} "
+             f"{'edgec MB':>9s} {'ratio':>6s}"]
+    for r in rows:
+        lines.append(f"{r['model']:20s} {r['method']:11s} {r['ort_s']:8.3f} {r['edgec_s']:8.3f} "
+                     f"{r['edgec_s'] / r['ort_s']:6.2f} {r['ort_mb']:8.2f} {r['edgec_mb']:9.2f} "
+                     f"{r['edgec_mb'] / max(r['ort_mb'], 1e-9):6.2f}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- main
 def bench_model(name: str, variants: list[str], repeat: int) -> list[dict]:
     model, calib, test, labels = load_case(name)
@@ -285,6 +346,10 @@ def main(argv=None) -> int:
           "'vs ORT' compares with ort-minmax (edgec-minmax) or ort-percentile (other edgec variants)")
     print(fmt_table(rows))
     out = {"rows": rows}
+    crows = calibration_table([m for m in args.models.split(",") if m])
+    print("\ncalibration alone (statistics + ranges; no QDQ rewrite, no error measuring): edgec vs ORT's calibrator")
+    print(fmt_calibration(crows))
+    out["calibration"] = crows
     if args.scale:
         srows = scale_memory([200, 2000, 8000])
         print("\ncalibration memory vs samples (digits, batches of 40, bias correction off)")
