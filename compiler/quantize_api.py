@@ -318,7 +318,7 @@ def _run_with(model, tensors, batches, on_batch) -> None:
     from .verify import session
 
     aug = calib_mod.augment(model, tensors)
-    sess = session(aug)
+    sess = session(aug, optimize=True)  # QDQ groups on ORT's integer kernels: faster, and as deployed
     names = [o.name for o in sess.get_outputs()]
     for b in batches:
         on_batch(dict(zip(names, sess.run(names, b))))
