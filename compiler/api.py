@@ -40,6 +40,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
             quantize: str | None = None, calib_method: str = "minmax", percentile: float = 99.99,
             activations: str | None = None, weights: str | None = None, keep_float: Sequence[str] = (),
             max_bytes: int | None = None, progress: bool = False, goal: str | None = None,
+            calib_preprocess=None,
             log: Callable[[str], None] | None = None) -> CompileResult:
     """Compile ``model`` for ``target``; write it to ``output`` (atomically) if given.
 
@@ -77,7 +78,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
 
         args = dict(locals())
         for key in ("model", "output", "goal", "max_error", "max_bytes", "calib", "log", "verify", "strategy",
-                    "get_target"):
+                    "get_target"):  # calib_preprocess travels on with the rest
             args.pop(key, None)
         return strategy.run(compile, model, output, goal=goal, target_profile=get_target(target, target_options),
                             max_error=max_error, max_bytes=max_bytes, calib=calib, log=log, **args)
@@ -102,7 +103,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
         if isinstance(calib, str) and calib == "random":
             log("warning: calibrating on random data (--calib random): pruning and quantization will not "
                 "reflect the real input distribution")
-        calib_set = load_calibration(calib, _signature(original, input_shapes), max_samples=calib_samples)
+        calib_set = load_calibration(calib, _signature(original, input_shapes), max_samples=calib_samples,
+                                     preprocess=calib_preprocess)
         _check_calibration_runs(original, calib_set, calib, input_shapes)
     prune_pass = None
     if prune is not None or prune_macs is not None:

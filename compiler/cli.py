@@ -42,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help="calibration data: .npz keyed by input name, .npy, a folder of them or of images, "
                    "or 'random' (explicitly, with a warning)")
     c.add_argument("--calib-samples", type=int, help="use at most this many calibration samples")
+    im = c.add_argument_group("calibration images (a --calib folder of images)")
+    im.add_argument("--image-size", metavar="HxW", help="resize to HxW (default: the model's input size)")
+    im.add_argument("--image-resize", choices=["bilinear", "nearest"], default="bilinear")
+    im.add_argument("--image-layout", choices=["NCHW", "NHWC"], default="NCHW")
+    im.add_argument("--image-channels", choices=["RGB", "BGR", "GRAY"], default="RGB")
+    im.add_argument("--image-scale", type=float, default=255.0, help="divide pixels by this first (255: 8-bit -> [0,1])")
+    im.add_argument("--image-mean", metavar="M,...", help="per-channel mean subtracted after scaling")
+    im.add_argument("--image-std", metavar="S,...", help="per-channel std divided by after the mean")
     g = c.add_argument_group("pruning (dependency-aware structured channel pruning)")
     g.add_argument("--prune", type=float, metavar="RATIO", help="remove this fraction of channels (e.g. 0.3)")
     g.add_argument("--prune-macs", type=float, metavar="FRACTION", help="remove this fraction of MACs (solves for the ratio)")
@@ -114,6 +122,25 @@ def _shapes(items: list[str]) -> dict[str, list[int]]:
     return shapes
 
 
+def _preprocess(args):
+    """The image preprocessing spec, when any --image-* flag is given."""
+    from . import calibdata
+
+    given = any(getattr(args, k) not in (None, d) for k, d in (("image_size", None), ("image_resize", "bilinear"),
+                                                               ("image_layout", "NCHW"), ("image_channels", "RGB"),
+                                                               ("image_scale", 255.0), ("image_mean", None),
+                                                               ("image_std", None)))
+    if not given:
+        return None
+    if args.image_scale <= 0:
+        raise UserError("--image-scale must be positive")
+    return calibdata.Preprocess(
+        size=calibdata.parse_size(args.image_size) if args.image_size else None, resize=args.image_resize,
+        layout=args.image_layout, channels=args.image_channels, scale=args.image_scale,
+        mean=calibdata.parse_floats(args.image_mean) if args.image_mean else (0.0,),
+        std=calibdata.parse_floats(args.image_std) if args.image_std else (1.0,))
+
+
 def _compile(args) -> int:
     from . import api, report
 
@@ -147,6 +174,7 @@ def _compile(args) -> int:
                          percentile=args.percentile, activations=args.activations, weights=args.weights,
                          keep_float=[k.strip() for k in args.keep_float.split(",") if k.strip()],
                          max_bytes=args.max_bytes, progress=not (args.quiet or args.json), goal=args.goal,
+                         calib_preprocess=_preprocess(args),
                          log=log)
     if args.report:
         report.write_json(result.report, args.report)

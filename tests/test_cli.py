@@ -214,3 +214,26 @@ def test_console_script_runs_the_example(tmp_path):
                            "--verify", "--eval", str(EXAMPLE / "eval.npz")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "accuracy" in proc.stdout and out.exists()
+
+
+def test_calibration_from_an_image_folder_with_preprocessing(capsys, tmp_path):
+    """What edge teams have: a folder of images plus the model's preprocessing (here the digits'
+    8-bit grayscale PGMs, /255 then (x - mean) / std)."""
+    meta = json.loads((EXAMPLE / "metadata.json").read_text())
+    with np.load(EXAMPLE / "calib.npz") as z:
+        x = z["input"][:48]
+    pixels = np.clip(np.round((x[:, 0] * meta["std"] + meta["mean"]) * 255), 0, 255).astype(np.uint8)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, img in enumerate(pixels):
+        (folder / f"{i:03d}.pgm").write_bytes(b"P5 8 8 255\n" + img.tobytes())
+    out = tmp_path / "q.onnx"
+    code, stdout, err = edgec_main(capsys, "compile", EXAMPLE / "model.onnx", "-o", out, "--quantize", "int8",
+                                   "--calib", folder, "--image-channels", "GRAY", "--image-mean", meta["mean"],
+                                   "--image-std", meta["std"], "--eval", EXAMPLE / "eval.npz", "--json")
+    assert code == 0, err
+    acc = json.loads(stdout)["accuracy"]
+    assert acc["after"] >= acc["before"] - 0.01
+    code, _, err = edgec_main(capsys, "compile", EXAMPLE / "model.onnx", "-o", out, "--quantize", "int8",
+                              "--calib", folder, "--image-size", "eight")
+    assert code == 2 and "bad image size" in err
