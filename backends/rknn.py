@@ -97,7 +97,12 @@ def _check(t: Target, ir: IR) -> list[str]:
     return problems
 
 
-def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quantized_model: bool = False) -> list[Path]:
+# edgec's calibration methods and RKNN-Toolkit2's quantized_algorithm names for the same idea
+RKNN_ALGORITHM = {"minmax": "normal", "percentile": "normal", "mse": "mmse", "entropy": "kl_divergence"}
+
+
+def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quantized_model: bool = False,
+                       calib_method: str = "minmax") -> list[Path]:
     """Write ``OUT.rknn.json`` (the arguments of RKNN's config/build) and, with calibration data,
     ``OUT.dataset/NNNN.npy`` + ``dataset.txt`` (NCHW .npy files, as RKNN's build wants them)."""
     if t.options["platform"] in NO_FLOAT and calib_batches is None and not quantized_model:
@@ -136,7 +141,8 @@ def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quan
                 count += 1
         (ds_dir / "dataset.txt").write_text("\n".join(lines) + "\n")
         cfg["build"] = {"do_quantization": True, "dataset": str((ds_dir / "dataset.txt").resolve())}
-        cfg["config"].update({"quantized_dtype": "w8a8", "quantized_algorithm": "normal", "quantized_method": "channel"})
+        algorithm = RKNN_ALGORITHM.get(calib_method if isinstance(calib_method, str) else "minmax", "normal")
+        cfg["config"].update({"quantized_dtype": "w8a8", "quantized_algorithm": algorithm, "quantized_method": "channel"})
         written.append(ds_dir)
     path = output.with_name(output.name + ".rknn.json")
     path.write_text(json.dumps(cfg, indent=2) + "\n")

@@ -215,7 +215,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     if output is not None:
         if tgt.extras is not None:  # before the model: a refusal here leaves nothing behind
             extra_files = tgt.extras(tgt, ir, Path(output), calib_batches=calib_set,
-                                     quantized_model=quantize in ("int8", "mixed"))
+                                     quantized_model=quantize in ("int8", "mixed"), calib_method=calib_method)
             report["extra_files"] = [str(f) for f in extra_files]
         loader.save(result_model, output, check=False)
         report["output_file_bytes"] = Path(output).stat().st_size

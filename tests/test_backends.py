@@ -232,3 +232,15 @@ def test_rknn_large_transposes_warn_or_fail_by_platform():
     assert any("fall back to the CPU" in n for n in r["notes"])
     with pytest.raises(UserError, match="rv1106 cannot run it on the NPU"):
         edgec.compile(m, target="rknn", target_options={"platform": "rv1106"}, calib="random")
+
+
+def test_rknn_build_config_lets_rknn_quantize_with_the_chosen_method(tmp_path):
+    import json
+
+    out = tmp_path / "m.onnx"
+    edgec.compile(EXAMPLE / "model.onnx", out, target="rknn", input_shapes={"input": [1, 1, 8, 8]},
+                  calib=EXAMPLE / "calib.npz", calib_samples=20, calib_method="mse")
+    cfg = json.loads((tmp_path / "m.onnx.rknn.json").read_text())
+    assert cfg["build"]["do_quantization"] is True and cfg["config"]["quantized_algorithm"] == "mmse"
+    lines = (tmp_path / "m.onnx.dataset" / "dataset.txt").read_text().split()
+    assert len(lines) == 20 and all(np.load(p).shape == (1, 1, 8, 8) for p in lines)
