@@ -117,6 +117,8 @@ def inspect_text(info: dict) -> str:
     lines = [f"{info.get('model') or 'model'}: ir_version {info['ir_version']}, opsets "
              + ", ".join(f"{k} {v}" for k, v in info["opsets"].items())
              + (f", producer {info['producer']}" if info["producer"] else "")]
+    for note in info.get("notes", []):
+        lines.append(f"  note: {note} (costs below are for the converted model, as compile sees it)")
     for kind in ("inputs", "outputs"):
         for t in info[kind]:
             shape = "[" + ", ".join(str(d) for d in t["shape"]) + "]" if t["shape"] is not None else "?"
