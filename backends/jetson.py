@@ -87,10 +87,9 @@ def _verdict(t: Target, ir: IR):
         if node.op == "TopK" and not node.attrs.get("sorted", 1):
             return "sorted must be 1"
         if node.op in ("Pad", "Slice"):
-            axes_idx = 3 if node.op == "Pad" else 3
-            if len(node.inputs) > axes_idx and not (isinstance(node.inputs[axes_idx], gs.Variable)
-                                                     and node.inputs[axes_idx].is_empty()) \
-                    and not ir.is_const(node.inputs[axes_idx]):
+            axes = node.inputs[3] if len(node.inputs) > 3 else None  # Pad and Slice: axes is input 3
+            if axes is not None and not (isinstance(axes, gs.Variable) and axes.is_empty()) \
+                    and not ir.is_const(axes):
                 return "axes must be an initializer"
         if node.op == "Resize" and node.attrs.get("mode", "nearest") not in ("nearest", "linear"):
             return f"resize mode {node.attrs.get('mode')} is not supported (nearest, linear)"

@@ -346,15 +346,8 @@ def _flatten(pipeline):
 
 
 def _first_samples(calib_set, n: int) -> dict[str, np.ndarray]:
-    parts: dict[str, list] = {}
-    count = 0
-    for batch in calib_set:
-        for k, v in batch.items():
-            parts.setdefault(k, []).append(v)
-        count += len(next(iter(batch.values())))
-        if count >= n:
-            break
-    return {k: np.concatenate(v)[:n] for k, v in parts.items()}
+    batches = list(calib_set.take(n))
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
 def _require_static(tgt, ir: IR, given: dict) -> None:
@@ -370,8 +363,6 @@ def _require_static(tgt, ir: IR, given: dict) -> None:
 
 
 def _feeds(inputs, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    if inputs is None:
-        return verify_mod.random_inputs(model)
     if isinstance(inputs, dict):
         return verify_mod.check_feeds(inputs, verify_mod.input_specs(model), "inputs")
     return verify_mod.load_inputs(inputs, model)

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .errors import InternalError
 
@@ -83,7 +83,6 @@ class IR:
             info.source_opset = opsets.get("", 0)
         ir = cls(graph, opsets, info)
         ir._lower_constant_nodes()
-        ir._has_shapes_from_import()
         return ir
 
     def to_onnx(self, *, check_types: bool = False) -> onnx.ModelProto:
@@ -337,10 +336,6 @@ class IR:
         model.functions.extend(exporter.export_function(f) for f in getattr(g, "functions", []))
         return model
 
-    def _has_shapes_from_import(self) -> None:
-        # Shapes from the model's value_info were imported by gs; inference happens on demand.
-        self._shapes_version = -1
-
     @staticmethod
     def static_shape(t: gs.Tensor) -> tuple[int, ...] | None:
         """The shape of ``t`` if every dim is a known integer."""
@@ -463,11 +458,3 @@ def _all_nodes_proto(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
                     yield from _all_nodes_proto(g)
-
-
-def tensor_nbytes(arr: np.ndarray) -> int:
-    return int(arr.nbytes)
-
-
-def to_numpy(t: onnx.TensorProto) -> np.ndarray:
-    return numpy_helper.to_array(t)

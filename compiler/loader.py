@@ -172,8 +172,8 @@ def save(model_or_ir, path: str | os.PathLike, *, check: bool = True) -> Path:
             tmp_paths.append(str(tmp_data))
             onnx.external_data_helper.convert_model_to_external_data(
                 model, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024)
-            onnx.save_model(model, tmp_model.name)  # writes tensors into tmp_data
-            # Point the model at the final data file name, then rename data, then model.
+            onnx.external_data_helper.write_external_data_tensors(model, str(parent))  # into tmp_data
+            # Point the model at the final data file name, write it once, rename data, then model.
             for t in onnx.external_data_helper._get_all_tensors(model):
                 for entry in t.external_data:
                     if entry.key == "location":

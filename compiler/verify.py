@@ -205,8 +205,3 @@ def latency_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, runs: in
         sess.run(names, feeds)
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1000)
-
-
-def verify(original: onnx.ModelProto | bytes, rewritten: onnx.ModelProto | bytes,
-           feeds: dict[str, np.ndarray], **tol) -> Comparison:
-    return compare(run(original, feeds), run(rewritten, feeds), **tol)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgec.ir import IR
 
 # Ops whose result is not a pure function of their inputs: never folded or merged.
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
@@ -32,9 +31,3 @@ def per_channel(value: np.ndarray, out_rank: int, channels: int, axis: int = 1) 
     if any(d != 1 for i, d in enumerate(shape) if i != axis) or shape[axis] not in (1, channels):
         return None
     return np.broadcast_to(value.reshape(-1), (channels,)).copy()
-
-
-def output_rank(ir: IR, t: gs.Tensor, fallback: int | None = None) -> int | None:
-    if t.shape is not None:
-        return len(t.shape)
-    return fallback
