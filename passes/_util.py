@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-
 # Ops whose result is not a pure function of their inputs: never folded or merged.
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                     "Multinomial", "Bernoulli"}

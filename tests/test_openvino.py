@@ -18,10 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def openvino():
-    try:
-        vendor.ensure_venv("openvino")
-    except vendor.Unavailable as e:
-        pytest.skip(str(e))
+    vendor.require("openvino")
     return vendor
 
 
