@@ -122,7 +122,8 @@ def _first_line(e: BaseException) -> str:
     return s.splitlines()[0][:200] if s else ""
 
 
-def measure_case(case: Case, ratios: list[float], repeat: int, rounds: int, debug: bool) -> list[dict]:
+def measure_case(case: Case, ratios: list[float], repeat: int, rounds: int, debug: bool,
+                 round_to: int = 1) -> list[dict]:
     rows = []
     base = None
     # ratio 0: the lossless compile, the latency reference
@@ -155,7 +156,8 @@ def measure_case(case: Case, ratios: list[float], repeat: int, rounds: int, debu
             res = {}
             for rec in (False, True):
                 t0 = time.perf_counter()
-                res[rec] = edgec.compile(case.model, None, prune=ratio, calib=case.calib, reconstruct=rec, round_to=1)
+                res[rec] = edgec.compile(case.model, None, prune=ratio, calib=case.calib, reconstruct=rec,
+                                         round_to=round_to)
                 row["compile_seconds"] = round(time.perf_counter() - t0, 4)
             rep = res[True].report
             row.update(params_before=rep["before"]["params"], params_after=rep["after"]["params"],
@@ -321,6 +323,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5,
                     help="latency rounds, alternating the unpruned reference and the pruned model "
                          "(median over the rounds of each one's --repeat-run median); default 5")
+    ap.add_argument("--round-to", type=int, default=1,
+                    help="channel multiple (default 1: the ratio exactly; the cpu target's default is 8)")
     ap.add_argument("--calib-samples", type=int, default=N_CALIB,
                     help=f"builders: batch-1 N(0,1) calibration samples; default {N_CALIB}")
     ap.add_argument("--held-out", type=int, default=N_HELD,
@@ -331,7 +335,7 @@ def main(argv=None) -> int:
                          "(11 nodes each); default 460 (5,066 nodes)")
     ap.add_argument("--debug", action="store_true", help="print tracebacks of failures")
     args = ap.parse_args(argv)
-    if args.repeat < 1 or args.rounds < 1 or args.calib_samples < 1 or args.held_out < 1:
+    if args.repeat < 1 or args.rounds < 1 or args.calib_samples < 1 or args.held_out < 1 or args.round_to < 1:
         ap.error("--repeat, --rounds, --calib-samples and --held-out must be >= 1")
     try:
         ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
@@ -354,7 +358,7 @@ def main(argv=None) -> int:
 
     versions = _versions()
     print("edgec pruning benchmark: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"uniform L1 channel pruning, round_to=1; digits: accuracy on 360 test digits, calibration on "
+    print(f"uniform L1 channel pruning, round_to={args.round_to}; digits: accuracy on 360 test digits, calibration on "
           f"calib.npz (200); builders: batch 1, relative L2 output error on {args.held_out} held-out N(0,1) inputs, "
           f"calibration on {args.calib_samples} others")
     print(f"lat = ORT latency (batch 1, median of {args.repeat} runs, median of {args.rounds} rounds alternating with "
@@ -371,7 +375,7 @@ def main(argv=None) -> int:
             print(f"    {name} setup: {_err(e)}: {_first_line(e)}", file=sys.stderr)
             rows.append({"model": name, "ratio": 0.0, "metric": "-", "error": _err(e)})
             continue
-        rows.extend(measure_case(case, ratios, args.repeat, args.rounds, args.debug))
+        rows.extend(measure_case(case, ratios, args.repeat, args.rounds, args.debug, args.round_to))
 
     if rows:
         print_table(rows)

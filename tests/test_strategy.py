@@ -15,6 +15,8 @@ def test_latency_goal_meets_the_error_budget_on_real_data(tmp_path):
     r = edgec.compile(EXAMPLE / "model.onnx", out, goal="latency", max_error=0.3, calib=EXAMPLE / "calib.npz",
                       eval_data=EXAMPLE / "eval.npz", round_to=4).report
     st = r["strategy"]
+    print(f"\ngoal latency, max_error 0.3: chose {st['chosen']}, accuracy {r['accuracy']['after']:.4f}, "
+          f"rel L2 {r['verify']['rel_l2']:.3f}")
     assert st["chosen"].get("quantize") == "int8"
     assert r["verify"]["rel_l2"] <= 0.3 and r["verify"]["passed"]
     rejected = [t for t in st["tried"] if not t["ok"]]
