@@ -70,6 +70,10 @@ def run(compile_fn, model, output, *, goal: str, target_profile, max_error=None,
         if kwargs.pop(key, None) is not None:
             raise UserError(f"--goal chooses pruning and precision itself: drop --{key.replace('_', '-')}")
     log = log or (lambda s: None)
+    if output is not None:  # refuse a bad output path before compiling any candidate
+        from .loader import check_output_path
+
+        check_output_path(output, model if not hasattr(model, "graph") else None)
     options, reasons = candidates(target_profile, goal, has_calib=calib is not None, max_error=max_error,
                                   max_bytes=max_bytes, round_to=kwargs.get("round_to"))
     tried = []

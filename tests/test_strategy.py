@@ -43,3 +43,9 @@ def test_goal_without_calibration_data_stays_exact():
 def test_goal_refuses_explicit_choices():
     with pytest.raises(UserError, match="drop --prune"):
         edgec.compile(EXAMPLE / "model.onnx", goal="latency", prune=0.3, calib=EXAMPLE / "calib.npz")
+
+
+def test_goal_refuses_a_bad_output_path_before_compiling(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        edgec.compile(EXAMPLE / "model.onnx", tmp_path / "missing" / "o.onnx", goal="latency", max_error=0.3,
+                      calib=EXAMPLE / "calib.npz")
