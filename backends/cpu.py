@@ -1,17 +1,52 @@
 """cpu: ONNX Runtime on x86-64 CPUs (the default target).
 
 Profile: any opset ONNX Runtime reads (7-23), dynamic shapes allowed, channel multiple 8
-(AVX2 holds 8 float32 lanes), int8 as U8S8 (uint8 asymmetric activations, int8 per-channel
-weights: the fast path with VNNI). Pipeline: the lossless clean-up. Check: the opset; that
-ONNX Runtime loads the result is proved by --verify and the tests.
+(AVX2 holds 8 float32 lanes). Pipeline: the lossless clean-up. Check: the opset; that ONNX
+Runtime loads the result is proved by --verify and the tests.
+
+int8 depends on the deployment CPU (``--target-option isa=...``), because ONNX Runtime's x86
+U8S8 GEMM kernels (QLinearConv, QGemm, QLinearMatMul) multiply differently by ISA:
+
+* ``vnni`` (AVX512-VNNI or AVX-VNNI) and ``amx``: ``vpdpbusd``/AMX accumulate uint8 x int8
+  products straight into int32. U8S8 is exact and the fastest: uint8 asymmetric activations,
+  int8 symmetric per-channel weights in [-127, 127].
+* ``avx2`` and ``avx512`` (AVX-512 without VNNI): ``vpmaddubsw`` adds each *pair* of
+  uint8 x int8 products in int16 and saturates at 32767 (ONNX Runtime's quantization docs
+  describe it). With full-range weights a pair reaches ``2 * 255 * 127 = 64770``: measured
+  on an AVX2-only CPU (QEMU's Haswell model), the example's U8S8 model falls from 38.9 dB to
+  14.9 dB SQNR on the host's kernels. The profile uses **U8S7** there: weights of the
+  GEMM-path layers in [-63, 63] (``2 * 255 * 63 = 32130``: no pair can saturate), so the
+  model runs on the same fast U8S8 kernels and is exact on every x86-64 CPU. Depthwise
+  convolutions keep [-127, 127]: their kernels widen to int16 before multiplying and were
+  measured exact on the AVX2 model. U8U8 (uint8 weights with a zero point) was measured
+  beside it (``python benchmarks/quantization.py --schemes``): as accurate as U8S8 (within
+  about 1 dB either way on every builder model), but it leaves the fast kernels, and ONNX
+  Runtime has no fast U8U8 depthwise kernel at all (MobileNetV2 ran 34x slower than U8S8 on
+  a VNNI host with every layer U8U8). ``--target-option scheme=u8u8`` chooses it anyway
+  (depthwise convolutions then stay U8S8, which is exact); the reason is in the report.
+* U8S8 on a CPU that saturates is refused: how ONNX Runtime pairs the products depends on
+  its kernels' packing, so no reference arithmetic can reproduce it, and a measured error
+  would be a guess.
+
+The default is ``isa=avx2``: the scheme that is exact on any x86-64 CPU, so the same
+command gives the same model on any build host. ``isa=auto`` takes the build host's class
+(detected from the CPU flags and written in the report): use it when the build host is the
+deployment host. Every decision edgec makes is measured in reference arithmetic
+(:mod:`edgec.runtime`), never on the build host's kernels.
 """
 
 from __future__ import annotations
 
+from edgec.errors import UserError
 from edgec.ir import IR
+from edgec.runtime import X86_ISAS, host_isa
 from edgec.target import QuantScheme, Target
 
 from . import _checks
+
+SCHEMES = ("auto", "u8s8", "u8s7", "u8u8")
+SATURATING = ("avx2", "avx512", "sse")  # U8S8 GEMM kernels add uint8 x int8 pairs in saturating int16
+WEIGHT_TYPE = {"u8s8": "int8", "u8s7": "int7", "u8u8": "uint8"}
 
 
 def _pipeline(target: Target) -> list:
@@ -24,6 +59,41 @@ def _check(target: Target, ir: IR) -> list[str]:
     return _checks.check_opset(target, ir)
 
 
+def resolve_isa(requested: str) -> str:
+    """``auto`` -> the build host's class; anything else is checked against the known ones."""
+    isa = str(requested).lower()
+    if isa == "auto":
+        isa = host_isa()
+        if isa not in X86_ISAS + ("sse",):
+            raise UserError(f"target cpu: isa=auto found a {isa} build host, not an x86-64 CPU: name the "
+                            f"deployment CPU with --target-option isa={'|'.join(X86_ISAS)}")
+        return isa
+    if isa not in X86_ISAS:
+        raise UserError(f"target cpu: isa={requested} is not known (choose auto, {', '.join(X86_ISAS)})")
+    return isa
+
+
+def _configure(t: Target) -> None:
+    isa = resolve_isa(t.options["isa"])
+    scheme = str(t.options["scheme"]).lower()
+    if scheme not in SCHEMES:
+        raise UserError(f"target cpu: scheme={t.options['scheme']} is not known (choose {', '.join(SCHEMES)})")
+    saturates = isa in SATURATING
+    if scheme == "auto":
+        scheme = "u8s7" if saturates else "u8s8"
+        reason = (f"isa={isa}: ONNX Runtime's U8S8 kernels add uint8 x int8 pairs in saturating int16 there; "
+                  f"7-bit weights keep every pair below 2^15 on the same fast kernels (depthwise convs keep 8 bits)"
+                  if saturates else f"isa={isa}: int8 dot products accumulate in int32, U8S8 is exact and fastest")
+    elif scheme == "u8s8" and saturates:
+        raise UserError(f"target cpu: scheme=u8s8 saturates on isa={isa} (ONNX Runtime's vpmaddubsw kernels add "
+                        f"pairs of products in int16); use scheme=u8s7 or u8u8, or isa=vnni if the device has VNNI")
+    else:
+        reason = f"scheme={scheme} chosen with --target-option (isa={isa})"
+    t.quant = QuantScheme(activations="asymmetric", weights="per-channel", bias="int32", quantize_outputs=True,
+                          weight_type=WEIGHT_TYPE[scheme], isa=isa, reason=reason)
+    t.description = f"ONNX Runtime on x86-64 CPUs ({isa}, {scheme.upper()} int8)"
+
+
 TARGET = Target(
     name="cpu",
     description="ONNX Runtime on x86-64 CPUs",
@@ -31,6 +101,12 @@ TARGET = Target(
     max_opset=23,
     channel_multiple=8,
     quant=QuantScheme(activations="asymmetric", weights="per-channel", bias="int32", quantize_outputs=True),
+    options={"isa": "avx2", "scheme": "auto"},
+    option_help={"isa": "deployment CPU: avx2 (default: exact on every x86-64), avx512, vnni, amx, "
+                        "or auto (this build host)",
+                 "scheme": "int8 scheme: auto (by isa), u8s8, u8s7, u8u8"},
+    configure=_configure,
     pipeline=_pipeline,
     check=_check,
 )
+_configure(TARGET)

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from . import loader, verify as verify_mod
+from . import loader, runtime, verify as verify_mod
 from .analysis import costs as costs_mod
 from .errors import InternalError, UserError, VerificationError
 from .ir import IR
@@ -164,6 +164,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
                            "opsets": [tgt.min_opset, tgt.max_opset], "channel_multiple": tgt.channel_multiple,
                            "static_shapes": tgt.static_shapes, "float_precision": tgt.float_precision,
                            "int8": dict(tgt.quant.__dict__)},
+        "build_host": runtime.host_description(),
         "opset": {"source": source_opset, "output": ir.opset},
         "notes": list(ir.info.notes) + warnings,
         "before": before.as_dict(),
@@ -183,7 +184,9 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
         comparison = _compare(original, result_model, feeds, rtol=rtol, atol=atol, generated=source == "random")
         passed = comparison.allclose if not lossy else (max_error is None or comparison.rel_l2 <= max_error)
         report["verify"] = {**comparison.as_dict(), "inputs": source, "lossy": lossy, "passed": passed,
-                            "max_error": max_error}
+                            "max_error": max_error, "arithmetic": "reference"}
+        if verify:
+            report["verify"]["host"] = _host_check(original, result_model, feeds, comparison, tgt)
         if (verify or max_error is not None) and not passed:
             if lossy:
                 raise VerificationError(
@@ -252,6 +255,31 @@ def _compare(original, result_model, feeds, *, rtol, atol, generated: bool):
                     + f": pass real inputs with --inputs F.npz ({first})")
 
 
+def _host_check(original, result_model, feeds, reference: "verify_mod.Comparison", tgt) -> dict:
+    """``--verify``'s second line: the compiled model on *this host's* kernels (every ONNX
+    Runtime optimisation on, QDQ fused into its integer kernels) against the original in
+    reference arithmetic. Reported, never used to decide or to fail: the deployment CPU may
+    differ from the build host. A note says when this host adds error the reference does not
+    have (the int16 saturation of a no-VNNI CPU running a model built for isa=vnni, say)."""
+    isa = runtime.host_isa()
+    out = {"kernels": "this host's, ONNX Runtime with all optimisations", "host": runtime.host_description()}
+    try:
+        ref = verify_mod.run(original, feeds)
+        got = verify_mod.run(result_model, feeds, host=True)
+    except Exception as e:  # the host's kernels refuse what the reference runs: report, don't fail
+        out["error"] = str(e).strip().splitlines()[0][:200]
+        return out
+    c = verify_mod.compare(ref, got, rtol=reference.rtol, atol=reference.atol)
+    out.update({"max_abs_error": c.max_abs_error, "rel_l2": c.rel_l2, "sqnr_db": runtime.sqnr_db(c.rel_l2),
+                "min_cosine": c.min_cosine})
+    built_for = tgt.quant.isa
+    if c.rel_l2 > 2 * reference.rel_l2 + 1e-4:
+        out["note"] = (f"this host's kernels add error (relative L2 {c.rel_l2:.3g} against {reference.rel_l2:.3g} in "
+                       f"reference arithmetic)" + (f": the model was built for isa={built_for}, this host is {isa}"
+                                                   if built_for and built_for != isa else ""))
+    return out
+
+
 def _quantize(ir: IR, original, tgt, mode: str, calib_set, *, method, percentile, activations, weights,
               keep_float, max_error, max_bytes, progress, log) -> dict:
     from . import quantize_api
@@ -276,7 +304,8 @@ def _quantize(ir: IR, original, tgt, mode: str, calib_set, *, method, percentile
     return quantize_api.quantize(ir, original, mode=mode, calib_batches=calib_set, method=method,
                                  percentile=percentile, activations=activations, weights=weights,
                                  keep_float=keep_float, max_error=max_error, max_bytes=max_bytes,
-                                 progress=progress, pointwise=tgt.quant.pointwise, log=log)
+                                 progress=progress, pointwise=tgt.quant.pointwise,
+                                 weight_type=tgt.quant.weight_type, log=log)
 
 
 def _quantize_tensorrt(ir: IR, calib_set, *, method, percentile, keep_float, progress) -> dict:

@@ -2,8 +2,9 @@
 
 How it works
 - The model is augmented: every tensor to observe becomes an extra graph output. It runs in
-  ONNX Runtime (full graph optimisation: an observed tensor is a graph output, so no fusion
-  removes it) batch by batch. After each batch only *mergeable* statistics are kept per tensor, and the batch's
+  the reference executor (:mod:`edgec.runtime`: ONNX Runtime with optimisations off, whose
+  float results are bit-identical on AVX2 and AVX-512 hosts; the fully optimised session's
+  NCHWc kernels are not) batch by batch. After each batch only *mergeable* statistics are kept per tensor, and the batch's
   activations are dropped: memory is flat in the size of the calibration set (ONNX Runtime's
   calibrators keep every batch's outputs).
 - Statistics per tensor (:class:`TensorStats`): exact running min / max / count / sum, and a
@@ -39,9 +40,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .errors import UserError
+from .runtime import augment, reference_session
 
 DEFAULT_BINS = 4096  # must be a multiple of 4 (exact pair merging keeps 0 on a bin edge)
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -338,18 +339,6 @@ def method_for(method: str | dict, cls: str) -> str:
     return method.get(cls, method.get("default", "minmax"))
 
 
-def augment(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose outputs are ``tensors`` (original outputs kept first)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(helper.make_empty_tensor_value_info(t))
-            have.add(t)
-    return m
-
-
 class Progress:
     """A one-line stderr progress meter (``progress=True``) or a user callback."""
 
@@ -384,13 +373,10 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[di
     ``on_batch(outputs)`` (optional) sees each batch's outputs (original outputs included)
     before they are dropped. ``histograms=False`` keeps min/max/mean only (minmax needs no more).
     """
-    from .verify import session
-
     tensors = list(dict.fromkeys(tensors))
     aug = augment(model, tensors)
-    # Full ORT optimisation: observed tensors are graph outputs, so no fusion can remove them,
-    # and calibration runs ~1.6x faster than with optimisations off.
-    sess = session(aug, optimize=True)
+    # reference arithmetic: the ranges (and so the output bytes) must not depend on the build host
+    sess = reference_session(aug)
     out_names = [o.name for o in sess.get_outputs()]
     stats = {t: TensorStats(bins=bins, histogram=histograms) for t in tensors}
     meter = Progress(progress)

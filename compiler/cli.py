@@ -213,11 +213,16 @@ def _targets(args) -> int:
     ts = targets()
     if args.json:
         print(json.dumps([{"name": t.name, "description": t.description, "opsets": [t.min_opset, t.max_opset],
-                           "channel_multiple": t.channel_multiple, "static_shapes": t.static_shapes}
+                           "channel_multiple": t.channel_multiple, "static_shapes": t.static_shapes,
+                           "options": {k: {"default": v, "help": t.option_help.get(k, "")} for k, v in t.options.items()},
+                           "int8": {"activations": t.quant.activations, "weight_type": t.quant.weight_type,
+                                    "isa": t.quant.isa, "reason": t.quant.reason}}
                           for t in ts.values()], indent=2))
     else:
         for t in ts.values():
             print(f"{t.name:8}  {t.description} (opsets {t.min_opset}-{t.max_opset}, channel multiple {t.channel_multiple})")
+            for k, v in t.options.items():
+                print(f"{'':10}--target-option {k}={v}  ({t.option_help.get(k, '')})")
     return 0
 
 

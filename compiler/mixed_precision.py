@@ -31,6 +31,7 @@ import onnx
 from .errors import UserError
 from .ir import IR
 from .pipeline import PassManager
+from .runtime import error_metrics, run_outputs
 
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 DEFAULT_MAX_ERROR = 0.02
@@ -47,8 +48,6 @@ def weights_bytes(sizes: dict[str, int], plan: dict[str, str]) -> int:
 
 class _Evaluator:
     def __init__(self, ir: IR, float_model: onnx.ModelProto, ranges, batches, opts):
-        from .quantize_api import run_outputs
-
         self.ir = ir
         self.ranges = ranges
         self.batches = batches
@@ -59,8 +58,6 @@ class _Evaluator:
     def error(self, plan: dict[str, str]) -> float:
         from edgec.passes.quantize import QuantizeQDQ
 
-        from .quantize_api import error_metrics, run_outputs
-
         self.count += 1
         work = self.ir.copy()
         PassManager([QuantizeQDQ(self.ranges, plan=plan, **self.opts)]).run(work)
@@ -69,7 +66,8 @@ class _Evaluator:
 
 def choose_plan(ir: IR, float_model: onnx.ModelProto, ranges: dict, calib_batches: Iterable[dict], *,
                 max_error: float | None = None, max_bytes: int | None = None, activations: str = "asymmetric",
-                weights: str = "per-channel", keep_float: Iterable[str] = (), pointwise=(), keep_ends: bool = True,
+                weights: str = "per-channel", keep_float: Iterable[str] = (), pointwise=(), weight_type: str = "int7",
+                keep_ends: bool = True,
                 eval_samples: int = 128, log: Callable[[str], None] | None = None
                 ) -> tuple[dict[str, str], list[dict], dict]:
     """Return ``(plan, sensitivity table, search summary)``; see the module doc."""
@@ -82,7 +80,8 @@ def choose_plan(ir: IR, float_model: onnx.ModelProto, ranges: dict, calib_batche
         raise UserError(f"the size budget must be positive, got {max_bytes}")
     if max_error is None and max_bytes is None:
         max_error = DEFAULT_MAX_ERROR
-    opts = dict(activations=activations, weights=weights, keep_float=list(keep_float or ()), pointwise=tuple(pointwise))
+    opts = dict(activations=activations, weights=weights, keep_float=list(keep_float or ()), pointwise=tuple(pointwise),
+                weight_type=weight_type)
     probe = QuantizeQDQ(ranges, **opts)
     ir.toposort()
     layers = [n for n in weighted_nodes(ir) if n.inputs[0].name in ranges and not probe._kept(n)]

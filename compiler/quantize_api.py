@@ -24,7 +24,10 @@ Error reducers (int8 and mixed)
   report says which, with both errors).
 
 Error metric everywhere: ``rel_l2 = ||y_q - y_fp32|| / ||y_fp32||`` over (up to 512) calibration samples,
-worst graph output; also reported as SQNR in dB (``-20 log10 rel_l2``) and cosine.
+worst graph output; also reported as SQNR in dB (``-20 log10 rel_l2``) and cosine. Every
+measurement that chooses something (bias correction, CLE keep/drop, mixed precision) and the
+reported error run in the reference arithmetic of :mod:`edgec.runtime` (exact QDQ semantics),
+never on the build host's fused integer kernels: the output is the same on any host.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from . import calibration as calib_mod
 from .errors import UserError
 from .ir import IR
 from .pipeline import PassManager
+from .runtime import capture, error_metrics, output_error, run_outputs  # noqa: F401 (re-exported)
 
 MODES = ("int8", "fp16", "mixed")
 ERROR_SAMPLES = 512  # calibration samples the reported output error is measured on
@@ -65,7 +69,7 @@ def quantize(ir: IR, original_model: onnx.ModelProto | None = None, *, mode: str
              percentile: float = 99.99, activations: str = "asymmetric", weights: str = "per-channel",
              keep_float: Iterable[str] = (), max_error: float | None = None, max_bytes: int | None = None,
              bias_correction: bool = True, equalize: bool | str = "auto", progress=False,
-             pointwise=(), log: Callable[[str], None] | None = None) -> dict:
+             pointwise=(), weight_type: str = "int7", log: Callable[[str], None] | None = None) -> dict:
     """Quantize ``ir`` in place; return the report section.
 
     ``equalize``: cross-layer equalisation (see :func:`edgec.passes.quantize.cross_layer_equalization`):
@@ -98,7 +102,8 @@ def quantize(ir: IR, original_model: onnx.ModelProto | None = None, *, mode: str
         raise UserError(f"--quantize {mode} needs calibration data (--calib PATH)")
     args = dict(mode=mode, method=method, percentile=percentile, activations=activations, weights=weights,
                 keep_float=keep_float, max_error=max_error, max_bytes=max_bytes,
-                bias_correction=bias_correction, progress=progress, pointwise=tuple(pointwise), log=log)
+                bias_correction=bias_correction, progress=progress, pointwise=tuple(pointwise),
+                weight_type=weight_type, log=log)
     report = None
     if equalize not in (False, None, "auto", "always", True):
         raise UserError(f"equalize must be 'auto', 'always' or False, got {equalize!r}")
@@ -130,7 +135,8 @@ def quantize(ir: IR, original_model: onnx.ModelProto | None = None, *, mode: str
 
 
 def _quantize_integer(ir: IR, calib_batches, *, mode, method, percentile, activations, weights, keep_float,
-                      max_error, max_bytes, bias_correction, progress, log, pointwise=(), reference=None) -> dict:
+                      max_error, max_bytes, bias_correction, progress, log, pointwise=(), weight_type="int7",
+                      reference=None) -> dict:
     """Calibrate ``ir`` and rewrite it with QDQ (int8 or mixed); the report section."""
     ir.infer_shapes()
     float_model = ir.to_onnx()
@@ -143,9 +149,10 @@ def _quantize_integer(ir: IR, calib_batches, *, mode, method, percentile, activa
     symmetric = activations == "symmetric"
     ranges = calib_mod.ranges_from_stats(float_model, stats, method=method, percentile=percentile,
                                          symmetric=symmetric)
-    opts = dict(activations=activations, weights=weights, keep_float=keep_float, pointwise=tuple(pointwise))
+    opts = dict(activations=activations, weights=weights, keep_float=keep_float, pointwise=tuple(pointwise),
+                weight_type=weight_type)
     report: dict = {"mode": mode, "method": method if isinstance(method, str) else dict(method),
-                    "activations": activations, "weights": weights,
+                    "activations": activations, "weights": weights, "weight_type": weight_type,
                     "calibration": {"samples": _samples(calib_batches),
                                     "tensors": len(tensors), "seconds": round(calib_seconds, 3)}}
     if isinstance(method, str) and method == "percentile" or isinstance(method, dict) and "percentile" in method.values():
@@ -181,67 +188,6 @@ def _samples(batches) -> int:
     if n is not None:
         return int(n)
     return int(sum(len(next(iter(b.values()))) for b in batches))
-
-
-# ---------------------------------------------------------------------- errors
-def run_outputs(model: onnx.ModelProto, batches: Iterable[dict]) -> dict[str, np.ndarray]:
-    """Every graph output over all ``batches`` (concatenated: for small evaluation sets)."""
-    from .verify import session
-
-    sess = session(model, optimize=True)  # as deployed: QDQ groups run as ORT's integer kernels
-    names = [o.name for o in sess.get_outputs()]
-    parts: dict[str, list] = {n: [] for n in names}
-    for b in batches:
-        for n, v in zip(names, sess.run(names, b)):
-            parts[n].append(np.asarray(v))
-    return {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}
-
-
-def error_metrics(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict:
-    """rel_l2 (worst output), sqnr_db, cosine (worst output)."""
-    acc = _ErrorAccumulator()
-    acc.add(ref, got)
-    return acc.result()
-
-
-class _ErrorAccumulator:
-    """Streaming sums for rel_l2 / cosine per output (constant memory)."""
-
-    def __init__(self):
-        self.sums: dict[str, np.ndarray] = {}  # [sum r^2, sum g^2, sum (g-r)^2, sum r*g]
-
-    def add(self, ref: dict, got: dict) -> None:
-        for name, r in ref.items():
-            r64 = np.asarray(r, dtype=np.float64).ravel()
-            g64 = np.asarray(got[name], dtype=np.float64).ravel()
-            d = g64 - r64
-            v = np.array([r64 @ r64, g64 @ g64, d @ d, r64 @ g64])
-            self.sums[name] = self.sums.get(name, 0) + v
-
-    def result(self) -> dict:
-        worst_rel, worst_cos = 0.0, 1.0
-        for rr, gg, dd, rg in self.sums.values():
-            rel = float(np.sqrt(dd / rr)) if rr > 0 else float(np.sqrt(dd))
-            den = np.sqrt(rr * gg)
-            cos = float(rg / den) if den > 0 else 1.0
-            worst_rel, worst_cos = max(worst_rel, rel), min(worst_cos, cos)
-        sqnr = float(-20 * np.log10(worst_rel)) if worst_rel > 0 else float("inf")
-        return {"rel_l2": worst_rel, "sqnr_db": round(sqnr, 3), "cosine": worst_cos}
-
-
-def output_error(reference: onnx.ModelProto, model: onnx.ModelProto, batches, ref_outputs=None) -> dict:
-    """Output error of ``model`` against ``reference`` over ``batches`` (streamed when
-    ``ref_outputs`` is not given: constant memory in the number of samples)."""
-    if ref_outputs is not None:
-        return error_metrics(ref_outputs, run_outputs(model, batches))
-    from .verify import session
-
-    s_ref, s_got = session(reference, optimize=True), session(model, optimize=True)
-    names = [o.name for o in s_ref.get_outputs()]
-    acc = _ErrorAccumulator()
-    for b in batches:
-        acc.add(dict(zip(names, s_ref.run(names, b))), dict(zip(names, s_got.run(names, b))))
-    return acc.result()
 
 
 # ---------------------------------------------------------------------- bias correction
@@ -315,10 +261,4 @@ def _channel_means(model: onnx.ModelProto, tensors, axis_of, layer_out, batches)
 
 
 def _run_with(model, tensors, batches, on_batch) -> None:
-    from .verify import session
-
-    aug = calib_mod.augment(model, tensors)
-    sess = session(aug, optimize=True)  # QDQ groups on ORT's integer kernels: faster, and as deployed
-    names = [o.name for o in sess.get_outputs()]
-    for b in batches:
-        on_batch(dict(zip(names, sess.run(names, b))))
+    capture(model, tensors, batches, on_batch)  # reference arithmetic: exact QDQ, any host

@@ -69,8 +69,12 @@ def compile_text(r: dict) -> str:
         lines.append(f"  quantization: {q.get('mode')} ({q.get('placement', 'onnxruntime')} placement"
                      + (f", {q.get('method')}" if q.get("method") else "")
                      + (f", activations {q.get('activations')}, weights {q.get('weights')}" if q.get("activations") else "")
+                     + (f" {q['weight_type']}" if q.get("weight_type") else "")
                      + ")" + (f": calibration-set error rel L2 {err['rel_l2']:.4g}, SQNR {err.get('sqnr_db')} dB"
                               if err.get("rel_l2") is not None else ""))
+        why = (r.get("target_profile") or {}).get("int8", {}).get("reason")
+        if why and q.get("mode") != "fp16":
+            lines.append(f"    scheme: {why}")
         if q.get("plan"):
             counts = {}
             for prec in q["plan"].values():
@@ -102,9 +106,16 @@ def compile_text(r: dict) -> str:
     if v:
         verdict = "OK" if v["passed"] else "MISMATCH"
         budget = f" (budget {v['max_error']})" if v.get("max_error") is not None else ""
-        lines.append(f"  verify ({v['inputs']} inputs, ONNX Runtime): max abs error {v['max_abs_error']:.3g}, "
+        lines.append(f"  verify ({v['inputs']} inputs, reference arithmetic): max abs error {v['max_abs_error']:.3g}, "
                      f"max rel error {v['max_rel_error']:.3g}, relative L2 {v['rel_l2']:.3g}{budget}, "
                      f"min cosine {v['min_cosine']:.6f}  {verdict}")
+        h = v.get("host")
+        if h and "rel_l2" in h:
+            lines.append(f"    this host, its kernels ({h['host']}): relative L2 "
+                         f"{h['rel_l2']:.3g}, SQNR {h['sqnr_db']} dB, min cosine {h['min_cosine']:.6f}"
+                         + (f"  note: {h['note']}" if h.get("note") else ""))
+        elif h and h.get("error"):
+            lines.append(f"    this host, its kernels: ONNX Runtime failed ({h['error']})")
     acc = r.get("accuracy")
     if acc:
         lines.append(f"  accuracy (top-1, {acc['samples']} samples): {acc['before']:.4f} -> {acc['after']:.4f}")

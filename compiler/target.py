@@ -27,6 +27,9 @@ class QuantScheme:
     quantize_outputs: bool = False   # Q/DQ on weighted ops' outputs (False: TensorRT style)
     int4: bool = False               # int4 weights available
     pointwise: tuple = ()            # unary ops whose outputs get Q/DQ too (toolchains that want all tensors int8)
+    weight_type: str = "int8"        # "int8" [-127, 127], "int7" [-63, 63] (no int16 saturation), "uint8" (U8U8)
+    isa: str | None = None           # the deployment CPU class the scheme was chosen for (cpu/neon)
+    reason: str = ""                 # why this scheme, for the report
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 Inputs come from the user (``.npz`` keyed by input name, or one ``.npy`` for a one-input
 model) or are generated from the model's input shapes and dtypes (symbolic dims become 1).
-Both models run with ONNX Runtime's graph optimisations off, so what is compared is edgec's
-rewrite and not ORT's own.
+Both models run in the reference arithmetic (ONNX Runtime with its graph optimisations off,
+see :mod:`edgec.runtime`), so what is compared is edgec's rewrite and not ORT's own, and the
+result is the same on any build host. :func:`run` with ``host=True`` runs this host's kernels
+instead (``--verify``'s "this host, its kernels" line).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import runtime
 from .errors import UserError
 
 _ORT_TYPES = {
@@ -26,14 +29,8 @@ _ORT_TYPES = {
 
 
 def session(model: onnx.ModelProto | bytes | str, *, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    so.log_severity_level = 4  # failures surface as exceptions, reported by edgec in one line
-    if threads:
-        so.intra_op_num_threads = threads
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    """An ONNX Runtime session (``optimize=False``: the reference executor, see :mod:`edgec.runtime`)."""
+    return runtime.session(model, optimize=optimize, threads=threads)
 
 
 @dataclass
@@ -120,10 +117,11 @@ def check_feeds(data: dict[str, np.ndarray], specs: list[InputSpec], where: str)
     return feeds
 
 
-def run(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs of ``model`` on ``feeds``. When the model's batch dim is a fixed size smaller
-    than the data's (``--input-shape`` batch 1, say), the data runs in chunks of that size."""
-    sess = session(model)
+def run(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray], *, host: bool = False) -> dict[str, np.ndarray]:
+    """Outputs of ``model`` on ``feeds`` (reference arithmetic; this host's kernels with
+    ``host=True``). When the model's batch dim is a fixed size smaller than the data's
+    (``--input-shape`` batch 1, say), the data runs in chunks of that size."""
+    sess = runtime.host_session(model) if host else runtime.reference_session(model)
     names = [o.name for o in sess.get_outputs()]
     chunk = _static_batch(sess, feeds)
     if chunk is None:
@@ -192,10 +190,11 @@ def compare(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], *, 
 
 
 def latency_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, runs: int = 30, warmup: int = 5) -> float:
-    """Median ONNX Runtime latency (all graph optimisations on, as deployed), milliseconds."""
+    """Median ONNX Runtime latency on this host's kernels (all graph optimisations on, as
+    deployed here), milliseconds."""
     import time
 
-    sess = session(model, optimize=True)
+    sess = runtime.host_session(model)
     names = [o.name for o in sess.get_outputs()]
     for _ in range(warmup):
         sess.run(names, feeds)

@@ -5,11 +5,16 @@ calibration (:mod:`edgec.calibration`); :func:`edgec.quantize_api.quantize` cali
 it. Run by name without ranges it raises a UserError.
 
 Schemes
-- Weights: symmetric (zero point 0) int8 in [-127, 127], per output channel (Conv axis 0,
-  ConvTranspose axis 1 when group == 1, Gemm axis 0 with transB=1 / axis 1 with transB=0,
-  MatMul axis 1 for a 2-D constant right operand) or per tensor. Stored as integer
-  initializers feeding DequantizeLinear. ``int4`` layers (precision plan) use the int4 grid
-  [-7, 7] (scale = max|w| / 7). The model stays at its opset (edgec normalises to 17), where
+- Weights (``weight_type``, from the target's scheme): ``int8`` symmetric (zero point 0) in
+  [-127, 127]; ``int7`` symmetric in [-63, 63], int8 storage (for x86 CPUs without VNNI,
+  where ONNX Runtime's U8S8 GEMM kernels add pairs of uint8 x int8 products in saturating
+  int16: ``2 * 255 * 63 < 2**15``; depthwise convolutions keep [-127, 127], their kernels do
+  not saturate, see :func:`is_depthwise`); ``uint8`` asymmetric with a zero point (U8U8). Scales per output
+  channel (Conv axis 0, ConvTranspose axis 1 when group == 1, Gemm axis 0 with transB=1 /
+  axis 1 with transB=0, MatMul axis 1 for a 2-D constant right operand) or per tensor. Stored
+  as integer initializers feeding DequantizeLinear. ``int4`` layers (precision plan) use the
+  int4 grid [-7, 7] (scale = max|w| / 7) in int8 storage whatever the weight type (their pair
+  sums, at most ``2 * 255 * 8``, cannot saturate). The model stays at its opset (edgec normalises to 17), where
   ONNX has no INT4 type: int4 is *emulated* by int8 storage holding values in [-8, 7]; the
   numerics are int4's, the file size is int8's (the report counts 4 bits per weight as the
   size real int4 storage would have).
@@ -66,6 +71,10 @@ AGGREGATE = ("Concat", "GlobalAveragePool", "AveragePool")
 DATA_MOVEMENT = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Identity")
 FOLDABLE_ACT = ("Relu", "Clip")
 INT_PRECISIONS = ("int8", "int4")
+# how an "int8" layer stores its weights: int8 symmetric [-127, 127] (U8S8/S8S8), int7 symmetric
+# [-63, 63] in int8 storage (U8S7: no int16 saturation in the no-VNNI U8S8 kernels), uint8
+# asymmetric with a zero point per channel (U8U8)
+WEIGHT_TYPES = ("int8", "int7", "uint8")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 MIN_SCALE = 1e-8
 
@@ -116,14 +125,23 @@ def weight_axis(ir: IR, n: gs.Node) -> int | None:
     return None
 
 
+def is_depthwise(n: gs.Node, w: np.ndarray) -> bool:
+    """A depthwise convolution (one input and one output channel per group): ONNX Runtime runs
+    it on its own kernels, which widen to int16 before multiplying and never saturate (measured
+    on an AVX2-only CPU: exact where the GEMM-based QLinearConv of the same data halves)."""
+    g = int(n.attrs.get("group", 1))
+    return n.op == "Conv" and g > 1 and w.ndim >= 3 and w.shape[1] == 1 and w.shape[0] == g
+
+
 def quantize_weight(w: np.ndarray, axis: int | None, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric quantization: (int8 values, float32 scales) (scales per ``axis`` or scalar).
 
     ``q = clip(round_half_even(w / scale), qmin, qmax)`` with ``scale = max|w| / qmax`` rounded to
-    float32 (the value DequantizeLinear multiplies by); int8: [-127, 127]; int4: [-8, 7] grid
-    (scale max|w| / 7).
+    float32 (the value DequantizeLinear multiplies by); int8: [-127, 127]; int7: [-63, 63] (in
+    int8 storage: ``2 * 255 * 63 < 2**15``, so the int16 pair sums of the no-VNNI U8S8 kernels
+    never saturate); int4: [-8, 7] grid (scale max|w| / 7).
     """
-    qmax = 127 if bits == 8 else 7
+    qmax = {8: 127, 7: 63, 4: 7}[bits]
     qmin = -qmax - (1 if bits == 4 else 0)
     if axis is None:
         amax = float(np.max(np.abs(w))) if w.size else 0.0
@@ -133,11 +151,39 @@ def quantize_weight(w: np.ndarray, axis: int | None, bits: int = 8) -> tuple[np.
         other = tuple(i for i in range(w.ndim) if i != axis)
         amax = np.max(np.abs(w), axis=other).astype(np.float64) if w.size else np.zeros(w.shape[axis])
         scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        q = np.rint(w.astype(np.float64) / scale.astype(np.float64).reshape(shape))
+        q = np.rint(w.astype(np.float64) / scale.astype(np.float64).reshape(_axis_shape(w.ndim, axis)))
     np.clip(q, qmin, qmax, out=q)
     return q.astype(np.int8), scale
+
+
+def quantize_weight_uint8(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric uint8 quantization (the U8U8 scheme): (uint8 values, float32 scales, uint8 zero
+    points), per ``axis`` or per tensor. The range ``[min(w, 0), max(w, 0)]`` maps onto
+    [0, 255] with ``scale = (hi - lo) / 255`` and ``zp = round(-lo / scale)``, so 0 is exact."""
+    w64 = w.astype(np.float64)
+    if axis is None:
+        lo = np.asarray(min(float(w64.min()), 0.0) if w.size else 0.0)
+        hi = np.asarray(max(float(w64.max()), 0.0) if w.size else 0.0)
+    else:
+        other = tuple(i for i in range(w.ndim) if i != axis)
+        lo = np.minimum(w64.min(axis=other), 0.0) if w.size else np.zeros(w.shape[axis])
+        hi = np.maximum(w64.max(axis=other), 0.0) if w.size else np.zeros(w.shape[axis])
+    span = hi - lo
+    scale = np.where(span > 0, span / 255.0, 1.0).astype(np.float32)
+    zp = np.clip(np.rint(-lo / scale.astype(np.float64)), 0, 255)
+    if axis is None:
+        q = np.rint(w64 / np.float64(scale)) + zp
+    else:
+        shape = _axis_shape(w.ndim, axis)
+        q = np.rint(w64 / scale.astype(np.float64).reshape(shape)) + zp.reshape(shape)
+    np.clip(q, 0, 255, out=q)
+    return q.astype(np.uint8), scale, zp.astype(np.uint8)
+
+
+def _axis_shape(ndim: int, axis: int) -> list[int]:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return shape
 
 
 def activation_params(lo: float, hi: float, symmetric: bool) -> tuple[np.float32, int]:
@@ -160,8 +206,12 @@ class QuantizeQDQ(Pass):
 
     def __init__(self, ranges: dict | None = None, *, activations: str = "asymmetric",
                  weights: str = "per-channel", plan: dict | None = None, keep_float=(),
-                 bias_shift: dict | None = None, quantize_activations: bool = True, pointwise=()):
+                 bias_shift: dict | None = None, quantize_activations: bool = True, pointwise=(),
+                 weight_type: str = "int8"):
         super().__init__()
+        if weight_type not in WEIGHT_TYPES:
+            raise UserError(f"weight type must be one of {', '.join(WEIGHT_TYPES)}, got '{weight_type}'")
+        self.weight_type = weight_type
         # unary ops whose output is quantized too when their input is (a target that wants every
         # tensor quantized, e.g. RKNN's pre-quantized path, lists Sigmoid, HardSwish, ...)
         self.pointwise = tuple(pointwise or ())
@@ -325,7 +375,8 @@ class QuantizeQDQ(Pass):
         self.summary = {"layers_int8": n_int8, "layers_int4": n_int4,
                         "activations_quantized": len(dq_of), "relu_folded": len(folded),
                         "ops_quantized": len(qnodes)}
-        self.note(f"{n_int8} layers int8, {n_int4} int4 (emulated in int8 storage), {len(dq_of)} activation "
+        self.summary["weight_type"] = self.weight_type
+        self.note(f"{n_int8} layers int8 ({self.weight_type} weights), {n_int4} int4 (emulated in int8 storage), {len(dq_of)} activation "
                   f"tensors quantized ({'int8 symmetric' if self.symmetric else 'uint8 asymmetric'}), "
                   f"{len(folded)} ReLU/Clip folded into ranges")
         return True
@@ -419,10 +470,15 @@ class QuantizeQDQ(Pass):
         axis = weight_axis(ir, n) if self.per_channel else None
         if axis is not None and axis >= w.ndim:
             axis = None
-        q, scale = quantize_weight(w, axis, bits)
+        if bits == 8 and self.weight_type == "uint8" and not is_depthwise(n, w):
+            q, scale, zp = quantize_weight_uint8(w, axis)
+        else:
+            seven = bits == 8 and self.weight_type == "int7" and not is_depthwise(n, w)
+            q, scale = quantize_weight(w, axis, 7 if seven else bits)
+            zp = np.zeros(scale.shape, dtype=np.int8)
         wq = ir.make_const(base + "_weight_quantized", q)
         ws = _scalar_const(ir, base + "_weight_scale", scale)
-        wz = _scalar_const(ir, base + "_weight_zero_point", np.zeros(scale.shape, dtype=np.int8))
+        wz = _scalar_const(ir, base + "_weight_zero_point", zp)
         wdq = ir.make_var(base + "_weight_dequantized", dtype=np.float32, shape=list(w.shape))
         attrs = {"axis": int(axis)} if axis is not None else {}
         ir.graph.nodes.append(gs.Node("DequantizeLinear", name=ir.unique_name(base + "_weight_DequantizeLinear"),

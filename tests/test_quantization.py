@@ -486,7 +486,7 @@ def test_equalize_auto_keeps_the_better_model_per_tensor():
     calib = calibdata.load_calibration("random", model, max_samples=32, seed=1)
     ir = edgec.from_model(model)
     rep = quantize_api.quantize(ir, model, mode="int8", calib_batches=calib, weights="per-tensor",
-                                bias_correction=False, equalize="auto")
+                                weight_type="int8", bias_correction=False, equalize="auto")
     cle = rep["cross_layer_equalization"]
     assert cle["pairs"] == 2
     assert rep["error"]["rel_l2"] == min(cle["rel_l2_without"], cle["rel_l2_with"])

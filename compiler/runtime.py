@@ -1,0 +1,194 @@
+"""Running models: the reference executor every decision is measured with, and the host's kernels.
+
+Two ways to run a model in ONNX Runtime, and what each is for:
+
+* **Reference arithmetic** (:func:`reference_session`, :func:`run_outputs`, :func:`capture`,
+  :func:`output_error`): ONNX Runtime with every graph optimisation off. A QDQ model then runs
+  exactly as the ONNX spec defines it: ``DequantizeLinear`` -> float op -> ``QuantizeLinear``,
+  which is what every target's integer pipeline computes (int8 x int8 products summed in int32,
+  then requantized with the output scale), up to the rounding of a float accumulation. No
+  fusion, no NCHWc layout, no integer kernel of the build host takes part. Measured here: on
+  every builder model and the example, the float and QDQ outputs of this executor are
+  bit-identical under an AVX2-only CPU (QEMU's Haswell model) and an AVX-512 VNNI one, while
+  the fully optimised sessions differ in their last bits (float) or by the int16 saturation of
+  the no-VNNI U8S8 kernels (int8). Calibration statistics, bias correction, cross-layer
+  equalisation keep/drop, mixed-precision sensitivity, the ``--goal`` winner, the
+  ``--max-error`` check and the reported error all go through it, so the same model, options
+  and data give the same output bytes on any build host.
+* **The host's kernels** (:func:`host_session`): every optimisation on, QDQ groups fused into
+  ONNX Runtime's integer kernels for *this* CPU. Used for ``--bench`` and for the
+  "this host, its kernels" part of ``--verify``: reported, never used to choose anything.
+
+Error metric everywhere: ``rel_l2 = ||y - y_ref|| / ||y_ref||`` (worst graph output), with
+SQNR ``-20 log10(rel_l2)`` dB and the cosine; the sums are taken with numpy's pairwise
+summation (not BLAS dot products, whose summation order depends on the CPU).
+
+Also here: :func:`host_isa`, the build host's x86 int8 capability (``vnni``, ``amx``,
+``avx512``, ``avx2``, ...), which the ``cpu`` target's ``isa=auto`` resolves to.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+HOST_KERNELS_ENV = "EDGEC_HOST_KERNELS"  # "off": host sessions run unoptimised too (tests, debugging)
+
+
+# ---------------------------------------------------------------------- sessions
+def session(model: onnx.ModelProto | bytes | str, *, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session; ``optimize=False`` is the reference executor."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.log_severity_level = 4  # failures surface as exceptions, reported by edgec in one line
+    if threads:
+        so.intra_op_num_threads = threads
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def reference_session(model, *, threads: int = 0) -> ort.InferenceSession:
+    """The reference executor: exact QDQ semantics, host-independent float kernels."""
+    return session(model, optimize=False, threads=threads)
+
+
+def host_session(model, *, threads: int = 0) -> ort.InferenceSession:
+    """This host's kernels, as a deployment on this machine runs the model (all optimisations
+    on). ``EDGEC_HOST_KERNELS=off`` turns them off (the tests use it to show that nothing edgec
+    writes depends on them)."""
+    return session(model, optimize=os.environ.get(HOST_KERNELS_ENV, "on") != "off", threads=threads)
+
+
+# ---------------------------------------------------------------------- running
+def augment(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are its own followed by ``tensors``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in have:
+            m.graph.output.append(helper.make_empty_tensor_value_info(t))
+            have.add(t)
+    return m
+
+
+def capture(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[dict],
+            on_batch: Callable[[dict], None]) -> None:
+    """Run ``model`` (reference arithmetic) on each batch; ``on_batch`` sees the values of
+    ``tensors`` and of the graph outputs, batch by batch (constant memory)."""
+    sess = reference_session(augment(model, tensors))
+    names = [o.name for o in sess.get_outputs()]
+    for b in batches:
+        on_batch(dict(zip(names, sess.run(names, b))))
+
+
+def run_outputs(model: onnx.ModelProto, batches: Iterable[dict], *, host: bool = False) -> dict[str, np.ndarray]:
+    """Every graph output over all ``batches``, concatenated (for small evaluation sets)."""
+    sess = host_session(model) if host else reference_session(model)
+    names = [o.name for o in sess.get_outputs()]
+    parts: dict[str, list] = {n: [] for n in names}
+    for b in batches:
+        for n, v in zip(names, sess.run(names, b)):
+            parts[n].append(np.asarray(v))
+    return {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}
+
+
+# ---------------------------------------------------------------------- error metrics
+class ErrorAccumulator:
+    """Streaming sums for rel_l2 / cosine per output (constant memory, deterministic order)."""
+
+    def __init__(self):
+        self.sums: dict[str, np.ndarray] = {}  # [sum r^2, sum g^2, sum (g-r)^2, sum r*g]
+
+    def add(self, ref: dict, got: dict) -> None:
+        for name, r in ref.items():
+            r64 = np.asarray(r, dtype=np.float64).ravel()
+            g64 = np.asarray(got[name], dtype=np.float64).ravel()
+            d = g64 - r64
+            v = np.array([np.sum(r64 * r64), np.sum(g64 * g64), np.sum(d * d), np.sum(r64 * g64)])
+            self.sums[name] = self.sums.get(name, 0) + v
+
+    def result(self) -> dict:
+        worst_rel, worst_cos = 0.0, 1.0
+        for rr, gg, dd, rg in self.sums.values():
+            rel = float(np.sqrt(dd / rr)) if rr > 0 else float(np.sqrt(dd))
+            den = np.sqrt(rr * gg)
+            cos = float(rg / den) if den > 0 else 1.0
+            worst_rel, worst_cos = max(worst_rel, rel), min(worst_cos, cos)
+        return {"rel_l2": worst_rel, "sqnr_db": sqnr_db(worst_rel), "cosine": worst_cos}
+
+
+def sqnr_db(rel_l2: float) -> float:
+    return round(float(-20 * np.log10(rel_l2)), 3) if rel_l2 > 0 else float("inf")
+
+
+def error_metrics(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict:
+    """rel_l2 (worst output), sqnr_db, cosine (worst output)."""
+    acc = ErrorAccumulator()
+    acc.add(ref, got)
+    return acc.result()
+
+
+def output_error(reference: onnx.ModelProto, model: onnx.ModelProto, batches, ref_outputs=None, *,
+                 host: bool = False) -> dict:
+    """Output error of ``model`` against ``reference`` over ``batches``: both in reference
+    arithmetic, or ``model`` on this host's kernels with ``host=True``. Streamed (constant
+    memory) unless ``ref_outputs`` (the reference's outputs, concatenated) is given."""
+    if ref_outputs is not None:
+        return error_metrics(ref_outputs, run_outputs(model, batches, host=host))
+    s_ref = reference_session(reference)
+    s_got = host_session(model) if host else reference_session(model)
+    names = [o.name for o in s_ref.get_outputs()]
+    acc = ErrorAccumulator()
+    for b in batches:
+        acc.add(dict(zip(names, s_ref.run(names, b))), dict(zip(names, s_got.run(names, b))))
+    return acc.result()
+
+
+# ---------------------------------------------------------------------- the build host
+X86_ISAS = ("avx2", "avx512", "vnni", "amx")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of this host (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def host_isa(flags: set[str] | None = None, machine: str | None = None) -> str:
+    """The build host's int8 class, as the ``cpu`` target names it: ``amx`` (AMX-INT8),
+    ``vnni`` (AVX512-VNNI or AVX-VNNI: int8 dot products accumulate in int32), ``avx512``
+    (AVX-512BW without VNNI), ``avx2``; ``sse`` for older x86 and the machine name (``aarch64``,
+    ...) off x86. ONNX Runtime's U8S8 kernels saturate on ``avx512``, ``avx2`` and ``sse``."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return machine or "unknown"
+    flags = cpu_flags() if flags is None else flags
+    if "amx_int8" in flags:
+        return "amx"
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        return "vnni"
+    if "avx512bw" in flags:
+        return "avx512"
+    if "avx2" in flags:
+        return "avx2"
+    return "sse"
+
+
+def host_description() -> str:
+    flags = cpu_flags()
+    shown = sorted(f for f in flags if f in ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"))
+    return f"{host_isa(flags)} ({platform.machine()}{': ' + ' '.join(shown) if shown else ''})"
