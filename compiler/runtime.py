@@ -157,15 +157,34 @@ X86_ISAS = ("avx2", "avx512", "vnni", "amx")
 
 
 def cpu_flags() -> set[str]:
-    """The CPU feature flags of this host (Linux /proc/cpuinfo; empty elsewhere)."""
+    """This CPU's feature flags, lower case: what the CPUID instruction reports to this process
+    (numpy's runtime dispatch reads it, as ONNX Runtime's MLAS does), plus /proc/cpuinfo's
+    ``avx_vnni``/``amx_int8`` (which numpy does not name) when /proc/cpuinfo describes the same CPU
+    (under an emulator it describes the real one, and is ignored)."""
+    flags: set[str] = set()
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            features = {}
+    flags = {k.lower() for k, v in features.items() if v}
+    proc: set[str] = set()
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    proc = set(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    return set()
+    if not flags:
+        return proc
+    same_cpu = ("avx512f" in proc) == ("avx512f" in flags) and ("avx2" in proc) == ("avx2" in flags)
+    if same_cpu:
+        flags |= {f for f in ("avx_vnni", "amx_int8") if f in proc}
+    return flags
 
 
 def host_isa(flags: set[str] | None = None, machine: str | None = None) -> str:
@@ -176,10 +195,10 @@ def host_isa(flags: set[str] | None = None, machine: str | None = None) -> str:
     machine = (machine or platform.machine()).lower()
     if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return machine or "unknown"
-    flags = cpu_flags() if flags is None else flags
+    flags = cpu_flags() if flags is None else {f.lower() for f in flags}
     if "amx_int8" in flags:
         return "amx"
-    if "avx512_vnni" in flags or "avx_vnni" in flags:
+    if flags & {"avx512vnni", "avx512_vnni", "avx_vnni"}:
         return "vnni"
     if "avx512bw" in flags:
         return "avx512"
@@ -190,5 +209,5 @@ def host_isa(flags: set[str] | None = None, machine: str | None = None) -> str:
 
 def host_description() -> str:
     flags = cpu_flags()
-    shown = sorted(f for f in flags if f in ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"))
+    shown = sorted(f for f in flags if f in ("avx2", "avx512bw", "avx512vnni", "avx_vnni", "amx_int8"))
     return f"{host_isa(flags)} ({platform.machine()}{': ' + ' '.join(shown) if shown else ''})"

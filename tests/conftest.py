@@ -17,6 +17,22 @@ LIGHT_MODELS = sorted(glob.glob(str(LIGHT_DIR / "*.onnx")))
 EXAMPLE = ROOT / "examples" / "digits"
 
 
+def _host_line() -> str:
+    from edgec import runtime
+
+    return (f"edgec: test host CPU {runtime.host_description()}; every asserted number is measured in "
+            f"reference arithmetic, so it holds on any x86-64")
+
+
+def pytest_report_header(config):
+    return _host_line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Printed once even under -q, so a CI log says which kind of machine ran the suite."""
+    terminalreporter.write_line(_host_line())
+
+
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", default=False,
                      help="rewrite the golden files under golden/ instead of comparing with them")
