@@ -14,16 +14,23 @@ U8S8 GEMM kernels (QLinearConv, QGemm, QLinearMatMul) multiply differently by IS
   uint8 x int8 products in int16 and saturates at 32767 (ONNX Runtime's quantization docs
   describe it). With full-range weights a pair reaches ``2 * 255 * 127 = 64770``: measured
   on an AVX2-only CPU (QEMU's Haswell model), the example's U8S8 model falls from 38.9 dB to
-  14.9 dB SQNR on the host's kernels. The profile uses **U8S7** there: weights of the
-  GEMM-path layers in [-63, 63] (``2 * 255 * 63 = 32130``: no pair can saturate), so the
-  model runs on the same fast U8S8 kernels and is exact on every x86-64 CPU. Depthwise
-  convolutions keep [-127, 127]: their kernels widen to int16 before multiplying and were
-  measured exact on the AVX2 model. U8U8 (uint8 weights with a zero point) was measured
-  beside it (``python benchmarks/quantization.py --schemes``): as accurate as U8S8 (within
-  about 1 dB either way on every builder model), but it leaves the fast kernels, and ONNX
-  Runtime has no fast U8U8 depthwise kernel at all (MobileNetV2 ran 34x slower than U8S8 on
-  a VNNI host with every layer U8U8). ``--target-option scheme=u8u8`` chooses it anyway
-  (depthwise convolutions then stay U8S8, which is exact); the reason is in the report.
+  14.9 dB SQNR on that host's kernels. Two schemes cannot saturate; both were measured side
+  by side (``python benchmarks/quantization.py --schemes``; accuracy in reference arithmetic,
+  which the AVX2 host's kernels matched within 0.05 dB; speed as instructions per run on the
+  AVX2 kernels, counted by callgrind, whose CPU has no AVX-512):
+
+  - **U8U8** (the default here): uint8 weights with a zero point per channel, run by ONNX
+    Runtime's U8U8 kernels, which widen to int16 and add in int32. Accuracy within about 1 dB
+    of exact U8S8 on every builder model and the example (+0.5 dB on the example, -0.5 on
+    MobileNetV2), at 1.1-1.5x the instructions of U8S8 in the GEMM layers.
+  - **U8S7** (``scheme=u8s7``): weights in [-63, 63] (``2 * 255 * 63 = 32130``), on the same
+    fast U8S8 kernels, but 7-bit weights cost 1.5 to 6.6 dB (MobileNetV2: 34.7 -> 28.1 dB).
+
+  Accuracy comes first: an int8 model should be as faithful as the device allows, and the
+  held-out comparison is against ONNX Runtime's own best non-saturating setting (U8U8). Depthwise
+  convolutions keep int8 weights [-127, 127] in both schemes: ONNX Runtime's depthwise kernels
+  widen before multiplying and were measured exact on the AVX2 model, while it has no fast
+  U8U8 depthwise kernel (MobileNetV2 with U8U8 depthwise ran 34x slower on a VNNI host).
 * U8S8 on a CPU that saturates is refused: how ONNX Runtime pairs the products depends on
   its kernels' packing, so no reference arithmetic can reproduce it, and a measured error
   would be a guess.
@@ -80,9 +87,10 @@ def _configure(t: Target) -> None:
         raise UserError(f"target cpu: scheme={t.options['scheme']} is not known (choose {', '.join(SCHEMES)})")
     saturates = isa in SATURATING
     if scheme == "auto":
-        scheme = "u8s7" if saturates else "u8s8"
+        scheme = "u8u8" if saturates else "u8s8"
         reason = (f"isa={isa}: ONNX Runtime's U8S8 kernels add uint8 x int8 pairs in saturating int16 there; "
-                  f"7-bit weights keep every pair below 2^15 on the same fast kernels (depthwise convs keep 8 bits)"
+                  f"U8U8 weights (zero point per channel) cannot saturate and keep 8-bit accuracy (depthwise convs "
+                  f"stay int8: their kernels don't saturate); scheme=u8s7 is faster, less accurate"
                   if saturates else f"isa={isa}: int8 dot products accumulate in int32, U8S8 is exact and fastest")
     elif scheme == "u8s8" and saturates:
         raise UserError(f"target cpu: scheme=u8s8 saturates on isa={isa} (ONNX Runtime's vpmaddubsw kernels add "

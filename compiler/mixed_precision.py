@@ -66,7 +66,7 @@ class _Evaluator:
 
 def choose_plan(ir: IR, float_model: onnx.ModelProto, ranges: dict, calib_batches: Iterable[dict], *,
                 max_error: float | None = None, max_bytes: int | None = None, activations: str = "asymmetric",
-                weights: str = "per-channel", keep_float: Iterable[str] = (), pointwise=(), weight_type: str = "int7",
+                weights: str = "per-channel", keep_float: Iterable[str] = (), pointwise=(), weight_type: str = "uint8",
                 keep_ends: bool = True,
                 eval_samples: int = 128, log: Callable[[str], None] | None = None
                 ) -> tuple[dict[str, str], list[dict], dict]:

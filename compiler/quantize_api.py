@@ -69,7 +69,7 @@ def quantize(ir: IR, original_model: onnx.ModelProto | None = None, *, mode: str
              percentile: float = 99.99, activations: str = "asymmetric", weights: str = "per-channel",
              keep_float: Iterable[str] = (), max_error: float | None = None, max_bytes: int | None = None,
              bias_correction: bool = True, equalize: bool | str = "auto", progress=False,
-             pointwise=(), weight_type: str = "int7", log: Callable[[str], None] | None = None) -> dict:
+             pointwise=(), weight_type: str = "uint8", log: Callable[[str], None] | None = None) -> dict:
     """Quantize ``ir`` in place; return the report section.
 
     ``equalize``: cross-layer equalisation (see :func:`edgec.passes.quantize.cross_layer_equalization`):
@@ -135,7 +135,7 @@ def quantize(ir: IR, original_model: onnx.ModelProto | None = None, *, mode: str
 
 
 def _quantize_integer(ir: IR, calib_batches, *, mode, method, percentile, activations, weights, keep_float,
-                      max_error, max_bytes, bias_correction, progress, log, pointwise=(), weight_type="int7",
+                      max_error, max_bytes, bias_correction, progress, log, pointwise=(), weight_type="uint8",
                       reference=None) -> dict:
     """Calibrate ``ir`` and rewrite it with QDQ (int8 or mixed); the report section."""
     ir.infer_shapes()

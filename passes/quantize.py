@@ -8,9 +8,10 @@ Schemes
 - Weights (``weight_type``, from the target's scheme): ``int8`` symmetric (zero point 0) in
   [-127, 127]; ``int7`` symmetric in [-63, 63], int8 storage (for x86 CPUs without VNNI,
   where ONNX Runtime's U8S8 GEMM kernels add pairs of uint8 x int8 products in saturating
-  int16: ``2 * 255 * 63 < 2**15``; depthwise convolutions keep [-127, 127], their kernels do
-  not saturate, see :func:`is_depthwise`); ``uint8`` asymmetric with a zero point (U8U8). Scales per output
-  channel (Conv axis 0, ConvTranspose axis 1 when group == 1, Gemm axis 0 with transB=1 /
+  int16: ``2 * 255 * 63 < 2**15``); ``uint8`` asymmetric with a zero point per channel
+  (U8U8; the other way not to saturate). Depthwise convolutions keep int8 [-127, 127] under
+  both (their kernels do not saturate, and ONNX Runtime has no fast U8U8 depthwise kernel;
+  see :func:`is_depthwise`). Scales per output channel (Conv axis 0, ConvTranspose axis 1 when group == 1, Gemm axis 0 with transB=1 /
   axis 1 with transB=0, MatMul axis 1 for a 2-D constant right operand) or per tensor. Stored
   as integer initializers feeding DequantizeLinear. ``int4`` layers (precision plan) use the
   int4 grid [-7, 7] (scale = max|w| / 7) in int8 storage whatever the weight type (their pair
