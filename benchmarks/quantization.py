@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import edgec  # noqa: E402
-from edgec import calibdata, quantize_api  # noqa: E402
+from edgec import calibdata, quantize_api, runtime  # noqa: E402
 from edgec.builders import ALL_MODELS  # noqa: E402
 
 LOSSLESS = ["fold_constants", "eliminate_identity", "fold_batchnorm", "fold_conv_affine", "eliminate_dead"]
@@ -105,8 +105,9 @@ def session(model_bytes: bytes, threads: int = 1):
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def outputs(model_bytes: bytes, data: dict, batch: int | None) -> np.ndarray:
-    sess = session(model_bytes, threads=0)
+def outputs(model_bytes: bytes, data: dict, batch: int | None, reference: bool = False) -> np.ndarray:
+    """Outputs on this host's kernels (all optimisations), or in edgec's reference arithmetic."""
+    sess = runtime.reference_session(model_bytes) if reference else session(model_bytes, threads=0)
     name = sess.get_outputs()[0].name
     return np.concatenate([sess.run([name], b)[0] for b in batches_of(data, batch)])
 
@@ -157,7 +158,8 @@ def run_edgec(model, calib: dict, opts: dict, batch: int | None) -> bytes:
     return ir.to_onnx().SerializeToString()
 
 
-def run_ort(model, calib: dict, method: str, batch: int | None, workdir: Path) -> bytes:
+def run_ort(model, calib: dict, method: str, batch: int | None, workdir: Path, *, weight_type: str = "QInt8",
+            reduce_range: bool = False) -> bytes:
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -176,8 +178,8 @@ def run_ort(model, calib: dict, method: str, batch: int | None, workdir: Path) -
             return next(self.it, None)
 
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, method))
+                    activation_type=QuantType.QUInt8, weight_type=getattr(QuantType, weight_type),
+                    calibrate_method=getattr(CalibrationMethod, method), reduce_range=reduce_range)
     return out.read_bytes()
 
 
@@ -239,6 +241,53 @@ def fmt_calibration(rows: list[dict]) -> str:
         lines.append(f"{r['model']:20s} {r['method']:11s} {r['ort_s']:8.3f} {r['edgec_s']:8.3f} "
                      f"{r['edgec_s'] / r['ort_s']:6.2f} {r['ort_mb']:8.2f} {r['edgec_mb']:9.2f} "
                      f"{r['edgec_mb'] / max(r['ort_mb'], 1e-9):6.2f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- int8 schemes by ISA
+SCHEMES = {  # name -> how it is built
+    "edgec U8S8 (isa=vnni)": ("edgec", dict(weight_type="int8")),
+    "edgec U8U8 (isa=avx2)": ("edgec", dict(weight_type="uint8")),
+    "edgec U8S7 (scheme=u8s7)": ("edgec", dict(weight_type="int7")),
+    "ORT U8S8": ("ort", dict(weight_type="QInt8")),
+    "ORT U8U8": ("ort", dict(weight_type="QUInt8")),
+    "ORT U8S8 reduce_range": ("ort", dict(weight_type="QInt8", reduce_range=True)),
+}
+
+
+def schemes_table(names: list[str], repeat: int) -> list[dict]:
+    """Each int8 scheme, edgec's and ONNX Runtime's quantize_static (MinMax, per-channel, QDQ):
+    SQNR against FP32 in reference arithmetic (exact QDQ, the same on any host) and on this
+    host's kernels (where a no-VNNI CPU's int16 saturation shows), and latency on this host."""
+    rows = []
+    for name in names:
+        model, calib, test, labels = load_case(name)
+        batch = fixed_batch(model)
+        fp32 = model.SerializeToString()
+        ref = outputs(fp32, test, batch, reference=True).astype(np.float64)
+        lat0 = latency(fp32, test, batch, repeat)
+        for label, (tool, opts) in SCHEMES.items():
+            with tempfile.TemporaryDirectory() as td, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                qb = (run_edgec(model, calib, dict(mode="int8", method="minmax", **opts), batch) if tool == "edgec"
+                      else run_ort(model, calib, "MinMax", batch, Path(td), **opts))
+            row = {"model": name, "scheme": label,
+                   "reference_db": quality(ref, outputs(qb, test, batch, reference=True), None),
+                   "host_db": quality(ref, outputs(qb, test, batch), None),
+                   "latency_vs_fp32": latency(qb, test, batch, repeat) / lat0}
+            if labels is not None:
+                row["host_accuracy"] = quality(ref, outputs(qb, test, batch), labels)
+            rows.append(row)
+        print(f"[done] {name}", file=sys.stderr)
+    return rows
+
+
+def fmt_schemes(rows: list[dict]) -> str:
+    lines = [f"{'model':20s} {'scheme':26s} {'reference dB':>12s} {'host dB':>8s} {'host top-1':>10s} {'lat/fp32':>8s}"]
+    for r in rows:
+        acc = f"{r['host_accuracy'] * 100:9.2f}%" if "host_accuracy" in r else f"{'-':>10s}"
+        lines.append(f"{r['model']:20s} {r['scheme']:26s} {r['reference_db']:12.1f} {r['host_db']:8.1f} {acc} "
+                     f"{r['latency_vs_fp32']:8.2f}")
     return "\n".join(lines)
 
 
@@ -330,7 +379,22 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=200, help="latency runs per model (median)")
     ap.add_argument("--scale", action="store_true", help="also measure memory vs calibration-set size")
     ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--schemes", action="store_true",
+                    help="only the int8 schemes by ISA (U8S8/U8U8/U8S7, edgec and ORT): reference and host SQNR")
     args = ap.parse_args(argv)
+    if args.schemes:
+        names = [m for m in args.models.split(",") if m]
+        rows = schemes_table(names, min(args.repeat, 50))
+        print(f"onnxruntime {ort.__version__}, edgec {edgec.__version__}, {os.cpu_count()} cores, "
+              f"this host: {runtime.host_description()}")
+        print("SQNR of the first output against FP32 on held-out data; 'reference' = exact QDQ arithmetic "
+              "(what edgec decides with, the same on any host), 'host' = this host's fused int8 kernels; "
+              "latency on this host, 1 thread, relative to FP32")
+        print(fmt_schemes(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"host": runtime.host_description(), "schemes": rows}, indent=1,
+                                                  default=float))
+        return 0
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in ORT_VARIANTS and v not in EDGEC_VARIANTS]
     if unknown:
