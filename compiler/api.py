@@ -166,7 +166,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
                            "int8": dict(tgt.quant.__dict__)},
         "build_host": runtime.host_description(),
         "opset": {"source": source_opset, "output": ir.opset},
-        "notes": list(ir.info.notes) + warnings,
+        "notes": list(ir.info.notes) + warnings + _scheme_notes(tgt, quantize, target_options),
         "before": before.as_dict(),
         "after": after.as_dict(),
         "passes": [r.as_dict() for r in records],
@@ -253,6 +253,18 @@ def _compare(original, result_model, feeds, *, rtol, atol, generated: bool):
     raise UserError("the original model does not run in ONNX Runtime on generated inputs"
                     + (" (symbolic dims tried as " + ", ".join(map(str, tries)) + ")" if generated else "")
                     + f": pass real inputs with --inputs F.npz ({first})")
+
+
+def _scheme_notes(tgt, quantize, target_options) -> list[str]:
+    """Say so when the default portable scheme was used on a build host whose CPU class has a
+    faster exact one: the deployment CPU is the user's to name, edgec does not guess it."""
+    if tgt.name != "cpu" or quantize not in ("int8", "mixed") or "isa" in (target_options or {}):
+        return []
+    host = runtime.host_isa()
+    if host in ("vnni", "amx") and tgt.quant.isa != host:
+        return [f"int8 built for isa={tgt.quant.isa} (exact on every x86-64 CPU); this build host is {host}: if the "
+                f"device is too, --target-option isa={host} gives U8S8, ONNX Runtime's fastest int8 kernels there"]
+    return []
 
 
 def _host_check(original, result_model, feeds, reference: "verify_mod.Comparison", tgt) -> dict:

@@ -15,6 +15,21 @@ Two ways to run a model in ONNX Runtime, and what each is for:
   equalisation keep/drop, mixed-precision sensitivity, the ``--goal`` winner, the
   ``--max-error`` check and the reported error all go through it, so the same model, options
   and data give the same output bytes on any build host.
+  How each target's integer pipeline relates to it:
+  - ONNX Runtime CPU (cpu, neon): QLinearConv/QGemm/QLinearMatMul accumulate int32 and
+    requantize with a float multiplier, rounding half to even; the reference computes the same
+    sum in float and rounds the same way at QuantizeLinear. They differ by at most one step
+    where float rounding lands on a tie: measured within 0.05 dB SQNR on every model, on an
+    AMX host and on an emulated AVX2 host, for every scheme that cannot saturate. The int16
+    pair saturation of U8S8 on a no-VNNI CPU is *not* emulated: it depends on how ONNX
+    Runtime packs the reduction dimension, so the cpu profile never emits U8S8 for such a CPU
+    (``backends/cpu.py``).
+  - TensorRT (jetson): explicit quantization is defined by the Q/DQ placement, with int8
+    weights and activations, int32 accumulation and float requantization, so QDQ semantics
+    are its specification; the layers it runs in FP16 are not emulated (FP32 here).
+  - RKNN (rknn): the pre-quantized QDQ hand-off is read by RKNN-Toolkit2 as these scales and
+    zero points; its simulator is checked against this executor in the tests
+    (``tests/test_rknn_simulator.py``, cosine >= 0.999).
 * **The host's kernels** (:func:`host_session`): every optimisation on, QDQ groups fused into
   ONNX Runtime's integer kernels for *this* CPU. Used for ``--bench`` and for the
   "this host, its kernels" part of ``--verify``: reported, never used to choose anything.
