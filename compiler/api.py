@@ -320,6 +320,7 @@ def _compare(original, result_model, feeds, *, rtol, atol, generated: bool):
         except Exception as e:  # ORT refuses these inputs for the original model
             last = e
             continue
+        _refuse_nan_reference(reference, generated)
         try:
             actual = verify_mod.run(result_model, feeds)
         except Exception as e:
@@ -330,6 +331,16 @@ def _compare(original, result_model, feeds, *, rtol, atol, generated: bool):
     raise UserError("the original model does not run in ONNX Runtime on generated inputs"
                     + (" (symbolic dims tried as " + ", ".join(map(str, tries)) + ")" if generated else "")
                     + f": pass real inputs with --inputs F.npz ({first})")
+
+
+def _refuse_nan_reference(reference: dict, generated: bool) -> None:
+    """NaN in the original model's own outputs makes any comparison fail (NaN != NaN): the
+    model (its weights) or the inputs are the user's to fix, not a failed rewrite."""
+    bad = next((k for k, v in reference.items() if v.dtype.kind in "fc" and np.isnan(v).any()), None)
+    if bad is not None:
+        raise UserError(f"the original model's output '{bad}' holds NaN on the {'generated ' if generated else ''}inputs, "
+                        f"so outputs cannot be compared: check its weights, or give inputs in its valid range with "
+                        f"--inputs F.npz")
 
 
 def _quantize(ir: IR, original, tgt, mode: str, calib_set, *, method, percentile, activations, weights,
