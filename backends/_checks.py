@@ -7,7 +7,8 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgec.ir import IR
+from edgec.ir import IR, plain_dtype
+from edgec.ir import dtype_name as _elem_name
 
 TYPE_NAMES = {"float32": "FP32", "float16": "FP16", "float64": "DOUBLE", "int32": "INT32", "int64": "INT64",
               "int8": "INT8", "uint8": "UINT8", "bool": "BOOL", "bfloat16": "BF16"}
@@ -63,10 +64,10 @@ def check_ops(ir: IR, verdict: Callable[[gs.Node], str | None]) -> list[str]:
 def dtype_name(t) -> str | None:
     if t is None or t.dtype is None:
         return None
-    try:
-        return TYPE_NAMES.get(str(np.dtype(t.dtype)), str(np.dtype(t.dtype)).upper())
-    except TypeError:
-        return str(t.dtype).upper()
+    dt = plain_dtype(t.dtype)
+    if dt is not None:
+        return TYPE_NAMES.get(str(dt), str(dt).upper())
+    return (_elem_name(t.dtype) or "?").upper()
 
 
 def zero_point_is_zero(ir: IR, node: gs.Node) -> bool:

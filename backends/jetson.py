@@ -36,6 +36,9 @@ def _configure(t: Target) -> None:
     version = str(t.options["trt"])
     if version not in VERSIONS:
         raise UserError(f"target jetson: trt={version} is not known (choose one of {', '.join(VERSIONS)})")
+    if t.options["sparsity"] not in ("", "2:4"):
+        raise UserError(f"target jetson: sparsity={t.options['sparsity']} is not known (2:4)")
+    _given_profile(t)
     if version == "10":
         t.min_opset, t.max_opset = 9, 20
         t.description = "TensorRT 10.x on Jetson (JetPack 6.1+)"
@@ -106,15 +109,7 @@ def _verdict(t: Target, ir: IR):
 def _profile(t: Target, ir: IR) -> dict[str, list[list[int]]]:
     """min/opt/max shapes per dynamic input, from ``--target-option profile=NAME:MIN:OPT:MAX[;...]``
     (dims joined by x); inputs left out get batch 1 everywhere."""
-    given = {}
-    for item in filter(None, str(t.options["profile"]).split(";")):
-        parts = item.split(":")
-        if len(parts) != 4:
-            raise UserError(f"target option profile: '{item}' is not NAME:MIN:OPT:MAX (e.g. input:1x3x224x224:8x3x224x224:32x3x224x224)")
-        try:
-            given[parts[0]] = [[int(d) for d in p.split("x")] for p in parts[1:]]
-        except ValueError:
-            raise UserError(f"target option profile: dims in '{item}' must be integers joined by x") from None
+    given = _given_profile(t)
     profile = {}
     for inp in ir.inputs:
         dims = list(inp.shape or [])
@@ -128,6 +123,26 @@ def _profile(t: Target, ir: IR) -> dict[str, list[list[int]]]:
     return profile
 
 
+def _given_profile(t: Target) -> dict[str, list[list[int]]]:
+    """``profile=NAME:MIN:OPT:MAX[;...]`` parsed and checked (positive dims, same rank, MIN <= OPT <= MAX)."""
+    given = {}
+    for item in filter(None, (x.strip() for x in str(t.options["profile"]).split(";"))):
+        parts = item.split(":")
+        if len(parts) != 4 or not parts[0]:
+            raise UserError(f"target option profile: '{item}' is not NAME:MIN:OPT:MAX (e.g. input:1x3x224x224:8x3x224x224:32x3x224x224)")
+        try:
+            shapes = [[int(d) for d in p.split("x")] for p in parts[1:]]
+        except ValueError:
+            raise UserError(f"target option profile: dims in '{item}' must be integers joined by x") from None
+        lo, opt, hi = shapes
+        if any(d <= 0 for s in shapes for d in s) or not len(lo) == len(opt) == len(hi):
+            raise UserError(f"target option profile: '{item}': dims must be positive and MIN, OPT, MAX of one rank")
+        if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+            raise UserError(f"target option profile: '{item}': need MIN <= OPT <= MAX in every dim")
+        given[parts[0]] = shapes
+    return given
+
+
 def _check(t: Target, ir: IR) -> list[str]:
     problems = _checks.check_opset(t, ir) + _checks.check_ops(ir, _verdict(t, ir))
     for name, (lo, opt, hi) in _profile(t, ir).items():
@@ -137,8 +152,14 @@ def _check(t: Target, ir: IR) -> list[str]:
     return problems
 
 
-def write_trtexec(t: Target, ir: IR, output: Path, **_) -> list[Path]:
-    """``OUT.trtexec.txt``: the trtexec command that builds this model on the Jetson."""
+def side_paths(t: Target, output: Path, **_) -> list[tuple]:
+    """What :func:`write_trtexec` writes beside ``output``: (path, kind, what, replaceable)."""
+    return [(output.with_name(output.name + ".trtexec.txt"), "file", "trtexec command file", None)]
+
+
+def write_trtexec(t: Target, ir: IR, output: Path, writer=None, **_) -> list[Path]:
+    """``OUT.trtexec.txt``: the trtexec command that builds this model on the Jetson (staged in
+    ``writer``, an :class:`edgec.outputs.Outputs`, when given: written with the model or not at all)."""
     args = [f"trtexec --onnx={output.name} --saveEngine={output.stem}.engine"]
     has_qdq = any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in ir.nodes)
     args.append("--int8 --fp16" if has_qdq else "--fp16")
@@ -149,8 +170,20 @@ def write_trtexec(t: Target, ir: IR, output: Path, **_) -> list[Path]:
     if t.options["sparsity"] == "2:4":
         args.append("--sparsity=enable")
     path = output.with_name(output.name + ".trtexec.txt")
-    path.write_text(" \\\n    ".join(args) + "\n")
+    text = " \\\n    ".join(args) + "\n"
+    if writer is None:
+        from edgec.outputs import Outputs
+
+        with Outputs() as writer:
+            writer.claim(path, "trtexec command file")
+            writer.write_text(path, text)
+            writer.commit()
+    else:
+        writer.write_text(path, text)
     return [path]
+
+
+write_trtexec.paths = side_paths
 
 
 TARGET = Target(

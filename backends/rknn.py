@@ -20,6 +20,7 @@ Transposes that cancel or compose are already gone (fuse_transposes) before the 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,45 @@ BATCH1_OPS = {op for op, why in op_tables.RKNN_RESTRICTED.items() if "batch size
 TRANSPOSE_HW_LIMIT = 8192
 
 
+def _floats(t: Target, key: str, positive: bool = False) -> list[float]:
+    """``mean``/``std``: comma-separated finite numbers (std > 0), one per channel or one for all."""
+    text = str(t.options[key]).strip()
+    if not text:
+        return []
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if not vals or not all(math.isfinite(v) and (v > 0 or not positive) for v in vals):
+        raise UserError(f"target rknn: {key}={text!r}: expected comma-separated finite numbers"
+                        + (" above 0" if positive else "") + ", e.g. 123.7,116.3,103.5")
+    return vals
+
+
+def _dynamic_input(t: Target) -> list[list[int]]:
+    """``dynamic_input``: shapes joined by ';', dims by 'x' (positive integers)."""
+    text = str(t.options["dynamic_input"]).strip()
+    shapes = []
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        try:
+            dims = [int(d) for d in item.split("x")]
+        except ValueError:
+            dims = []
+        if not dims or any(d <= 0 for d in dims):
+            raise UserError(f"target rknn: dynamic_input={text!r}: expected shapes of positive dims joined by x, "
+                            f"separated by ; (e.g. 1x3x224x224;4x3x224x224)")
+        shapes.append(dims)
+    if text and not shapes:
+        raise UserError(f"target rknn: dynamic_input={text!r}: expected shapes such as 1x3x224x224;4x3x224x224")
+    return shapes
+
+
 def _configure(t: Target) -> None:
     if t.options["platform"] not in PLATFORMS:
         raise UserError(f"target rknn: platform={t.options['platform']} is not known (choose one of {', '.join(PLATFORMS)})")
+    _floats(t, "mean")
+    _floats(t, "std", positive=True)
+    _dynamic_input(t)
     t.static_shapes = not t.options["dynamic_input"]
     t.description = f"Rockchip {t.options['platform']} NPU (RKNN-Toolkit2 2.x)"
 
@@ -65,6 +102,18 @@ def _unsupported(name: str) -> bool:
 
 def _check(t: Target, ir: IR) -> list[str]:
     problems = _checks.check_opset(t, ir)
+    for shape in _dynamic_input(t):
+        ranks = {len(i.shape) for i in ir.inputs if i.shape is not None}
+        if ranks and len(shape) not in ranks:
+            problems.append(f"dynamic_input shape {'x'.join(map(str, shape))} has rank {len(shape)}, the model's "
+                            f"inputs have rank {', '.join(map(str, sorted(ranks)))}")
+    channels = {int(i.shape[1]) for i in ir.inputs if i.shape and len(i.shape) == 4
+                and isinstance(i.shape[1], (int, np.integer))}
+    for key in ("mean", "std"):
+        vals = _floats(t, key, positive=key == "std")
+        if vals and len(vals) != 1 and channels and len(vals) not in channels:
+            problems.append(f"{key} has {len(vals)} values, the input has {', '.join(map(str, sorted(channels)))} "
+                            f"channels")
     if t.static_shapes:
         problems += _checks.check_static(t, ir)
     batch = max((int(i.shape[0]) for i in ir.inputs if i.shape and isinstance(i.shape[0], (int, np.integer))), default=1)
@@ -101,12 +150,35 @@ def _check(t: Target, ir: IR) -> list[str]:
 RKNN_ALGORITHM = {"minmax": "normal", "percentile": "normal", "mse": "mmse", "entropy": "kl_divergence"}
 
 
+def side_paths(t: Target, output: Path, *, calib: bool, quantized_model: bool | None) -> list[tuple]:
+    """What :func:`write_build_config` may write beside ``output``: (path, kind, what, replaceable).
+    ``quantized_model`` None: not known yet (``--goal``), so every possible path."""
+    from edgec.outputs import edgec_dataset_folder
+
+    if t.options["platform"] in NO_FLOAT and not calib and quantized_model is False:
+        raise UserError(f"{t.options['platform']} has no float mode: give --calib (RKNN quantizes) or --quantize int8")
+    paths = [(output.with_name(output.name + ".rknn.json"), "file", "RKNN build config", None)]
+    if calib and quantized_model is not True:
+        paths.append((output.with_name(output.name + ".dataset"), "dir", "RKNN dataset folder", edgec_dataset_folder))
+    return paths
+
+
 def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quantized_model: bool = False,
-                       calib_method: str = "minmax") -> list[Path]:
+                       calib_method: str = "minmax", writer=None) -> list[Path]:
     """Write ``OUT.rknn.json`` (the arguments of RKNN's config/build) and, with calibration data,
-    ``OUT.dataset/NNNN.npy`` + ``dataset.txt`` (NCHW .npy files, as RKNN's build wants them)."""
+    ``OUT.dataset/NNNN.npy`` + ``dataset.txt`` (NCHW .npy files, as RKNN's build wants them).
+    With ``writer`` (an :class:`edgec.outputs.Outputs`) the files are staged there, to appear
+    with the model or not at all."""
+    from edgec.outputs import Outputs
+
     if t.options["platform"] in NO_FLOAT and calib_batches is None and not quantized_model:
         raise UserError(f"{t.options['platform']} has no float mode: give --calib (RKNN quantizes) or --quantize int8")
+    own = writer is None
+    if own:
+        writer = Outputs()
+        for path, kind, what, replaceable in side_paths(t, output, calib=calib_batches is not None,
+                                                        quantized_model=quantized_model):
+            writer.claim(path, what, kind=kind, replaceable=replaceable)
     written = []
     cfg = {
         "target_platform": t.options["platform"],
@@ -117,16 +189,17 @@ def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quan
                    for i in ir.inputs],
     }
     if t.options["mean"]:
-        cfg["config"]["mean_values"] = [[float(v) for v in t.options["mean"].split(",")]]
+        cfg["config"]["mean_values"] = [_floats(t, "mean")]
     if t.options["std"]:
-        cfg["config"]["std_values"] = [[float(v) for v in t.options["std"].split(",")]]
+        cfg["config"]["std_values"] = [_floats(t, "std", positive=True)]
     if t.options["dynamic_input"]:
-        cfg["config"]["dynamic_input"] = [[[int(d) for d in s.split("x")]] for s in t.options["dynamic_input"].split(";")]
+        cfg["config"]["dynamic_input"] = [[s] for s in _dynamic_input(t)]
     if quantized_model:
         cfg["note"] = "pre-quantized QDQ model: build with do_quantization=False (RKNN treats it as QAT)"
     elif calib_batches is not None:
         ds_dir = output.with_name(output.name + ".dataset")
-        ds_dir.mkdir(exist_ok=True)
+        final = writer.real(ds_dir)  # where the folder will be: dataset.txt names its files there
+        tmp_dir = writer.make_dir(ds_dir)
         lines = []
         count = 0
         for batch in calib_batches:
@@ -134,20 +207,25 @@ def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quan
             for k in range(len(arrays[0])):
                 names = []
                 for j, arr in enumerate(arrays):
-                    p = ds_dir / f"{count:05d}_{j}.npy"
-                    np.save(p, np.ascontiguousarray(arr[k:k + 1]))
-                    names.append(str(p.resolve()))
+                    name = f"{count:05d}_{j}.npy"
+                    np.save(tmp_dir / name, np.ascontiguousarray(arr[k:k + 1]))
+                    names.append(str(final / name))
                 lines.append(" ".join(names))
                 count += 1
-        (ds_dir / "dataset.txt").write_text("\n".join(lines) + "\n")
-        cfg["build"] = {"do_quantization": True, "dataset": str((ds_dir / "dataset.txt").resolve())}
+        (tmp_dir / "dataset.txt").write_text("\n".join(lines) + "\n")
+        cfg["build"] = {"do_quantization": True, "dataset": str(final / "dataset.txt")}
         algorithm = RKNN_ALGORITHM.get(calib_method if isinstance(calib_method, str) else "minmax", "normal")
         cfg["config"].update({"quantized_dtype": "w8a8", "quantized_algorithm": algorithm, "quantized_method": "channel"})
         written.append(ds_dir)
     path = output.with_name(output.name + ".rknn.json")
-    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    writer.write_text(path, json.dumps(cfg, indent=2) + "\n")
     written.append(path)
+    if own:
+        writer.commit()
     return written
+
+
+write_build_config.paths = side_paths
 
 
 TARGET = Target(

@@ -9,16 +9,36 @@ Python API::
     ir = edgec.load("model.onnx")                      # the IR (onnx-graphsurgeon underneath)
     edgec.run_passes(ir, ["fold_batchnorm", "eliminate_dead"])
     edgec.save(ir, "out.onnx")
+
+Importing ``edgec`` is cheap: the API (and onnx, ONNX Runtime, numpy behind it) is imported on
+first use, so the command line can handle Ctrl-C during those imports like anywhere else.
 """
 
 __version__ = "0.1.0"
 
 from .errors import EdgecError, InternalError, UserError, VerificationError  # noqa: E402
-from .ir import IR  # noqa: E402
-from .loader import from_model, load, save  # noqa: E402
-from .pipeline import FixedPoint, Pass, PassManager, get_pass, register, registry, run_passes  # noqa: E402
-from .api import compile, inspect  # noqa: E402
+
+_LAZY = {
+    "IR": "ir", "from_model": "loader", "load": "loader", "save": "loader",
+    "FixedPoint": "pipeline", "Pass": "pipeline", "PassManager": "pipeline", "get_pass": "pipeline",
+    "register": "pipeline", "registry": "pipeline", "run_passes": "pipeline",
+    "compile": "api", "inspect": "api",
+}
 
 __all__ = ["IR", "EdgecError", "FixedPoint", "InternalError", "Pass", "PassManager", "UserError",
            "VerificationError", "compile", "from_model", "get_pass", "inspect", "load", "register",
            "registry", "run_passes", "save", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'edgec' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

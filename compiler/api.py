@@ -41,8 +41,14 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
             activations: str | None = None, weights: str | None = None, keep_float: Sequence[str] = (),
             max_bytes: int | None = None, progress: bool = False, goal: str | None = None,
             calib_preprocess=None,
-            log: Callable[[str], None] | None = None) -> CompileResult:
+            log: Callable[[str], None] | None = None, report_file: str | os.PathLike | None = None,
+            _outputs=None) -> CompileResult:
     """Compile ``model`` for ``target``; write it to ``output`` (atomically) if given.
+
+    Every option is checked first (:mod:`edgec.options`), then every path the run will write
+    (``output``, ``report_file`` for the report as JSON, the target's side files): a mistake in
+    either raises :class:`~edgec.errors.UserError` before any work. The outputs are written
+    all or none (:mod:`edgec.outputs`); the input model is never modified.
 
     ``target_options`` overrides the target profile's options (``--target-option k=v``);
     ``input_shapes`` fixes graph input shapes (``{"input": [1, 3, 224, 224]}``) before any pass.
@@ -71,29 +77,52 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     within ``max_error``/``max_bytes`` (see :mod:`edgec.strategy`); the report says what was
     tried and why the winner was chosen.
     """
+    params = dict(locals())  # first: every argument, as given
     from edgec.backends import get_target
+
+    from . import options as options_mod
+    from .outputs import Outputs
+
+    params.update(options_mod.check_compile_options(params))
+    passes, keep_float = params["passes"], params["keep_float"]
+    tgt = get_target(target, target_options)
+    src_path = None if isinstance(model, onnx.ModelProto) else loader.check_input_file(model)
+    owned = _outputs is None and (output is not None or report_file is not None)
+    outs = _outputs if _outputs is not None else (Outputs() if owned else None)
+    if outs is not None:  # every output path checked before any work
+        _claim_outputs(outs, tgt, src_path, output, report_file, inputs=inputs, eval_data=eval_data, calib=calib,
+                       quantized=None if goal is not None else quantize in ("int8", "mixed"))
 
     if goal is not None:
         from . import strategy
 
-        args = dict(locals())
-        for key in ("model", "output", "goal", "max_error", "max_bytes", "calib", "log", "verify", "strategy",
-                    "get_target"):  # calib_preprocess travels on with the rest
-            args.pop(key, None)
-        return strategy.run(compile, model, output, goal=goal, target_profile=get_target(target, target_options),
-                            max_error=max_error, max_bytes=max_bytes, calib=calib, log=log, **args)
+        args = {k: v for k, v in params.items() if k not in (
+            "model", "output", "goal", "max_error", "max_bytes", "calib", "log", "verify", "report_file",
+            "_outputs")}  # calib_preprocess travels on with the rest
+
+        def candidate(m, out, **kw):  # the winner (the call with an output) is staged in ``outs``
+            return compile(m, out, _outputs=outs if out is not None else None, **kw)
+
+        with outs if owned else _nothing():
+            result = strategy.run(candidate, model, output, goal=goal, target_profile=tgt, max_error=max_error,
+                                  max_bytes=max_bytes, calib=calib, log=log, **args)
+            if owned:
+                if report_file is not None:
+                    outs.write_json(report_file, result.report)
+                outs.commit()
+        return result
 
     log = log or (lambda s: None)
     t_start = time.perf_counter()
-    tgt = get_target(target, target_options)
-    src_path = None
-    if isinstance(model, onnx.ModelProto):
-        original = model
+    if src_path is not None:
+        external: list[Path] = []
+        original = loader.load_model(src_path, external_files=external)
+        for f in external:  # no output may replace the model's external data either
+            outs.protect(f, "input model's external data") if outs is not None else None
     else:
-        src_path = Path(model)
-        original = loader.load_model(src_path)
-    if output is not None:
-        loader.check_output_path(output, src_path)
+        original = loader.validate_model(model, "model")
+    if verify or max_error is not None or inputs is not None or bench:
+        _check_verifiable(original)
     source_opset = loader.check_opset(original, str(src_path or "model"))
     pipeline = tgt.passes() if passes is None else [get_pass(p) if isinstance(p, str) else p for p in passes]
     calib_set = None
@@ -105,6 +134,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
                 "reflect the real input distribution")
         calib_set = load_calibration(calib, _signature(original, input_shapes), max_samples=calib_samples,
                                      preprocess=calib_preprocess)
+        calib_set.check_constant = True  # ranges from constant data (all zeros, ...) mean nothing: refused
         _check_calibration_runs(original, calib_set, calib, input_shapes)
     prune_pass = None
     if prune is not None or prune_macs is not None:
@@ -213,17 +243,67 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     if evaluation is not None:
         x, labels = evaluation
         report["accuracy"] = {"samples": int(len(labels)), "before": _accuracy(original, x, labels),
-                              "after": _accuracy(result_model, x, labels)}
+                              "after": _accuracy(result_model, x, labels, original=False)}
     report["seconds"] = round(time.perf_counter() - t_start, 4)
-    if output is not None:
-        if tgt.extras is not None:  # before the model: a refusal here leaves nothing behind
-            extra_files = tgt.extras(tgt, ir, Path(output), calib_batches=calib_set,
-                                     quantized_model=quantize in ("int8", "mixed"), calib_method=calib_method)
-            report["extra_files"] = [str(f) for f in extra_files]
-        loader.save(result_model, output, check=False)
-        report["output_file_bytes"] = Path(output).stat().st_size
+    if outs is not None:  # all outputs or none: staged beside their destinations, renamed together
+        with outs if owned else _nothing():
+            if output is not None:
+                if tgt.extras is not None:
+                    extra_files = tgt.extras(tgt, ir, Path(output), calib_batches=calib_set,
+                                             quantized_model=quantize in ("int8", "mixed"), calib_method=calib_method,
+                                             writer=outs)
+                    report["extra_files"] = [str(f) for f in extra_files]
+                report["output_file_bytes"] = outs.write_model(output, result_model)
+            if owned:
+                if report_file is not None:
+                    outs.write_json(report_file, report)
+                outs.commit()
     return CompileResult(ir=ir, model=result_model, report=report, records=records,
                          output=Path(output) if output is not None else None)
+
+
+def _claim_outputs(outs, tgt, src_path, output, report_file, *, inputs, eval_data, calib, quantized) -> None:
+    """Check every path this compile will write, against its inputs and each other (UserError)."""
+    outs.protect(src_path, "input model")
+    for path, what in ((inputs, "--inputs file"), (eval_data, "--eval file"), (calib, "calibration data")):
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path) != "random":
+            outs.protect(path, what)
+    if output is not None:
+        outs.claim(output, "output model")
+        side = getattr(tgt.extras, "paths", None) if tgt.extras is not None else None
+        if side is not None:
+            for path, kind, what, replaceable in side(tgt, Path(output), calib=calib is not None,
+                                                      quantized_model=quantized):
+                outs.claim(path, what, kind=kind, replaceable=replaceable)
+    if report_file is not None:
+        outs.claim(report_file, "report")
+
+
+def _check_verifiable(model: onnx.ModelProto) -> None:
+    """--verify/--max-error/--bench run the model in ONNX Runtime and compare numbers: say up
+    front when a model's inputs or outputs are not numbers numpy can hold."""
+    for kind, vis in (("input", model.graph.input), ("output", model.graph.output)):
+        inits = {t.name for t in model.graph.initializer}
+        for v in vis:
+            if v.name in inits or not v.type.HasField("tensor_type"):
+                continue
+            elem = v.type.tensor_type.elem_type
+            try:
+                dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)) if elem else None
+            except (KeyError, TypeError, ValueError):
+                dt = None
+            if elem and (dt is None or dt.kind not in "biufc" and not (kind == "input" and dt.kind == "O")):
+                name = onnx.TensorProto.DataType.Name(elem) if elem in onnx.TensorProto.DataType.values() else elem
+                raise UserError(f"{kind} '{v.name}' is a {name} tensor: --verify, --max-error and --bench compare "
+                                f"numeric tensors that ONNX Runtime's Python API exchanges; compile without them")
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 SYMBOLIC_FILLS = (1, 8, 16, 32, 64, 224)
@@ -243,6 +323,7 @@ def _compare(original, result_model, feeds, *, rtol, atol, generated: bool):
         except Exception as e:  # ORT refuses these inputs for the original model
             last = e
             continue
+        _refuse_nan_reference(reference, generated)
         try:
             actual = verify_mod.run(result_model, feeds)
         except Exception as e:
@@ -290,6 +371,16 @@ def _host_check(original, result_model, feeds, reference: "verify_mod.Comparison
                        f"reference arithmetic)" + (f": the model was built for isa={built_for}, this host is {isa}"
                                                    if built_for and built_for != isa else ""))
     return out
+
+
+def _refuse_nan_reference(reference: dict, generated: bool) -> None:
+    """NaN in the original model's own outputs makes any comparison fail (NaN != NaN): the
+    model (its weights) or the inputs are the user's to fix, not a failed rewrite."""
+    bad = next((k for k, v in reference.items() if v.dtype.kind in "fc" and np.isnan(v).any()), None)
+    if bad is not None:
+        raise UserError(f"the original model's output '{bad}' holds NaN on the {'generated ' if generated else ''}inputs, "
+                        f"so outputs cannot be compared: check its weights, or give inputs in its valid range with "
+                        f"--inputs F.npz")
 
 
 def _quantize(ir: IR, original, tgt, mode: str, calib_set, *, method, percentile, activations, weights,
@@ -410,17 +501,23 @@ def _feeds(inputs, model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _eval_set(path, model: onnx.ModelProto):
+    from . import datafiles
+
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such evaluation file")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise UserError(f"{p}: cannot read it as .npz ({type(e).__name__})") from None
+    if p.suffix == ".npy":
+        raise UserError(f"{p}: an evaluation set is an .npz with the model's inputs and a 'labels' array")
+    data = datafiles.read_arrays(p, "evaluation file")  # headers checked, size capped, never unpickled
     if "labels" not in data:
         raise UserError(f"{p}: an evaluation set needs a 'labels' array beside the inputs")
     labels = data.pop("labels")
+    if labels.ndim != 1 or labels.dtype.kind not in "iuf" or (labels.dtype.kind == "f" and (
+            not np.isfinite(labels).all() or np.any(labels != np.round(labels)))):
+        raise UserError(f"{p}: 'labels' must be a 1-D array of class indices (got {labels.dtype} "
+                        f"{list(labels.shape)})")
+    if len(labels) == 0:
+        raise UserError(f"{p}: the evaluation set holds no samples")
     specs = verify_mod.input_specs(model)
     if len(specs) == 1 and specs[0].name not in data and len(data) == 1:
         data = {specs[0].name: next(iter(data.values()))}
@@ -431,17 +528,36 @@ def _eval_set(path, model: onnx.ModelProto):
     return feeds, labels
 
 
-def _accuracy(model: onnx.ModelProto, feeds: dict[str, np.ndarray], labels: np.ndarray) -> float:
-    out = next(iter(verify_mod.run(model, feeds).values()))
+def _accuracy(model: onnx.ModelProto, feeds: dict[str, np.ndarray], labels: np.ndarray, *,
+              original: bool = True) -> float:
+    """Top-1 accuracy on the evaluation set. The original model failing on the user's data is
+    the user's to fix (UserError); the compiled model failing where the original ran is edgec's."""
+    try:
+        out = next(iter(verify_mod.run(model, feeds).values()))
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime's exceptions have no common base
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if original:
+            raise UserError(f"the model does not run on the evaluation data in ONNX Runtime (check its shapes and "
+                            f"batch size): {first}") from None
+        raise InternalError(f"the compiled model fails on the evaluation data where the original runs: {first}") from None
+    if out.size % max(len(labels), 1) or out.size == 0:
+        raise UserError(f"the model's first output has {out.size} values for {len(labels)} labels: --eval expects "
+                        f"one row of class scores per sample")
     pred = out.reshape(len(labels), -1).argmax(axis=1)
     return float(np.mean(pred == labels.reshape(-1)))
 
 
 def inspect(model: str | os.PathLike | onnx.ModelProto, *, top: int = 10, groups: bool = False) -> dict:
-    """What is inside a model and what it costs (``edgec inspect``)."""
+    """What is inside a model and what it costs (``edgec inspect``). A model that is not valid
+    ONNX is refused with a UserError naming the problem, as in :func:`compile`."""
+    from . import options as options_mod
+
+    options_mod.number("top", top, lo=0, integer=True)
+    options_mod.boolean("groups", groups)
     if isinstance(model, onnx.ModelProto):
-        proto, where = model, "model"
+        proto, where = loader.validate_model(model, "model"), "model"
     else:
+        options_mod.path_like("model", model, optional=False)
         proto, where = loader.load_model(model), str(model)
     opset = loader.check_opset(proto, where)
     normalized, notes = loader.normalize_opset(proto)  # costs as compile sees them ("before")
@@ -469,5 +585,12 @@ def inspect(model: str | os.PathLike | onnx.ModelProto, *, top: int = 10, groups
 
 
 def _tensor_info(t) -> dict:
-    return {"name": t.name, "dtype": str(np.dtype(t.dtype)) if t.dtype is not None else None,
+    return {"name": t.name, "dtype": _dtype_str(t.dtype),
             "shape": [d if isinstance(d, (int, np.integer)) else str(d) for d in t.shape] if t.shape is not None else None}
+
+
+def _dtype_str(dtype) -> str | None:
+    from .ir import dtype_name, plain_dtype
+
+    dt = plain_dtype(dtype)
+    return str(dt) if dt is not None else dtype_name(dtype)

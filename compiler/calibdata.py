@@ -16,14 +16,18 @@ Sources (:func:`load_calibration`):
   (the caller warns: ranges from random data are rarely right).
 
 Batches are ``dict[input name, np.ndarray]`` checked with :func:`edgec.verify.check_feeds`
-(a wrong shape or dtype is a UserError naming the input and the expected shape). Models with a
+(a wrong shape or dtype, NaN or infinite values are a UserError naming the input). Models with a
 fixed batch dimension get batches of exactly that size. Data is streamed: a
-:class:`CalibrationSet` can be iterated several times and never holds more than one source
-file plus one batch beyond what the source itself is (an ``.npz`` file is read per array).
+:class:`CalibrationSet` can be iterated several times and holds one chunk of rows per input
+at a time; ``.npy``/``.npz`` files are opened by their headers and read only as far as the
+samples used (:mod:`edgec.datafiles`: truncated, pickled or absurdly large arrays are refused).
+A set whose float inputs are constant over a whole pass (all zeros, say) is refused when the
+pass ends: ranges and statistics measured on it would be meaningless.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +36,15 @@ from typing import Iterator
 import numpy as np
 import onnx
 
+from . import datafiles
 from .errors import UserError
 from .verify import InputSpec, check_feeds, input_specs, random_array
 
 IMAGE_EXTS = {".ppm", ".pgm", ".png", ".jpg", ".jpeg", ".bmp"}
 PILLOW_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
+CHUNK_ROWS = 256  # samples read from a file at a time
+MAX_IMAGE_PIXELS = 4096 * 4096  # one calibration image (decoded or resized) at most this many pixels
+MAX_SAMPLE_BYTES = 256 << 20  # one generated (--calib random) sample at most this big
 
 
 @dataclass
@@ -58,6 +66,31 @@ class Preprocess:
     std: tuple[float, ...] = (1.0,)
 
     def __post_init__(self):
+        import math
+
+        if self.size is not None:
+            try:
+                h, w = (int(v) for v in self.size)
+            except (TypeError, ValueError):
+                raise UserError(f"bad image size {self.size!r} (expected (H, W), e.g. (224, 224))") from None
+            if h <= 0 or w <= 0 or h * w > MAX_IMAGE_PIXELS:
+                raise UserError(f"image size {h}x{w}: must be positive and at most {MAX_IMAGE_PIXELS} pixels")
+            self.size = (h, w)
+        for name, values, positive in (("--image-mean", self.mean, False), ("--image-std", self.std, True)):
+            try:
+                vals = tuple(float(v) for v in (values if hasattr(values, "__iter__") else (values,)))
+            except (TypeError, ValueError):
+                raise UserError(f"{name} {values!r}: expected numbers") from None
+            if not vals or not all(math.isfinite(v) for v in vals) or (positive and not all(v > 0 for v in vals)):
+                raise UserError(f"{name} {','.join(map(str, vals))}: must be finite"
+                                + (" and positive" if positive else "") + " numbers")
+            setattr(self, "mean" if name == "--image-mean" else "std", vals)
+        try:
+            scale = float(self.scale)
+        except (TypeError, ValueError):
+            raise UserError(f"--image-scale {self.scale!r}: expected a number") from None
+        if not math.isfinite(scale) or scale <= 0:
+            raise UserError(f"--image-scale {self.scale}: must be a finite positive number")
         if self.resize not in ("nearest", "bilinear"):
             raise UserError(f"unknown resize mode '{self.resize}' (nearest, bilinear)")
         if self.layout not in ("NCHW", "NHWC"):
@@ -70,8 +103,10 @@ class CalibrationSet:
     """A re-iterable source of calibration batches for one model."""
 
     def __init__(self, specs: list[InputSpec], samples_fn, *, batch_size: int = 32,
-                 max_samples: int | None = None, where: str = "calibration data", count: int | None = None):
+                 max_samples: int | None = None, where: str = "calibration data", count: int | None = None,
+                 check_constant: bool = False):
         self.specs = specs
+        self.check_constant = check_constant  # refuse a set whose float inputs never vary
         self._samples_fn = samples_fn  # () -> iterator of dict[name, array with batch axis]
         self.max_samples = max_samples
         self.where = where
@@ -93,6 +128,7 @@ class CalibrationSet:
         pending_n = 0
         yielded = 0
         limit = self.max_samples
+        self._ranges: dict[str, list[float]] = {}
         for chunk in self._samples_fn():
             n = {len(v) for v in chunk.values()}
             if len(n) != 1:
@@ -123,9 +159,25 @@ class CalibrationSet:
             else:
                 batch, _, _ = _take(pending, pending_n, pending_n)
                 yield self._check(batch)
+        if self.check_constant:
+            self._refuse_constant(yielded + pending_n)
 
     def _check(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return check_feeds(batch, self.specs, self.where)
+        batch = check_feeds(batch, self.specs, self.where)  # shapes, dtypes, NaN/Inf
+        for name, arr in batch.items():
+            if arr.dtype.kind == "f" and arr.size:
+                lo, hi = float(arr.min()), float(arr.max())
+                seen = self._ranges.setdefault(name, [lo, hi])
+                seen[0], seen[1] = min(seen[0], lo), max(seen[1], hi)
+        return batch
+
+    def _refuse_constant(self, samples: int) -> None:
+        ranges = getattr(self, "_ranges", {})
+        if ranges and all(lo == hi for lo, hi in ranges.values()):
+            name, (lo, _) = next(iter(ranges.items()))
+            raise UserError(f"{self.where}: the calibration data is constant (input '{name}' is {lo:g} in all "
+                            f"{samples} samples): ranges and statistics measured on it would be meaningless; "
+                            f"give real samples")
 
     def first(self) -> dict[str, np.ndarray]:
         for b in self:
@@ -136,7 +188,7 @@ class CalibrationSet:
         """The same source limited to ``n`` samples."""
         lim = n if self.max_samples is None else min(n, self.max_samples)
         return CalibrationSet(self.specs, self._samples_fn, batch_size=self.batch_size,
-                              max_samples=lim, where=self.where, count=self._count)
+                              max_samples=lim, where=self.where, count=self._count, check_constant=False)
 
 
 def _take(pending, n_pending, k):
@@ -159,17 +211,22 @@ def parse_size(text: str) -> tuple[int, int]:
         vals = vals * 2
     if len(vals) != 2 or min(vals) <= 0:
         raise UserError(f"bad image size '{text}' (expected HxW, e.g. 224x224)")
+    if vals[0] * vals[1] > MAX_IMAGE_PIXELS:
+        raise UserError(f"image size {text}: at most {MAX_IMAGE_PIXELS} pixels")
     return vals[0], vals[1]
 
 
-def parse_floats(text: str) -> tuple[float, ...]:
-    """``"0.485,0.456,0.406"`` -> floats (for --mean/--std style flags)."""
+def parse_floats(text: str, flag: str = "") -> tuple[float, ...]:
+    """``"0.485,0.456,0.406"`` -> floats (for --mean/--std style flags; ``flag`` names it in errors)."""
+    import math
+
     try:
         vals = tuple(float(p) for p in str(text).split(",") if p.strip())
     except ValueError:
         vals = ()
-    if not vals:
-        raise UserError(f"bad list of numbers '{text}' (expected e.g. 0.485,0.456,0.406)")
+    if not vals or not all(math.isfinite(v) for v in vals):
+        raise UserError(f"{flag + ' ' if flag else ''}bad list of numbers '{text}' (expected finite numbers, "
+                        f"e.g. 0.485,0.456,0.406)")
     return vals
 
 
@@ -199,25 +256,36 @@ def load_calibration(source, model: onnx.ModelProto, *, max_samples: int | None 
                               where="calibration data", count=n)
     if isinstance(source, str) and source == "random":
         n = max_samples or 64
-        return CalibrationSet(specs, lambda: _random_chunks(specs, n, seed), batch_size=batch_size,
+        for spec in specs:
+            per_sample = math.prod(d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]) * spec.dtype.itemsize
+            if per_sample > MAX_SAMPLE_BYTES:
+                raise UserError(f"--calib random: one sample of input '{spec.name}' {_expected(spec)} would be "
+                                f"{per_sample / 2**20:.0f} MB; give real data or a smaller --input-shape")
+        return CalibrationSet(specs, lambda: _random_chunks(specs, n, seed, batch_size), batch_size=batch_size,
                               max_samples=n, where="random calibration data", count=n)
+    if not isinstance(source, (str, os.PathLike)):
+        raise UserError(f"calibration data: expected a path, 'random', a dict of arrays or a list of them, "
+                        f"got {type(source).__name__}")
     p = Path(source)
     if not p.exists():
         raise UserError(f"{p}: no such calibration file or folder")
     where = str(p)
-    if p.is_file():
+    chunk = min(CHUNK_ROWS, max_samples) if max_samples else CHUNK_ROWS
+    if not p.is_dir():
+        datafiles.check_regular(p, "calibration file")
         if p.suffix == ".npz":
-            n = _npz_count(p, specs)
-            return CalibrationSet(specs, lambda: iter([_read_npz(p, specs)]), batch_size=batch_size,
+            refs = _npz_refs(datafiles.open_npz(p, "calibration file"), specs, where)
+            n = _ref_count(refs, specs, where)
+            return CalibrationSet(specs, lambda: _ref_chunks(refs, specs, where, chunk), batch_size=batch_size,
                                   max_samples=max_samples, where=where, count=n)
         if p.suffix == ".npy":
             if len(specs) != 1:
                 raise UserError(f"{p}: a .npy file feeds a one-input model; this model has {len(specs)} inputs "
                                 f"({', '.join(s.name for s in specs)}): use an .npz keyed by input name")
-            arr = _load_npy(p, mmap=True)
-            arr = _as_batch(arr, specs[0], where)
-            return CalibrationSet(specs, lambda: iter([{specs[0].name: arr}]), batch_size=batch_size,
-                                  max_samples=max_samples, where=where, count=len(arr))
+            refs = {specs[0].name: datafiles.open_npy(p, "calibration file")}
+            n = _ref_count(refs, specs, where)
+            return CalibrationSet(specs, lambda: _ref_chunks(refs, specs, where, chunk), batch_size=batch_size,
+                                  max_samples=max_samples, where=where, count=n)
         if p.suffix.lower() in IMAGE_EXTS:
             raise UserError(f"{p}: give the folder that holds the calibration images, not one image")
         raise UserError(f"{p}: calibration data must be an .npz/.npy file or a folder (got '{p.suffix}')")
@@ -236,7 +304,7 @@ def load_calibration(source, model: onnx.ModelProto, *, max_samples: int | None 
                               max_samples=max_samples, where=where, count=len(imgs))
     if not arrays:
         raise UserError(f"{p}: the folder holds no .npy/.npz files or images")
-    return CalibrationSet(specs, lambda: _file_chunks(arrays, specs), batch_size=batch_size,
+    return CalibrationSet(specs, lambda: _file_chunks(arrays, specs, chunk), batch_size=batch_size,
                           max_samples=max_samples, where=where, count=None)
 
 
@@ -274,28 +342,15 @@ def _as_batch(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
     return arr
 
 
-def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-    except Exception as e:
-        raise UserError(f"{path}: cannot read it as .npy ({type(e).__name__})") from None
-
-
-def _open_npz(path: Path):
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise UserError(f"{path}: cannot read it as .npz ({type(e).__name__})") from None
-
-
-def _npz_keys(z, specs, path) -> dict[str, str]:
-    """input name -> key in the npz."""
-    files = list(z.files)
+def _npz_refs(refs: dict, specs, path) -> dict:
+    """input name -> the archive's array for it."""
+    files = list(refs)
     if len(specs) == 1 and specs[0].name not in files:
         if len(files) == 1:
-            return {specs[0].name: files[0]}
-        raise UserError(f"{path}: no array named '{specs[0].name}' (the model's input) and more than one "
-                        f"array ({', '.join(files)}): name the array after the input")
+            return {specs[0].name: refs[files[0]]}
+        raise UserError(f"{path}: no array named '{specs[0].name}' (the model's input) and "
+                        + (f"more than one array ({', '.join(files)}): name the array after the input" if files
+                           else "no arrays at all"))
     names = {s.name for s in specs}
     unknown = [k for k in files if k not in names]
     if unknown:
@@ -303,44 +358,79 @@ def _npz_keys(z, specs, path) -> dict[str, str]:
     missing = [s.name for s in specs if s.name not in files]
     if missing:
         raise UserError(f"{path}: missing input '{missing[0]}' (the model's inputs: {', '.join(sorted(names))})")
-    return {s.name: s.name for s in specs}
+    return {s.name: refs[s.name] for s in specs}
 
 
-def _npz_count(path: Path, specs) -> int:
-    with _open_npz(path) as z:
-        keys = _npz_keys(z, specs, path)
-        counts = set()
-        for s in specs:
-            counts.add(len(_as_batch(z[keys[s.name]], s, str(path))))
+def _ref_count(refs: dict, specs, where: str) -> int:
+    """Samples per input from the arrays' headers (a sample without a batch axis counts 1)."""
+    counts = set()
+    for s in specs:
+        ref = refs[s.name]
+        rank = len(s.shape)
+        if len(ref.shape) == rank - 1 and rank >= 1:
+            counts.add(1)
+        elif len(ref.shape) == rank:
+            counts.add(len(ref))
+        else:
+            raise UserError(f"{ref.where}: input '{s.name}' has shape {list(ref.shape)}, the model expects {_expected(s)}")
     if len(counts) != 1:
-        raise UserError(f"{path}: inputs have different sample counts {sorted(counts)}")
-    return counts.pop()
+        raise UserError(f"{where}: inputs have different sample counts {sorted(counts)}")
+    n = counts.pop()
+    if n == 0:
+        raise UserError(f"{where}: the calibration data holds no samples")
+    return n
 
 
-def _read_npz(path: Path, specs) -> dict[str, np.ndarray]:
-    with _open_npz(path) as z:
-        keys = _npz_keys(z, specs, path)
-        return {s.name: _as_batch(z[keys[s.name]], s, str(path)) for s in specs}
+def _ref_chunks(refs: dict, specs, where: str, chunk: int) -> Iterator[dict[str, np.ndarray]]:
+    """Chunks of ``chunk`` samples from every input's array, read as they are used."""
+    rank = {s.name: len(s.shape) for s in specs}
+    if any(len(refs[s.name].shape) == rank[s.name] - 1 for s in specs):  # single samples, no batch axis
+        yield {s.name: _as_batch(refs[s.name].read(), s, refs[s.name].where) for s in specs}
+        return
+    streams = {name: ref.rows(chunk) for name, ref in refs.items()}
+    try:
+        while True:
+            out = {}
+            for name, it in streams.items():
+                arr = next(it, None)
+                if arr is None:
+                    return
+                out[name] = arr
+            yield out
+    finally:
+        for it in streams.values():
+            it.close()
 
 
-def _file_chunks(files: list[Path], specs) -> Iterator[dict[str, np.ndarray]]:
+def _load_npy(path: Path) -> np.ndarray:
+    ref = datafiles.open_npy(path, "calibration file")
+    if ref.nbytes > datafiles.MAX_READ_BYTES:
+        raise UserError(f"{path}: {ref.nbytes / 2**20:.0f} MB is too large for one calibration image or sample")
+    return ref.read()
+
+
+def _file_chunks(files: list[Path], specs, chunk: int = CHUNK_ROWS) -> Iterator[dict[str, np.ndarray]]:
     for f in files:
         if f.suffix == ".npz":
-            yield _read_npz(f, specs)
+            refs = _npz_refs(datafiles.open_npz(f, "calibration file"), specs, str(f))
         else:
             if len(specs) != 1:
                 raise UserError(f"{f}: a .npy file feeds a one-input model; this model has {len(specs)} "
                                 f"inputs: use .npz files keyed by input name")
-            yield {specs[0].name: _as_batch(_load_npy(f), specs[0], str(f))}
+            refs = {specs[0].name: datafiles.open_npy(f, "calibration file")}
+        _ref_count(refs, specs, str(f))
+        yield from _ref_chunks(refs, specs, str(f), chunk)
 
 
-def _random_chunks(specs, n: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+def _random_chunks(specs, n: int, seed: int, batch: int = 32) -> Iterator[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    chunk = {}
-    for s in specs:
-        shape = [n] + [d if isinstance(d, int) and d > 0 else 1 for d in s.shape[1:]]
-        chunk[s.name] = random_array(rng, shape, s.dtype)
-    yield chunk
+    for start in range(0, n, batch):  # one batch at a time: memory does not grow with n
+        k = min(batch, n - start)
+        chunk = {}
+        for s in specs:
+            shape = [k] + [d if isinstance(d, int) and d > 0 else 1 for d in s.shape[1:]]
+            chunk[s.name] = random_array(rng, shape, s.dtype)
+        yield chunk
 
 
 # ====================================================================== images
@@ -354,7 +444,13 @@ def _require_pillow(where) -> None:
 
 def read_pnm(path: str | os.PathLike) -> np.ndarray:
     """Decode a binary (P5/P6) or ASCII (P2/P3) PGM/PPM: HxW (gray) or HxWx3 uint8/uint16."""
-    data = Path(path).read_bytes()
+    p = datafiles.check_regular(Path(path), "image")
+    if p.stat().st_size > datafiles.MAX_READ_BYTES:
+        raise UserError(f"{path}: the image file is over {datafiles.MAX_READ_BYTES >> 20} MB")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
     if data[:2] not in (b"P2", b"P3", b"P5", b"P6"):
         raise UserError(f"{path}: not a PPM/PGM image (magic {data[:2]!r})")
     tokens: list[bytes] = []
@@ -379,6 +475,9 @@ def read_pnm(path: str | os.PathLike) -> np.ndarray:
         w, h, maxval = int(tokens[1]), int(tokens[2]), int(tokens[3])
     except ValueError:
         raise UserError(f"{path}: bad PPM/PGM header") from None
+    if w <= 0 or h <= 0 or not 0 < maxval < 65536 or w * h > MAX_IMAGE_PIXELS:
+        raise UserError(f"{path}: bad PPM/PGM header ({w}x{h}, maxval {maxval}): sizes must be positive, at most "
+                        f"{MAX_IMAGE_PIXELS} pixels, and maxval 1..65535")
     ch = 3 if magic in (b"P3", b"P6") else 1
     dtype = np.uint8 if maxval < 256 else np.dtype(">u2")
     if magic in (b"P5", b"P6"):

@@ -1,7 +1,11 @@
 """The ``edgec`` command line. It only parses arguments and calls the public API.
 
 Exit codes: 0 success, 2 a user mistake (one line on stderr), 1 an internal failure (the pass
-that failed is named; set EDGEC_DEBUG=1 for the traceback).
+that failed is named; set EDGEC_DEBUG=1 for the traceback) or a failed check, 130 on Ctrl-C and
+143 on SIGTERM (one line; nothing is written). This module imports only the standard library
+until arguments are parsed, so an interrupt during the heavy imports is handled like any other.
+When stderr is not a terminal, warnings and progress are held back and printed only when the
+command does not end in a user error, so a user error is exactly one line on stderr.
 """
 
 from __future__ import annotations
@@ -12,13 +16,31 @@ import os
 import signal
 import sys
 import traceback
-from pathlib import Path
 
 from .errors import InternalError, UserError, VerificationError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is a UserError: one line, exit 2 (no usage dump)."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that temporary files are cleaned up."""
+
+
+_SIGNALLED: list[int] = []  # the signals received: an exception after one is the signal's doing
+
+
+def _on_signal(signum, frame):
+    _SIGNALLED.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgec", description="Compile ONNX models for edge devices.")
+    p = _Parser(prog="edgec", description="Compile ONNX models for edge devices.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -91,14 +113,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_writable(path: str, what: str) -> None:
-    parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"{path}: the {what} folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{path}: the {what} is not writable")
-
-
 def _key_values(items: list[str], flag: str) -> dict[str, str]:
     out = {}
     for item in items:
@@ -132,36 +146,23 @@ def _preprocess(args):
                                                                ("image_std", None)))
     if not given:
         return None
-    if args.image_scale <= 0:
-        raise UserError("--image-scale must be positive")
-    return calibdata.Preprocess(
-        size=calibdata.parse_size(args.image_size) if args.image_size else None, resize=args.image_resize,
+    return calibdata.Preprocess(  # checks every value (finite, positive std and scale, sizes)
+        size=calibdata.parse_size(args.image_size) if args.image_size is not None else None, resize=args.image_resize,
         layout=args.image_layout, channels=args.image_channels, scale=args.image_scale,
-        mean=calibdata.parse_floats(args.image_mean) if args.image_mean else (0.0,),
-        std=calibdata.parse_floats(args.image_std) if args.image_std else (1.0,))
+        mean=calibdata.parse_floats(args.image_mean, "--image-mean") if args.image_mean is not None else (0.0,),
+        std=calibdata.parse_floats(args.image_std, "--image-std") if args.image_std is not None else (1.0,))
 
 
-def _compile(args) -> int:
+def _compile(args, log) -> int:
     from . import api, report
 
-    if args.report:
-        _check_writable(args.report, "report")
-    for flag, value, lo, hi in (("--prune", args.prune, 0.0, 1.0), ("--prune-macs", args.prune_macs, 0.0, 1.0),
-                                ("--max-layer-ratio", args.max_layer_ratio, 0.0, 1.0)):
-        if value is not None and not lo <= value < hi:
-            raise UserError(f"{flag} {value}: must be in [{lo}, {hi})")
-    if args.percentile is not None and not 0 < args.percentile <= 100:
-        raise UserError(f"--percentile {args.percentile}: must be in (0, 100]")
-    if args.calib_samples is not None and args.calib_samples < 1:
-        raise UserError("--calib-samples must be a positive integer")
-    if args.prune_steps < 1 or (args.round_to is not None and args.round_to < 1):
-        raise UserError("--prune-steps and --round-to must be positive integers")
     passes = None
-    if args.passes is not None:
+    if args.passes is not None:  # every other option is checked by api.compile (edgec.options), first thing
         passes = [p.strip() for p in args.passes.split(",") if p.strip()]
         if not passes:
             raise UserError("--passes is empty; name at least one pass (see `edgec passes`)")
-    log = (lambda s: None) if args.quiet or args.json else (lambda s: print(s, file=sys.stderr))
+    if args.quiet or args.json:
+        log = lambda s: None  # noqa: E731
     result = api.compile(args.model, args.output, target=args.target,
                          target_options=_key_values(args.target_option, "--target-option"),
                          input_shapes=_shapes(args.input_shape), passes=passes, verify=args.verify,
@@ -173,11 +174,8 @@ def _compile(args) -> int:
                          bench=args.bench, quantize=args.quantize, calib_method=args.calib_method,
                          percentile=args.percentile, activations=args.activations, weights=args.weights,
                          keep_float=[k.strip() for k in args.keep_float.split(",") if k.strip()],
-                         max_bytes=args.max_bytes, progress=not (args.quiet or args.json), goal=args.goal,
-                         calib_preprocess=_preprocess(args),
-                         log=log)
-    if args.report:
-        report.write_json(result.report, args.report)
+                         max_bytes=args.max_bytes, progress=not (args.quiet or args.json) and _interactive(),
+                         goal=args.goal, calib_preprocess=_preprocess(args), log=log, report_file=args.report)
     if args.json:
         print(json.dumps(result.report, indent=2, default=report._json_default))
     elif not args.quiet:
@@ -185,7 +183,14 @@ def _compile(args) -> int:
     return 0
 
 
-def _inspect(args) -> int:
+def _interactive() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _inspect(args, log=None) -> int:
     from . import api, report
 
     info = api.inspect(args.model, top=args.top, groups=args.groups)
@@ -193,7 +198,7 @@ def _inspect(args) -> int:
     return 0
 
 
-def _passes(args) -> int:
+def _passes(args, log=None) -> int:
     from .pipeline import registry
 
     reg = registry()
@@ -207,7 +212,7 @@ def _passes(args) -> int:
     return 0
 
 
-def _targets(args) -> int:
+def _targets(args, log=None) -> int:
     from edgec.backends import targets
 
     ts = targets()
@@ -229,29 +234,100 @@ def _targets(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE") and argv is None:  # `edgec inspect m.onnx | head` ends quietly
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    args = _parser().parse_args(argv)
-    handler = {"compile": _compile, "inspect": _inspect, "passes": _passes, "targets": _targets}[args.command]
+    previous = {}
+    try:  # Ctrl-C and SIGTERM raise where the program is: temporary files are removed on the way out
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _on_signal)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    _SIGNALLED.clear()
+    for stream in (sys.stdout, sys.stderr):  # paths that are not valid UTF-8 print, escaped
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
+    held: list[str] = []  # warnings and notes, printed unless the run ends in a user error
+    interactive = _interactive()
+
+    def log(line: str) -> None:
+        if interactive:
+            print(line, file=sys.stderr)
+        elif line not in held:
+            held.append(line)
+
+    def flush() -> None:
+        for line in held:
+            print(line, file=sys.stderr)
+        held.clear()
+
     try:
-        return handler(args)
+        return _main(argv, log, flush)
+    finally:
+        for sig, handler in previous.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, TypeError):
+                pass
+
+
+def _main(argv, log, flush) -> int:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = lambda message, category, *a, **k: log(
+                f"warning: {category.__name__}: {str(message).splitlines()[0] if str(message) else ''}")
+            try:
+                args = _parser().parse_args(argv)
+            except SystemExit as e:  # --help
+                return e.code if isinstance(e.code, int) else 0
+            handler = {"compile": _compile, "inspect": _inspect, "passes": _passes, "targets": _targets}[args.command]
+            code = handler(args, log)
+        flush()
+        return code
     except UserError as e:
-        print(f"edgec: error: {e}", file=sys.stderr)
+        print(f"edgec: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except VerificationError as e:
-        print(f"edgec: verification failed: {e}", file=sys.stderr)
+        flush()
+        print(f"edgec: verification failed: {_one_line(e)}", file=sys.stderr)
         return 1
     except InternalError as e:
+        flush()
         if os.environ.get("EDGEC_DEBUG"):
             traceback.print_exc()
-        print(f"edgec: internal error: {e}", file=sys.stderr)
+        print(f"edgec: internal error: {_one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("edgec: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(isinstance(e, Terminated))
+    except MemoryError:
+        flush()
+        if os.environ.get("EDGEC_DEBUG"):
+            traceback.print_exc()
+        print("edgec: internal error: out of memory (EDGEC_DEBUG=1 shows where)", file=sys.stderr)
+        return 1
     except Exception as e:  # a bug: say so in one line, traceback on request
+        if _SIGNALLED:  # an import (numpy's C init, ...) turned the interrupt into another exception
+            return _interrupted(_SIGNALLED[-1] == signal.SIGTERM)
+        flush()
         if os.environ.get("EDGEC_DEBUG"):
             traceback.print_exc()
-        print(f"edgec: internal error: {type(e).__name__}: {e} (EDGEC_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"edgec: internal error: {type(e).__name__}: {_one_line(e)} (EDGEC_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 1
+
+
+def _interrupted(terminated: bool) -> int:
+    done = getattr(sys.modules.get("edgec.outputs"), "LAST_COMMIT", [])
+    print(f"edgec: {'terminated' if terminated else 'interrupted'}"
+          + ("; the outputs were already written" if done else "; nothing was written"), file=sys.stderr)
+    return 143 if terminated else 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

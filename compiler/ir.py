@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -35,6 +36,9 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 DEFAULT_DOMAINS = (None, "", "ai.onnx")
 SMALL_CONST = 64  # constants up to this many elements carry their values into shape inference
+# A generated constant (ConstantOfShape of a constant shape) larger than this is never built in
+# memory: passes see it as a non-constant tensor and leave it alone.
+MAX_MATERIALIZE_BYTES = 1 << 30
 
 
 @dataclass
@@ -163,34 +167,59 @@ class IR:
 
     # ------------------------------------------------------------------ constants
     def const_value(self, t: gs.Tensor | None) -> np.ndarray | None:
-        """The value of ``t`` if it is a compile-time constant, else None."""
+        """The value of ``t`` if it is a compile-time constant, else None.
+
+        Constants numpy cannot hold natively (bfloat16, float8, int4, strings: see
+        :func:`is_opaque`) and generated constants over ``MAX_MATERIALIZE_BYTES`` are not
+        constants to passes: they are carried through untouched."""
         if t is None or _is_empty(t):
             return None
         if isinstance(t, gs.Constant):
-            return _values(t)
-        prod = self.producer(t)
-        if prod is None or prod.domain not in DEFAULT_DOMAINS:
+            return None if is_opaque(t) else _values(t)
+        fill_arr = self._generated(t)
+        if fill_arr is None:
             return None
-        if prod.op == "ConstantOfShape" and len(prod.inputs) == 1:
-            shape = self.const_value(prod.inputs[0])
-            if shape is None:
-                return None
-            fill = prod.attrs.get("value")
-            if fill is None:
-                fill_arr = np.zeros(1, dtype=np.float32)
-            else:
-                fill_arr = _values(fill) if isinstance(fill, gs.Constant) else np.asarray(fill)
-            return np.full(tuple(int(d) for d in shape), fill_arr.reshape(-1)[0], dtype=fill_arr.dtype)
-        return None
+        return np.full(self.generated_shape(t), fill_arr.reshape(-1)[0], dtype=fill_arr.dtype)
 
     def is_const(self, t: gs.Tensor | None) -> bool:
         if t is None or _is_empty(t):
             return False
         if isinstance(t, gs.Constant):
-            return True
-        prod = self.producer(t)
-        return bool(prod is not None and prod.op == "ConstantOfShape" and prod.inputs
-                    and isinstance(prod.inputs[0], gs.Constant))
+            return not is_opaque(t)
+        return self._generated(t) is not None
+
+    def generated_shape(self, t: gs.Tensor | None) -> tuple[int, ...] | None:
+        """The shape of ``t`` when it is made by a ConstantOfShape of a constant shape (a weight
+        the model generates instead of storing), whatever its size; else None."""
+        prod = self.producer(t) if t is not None and not isinstance(t, gs.Constant) else None
+        if (prod is None or prod.domain not in DEFAULT_DOMAINS or prod.op != "ConstantOfShape"
+                or len(prod.inputs) != 1 or not isinstance(prod.inputs[0], gs.Constant) or is_opaque(prod.inputs[0])):
+            return None
+        shape = np.asarray(_values(prod.inputs[0])).reshape(-1)
+        if shape.dtype.kind not in "iu" or np.any(shape < 0):
+            return None
+        return tuple(int(d) for d in shape)
+
+    def _generated(self, t: gs.Tensor) -> np.ndarray | None:
+        """The fill value of ``t`` when ``t`` is a generated constant that may be built in memory
+        (a numpy dtype, at most MAX_MATERIALIZE_BYTES), else None."""
+        shape = self.generated_shape(t)
+        if shape is None:
+            return None
+        fill = self.producer(t).attrs.get("value")
+        if fill is None:
+            fill_arr = np.zeros(1, dtype=np.float32)
+        elif isinstance(fill, gs.Constant):
+            if is_opaque(fill):
+                return None
+            fill_arr = _values(fill)
+        else:
+            fill_arr = np.asarray(fill)
+        if fill_arr.size < 1 or plain_dtype(fill_arr.dtype) is None:
+            return None
+        if math.prod(shape) * fill_arr.dtype.itemsize > MAX_MATERIALIZE_BYTES:
+            return None
+        return fill_arr
 
     def make_const(self, hint: str, value: np.ndarray) -> gs.Constant:
         value = np.asarray(value)
@@ -292,7 +321,12 @@ class IR:
             if tt is None:
                 continue
             if tt.elem_type and tt.elem_type not in _NON_NUMPY:
-                t.dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+                try:
+                    dt = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+                except (KeyError, ValueError, TypeError):  # a type this onnx has no numpy type for
+                    dt = None
+                # bfloat16/float8/int4 keep their ONNX enum: graphsurgeon maps some ml_dtypes back wrongly
+                t.dtype = dt if plain_dtype(dt) is not None else tt.elem_type
             if tt.HasField("shape"):
                 dims = []
                 for d in tt.shape.dim:
@@ -323,11 +357,10 @@ class IR:
         for t in g.tensors().values():
             if not isinstance(t, gs.Constant):
                 continue
-            if int(np.prod(t.shape)) <= SMALL_CONST:
+            if math.prod(t.shape) <= SMALL_CONST and not is_opaque(t):
                 inits.append(exporter.export_tensor_proto(t))
             else:
-                inputs.append(helper.make_tensor_value_info(t.name, helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)),
-                                                            list(t.shape)))
+                inputs.append(helper.make_tensor_value_info(t.name, onnx_elem_type(t.dtype), list(t.shape)))
         outputs = [onnx.ValueInfoProto(name=t.name) for t in g.outputs]
         graph = helper.make_graph(nodes, g.name or "g", inputs, outputs, initializer=inits)
         opsets = [helper.make_opsetid(d, v) for d, v in self.opsets.items()]
@@ -381,7 +414,7 @@ class IR:
             if self.is_graph_output(out):
                 continue
             value = _constant_node_value(node)
-            if value is None:
+            if value is None:  # no numpy value (bfloat16, float8, int4, string, sparse): kept as a node
                 continue
             const = gs.Constant(out.name, value)
             for consumer in list(out.outputs):
@@ -408,6 +441,66 @@ class IR:
 
 
 _NON_NUMPY = {onnx.TensorProto.STRING}
+_PLAIN_KINDS = "biufc"  # numpy's own bool/int/uint/float/complex (ml_dtypes' bfloat16, float8, int4 are kind 'V')
+_SUB_BYTE_BITS = {getattr(onnx.TensorProto, n): 4 for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def plain_dtype(dtype) -> np.dtype | None:
+    """``dtype`` (a numpy dtype, a numpy type, or the ONNX enum graphsurgeon keeps for types numpy
+    lacks) as a numpy dtype when numpy holds it natively; None for bfloat16, float8, int4,
+    float4, strings and anything unknown. Passes compute only on plain dtypes."""
+    if dtype is None or isinstance(dtype, (int, np.integer)) and not isinstance(dtype, bool):
+        return None
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        return None
+    return dt if dt.kind in _PLAIN_KINDS else None
+
+
+def onnx_elem_type(dtype) -> int:
+    """The ONNX element type of a graphsurgeon dtype (numpy, ml_dtypes, object, or an ONNX enum)."""
+    if isinstance(dtype, (int, np.integer)) and not isinstance(dtype, bool):
+        return int(dtype)
+    dt = np.dtype(dtype)
+    if dt.kind in "OUS":
+        return onnx.TensorProto.STRING
+    return helper.np_dtype_to_tensor_dtype(dt)
+
+
+def dtype_name(dtype) -> str | None:
+    """A readable name for a graphsurgeon dtype: ``float32``, ``bfloat16``, ``int4``, ``string``."""
+    if dtype is None:
+        return None
+    try:
+        return helper.tensor_dtype_to_string(onnx_elem_type(dtype)).replace("TensorProto.", "").lower()
+    except Exception:  # noqa: BLE001 - a name for display only
+        return str(dtype)
+
+
+def dtype_bits(dtype) -> int:
+    """Storage bits per element (4 for int4/uint4/float4, 8 per byte otherwise; 64 for strings)."""
+    dt = plain_dtype(dtype)
+    if dt is not None:
+        return dt.itemsize * 8
+    try:
+        elem = onnx_elem_type(dtype)
+    except Exception:  # noqa: BLE001
+        return 8
+    if elem in _SUB_BYTE_BITS:
+        return _SUB_BYTE_BITS[elem]
+    if elem == onnx.TensorProto.STRING:
+        return 64
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem)).itemsize * 8
+    except Exception:  # noqa: BLE001
+        return 8
+
+
+def is_opaque(t) -> bool:
+    """A constant whose values numpy cannot hold natively (bfloat16, float8, int4, float4,
+    string): it is carried through as the original TensorProto and never computed on."""
+    return isinstance(t, gs.Constant) and plain_dtype(t.dtype) is None
 
 
 def _copy_info(info: ModelInfo) -> ModelInfo:
@@ -437,7 +530,7 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     a = node.attrs
     if "value" in a:
         v = a["value"]
-        return _values(v) if isinstance(v, gs.Constant) else None
+        return _values(v) if isinstance(v, gs.Constant) and not is_opaque(v) else None
     if "value_float" in a:
         return np.array(a["value_float"], dtype=np.float32)
     if "value_floats" in a:

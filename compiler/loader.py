@@ -12,8 +12,10 @@ limit) is written to a temporary file in the destination folder and renamed into
 
 from __future__ import annotations
 
+import math
 import os
-import tempfile
+import stat
+from collections import deque
 from pathlib import Path
 
 import onnx
@@ -30,13 +32,37 @@ CANONICAL_OPSET = 17
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read and sanity-check an ONNX file (external data included). Raises UserError."""
+# The largest model file read (protobuf cannot parse more than 2 GiB; weights beyond it must be
+# stored as external data, which is read separately).
+MAX_MODEL_FILE_BYTES = (2 << 30) - 1
+
+
+def check_input_file(path: str | os.PathLike, what: str = "model") -> Path:
+    """Refuse a path that is not a regular file before opening it: FIFOs and devices would hang
+    or never end, folders are not files. Raises UserError."""
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: no such file")
-    if p.is_dir():
-        raise UserError(f"{p}: is a directory, expected an .onnx model file")
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such file" + (" (a broken symbolic link)" if p.is_symlink() else "")) from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read the {what} ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{p}: is a directory, expected an {'.onnx model' if what == 'model' else what} file")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{p}: is not a regular file ({_file_kind(st.st_mode)}); give the {what} as a file")
+    return p
+
+
+def load_model(path: str | os.PathLike, *, external_files: list | None = None) -> onnx.ModelProto:
+    """Read and check an ONNX file (external data included): a file that is not a valid ONNX
+    model is refused here with one line naming the problem (:func:`validate_model`). Raises
+    UserError. The external-data files read are appended to ``external_files`` when given."""
+    p = check_input_file(path)
+    size = p.stat().st_size
+    if size > MAX_MODEL_FILE_BYTES:
+        raise UserError(f"{p}: {size / 1e9:.1f} GB is over protobuf's 2 GB limit; store the weights as "
+                        f"external data (onnx.save(..., save_as_external_data=True))")
     try:
         data = p.read_bytes()
     except OSError as e:
@@ -48,18 +74,42 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError):
         raise UserError(f"{p}: not an ONNX model (the protobuf does not parse: truncated or another format)") from None
+    del data
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise UserError(f"{p}: not an ONNX model (no IR version, graph or opset import)")
     if not model.graph.output:
         raise UserError(f"{p}: the model's graph has no outputs")
     if _uses_external_data(model):
+        found = _check_external_locations(model, p)
+        if external_files is not None:
+            external_files.extend(found)
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
         except FileNotFoundError as e:
             raise UserError(f"{p}: external data file not found next to the model ({Path(e.filename or '').name or e})") from None
         except Exception as e:  # path outside the model folder, short file, ...
             raise UserError(f"{p}: cannot load its external data: {_one_line(e)}") from None
-    return model
+    return validate_model(model, str(p), owned=True)
+
+
+def _check_external_locations(model: onnx.ModelProto, p: Path) -> list[Path]:
+    """External data must be regular files inside the model's folder (onnx checks the folder;
+    a FIFO or device there would hang or never end). Returns the files."""
+    files = []
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        if not loc:
+            raise UserError(f"{p}: tensor '{t.name}' is stored externally but names no file")
+        target = p.parent / loc
+        if Path(loc).is_absolute() or ".." in Path(loc).parts:
+            raise UserError(f"{p}: tensor '{t.name}' points outside the model's folder ({loc}); edgec reads "
+                            f"external data only from files beside the model")
+        if target.exists() and not target.is_file():
+            raise UserError(f"{p}: the external data of '{t.name}' ({loc}) is not a regular file")
+        files.append(target)
+    return files
 
 
 def check_opset(model: onnx.ModelProto, where: str = "model") -> int:
@@ -88,7 +138,7 @@ def normalize_opset(model: onnx.ModelProto, target: int = CANONICAL_OPSET) -> tu
 
 def load(path: str | os.PathLike, *, normalize: bool = True) -> IR:
     """Load an ONNX file into the IR."""
-    model = load_model(path)
+    model = load_model(path)  # validated
     source_opset = check_opset(model, str(path))
     notes: list[str] = []
     if normalize:
@@ -103,7 +153,9 @@ def load(path: str | os.PathLike, *, normalize: bool = True) -> IR:
 
 
 def from_model(model: onnx.ModelProto, *, normalize: bool = True) -> IR:
-    """The IR of an in-memory ModelProto (the Python API's entry point)."""
+    """The IR of an in-memory ModelProto (the Python API's entry point). ``model`` is checked
+    (:func:`validate_model`) and never modified."""
+    model = validate_model(model, "model")
     source_opset = check_opset(model)
     notes: list[str] = []
     if normalize:
@@ -131,24 +183,18 @@ def check_model(model: onnx.ModelProto) -> None:
 
 
 def check_output_path(out: str | os.PathLike, inp: str | os.PathLike | None = None) -> Path:
-    """Refuse an output path we must not or cannot write, before any work is done."""
-    o = Path(out)
-    if inp is not None:
-        i = Path(inp)
-        if o.resolve() == i.resolve() or (o.exists() and i.exists() and os.path.samefile(o, i)):
-            raise UserError(f"{o}: the output path is the input model; edgec never overwrites its input")
-    if o.is_dir():
-        raise UserError(f"{o}: is a directory; give a file name for the output model")
-    parent = o.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"{o}: the output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (o.exists() and not os.access(o, os.W_OK)):
-        raise UserError(f"{o}: not writable")
-    return o
+    """Refuse an output path we must not or cannot write, before any work is done (see
+    :meth:`edgec.outputs.Outputs.claim`)."""
+    from .outputs import Outputs
+
+    return Outputs([inp] if inp is not None else []).claim(out, "output model")
 
 
 def save(model_or_ir, path: str | os.PathLike, *, check: bool = True) -> Path:
-    """Write a model atomically. Large models get one external-data file beside them."""
+    """Write a model atomically (a temporary file renamed into place; nothing is left behind on
+    failure). Large models get one external-data file beside them."""
+    from .outputs import Outputs
+
     if isinstance(model_or_ir, IR):
         model_or_ir.infer_shapes()
         model = model_or_ir.to_onnx()
@@ -156,47 +202,11 @@ def save(model_or_ir, path: str | os.PathLike, *, check: bool = True) -> Path:
         model = model_or_ir
     if check:
         check_model(model)
-    p = Path(path)
-    parent = p.resolve().parent
-    external = _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    try:
-        tmp_model = tempfile.NamedTemporaryFile(dir=parent, prefix=f".{p.name}.", suffix=".tmp", delete=False)
-    except OSError as e:
-        raise UserError(f"{p}: cannot write there ({e.strerror or e})") from None
-    tmp_model.close()
-    tmp_paths = [tmp_model.name]
-    try:
-        if external:
-            data_name = p.name + ".data"
-            tmp_data = parent / f".{data_name}.{os.getpid()}.tmp"
-            tmp_paths.append(str(tmp_data))
-            onnx.external_data_helper.convert_model_to_external_data(
-                model, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024)
-            onnx.external_data_helper.write_external_data_tensors(model, str(parent))  # into tmp_data
-            # Point the model at the final data file name, write it once, rename data, then model.
-            for t in onnx.external_data_helper._get_all_tensors(model):
-                for entry in t.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            with open(tmp_model.name, "wb") as f:
-                f.write(model.SerializeToString())
-            os.replace(tmp_data, parent / data_name)
-            if check:
-                onnx.checker.check_model(tmp_model.name)
-        else:
-            with open(tmp_model.name, "wb") as f:
-                f.write(model.SerializeToString())
-        os.replace(tmp_model.name, p)
-    except BaseException as e:
-        for t in tmp_paths:
-            try:
-                os.unlink(t)
-            except OSError:
-                pass
-        if isinstance(e, OSError):
-            raise UserError(f"{p}: cannot write the model ({e.strerror or e})") from None
-        raise
-    return p
+    with Outputs() as out:
+        out.claim(path, "output model")
+        out.write_model(path, model)
+        out.commit()
+    return Path(path)
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
@@ -214,3 +224,292 @@ def _weights_bytes(model: onnx.ModelProto) -> int:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+# ====================================================================== validation of user models
+# Storage bits per element of each ONNX element type (sub-byte types are packed).
+_BITS = {"FLOAT": 32, "UINT8": 8, "INT8": 8, "UINT16": 16, "INT16": 16, "INT32": 32, "INT64": 64, "BOOL": 8,
+         "FLOAT16": 16, "DOUBLE": 64, "UINT32": 32, "UINT64": 64, "COMPLEX64": 64, "COMPLEX128": 128,
+         "BFLOAT16": 16, "FLOAT8E4M3FN": 8, "FLOAT8E4M3FNUZ": 8, "FLOAT8E5M2": 8, "FLOAT8E5M2FNUZ": 8,
+         "UINT4": 4, "INT4": 4, "FLOAT4E2M1": 4, "FLOAT8E8M0": 8, "UINT2": 2, "INT2": 2}
+_BITS = {getattr(onnx.TensorProto, k): v for k, v in _BITS.items() if hasattr(onnx.TensorProto, k)}
+_COMPLEX = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
+
+
+def validate_model(model: onnx.ModelProto, where: str = "model", *, owned: bool = False) -> onnx.ModelProto:
+    """Refuse a model that is not valid ONNX, with one line naming the problem (UserError).
+
+    edgec's own checks come first, because they name the problem plainly: every tensor has at
+    most one producer (node, graph input or initializer), every tensor a node reads and every
+    graph output is produced, the graph has no cycle, op types are not empty, initializer
+    names are unique, and every tensor's data matches its dims and type (dims >= 0; short
+    external data shows up here). Then onnx's full checker (with strict shape inference) runs.
+
+    Nodes listed out of topological order (but acyclic) are sorted: in ``model`` itself when
+    ``owned``, else in a copy (the caller's ModelProto is never modified). Returns the model.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        raise UserError(f"{where}: expected an onnx.ModelProto or a path to an .onnx file, got {type(model).__name__}")
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise UserError(f"{where}: not an ONNX model (no IR version, graph or opset import)")
+    if not model.graph.output:
+        raise UserError(f"{where}: the model's graph has no outputs")
+    domains = [o.domain if o.domain != "ai.onnx" else "" for o in model.opset_import]
+    dup = next((d for d in domains if domains.count(d) > 1), None)
+    if dup is not None:
+        raise UserError(f"{where}: the opset of domain '{dup or 'ai.onnx'}' is declared more than once")
+    check_opset(model, where)
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            raise UserError(f"{where}: tensor '{t.name}' is stored as external data that is not loaded; give the "
+                            f"model's path (or onnx.load it with its external data)")
+    order = _check_graph(model.graph, where, outer=set())
+    if order is not None:  # acyclic but listed out of order: sort (a copy, unless the model is ours)
+        if not owned:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            model = copy
+        nodes = list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes[i] for i in order)
+    _run_checker(model, where)
+    return model
+
+
+def _check_graph(g: onnx.GraphProto, where: str, outer: set[str]) -> list[int] | None:
+    """Structural checks of one graph (subgraphs recursively, with the names they capture).
+    Returns a topological order of the nodes when they are not listed in one, else None."""
+    label = where if not outer else f"{where}: subgraph '{g.name}'"
+    available: dict[str, str] = {}  # name -> what defines it
+
+    def define(name: str, what: str) -> None:
+        if not name:
+            raise UserError(f"{label}: {what} has an empty name")
+        if name in available:
+            raise UserError(f"{label}: tensor '{name}' is defined twice (as {available[name]} and as {what}): "
+                            f"ONNX graphs must be in single static assignment form")
+        available[name] = what
+
+    for vi in g.input:
+        define(vi.name, "a graph input")
+        if not outer:
+            _check_value_info(vi, "input", label)
+    init_names: set[str] = set()
+    for t in g.initializer:
+        if t.name in init_names:
+            raise UserError(f"{label}: initializer '{t.name}' is listed twice")
+        init_names.add(t.name)
+        _check_tensor(t, label, f"initializer '{t.name}'")
+        if t.name not in available:
+            available[t.name] = "an initializer"
+        elif available[t.name] != "a graph input":
+            raise UserError(f"{label}: tensor '{t.name}' is defined twice")
+    for st in g.sparse_initializer:
+        if st.values.name in available:
+            raise UserError(f"{label}: tensor '{st.values.name}' is defined twice")
+        available[st.values.name] = "a sparse initializer"
+    producer: dict[str, int] = {}
+    for i, n in enumerate(g.node):
+        what = f"node '{n.name}' ({n.op_type})" if n.name else f"node #{i} ({n.op_type or 'no op type'})"
+        if not n.op_type.strip():
+            raise UserError(f"{label}: node #{i}{' ' + repr(n.name) if n.name else ''} has an empty op type")
+        for o in n.output:
+            if not o:
+                continue  # an optional output left out
+            if o in available or o in producer:
+                first = available.get(o) or f"node #{producer[o]} ({g.node[producer[o]].op_type})"
+                raise UserError(f"{label}: tensor '{o}' is produced by {what} and also by {first}: ONNX graphs "
+                                f"must be in single static assignment form")
+            producer[o] = i
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                _check_tensor(a.t, label, f"attribute '{a.name}' of {what}")
+            elif a.type == onnx.AttributeProto.TENSORS:
+                for t in a.tensors:
+                    _check_tensor(t, label, f"attribute '{a.name}' of {what}")
+    known = set(available) | set(producer)
+    deps: list[set[int]] = []
+    for i, n in enumerate(g.node):
+        what = f"node '{n.name}' ({n.op_type})" if n.name else f"node #{i} ({n.op_type})"
+        reads = [x for x in n.input if x]
+        for a in n.attribute:  # names a subgraph captures from this scope are dependencies too
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
+            for sub in subs:
+                _check_graph(sub, where, outer | known)
+                reads.extend(_captured(sub))
+        d = set()
+        for x in n.input:
+            if x and x not in known and x not in outer:
+                raise UserError(f"{label}: {what} reads '{x}', which no node, graph input or initializer produces")
+        for x in reads:
+            if x in producer:
+                d.add(producer[x])
+        deps.append(d)
+    for o in g.output:
+        if o.name not in known and o.name not in outer:
+            raise UserError(f"{label}: graph output '{o.name}' is not produced by any node, input or initializer")
+        if not outer:
+            _check_value_info(o, "output", label)
+    return _topological_order(g, deps, label)
+
+
+def _captured(g: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads that it does not define itself (outer-scope captures)."""
+    defined = {vi.name for vi in g.input} | {t.name for t in g.initializer}
+    reads: set[str] = set()
+    for n in g.node:
+        reads.update(x for x in n.input if x)
+        defined.update(o for o in n.output if o)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
+                reads.update(_captured(sub))
+    reads.update(o.name for o in g.output)
+    return reads - defined
+
+
+def _topological_order(g: onnx.GraphProto, deps: list[set[int]], label: str) -> list[int] | None:
+    if all(all(d < i for d in ds) for i, ds in enumerate(deps)):
+        return None  # already in order
+    users: list[list[int]] = [[] for _ in deps]
+    missing = [0] * len(deps)
+    for i, ds in enumerate(deps):
+        for d in ds:
+            if d == i:
+                n = g.node[i]
+                raise UserError(f"{label}: the graph has a cycle: node '{n.name or '#' + str(i)}' ({n.op_type}) "
+                                f"reads its own output")
+            users[d].append(i)
+            missing[i] += 1
+    ready = deque(i for i, m in enumerate(missing) if m == 0)
+    order = []
+    while ready:
+        i = ready.popleft()
+        order.append(i)
+        for u in users[i]:
+            missing[u] -= 1
+            if missing[u] == 0:
+                ready.append(u)
+    if len(order) != len(deps):
+        stuck = next(i for i, m in enumerate(missing) if m > 0)
+        n = g.node[stuck]
+        raise UserError(f"{label}: the graph has a cycle (node '{n.name or '#' + str(stuck)}' ({n.op_type}) "
+                        f"depends on its own output)")
+    return order
+
+
+def _check_value_info(vi: onnx.ValueInfoProto, kind: str, label: str) -> None:
+    which = vi.type.WhichOneof("value")
+    if which is None:
+        if kind == "input":
+            raise UserError(f"{label}: graph input '{vi.name}' has no type")
+        return
+    if which != "tensor_type":
+        raise UserError(f"{label}: graph {kind} '{vi.name}' is a {which.replace('_type', '')}, not a tensor; "
+                        f"edgec compiles models whose inputs and outputs are tensors")
+    tt = vi.type.tensor_type
+    if kind == "input" and tt.elem_type not in _BITS and tt.elem_type != onnx.TensorProto.STRING:
+        raise UserError(f"{label}: graph input '{vi.name}' has no valid element type ({tt.elem_type})")
+    if tt.HasField("shape"):
+        for d in tt.shape.dim:
+            if d.HasField("dim_value") and d.dim_value < 0:
+                raise UserError(f"{label}: graph {kind} '{vi.name}' has a negative dimension ({d.dim_value})")
+
+
+def _check_tensor(t: onnx.TensorProto, label: str, what: str) -> None:
+    if any(d < 0 for d in t.dims):
+        raise UserError(f"{label}: {what} has a negative dimension {list(t.dims)}")
+    if t.HasField("segment") or t.data_location == onnx.TensorProto.EXTERNAL:
+        return
+    n = math.prod(t.dims)
+    if t.data_type == onnx.TensorProto.STRING:
+        if len(t.string_data) != n:
+            raise UserError(f"{label}: {what} holds {len(t.string_data)} strings but its dims {list(t.dims)} "
+                            f"need {n}")
+        return
+    bits = _BITS.get(t.data_type)
+    if bits is None:
+        raise UserError(f"{label}: {what} has an unknown data type ({t.data_type})")
+    need = (n * bits + 7) // 8
+    if t.HasField("raw_data"):
+        got = len(t.raw_data)
+        if got != need:
+            raise UserError(f"{label}: {what} holds {got} bytes of data but its dims {list(t.dims)} and type "
+                            f"{onnx.TensorProto.DataType.Name(t.data_type)} need {need}"
+                            + (" (truncated external data?)" if got < need else ""))
+        return
+    field = onnx.helper.tensor_dtype_to_field(t.data_type)
+    got = len(getattr(t, field))
+    want = {n * 2} if t.data_type in _COMPLEX else ({n, need} if bits < 8 else {n})
+    if got not in want:
+        raise UserError(f"{label}: {what} holds {got} values but its dims {list(t.dims)} need {min(want)}")
+
+
+def _run_checker(model: onnx.ModelProto, where: str) -> None:
+    """onnx's full checker on a user's model (custom domains: the structural check only, as
+    their ops have no schema to infer shapes with)."""
+    if _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        return  # the in-memory checker cannot take > 2 GB; the structural checks above still ran
+    declared = {o.domain for o in model.opset_import}
+    used = {n.domain for n in _all_node_protos(model.graph)} - declared - {"", "ai.onnx"}
+    if used:  # custom domains used but not declared (edgec declares them on output): check as if declared
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        copy.opset_import.extend(onnx.helper.make_opsetid(d, 1) for d in sorted(used))
+        model = copy
+    custom = any(o.domain not in ("", "ai.onnx") for o in model.opset_import)
+    try:
+        if any(not o.type.HasField("tensor_type") or not o.type.tensor_type.HasField("shape") for o in model.graph.output):
+            # outputs declared without a type or shape (ONNX Runtime and edgec infer them; the checker
+            # wants them written): check the model as inference completes it
+            model = onnx.shape_inference.infer_shapes(model)
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            if custom:
+                onnx.checker.check_model(model, full_check=False)
+            elif not (isinstance(e, onnx.shape_inference.InferenceError) and _only_stale_shapes(model)):
+                raise
+    except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError, ...: all about the input
+        raise UserError(f"{where}: not a valid ONNX model: {_checker_message(e)}") from None
+
+
+def _only_stale_shapes(model: onnx.ModelProto) -> bool:
+    """True when strict shape inference fails only on shapes the model declares (stale
+    value_info, output shapes that disagree with the graph): ONNX Runtime runs such models and
+    edgec re-infers every shape, so they are not refused. Types must still agree."""
+    if not model.graph.value_info and not any(o.type.tensor_type.HasField("shape") for o in model.graph.output):
+        return False
+    relaxed = onnx.ModelProto()
+    relaxed.CopyFrom(model)
+    for vi in list(relaxed.graph.value_info) + list(relaxed.graph.output):  # shapes go, types stay
+        vi.type.tensor_type.ClearField("shape")
+    try:
+        relaxed = onnx.shape_inference.infer_shapes(relaxed)
+        if any(not o.type.tensor_type.HasField("shape") for o in relaxed.graph.output):
+            return False
+        onnx.checker.check_model(relaxed, full_check=True)
+        return True
+    except Exception:  # noqa: BLE001 - still invalid without the declared shapes
+        return False
+
+
+def _checker_message(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    text = text.replace("[ShapeInferenceError] ", "").replace("[TypeInferenceError] ", "")
+    return (text[:300] + "...") if len(text) > 300 else (text or type(e).__name__)
+
+
+def _all_node_protos(g: onnx.GraphProto):
+    for n in g.node:
+        yield n
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
+                yield from _all_node_protos(sub)

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import EdgecError, InternalError
@@ -123,8 +122,9 @@ def _footprint(ir: IR) -> tuple[int, int, int]:
 
 
 def _is_param(c: gs.Constant) -> bool:
-    dt = np.dtype(c.dtype) if c.dtype is not None else None
-    return dt is not None and dt.kind in "fiuc" and dt != np.int64
+    from .analysis.costs import _is_param_dtype
+
+    return c.dtype is not None and _is_param_dtype(c.dtype)
 
 
 class PassManager:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .ir import IR
+from .ir import IR, dtype_name
 
 
 def _shape(shape) -> str:
@@ -31,6 +31,8 @@ def _dtype(dt) -> str:
 
 def _const(ir: IR, t: gs.Constant) -> str:
     v = ir.const_value(t)
+    if v is None:  # carried through untouched (bfloat16, float8, int4, strings)
+        return f"{dtype_name(t.dtype)}{_shape(t.shape)}"
     if v.dtype.kind in "iub" and v.size <= 8:
         return f"{_dtype(v.dtype)}{_shape(v.shape)}={v.reshape(-1).tolist()}"
     if v.size == 1:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from pathlib import Path
 
 
 def human(n: float, unit: str = "") -> str:
@@ -149,20 +146,13 @@ def inspect_text(info: dict) -> str:
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
-    """Atomic JSON write."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.resolve().parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Atomic JSON write (checked and written like every output: :mod:`edgec.outputs`)."""
+    from .outputs import Outputs
+
+    with Outputs() as out:
+        out.claim(path, "report")
+        out.write_json(path, data)
+        out.commit()
 
 
 def _json_default(o):

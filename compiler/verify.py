@@ -48,8 +48,23 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tt = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-        specs.append(InputSpec(vi.name, dims, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"input '{vi.name}' has element type {tt.elem_type}, which edgec cannot feed") from None
+        specs.append(InputSpec(vi.name, dims, dtype))
     return specs
+
+
+# Random inputs for --verify/--bench: at most this many bytes in all (a typo'd dim is not a test).
+MAX_GENERATED_BYTES = 256 << 20
+
+
+def _feedable(spec: InputSpec) -> None:
+    """ONNX Runtime's Python API takes numpy's own dtypes only (no bfloat16, float8, int4)."""
+    if spec.dtype.kind not in "biufcOUS":
+        raise UserError(f"input '{spec.name}' has type {spec.dtype}, which ONNX Runtime's Python API cannot "
+                        f"take as input: --verify and --bench cannot run this model (compile without them)")
 
 
 def random_inputs(model: onnx.ModelProto, *, seed: int = 0, batch: int = 1, fill: int = 1) -> dict[str, np.ndarray]:
@@ -57,9 +72,19 @@ def random_inputs(model: onnx.ModelProto, *, seed: int = 0, batch: int = 1, fill
     A symbolic first dim becomes ``batch``, other symbolic dims ``fill``."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    for spec in input_specs(model):
-        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else fill) for i, d in enumerate(spec.shape)]
-        feeds[spec.name] = random_array(rng, shape, spec.dtype)
+    specs = input_specs(model)
+    shapes = {}
+    total = 0
+    for spec in specs:
+        _feedable(spec)
+        shapes[spec.name] = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else fill)
+                             for i, d in enumerate(spec.shape)]
+        total += int(np.prod(shapes[spec.name], dtype=np.float64)) * max(spec.dtype.itemsize, 1)
+        if total > MAX_GENERATED_BYTES:
+            raise UserError(f"input '{spec.name}' {shapes[spec.name]} would need {total / 2**30:.3g} GB of random "
+                            f"values to verify or benchmark; give real inputs (--inputs) or a smaller --input-shape")
+    for spec in specs:
+        feeds[spec.name] = random_array(rng, shapes[spec.name], spec.dtype)
     return feeds
 
 
@@ -69,28 +94,25 @@ def random_array(rng: np.random.Generator, shape, dtype: np.dtype) -> np.ndarray
         return rng.standard_normal(shape).astype(dtype)
     if dtype.kind == "b":
         return rng.integers(0, 2, shape).astype(bool)
+    if dtype.kind in "OUS":  # strings
+        return rng.integers(0, 4, shape).astype(str).astype(object)
     return rng.integers(0, 4, shape).astype(dtype)
 
 
 def load_inputs(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Read user inputs and check them against the model's inputs (names, ranks, dims, dtypes)."""
+    from . import datafiles
+
     p = Path(path)
     specs = input_specs(model)
     if not p.exists():
         raise UserError(f"{p}: no such input file")
-    try:
-        if p.suffix == ".npy":
-            if len(specs) != 1:
-                raise UserError(f"{p}: a .npy file feeds a one-input model; this model has "
-                                f"{len(specs)} inputs ({', '.join(s.name for s in specs)}): use an .npz keyed by name")
-            data = {specs[0].name: np.load(p, allow_pickle=False)}
-        else:
-            with np.load(p, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{p}: cannot read inputs as .npz/.npy ({type(e).__name__})") from None
+    if p.suffix == ".npy" and len(specs) != 1:
+        raise UserError(f"{p}: a .npy file feeds a one-input model; this model has "
+                        f"{len(specs)} inputs ({', '.join(s.name for s in specs)}): use an .npz keyed by name")
+    data = datafiles.read_arrays(p, "input file")  # headers checked, size capped, never unpickled
+    if p.suffix == ".npy":
+        data = {specs[0].name: data[""]}
     return check_feeds(data, specs, str(p))
 
 
@@ -113,6 +135,12 @@ def check_feeds(data: dict[str, np.ndarray], specs: list[InputSpec], where: str)
                 arr = arr.astype(s.dtype)
             else:
                 raise UserError(f"{where}: input '{s.name}' has dtype {arr.dtype}, the model expects {s.dtype}")
+        if arr.size == 0 and 0 not in s.shape:
+            raise UserError(f"{where}: input '{s.name}' is empty (shape {list(arr.shape)})")
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            bad = int(np.argwhere(~np.isfinite(arr.reshape(len(arr), -1) if arr.ndim else arr.reshape(1, 1)))[0][0])
+            raise UserError(f"{where}: input '{s.name}' holds NaN or infinite values (sample {bad}); edgec compares "
+                            f"and calibrates on finite data only")
         feeds[s.name] = arr
     return feeds
 

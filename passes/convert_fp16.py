@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from edgec.ir import IR
+from edgec.ir import IR, plain_dtype
 from edgec.pipeline import Pass, register
 
 from ._util import has_subgraph, is_default_domain
@@ -156,20 +156,11 @@ class ConvertFP16(Pass):
 
 
 def _dtype(t) -> np.dtype | None:
-    if t.dtype is None:
-        return None
-    try:
-        return np.dtype(t.dtype)
-    except TypeError:
-        return None
+    return plain_dtype(t.dtype)
 
 
 def _is_f32(t) -> bool:
-    if t is None:
-        return False
-    if isinstance(t, gs.Constant):
-        return t.values.dtype == np.float32 if isinstance(t.values, np.ndarray) else _dtype(t) == np.float32
-    return _dtype(t) == np.float32
+    return t is not None and _dtype(t) == np.float32  # a constant's dtype is known without loading it
 
 
 def _produced_by_half(ir: IR, t, half: set[int]) -> bool:

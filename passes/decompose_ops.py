@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgec.ir import IR
+from edgec.ir import IR, plain_dtype
 from edgec.pipeline import Pass, register
 
 ALL = ("Sum", "Mean", "Neg", "Reciprocal", "Abs", "ReduceL2", "ReduceSumSquare", "Softsign",
@@ -45,7 +45,7 @@ class DecomposeOps(Pass):
             if node.op not in self.ops or node.domain not in (None, "", "ai.onnx"):
                 continue
             x = node.inputs[0] if node.inputs else None
-            if x is None or x.dtype is None or np.dtype(x.dtype).kind != "f":
+            if x is None or plain_dtype(x.dtype) is None or plain_dtype(x.dtype).kind != "f":
                 self.note(f"{node.op} '{node.name}' kept: not a float tensor of known dtype")
                 continue
             self._dtype = x.dtype  # rules clear the node's inputs before emitting replacements

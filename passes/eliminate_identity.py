@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from edgec.ir import IR
+from edgec.ir import IR, onnx_elem_type
 from edgec.pipeline import Pass, register
 
 
@@ -51,6 +51,6 @@ class EliminateIdentity(Pass):
         if src is None or to is None:
             return False
         try:
-            return np.dtype(src) == onnx.helper.tensor_dtype_to_np_dtype(int(to))
-        except (TypeError, KeyError):
+            return onnx_elem_type(src) == int(to)
+        except (TypeError, KeyError, ValueError):
             return False

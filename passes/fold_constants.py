@@ -4,10 +4,14 @@ Rules
 - A node folds when every input is a constant (or the output of another folding node), it is
   in the default domain, deterministic, has no subgraph, and is not a Q/DQ node (those carry
   a quantized model's intent).
-- Size cap: an output becomes a constant only if it is at most ``max(1 KiB, bytes of the
-  node's inputs)``; a node whose inferred output is larger (e.g. ``ConstantOfShape`` making a
-  big weight from a 4-element shape) is not evaluated at all. Folding therefore never bloats
-  the model.
+- Size cap, checked before anything is evaluated: an output becomes a constant only if it is
+  at most ``max(1 KiB, bytes of the node's inputs)``. A node whose inferred output is larger
+  (e.g. ``ConstantOfShape`` making a big weight from a 4-element shape) is not evaluated at
+  all, and neither is a node whose output size is unknown unless the op cannot make more
+  elements than its inputs hold (``SIZE_BOUNDED``). Folding therefore never bloats the model
+  and never allocates more than the cap.
+- Constants numpy cannot hold (bfloat16, float8, int4, strings) are carried through untouched:
+  nodes reading them are not folded.
 - Evaluation runs once, in ONNX Runtime, over a model made of all foldable nodes.
 - Generated constants stay generated: a shape-only op (Unsqueeze, Squeeze, Reshape, Flatten,
   Expand) of a ``ConstantOfShape`` becomes one ``ConstantOfShape`` of the output's static
@@ -17,28 +21,45 @@ Post-condition: outputs of the graph are unchanged bit for bit (same kernels com
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from edgec.ir import IR
+from edgec.ir import IR, is_opaque, plain_dtype
 from edgec.pipeline import Pass, register
 
 from ._util import NONDETERMINISTIC, QUANT_OPS, has_subgraph, is_default_domain
 
 SMALL_BYTES = 1024
 SHAPE_ONLY = ("Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand")
+# Ops whose every output holds at most as many elements as all their inputs together: an output
+# of unknown shape still has a size bound before evaluation (8 bytes per input element).
+SIZE_BOUNDED = {
+    "Abs", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "Cast", "CastLike", "Ceil", "Cos", "Cosh", "Erf",
+    "Exp", "Floor", "Identity", "IsInf", "IsNaN", "Log", "Neg", "Not", "Reciprocal", "Relu", "Round", "Sigmoid",
+    "Sign", "Sin", "Sinh", "Sqrt", "Tan", "Tanh", "Softplus", "Softsign", "Elu", "Selu", "LeakyRelu", "HardSigmoid",
+    "Clip", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Slice", "Concat", "Split",
+    "GatherElements", "Shape", "Size", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceMean", "ReduceProd",
+    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin",
+    "Softmax", "LogSoftmax",
+}
+SHAPE_ELEMS = 64  # Shape/Size output at most this many elements more than their input holds
 
 
 def _nbytes_of_shape(t: gs.Tensor) -> int | None:
     shape = IR.static_shape(t)
-    if shape is None or t.dtype is None:
+    dt = plain_dtype(t.dtype)
+    if shape is None or dt is None:
         return None
-    try:
-        return int(np.prod(shape)) * np.dtype(t.dtype).itemsize
-    except TypeError:
-        return None
+    return math.prod(shape) * dt.itemsize
+
+
+def _const_bytes(t: gs.Constant) -> int:
+    """Bytes of a constant without loading lazily stored values."""
+    return math.prod(int(d) for d in t.shape) * plain_dtype(t.dtype).itemsize
 
 
 @register
@@ -75,22 +96,25 @@ class FoldConstants(Pass):
         return changed
 
     def _fold(self, ir: IR) -> bool:
-        const_bytes: dict[int, int] = {}  # id(tensor) -> bytes, for constants and folded tensors
+        const_bytes: dict[int, int] = {}  # id(tensor) -> bytes (a bound when unknown), folded tensors
+        const_elems: dict[int, int] = {}  # id(tensor) -> elements (a bound when unknown)
         foldable: list[gs.Node] = []
         for node in ir.nodes:  # nodes are kept in topological order
             if (not is_default_domain(node) or node.op in NONDETERMINISTIC or node.op in QUANT_OPS
                     or node.op == "Constant" or has_subgraph(node) or not node.outputs):
                 continue
             in_bytes = 0
+            in_elems = 0
             ok = True
             for t in node.inputs:
                 if isinstance(t, gs.Variable) and t.is_empty():
                     continue
-                if isinstance(t, gs.Constant):
-                    in_bytes += int(t.values.nbytes) if isinstance(t.values, np.ndarray) else \
-                        int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize
+                if isinstance(t, gs.Constant) and not is_opaque(t):
+                    in_bytes += _const_bytes(t)
+                    in_elems += math.prod(int(d) for d in t.shape)
                 elif id(t) in const_bytes:
                     in_bytes += const_bytes[id(t)]
+                    in_elems += const_elems[id(t)]
                 else:
                     ok = False
                     break
@@ -100,9 +124,16 @@ class FoldConstants(Pass):
             sizes = [_nbytes_of_shape(o) for o in node.outputs]
             if any(s is not None and s > cap for s in sizes):
                 continue
+            if any(s is None for s in sizes) and node.op not in SIZE_BOUNDED:
+                continue  # unknown size, and the op could make more data than it reads: never evaluated
             foldable.append(node)
             for o, s in zip(node.outputs, sizes):
-                const_bytes[id(o)] = s if s is not None else cap
+                if s is None:  # bounded by the inputs' elements (kept only if small, after evaluation)
+                    const_elems[id(o)] = in_elems + SHAPE_ELEMS
+                    const_bytes[id(o)] = 8 * const_elems[id(o)]
+                else:
+                    const_bytes[id(o)] = s
+                    const_elems[id(o)] = s // max(1, plain_dtype(o.dtype).itemsize)
         if not foldable:
             return False
         values = self._evaluate(ir, foldable)
@@ -162,7 +193,7 @@ def _run_subgraph(ir: IR, nodes: list[gs.Node], wanted: set[str],
     model.ir_version = max(model.ir_version, 7)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # a node ORT cannot fold is noted, not logged to stderr
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, {})))

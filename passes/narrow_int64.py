@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from edgec.ir import IR
+from edgec.ir import IR, plain_dtype
 from edgec.pipeline import Pass, register
 
 I32 = np.iinfo(np.int32)
@@ -48,7 +48,7 @@ class NarrowInt64(Pass):
     def run(self, ir: IR) -> bool:
         changed = False
         for const in ir.constants():
-            if const.dtype is None or np.dtype(const.dtype) != np.int64:
+            if plain_dtype(const.dtype) != np.int64:
                 continue
             v = ir.const_value(const)
             if v.size and (v.min() < I32.min or v.max() > I32.max):

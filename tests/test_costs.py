@@ -45,7 +45,7 @@ def test_peak_memory_by_liveness():
 
 
 def test_symbolic_batch_counts_per_item():
-    w = numpy_helper.from_array(np.ones((6, 4), np.float32), "w")
+    w = numpy_helper.from_array(np.ones((4, 6), np.float32), "w")  # [N, 4] @ [4, 6]
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], [w])

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgec.ir import IR
+from edgec.ir import IR, dtype_bits, plain_dtype
 
 ELEMENTWISE = {
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Relu", "LeakyRelu", "PRelu",
@@ -78,20 +78,23 @@ def _numel(shape) -> int:
 
 
 def _is_param_dtype(dtype) -> bool:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        return True  # int4/float8 from ml_dtypes: parameters
+    """Float, complex and int8..int32 constants are parameters; int64 (shapes, indices), bool
+    and strings are not; bfloat16/float8/int4/float4 (no numpy type) are."""
+    dt = plain_dtype(dtype)
+    if dt is None:
+        return dtype_bits(dtype) < 64  # strings count 64 bits: not parameters
     return dt.kind in PARAM_KINDS or (dt.kind in "iu" and dt.itemsize <= 4)
+
+
+def _nbytes(n: int, dtype) -> int:
+    return (n * dtype_bits(dtype) + 7) // 8
 
 
 def _const_shape(ir: IR, t: gs.Tensor):
     """Shape of a constant without materialising it (ConstantOfShape weights stay unbuilt)."""
     if isinstance(t, gs.Constant):
         return tuple(t.shape)
-    if ir.is_const(t):
-        return tuple(int(d) for d in ir.const_value(ir.producer(t).inputs[0]))
-    return None
+    return ir.generated_shape(t)
 
 
 def _const_dtype(ir: IR, t):
@@ -146,14 +149,14 @@ def compute(ir: IR) -> Costs:
         hist[node.op if node.domain in (None, "", "ai.onnx") else f"{node.domain}.{node.op}"] += 1
         nc = NodeCost(node.name, node.op)
         for t in node.inputs:
-            if not ir.is_const(t):
+            if not (isinstance(t, gs.Constant) or ir.generated_shape(t) is not None):
                 continue
             shape = _const_shape(ir, t)
             dtype = _const_dtype(ir, t)
             if shape is None or dtype is None:
                 continue
             n = _numel(shape) if len(shape) else 1
-            if _is_param_dtype(dtype) and np.dtype(dtype) != np.int64:
+            if _is_param_dtype(dtype):
                 nc.params += n
                 if id(t) not in seen_params:  # a shared weight is one set of parameters
                     seen_params.add(id(t))
@@ -162,7 +165,7 @@ def compute(ir: IR) -> Costs:
             key = id(stored)
             if key not in seen_consts:
                 seen_consts.add(key)
-                nbytes = _numel(stored.shape) * np.dtype(stored.dtype).itemsize if stored.shape is not None else 0
+                nbytes = _nbytes(_numel(stored.shape), stored.dtype) if stored.shape is not None else 0
                 costs.bytes += int(nbytes)
                 nc.weight_bytes += int(nbytes)
         for sub in _subgraphs(node):  # weights inside If/Loop/Scan bodies are the model's too
@@ -170,10 +173,10 @@ def compute(ir: IR) -> Costs:
                 if isinstance(t, gs.Constant) and id(t) not in seen_consts:
                     seen_consts.add(id(t))
                     n = _numel(t.shape)
-                    if _is_param_dtype(t.dtype) and np.dtype(t.dtype) != np.int64:
+                    if _is_param_dtype(t.dtype):
                         nc.params += n
                         costs.params += n
-                    nbytes = n * np.dtype(t.dtype).itemsize
+                    nbytes = _nbytes(n, t.dtype)
                     costs.bytes += int(nbytes)
                     nc.weight_bytes += int(nbytes)
         nc.macs = node_macs(ir, node)
@@ -198,11 +201,7 @@ def _tensor_bytes(t: gs.Tensor) -> tuple[int, bool]:
     if t.shape is None or t.dtype is None:
         return 0, False
     symbolic = any(not isinstance(d, (int, np.integer)) for d in t.shape)
-    try:
-        item = np.dtype(t.dtype).itemsize
-    except TypeError:
-        item = 1
-    return _numel(t.shape) * item, symbolic
+    return _nbytes(_numel(t.shape), t.dtype), symbolic
 
 
 def _peak_memory(ir: IR) -> tuple[int, bool]:

@@ -1,0 +1,226 @@
+"""Validation of ``edgec.compile`` options, before any work is done.
+
+One function, :func:`check_compile_options`, checks every option's type and range (NaN and
+infinities included) and the combinations that cannot work (``--prune`` with
+``--prune-macs``, int8 without calibration data, ...). The Python API calls it at the start
+of :func:`edgec.compile`; the command line goes through the same call, so both refuse the same
+mistakes with the same one-line :class:`~edgec.errors.UserError` (exit 2), before a model is
+read or anything is written.
+
+Flag names in the messages are the CLI's (``--max-error``); the Python keyword is the same
+name with underscores.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from typing import Any
+
+from .errors import UserError
+
+IMPORTANCES = ("l1", "l2", "bn", "activation", "fused")
+PRUNE_MODES = ("uniform", "global")
+QUANTIZE_MODES = ("int8", "fp16", "mixed")
+ACTIVATIONS = ("asymmetric", "symmetric")
+WEIGHTS = ("per-channel", "per-tensor")
+GOALS = ("latency", "size", "accuracy")
+MAX_DIM = 1 << 31  # an input dimension above this is a typo (and no runtime could allocate it)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool) or type(v).__name__ == "bool_"
+
+
+def number(name: str, value, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+           hi_open: bool = False, integer: bool = False) -> float | int:
+    """``value`` as a finite number within the bounds; else UserError naming the option."""
+    kind = "an integer" if integer else "a number"
+    if _is_bool(value) or not isinstance(value, numbers.Real) or (integer and not isinstance(value, numbers.Integral)):
+        raise UserError(f"{flag(name)} {value!r}: must be {kind}")
+    if not math.isfinite(value):
+        raise UserError(f"{flag(name)} {value}: must be a finite number")
+    low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+    high_bad = hi is not None and (value >= hi if hi_open else value > hi)
+    if low_bad or high_bad:
+        left = "any" if lo is None else (f"({lo}" if lo_open else f"[{lo}")
+        right = "" if hi is None else (f"{hi})" if hi_open else f"{hi}]")
+        rng = f"in {left}, {right}" if lo is not None and hi is not None else (
+            f"{'>' if lo_open else '>='} {lo}" if lo is not None else f"{'<' if hi_open else '<='} {hi}")
+        raise UserError(f"{flag(name)} {value}: must be {rng}")
+    return int(value) if integer else float(value)
+
+
+def choice(name: str, value, choices, *, optional: bool = True):
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or value not in choices:
+        raise UserError(f"{flag(name)} {value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def boolean(name: str, value) -> bool:
+    if _is_bool(value) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise UserError(f"{name}={value!r}: must be True or False")
+
+
+def path_like(name: str, value, *, optional: bool = True):
+    if value is None and optional:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise UserError(f"{flag(name)} {value!r}: must be a file path")
+    if "\0" in os.fspath(value):
+        raise UserError(f"{flag(name)}: the path contains a NUL character")
+    return value
+
+
+def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
+    """Check the keyword arguments of :func:`edgec.compile` (``locals()`` of the call) and
+    return the normalised values of those that may be given in a looser form (``passes`` and
+    ``keep_float`` as one comma-separated string). Raises UserError on the first mistake."""
+    from pathlib import Path
+
+    import onnx
+
+    fixed: dict[str, Any] = {}
+    model = o["model"]
+    if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
+        raise UserError(f"model: expected a path to an .onnx file or an onnx.ModelProto, got {type(model).__name__}")
+    if not isinstance(model, onnx.ModelProto):
+        path_like("model", model, optional=False)
+    path_like("output", o["output"])
+    path_like("report_file", o.get("report_file"))
+    if not isinstance(o["target"], str) or not o["target"]:
+        raise UserError(f"-t/--target {o['target']!r}: name a target (see `edgec targets`)")
+    opts = o["target_options"]
+    if opts is not None:
+        if not isinstance(opts, dict) or not all(isinstance(k, str) and k for k in opts):
+            raise UserError("--target-option: expected KEY=VALUE pairs (a dict of option names to values)")
+        bad = [k for k, v in opts.items() if v is None or isinstance(v, (dict, list, tuple, set))]
+        if bad:
+            raise UserError(f"--target-option {bad[0]}: expected a single value")
+    shapes = o["input_shapes"]
+    if shapes is not None:
+        if not isinstance(shapes, dict):
+            raise UserError("--input-shape: expected NAME=D1,D2,... (a dict of input names to dims)")
+        for name, dims in shapes.items():
+            if not isinstance(name, str) or not name:
+                raise UserError(f"--input-shape {name!r}: expected an input name")
+            if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
+                raise UserError(f"--input-shape {name}={dims!r}: expected a list of dims")
+            dims = list(dims)
+            for d in dims:
+                if _is_bool(d) or not isinstance(d, numbers.Integral) or not 0 < d < MAX_DIM:
+                    raise UserError(f"--input-shape {name}={','.join(map(str, dims))}: dims must be positive integers"
+                                    f" (below {MAX_DIM})")
+    passes = o["passes"]
+    if passes is not None:
+        if isinstance(passes, str):
+            passes = [p.strip() for p in passes.split(",") if p.strip()]
+            fixed["passes"] = passes
+        from .pipeline import Pass
+
+        if not hasattr(passes, "__iter__") or isinstance(passes, (bytes, dict)):
+            raise UserError(f"--passes {passes!r}: expected pass names")
+        passes = list(passes)
+        if not passes:
+            raise UserError("--passes is empty; name at least one pass (see `edgec passes`)")
+        for p in passes:
+            if not isinstance(p, (str, Pass)) or (isinstance(p, str) and not p.strip()):
+                raise UserError(f"--passes: {p!r} is not a pass name (see `edgec passes`)")
+        fixed["passes"] = passes
+    for name in ("verify", "reconstruct", "bench"):
+        boolean(name, o[name])
+    if not callable(o["progress"]):  # True/False, or a callback(done, total)
+        boolean("progress", o["progress"])
+    inputs = o["inputs"]
+    if inputs is not None and not isinstance(inputs, dict):
+        path_like("inputs", inputs)
+    path_like("eval", o["eval_data"])
+    number("rtol", o["rtol"], lo=0)
+    number("atol", o["atol"], lo=0)
+    if o["max_error"] is not None:
+        number("max_error", o["max_error"], lo=0)
+    calib = o["calib"]
+    if calib is not None and not isinstance(calib, (str, os.PathLike, dict, list, tuple)):
+        raise UserError(f"--calib: expected a path, 'random', a dict of arrays or a list of such dicts, "
+                        f"got {type(calib).__name__}")
+    if isinstance(calib, (str, os.PathLike)):
+        path_like("calib", calib)
+    if isinstance(calib, (list, tuple)):
+        if not calib:
+            raise UserError("--calib: the list of calibration batches is empty")
+        if not all(isinstance(b, dict) for b in calib):
+            raise UserError("--calib: a list of calibration batches must hold dicts of arrays keyed by input name")
+    if o["calib_samples"] is not None:
+        number("calib_samples", o["calib_samples"], lo=1, integer=True)
+    if o["prune"] is not None:
+        number("prune", o["prune"], lo=0, hi=1, lo_open=True, hi_open=True)
+    if o["prune_macs"] is not None:
+        number("prune_macs", o["prune_macs"], lo=0, hi=1, lo_open=True, hi_open=True)
+    if o["prune"] is not None and o["prune_macs"] is not None:
+        raise UserError("give --prune or --prune-macs, not both")
+    choice("importance", o["importance"], IMPORTANCES, optional=False)
+    choice("prune_mode", o["prune_mode"], PRUNE_MODES, optional=False)
+    number("prune_steps", o["prune_steps"], lo=1, hi=1000, integer=True)
+    if o["round_to"] is not None:
+        number("round_to", o["round_to"], lo=1, hi=1 << 20, integer=True)
+    number("max_layer_ratio", o["max_layer_ratio"], lo=0, hi=1, hi_open=True)
+    choice("quantize", o["quantize"], QUANTIZE_MODES)
+    method = o["calib_method"]
+    if not isinstance(method, (str, dict)):
+        raise UserError(f"--calib-method {method!r}: expected a method name (minmax, percentile, entropy, mse)")
+    from .calibration import parse_method
+
+    if isinstance(method, dict):
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in method.items()) or not method:
+            raise UserError(f"--calib-method {method!r}: expected tensor class -> method names")
+        parse_method(",".join(f"{k}={v}" for k, v in method.items()))
+    elif not method.strip():
+        raise UserError("--calib-method is empty (minmax, percentile, entropy or mse)")
+    else:
+        parse_method(method)
+    number("percentile", o["percentile"], lo=0, hi=100, lo_open=True)
+    choice("activations", o["activations"], ACTIVATIONS)
+    choice("weights", o["weights"], WEIGHTS)
+    keep = o["keep_float"]
+    if isinstance(keep, str):
+        keep = [k.strip() for k in keep.split(",") if k.strip()]
+        fixed["keep_float"] = keep
+    if keep is None or not hasattr(keep, "__iter__") or isinstance(keep, (bytes, dict)) \
+            or not all(isinstance(k, str) for k in keep):
+        raise UserError(f"--keep-float {keep!r}: expected node or tensor names")
+    if o["max_bytes"] is not None:
+        number("max_bytes", o["max_bytes"], lo=1, integer=True)
+    choice("goal", o["goal"], GOALS)
+    pre = o["calib_preprocess"]
+    if pre is not None:
+        from .calibdata import Preprocess
+
+        if not isinstance(pre, Preprocess):
+            raise UserError(f"calib_preprocess: expected an edgec.calibdata.Preprocess, got {type(pre).__name__}")
+    if o["log"] is not None and not callable(o["log"]):
+        raise UserError("log: expected a function taking one string")
+    # combinations that cannot work, said before any work
+    if o["goal"] is None:
+        if o["quantize"] in ("int8", "mixed") and calib is None:
+            raise UserError(f"--quantize {o['quantize']} needs calibration data: --calib PATH "
+                            f"(or --calib random, explicitly)")
+        if o["importance"] == "activation" and (o["prune"] is not None or o["prune_macs"] is not None) and calib is None:
+            raise UserError("--importance activation needs calibration data (--calib PATH)")
+    else:
+        for key in ("prune", "prune_macs", "quantize"):
+            if o[key] is not None:
+                raise UserError(f"--goal chooses pruning and precision itself: drop {flag(key)}")
+    if isinstance(calib, (str, os.PathLike)) and os.fspath(calib) != "random" and not Path(calib).exists():
+        raise UserError(f"{calib}: no such calibration file or folder")
+    for path, what in ((inputs if not isinstance(inputs, dict) else None, "input file"), (o["eval_data"], "evaluation file")):
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{path}: no such {what}")
+    return fixed

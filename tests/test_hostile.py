@@ -1,0 +1,671 @@
+"""The CLI contract on hostile input and faults (issue 9): every class of defect the bad-input
+corpus found, as a regression test, plus a hypothesis test that mutates valid models and option
+sets and checks the contract on each.
+
+The contract (README, "What edgec promises"): exit 0 on success; exit 2 with exactly one stderr
+line and no traceback for a user mistake; exit 1 for an internal failure or a failed check; the
+input is never modified; outputs are written all or none, through temporary files that never
+stay behind; memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto as T, helper, numpy_helper
+
+import edgec
+from edgec import cli
+from edgec.builders import plain_cnn, resnet_basic
+from edgec.errors import EdgecError, UserError
+
+RNG = np.random.default_rng(0)
+X = RNG.standard_normal((8, 3, 16, 16)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def vi(name, dt=T.FLOAT, shape=(1, 4)):
+    return helper.make_tensor_value_info(name, dt, list(shape) if shape is not None else None)
+
+
+def make(nodes, inputs, outputs, inits=(), opset=17):
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def tiny():
+    w = numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(1, 4), "w")
+    return make([helper.make_node("Add", ["x", "w"], ["a"], name="add"), helper.make_node("Relu", ["a"], ["y"])],
+                [vi("x")], [vi("y")], [w])
+
+
+def snapshot(folder: Path) -> dict:
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        st_ = os.lstat(p)
+        key = str(p.relative_to(folder))
+        if stat.S_ISREG(st_.st_mode):
+            out[key] = (hashlib.sha256(p.read_bytes()).hexdigest(), stat.S_IMODE(st_.st_mode))
+        else:
+            out[key] = (stat.S_IFMT(st_.st_mode),)
+    return out
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, *needles):
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("edgec: error: ") and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def assert_refused(capsys, folder: Path, argv, *needles):
+    """exit 2, one line, and the folder exactly as before (input untouched, nothing written)."""
+    before = snapshot(folder)
+    code, _, err = run_cli(capsys, *argv)
+    assert_user_error(code, err, *needles)
+    assert snapshot(folder) == before
+    return err
+
+
+@pytest.fixture
+def cnn(tmp_path):
+    p = tmp_path / "model.onnx"
+    onnx.save(plain_cnn(), p)
+    return p
+
+
+# ---------------------------------------------------------------------------------- High: silent wrong models
+def _nan(a, where=(0, 0, 0, 0)):
+    a = a.copy()
+    a[where] = np.nan
+    return a
+
+
+@pytest.mark.parametrize("data,needle", [
+    (_nan(X), "NaN or infinite"),
+    (np.full_like(X, np.nan), "NaN or infinite"),
+    (np.where(X > 2, np.inf, X).astype(np.float32), "NaN or infinite"),
+    (np.zeros_like(X), "constant"),
+    (np.full_like(X, 0.5), "constant"),
+])
+def test_nan_inf_and_constant_calibration_data_are_refused(capsys, tmp_path, cnn, data, needle):
+    np.savez(tmp_path / "calib.npz", input=data)
+    assert_refused(capsys, tmp_path, ["compile", cnn, "-o", tmp_path / "q.onnx", "--quantize", "int8",
+                                      "--calib", tmp_path / "calib.npz", "--report", tmp_path / "r.json"], needle)
+
+
+def test_nan_in_a_later_calibration_batch_and_when_pruning(capsys, tmp_path, cnn):
+    data = np.concatenate([X] * 6)  # 48 samples: the NaN is in the second batch of 32
+    data[40, 1, 2, 3] = np.nan
+    np.save(tmp_path / "calib.npy", data)
+    for extra in (["--quantize", "int8"], ["--prune", "0.3"]):
+        assert_refused(capsys, tmp_path, ["compile", cnn, "-o", tmp_path / "o.onnx", "--calib", tmp_path / "calib.npy",
+                                          *extra], "NaN")
+
+
+@pytest.mark.parametrize("opt,value", [("--image-std", "0"), ("--image-std", "nan"), ("--image-std", "-1"),
+                                       ("--image-mean", "inf"), ("--image-scale", "0"), ("--image-scale", "nan"),
+                                       ("--image-size", "100000x100000")])
+def test_image_preprocessing_that_makes_nan_or_absurd_sizes_is_refused(capsys, tmp_path, cnn, opt, value):
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        px = RNG.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        (tmp_path / "imgs" / f"{i}.ppm").write_bytes(b"P6 20 20 255\n" + px.tobytes())
+    assert_refused(capsys, tmp_path, ["compile", cnn, "-o", tmp_path / "q.onnx", "--quantize", "int8",
+                                      "--calib", tmp_path / "imgs", opt, value], opt if opt != "--image-size" else "size")
+
+
+def test_nan_in_inputs_and_eval_data_is_refused(capsys, tmp_path, cnn):
+    np.savez(tmp_path / "in.npz", input=_nan(X[:1]))
+    assert_refused(capsys, tmp_path, ["compile", cnn, "-o", tmp_path / "o.onnx", "--verify", "--inputs",
+                                      tmp_path / "in.npz"], "NaN")
+    np.savez(tmp_path / "ev.npz", input=_nan(X[:1]), labels=np.zeros(1, np.int64))
+    assert_refused(capsys, tmp_path, ["compile", cnn, "-o", tmp_path / "o.onnx", "--eval", tmp_path / "ev.npz"], "NaN")
+
+
+@pytest.mark.parametrize("report,output", [("model.onnx", "out.onnx"), ("out.onnx", "out.onnx"),
+                                           ("./out.onnx", "out.onnx"), ("rd", "out.onnx")])
+def test_report_never_replaces_the_input_or_the_model(capsys, tmp_path, cnn, report, output, monkeypatch):
+    (tmp_path / "rd").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert_refused(capsys, tmp_path, ["compile", "model.onnx", "-o", output, "--report", report])
+
+
+@pytest.mark.parametrize("target,side,extra", [
+    ("jetson", ".trtexec.txt", []),
+    ("rknn", ".rknn.json", ["--input-shape", "input=1,3,16,16"]),
+])
+def test_target_side_files_never_replace_the_input(capsys, tmp_path, target, side, extra):
+    src = tmp_path / f"out.onnx{side}"
+    onnx.save(plain_cnn(), src)
+    assert_refused(capsys, tmp_path, ["compile", src, "-o", tmp_path / "out.onnx", "-t", target, *extra], "input")
+
+
+def test_rknn_dataset_folder_checks(capsys, tmp_path, cnn):
+    rknn = ["-t", "rknn", "--input-shape", "input=1,3,16,16", "--calib", "random"]
+    out = tmp_path / "out.onnx"
+    ds = tmp_path / "out.onnx.dataset"
+    ds.write_text("a file where the dataset folder goes")
+    assert_refused(capsys, tmp_path, ["compile", cnn, "-o", out, *rknn], "folder")
+    ds.unlink()
+    ds.mkdir()
+    (ds / "precious.txt").write_text("not edgec's")
+    assert_refused(capsys, tmp_path, ["compile", cnn, "-o", out, *rknn], "did not write")
+    (ds / "precious.txt").unlink()
+    code, _, err = run_cli(capsys, "compile", cnn, "-o", out, *rknn, "-q")
+    assert code == 0, err
+    first = sorted(p.name for p in ds.iterdir())
+    assert "dataset.txt" in first and all(str(ds) in line for line in (ds / "dataset.txt").read_text().split())
+    code, _, err = run_cli(capsys, "compile", cnn, "-o", out, *rknn, "-q", "--calib-samples", "2")
+    assert code == 0, err  # edgec's own dataset folder is replaced as a whole
+    assert sorted(p.name for p in ds.iterdir()) == ["00000_0.npy", "00001_0.npy", "dataset.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_late_failures_leave_nothing_behind(capsys, tmp_path, cnn):
+    """A failed budget after an rknn compile: no model, no side files, no report (all or none)."""
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, "compile", cnn, "-o", tmp_path / "o.onnx", "-t", "rknn", "--input-shape",
+                           "input=1,3,16,16", "--calib", "random", "--quantize", "int8", "--max-error", "1e-9",
+                           "--report", tmp_path / "r.json")
+    assert code == 1 and "--max-error" in err and "Traceback" not in err
+    assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------- Medium: dtypes
+DTYPES = ["BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "INT4", "UINT4", "STRING"]
+
+
+def dtype_model(dt: int, constant_node: bool = False) -> onnx.ModelProto:
+    if dt == T.STRING:  # strings in and out, a string constant joined on
+        w = helper.make_tensor("w", T.STRING, [2], [b"a", b"bb"])
+        return make([helper.make_node("Concat", ["x", "w"], ["y"], axis=0)], [vi("x", T.STRING, (2,))],
+                    [vi("y", T.STRING, (4,))], [w], opset=21)
+    vals = [1, -2, 3, 4] if dt == T.INT4 else [1, 2, 3, 4] if dt == T.UINT4 else [0.5, 1.0, 1.5, 2.0]
+    w = helper.make_tensor("w", dt, [4], vals)
+    nodes = [helper.make_node("Cast", ["w"], ["wf"], to=T.FLOAT), helper.make_node("Add", ["x", "wf"], ["a"]),
+             helper.make_node("Relu", ["a"], ["y"])]
+    if constant_node:
+        nodes.insert(0, helper.make_node("Constant", [], ["w"], value=w))
+        return make(nodes, [vi("x", shape=(4,))], [vi("y", shape=(4,))], opset=21)
+    return make(nodes, [vi("x", shape=(4,))], [vi("y", shape=(4,))], [w], opset=21)
+
+
+@pytest.mark.parametrize("name", DTYPES)
+def test_tensors_numpy_cannot_hold_are_carried_through_untouched(capsys, tmp_path, name):
+    m = dtype_model(getattr(T, name))
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(m, src)
+    if name == "STRING":  # string outputs cannot be compared numerically: said up front
+        code, _, err = run_cli(capsys, "compile", src, "-o", out, "--verify")
+        assert_user_error(code, err, "STRING tensor")
+    code, _, err = run_cli(capsys, "compile", src, "-o", out, *(["--verify"] if name != "STRING" else []), "-q")
+    assert code == 0, err
+    got = {t.name: t for t in onnx.load(out).graph.initializer}
+    assert got["w"].SerializeToString() == m.graph.initializer[0].SerializeToString()
+    code, stdout, err = run_cli(capsys, "inspect", src)
+    assert code == 0 and "params" in stdout, err
+    if name != "STRING":  # the same tensor as a Constant node's value
+        r = edgec.compile(dtype_model(getattr(T, name), constant_node=True), verify=True)
+        value = next(a.t for n in r.model.graph.node if n.op_type == "Constant" for a in n.attribute)
+        assert value.data_type == getattr(T, name) and list(value.dims) == [4]
+
+
+def test_int4_weights_behind_dequantize_compile_for_every_cpu_target():
+    wq = helper.make_tensor("wq", T.INT4, [4, 2], [1, -2, 3, -4, 5, -6, 7, -8])
+    s = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    m = make([helper.make_node("DequantizeLinear", ["wq", "s"], ["w"]), helper.make_node("MatMul", ["x", "w"], ["y"])],
+             [vi("x")], [vi("y", shape=(1, 2))], [wq, s], opset=21)
+    for target in ("cpu", "neon"):
+        r = edgec.compile(m, target=target, verify=True)
+        assert r.report["verify"]["passed"]
+        assert any(t.data_type == T.INT4 for t in r.model.graph.initializer)
+
+
+# ---------------------------------------------------------------------------------- Medium: invalid graphs
+def _two_producers():
+    return make([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Sigmoid", ["x"], ["a"]),
+                 helper.make_node("Identity", ["a"], ["y"])], [vi("x")], [vi("y")])
+
+
+def _cycle():
+    return make([helper.make_node("Add", ["x", "b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+                 helper.make_node("Identity", ["a"], ["y"])], [vi("x")], [vi("y")])
+
+
+def _with(mutate):
+    m = tiny()
+    mutate(m)
+    return m
+
+
+def _dims(t, dims):
+    del t.dims[:]
+    t.dims.extend(dims)
+
+
+INVALID = {
+    "two producers": (_two_producers, "single static assignment"),
+    "cycle": (_cycle, "cycle"),
+    "undefined input": (lambda: make([helper.make_node("Add", ["x", "ghost"], ["y"])], [vi("x")], [vi("y")]),
+                        "'ghost', which no node"),
+    "undefined output": (lambda: make([helper.make_node("Relu", ["x"], ["a"])], [vi("x")], [vi("y"), vi("a")]),
+                         "graph output 'y' is not produced"),
+    "empty op type": (lambda: make([helper.make_node("", ["x"], ["y"])], [vi("x")], [vi("y")]), "empty op type"),
+    "data size": (lambda: _with(lambda m: setattr(m.graph.initializer[0], "raw_data", b"\0" * 8)),
+                  "holds 8 bytes of data"),
+    "huge dims": (lambda: _with(lambda m: _dims(m.graph.initializer[0], [1 << 40, 1 << 20])), "need"),
+    "negative dims": (lambda: _with(lambda m: _dims(m.graph.initializer[0], [-1, 4])), "negative dimension"),
+    "negative input dim": (lambda: _with(lambda m: setattr(m.graph.input[0].type.tensor_type.shape.dim[1],
+                                                           "dim_value", -4)), "negative dimension"),
+    "duplicate initializer": (lambda: _with(lambda m: m.graph.initializer.append(
+        numpy_helper.from_array(np.zeros((1, 4), np.float32), "w"))), "listed twice"),
+    "node writes an input": (lambda: make([helper.make_node("Relu", ["x"], ["x"])], [vi("x")], [vi("x")]),
+                             "single static assignment"),
+    "sequence input": (lambda: make([helper.make_node("SequenceAt", ["s", "i"], ["y"])],
+                                    [helper.make_tensor_sequence_value_info("s", T.FLOAT, [1, 4]), vi("i", T.INT64, ())],
+                                    [vi("y")]), "not a tensor"),
+    "missing attribute (checker)": (lambda: make([helper.make_node("Cast", ["x"], ["y"])], [vi("x")], [vi("y")]),
+                                    "not a valid ONNX model"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INVALID))
+def test_invalid_graphs_are_user_errors_at_load(capsys, tmp_path, name):
+    build, needle = INVALID[name]
+    src = tmp_path / "bad.onnx"
+    src.write_bytes(build().SerializeToString())
+    assert_refused(capsys, tmp_path, ["compile", src, "-o", tmp_path / "o.onnx"], needle)
+    assert_refused(capsys, tmp_path, ["inspect", src], needle)
+    with pytest.raises(UserError, match="|".join([needle.replace("(", r"\(").replace(")", r"\)")])):
+        edgec.compile(build())
+    with pytest.raises(UserError):
+        edgec.inspect(build())
+
+
+def test_short_external_data_is_refused(capsys, tmp_path):
+    m = tiny()
+    t = m.graph.initializer[0]
+    raw = t.raw_data
+    t.ClearField("raw_data")
+    t.data_location = T.EXTERNAL
+    e = t.external_data.add()
+    e.key, e.value = "location", "w.bin"
+    (tmp_path / "w.bin").write_bytes(raw[:6])
+    src = tmp_path / "m.onnx"
+    src.write_bytes(m.SerializeToString())
+    assert_refused(capsys, tmp_path, ["compile", src, "-o", tmp_path / "o.onnx"], "truncated external data")
+
+
+def test_nodes_out_of_order_are_sorted_and_the_callers_proto_is_untouched():
+    m = tiny()
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(reversed(nodes))
+    before = m.SerializeToString()
+    r = edgec.compile(m, verify=True)
+    assert r.report["verify"]["passed"] and m.SerializeToString() == before
+
+
+def test_stale_declared_shapes_are_not_invalid():
+    """ONNX Runtime runs models whose value_info or output shapes are stale (exporters leave
+    them); edgec re-infers shapes, so the checker's strict mode must not refuse them. Types
+    must still agree."""
+    m = tiny()
+    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 7
+    m.graph.value_info.append(helper.make_tensor_value_info("a", T.FLOAT, [5, 5]))
+    r = edgec.compile(m, verify=True)
+    assert [d.dim_value for d in r.model.graph.output[0].type.tensor_type.shape.dim] == [1, 4]
+    m.graph.value_info[0].type.tensor_type.elem_type = T.INT64
+    with pytest.raises(UserError, match="not a valid ONNX model"):
+        edgec.compile(m)
+
+
+def test_nan_in_the_original_models_outputs_is_not_a_failed_rewrite(capsys, tmp_path):
+    m = tiny()
+    m.graph.initializer[0].raw_data = np.array([[0, np.nan, 2, 3]], np.float32).tobytes()
+    onnx.save(m, tmp_path / "m.onnx")
+    assert_refused(capsys, tmp_path, ["compile", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--verify"],
+                   "holds NaN")
+    code, _, err = run_cli(capsys, "compile", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "-q")
+    assert code == 0, err  # without --verify the model compiles: NaN weights are carried as they are
+
+
+# ---------------------------------------------------------------------------------- Medium: memory bombs
+def _cos_model(n=16384):
+    a = numpy_helper.from_array(np.array([n], np.int64), "a")
+    nodes = [helper.make_node("Concat", ["a", "a"], ["shape"], axis=0),
+             helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                              value=numpy_helper.from_array(np.array([1.0], np.float32))),
+             helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
+             helper.make_node("Add", ["x", "s"], ["y"])]
+    return make(nodes, [vi("x", shape=(1,))], [vi("y", shape=(1,))], [a])
+
+
+def test_size_cap_applies_before_constant_folding_evaluates(monkeypatch):
+    """A 300-byte model whose ConstantOfShape takes a computed shape (1 GiB if built)."""
+    from edgec.passes import fold_constants
+
+    evaluated = []
+    real = fold_constants._run_subgraph
+    monkeypatch.setattr(fold_constants, "_run_subgraph",
+                        lambda ir, nodes, *a, **k: (evaluated.extend(n.op for n in nodes), real(ir, nodes, *a, **k))[1])
+    m = _cos_model()
+    assert m.ByteSize() < 400
+    r = edgec.compile(m)
+    assert "ConstantOfShape" not in evaluated and "ReduceSum" not in evaluated
+    assert "ConstantOfShape" in [n.op_type for n in r.model.graph.node]
+    assert r.model.ByteSize() < 1000
+
+
+def _npz_bomb(path: Path, samples: int, *, declared: int | None = None):
+    """An .npz whose member inflates to samples x 3x16x16 float32 (zeros compress ~1000:1)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        shape = (declared or samples, 3, 16, 16)
+        with z.open("input.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            row = X[0].tobytes()
+            for i in range(samples):
+                f.write(row if i % 2 else bytes(len(row)))
+
+
+def test_npz_reads_only_the_samples_used(monkeypatch, tmp_path):
+    from edgec import calibdata, datafiles
+
+    _npz_bomb(tmp_path / "c.npz", 20000)  # 61 MB inflated, ~0.1 MB on disk
+    read = []
+    real = datafiles._read_exactly
+    monkeypatch.setattr(datafiles, "_read_exactly", lambda f, n, where: (read.append(n), real(f, n, where))[1])
+    cs = calibdata.load_calibration(tmp_path / "c.npz", plain_cnn(), max_samples=64)
+    assert sum(len(b["input"]) for b in cs) == 64
+    assert sum(read) <= 64 * X[0].nbytes
+
+
+def test_npz_members_that_lie_about_their_size_are_refused(capsys, tmp_path, cnn):
+    _npz_bomb(tmp_path / "absurd.npz", 4, declared=10 ** 12)
+    assert_refused(capsys, tmp_path, ["compile", cnn, "-o", tmp_path / "o.onnx", "--quantize", "int8", "--calib",
+                                      tmp_path / "absurd.npz"], "declares")
+    _npz_bomb(tmp_path / "short.npz", 4, declared=8)
+    assert_refused(capsys, tmp_path, ["compile", cnn, "-o", tmp_path / "o.onnx", "--quantize", "int8", "--calib",
+                                      tmp_path / "short.npz"], "truncated or corrupt")
+
+
+def test_huge_input_dims_under_verify_are_a_user_error(capsys, tmp_path):
+    m = make([helper.make_node("Relu", ["x"], ["y"])], [vi("x", shape=(1, 3, 100000, 100000))],
+             [vi("y", shape=(1, 3, 100000, 100000))])
+    onnx.save(m, tmp_path / "m.onnx")
+    assert_refused(capsys, tmp_path, ["compile", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--verify"],
+                   "--inputs")
+
+
+# ---------------------------------------------------------------------------------- Low: rough edges
+BAD_OPTIONS = [
+    ["--prune-macs", "0"], ["--prune", "nan"], ["--prune", "1.5"], ["--max-error", "nan"], ["--max-error", "-1"],
+    ["--rtol", "nan"], ["--rtol", "-1"], ["--atol", "-1"], ["--quantize", "mixed", "--calib", "random", "--max-bytes", "-1"],
+    ["--percentile", "nan", "--quantize", "int8", "--calib", "random"], ["--calib-samples", "0"],
+    ["--prune", "0.3", "--prune-steps", "0"], ["--prune", "0.3", "--round-to", "0"], ["--quantize", "int8"],
+    ["--prune", "0.3", "--prune-macs", "0.3"], ["--prune", "abc"], ["--quantize", "int3"], ["--bogus"],
+    ["-t", "rknn", "--target-option", "mean=a,b"], ["-t", "rknn", "--target-option", "std=0"],
+    ["-t", "rknn", "--target-option", "dynamic_input=abc"], ["-t", "jetson", "--target-option", "profile=x:1:2"],
+    ["-t", "jetson", "--target-option", "sparsity=1:2"], ["--input-shape", "input=0,3,16,16"],
+    ["--calib-method", "bogus", "--quantize", "int8", "--calib", "random"], ["--goal", "latency", "--prune", "0.3"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_OPTIONS, ids=lambda a: " ".join(a))
+def test_bad_options_are_one_line_before_any_work(capsys, tmp_path, cnn, args, monkeypatch):
+    from edgec import loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("the model was read before the options"))
+    assert_refused(capsys, tmp_path, ["compile", cnn, "-o", tmp_path / "o.onnx", *args])
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"prune": 1.5}, {"prune": "0.3"}, {"prune": True}, {"prune_macs": 0}, {"rtol": -1}, {"atol": float("nan")},
+    {"max_error": float("nan")}, {"calib_samples": 0, "quantize": "int8", "calib": "random"},
+    {"quantize": "int3"}, {"quantize": "int8"}, {"target": 5}, {"target_options": ["trt=10"]},
+    {"input_shapes": {"input": "1,3,16,16"}}, {"input_shapes": [1, 3]}, {"passes": [5]}, {"passes": []},
+    {"keep_float": 5}, {"verify": "yes"}, {"log": 5}, {"calib": 5}, {"calib": []},
+    {"max_bytes": 1.5, "quantize": "mixed", "calib": "random"}, {"goal": "speed"}, {"importance": "x", "prune": 0.3},
+    {"calib_preprocess": "x", "quantize": "int8", "calib": "random"},
+])
+def test_python_api_raises_user_error_for_every_mistake(kwargs):
+    with pytest.raises(UserError):
+        edgec.compile(plain_cnn(), **kwargs)
+
+
+@pytest.mark.parametrize("call", [lambda: edgec.compile(123), lambda: edgec.compile(None),
+                                  lambda: edgec.compile(plain_cnn(), 123), lambda: edgec.inspect(5),
+                                  lambda: edgec.inspect(plain_cnn(), top="x"),
+                                  lambda: edgec.calibdata.Preprocess(std=(0.0,))])
+def test_python_api_bad_arguments_are_user_errors_not_type_errors(call):
+    import edgec.calibdata  # noqa: F401
+
+    with pytest.raises(UserError):
+        call()
+
+
+@pytest.mark.parametrize("payload,needle", [
+    (lambda p: np.savez(p, input=np.array([{"a": 1}], dtype=object)), "pickled"),
+    (lambda p: p.write_bytes(b"PK\x03\x04" + b"\0" * 40), "cannot read"),
+])
+def test_pickled_and_broken_npz_are_user_errors(capsys, tmp_path, cnn, payload, needle):
+    payload(tmp_path / "d.npz")
+    for flag in (["--quantize", "int8", "--calib"], ["--verify", "--inputs"], ["--eval"]):
+        assert_refused(capsys, tmp_path, ["compile", cnn, "-o", tmp_path / "o.onnx", *flag, tmp_path / "d.npz"], needle)
+
+
+def test_fifo_model_and_device_or_fifo_outputs_are_refused(capsys, tmp_path, cnn):
+    os.mkfifo(tmp_path / "fifo.onnx")
+    assert_refused(capsys, tmp_path, ["compile", tmp_path / "fifo.onnx", "-o", tmp_path / "o.onnx"], "FIFO")
+    assert_refused(capsys, tmp_path, ["inspect", tmp_path / "fifo.onnx"], "FIFO")
+    assert_refused(capsys, tmp_path, ["compile", cnn, "-o", tmp_path / "fifo.onnx"], "FIFO")
+    try:
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a private /dev/null
+    except (PermissionError, OSError):
+        return  # not root: the FIFO cases above cover non-regular outputs
+    assert_refused(capsys, tmp_path, ["compile", cnn, "-o", tmp_path / "null"], "character device")
+    assert_refused(capsys, tmp_path, ["compile", cnn, "-o", tmp_path / "o.onnx", "--report", tmp_path / "null"],
+                   "character device")
+
+
+def test_symlinked_outputs_cannot_reach_the_input(capsys, tmp_path, cnn):
+    os.symlink(cnn, tmp_path / "link.onnx")
+    os.link(cnn, tmp_path / "hard.onnx")
+    for out in ("link.onnx", "hard.onnx"):
+        assert_refused(capsys, tmp_path, ["compile", cnn, "-o", tmp_path / out], "input")
+
+
+@pytest.mark.parametrize("umask,existing,want", [(0o022, None, 0o644), (0o077, None, 0o600), (0o002, None, 0o664),
+                                                 (0o022, 0o640, 0o640), (0o077, 0o644, 0o644)])
+def test_outputs_respect_the_umask_and_keep_a_replaced_files_mode(capsys, tmp_path, cnn, umask, existing, want):
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    if existing is not None:
+        for p in (out, rep):
+            p.write_text("old")
+            os.chmod(p, existing)
+    old = os.umask(umask)
+    try:
+        code, _, err = run_cli(capsys, "compile", cnn, "-o", out, "--report", rep, "-q")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert stat.S_IMODE(out.stat().st_mode) == want and stat.S_IMODE(rep.stat().st_mode) == want
+
+
+# ---------------------------------------------------------------------------------- signals (subprocesses)
+def _script(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
+    code = "import os, signal, sys\n" + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+
+def test_ctrl_c_during_the_imports_is_one_line_and_exit_130(tmp_path, cnn):
+    # deterministic: the interrupt lands inside `import onnx` (as Ctrl-C in the first second does)
+    r = _script(tmp_path, f"""
+        import builtins
+        real = builtins.__import__
+        def imp(name, *a, **k):
+            if name == "onnx":
+                raise KeyboardInterrupt
+            return real(name, *a, **k)
+        builtins.__import__ = imp
+        from edgec.cli import main
+        sys.exit(main(["compile", {str(cnn)!r}, "-o", "o.onnx"]))
+    """)
+    assert r.returncode == 130 and r.stderr == "edgec: interrupted; nothing was written\n", r.stderr
+    # numpy's C initialisation turns an interrupt into ImportError: still an interrupt
+    r = _script(tmp_path, f"""
+        import builtins
+        real = builtins.__import__
+        def imp(name, *a, **k):
+            if name == "numpy":
+                os.kill(os.getpid(), signal.SIGINT)
+                raise ImportError("initialization failed")
+            return real(name, *a, **k)
+        from edgec.cli import main
+        builtins.__import__ = imp
+        sys.exit(main(["compile", {str(cnn)!r}, "-o", "o.onnx"]))
+    """)
+    assert r.returncode == 130 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+
+
+def test_sigterm_while_writing_removes_the_temporary_files(tmp_path, cnn):
+    r = _script(tmp_path, f"""
+        from edgec import outputs
+        real = outputs.Outputs.write_bytes
+        def write(self, path, data):
+            n = real(self, path, data)
+            os.kill(os.getpid(), signal.SIGTERM)  # lands after the temporary file is written
+            return n
+        outputs.Outputs.write_bytes = write
+        from edgec.cli import main
+        sys.exit(main(["compile", {str(cnn)!r}, "-o", "o.onnx", "--report", "r.json"]))
+    """)
+    assert r.returncode == 143 and r.stderr == "edgec: terminated; nothing was written\n", r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
+
+
+def test_real_sigint_in_the_first_fraction_of_a_second(tmp_path, cnn):
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "edgec.cli", "compile", str(cnn), "-o", "o.onnx", "--verify"],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.25)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode in (130, 0), err
+    if p.returncode == 130:
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------- the contract, at random
+MODELS = {"tiny": tiny, "cnn": plain_cnn, "resnet": resnet_basic}
+OPTIONS = [[], ["--verify"], ["--prune", "0.3"], ["--prune-macs", "0.2"], ["--quantize", "fp16"],
+           ["--quantize", "int8", "--calib", "CALIB"], ["--prune", "0.3", "--calib", "CALIB"],
+           ["--max-error", "0.5", "--quantize", "fp16"], ["-t", "jetson"], ["-t", "neon", "--verify"],
+           ["-t", "rknn", "--input-shape", "INPUT=1,3,16,16", "--calib", "CALIB"], ["--report", "r.json"],
+           ["--passes", "fold_constants,eliminate_dead"], ["--prune", "nan"], ["--rtol", "-1"],
+           ["--calib-samples", "0", "--calib", "CALIB"], ["--report", "model.onnx"], ["--max-bytes", "-5"]]
+
+
+def _mutate(model: onnx.ModelProto, how: str, k: int) -> bytes:
+    g = model.graph
+    if how == "drop node" and g.node:
+        del g.node[k % len(g.node)]
+    elif how == "duplicate node" and g.node:
+        g.node.insert(k % len(g.node), g.node[k % len(g.node)])
+    elif how == "corrupt dims":
+        ts = list(g.initializer)
+        if ts:
+            t = ts[k % len(ts)]
+            dims = list(t.dims) or [1]
+            dims[k % len(dims)] = [-1, 0, 3, 1 << 33][k % 4]
+            del t.dims[:]
+            t.dims.extend(dims)
+        else:
+            g.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    elif how == "inject nan":
+        floats = [t for t in g.initializer if t.data_type == T.FLOAT and t.raw_data]
+        if floats:
+            t = floats[k % len(floats)]
+            a = numpy_helper.to_array(t).copy()
+            a.reshape(-1)[k % a.size] = np.nan
+            t.raw_data = a.tobytes()
+    elif how == "rename input":
+        g.node[k % len(g.node)].input[0] = "nowhere"
+    data = model.SerializeToString()
+    if how == "truncate bytes":
+        data = data[: max(1, len(data) * (k % 97) // 100)]
+    elif how == "flip byte":
+        b = bytearray(data)
+        b[k % len(b)] ^= 0x5A
+        data = bytes(b)
+    return data
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(sorted(MODELS)),
+       how=st.sampled_from(["none", "drop node", "duplicate node", "corrupt dims", "truncate bytes", "flip byte",
+                            "inject nan", "rename input"]),
+       k=st.integers(0, 10 ** 6), opts=st.sampled_from(OPTIONS), calib_nan=st.booleans())
+def test_the_contract_holds_on_mutated_models_and_options(tmp_path_factory, name, how, k, opts, calib_nan):
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    d = tmp_path_factory.mktemp("h")
+    model = MODELS[name]()
+    src = d / "model.onnx"
+    src.write_bytes(_mutate(model, how, k))
+    inp = model.graph.input[0]
+    shape = [max(1, x.dim_value) for x in inp.type.tensor_type.shape.dim]
+    calib = RNG.standard_normal([8] + shape[1:]).astype(np.float32)
+    if calib_nan:
+        calib.reshape(-1)[k % calib.size] = np.nan
+    np.savez(d / "calib.npz", **{inp.name: calib})
+    args = [a.replace("CALIB", str(d / "calib.npz")).replace("INPUT", inp.name) for a in opts]
+    args = [str(d / a) if a in ("r.json", "model.onnx") else a for a in args]
+    before = snapshot(d)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = cli.main(["compile", str(src), "-o", str(d / "out.onnx"), "-q", *args])
+    err = err.getvalue()
+    event(f"exit {code}")
+    assert code in (0, 1, 2), (code, err)
+    assert "Traceback" not in err
+    if code == 2:
+        assert err.count("\n") == 1 and err.startswith("edgec: error: "), err
+    after = snapshot(d)
+    for f in ("model.onnx", "calib.npz"):
+        assert after[f] == before[f], f"{f} changed"
+    assert not [f for f in after if Path(f).name.startswith(".") or f.endswith(".tmp")], after
+    if code != 0:
+        assert after == before, "a failed run wrote something"
+    else:
+        onnx.checker.check_model(onnx.load(d / "out.onnx"), full_check=True)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 2_000_000, "memory is not bounded"
+
+
+def test_every_user_error_class_is_an_edgec_error():
+    assert issubclass(UserError, EdgecError) and not issubclass(UserError, (ValueError, TypeError, SystemExit))
