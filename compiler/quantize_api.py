@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 
 from . import calibration as calib_mod
-from .errors import UserError
+from .errors import UserError, VerificationError
 from .ir import IR
 from .pipeline import PassManager
 from .runtime import capture, error_metrics, output_error, run_outputs  # noqa: F401 (re-exported)
@@ -165,6 +165,9 @@ def _quantize_integer(ir: IR, calib_batches, *, mode, method, percentile, activa
 
         plan, sensitivity, chosen = mixed_precision.choose_plan(
             ir, float_model, ranges, calib_batches, max_error=max_error, max_bytes=max_bytes, **opts, log=log)
+        if max_bytes is not None and chosen["weights_bytes"] > max_bytes:  # a budget is a check, as --max-error is
+            raise VerificationError(f"no precision plan fits --max-bytes {max_bytes}: the smallest has "
+                                    f"{chosen['weights_bytes']} bytes of weights (everything int4); nothing was written")
         report["plan"] = plan
         report["sensitivity"] = sensitivity
         report["search"] = chosen

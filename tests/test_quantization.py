@@ -431,6 +431,14 @@ def test_mixed_size_budget():
     assert rep["search"]["weights_bytes"] <= 4000 < 5208 and rep["layers_int4"] >= 1  # all-int8 is 5208 B
 
 
+def test_mixed_size_budget_that_no_plan_meets_fails_and_writes_nothing(tmp_path):
+    out = tmp_path / "q.onnx"
+    with pytest.raises(edgec.VerificationError, match="no precision plan fits --max-bytes 1"):
+        edgec.compile(str(EXAMPLE / "model.onnx"), out, quantize="mixed", max_bytes=1,
+                      calib=str(EXAMPLE / "calib.npz"), calib_samples=32)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------ bias correction
 def test_bias_correction_is_kept_only_when_it_lowers_the_error(digits):
     model, d = digits
