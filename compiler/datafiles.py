@@ -208,20 +208,34 @@ def _header(f, where: str) -> tuple[tuple, np.dtype, bool, int]:
     return shape, dtype, fortran, prefix + hlen
 
 
-def check_regular(path: Path, what: str) -> Path:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such {what}") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise UserError(f"{path}: is a directory, expected an .npz or .npy {what}")
-    if not stat.S_ISREG(st.st_mode):
-        from .loader import _file_kind
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for one-line errors ("a FIFO", "a character device", ...)."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
-        raise UserError(f"{path}: is not a regular file ({_file_kind(st.st_mode)})")
-    return path
+
+def check_regular(path: str | os.PathLike, what: str, *, missing: str | None = None, expected: str | None = None,
+                  hint: str = "") -> Path:
+    """Refuse a path that is not a regular file before opening it (FIFOs and devices would hang
+    or never end, folders are not files): one UserError naming ``what`` the file should be.
+    ``missing``/``expected`` word the not-found and is-a-directory messages (default: ``what``,
+    ``an .npz or .npy <what>``); ``hint`` follows the not-a-regular-file message."""
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such {missing or what}"
+                        + (" (a broken symbolic link)" if p.is_symlink() else "")) from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read the {what} ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{p}: is a directory, expected {expected or f'an .npz or .npy {what}'}")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{p}: is not a regular file ({file_kind(st.st_mode)}){hint}")
+    return p
 
 
 def open_npy(path: str | os.PathLike, what: str = "data file") -> ArrayRef:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 from collections import deque
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import version_converter
 
+from . import datafiles
 from .errors import InternalError, UserError
 from .ir import IR, ModelInfo
 
@@ -40,18 +40,9 @@ MAX_MODEL_FILE_BYTES = (2 << 30) - 1
 def check_input_file(path: str | os.PathLike, what: str = "model") -> Path:
     """Refuse a path that is not a regular file before opening it: FIFOs and devices would hang
     or never end, folders are not files. Raises UserError."""
-    p = Path(path)
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise UserError(f"{p}: no such file" + (" (a broken symbolic link)" if p.is_symlink() else "")) from None
-    except OSError as e:
-        raise UserError(f"{p}: cannot read the {what} ({e.strerror or e})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise UserError(f"{p}: is a directory, expected an {'.onnx model' if what == 'model' else what} file")
-    if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{p}: is not a regular file ({_file_kind(st.st_mode)}); give the {what} as a file")
-    return p
+    return datafiles.check_regular(path, what, missing="file",
+                                   expected=f"an {'.onnx model' if what == 'model' else what} file",
+                                   hint=f"; give the {what} as a file")
 
 
 def load_model(path: str | os.PathLike, *, external_files: list | None = None) -> onnx.ModelProto:
@@ -224,14 +215,6 @@ def _weights_bytes(model: onnx.ModelProto) -> int:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
-
-
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link")):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 # ====================================================================== validation of user models

@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .datafiles import file_kind
 from .errors import UserError
 
 _LIVE: set = set()  # every Outputs with temporary files on disk (cleaned at exit, whatever happens)
@@ -48,12 +49,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def _kind(mode: int) -> str:
-    from .loader import _file_kind
-
-    return _file_kind(mode)
 
 
 class Outputs:
@@ -121,10 +116,10 @@ class Outputs:
             raise UserError(f"{given}: cannot write the {what} there ({e.strerror or e})") from None
         if st is not None:
             if kind == "file" and not stat.S_ISREG(st.st_mode):
-                raise UserError(f"{given}: is {_kind(st.st_mode)}; give a file name for the {what}")
+                raise UserError(f"{given}: is {file_kind(st.st_mode)}; give a file name for the {what}")
             if kind == "dir":
                 if not stat.S_ISDIR(st.st_mode):
-                    raise UserError(f"{given}: is {_kind(st.st_mode) if not stat.S_ISREG(st.st_mode) else 'a file'}; "
+                    raise UserError(f"{given}: is {file_kind(st.st_mode) if not stat.S_ISREG(st.st_mode) else 'a file'}; "
                                     f"the {what} goes there as a folder: remove it or choose another -o")
                 if replaceable is not None and not replaceable(real):
                     raise UserError(f"{given}: the folder exists and holds files edgec did not write; remove it or "
