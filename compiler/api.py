@@ -211,12 +211,13 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
         else:  # random inputs from the compiled signature (input shapes may be fixed now)
             feeds = verify_mod.random_inputs(result_model)
     if feeds is not None:
-        comparison = _compare(original, result_model, feeds, rtol=rtol, atol=atol, generated=source == "random")
+        comparison, ref_outputs, feeds = _compare(original, result_model, feeds, rtol=rtol, atol=atol,
+                                                  generated=source == "random")
         passed = comparison.allclose if not lossy else (max_error is None or comparison.rel_l2 <= max_error)
         report["verify"] = {**comparison.as_dict(), "inputs": source, "lossy": lossy, "passed": passed,
                             "max_error": max_error, "arithmetic": "reference"}
         if verify:
-            report["verify"]["host"] = _host_check(original, result_model, feeds, comparison, tgt)
+            report["verify"]["host"] = _host_check(ref_outputs, result_model, feeds, comparison, tgt)
         if (verify or max_error is not None) and not passed:
             if lossy:
                 raise VerificationError(
@@ -310,9 +311,10 @@ SYMBOLIC_FILLS = (1, 8, 16, 32, 64, 224)
 
 
 def _compare(original, result_model, feeds, *, rtol, atol, generated: bool):
-    """Run both models and compare. Generated inputs retry other sizes for symbolic non-batch
-    dims (a UNet with dynamic H/W cannot run at 1x1); a model that never runs is the user's to
-    feed (--inputs), a compiled model that fails where the original ran is edgec's bug."""
+    """Run both models and compare: ``(comparison, the original's outputs, the feeds used)``.
+    Generated inputs retry other sizes for symbolic non-batch dims (a UNet with dynamic H/W
+    cannot run at 1x1); a model that never runs is the user's to feed (--inputs), a compiled
+    model that fails where the original ran is edgec's bug."""
     tries = SYMBOLIC_FILLS if generated else (None,)
     last = None
     for fill in tries:
@@ -329,7 +331,7 @@ def _compare(original, result_model, feeds, *, rtol, atol, generated: bool):
         except Exception as e:
             raise InternalError(f"the compiled model fails in ONNX Runtime where the original runs: "
                                 f"{str(e).strip().splitlines()[0][:300]}") from None
-        return verify_mod.compare(reference, actual, rtol=rtol, atol=atol)
+        return verify_mod.compare(reference, actual, rtol=rtol, atol=atol), reference, feeds
     first = str(last).strip().splitlines()[0][:200] if last else ""
     raise UserError("the original model does not run in ONNX Runtime on generated inputs"
                     + (" (symbolic dims tried as " + ", ".join(map(str, tries)) + ")" if generated else "")
@@ -348,21 +350,20 @@ def _scheme_notes(tgt, quantize, target_options) -> list[str]:
     return []
 
 
-def _host_check(original, result_model, feeds, reference: "verify_mod.Comparison", tgt) -> dict:
+def _host_check(ref_outputs: dict, result_model, feeds, reference: "verify_mod.Comparison", tgt) -> dict:
     """``--verify``'s second line: the compiled model on *this host's* kernels (every ONNX
-    Runtime optimisation on, QDQ fused into its integer kernels) against the original in
-    reference arithmetic. Reported, never used to decide or to fail: the deployment CPU may
-    differ from the build host. A note says when this host adds error the reference does not
+    Runtime optimisation on, QDQ fused into its integer kernels) on the feeds the reference
+    comparison used, against the original's reference outputs (``ref_outputs``). Reported,
+    never used to decide or to fail: the deployment CPU may differ from the build host. A note says when this host adds error the reference does not
     have (the int16 saturation of a no-VNNI CPU running a model built for isa=vnni, say)."""
     isa = runtime.host_isa()
     out = {"kernels": "this host's, ONNX Runtime with all optimisations", "host": runtime.host_description()}
     try:
-        ref = verify_mod.run(original, feeds)
         got = verify_mod.run(result_model, feeds, host=True)
     except Exception as e:  # the host's kernels refuse what the reference runs: report, don't fail
         out["error"] = str(e).strip().splitlines()[0][:200]
         return out
-    c = verify_mod.compare(ref, got, rtol=reference.rtol, atol=reference.atol)
+    c = verify_mod.compare(ref_outputs, got, rtol=reference.rtol, atol=reference.atol)
     out.update({"max_abs_error": c.max_abs_error, "rel_l2": c.rel_l2, "sqnr_db": runtime.sqnr_db(c.rel_l2),
                 "min_cosine": c.min_cosine})
     built_for = tgt.quant.isa

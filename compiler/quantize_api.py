@@ -259,9 +259,5 @@ def _channel_means(model: onnx.ModelProto, tensors, axis_of, layer_out, batches)
             sums[t] = sums.get(t, 0) + v.sum(axis=1)
             counts[t] = counts.get(t, 0) + v.shape[1]
 
-    _run_with(model, tensors, batches, on_batch)
-    return {t: sums[t] / counts[t] for t in sums}
-
-
-def _run_with(model, tensors, batches, on_batch) -> None:
     capture(model, tensors, batches, on_batch)  # reference arithmetic: exact QDQ, any host
+    return {t: sums[t] / counts[t] for t in sums}
