@@ -16,21 +16,22 @@ U8S8 GEMM kernels (QLinearConv, QGemm, QLinearMatMul) multiply differently by IS
   on an AVX2-only CPU (QEMU's Haswell model), the example's U8S8 model falls from 38.9 dB to
   14.9 dB SQNR on that host's kernels. Two schemes cannot saturate; both were measured side
   by side (``python benchmarks/quantization.py --schemes``; accuracy in reference arithmetic,
-  which the AVX2 host's kernels matched within 0.05 dB; speed as instructions per run on the
-  AVX2 kernels, counted by callgrind, whose CPU has no AVX-512):
+  which the AVX2 host's kernels matched within 0.1 dB; latency on a VNNI/AMX host, as no
+  native AVX2 machine was available to time):
 
   - **U8U8** (the default here): uint8 weights with a zero point per channel, run by ONNX
     Runtime's U8U8 kernels, which widen to int16 and add in int32. Accuracy within about 1 dB
     of exact U8S8 on every builder model and the example (+0.5 dB on the example, -0.5 on
-    MobileNetV2), at 1.1-1.5x the instructions of U8S8 in the GEMM layers.
+    MobileNetV2); slower than U8S8 (1.0-3.0x its latency on the AMX host).
   - **U8S7** (``scheme=u8s7``): weights in [-63, 63] (``2 * 255 * 63 = 32130``), on the same
     fast U8S8 kernels, but 7-bit weights cost 1.5 to 6.6 dB (MobileNetV2: 34.7 -> 28.1 dB).
 
   Accuracy comes first: an int8 model should be as faithful as the device allows, and the
   held-out comparison is against ONNX Runtime's own best non-saturating setting (U8U8). Depthwise
   convolutions keep int8 weights [-127, 127] in both schemes: ONNX Runtime's depthwise kernels
-  widen before multiplying and were measured exact on the AVX2 model, while it has no fast
-  U8U8 depthwise kernel (MobileNetV2 with U8U8 depthwise ran 34x slower on a VNNI host).
+  widen before multiplying and were measured exact on the AVX2 model, and its U8U8 depthwise
+  path is slower (1.7x on the AMX host; ``python benchmarks/host_kernels.py saturation
+  depthwise`` shows both).
 * U8S8 on a CPU that saturates is refused: how ONNX Runtime pairs the products depends on
   its kernels' packing, so no reference arithmetic can reproduce it, and a measured error
   would be a guess.

@@ -8,10 +8,11 @@ Two ways to run a model in ONNX Runtime, and what each is for:
   which is what every target's integer pipeline computes (int8 x int8 products summed in int32,
   then requantized with the output scale), up to the rounding of a float accumulation. No
   fusion, no NCHWc layout, no integer kernel of the build host takes part. Measured here: on
-  every builder model and the example, the float and QDQ outputs of this executor are
-  bit-identical under an AVX2-only CPU (QEMU's Haswell model) and an AVX-512 VNNI one, while
-  the fully optimised sessions differ in their last bits (float) or by the int16 saturation of
-  the no-VNNI U8S8 kernels (int8). Calibration statistics, bias correction, cross-layer
+  every builder model and the example, the float outputs of this executor are bit-identical
+  under an AVX2-only CPU (QEMU's Haswell model) and an AVX-512 VNNI one
+  (``benchmarks/host_kernels.py identity``), and so are the int8 models built with it
+  (``tests/test_numerics.py``), while the fully optimised sessions differ in their last bits
+  (float) or by the int16 saturation of the no-VNNI U8S8 kernels (int8). Calibration statistics, bias correction, cross-layer
   equalisation keep/drop, mixed-precision sensitivity, the ``--goal`` winner, the
   ``--max-error`` check and the reported error all go through it, so the same model, options
   and data give the same output bytes on any build host.
@@ -19,8 +20,9 @@ Two ways to run a model in ONNX Runtime, and what each is for:
   - ONNX Runtime CPU (cpu, neon): QLinearConv/QGemm/QLinearMatMul accumulate int32 and
     requantize with a float multiplier, rounding half to even; the reference computes the same
     sum in float and rounds the same way at QuantizeLinear. They differ by at most one step
-    where float rounding lands on a tie: measured within 0.05 dB SQNR on every model, on an
-    AMX host and on an emulated AVX2 host, for every scheme that cannot saturate. The int16
+    where float rounding lands on a tie: measured within 0.1 dB SQNR on every model, on an
+    AMX host and on an emulated AVX2 host, for every scheme that cannot saturate
+    (``benchmarks/quantization.py --schemes``). The int16
     pair saturation of U8S8 on a no-VNNI CPU is *not* emulated: it depends on how ONNX
     Runtime packs the reduction dimension, so the cpu profile never emits U8S8 for such a CPU
     (``backends/cpu.py``).
