@@ -192,6 +192,51 @@ def test_qdq_numerics_match_numpy(op, acts, wmode, bits, kw):
     del out_ranges
 
 
+@pytest.mark.parametrize("op,kw", [("Conv", {}), ("Gemm", {"trans_b": 1}), ("MatMul", {})])
+@pytest.mark.parametrize("weight_type", ["int7", "uint8"])
+def test_no_vnni_weight_types_match_numpy(op, kw, weight_type):
+    """The two weight types that cannot saturate a no-VNNI CPU's int16 pairs, by the book: int7
+    is symmetric [-63, 63]; uint8 is asymmetric per channel over [min(w, 0), max(w, 0)] with a
+    zero point (depthwise convs keep int8: test_numerics.py). The QDQ layer computes the float
+    layer on those fake-quantized operands (reference arithmetic)."""
+    model, w, b = one_layer_model(op, **kw)
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.3, 1.0, [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)
+    ref_y = verify.run(model, {"x": x})["y"]
+    q = quantize_with_ranges(model, {"x": (-1.25, 2.0), "y": (float(ref_y.min()), float(ref_y.max()))},
+                             weight_type=weight_type)
+    onnx.checker.check_model(q, full_check=True)
+    axis = {"Conv": 0, "Gemm": 0, "MatMul": 1}[op]
+    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
+    wq = [numpy_helper.to_array(i) for i in q.graph.initializer if i.name.endswith("_weight_quantized")][0]
+    if weight_type == "int7":
+        qw = 63
+        s_w = (np.abs(moved).max(axis=1) / qw).astype(np.float32)
+        w_ref = np_fake_quant(w, s_w, np.zeros_like(s_w), -qw, qw, axis=axis)
+        assert wq.dtype == np.int8 and np.abs(wq.astype(np.int32)).max() == qw
+    else:
+        lo, hi = np.minimum(moved.min(axis=1), 0), np.maximum(moved.max(axis=1), 0)
+        s_w = ((hi - lo) / 255).astype(np.float32)
+        zp = np.clip(np.rint(-lo / s_w.astype(np.float64)), 0, 255)
+        w_ref = np_fake_quant(w, s_w, zp, 0, 255, axis=axis)
+        assert wq.dtype == np.uint8 and wq.min() == 0 and wq.max() == 255
+    got_w = [v for k, v in dq_values(q, {"x": x}).items() if "_weight_dequantized" in k][0]
+    np.testing.assert_allclose(got_w, w_ref, rtol=1e-6, atol=1e-7)
+    # the float layer on the fake-quantized weights and input, against the QDQ model
+    s_x = np.float32(3.25 / 255)
+    x_ref = np_fake_quant(x, s_x, int(np.rint(1.25 / s_x)), 0, 255)
+    float_ref = onnx.ModelProto()
+    float_ref.CopyFrom(model)
+    dqs = dq_values(q, {"x": x})
+    for init in float_ref.graph.initializer:
+        if init.name == "w":
+            init.CopyFrom(numpy_helper.from_array(w_ref, "w"))
+        if init.name == "b" and b is not None:
+            init.CopyFrom(numpy_helper.from_array([v for k, v in dqs.items() if "_bias_dequantized" in k][0], "b"))
+    np.testing.assert_allclose(session(q).run(None, {"x": x})[0], verify.run(float_ref, {"x": x_ref})["y"],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_activation_params_and_weight_quantizer_by_hand():
     from edgec.passes.quantize import activation_params, quantize_weight
 
