@@ -1,9 +1,15 @@
 """Passes and the pass manager.
 
 A pass is a small object: ``name``, a one-line ``description``, what it ``requires`` of the IR
-before it runs (``"shapes"``: tensor shapes inferred), whether it is ``lossless``, and
-``run(ir) -> changed``. A pass may leave human-readable ``notes`` (e.g. why a BatchNorm was not
-folded) that the report prints.
+before it runs (``"shapes"``: tensor shapes inferred; ``"order"``: nodes producers-first),
+whether it is ``lossless``, and ``run(ir, ctx) -> PassResult``. The result says whether the
+graph changed, carries human-readable ``notes`` (e.g. why a BatchNorm was not folded) that the
+report prints, and the pass's ``data`` (a typed record such as ``PruneResult``), which the
+caller reads from the pass's record, never from the pass object.
+
+What a pass may read besides the IR comes in the :class:`PassContext`: calibration data, the
+reference (float) model, calibrated ranges, a quantization plan, the target profile. Nothing is
+pushed into pass objects after they are built.
 
 The manager runs an ordered pipeline, where an item is a pass or a :class:`FixedPoint` group
 (passes repeated until none changes the graph), times each pass, records what it changed
@@ -14,15 +20,58 @@ a pass that ``requires`` ``"order"``), so passes may leave dead nodes behind.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import onnx_graphsurgeon as gs
 
 from .errors import EdgecError, InternalError
 from .ir import IR
+
+
+@dataclass
+class PassResult:
+    """What one run of a pass did: ``changed`` the graph or not, ``notes`` for the report, and
+    its ``data`` (a typed result, e.g. :class:`edgec.passes.prune_channels.PruneResult`)."""
+
+    changed: bool
+    notes: list[str] = field(default_factory=list)
+    data: Any = None
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+
+@dataclass
+class PassContext:
+    """Inputs a pass may read besides the IR (all optional; a pass that needs one and finds it
+    missing raises a UserError saying which).
+
+    ``calib``: calibration batches (any re-iterable of ``{input: array}``, e.g. a
+    :class:`edgec.calibdata.CalibrationSet`); ``reference``: the float model the compile
+    started from, as ONNX; ``ranges``: calibrated activation ranges (tensor -> (lo, hi));
+    ``plan``: a quantization plan (:class:`edgec.quant_plan.QuantPlan`); ``target``: the target
+    profile (:class:`edgec.target.Target`); ``log``: progress lines."""
+
+    calib: Any = None
+    reference: Any = None
+    ranges: dict | None = None
+    plan: Any = None
+    target: Any = None
+    log: Callable[[str], None] = field(default=lambda s: None, repr=False)
+    _feeds: list | None = field(default=None, repr=False)
+
+    def feeds(self) -> list[dict] | None:
+        """The calibration batches as a list (read once, shared by every pass that asks)."""
+        if self.calib is None:
+            return None
+        if self._feeds is None:
+            self._feeds = [self.calib] if isinstance(self.calib, dict) else list(self.calib)
+        return self._feeds
 
 
 class Pass:
@@ -35,9 +84,9 @@ class Pass:
     preserves_shapes: bool = False
 
     def __init__(self) -> None:
-        self.notes: list[str] = []
+        self.notes: list[str] = []  # legacy passes only (run(ir) -> bool); see _call
 
-    def run(self, ir: IR) -> bool:  # pragma: no cover - interface
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
 
     def note(self, text: str) -> None:
@@ -84,7 +133,11 @@ class FixedPoint:
 
 @dataclass
 class PassRecord:
+    """What the pass at one position of the pipeline did (a pass in a FixedPoint group keeps
+    one record over all its rounds; the same pass at two positions has two records)."""
+
     name: str
+    position: int = 0
     changed: bool = False
     seconds: float = 0.0
     runs: int = 0
@@ -93,10 +146,11 @@ class PassRecord:
     constants_removed: int = 0
     params_removed: int = 0
     notes: list = field(default_factory=list)
+    data: Any = None  # the pass's typed result (its last run's, when it ran more than once)
 
     def as_dict(self) -> dict:
         return {
-            "name": self.name, "changed": self.changed, "seconds": round(self.seconds, 6),
+            "name": self.name, "position": self.position, "changed": self.changed, "seconds": round(self.seconds, 6),
             "runs": self.runs, "nodes_removed": self.nodes_removed, "nodes_added": self.nodes_added,
             "constants_removed": self.constants_removed, "params_removed": self.params_removed,
             "notes": list(self.notes),
@@ -133,25 +187,33 @@ class PassManager:
         self.pipeline = list(pipeline)
         self.validate = validate
         self.on_pass = on_pass
-        self.records: dict[str, PassRecord] = {}
+        self.records: list[PassRecord] = []
 
-    def run(self, ir: IR) -> list[PassRecord]:
-        self.records = {}
+    def run(self, ir: IR, ctx: PassContext | None = None) -> list[PassRecord]:
+        ctx = ctx if ctx is not None else PassContext()
+        self.records = []
         self._dirty = False
+        self._last_changed: PassRecord | None = None
         for item in self.pipeline:
             if isinstance(item, FixedPoint):
+                recs = [self._new_record(p) for p in item.passes]
                 for _ in range(item.max_rounds):
-                    changed = [self._run_one(ir, p) for p in item.passes]
+                    changed = [self._run_one(ir, p, rec, ctx) for p, rec in zip(item.passes, recs)]
                     self._tidy(ir)
                     if not any(changed):
                         break
             else:
-                self._run_one(ir, item)
+                self._run_one(ir, item, self._new_record(item), ctx)
         self._tidy(ir, force=True)
         # Forced: shape-preserving passes keep shapes valid, but folding can make unknown dims
         # knowable; outputs must leave with shapes (onnx.checker requires them) and costs need them.
         ir.infer_shapes(force=True)
-        return list(self.records.values())
+        return list(self.records)
+
+    def _new_record(self, p: Pass) -> PassRecord:
+        rec = PassRecord(p.name, position=len(self.records))
+        self.records.append(rec)
+        return rec
 
     def _tidy(self, ir: IR, force: bool = False) -> None:
         """Drop dead nodes and restore topological order: once per round, not after every pass."""
@@ -161,7 +223,7 @@ class PassManager:
         ir.remove_dead()
         ir.analysis_cache.pop("footprint", None)
         after = _footprint(ir)
-        rec = self.records.get(getattr(self, "_last_changed", None))
+        rec = self._last_changed
         if rec is not None:  # dead code left by the last rewrite is that rewrite's doing
             rec.nodes_removed += max(0, before[0] - after[0])
             rec.constants_removed += before[1] - after[1]
@@ -172,8 +234,7 @@ class PassManager:
             raise InternalError(f"the graph has a cycle after {self._last}: {e}", self._last) from e
         self._dirty = False
 
-    def _run_one(self, ir: IR, p: Pass) -> bool:
-        rec = self.records.setdefault(p.name, PassRecord(p.name))
+    def _run_one(self, ir: IR, p: Pass, rec: PassRecord, ctx: PassContext) -> bool:
         if "order" in p.requires:  # the pass walks nodes producers-first
             self._tidy(ir)
         self._last = p.name
@@ -183,17 +244,18 @@ class PassManager:
         shapes_valid = ir.shapes_current()
         t0 = time.perf_counter()
         try:
-            changed = bool(p.run(ir))
+            result = _call(p, ir, ctx)
         except EdgecError:
             raise
         except Exception as e:
             raise InternalError(f"pass '{p.name}' failed: {type(e).__name__}: {e}", p.name) from e
+        changed = result.changed
         if changed:
             ir.changed()
             if p.preserves_shapes and shapes_valid:
                 ir.shapes_still_valid()
             self._dirty = True
-            self._last_changed = p.name
+            self._last_changed = rec
             if self.validate:
                 try:
                     ir.validate()
@@ -207,16 +269,32 @@ class PassManager:
         rec.nodes_added += max(0, after[0] - before[0])
         rec.constants_removed += before[1] - after[1]
         rec.params_removed += before[2] - after[2]
-        for n in p.notes:
+        for n in result.notes:
             if n not in rec.notes:
                 rec.notes.append(n)
-        p.notes.clear()
+        if result.data is not None:
+            rec.data = result.data
         if self.on_pass:
             self.on_pass(rec)
         return changed
 
 
-def run_passes(ir: IR, names_or_passes: Iterable[str | Pass], **kwargs) -> list[PassRecord]:
+def _call(p: Pass, ir: IR, ctx: PassContext) -> PassResult:
+    """Run ``p``; a pass written to the old contract (``run(ir) -> bool``, notes on the pass)
+    is adapted while the passes move over."""
+    if len(inspect.signature(p.run).parameters) >= 2:
+        result = p.run(ir, ctx)
+        if not isinstance(result, PassResult):
+            raise InternalError(f"pass '{p.name}' returned {type(result).__name__}, not a PassResult", p.name)
+        return result
+    changed = bool(p.run(ir))
+    result = PassResult(changed, list(p.notes))
+    p.notes.clear()
+    return result
+
+
+def run_passes(ir: IR, names_or_passes: Iterable[str | Pass], ctx: PassContext | None = None,
+               **kwargs) -> list[PassRecord]:
     """Convenience for the Python API: run passes given by name or instance, in order."""
     passes = [get_pass(p) if isinstance(p, str) else p for p in names_or_passes]
-    return PassManager(passes, **kwargs).run(ir)
+    return PassManager(passes, **kwargs).run(ir, ctx)
