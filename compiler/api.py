@@ -171,9 +171,14 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     records = PassManager(pipeline, on_pass=lambda r: None).run(ir)
     quant_report = None
     if quantize is not None:
-        quant_report = _quantize(ir, original, tgt, quantize, calib_set, method=calib_method, percentile=percentile,
-                                 activations=activations, weights=weights, keep_float=keep_float,
-                                 max_error=max_error, max_bytes=max_bytes, progress=progress, log=log)
+        from . import quantize_api
+        from .options import QuantOptions
+
+        quant_report = quantize_api.quantize_for_target(
+            ir, tgt, QuantOptions(mode=quantize, method=calib_method, percentile=percentile, activations=activations,
+                                  weights=weights, keep_float=tuple(keep_float), max_bytes=max_bytes,
+                                  progress=progress),
+            calib_set, max_error=max_error, log=log)
         ir.infer_shapes()
     after = costs_mod.compute(ir)
     result_model = ir.to_onnx()
@@ -382,57 +387,6 @@ def _refuse_nan_reference(reference: dict, generated: bool) -> None:
         raise UserError(f"the original model's output '{bad}' holds NaN on the {'generated ' if generated else ''}inputs, "
                         f"so outputs cannot be compared: check its weights, or give inputs in its valid range with "
                         f"--inputs F.npz")
-
-
-def _quantize(ir: IR, original, tgt, mode: str, calib_set, *, method, percentile, activations, weights,
-              keep_float, max_error, max_bytes, progress, log) -> dict:
-    from . import quantize_api
-
-    if mode not in ("int8", "fp16", "mixed"):
-        raise UserError(f"--quantize {mode}: choose int8, fp16 or mixed")
-    if mode != "fp16" and calib_set is None:
-        raise UserError(f"--quantize {mode} needs calibration data: --calib PATH (or --calib random, explicitly)")
-    from . import calibration as calib_mod
-
-    activations = activations or tgt.quant.activations
-    weights = weights or tgt.quant.weights
-    method = calib_mod.parse_method(method) if isinstance(method, str) else method
-    if tgt.name == "jetson" and mode != "fp16":
-        if mode == "mixed":
-            raise UserError("target jetson: use --quantize int8 (TensorRT chooses FP16 or INT8 per layer itself "
-                            "when built with --int8 --fp16); keep sensitive layers float with --keep-float")
-        if activations != "symmetric":
-            raise UserError("target jetson: TensorRT needs symmetric activations (zero point 0)")
-        return _quantize_tensorrt(ir, calib_set, method=method, percentile=percentile, keep_float=keep_float,
-                                  progress=progress)
-    return quantize_api.quantize(ir, original, mode=mode, calib_batches=calib_set, method=method,
-                                 percentile=percentile, activations=activations, weights=weights,
-                                 keep_float=keep_float, max_error=max_error, max_bytes=max_bytes,
-                                 progress=progress, pointwise=tgt.quant.pointwise,
-                                 weight_type=tgt.quant.weight_type, log=log)
-
-
-def _quantize_tensorrt(ir: IR, calib_set, *, method, percentile, keep_float, progress) -> dict:
-    import time as _time
-
-    from . import calibration as calib_mod
-    from . import quantize_api
-    from edgec.passes.quantize_tensorrt import QuantizeTensorRT
-
-    t0 = _time.perf_counter()
-    ir.infer_shapes()
-    float_model = ir.to_onnx()
-    tensors = quantize_api.calibration_tensors(float_model)
-    stats = calib_mod.collect(float_model, tensors, calib_set, progress=progress,
-                              total=getattr(calib_set, "num_samples", None))
-    ranges = calib_mod.ranges_from_stats(float_model, stats, method=method, percentile=percentile, symmetric=True)
-    p = QuantizeTensorRT(ranges, keep_float=keep_float)
-    records = PassManager([p]).run(ir)
-    rep = {"mode": "int8", "method": method, "activations": "symmetric", "weights": "per-channel",
-           **p.summary, "notes": [n for r in records for n in r.notes]}
-    rep["error"] = quantize_api.output_error(float_model, ir.to_onnx(), calib_set)
-    rep["seconds"] = round(_time.perf_counter() - t0, 3)
-    return rep
 
 
 def _check_calibration_runs(model: onnx.ModelProto, calib_set, source, input_shapes) -> None:

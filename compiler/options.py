@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import UserError
@@ -224,3 +225,52 @@ def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
         if path is not None and not Path(path).exists():
             raise UserError(f"{path}: no such {what}")
     return fixed
+
+
+# ---------------------------------------------------------------------- option groups
+# The same groups as the command line's (``edgec compile --help``): what compile() runs on.
+@dataclass(frozen=True)
+class PruneOptions:
+    """Structured channel pruning: ``ratio`` of channels or ``macs`` fraction of MACs removed."""
+
+    ratio: float | None = None
+    macs: float | None = None
+    importance: str = "l1"
+    mode: str = "uniform"
+    steps: int = 1
+    round_to: int | None = None  # None: the target's channel multiple
+    max_layer_ratio: float = 0.9
+    reconstruct: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.ratio is not None or self.macs is not None
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """``mode`` int8 / fp16 / mixed (None: no quantization); ``activations``/``weights`` None
+    mean the target's scheme; ``max_bytes`` is the size budget of ``mixed``."""
+
+    mode: str | None = None
+    method: Any = "minmax"  # a method name, or {tensor: method}
+    percentile: float = 99.99
+    activations: str | None = None
+    weights: str | None = None
+    keep_float: tuple = ()
+    max_bytes: int | None = None
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """``verify``: compare with the original in ONNX Runtime; ``max_error`` is the budget of a
+    lossy compile (relative L2 of the outputs); ``bench`` adds latency before and after."""
+
+    verify: bool = False
+    inputs: Any = None
+    eval_data: Any = None
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    max_error: float | None = None
+    bench: bool = False

@@ -64,6 +64,51 @@ def calibration_tensors(model: onnx.ModelProto) -> list[str]:
     return [t for t in dict.fromkeys(names) if types.get(t, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
 
 
+def quantize_for_target(ir: IR, target, options, calib, *, max_error: float | None = None,
+                        log: Callable[[str], None] | None = None) -> dict:
+    """Quantize ``ir`` in place as ``target``'s scheme wants (``options``: a
+    :class:`edgec.options.QuantOptions`); the report section."""
+    mode = options.mode
+    if mode not in MODES:
+        raise UserError(f"--quantize {mode}: choose int8, fp16 or mixed")
+    if mode != "fp16" and calib is None:
+        raise UserError(f"--quantize {mode} needs calibration data: --calib PATH (or --calib random, explicitly)")
+    activations = options.activations or target.quant.activations
+    weights = options.weights or target.quant.weights
+    method = calib_mod.parse_method(options.method) if isinstance(options.method, str) else options.method
+    if target.name == "jetson" and mode != "fp16":
+        if mode == "mixed":
+            raise UserError("target jetson: use --quantize int8 (TensorRT chooses FP16 or INT8 per layer itself "
+                            "when built with --int8 --fp16); keep sensitive layers float with --keep-float")
+        if activations != "symmetric":
+            raise UserError("target jetson: TensorRT needs symmetric activations (zero point 0)")
+        return _quantize_tensorrt(ir, calib, method=method, percentile=options.percentile,
+                                  keep_float=options.keep_float, progress=options.progress)
+    return quantize(ir, None, mode=mode, calib_batches=calib, method=method, percentile=options.percentile,
+                    activations=activations, weights=weights, keep_float=options.keep_float, max_error=max_error,
+                    max_bytes=options.max_bytes, progress=options.progress, pointwise=target.quant.pointwise,
+                    weight_type=target.quant.weight_type, log=log)
+
+
+def _quantize_tensorrt(ir: IR, calib_set, *, method, percentile, keep_float, progress) -> dict:
+    from edgec.passes.quantize_tensorrt import QuantizeTensorRT
+
+    t0 = time.perf_counter()
+    ir.infer_shapes()
+    float_model = ir.to_onnx()
+    tensors = calibration_tensors(float_model)
+    stats = calib_mod.collect(float_model, tensors, calib_set, progress=progress,
+                              total=getattr(calib_set, "num_samples", None))
+    ranges = calib_mod.ranges_from_stats(float_model, stats, method=method, percentile=percentile, symmetric=True)
+    p = QuantizeTensorRT(ranges, keep_float=keep_float)
+    records = PassManager([p]).run(ir)
+    rep = {"mode": "int8", "method": method, "activations": "symmetric", "weights": "per-channel",
+           **p.summary, "notes": [n for r in records for n in r.notes]}
+    rep["error"] = output_error(float_model, ir.to_onnx(), calib_set)
+    rep["seconds"] = round(time.perf_counter() - t0, 3)
+    return rep
+
+
 def quantize(ir: IR, original_model: onnx.ModelProto | None = None, *, mode: str = "int8",
              calib_batches: Iterable[dict] | None = None, method: str | dict = "minmax",
              percentile: float = 99.99, activations: str = "asymmetric", weights: str = "per-channel",
