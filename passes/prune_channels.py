@@ -27,6 +27,7 @@ Rules
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -36,6 +37,18 @@ from edgec.analysis import costs as costs_mod
 from edgec.analysis.channels import ChannelGroup, find_groups
 from edgec.ir import IR
 from edgec.pipeline import Pass, register
+
+
+@dataclass
+class PruneResult:
+    """What pruning did (the ``data`` of its PassResult): the channel ratio used (solved when a
+    MACs target was given), one dict per channel group (id, prunable, reason, channels
+    before/after, removed units, importance of removed/kept units), and per-layer
+    least-squares fit errors."""
+
+    ratio: float | None = None
+    groups: list[dict] = field(default_factory=list)
+    reconstruction: list[dict] = field(default_factory=list)
 
 
 # ====================================================================== applying a pruning

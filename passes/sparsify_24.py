@@ -20,12 +20,24 @@ Lossy: the output error is measured by ``--verify``/``--max-error``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgec.ir import IR
 from edgec.lstsq import run_tensors, sample_rows
 from edgec.pipeline import Pass, register
+
+
+
+@dataclass
+class SparsityResult:
+    """What 2:4 sparsity did (the ``data`` of its PassResult): one dict per layer (name, op,
+    weights, density, whether it was re-fitted by least squares, and why not)."""
+
+    pattern: str = "2:4"
+    layers: list[dict] = field(default_factory=list)
 
 
 def mask_24(w2: np.ndarray) -> np.ndarray:
