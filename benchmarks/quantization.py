@@ -154,7 +154,7 @@ def run_edgec(model, calib: dict, opts: dict, batch: int | None) -> bytes:
     ir = edgec.from_model(model)
     edgec.run_passes(ir, LOSSLESS)
     cs = calibdata.load_calibration(calib, model, batch_size=batch or 32)
-    quantize_api.quantize(ir, model, calib_batches=cs if opts["mode"] != "fp16" else None, **opts)
+    quantize_api.quantize(ir, cs if opts["mode"] != "fp16" else None, **opts)
     return ir.to_onnx().SerializeToString()
 
 
@@ -209,7 +209,7 @@ def calib_only_edgec(float_model, calib: dict, method: str, batch: int | None) -
     from edgec import calibration
 
     cs = calibdata.load_calibration(calib, float_model, batch_size=batch or 32)
-    tensors = quantize_api.calibration_tensors(float_model)
+    tensors = quantize_api.calibration_tensors(edgec.from_model(float_model))
     stats = calibration.collect(float_model, tensors, cs, histograms=calibration.needs_histograms(method))
     return calibration.ranges_from_stats(float_model, stats, method=method)
 

@@ -319,14 +319,16 @@ def _qdq_errors(c: np.ndarray, weights: np.ndarray, lo: np.ndarray, hi: np.ndarr
 
 
 # ======================================================================= engine
+def tensor_classes(model: onnx.ModelProto) -> dict[str, str]:
+    """Every named tensor's class: ``input``, ``bounded`` or ``unbounded`` (see the module doc)."""
+    out = {o: ("bounded" if n.op_type in BOUNDED_OPS else "unbounded") for n in model.graph.node for o in n.output}
+    out.update({i.name: "input" for i in model.graph.input})
+    return out
+
+
 def tensor_class(model: onnx.ModelProto, name: str) -> str:
     """``input``, ``bounded`` or ``unbounded`` (see the module doc)."""
-    if any(i.name == name for i in model.graph.input):
-        return "input"
-    for n in model.graph.node:
-        if name in n.output:
-            return "bounded" if n.op_type in BOUNDED_OPS else "unbounded"
-    return "unbounded"
+    return tensor_classes(model).get(name, "unbounded")
 
 
 def method_for(method: str | dict, cls: str) -> str:
@@ -374,24 +376,35 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[di
     before they are dropped. ``histograms=False`` keeps min/max/mean only (minmax needs no more).
     """
     tensors = list(dict.fromkeys(tensors))
-    aug = augment(model, tensors)
     # reference arithmetic: the ranges (and so the output bytes) must not depend on the build host
-    sess = reference_session(aug)
+    sess = reference_session(augment(model, tensors))
     out_names = [o.name for o in sess.get_outputs()]
+
+    def runs():
+        for batch in batches:
+            yield batch, dict(zip(out_names, sess.run(out_names, batch)))
+
+    return accumulate(runs(), tensors, bins=bins, progress=progress, total=total, on_batch=on_batch,
+                      histograms=histograms)
+
+
+def accumulate(runs: Iterable[tuple[dict, dict]], tensors: list[str], *, bins: int = DEFAULT_BINS, progress=False,
+               total: int | None = None, on_batch: Callable[[dict], None] | None = None,
+               histograms: bool = True) -> dict[str, TensorStats]:
+    """:class:`TensorStats` of ``tensors`` over ``runs``: ``(batch, outputs)`` pairs from any
+    executor (the calibration session, or the quantization probe with equalised weights)."""
     stats = {t: TensorStats(bins=bins, histogram=histograms) for t in tensors}
     meter = Progress(progress)
     done = 0
     try:
-        for batch in batches:
-            values = sess.run(out_names, batch)
-            outs = dict(zip(out_names, values))
+        for batch, outs in runs:
             for t in tensors:
                 v = outs[t]
                 if v.dtype.kind == "f":
                     stats[t].update(v)
             if on_batch is not None:
                 on_batch(outs)
-            del outs, values
+            del outs
             done += len(next(iter(batch.values()))) if batch else 0
             meter(done, total)
     finally:
@@ -442,7 +455,8 @@ def needs_histograms(method: str | dict) -> bool:
 def ranges_from_stats(model: onnx.ModelProto, stats: dict[str, TensorStats], *, method: str | dict = "minmax",
                       percentile: float = 99.99, symmetric: bool = False) -> dict[str, tuple[float, float]]:
     out = {}
+    classes = tensor_classes(model)
     for name, st in stats.items():
-        m = method_for(method, tensor_class(model, name))
+        m = method_for(method, classes.get(name, "unbounded"))
         out[name] = compute_range(st, m, symmetric=symmetric, percentile=percentile)
     return out

@@ -26,20 +26,16 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import numpy as np
-import onnx
 
 from .errors import UserError
 from .ir import IR
-from .pipeline import PassManager
-from .runtime import error_metrics, run_outputs
+from .quant_plan import build_plan, kept_float, node_key, weighted_nodes
+from .quant_probe import Probe
+from .quant_rules import table_for
 
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 DEFAULT_MAX_ERROR = 0.02
-
-
-def _params(ir: IR, n) -> int:
-    w = ir.const_value(n.inputs[1])
-    return int(w.size) if w is not None else 0
+EVAL_SAMPLES = 128
 
 
 def weights_bytes(sizes: dict[str, int], plan: dict[str, str]) -> int:
@@ -47,32 +43,26 @@ def weights_bytes(sizes: dict[str, int], plan: dict[str, str]) -> int:
 
 
 class _Evaluator:
-    def __init__(self, ir: IR, float_model: onnx.ModelProto, ranges, batches, opts):
-        self.ir = ir
-        self.ranges = ranges
-        self.batches = batches
-        self.opts = opts
-        self.ref = run_outputs(float_model, batches)
+    """The output error of a precision plan, measured on the probe (no IR copies)."""
+
+    def __init__(self, ir: IR, probe: Probe, scheme, ranges, batches, keep_float, weights):
+        self.ir, self.probe, self.scheme, self.ranges = ir, probe, scheme, ranges
+        self.batches, self.keep_float, self.weights = batches, keep_float, weights
+        self.ref = probe.outputs(None, batches, weights=weights)
         self.count = 0
 
-    def error(self, plan: dict[str, str]) -> float:
-        from edgec.passes.quantize import QuantizeQDQ
-
+    def error(self, precisions: dict[str, str]) -> float:
         self.count += 1
-        work = self.ir.copy()
-        PassManager([QuantizeQDQ(self.ranges, plan=plan, **self.opts)]).run(work)
-        return error_metrics(self.ref, run_outputs(work.to_onnx(), self.batches))["rel_l2"]
+        plan = build_plan(self.ir, self.scheme, self.ranges, precisions=precisions, keep_float=self.keep_float)
+        return self.probe.error(plan, self.batches, self.ref, weights=self.weights)["rel_l2"]
 
 
-def choose_plan(ir: IR, float_model: onnx.ModelProto, ranges: dict, calib_batches: Iterable[dict], *,
-                max_error: float | None = None, max_bytes: int | None = None, activations: str = "asymmetric",
-                weights: str = "per-channel", keep_float: Iterable[str] = (), pointwise=(), weight_type: str = "uint8",
-                keep_ends: bool = True,
-                eval_samples: int = 128, log: Callable[[str], None] | None = None
+def choose_plan(ir: IR, probe: Probe, scheme, ranges: dict, batches: Iterable[dict], *,
+                max_error: float | None = None, max_bytes: int | None = None, keep_float: Iterable[str] = (),
+                keep_ends: bool = True, weights=None, log: Callable[[str], None] | None = None
                 ) -> tuple[dict[str, str], list[dict], dict]:
-    """Return ``(plan, sensitivity table, search summary)``; see the module doc."""
-    from edgec.passes.quantize import QuantizeQDQ, node_key, weighted_nodes
-
+    """Return ``(precisions, sensitivity table, search summary)``; see the module doc. Plans are
+    measured on ``probe`` (with equalised ``weights`` when given) over ``batches``."""
     log = log or (lambda s: None)
     if max_error is not None and not max_error > 0:
         raise UserError(f"--max-error must be positive, got {max_error}")
@@ -80,20 +70,16 @@ def choose_plan(ir: IR, float_model: onnx.ModelProto, ranges: dict, calib_batche
         raise UserError(f"the size budget must be positive, got {max_bytes}")
     if max_error is None and max_bytes is None:
         max_error = DEFAULT_MAX_ERROR
-    opts = dict(activations=activations, weights=weights, keep_float=list(keep_float or ()), pointwise=tuple(pointwise),
-                weight_type=weight_type)
-    probe = QuantizeQDQ(ranges, **opts)
+    keep = set(keep_float or ())
     ir.toposort()
-    layers = [n for n in weighted_nodes(ir) if n.inputs[0].name in ranges and not probe._kept(n)]
+    layers = [n for n in weighted_nodes(ir, table_for(scheme)) if n.inputs[0].name in ranges and not kept_float(n, keep)]
     if not layers:
         raise UserError("mixed precision: the model has no layer that can be quantized")
     keys = [node_key(n) for n in layers]
-    sizes = {node_key(n): _params(ir, n) for n in layers}
+    sizes = {node_key(n): int(ir.const_value(n.inputs[1]).size) for n in layers}
     ops = {node_key(n): n.op for n in layers}
-    batches = calib_batches.take(eval_samples) if hasattr(calib_batches, "take") else calib_batches
-    ev = _Evaluator(ir, float_model, ranges, batches, opts)
+    ev = _Evaluator(ir, probe, scheme, ranges, batches, tuple(keep), weights)
     everything_fp32 = {k: "fp32" for k in keys}
-
     # 1. sensitivity, one layer at a time
     sens: dict[str, dict[str, float]] = {}
     for k in keys:

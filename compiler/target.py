@@ -1,7 +1,6 @@
 """Target profiles: what a device family needs, as data, plus the passes and checks it adds.
 
-A profile says which opsets the device's toolchain reads, whether it needs static shapes
-(and batch 1), the int8 scheme its kernels want, what float precision it falls back to, the
+A profile says which opsets the device's toolchain reads, whether it needs static shapes, the int8 scheme its kernels want, what float precision it falls back to, the
 channel multiple pruning should round to, and the user-settable options (``--target-option
 k=v``) with their defaults. ``pipeline(target)`` returns the passes the target runs and
 ``check(target, ir)`` returns what in the graph the device would not accept.
@@ -21,11 +20,12 @@ from .ir import IR
 class QuantScheme:
     """How a target wants int8: what the QDQ pass and the backends agree on."""
 
+    rules: str = "ort-fusable"       # the rule table (edgec.quant_rules.TABLES): "ort-fusable" or "tensorrt"
     activations: str = "asymmetric"  # "asymmetric" (uint8) or "symmetric" (int8, zero point 0)
     weights: str = "per-channel"     # "per-channel" or "per-tensor"
-    bias: str = "int32"              # "int32" (quantized bias) or "float"
-    quantize_outputs: bool = False   # Q/DQ on weighted ops' outputs (False: TensorRT style)
-    int4: bool = False               # int4 weights available
+    bias: str = "int32"              # "int32" (quantized bias) or "float" (left as it is)
+    weight_format: str = "integer"   # "integer" (int initializer -> DQ) or "float-qdq" (float -> Q -> DQ)
+    mixed: bool = True               # --quantize mixed (per-layer FP32/INT8/INT4) is offered
     pointwise: tuple = ()            # unary ops whose outputs get Q/DQ too (toolchains that want all tensors int8)
     weight_type: str = "int8"        # "int8" [-127, 127], "int7" [-63, 63] (no int16 saturation), "uint8" (U8U8)
     isa: str | None = None           # the deployment CPU class the scheme was chosen for (cpu/neon)
@@ -40,7 +40,6 @@ class Target:
     max_opset: int = 23
     channel_multiple: int = 1  # pruning rounds channel counts to this (vector width)
     static_shapes: bool = False
-    batch1: bool = False
     float_precision: str = "fp32"  # what float layers run in on the device
     quant: QuantScheme = field(default_factory=QuantScheme)
     options: dict = field(default_factory=dict)  # name -> value (defaults; overridable)

@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     decompose_ops,
     dedup_initializers,
     eliminate_dead,
+    equalize_layers,
     eliminate_identity,
     fold_batchnorm,
     fold_constants,
@@ -18,7 +19,6 @@ from . import (  # noqa: F401
     narrow_int64,
     prune_channels,
     quantize,
-    quantize_tensorrt,
     reconstruct,
     shuffle_to_4d,
     sparsify_24,
@@ -29,6 +29,7 @@ from .convert_fp16 import ConvertFP16
 from .decompose_ops import DecomposeOps
 from .dedup_initializers import DedupInitializers
 from .eliminate_dead import EliminateDead
+from .equalize_layers import EqualizeLayers
 from .eliminate_identity import EliminateIdentity
 from .fold_batchnorm import FoldBatchNorm
 from .fold_constants import FoldConstants
@@ -41,11 +42,10 @@ from .infer_shapes import InferShapes
 from .narrow_int64 import NarrowInt64
 from .prune_channels import PruneChannels
 from .quantize import QuantizeQDQ
-from .quantize_tensorrt import QuantizeTensorRT
 from .reconstruct import Reconstruct
 from .shuffle_to_4d import ShuffleTo4D
 from .sparsify_24 import Sparsify24
 
-__all__ = ["CollapseReshapes", "ConvertFP16", "DecomposeOps", "DedupInitializers", "EliminateDead", "EliminateIdentity",
+__all__ = ["CollapseReshapes", "ConvertFP16", "DecomposeOps", "DedupInitializers", "EliminateDead", "EqualizeLayers", "EliminateIdentity",
            "FixInputShapes", "FoldBatchNorm", "FoldConstants", "FoldConvAffine", "FoldShapes", "FuseTransposes",
-           "GemmToConv", "InferShapes", "NarrowInt64", "PruneChannels", "QuantizeQDQ", "QuantizeTensorRT", "Reconstruct", "ShuffleTo4D", "Sparsify24"]
+           "GemmToConv", "InferShapes", "NarrowInt64", "PruneChannels", "QuantizeQDQ", "Reconstruct", "ShuffleTo4D", "Sparsify24"]

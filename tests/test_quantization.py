@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgec
-from edgec import calibdata, quantize_api, verify
+from edgec import calibdata, quantize_api, runtime, verify
 from edgec.builders import ALL_MODELS, GraphBuilder
 from edgec.errors import UserError
 from edgec.passes.quantize import QuantizeQDQ
@@ -126,7 +126,7 @@ def test_qdq_numerics_match_numpy(op, acts, wmode, bits, kw):
     x.flat[:4] = [5.0, -5.0, 0.0, hi]
     ref_y = verify.run(model, {"x": x})["y"]
     q = quantize_with_ranges(model, {"x": (lo, hi), "y": (float(ref_y.min()), float(ref_y.max()))},
-                             activations=acts, weights=wmode, plan={model.graph.node[0].output[0]: bits})
+                             activations=acts, weights=wmode, precisions={model.graph.node[0].output[0]: bits})
     onnx.checker.check_model(q, full_check=True)
 
     # activation parameters, by the book
@@ -238,7 +238,7 @@ def test_no_vnni_weight_types_match_numpy(op, kw, weight_type):
 
 
 def test_activation_params_and_weight_quantizer_by_hand():
-    from edgec.passes.quantize import activation_params, quantize_weight
+    from edgec.quant_plan import activation_params, quantize_weight
 
     s, zp = activation_params(-1.0, 3.0, symmetric=False)
     assert np.isclose(s, 4 / 255) and zp == 64
@@ -272,7 +272,7 @@ def _accuracy(model, x, y) -> float:
 def _compile_int8(model, calib, **kw):
     ir = edgec.from_model(model)
     edgec.run_passes(ir, ["fold_batchnorm", "eliminate_dead"])
-    rep = quantize_api.quantize(ir, model, calib_batches=calib, **kw)
+    rep = quantize_api.quantize(ir, calib, **kw)
     return ir.to_onnx(), rep
 
 
@@ -373,7 +373,7 @@ def test_builder_models_quantize_fuse_and_stay_close(name, tmp_path):
                            mode="int8", bias_correction=False)
     onnx.checker.check_model(q, full_check=True)
     test = calibdata.load_calibration("random", model, max_samples=16, seed=2)
-    err = quantize_api.output_error(model, q, test)
+    err = runtime.output_error(model, q, test)
     assert err["sqnr_db"] > 25, err
     ops = fused_ops(q, tmp_path)
     float_convs = [n for n in model.graph.node if n.op_type == "Conv"]
@@ -392,9 +392,9 @@ def test_unknown_mode_and_missing_calibration_are_user_errors(digits):
     model, _ = digits
     ir = edgec.from_model(model)
     with pytest.raises(UserError, match="unknown quantization mode"):
-        quantize_api.quantize(ir, model, mode="int2")
+        quantize_api.quantize(ir, mode="int2")
     with pytest.raises(UserError, match="calibration data"):
-        quantize_api.quantize(ir, model, mode="int8", calib_batches=None)
+        quantize_api.quantize(ir, None, mode="int8")
 
 
 # ------------------------------------------------------------------ fp16
@@ -402,7 +402,7 @@ def test_fp16_example_accuracy_unchanged_and_interface_float32(digits):
     model, d = digits
     ir = edgec.from_model(model)
     edgec.run_passes(ir, ["fold_batchnorm", "eliminate_dead"])
-    rep = quantize_api.quantize(ir, model, mode="fp16")
+    rep = quantize_api.quantize(ir, mode="fp16")
     q = ir.to_onnx()
     onnx.checker.check_model(q, full_check=True)
     assert _accuracy(q, d["test_x"], d["test_y"]) == _accuracy(model, d["test_x"], d["test_y"])
@@ -420,7 +420,7 @@ def ir_bytes(model) -> int:
 def test_fp16_keeps_overflow_prone_ops_in_float32():
     model = ALL_MODELS["transformer_encoder"]()
     ir = edgec.from_model(model)
-    quantize_api.quantize(ir, model, mode="fp16")
+    quantize_api.quantize(ir, mode="fp16")
     q = ir.to_onnx()
     inferred = onnx.shape_inference.infer_shapes(q)
     types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
@@ -431,7 +431,7 @@ def test_fp16_keeps_overflow_prone_ops_in_float32():
             assert types[n.output[0]] == TensorProto.FLOAT16
     feeds = verify.random_inputs(model, seed=3)
     ref, got = verify.run(model, feeds)["output"], verify.run(q, feeds)["output"]
-    err = quantize_api.error_metrics({"o": ref}, {"o": got})
+    err = runtime.error_metrics({"o": ref}, {"o": got})
     assert err["sqnr_db"] > 45, err
 
 
@@ -441,7 +441,7 @@ def test_fp16_saturates_out_of_range_constants_with_a_note():
     b.output(b.mul(b.add(x, np.full(4, 1e6, np.float32)), np.float32(1e-3)), "output")
     model = b.build()
     ir = edgec.from_model(model)
-    rep = quantize_api.quantize(ir, model, mode="fp16")
+    rep = quantize_api.quantize(ir, mode="fp16")
     assert any("saturated" in n for n in rep["notes"])
 
 
@@ -456,7 +456,7 @@ def test_mixed_meets_the_error_budget_with_smaller_weights(digits):
         search = rep["search"]
         assert search["within_budget"] and search["error_rel_l2"] <= budget
         # measured on held-out data: within the budget up to calibration/test mismatch
-        assert quantize_api.output_error(model, q, test)["rel_l2"] <= 1.5 * budget
+        assert runtime.output_error(model, q, test)["rel_l2"] <= 1.5 * budget
         assert _accuracy(q, d["test_x"], d["test_y"]) >= _accuracy(model, d["test_x"], d["test_y"]) - 0.01
         table = rep["sensitivity"]
         assert len(table) == 8 and {"layer", "op", "params", "precision", "int8_sqnr_db", "int4_sqnr_db"} <= set(table[0])
@@ -471,7 +471,7 @@ def test_mixed_size_budget():
     model = ALL_MODELS["flatten_gemm_head"]()
     calib = calibdata.load_calibration("random", model, max_samples=32, seed=0)
     ir = edgec.from_model(model)
-    rep = quantize_api.quantize(ir, model, mode="mixed", calib_batches=calib, max_error=None,
+    rep = quantize_api.quantize(ir, calib, mode="mixed", max_error=None,
                                 bias_correction=False, max_bytes=4000)
     assert rep["search"]["weights_bytes"] <= 4000 < 5208 and rep["layers_int4"] >= 1  # all-int8 is 5208 B
 
@@ -494,7 +494,7 @@ def test_bias_correction_is_kept_only_when_it_lowers_the_error(digits):
     assert r1["error"]["rel_l2"] <= r0["error"]["rel_l2"]  # on the calibration data: by construction
     if r1["bias_correction"]["layers"]:
         # and it carries over to held-out data
-        assert quantize_api.output_error(model, q1, test)["rel_l2"] < quantize_api.output_error(model, q0, test)["rel_l2"]
+        assert runtime.output_error(model, q1, test)["rel_l2"] < runtime.output_error(model, q0, test)["rel_l2"]
         changed = [i.name for i in q1.graph.initializer if i.name.endswith("_bias_quantized")]
         assert changed
 
@@ -519,11 +519,13 @@ def _dw_chain_model():
 
 
 def test_cross_layer_equalization_is_lossless_and_balances_ranges():
-    from edgec.passes.quantize import cross_layer_equalization
+    from edgec import equalization
+    from edgec.passes.equalize_layers import EqualizeLayers
 
     model = _dw_chain_model()
     ir = edgec.from_model(model)
-    assert cross_layer_equalization(ir) == 2
+    assert len(equalization.pairs(ir)) == 2
+    assert edgec.run_passes(ir, [EqualizeLayers()])[0].changed
     eq = ir.to_onnx()
     feeds = verify.random_inputs(model, seed=0, batch=2)
     np.testing.assert_allclose(verify.run(eq, feeds)["output"], verify.run(model, feeds)["output"], rtol=1e-4, atol=1e-5)
@@ -539,7 +541,7 @@ def test_equalize_auto_keeps_the_better_model_per_tensor():
     model = _dw_chain_model()
     calib = calibdata.load_calibration("random", model, max_samples=32, seed=1)
     ir = edgec.from_model(model)
-    rep = quantize_api.quantize(ir, model, mode="int8", calib_batches=calib, weights="per-tensor",
+    rep = quantize_api.quantize(ir, calib, mode="int8", weights="per-tensor",
                                 weight_type="int8", bias_correction=False, equalize="auto")
     cle = rep["cross_layer_equalization"]
     assert cle["pairs"] == 2

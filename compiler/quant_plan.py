@@ -1,0 +1,563 @@
+"""The quantization plan: what gets quantized and how, as data.
+
+:func:`build_plan` walks the float IR with a rule table (:mod:`edgec.quant_rules`), the
+calibrated activation ranges and a scheme's switches, and returns a :class:`QuantPlan`:
+
+- ``activations``: tensor -> :class:`ActQuant` (scale, zero point, dtype, and which readers read
+  the dequantized copy: every reader, or the listed ``(node, input slot)`` edges);
+- ``weights``: layer -> :class:`WeightQuant` (axis, bits, storage type, bias handling);
+- ``folded``: the Relu/Clip nodes removed and absorbed into their input's range;
+- ``bias_shift``: per-layer bias corrections (added to the int32 bias).
+
+Nodes are identified by their first output's name (unique in a valid graph, and the same in
+the IR and in the ONNX model exported from it). The plan is evaluated without rewriting the IR
+(:mod:`edgec.quant_probe`) and written into the IR by one materialiser
+(:class:`edgec.passes.quantize.QuantizeQDQ`); both compute weights and biases with the
+functions here, so what was measured is what is written.
+
+Numerics
+- Weights (``WeightQuant.kind``): ``int8`` symmetric [-127, 127]; ``int7`` symmetric [-63, 63]
+  in int8 storage (``2 * 255 * 63 < 2**15``: no int16 saturation in ONNX Runtime's no-VNNI U8S8
+  kernels); ``uint8`` asymmetric with a zero point per channel (U8U8); ``int4`` the grid [-8, 7]
+  (scale ``max|w| / 7``) in int8 storage (ONNX has no INT4 type at opset 17: the numerics are
+  int4's, the file size int8's). Depthwise convolutions keep int8 under int7/uint8 (their kernels
+  widen to int16 and never saturate, and ONNX Runtime has no fast U8U8 depthwise kernel).
+  Scales per output channel (:func:`weight_axis`) or per tensor, rounded to float32.
+- Bias of Conv/ConvTranspose/Gemm (``bias="int32"``): int32 at scale input scale x weight
+  scale (per channel), zero point 0, the form QLinearConv/QGemm take; kept float when it would
+  overflow int32.
+- Activations: ``asymmetric`` uint8 with a zero point; ``symmetric`` int8 [-127, 127], zero
+  point 0; one scale per tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .errors import UserError
+from .ir import IR
+from .quant_rules import OpRule, table_for
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+INT_PRECISIONS = ("int8", "int4")
+WEIGHT_TYPES = ("int8", "int7", "uint8")
+MIN_SCALE = 1e-8
+
+
+# ====================================================================== the plan (data)
+@dataclass(frozen=True)
+class ActQuant:
+    scale: np.float32
+    zero_point: int
+    dtype: str  # "uint8" | "int8"
+    readers: frozenset | None = None  # None: every reader; else {(node id, input slot)}
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    layer: str  # the user-facing name (node name, or its output's)
+    op: str
+    axis: int | None
+    kind: str  # "int8" | "int7" | "uint8" | "int4"
+    bias: str  # "int32" | "float"
+    input: str  # the activation tensor whose scale the int32 bias uses
+
+
+@dataclass
+class QuantPlan:
+    activations: dict[str, ActQuant] = field(default_factory=dict)
+    weights: dict[str, WeightQuant] = field(default_factory=dict)  # node id -> weight
+    folded: tuple[str, ...] = ()  # node ids of Relu/Clip folded into ranges
+    quantized_ops: int = 0
+    bias_shift: dict[str, np.ndarray] = field(default_factory=dict)  # node id -> per-channel shift
+    weight_format: str = "integer"  # "integer" (int initializer -> DQ) | "float-qdq" (float -> Q -> DQ)
+    float_layers: tuple[tuple[str, str], ...] = ()  # (layer, why it stays float)
+    residual_adds: int = 0
+
+    def with_bias_shift(self, shifts: dict[str, np.ndarray]) -> "QuantPlan":
+        return replace(self, bias_shift=dict(shifts))
+
+    def summary(self) -> dict:
+        kinds = [w.kind for w in self.weights.values()]
+        return {"layers_int8": sum(k != "int4" for k in kinds), "layers_int4": kinds.count("int4"),
+                "activations_quantized": len(self.activations), "relu_folded": len(self.folded),
+                "ops_quantized": self.quantized_ops}
+
+
+# ====================================================================== numerics
+def node_id(node: gs.Node) -> str:
+    return node.outputs[0].name if node.outputs else node.name
+
+
+def node_key(node: gs.Node) -> str:
+    """The user-facing name of a layer (precision plans, --keep-float, reports)."""
+    return node.name or (node.outputs[0].name if node.outputs else "")
+
+
+def weight_axis(node: gs.Node, ndim: int | None = None) -> int | None:
+    """The per-output-channel axis of the weight of ``node`` (None: per-tensor only)."""
+    axis = None
+    if node.op == "Conv":
+        axis = 0
+    elif node.op == "ConvTranspose":
+        axis = 1 if int(node.attrs.get("group", 1)) == 1 else None
+    elif node.op == "Gemm":
+        axis = 0 if int(node.attrs.get("transB", 0)) else 1
+    elif node.op == "MatMul":
+        axis = 1
+    if axis is not None and ndim is not None and axis >= ndim:
+        return None
+    return axis
+
+
+def is_depthwise(node: gs.Node, w: np.ndarray) -> bool:
+    """One input and one output channel per group: ONNX Runtime's depthwise kernels widen to
+    int16 before multiplying and never saturate."""
+    g = int(node.attrs.get("group", 1))
+    return node.op == "Conv" and g > 1 and w.ndim >= 3 and w.shape[1] == 1 and w.shape[0] == g
+
+
+def quantize_weight(w: np.ndarray, axis: int | None, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric quantization: (int8 values, float32 scales), per ``axis`` or scalar.
+
+    ``q = clip(round_half_even(w / scale), qmin, qmax)`` with ``scale = max|w| / qmax`` rounded to
+    float32; int8: [-127, 127]; int7: [-63, 63]; int4: [-8, 7] (scale max|w| / 7)."""
+    qmax = {8: 127, 7: 63, 4: 7}[bits]
+    qmin = -qmax - (1 if bits == 4 else 0)
+    if axis is None:
+        amax = float(np.max(np.abs(w))) if w.size else 0.0
+        scale = np.asarray(amax / qmax if amax > 0 else 1.0, dtype=np.float32)
+        q = np.rint(w.astype(np.float64) / np.float64(scale))
+    else:
+        other = tuple(i for i in range(w.ndim) if i != axis)
+        amax = np.max(np.abs(w), axis=other).astype(np.float64) if w.size else np.zeros(w.shape[axis])
+        scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+        q = np.rint(w.astype(np.float64) / scale.astype(np.float64).reshape(axis_shape(w.ndim, axis)))
+    np.clip(q, qmin, qmax, out=q)
+    return q.astype(np.int8), scale
+
+
+def quantize_weight_uint8(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric uint8 (U8U8): (uint8 values, float32 scales, uint8 zero points). The range
+    ``[min(w, 0), max(w, 0)]`` maps onto [0, 255], ``scale = (hi - lo) / 255``, ``zp = round(-lo /
+    scale)``, so 0 is exact."""
+    w64 = w.astype(np.float64)
+    if axis is None:
+        lo = np.asarray(min(float(w64.min()), 0.0) if w.size else 0.0)
+        hi = np.asarray(max(float(w64.max()), 0.0) if w.size else 0.0)
+    else:
+        other = tuple(i for i in range(w.ndim) if i != axis)
+        lo = np.minimum(w64.min(axis=other), 0.0) if w.size else np.zeros(w.shape[axis])
+        hi = np.maximum(w64.max(axis=other), 0.0) if w.size else np.zeros(w.shape[axis])
+    span = hi - lo
+    scale = np.where(span > 0, span / 255.0, 1.0).astype(np.float32)
+    zp = np.clip(np.rint(-lo / scale.astype(np.float64)), 0, 255)
+    if axis is None:
+        q = np.rint(w64 / np.float64(scale)) + zp
+    else:
+        shape = axis_shape(w.ndim, axis)
+        q = np.rint(w64 / scale.astype(np.float64).reshape(shape)) + zp.reshape(shape)
+    np.clip(q, 0, 255, out=q)
+    return q.astype(np.uint8), scale, zp.astype(np.uint8)
+
+
+def axis_shape(ndim: int, axis: int) -> list[int]:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return shape
+
+
+def activation_params(lo: float, hi: float, symmetric: bool) -> tuple[np.float32, int]:
+    """(scale, zero point) for an activation range."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if symmetric:
+        t = max(-lo, hi)
+        return np.float32(max(t / 127.0, MIN_SCALE)), 0
+    scale = max((hi - lo) / 255.0, MIN_SCALE)
+    zp = int(np.clip(np.round(-lo / scale), 0, 255))
+    return np.float32(scale), zp
+
+
+def weight_arrays(w: np.ndarray, wq: WeightQuant) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(stored values, float32 scales, zero points) of a weight under ``wq``."""
+    if wq.kind == "uint8":
+        return quantize_weight_uint8(w, wq.axis)
+    q, scale = quantize_weight(w, wq.axis, {"int8": 8, "int7": 7, "int4": 4}[wq.kind])
+    return q, scale, np.zeros(scale.shape, dtype=np.int8)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int | None) -> np.ndarray:
+    """What DequantizeLinear computes: ``float32(int32(q) - int32(zp)) * scale`` in float32."""
+    if axis is not None and np.ndim(scale):
+        shape = axis_shape(q.ndim, axis)
+        scale, zp = np.reshape(scale, shape), np.reshape(zp, shape)
+    diff = q.astype(np.int32) - np.asarray(zp).astype(np.int32)
+    return diff.astype(np.float32) * np.asarray(scale, dtype=np.float32)
+
+
+def fake_quantized_weight(w: np.ndarray, wq: WeightQuant, weight_format: str) -> np.ndarray:
+    """The float weight the quantized layer computes with, bit for bit as ONNX Runtime's
+    DequantizeLinear (and, for ``float-qdq``, QuantizeLinear in float32) produce it."""
+    if weight_format == "float-qdq":
+        _, scale, _ = weight_arrays(w, wq)
+        s = scale.reshape(axis_shape(w.ndim, wq.axis)) if wq.axis is not None and scale.ndim else scale
+        q = np.clip(np.rint(w.astype(np.float32) / s.astype(np.float32)), -127, 127)
+        return (q.astype(np.float32) * s.astype(np.float32)).astype(np.float32)
+    q, scale, zp = weight_arrays(w, wq)
+    return dequantize(q, scale, zp, wq.axis)
+
+
+def out_channels(node: gs.Node, w: np.ndarray) -> int:
+    if node.op == "Conv":
+        return w.shape[0]
+    if node.op == "ConvTranspose":
+        return w.shape[1] * int(node.attrs.get("group", 1))
+    if node.op == "Gemm":
+        return w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1]
+    return w.shape[-1]
+
+
+@dataclass
+class BiasForm:
+    """How a quantized layer's bias is written: ``q`` int32 at ``scale`` (zero point 0), or a
+    float ``value`` (``q`` None); ``None`` overall means the bias input is left alone."""
+
+    value: np.ndarray  # float32, what the layer adds
+    q: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    note: str | None = None
+
+
+def bias_form(node: gs.Node, w: np.ndarray, b: np.ndarray | None, has_bias_input: bool, x_scale, w_scale,
+              shift, bias: str) -> BiasForm | None:
+    """The bias a quantized layer gets (None: its bias input stays as it is)."""
+    if node.op not in ("Conv", "ConvTranspose", "Gemm") or x_scale is None or bias != "int32":
+        return None
+    out_ch = out_channels(node, w)
+    if has_bias_input:
+        if b is None:
+            return None
+        b = b.astype(np.float64)
+        if node.op == "Gemm":
+            if b.ndim != 1 or b.shape[0] != out_ch:
+                return None  # a broadcast C stays float
+            b = b * float(node.attrs.get("beta", 1.0))
+    else:
+        if shift is None:
+            return None
+        b = np.zeros(out_ch)
+    if shift is not None:
+        b = b + np.asarray(shift, dtype=np.float64).reshape(-1)
+    ws = w_scale.astype(np.float64) if np.ndim(w_scale) else np.full(out_ch, float(w_scale))
+    if ws.shape[0] != out_ch:  # per-channel axis that is not the output axis: per-tensor form
+        ws = np.full(out_ch, float(np.max(ws)))
+    b_scale = (np.float64(x_scale) * ws).astype(np.float32)
+    qb = np.round(b / b_scale.astype(np.float64))
+    if np.any(np.abs(qb) > 2**31 - 1) or np.any(b_scale <= 0):
+        return BiasForm(value=b.astype(np.float32), note="int32 overflow")
+    q = qb.astype(np.int32)
+    return BiasForm(value=dequantize(q, b_scale, np.zeros(out_ch, dtype=np.int32), 0), q=q, scale=b_scale)
+
+
+# ====================================================================== building a plan
+def weight_ok(ir: IR, n: gs.Node) -> bool:
+    """A weighted op edgec can quantize: a constant float32 weight of the expected rank, read by
+    an op whose activation input is float32."""
+    if len(n.inputs) < 2 or not n.outputs:
+        return False
+    x, w = n.inputs[0], n.inputs[1]
+    if ir.is_const(x) or not ir.is_const(w):
+        return False
+    wv = ir.const_value(w)
+    if wv is None or wv.dtype != np.float32:
+        return False
+    if x.dtype is not None and np.dtype(x.dtype) != np.float32:
+        return False
+    if n.op == "MatMul" and wv.ndim != 2:
+        return False
+    if n.op == "Gemm" and (n.attrs.get("transA", 0) or wv.ndim != 2):
+        return False
+    if n.op in ("Conv", "ConvTranspose") and wv.ndim < 3:
+        return False
+    return True
+
+
+def weighted_nodes(ir: IR, table: dict[str, OpRule] | None = None) -> list[gs.Node]:
+    """Layers a plan can quantize as weighted ops (constant float weight), in graph order."""
+    table = table if table is not None else table_for(None)
+    return [n for n in ir.nodes if n.op in table and table[n.op].weighted and _default_domain(n) and weight_ok(ir, n)]
+
+
+def _default_domain(n: gs.Node) -> bool:
+    return n.domain in (None, "", "ai.onnx")
+
+
+def _empty(t) -> bool:
+    return t is None or (isinstance(t, gs.Variable) and t.is_empty())
+
+
+def kept_float(node: gs.Node, keep: set) -> bool:
+    return bool(keep) and (node_key(node) in keep or node.name in keep or any(o.name in keep for o in node.outputs))
+
+
+def build_plan(ir: IR, scheme, ranges: dict, *, precisions: dict | None = None, keep_float=(),
+               activations: str | None = None, weights: str | None = None) -> QuantPlan:
+    """The plan for ``ir`` under ``scheme`` (a :class:`edgec.target.QuantScheme`), given the
+    calibrated ``ranges`` (tensor -> (lo, hi)); ``precisions`` (layer -> fp32/int8/int4, default
+    int8) and ``keep_float`` (node or tensor names) exclude layers; ``activations``/``weights``
+    override the scheme's."""
+    return _Planner(ir, scheme, ranges, precisions or {}, set(keep_float or ()),
+                    activations or scheme.activations, weights or scheme.weights).run()
+
+
+class _Planner:
+    def __init__(self, ir: IR, scheme, ranges, precisions, keep, activations, weights):
+        if activations not in ("asymmetric", "symmetric"):
+            raise UserError(f"activations must be 'asymmetric' or 'symmetric', got '{activations}'")
+        if weights not in ("per-channel", "per-tensor"):
+            raise UserError(f"weights must be 'per-channel' or 'per-tensor', got '{weights}'")
+        bad = [v for v in precisions.values() if v not in PRECISIONS]
+        if bad:
+            raise UserError(f"unknown precision '{bad[0]}' in the precision plan (known: {', '.join(PRECISIONS)})")
+        if scheme.weight_type not in WEIGHT_TYPES:
+            raise UserError(f"weight type must be one of {', '.join(WEIGHT_TYPES)}, got '{scheme.weight_type}'")
+        self.ir, self.scheme, self.ranges = ir, scheme, ranges
+        self.precisions, self.keep = precisions, keep
+        self.symmetric = activations == "symmetric"
+        self.per_channel = weights == "per-channel"
+        self.table = table_for(scheme)
+
+    def rule(self, n: gs.Node) -> OpRule | None:
+        return self.table.get(n.op) if _default_domain(n) else None
+
+    def run(self) -> QuantPlan:
+        ir = self.ir
+        ir.toposort()
+        floats: list[tuple[str, str]] = []
+        weighted = []
+        for n in weighted_nodes(ir, self.table):
+            key = node_key(n)
+            if self.precisions.get(key, "int8") not in INT_PRECISIONS:
+                continue
+            if kept_float(n, self.keep):
+                floats.append((key, "keep_float"))
+                continue
+            why = self.table[n.op].check(n) if self.table[n.op].check else None
+            if why:
+                floats.append((key, why))
+                continue
+            if n.inputs[0].name not in self.ranges:
+                floats.append((key, f"no calibrated range for '{n.inputs[0].name}'"))
+                continue
+            weighted.append(n)
+        if not weighted:
+            return QuantPlan(weight_format=self.scheme.weight_format, float_layers=tuple(floats))
+        qnodes: set[int] = {id(n) for n in weighted}
+        qtensors: dict[str, gs.Tensor] = {}
+        edges: dict[str, set] = {}  # tensors only some readers read quantized: those edges
+        producer_q: set[str] = set()  # tensors every reader reads quantized
+        folded: dict[int, gs.Node] = {}
+        override: dict[str, tuple[float, float]] = {}
+        for n in weighted:
+            qtensors[n.inputs[0].name] = n.inputs[0]
+        for n in weighted:
+            self._mark_output(n, qtensors, producer_q, force=False)
+        changed = True
+        while changed:  # fixed point over the ops that follow quantized inputs (and ReLU folding)
+            changed = False
+            for n in ir.nodes:
+                if id(n) in qnodes or id(n) in folded or kept_float(n, self.keep):
+                    continue
+                r = self.rule(n)
+                if r is None:
+                    continue
+                if r.removable and self._try_fold(n, r, qnodes, folded, override):
+                    out = n.outputs[0]
+                    if not ir.is_graph_output(out) and out.name in self.ranges:
+                        qtensors[out.name] = out
+                        producer_q.add(out.name)
+                    changed = True
+                    continue
+                if not r.follows or not self._follows(n, r, qtensors):
+                    continue
+                qnodes.add(id(n))
+                for t in n.inputs:
+                    if not ir.is_const(t) and not _empty(t):
+                        qtensors[t.name] = t
+                self._mark_output(n, qtensors, producer_q, force=True)
+                changed = True
+        for n in weighted:  # outputs quantized only for quantized readers: dropped when none is
+            out = n.outputs[0]
+            if self.table[n.op].output == "for-quantized-readers" and out.name in qtensors \
+                    and not any(id(c) in qnodes for c in out.outputs):
+                del qtensors[out.name]
+                producer_q.discard(out.name)
+        residual = self._residual_adds(weighted, qtensors, edges)
+
+        # scale groups
+        parent: dict[str, str] = {}
+
+        def find(a):
+            while parent.get(a, a) != a:
+                a = parent[a]
+            return a
+
+        def union(a, b):
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[rb] = ra
+
+        def rng(name):
+            return override.get(name, self.ranges[name])
+
+        for n in folded.values():
+            union(n.inputs[0].name, n.outputs[0].name)
+        for n in ir.nodes:
+            if id(n) not in qnodes or n.outputs[0].name not in qtensors:
+                continue
+            r = self.rule(n)
+            if r is None:
+                continue
+            if r.share_scale == "input":
+                union(n.inputs[0].name, n.outputs[0].name)
+            elif r.share_scale == "all":
+                names = [t.name for t in n.inputs] + [n.outputs[0].name]
+                signs = {rng(x)[0] >= 0 for x in names if x in self.ranges or x in override}
+                if len(signs) == 1 or self.symmetric:
+                    for x in names[1:]:
+                        union(names[0], x)
+        group_range: dict[str, list[float]] = {}
+        for name in qtensors:
+            lo, hi = rng(name) if (name in self.ranges or name in override) else (0.0, 0.0)
+            g = group_range.setdefault(find(name), [0.0, 0.0])
+            g[0], g[1] = min(g[0], lo), max(g[1], hi)
+        for n in folded.values():  # a folded activation's range keeps its zero floor
+            g = group_range.get(find(n.outputs[0].name))
+            if g is not None and g[0] < 0:
+                g[0] = 0.0
+        dtype = "int8" if self.symmetric else "uint8"
+        acts: dict[str, ActQuant] = {}
+        for name, t in qtensors.items():
+            scale, zp = activation_params(*group_range[find(name)], self.symmetric)
+            if name in producer_q:
+                readers = None
+            else:
+                readers = {(node_id(c), i) for c in t.outputs if id(c) in qnodes
+                           for i, x in enumerate(c.inputs) if x is t}
+                readers |= edges.get(name, set())
+                if not readers:
+                    continue
+                readers = frozenset(readers)
+            acts[name] = ActQuant(scale, zp, dtype, readers)
+        wq = {}
+        for n in weighted:
+            w = ir.const_value(n.inputs[1])
+            prec = self.precisions.get(node_key(n), "int8")
+            if prec == "int4":
+                kind = "int4"
+            elif self.scheme.weight_type != "int8" and is_depthwise(n, w):
+                kind = "int8"
+            else:
+                kind = self.scheme.weight_type
+            axis = weight_axis(n, w.ndim) if self.per_channel else None
+            wq[node_id(n)] = WeightQuant(node_key(n), n.op, axis, kind, self.scheme.bias, n.inputs[0].name)
+        return QuantPlan(activations=acts, weights=wq, folded=tuple(node_id(n) for n in folded.values()),
+                         quantized_ops=len(qnodes), weight_format=self.scheme.weight_format,
+                         float_layers=tuple(floats), residual_adds=residual)
+
+    # ------------------------------------------------------------------ decisions
+    def _mark_output(self, n: gs.Node, qtensors, producer_q, force: bool) -> None:
+        out = n.outputs[0]
+        r = self.rule(n)
+        if self.ir.is_graph_output(out) or out.name not in self.ranges or r is None or r.output == "never":
+            return
+        if r.output == "for-quantized-readers" and not force:
+            if not any(self.rule(c) is not None and not self.rule(c).residual for c in out.outputs):
+                return
+        qtensors[out.name] = out
+        producer_q.add(out.name)
+
+    def _try_fold(self, n: gs.Node, r: OpRule, qnodes, folded, override) -> bool:
+        """Asymmetric activations: a Relu/Clip(0, c) alone reading a quantized op's output."""
+        ir = self.ir
+        if self.symmetric:
+            return False
+        x, y = n.inputs[0], n.outputs[0]
+        prod = ir.producer(x)
+        if prod is None or id(prod) not in qnodes or ir.single_consumer(x) is not n:
+            return False
+        if ir.is_graph_output(y) or y.name not in self.ranges:
+            return False
+        hi_cap = None
+        if n.op == "Clip":
+            lo_v = ir.const_value(n.inputs[1]) if len(n.inputs) > 1 and not _empty(n.inputs[1]) else None
+            hi_v = ir.const_value(n.inputs[2]) if len(n.inputs) > 2 and not _empty(n.inputs[2]) else None
+            if "min" in n.attrs or "max" in n.attrs:  # opset < 11 form
+                lo_v = np.asarray(n.attrs.get("min", -np.inf))
+                hi_v = np.asarray(n.attrs.get("max", np.inf)) if "max" in n.attrs else None
+            if lo_v is None or float(lo_v) != 0.0:
+                return False
+            if len(n.inputs) > 2 and not _empty(n.inputs[2]) and hi_v is None:
+                return False
+            hi_cap = float(hi_v) if hi_v is not None else None
+        lo, hi = self.ranges[y.name]
+        hi = max(hi, 0.0)
+        if hi_cap is not None:
+            hi = min(hi, hi_cap)
+        override[x.name] = (0.0, hi)
+        override[y.name] = (0.0, hi)
+        folded[id(n)] = n
+        qnodes.add(id(n))
+        return True
+
+    def _follows(self, n: gs.Node, r: OpRule, qtensors) -> bool:
+        ir = self.ir
+        acts = [t for t in n.inputs if not _empty(t) and not ir.is_const(t)]
+        if not acts or not n.outputs:
+            return False
+        if any(t.dtype is not None and np.dtype(t.dtype) != np.float32 for t in acts):
+            return False
+        if r.inputs == "any":
+            ok = len(acts) == len(n.inputs)
+        elif r.inputs == 1:
+            ok = len(acts) == 1 and n.inputs[0] is acts[0] and len(n.outputs) == 1
+        else:
+            ok = len(acts) == r.inputs and len(n.inputs) == r.inputs
+        if not ok or (r.check is not None and r.check(n)):
+            return False
+        if not all(t.name in qtensors for t in acts):
+            return False
+        return all(t.name in self.ranges for t in acts) and n.outputs[0].name in self.ranges \
+            or (ir.is_graph_output(n.outputs[0]) and all(t.name in self.ranges for t in acts))
+
+    def _residual_adds(self, weighted, qtensors, edges) -> int:
+        """TensorRT: quantize the input of a skip-connection Add that does not come from a
+        quantized weighted op (conv + projection conv: the earlier one; the later fuses)."""
+        if not any(r.residual for r in self.table.values()):
+            return 0
+        ir = self.ir
+        quantized = {id(n) for n in weighted}
+        order = ir.node_index()
+        count = 0
+        for node in ir.nodes:
+            r = self.rule(node)
+            if r is None or not r.residual or len(node.inputs) != 2 or not node.outputs:
+                continue
+            producers = [ir.producer(t) for t in node.inputs]
+            fused = [p is not None and id(p) in quantized for p in producers]
+            if not any(fused):
+                continue
+            if all(fused):
+                side = 0 if order[id(producers[0])] < order[id(producers[1])] else 1
+            else:
+                side = fused.index(False)
+            other = node.inputs[side]
+            if ir.is_const(other) or other.name not in self.ranges or kept_float(node, self.keep):
+                continue
+            qtensors[other.name] = other
+            edges.setdefault(other.name, set()).add((node_id(node), side))
+            count += 1
+        return count

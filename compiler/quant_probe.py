@@ -1,0 +1,243 @@
+"""The probe: one measuring model that evaluates any quantization plan without rewriting the IR.
+
+Choosing how to quantize means measuring many plans: bias correction, cross-layer
+equalisation kept or not, a precision per layer for ``--quantize mixed``. Writing each plan
+into a copy of the IR and exporting it would serialise the model once per measurement. The
+probe is built once, from the float model, and every plan is a set of *inputs* to it:
+
+- every weighted layer's weight (and bias) is a graph input: the float weight, or the
+  fake-quantized one (``DequantizeLinear``'s result, computed bit for bit in numpy by
+  :mod:`edgec.quant_plan`, the functions the materialiser writes with);
+- every activation tensor a plan may quantize has ``QuantizeLinear -> DequantizeLinear`` with
+  its scale and zero point as graph inputs, and each of its readers reads
+  ``Where(switch, dequantized, float)``, the switch a boolean input per (reader, input slot);
+- a folded Relu stays: with the plan's zero-floored range, ``Q(x)`` already saturates below 0,
+  so ``Relu(DQ(Q(x)))`` is ``DQ(Q(x))`` exactly;
+- every activation tensor and every layer output is also a graph output (calibration with
+  equalised weights, per-channel means for bias correction).
+
+Runs go through the reference executor (:mod:`edgec.runtime`: ONNX Runtime, optimisations off),
+so a plan's measured outputs are those of the materialised model in reference arithmetic: the
+same float kernels on the same values (``Where`` selects exactly). One session serves every
+measurement of a compile.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper
+
+from .ir import IR
+from .quant_plan import QuantPlan, bias_form, fake_quantized_weight, node_id, out_channels, weight_arrays, weighted_nodes
+from .quant_rules import table_for
+from .runtime import ErrorAccumulator, reference_session
+
+PREFIX = "edgec.probe."
+
+
+def _has_bias(node: gs.Node) -> bool:
+    return len(node.inputs) > 2 and not (isinstance(node.inputs[2], gs.Variable) and node.inputs[2].is_empty())
+
+
+class Probe:
+    """The measuring model for ``ir`` (the float graph, not modified) exported as
+    ``float_model``; activations of ``dtype`` (uint8 or int8) on ``tensors``."""
+
+    def __init__(self, ir: IR, float_model: onnx.ModelProto, scheme, tensors: Iterable[str]):
+        self.ir = ir
+        self.dtype = "int8" if scheme.activations == "symmetric" else "uint8"
+        self.tensors = [t for t in dict.fromkeys(tensors)]
+        table = table_for(scheme)
+        self.layers = {node_id(n): n for n in weighted_nodes(ir, table)}
+        self.float_w: dict[str, np.ndarray] = {}
+        self.float_b: dict[str, np.ndarray | None] = {}
+        self._cache: dict = {}
+        self.model = self._build(float_model)
+        self.session = reference_session(self.model)
+        self.graph_outputs = [o.name for o in float_model.graph.output]
+        self.runs = 0
+
+    # ------------------------------------------------------------------ building
+    def _build(self, float_model: onnx.ModelProto) -> onnx.ModelProto:
+        m = onnx.ModelProto()
+        m.CopyFrom(float_model)
+        g = m.graph
+        inits = {i.name: i for i in g.initializer}
+        new_inputs = []
+        by_id = {n.output[0]: n for n in g.node if n.output}
+        for nid, node in self.layers.items():
+            pn = by_id[nid]
+            w = self.ir.const_value(node.inputs[1])
+            self.float_w[nid] = w
+            wname = PREFIX + "w." + nid
+            pn.input[1] = wname
+            new_inputs.append(helper.make_tensor_value_info(wname, TensorProto.FLOAT, list(w.shape)))
+            if node.op in ("Conv", "ConvTranspose", "Gemm"):
+                b = self._float_bias(node, w)
+                if b is None:  # a broadcast Gemm C, or a bias that is not a constant: left as it is
+                    self.float_b[nid] = None
+                    continue
+                self.float_b[nid] = b
+                bname = PREFIX + "b." + nid
+                if len(pn.input) > 2:
+                    pn.input[2] = bname
+                else:
+                    pn.input.append(bname)
+                if node.op == "Gemm":
+                    for a in pn.attribute:
+                        if a.name == "beta":
+                            a.f = 1.0
+                new_inputs.append(helper.make_tensor_value_info(bname, TensorProto.FLOAT, [b.shape[0]]))
+        used = {x for n in g.node for x in n.input}
+        keep = [i for i in g.initializer if i.name in used or i.name in {o.name for o in g.output}]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        del inits
+
+        # Q/DQ + a Where per reader edge on every probed tensor
+        qtype = TensorProto.INT8 if self.dtype == "int8" else TensorProto.UINT8
+        probed = set(self.tensors)
+        self.edges: dict[str, list[tuple[str, int]]] = {}
+        nodes = []
+        made: set[str] = set()
+        for pn in list(g.node):
+            for slot, x in enumerate(pn.input):
+                if x not in probed:
+                    continue
+                if x not in made:
+                    s, z = PREFIX + "s." + x, PREFIX + "z." + x
+                    new_inputs.append(helper.make_tensor_value_info(s, TensorProto.FLOAT, []))
+                    new_inputs.append(helper.make_tensor_value_info(z, qtype, []))
+                    nodes.append(helper.make_node("QuantizeLinear", [x, s, z], [PREFIX + "q." + x]))
+                    nodes.append(helper.make_node("DequantizeLinear", [PREFIX + "q." + x, s, z], [PREFIX + "dq." + x]))
+                    made.add(x)
+                reader = pn.output[0] if pn.output else pn.name
+                e = f"{PREFIX}e.{slot}.{reader}"
+                new_inputs.append(helper.make_tensor_value_info(e, TensorProto.BOOL, []))
+                sel = f"{PREFIX}sel.{slot}.{reader}"
+                nodes.append(helper.make_node("Where", [e, PREFIX + "dq." + x, x], [sel]))
+                pn.input[slot] = sel
+                self.edges.setdefault(x, []).append((reader, slot))
+            nodes.append(pn)
+        del g.node[:]
+        g.node.extend(nodes)
+        g.input.extend(new_inputs)
+        have = {o.name for o in g.output}
+        for t in self.tensors + [n.outputs[0].name for n in self.layers.values()]:
+            if t not in have:
+                g.output.append(helper.make_empty_tensor_value_info(t))
+                have.add(t)
+        self.input_names = {i.name for i in g.input}
+        return m
+
+    def _float_bias(self, node, w: np.ndarray) -> np.ndarray | None:
+        out_ch = out_channels(node, w)
+        if _has_bias(node):
+            b = self.ir.const_value(node.inputs[2])
+            if b is None or b.dtype != np.float32:
+                return None
+            if node.op == "Gemm":
+                if b.ndim != 1 or b.shape[0] != out_ch:
+                    return None
+                beta = float(node.attrs.get("beta", 1.0))
+                return (b * np.float32(beta)).astype(np.float32) if beta != 1.0 else b
+            return b.reshape(-1) if b.size == out_ch else None
+        return np.zeros(out_ch, dtype=np.float32)
+
+    # ------------------------------------------------------------------ plan -> inputs
+    def inputs_for(self, plan: QuantPlan | None, weights: dict[str, dict[int, np.ndarray]] | None = None) -> dict:
+        """The probe's non-data inputs that make it compute ``plan`` (None: the float model), with
+        ``weights`` (``{node id: {slot: array}}``, e.g. equalised ones) replacing the float ones."""
+        weights = weights or {}
+        feeds: dict[str, np.ndarray] = {}
+        qdt = np.int8 if self.dtype == "int8" else np.uint8
+        acts = plan.activations if plan is not None else {}
+        for x, edges in self.edges.items():
+            aq = acts.get(x)
+            if aq is not None and aq.dtype != self.dtype:
+                raise ValueError(f"the probe measures {self.dtype} activations, the plan has {aq.dtype}")
+            feeds[PREFIX + "s." + x] = np.array(aq.scale if aq is not None else 1.0, dtype=np.float32)
+            feeds[PREFIX + "z." + x] = np.array(aq.zero_point if aq is not None else 0, dtype=qdt)
+            for reader, slot in edges:
+                on = aq is not None and (aq.readers is None or (reader, slot) in aq.readers)
+                feeds[f"{PREFIX}e.{slot}.{reader}"] = np.array(on)
+        wplan = plan.weights if plan is not None else {}
+        for nid, node in self.layers.items():
+            over = weights.get(nid, {})
+            w = over.get(1, self.float_w[nid])
+            wq = wplan.get(nid)
+            b_name = PREFIX + "b." + nid
+            if wq is None:
+                feeds[PREFIX + "w." + nid] = w
+                if b_name in self.input_names:
+                    feeds[b_name] = over.get(2, self.float_b[nid])
+                continue
+            key = (nid, wq.kind, wq.axis, plan.weight_format, id(over.get(1)))
+            if key not in self._cache:
+                self._cache[key] = fake_quantized_weight(w, wq, plan.weight_format)
+            feeds[PREFIX + "w." + nid] = self._cache[key]
+            if b_name not in self.input_names:
+                continue
+            fb = over.get(2, self.float_b[nid])
+            aq = acts.get(wq.input)
+            raw = None
+            has_bias = _has_bias(node)
+            if has_bias:
+                raw = over.get(2) if 2 in over else self.ir.const_value(node.inputs[2])
+            _, w_scale, _ = weight_arrays(w, wq)
+            form = bias_form(node, w, raw, has_bias, aq.scale if aq is not None else None, w_scale,
+                             plan.bias_shift.get(nid), wq.bias)
+            feeds[b_name] = form.value if form is not None else fb
+        return feeds
+
+    # ------------------------------------------------------------------ running
+    def run(self, plan: QuantPlan | None, batches: Iterable[dict], fetch: list[str] | None = None, *,
+            weights=None) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
+        """``(batch, values of fetch)`` for each batch under ``plan`` (``fetch`` default: the
+        graph outputs)."""
+        fixed = self.inputs_for(plan, weights)
+        names = list(fetch) if fetch is not None else self.graph_outputs
+        self.runs += 1
+        for b in batches:
+            yield b, dict(zip(names, self.session.run(names, {**b, **fixed})))
+
+    def outputs(self, plan, batches, *, weights=None) -> dict[str, np.ndarray]:
+        """The graph outputs over all ``batches``, concatenated."""
+        parts: dict[str, list] = {n: [] for n in self.graph_outputs}
+        for _, outs in self.run(plan, batches, weights=weights):
+            for n, v in outs.items():
+                parts[n].append(v)
+        return {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}
+
+    def error(self, plan, batches, reference: dict[str, np.ndarray] | Callable | None = None, *,
+              weights=None) -> dict:
+        """rel_l2 / SQNR / cosine of the outputs under ``plan`` against ``reference`` (the float
+        outputs over the same ``batches``, concatenated; None: measured here in the same pass)."""
+        acc = ErrorAccumulator()
+        if reference is None:
+            fixed = self.inputs_for(None)
+            for b, got in self.run(plan, batches, weights=weights):
+                acc.add(dict(zip(self.graph_outputs, self.session.run(self.graph_outputs, {**b, **fixed}))), got)
+            return acc.result()
+        got = self.outputs(plan, batches, weights=weights)
+        acc.add(reference, got)
+        return acc.result()
+
+    def channel_means(self, plan, layer_ids: list[str], batches, *, weights=None) -> dict[str, np.ndarray]:
+        """Per-channel means of the named layers' outputs (channel axis 1, Gemm's last)."""
+        outs = [self.layers[i].outputs[0].name for i in layer_ids]
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+        for _, vals in self.run(plan, batches, outs, weights=weights):
+            for i, t in zip(layer_ids, outs):
+                v = vals[t]
+                ax = -1 if self.layers[i].op == "Gemm" else 1
+                v = np.moveaxis(v.astype(np.float64), ax, 0).reshape(v.shape[ax], -1)
+                sums[i] = sums.get(i, 0) + v.sum(axis=1)
+                counts[i] = counts.get(i, 0) + v.shape[1]
+        return {i: sums[i] / counts[i] for i in sums}
+
