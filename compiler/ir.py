@@ -116,7 +116,16 @@ class IR:
         return model
 
     def copy(self) -> "IR":
-        ir = IR.from_onnx(self.to_onnx(), info=_copy_info(self.info))
+        """An independent IR without a serialisation round trip: nodes, tensors, attribute dicts
+        and shapes are copied; constant arrays are shared (no pass modifies an array in place:
+        rewrites make new constants)."""
+        graph = self.graph.copy()
+        for t in graph.tensors().values():
+            if isinstance(t, gs.Variable) and isinstance(t.shape, list):
+                t.shape = list(t.shape)
+        ir = IR(graph, self.opsets, info=_copy_info(self.info))
+        if self.shapes_current():
+            ir.shapes_still_valid()
         return ir
 
     # ------------------------------------------------------------------ basic facts

@@ -34,7 +34,7 @@ from onnx import TensorProto, helper
 from .ir import IR
 from .quant_plan import QuantPlan, bias_form, fake_quantized_weight, node_id, out_channels, weight_arrays, weighted_nodes
 from .quant_rules import table_for
-from .runtime import ErrorAccumulator, reference_session
+from .runtime import error_metrics, reference_session
 
 PREFIX = "edgec.probe."
 
@@ -45,14 +45,17 @@ def _has_bias(node: gs.Node) -> bool:
 
 class Probe:
     """The measuring model for ``ir`` (the float graph, not modified) exported as
-    ``float_model``; activations of ``dtype`` (uint8 or int8) on ``tensors``."""
+    ``float_model``, for plans of ``scheme`` that quantize at most the activations and layers of
+    ``widest`` (the plan with every layer int8: other plans quantize subsets of it); every tensor
+    of ``observe`` is also an output."""
 
-    def __init__(self, ir: IR, float_model: onnx.ModelProto, scheme, tensors: Iterable[str]):
+    def __init__(self, ir: IR, float_model: onnx.ModelProto, scheme, widest: QuantPlan, observe: Iterable[str] = ()):
         self.ir = ir
         self.dtype = "int8" if scheme.activations == "symmetric" else "uint8"
-        self.tensors = [t for t in dict.fromkeys(tensors)]
+        self.tensors = list(widest.activations)
+        self.observe = [t for t in dict.fromkeys(observe)]
         table = table_for(scheme)
-        self.layers = {node_id(n): n for n in weighted_nodes(ir, table)}
+        self.layers = {node_id(n): n for n in weighted_nodes(ir, table) if node_id(n) in widest.weights}
         self.float_w: dict[str, np.ndarray] = {}
         self.float_b: dict[str, np.ndarray | None] = {}
         self._cache: dict = {}
@@ -127,7 +130,7 @@ class Probe:
         g.node.extend(nodes)
         g.input.extend(new_inputs)
         have = {o.name for o in g.output}
-        for t in self.tensors + [n.outputs[0].name for n in self.layers.values()]:
+        for t in self.observe + [n.outputs[0].name for n in self.layers.values()]:
             if t not in have:
                 g.output.append(helper.make_empty_tensor_value_info(t))
                 have.add(t)
@@ -205,39 +208,32 @@ class Probe:
         for b in batches:
             yield b, dict(zip(names, self.session.run(names, {**b, **fixed})))
 
-    def outputs(self, plan, batches, *, weights=None) -> dict[str, np.ndarray]:
-        """The graph outputs over all ``batches``, concatenated."""
+    def measure(self, plan, batches, *, means_of: list[str] = (), weights=None) -> tuple[dict, dict]:
+        """One pass under ``plan``: the graph outputs over all ``batches`` (concatenated) and the
+        per-channel means of the ``means_of`` layers' outputs (channel axis 1, Gemm's last)."""
+        means_of = list(means_of)
+        outs = [self.layers[i].outputs[0].name for i in means_of]
+        fetch = list(dict.fromkeys(self.graph_outputs + outs))
         parts: dict[str, list] = {n: [] for n in self.graph_outputs}
-        for _, outs in self.run(plan, batches, weights=weights):
-            for n, v in outs.items():
-                parts[n].append(v)
-        return {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}
-
-    def error(self, plan, batches, reference: dict[str, np.ndarray] | Callable | None = None, *,
-              weights=None) -> dict:
-        """rel_l2 / SQNR / cosine of the outputs under ``plan`` against ``reference`` (the float
-        outputs over the same ``batches``, concatenated; None: measured here in the same pass)."""
-        acc = ErrorAccumulator()
-        if reference is None:
-            fixed = self.inputs_for(None)
-            for b, got in self.run(plan, batches, weights=weights):
-                acc.add(dict(zip(self.graph_outputs, self.session.run(self.graph_outputs, {**b, **fixed}))), got)
-            return acc.result()
-        got = self.outputs(plan, batches, weights=weights)
-        acc.add(reference, got)
-        return acc.result()
-
-    def channel_means(self, plan, layer_ids: list[str], batches, *, weights=None) -> dict[str, np.ndarray]:
-        """Per-channel means of the named layers' outputs (channel axis 1, Gemm's last)."""
-        outs = [self.layers[i].outputs[0].name for i in layer_ids]
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}
-        for _, vals in self.run(plan, batches, outs, weights=weights):
-            for i, t in zip(layer_ids, outs):
+        for _, vals in self.run(plan, batches, fetch, weights=weights):
+            for n in self.graph_outputs:
+                parts[n].append(vals[n])
+            for i, t in zip(means_of, outs):
                 v = vals[t]
                 ax = -1 if self.layers[i].op == "Gemm" else 1
                 v = np.moveaxis(v.astype(np.float64), ax, 0).reshape(v.shape[ax], -1)
                 sums[i] = sums.get(i, 0) + v.sum(axis=1)
                 counts[i] = counts.get(i, 0) + v.shape[1]
-        return {i: sums[i] / counts[i] for i in sums}
+        outputs = {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}
+        return outputs, {i: sums[i] / counts[i] for i in sums}
 
+    def outputs(self, plan, batches, *, weights=None) -> dict[str, np.ndarray]:
+        """The graph outputs over all ``batches``, concatenated."""
+        return self.measure(plan, batches, weights=weights)[0]
+
+    def error(self, plan, batches, reference: dict[str, np.ndarray], *, weights=None) -> dict:
+        """rel_l2 / SQNR / cosine of the outputs under ``plan`` against ``reference`` (the float
+        outputs over the same ``batches``, concatenated)."""
+        return error_metrics(reference, self.outputs(plan, batches, weights=weights))

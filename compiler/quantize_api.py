@@ -46,7 +46,7 @@ from .options import QuantOptions
 from .pipeline import PassContext, PassManager
 from .quant_plan import QuantPlan, build_plan
 from .quant_probe import Probe
-from .runtime import output_error
+from .runtime import error_metrics, output_error
 from .target import QuantScheme
 
 from edgec.passes.convert_fp16 import ConvertFP16
@@ -152,9 +152,12 @@ class _Quantizer:
                                   histograms=calib_mod.needs_histograms(self.method))
         calib_seconds = time.perf_counter() - tc
         ranges = self._ranges(stats)
-        self.probe = Probe(ir, float_model, scheme, tensors)
+        widest = build_plan(ir, scheme, ranges, keep_float=self.keep_float)
+        self.probe = Probe(ir, float_model, scheme, widest, observe=tensors if self.equalize else ())
         self.error_batches = _take(self.calib, ERROR_SAMPLES)
-        self.reference = self.probe.outputs(None, self.error_batches)
+        self.bias_batches = _take(self.calib, BIAS_SAMPLES)
+        self.same_batches = _samples(self.error_batches) == _samples(self.bias_batches)
+        self._reference = None
 
         report: dict = {"mode": self.mode, "method": self.method if isinstance(self.method, str) else dict(self.method),
                         "activations": scheme.activations, "weights": scheme.weights}
@@ -173,7 +176,7 @@ class _Quantizer:
             updates = (equalization.equalize(ir) if self.equalize in ("always", True)
                        or equalization.worthwhile(ir, scheme.weights == "per-tensor") else {})
             if updates:
-                runs = self.probe.run(None, self.calib, tensors, weights=updates)
+                runs = self.probe.run(None, self.calib, self.tensors, weights=updates)
                 cle_stats = calib_mod.accumulate(runs, tensors, histograms=calib_mod.needs_histograms(self.method))
                 cle_plan, cle_rep = self._refine(self._ranges(cle_stats), updates)
                 e0, e1 = base_rep["error"]["rel_l2"], cle_rep["error"]["rel_l2"]
@@ -216,42 +219,55 @@ class _Quantizer:
                                         f"written")
             rep.update({"plan": precisions, "sensitivity": table, "search": search})
         plan = build_plan(self.ir, self.scheme, ranges, precisions=precisions, keep_float=self.keep_float)
+        outs = None
         if self.bias_correction:
-            plan = self._bias_correction(plan, weights)
+            plan, outs = self._bias_correction(plan, weights)
             rep["bias_correction"] = {"layers": sorted(plan.weights[k].layer for k in plan.bias_shift)}
-        rep["error"] = {**self.probe.error(plan, self.error_batches, self.reference, weights=weights),
-                        "samples": _samples(self.error_batches)}
+        if outs is None or not self.same_batches:  # (bias correction measured the plan on these samples already)
+            outs = self.probe.outputs(plan, self.error_batches, weights=weights)
+        rep["error"] = {**error_metrics(self.reference(), outs), "samples": _samples(self.error_batches)}
         return plan, rep
 
-    def _bias_correction(self, plan: QuantPlan, weights) -> QuantPlan:
+    def reference(self) -> dict:
+        """The float model's outputs on the error samples (measured once)."""
+        if self._reference is None:
+            self._reference = self.probe.outputs(None, self.error_batches)
+        return self._reference
+
+    def _bias_correction(self, plan: QuantPlan, weights) -> tuple[QuantPlan, dict | None]:
         """Empirical bias correction (Nagel et al. 2019), kept only where it helps.
 
         For each quantized Conv/ConvTranspose/Gemm, the per-channel mean of its output in the
         float model minus that under the plan (with the corrections found so far) is added to
         its bias. Layers are corrected in graph order in at most four groups (a measuring run
         each, on up to 128 calibration samples); the correction is kept only if the output
-        error on those samples drops."""
+        error on those samples drops. Each measuring pass also gives the outputs of the plan it
+        measured; the chosen plan's are returned with it (they are the reported error's when
+        the error samples are these)."""
         cands = [k for k, w in plan.weights.items() if w.op in ("Conv", "ConvTranspose", "Gemm")]
         if not cands:
-            return plan
-        probe = self.probe
-        sub = _take(self.calib, BIAS_SAMPLES)
-        ref = probe.outputs(None, sub, weights=weights)
-        fp_means = probe.channel_means(None, cands, sub, weights=weights)
-        base_err = probe.error(plan, sub, ref, weights=weights)["rel_l2"]
+            return plan, None
+        probe, sub = self.probe, self.bias_batches
+        ref, fp_means = probe.measure(None, sub, means_of=cands, weights=weights)
+        if weights is None and self.same_batches and self._reference is None:
+            self._reference = ref
         shifts: dict[str, np.ndarray] = {}
+        base_outs = None
         chunk = max(1, -(-len(cands) // 4))  # at most 4 measuring rounds
         for i in range(0, len(cands), chunk):
             group = cands[i:i + chunk]
-            q_means = probe.channel_means(plan.with_bias_shift(shifts), group, sub, weights=weights)
+            outs, q_means = probe.measure(plan.with_bias_shift(shifts), sub, means_of=group, weights=weights)
+            base_outs = outs if base_outs is None else base_outs
             for k in group:
                 if k in q_means and k in fp_means and q_means[k].shape == fp_means[k].shape:
                     shifts[k] = shifts.get(k, 0) + (fp_means[k] - q_means[k])
         if not shifts:
-            return plan
+            return plan, base_outs
         corrected = plan.with_bias_shift(shifts)
-        new_err = probe.error(corrected, sub, ref, weights=weights)["rel_l2"]
-        return corrected if new_err < base_err else plan
+        new_outs = probe.outputs(corrected, sub, weights=weights)
+        if error_metrics(ref, new_outs)["rel_l2"] < error_metrics(ref, base_outs)["rel_l2"]:
+            return corrected, new_outs
+        return plan, base_outs
 
 
 def _fp16(ir: IR, calib, keep_float, t0) -> dict:

@@ -148,3 +148,24 @@ def test_names_stay_unique_after_rewrites():
     ir = edgec.from_model(resnet_basic())
     names = {ir.unique_name("conv") for _ in range(100)}
     assert len(names) == 100 and not names & set(ir.tensors())
+
+
+def test_copy_is_independent_and_needs_no_serialisation(monkeypatch):
+    """IR.copy() copies nodes, tensors, attributes and shapes (constant arrays are shared, never
+    modified in place) without exporting the model: the copy computes the same outputs, and
+    rewriting it leaves the original as it was."""
+    model = resnet_basic()
+    ir = edgec.from_model(model)
+    ir.infer_shapes()
+    before = onnx.printer.to_text(ir.to_onnx().graph)
+    exports = []
+    monkeypatch.setattr(edgec.IR, "to_onnx", lambda self, **kw: exports.append(1) or onnx.ModelProto())
+    dup = ir.copy()
+    monkeypatch.undo()
+    assert not exports
+    conv = next(n for n in dup.nodes if n.op == "Conv")
+    conv.attrs["strides"] = [2, 2]
+    conv.outputs[0].shape[0] = 99
+    dup.graph.nodes.remove(next(n for n in dup.nodes if n.op == "Relu"))
+    assert onnx.printer.to_text(ir.to_onnx().graph) == before
+    assert_same_outputs(model, edgec.from_model(model).copy().to_onnx())
