@@ -92,3 +92,41 @@ def test_cli_quantize_max_error_budget(tmp_path, capsys):
         str(EXAMPLE / "calib.npz"), "--max-error", "1e-6"])
     err = capsys.readouterr().err
     assert code == 1 and "above --max-error" in err and not out.exists()
+
+
+def test_a_new_target_scheme_is_one_rule_table_and_one_profile(monkeypatch):
+    """The README's example: a hypothetical NPU with per-tensor symmetric int8 that quantizes
+    convolutions, ReLUs and max-pools and nothing else. One table in edgec.quant_rules, one
+    profile; the planner, materialiser and measurements are shared."""
+    from edgec import quant_rules, quantize_api
+    from edgec.backends import lossless_pipeline
+    from edgec.options import QuantOptions
+    from edgec.quant_rules import OpRule
+    from edgec.target import QuantScheme, Target
+
+    monkeypatch.setitem(quant_rules.TABLES, "npu-int8", {
+        "Conv": OpRule(weighted=True, output="always"),
+        "Relu": OpRule(follows=True, output="always"),
+        "MaxPool": OpRule(follows=True, output="always", share_scale="input"),
+    })
+    npu = Target(name="npu", description="a hypothetical NPU: per-tensor symmetric int8",
+                 quant=QuantScheme(rules="npu-int8", activations="symmetric", weights="per-tensor"),
+                 pipeline=lambda t: lossless_pipeline())
+    model = builders.resnet_basic()
+    ir = edgec.from_model(model)
+    edgec.run_passes(ir, npu.passes())
+    rep = quantize_api.quantize_for_target(ir, npu, QuantOptions(mode="int8"), calib_for(model))
+    out = ir.to_onnx()
+    onnx.checker.check_model(out, full_check=True)
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    producers = {o: n for n in out.graph.node for o in n.output}
+    convs = [n for n in out.graph.node if n.op_type == "Conv"]
+    assert convs and all(producers[n.input[1]].op_type == "DequantizeLinear" for n in convs)
+    for n in out.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8:
+            assert inits[n.input[1]].ndim == 0, "per-tensor weight scale"
+        if n.op_type == "QuantizeLinear":
+            assert inits[n.input[2]].dtype == np.int8 and not inits[n.input[2]].any()  # symmetric
+    gemm = next(n for n in out.graph.node if n.op_type == "Gemm")
+    assert gemm.input[1] in inits and inits[gemm.input[1]].dtype == np.float32  # not in the table: float
+    assert rep["error"]["sqnr_db"] > 20
