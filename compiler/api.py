@@ -534,7 +534,7 @@ def inspect(model: str | os.PathLike | onnx.ModelProto, *, top: int = 10, groups
 
         found = find_groups(ir)
         info["groups"] = [{"id": g.id, "channels": g.channels, "units": g.units, "prunable": g.prunable,
-                           "reason": g.reason, "origins": list(g.origins)} for g in found]
+                           "reason": g.reason, "origins": [[o.tensor, o.op, o.node] for o in g.origins]} for g in found]
         info["groups_text"] = format_groups(found)
     return info
 

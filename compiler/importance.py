@@ -27,7 +27,7 @@ from typing import Iterable
 import numpy as np
 import onnx
 
-from edgec.analysis.channels import ChannelGroup
+from edgec.analysis.channels import ChannelGroup, GroupTensor, ParamSlice
 from edgec.ir import IR
 
 METHODS = ("l1", "l2", "bn", "activation", "fused")
@@ -52,8 +52,9 @@ def param_scores(ir: IR, g: ChannelGroup, kind: str) -> np.ndarray | None:
     """l1/l2 (``kind``) or bn (``|gamma|``) per unit; None if the group has no such member."""
     total = np.zeros(g.channels)
     count = np.zeros(g.channels)
-    for mb, pos, idx in g.members:
-        if mb.kind != "param":
+    for gm in g.members:
+        mb, pos, idx = gm.member, gm.positions, gm.units
+        if not isinstance(mb, ParamSlice):
             continue
         if kind == "bn":
             if mb.role != "bn.scale":
@@ -87,14 +88,15 @@ def param_scores(ir: IR, g: ChannelGroup, kind: str) -> np.ndarray | None:
     return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
 
-def _measured_tensors(ir: IR, g: ChannelGroup) -> list[tuple[str, int, list, list, int]]:
+def _measured_tensors(ir: IR, g: ChannelGroup) -> list[GroupTensor]:
     """For each origin of the group: the tensor at the end of its BN/activation chain."""
     a = g.analysis
     tensors = ir.tensors()
-    by_name = {name: (axis, pos, idx, blk) for name, axis, pos, idx, blk in g.tensors}
+    by_name = {gt.name: gt for gt in g.tensors}
     out = []
-    for name, op, _ in g.origins:
-        if op == "untracked" or name not in by_name:
+    for o in g.origins:
+        name = o.tensor
+        if o.op == "untracked" or name not in by_name:
             continue
         t = tensors.get(name)
         cur = name
@@ -104,8 +106,7 @@ def _measured_tensors(ir: IR, g: ChannelGroup) -> list[tuple[str, int, list, lis
                     a.maps[nxt.name].elems != a.maps[cur].elems:
                 break
             cur, t = nxt.name, nxt
-        axis, pos, idx, blk = by_name[cur]
-        out.append((cur, axis, pos, idx, blk))
+        out.append(by_name[cur])
     return out
 
 
@@ -114,7 +115,7 @@ def activation_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict])
     from edgec import verify
 
     wanted = {g.id: _measured_tensors(ir, g) for g in groups}
-    names = sorted({t[0] for lst in wanted.values() for t in lst})
+    names = sorted({gt.name for lst in wanted.values() for gt in lst})
     if not names:
         return {}
     model = ir.to_onnx()
@@ -125,7 +126,7 @@ def activation_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict])
     sess = verify.session(model)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, float] = {}
-    axes = {t[0]: t[1] for lst in wanted.values() for t in lst}
+    axes = {gt.name: gt.axis for lst in wanted.values() for gt in lst}
     for batch in feeds:
         outs = sess.run(names, batch)
         for n, v in zip(names, outs):
@@ -139,14 +140,14 @@ def activation_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict])
     for g in groups:
         total = np.zeros(g.channels)
         cnt = np.zeros(g.channels)
-        for name, ax, pos, idx, blk in wanted[g.id]:
-            if name not in sums:
+        for gt in wanted[g.id]:
+            if gt.name not in sums:
                 continue
-            per = (sums[name] / counts[name]).reshape(-1, blk).mean(axis=1)
+            per = (sums[gt.name] / counts[gt.name]).reshape(-1, gt.block).mean(axis=1)
             u = np.zeros(g.channels)
-            np.add.at(u, idx, per[pos])
+            np.add.at(u, gt.units, per[gt.positions])
             hit = np.zeros(g.channels)
-            np.add.at(hit, idx, 1)
+            np.add.at(hit, gt.units, 1)
             seen = hit > 0
             u[seen] /= hit[seen]
             norm = u[seen].mean() if seen.any() else 0.0

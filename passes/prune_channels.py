@@ -20,6 +20,8 @@ Rules
 - With calibration ``feeds`` (a list of input dicts) and ``reconstruct=True`` (the default when
   feeds are given), the consumers of pruned channels are re-fitted by least squares against the
   unpruned model after every step (:mod:`edgec.passes.reconstruct`).
+- Applying a pruning is a loop over the group members: each rewrites itself
+  (:mod:`edgec.analysis.channels.members`).
 - ``self.summary``: one dict per group (id, prunable, reason, channels before/after, removed
   units, importance of removed/kept units); ``self.reconstruction``: per-layer fit errors.
 """
@@ -34,7 +36,7 @@ import onnx_graphsurgeon as gs
 
 from edgec import importance as imp
 from edgec.analysis import costs as costs_mod
-from edgec.analysis.channels import ChannelGroup, find_groups
+from edgec.analysis.channels import ChannelGroup, ConstantEdits, expand_positions, find_groups
 from edgec.ir import IR
 from edgec.pipeline import Pass, register
 
@@ -52,58 +54,9 @@ class PruneResult:
 
 
 # ====================================================================== applying a pruning
-def _expand(pos: list[int], block: int) -> list[int]:
-    if block == 1:
-        return list(pos)
-    return [p * block + k for p in pos for k in range(block)]
-
-
-def _set_const(ir: IR, node: gs.Node, slot: int, value: np.ndarray) -> None:
-    t = node.inputs[slot]
-    value = np.ascontiguousarray(value)
-    prod = ir.producer(t)
-    if (prod is not None and prod.op == "ConstantOfShape" and value.size
-            and np.all(value == value.reshape(-1)[0])):
-        # keep ConstantOfShape weights small: a new ConstantOfShape of the new shape
-        out = ir.make_var(t.name + "_pruned", dtype=value.dtype, shape=list(value.shape))
-        shape = ir.make_const(t.name + "_pruned_shape", np.asarray(value.shape, dtype=np.int64))
-        ir.graph.nodes.append(gs.Node("ConstantOfShape", name=ir.unique_name(t.name + "_pruned"),
-                                      attrs=dict(prod.attrs), inputs=[shape], outputs=[out]))
-        node.inputs[slot] = out
-        return
-    if isinstance(t, gs.Constant) and len(t.outputs) == 1 and not ir.is_graph_output(t):
-        t.values = value
-        return
-    node.inputs[slot] = ir.make_const(t.name + "_pruned", value)
-
-
-def constant_of_shape(ir: IR, t) -> tuple[list[int], gs.Node] | None:
-    """(shape, node) if ``t`` is a ConstantOfShape of a constant shape (a uniform tensor)."""
-    prod = ir.producer(t)
-    if prod is None or prod.op != "ConstantOfShape" or not prod.inputs or not isinstance(prod.inputs[0], gs.Constant):
-        return None
-    return [int(d) for d in np.asarray(prod.inputs[0].values).reshape(-1)], prod
-
-
-def _slice_constant_of_shape(ir: IR, node, slot: int, cuts) -> bool:
-    """Slicing a uniform ConstantOfShape weight only changes its shape: no materialising."""
-    cs = constant_of_shape(ir, node.inputs[slot])
-    if cs is None:
-        return False
-    shape, prod = cs
-    for axis, pos in cuts:
-        shape[axis] = len(pos)
-    t = node.inputs[slot]
-    out = ir.make_var(t.name + "_pruned", dtype=t.dtype, shape=list(shape))
-    sc = ir.make_const(t.name + "_pruned_shape", np.asarray(shape, dtype=np.int64))
-    ir.graph.nodes.append(gs.Node("ConstantOfShape", name=ir.unique_name(t.name + "_pruned"),
-                                  attrs=dict(prod.attrs), inputs=[sc], outputs=[out]))
-    node.inputs[slot] = out
-    return True
-
-
 def apply_pruning(ir: IR, groups: list[ChannelGroup], remove: dict[str, list[int]]) -> dict[str, tuple]:
-    """Remove units (indices into ``group.units``) of the given groups, rewriting every member.
+    """Remove units (indices into ``group.units``) of the given groups: every member that loses
+    channels rewrites itself (:meth:`edgec.analysis.channels.Member.apply`).
 
     Returns ``{tensor name: (axis, kept positions)}`` for every tensor whose channels changed
     (positions relative to the tensor before pruning). Raises ValueError when a group is
@@ -122,62 +75,20 @@ def apply_pruning(ir: IR, groups: list[ChannelGroup], remove: dict[str, list[int
             dead.add(g.units[int(u)])
     if not dead:
         return {}
-    params: dict[tuple, list] = {}
-    entries: dict[tuple, list] = {}
+    edits = ConstantEdits(ir)
     for mb in a.members:
         keep = [p for p, e in enumerate(mb.elems) if a.find(e) not in dead]
         if len(keep) == len(mb.elems):
             continue
         if not keep:
             raise ValueError(f"pruning would empty {mb.label()}")
-        if mb.kind == "param":
-            params.setdefault((id(mb.node), mb.slot), [mb.node, mb.slot, []])[2].append(
-                (mb.axis, _expand(keep, mb.block)))
-        elif mb.kind in ("shape", "split"):
-            value = len(keep) * mb.block
-            if value % mb.div:
-                raise ValueError(f"pruning breaks {mb.label()}: {value} not divisible by {mb.div}")
-            if mb.kind == "split" and mb.slot < 0:
-                split = list(mb.node.attrs["split"])
-                split[mb.axis] = value
-                mb.node.attrs["split"] = split
-            else:
-                entries.setdefault((id(mb.node), mb.slot), [mb.node, mb.slot, []])[2].append(
-                    (mb.axis, value // mb.div))
-        elif mb.kind == "attr":
-            mb.node.attrs[mb.role] = len(keep) * mb.block // mb.div
-        elif mb.kind == "slice":
-            st, en = (int(v) for v in mb.role.split(":"))
-            alive = [a.find(e) not in dead for e in mb.elems]
-            new_st = sum(alive[:st]) * mb.block
-            new_en = new_st + sum(alive[st:en]) * mb.block
-            if new_en == new_st:
-                raise ValueError(f"pruning would empty {mb.label()}")
-            if mb.slot < 0:
-                for key, val in (("starts", new_st), ("ends", new_en)):
-                    lst = list(mb.node.attrs[key])
-                    lst[mb.axis] = val
-                    mb.node.attrs[key] = lst
-            else:
-                entries.setdefault((id(mb.node), 1), [mb.node, 1, []])[2].append((mb.axis, new_st))
-                entries.setdefault((id(mb.node), 2), [mb.node, 2, []])[2].append((mb.axis, new_en))
-    for node, slot, cuts in params.values():
-        if _slice_constant_of_shape(ir, node, slot, cuts):
-            continue
-        v = ir.const_value(node.inputs[slot])
-        for axis, pos in cuts:
-            v = np.take(v, pos, axis=axis)
-        _set_const(ir, node, slot, v)
-    for node, slot, edits in entries.values():
-        v = np.array(ir.const_value(node.inputs[slot]), copy=True)
-        for entry, value in edits:
-            v[entry] = value
-        _set_const(ir, node, slot, v)
+        mb.apply(edits, keep)
+    edits.commit()
     kept = {}
     for name, m in a.maps.items():
         keep = [p for p, e in enumerate(m.elems) if a.find(e) not in dead]
         if len(keep) != len(m.elems):
-            kept[name] = (m.axis, np.asarray(_expand(keep, m.block), dtype=np.int64))
+            kept[name] = (m.axis, np.asarray(expand_positions(keep, m.block), dtype=np.int64))
     # shapes of intermediate tensors are stale now
     for t in ir.graph.tensors().values():
         if isinstance(t, gs.Variable) and not ir.is_graph_input(t) and not ir.is_graph_output(t):
@@ -199,9 +110,9 @@ def _constraints(groups: list[ChannelGroup], max_layer_ratio: float) -> dict[str
         return cons
     a = groups[0].analysis
     unit_of = {u: (g, k) for g in groups for k, u in enumerate(g.units)}
-    for _, _, elems in a.origins:
+    for o in a.origins:
         per: dict[str, np.ndarray] = {}
-        for e in elems:
+        for e in o.elems:
             hit = unit_of.get(a.find(e))
             if hit is None:
                 continue
@@ -214,10 +125,8 @@ def _constraints(groups: list[ChannelGroup], max_layer_ratio: float) -> dict[str
             total = int(cnt.sum())
             cons[gid].append((cnt, max(1, math.ceil(total * (1.0 - max_layer_ratio) - 1e-9))))
     for g in groups:
-        for mb, pos, idx in g.members:
-            cons[g.id].append((np.bincount(idx, minlength=g.channels), 1))
-        for _name, _axis, pos, idx, _blk in g.tensors:
-            cons[g.id].append((np.bincount(idx, minlength=g.channels), 1))
+        for part in [*g.members, *g.tensors]:
+            cons[g.id].append((np.bincount(part.units, minlength=g.channels), 1))
     return cons
 
 
@@ -328,11 +237,11 @@ class PruneChannels(Pass):
             rem = remove.get(g.id, [])
             s = scores.get(g.id)
             kept = [u for u in range(g.channels) if u not in set(rem)]
-            key = "+".join(o[0] for o in g.origins)
+            key = "+".join(o.tensor for o in g.origins)
             entry = by_id.get(key) if not first else None
             if entry is None:
                 entry = {"group": key, "id": g.id, "prunable": g.prunable, "reason": g.reason,
-                         "origins": [o[0] for o in g.origins], "channels_before": g.channels,
+                         "origins": [o.tensor for o in g.origins], "channels_before": g.channels,
                          "removed": 0, "importance_removed": None, "importance_kept": None}
                 self.summary.append(entry)
                 by_id[key] = entry

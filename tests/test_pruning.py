@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import edgec
-from edgec import verify
+from edgec import importance, verify
 from edgec.analysis import costs
-from edgec.analysis.channels import find_groups
+from edgec.analysis.channels import ParamSlice, find_groups
 from edgec.builders import ALL_MODELS, GraphBuilder
 from edgec.passes.fold_batchnorm import FoldBatchNorm
 from edgec.passes.prune_channels import PruneChannels, apply_pruning, select
@@ -36,11 +36,13 @@ def make_dead(ir, groups, remove) -> None:
         units = set(remove.get(g.id, []))
         if not units:
             continue
-        for mb, pos, idx in g.members:
-            if mb.kind == "param" and mb.role == "weight.in":
+        for gm in g.members:
+            mb = gm.member
+            if isinstance(mb, ParamSlice) and mb.role == "weight.in":
                 t = mb.node.inputs[mb.slot]
                 v = np.array(ir.const_value(t), copy=True)
-                cols = [p * mb.block + k for p, u in zip(pos, idx) if u in units for k in range(mb.block)]
+                cols = [p * mb.block + k for p, u in zip(gm.positions, gm.units) if u in units
+                        for k in range(mb.block)]
                 sl = [slice(None)] * v.ndim
                 sl[mb.axis] = cols
                 v[tuple(sl)] = 0
@@ -264,14 +266,13 @@ def test_importance_finds_dead_channels():
     ir = edgec.from_model(model)
     PassManager([FoldBatchNorm()]).run(ir)
     groups = find_groups(ir)
-    g = next(g for g in groups if any(o[0] == "conv_1_out" for o in g.origins))
-    for mb, pos, idx in g.members:
-        if mb.role in ("weight.out", "bias"):
+    g = next(g for g in groups if any(o.tensor == "conv_1_out" for o in g.origins))
+    for gm in g.members:
+        mb = gm.member
+        if isinstance(mb, ParamSlice) and mb.role in ("weight.out", "bias"):
             v = np.array(ir.const_value(mb.node.inputs[mb.slot]), copy=True)
             v[[0, 3]] = 0
             mb.node.inputs[mb.slot].values = v
-    from edgec import importance
-
     feeds = [verify.random_inputs(model, batch=4)]
     for method in ("l1", "l2", "activation"):
         s = importance.compute(ir, groups, method, feeds)[g.id]
@@ -343,8 +344,6 @@ def test_digits_accuracy_with_and_without_reconstruction():
 @pytest.mark.parametrize("steps", [1, 3])
 def test_macs_target_is_met_with_progressive_steps(steps):
     """--prune-macs solves the ratio for the same step schedule the pruning then runs."""
-    import edgec
-
     model = edgec.builders.resnet_bottleneck()
     result = edgec.compile(model, prune_macs=0.4, prune_steps=steps, round_to=1)
     before, after = result.report["before"]["macs"], result.report["after"]["macs"]
