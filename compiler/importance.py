@@ -10,8 +10,9 @@ in the group:
 * ``bn``: ``|gamma|`` of the BatchNormalizations in the group (network slimming); falls back
   to ``l1`` for groups without a BN.
 * ``activation``: mean ``|activation|`` of the group's layer outputs (after the BN/activation
-  chain that directly follows each producer) on calibration feeds. ONNX Runtime runs the
-  model with those tensors exposed as extra outputs, batch by batch, keeping running sums.
+  chain that directly follows each producer) on calibration feeds. The reference executor
+  (:func:`edgec.runtime.capture`) runs the model with those tensors exposed as extra outputs,
+  batch by batch, keeping running sums.
 * ``fused``: mean of the normalised ``l2``, ``bn`` (if the group has BNs) and ``activation``
   (if feeds are given).
 
@@ -25,8 +26,8 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
-import onnx
 
+from edgec import runtime
 from edgec.analysis.channels import ChannelGroup, GroupTensor, ParamSlice
 from edgec.ir import IR
 
@@ -112,30 +113,23 @@ def _measured_tensors(ir: IR, g: ChannelGroup) -> list[GroupTensor]:
 
 def activation_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict]) -> dict[str, np.ndarray]:
     """Mean |activation| per unit, per group id, over the calibration feeds."""
-    from edgec import verify
-
     wanted = {g.id: _measured_tensors(ir, g) for g in groups}
     names = sorted({gt.name for lst in wanted.values() for gt in lst})
     if not names:
         return {}
-    model = ir.to_onnx()
-    existing = {o.name for o in model.graph.output}
-    for n in names:
-        if n not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    sess = verify.session(model)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, float] = {}
     axes = {gt.name: gt.axis for lst in wanted.values() for gt in lst}
-    for batch in feeds:
-        outs = sess.run(names, batch)
-        for n, v in zip(names, outs):
-            v = np.abs(np.asarray(v, dtype=np.float64))
+
+    def on_batch(values: dict) -> None:
+        for n in names:
+            v = np.abs(np.asarray(values[n], dtype=np.float64))
             ax = axes[n]
             red = tuple(i for i in range(v.ndim) if i != ax)
-            s = v.sum(axis=red)
-            sums[n] = sums.get(n, 0) + s
+            sums[n] = sums.get(n, 0) + v.sum(axis=red)
             counts[n] = counts.get(n, 0) + v.size / v.shape[ax]
+
+    runtime.capture(ir.to_onnx(), names, feeds, on_batch)
     res = {}
     for g in groups:
         total = np.zeros(g.channels)
