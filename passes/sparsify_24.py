@@ -124,7 +124,6 @@ class Sparsify24(Pass):
             mask = mask_24(rows)
             new = np.where(mask, rows, 0.0)
             entry = {"layer": node.name, "op": node.op, "weights": int(rows.size), "density": 0.5, "refit": False}
-            has_b = len(node.inputs) > 2 and ir.const_value(node.inputs[2]) is not None
             gemm_ok = node.op != "Gemm" or len(node.inputs) < 3 or (
                 ir.const_value(node.inputs[2]) is not None and ir.const_value(node.inputs[2]).size in (1, rows.shape[0]))
             if targets is not None and rows.shape[1] <= self.max_fit_dim and gemm_ok:
