@@ -16,7 +16,7 @@ from . import loader, runtime, verify as verify_mod
 from .analysis import costs as costs_mod
 from .errors import InternalError, UserError, VerificationError
 from .ir import IR
-from .pipeline import Pass, PassManager, PassRecord, get_pass
+from .pipeline import Pass, PassContext, PassManager, PassRecord, get_pass
 
 
 @dataclass
@@ -144,17 +144,10 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
             raise UserError("give --prune or --prune-macs, not both")
         if importance == "activation" and calib_set is None:
             raise UserError("--importance activation needs calibration data (--calib PATH)")
-        feeds = list(calib_set) if calib_set is not None else None
         prune_pass = PruneChannels(prune, mode=prune_mode, macs_target=prune_macs, importance=importance,
                                    round_to=round_to or tgt.channel_multiple, max_layer_ratio=max_layer_ratio,
-                                   steps=prune_steps, feeds=feeds, reconstruct=bool(reconstruct and feeds))
+                                   steps=prune_steps, reconstruct=reconstruct)
         pipeline = [prune_pass] + pipeline
-    if calib_set is not None:  # passes that learn from data (2:4 re-fit, ...) get the calibration feeds
-        cached_feeds = None
-        for p in _flatten(pipeline):
-            if hasattr(p, "feeds") and p.feeds is None:
-                cached_feeds = cached_feeds if cached_feeds is not None else list(calib_set)
-                p.feeds = cached_feeds
     if input_shapes:
         from edgec.passes import FixInputShapes
 
@@ -168,7 +161,9 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     before = costs_mod.compute(ir)
     if tgt.static_shapes:
         _require_static(tgt, ir, input_shapes or {})
-    records = PassManager(pipeline, on_pass=lambda r: None).run(ir)
+    # passes that learn from data (pruning, 2:4 re-fit, ...) read the calibration set from the context
+    records = PassManager(pipeline, on_pass=lambda r: None).run(
+        ir, PassContext(calib=calib_set, reference=normalized, target=tgt, log=log))
     quant_report = None
     if quantize is not None:
         from . import quantize_api
@@ -232,16 +227,17 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
                 f"the compiled model differs from the original: max abs error {comparison.max_abs_error:.3g} "
                 f"(rtol {rtol}, atol {atol}); nothing was written")
     if prune_pass is not None:
-        report["pruning"] = {"ratio": prune_pass.solved_ratio if prune_macs is not None else prune,
+        pruned = next(r.data for r in records if r.name == "prune_channels")
+        report["pruning"] = {"ratio": pruned.ratio if prune_macs is not None else prune,
                              "macs_target": prune_macs, "importance": importance, "mode": prune_mode,
                              "steps": prune_steps, "round_to": round_to or tgt.channel_multiple,
                              "reconstruct": bool(reconstruct and calib_set is not None),
-                             "groups": prune_pass.summary, "reconstruction": prune_pass.reconstruction}
+                             "groups": pruned.groups, "reconstruction": pruned.reconstruction}
     if quant_report is not None:
         report["quantization"] = quant_report
-    sparse = [p for p in _flatten(pipeline) if getattr(p, "name", "") == "sparsify_24"]
+    sparse = [r.data for r in records if r.name == "sparsify_24" and r.data is not None]
     if sparse:
-        report["sparsity"] = {"pattern": "2:4", "layers": sparse[0].summary}
+        report["sparsity"] = {"pattern": sparse[0].pattern, "layers": sparse[0].layers}
     if bench:
         bench_feeds = verify_mod.random_inputs(result_model)
         report["latency_ms"] = {"before": verify_mod.latency_ms(original, bench_feeds),
@@ -534,7 +530,7 @@ def inspect(model: str | os.PathLike | onnx.ModelProto, *, top: int = 10, groups
 
         found = find_groups(ir)
         info["groups"] = [{"id": g.id, "channels": g.channels, "units": g.units, "prunable": g.prunable,
-                           "reason": g.reason, "origins": list(g.origins)} for g in found]
+                           "reason": g.reason, "origins": [[o.tensor, o.op, o.node] for o in g.origins]} for g in found]
         info["groups_text"] = format_groups(found)
     return info
 

@@ -10,8 +10,9 @@ in the group:
 * ``bn``: ``|gamma|`` of the BatchNormalizations in the group (network slimming); falls back
   to ``l1`` for groups without a BN.
 * ``activation``: mean ``|activation|`` of the group's layer outputs (after the BN/activation
-  chain that directly follows each producer) on calibration feeds. ONNX Runtime runs the
-  model with those tensors exposed as extra outputs, batch by batch, keeping running sums.
+  chain that directly follows each producer) on calibration feeds. The reference executor
+  (:func:`edgec.runtime.capture`) runs the model with those tensors exposed as extra outputs,
+  batch by batch, keeping running sums.
 * ``fused``: mean of the normalised ``l2``, ``bn`` (if the group has BNs) and ``activation``
   (if feeds are given).
 
@@ -25,9 +26,9 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
-import onnx
 
-from edgec.analysis.channels import ChannelGroup
+from edgec import runtime
+from edgec.analysis.channels import ChannelGroup, GroupTensor, ParamSlice
 from edgec.ir import IR
 
 METHODS = ("l1", "l2", "bn", "activation", "fused")
@@ -52,8 +53,9 @@ def param_scores(ir: IR, g: ChannelGroup, kind: str) -> np.ndarray | None:
     """l1/l2 (``kind``) or bn (``|gamma|``) per unit; None if the group has no such member."""
     total = np.zeros(g.channels)
     count = np.zeros(g.channels)
-    for mb, pos, idx in g.members:
-        if mb.kind != "param":
+    for gm in g.members:
+        mb, pos, idx = gm.member, gm.positions, gm.units
+        if not isinstance(mb, ParamSlice):
             continue
         if kind == "bn":
             if mb.role != "bn.scale":
@@ -87,14 +89,15 @@ def param_scores(ir: IR, g: ChannelGroup, kind: str) -> np.ndarray | None:
     return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
 
-def _measured_tensors(ir: IR, g: ChannelGroup) -> list[tuple[str, int, list, list, int]]:
+def _measured_tensors(ir: IR, g: ChannelGroup) -> list[GroupTensor]:
     """For each origin of the group: the tensor at the end of its BN/activation chain."""
     a = g.analysis
     tensors = ir.tensors()
-    by_name = {name: (axis, pos, idx, blk) for name, axis, pos, idx, blk in g.tensors}
+    by_name = {gt.name: gt for gt in g.tensors}
     out = []
-    for name, op, _ in g.origins:
-        if op == "untracked" or name not in by_name:
+    for o in g.origins:
+        name = o.tensor
+        if o.op == "untracked" or name not in by_name:
             continue
         t = tensors.get(name)
         cur = name
@@ -104,49 +107,41 @@ def _measured_tensors(ir: IR, g: ChannelGroup) -> list[tuple[str, int, list, lis
                     a.maps[nxt.name].elems != a.maps[cur].elems:
                 break
             cur, t = nxt.name, nxt
-        axis, pos, idx, blk = by_name[cur]
-        out.append((cur, axis, pos, idx, blk))
+        out.append(by_name[cur])
     return out
 
 
 def activation_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict]) -> dict[str, np.ndarray]:
     """Mean |activation| per unit, per group id, over the calibration feeds."""
-    from edgec import verify
-
     wanted = {g.id: _measured_tensors(ir, g) for g in groups}
-    names = sorted({t[0] for lst in wanted.values() for t in lst})
+    names = sorted({gt.name for lst in wanted.values() for gt in lst})
     if not names:
         return {}
-    model = ir.to_onnx()
-    existing = {o.name for o in model.graph.output}
-    for n in names:
-        if n not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    sess = verify.session(model)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, float] = {}
-    axes = {t[0]: t[1] for lst in wanted.values() for t in lst}
-    for batch in feeds:
-        outs = sess.run(names, batch)
-        for n, v in zip(names, outs):
-            v = np.abs(np.asarray(v, dtype=np.float64))
+    axes = {gt.name: gt.axis for lst in wanted.values() for gt in lst}
+
+    def on_batch(values: dict) -> None:
+        for n in names:
+            v = np.abs(np.asarray(values[n], dtype=np.float64))
             ax = axes[n]
             red = tuple(i for i in range(v.ndim) if i != ax)
-            s = v.sum(axis=red)
-            sums[n] = sums.get(n, 0) + s
+            sums[n] = sums.get(n, 0) + v.sum(axis=red)
             counts[n] = counts.get(n, 0) + v.size / v.shape[ax]
+
+    runtime.capture(ir.to_onnx(), names, feeds, on_batch)
     res = {}
     for g in groups:
         total = np.zeros(g.channels)
         cnt = np.zeros(g.channels)
-        for name, ax, pos, idx, blk in wanted[g.id]:
-            if name not in sums:
+        for gt in wanted[g.id]:
+            if gt.name not in sums:
                 continue
-            per = (sums[name] / counts[name]).reshape(-1, blk).mean(axis=1)
+            per = (sums[gt.name] / counts[gt.name]).reshape(-1, gt.block).mean(axis=1)
             u = np.zeros(g.channels)
-            np.add.at(u, idx, per[pos])
+            np.add.at(u, gt.units, per[gt.positions])
             hit = np.zeros(g.channels)
-            np.add.at(hit, idx, 1)
+            np.add.at(hit, gt.units, 1)
             seen = hit > 0
             u[seen] /= hit[seen]
             norm = u[seen].mean() if seen.any() else 0.0

@@ -1,6 +1,7 @@
 """Least-squares building blocks for data-driven weight recovery (pruning reconstruction,
-2:4 sparsity): collect layer inputs/outputs on calibration feeds, sample im2col rows, and
-solve ridge-regularised normal equations in closed form."""
+2:4 sparsity): collect layer inputs/outputs on calibration feeds (in reference arithmetic,
+:mod:`edgec.runtime`), sample im2col rows, and solve ridge-regularised normal equations in
+closed form."""
 
 from __future__ import annotations
 
@@ -8,21 +9,19 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import runtime
+
 
 def run_tensors(model: onnx.ModelProto, names: list[str], feeds: list[dict]) -> list[list[np.ndarray]]:
-    """Values of the tensors ``names`` for each feed batch (exposed as extra outputs)."""
-    from edgec import verify
+    """Values of the tensors ``names`` for each feed batch, in reference arithmetic
+    (:func:`edgec.runtime.capture`)."""
+    res: list[list[np.ndarray]] = [[] for _ in names]
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    existing = {o.name for o in model.graph.output}
-    for n in names:
-        if n not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    sess = verify.session(model)
-    res = [[] for _ in names]
-    for batch in feeds:
-        for i, v in enumerate(sess.run(names, batch)):
-            res[i].append(np.asarray(v))
+    def on_batch(values: dict) -> None:
+        for i, n in enumerate(names):
+            res[i].append(np.asarray(values[n]))
+
+    runtime.capture(model, names, feeds, on_batch)
     return res
 
 

@@ -4,7 +4,7 @@ Rules
 - Channel groups come from :mod:`edgec.analysis.channels`: every parameter slice, shape
   constant, split size and group attribute tied to a set of channels is rewritten together,
   so the pruned graph is always well-formed. Unprunable groups (graph outputs, Softmax or
-  LayerNorm over channels, ops without a rule...) are left alone; the summary says why.
+  LayerNorm over channels, ops without a rule...) are left alone; the result says why.
 - How many units each group loses:
   * ``mode="uniform"``: every prunable group loses ``ratio`` of its units;
   * ``mode="global"``: the ``ratio`` least important units over all groups go (importance is
@@ -17,11 +17,15 @@ Rules
   output or Concat input is never emptied).
 - ``steps > 1`` prunes progressively: each step removes ``1 - (1 - ratio) ** (1 / steps)`` of the
   remaining units, then re-analyses and re-scores (and reconstructs, when enabled).
-- With calibration ``feeds`` (a list of input dicts) and ``reconstruct=True`` (the default when
-  feeds are given), the consumers of pruned channels are re-fitted by least squares against the
-  unpruned model after every step (:mod:`edgec.passes.reconstruct`).
-- ``self.summary``: one dict per group (id, prunable, reason, channels before/after, removed
-  units, importance of removed/kept units); ``self.reconstruction``: per-layer fit errors.
+- With calibration data in the :class:`~edgec.pipeline.PassContext` (``ctx.feeds()``) and
+  ``reconstruct=True`` (the default), the consumers of pruned channels are re-fitted by least
+  squares against the unpruned model (the graph as this pass found it) after every step
+  (:mod:`edgec.passes.reconstruct`). The ``activation``/``fused`` importances read the same data.
+- Applying a pruning is a loop over the group members: each rewrites itself
+  (:mod:`edgec.analysis.channels.members`).
+- The result's ``data`` is a :class:`PruneResult`: the ratio used, one dict per group (id,
+  prunable, reason, channels before/after, removed units, importance of removed/kept units)
+  and the per-layer fit errors of the reconstruction.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ import onnx_graphsurgeon as gs
 
 from edgec import importance as imp
 from edgec.analysis import costs as costs_mod
-from edgec.analysis.channels import ChannelGroup, find_groups
+from edgec.analysis.channels import ChannelGroup, ConstantEdits, expand_positions, find_groups
 from edgec.ir import IR
-from edgec.pipeline import Pass, register
+from edgec.passes.reconstruct import reconstruct
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 
 @dataclass
@@ -52,58 +57,9 @@ class PruneResult:
 
 
 # ====================================================================== applying a pruning
-def _expand(pos: list[int], block: int) -> list[int]:
-    if block == 1:
-        return list(pos)
-    return [p * block + k for p in pos for k in range(block)]
-
-
-def _set_const(ir: IR, node: gs.Node, slot: int, value: np.ndarray) -> None:
-    t = node.inputs[slot]
-    value = np.ascontiguousarray(value)
-    prod = ir.producer(t)
-    if (prod is not None and prod.op == "ConstantOfShape" and value.size
-            and np.all(value == value.reshape(-1)[0])):
-        # keep ConstantOfShape weights small: a new ConstantOfShape of the new shape
-        out = ir.make_var(t.name + "_pruned", dtype=value.dtype, shape=list(value.shape))
-        shape = ir.make_const(t.name + "_pruned_shape", np.asarray(value.shape, dtype=np.int64))
-        ir.graph.nodes.append(gs.Node("ConstantOfShape", name=ir.unique_name(t.name + "_pruned"),
-                                      attrs=dict(prod.attrs), inputs=[shape], outputs=[out]))
-        node.inputs[slot] = out
-        return
-    if isinstance(t, gs.Constant) and len(t.outputs) == 1 and not ir.is_graph_output(t):
-        t.values = value
-        return
-    node.inputs[slot] = ir.make_const(t.name + "_pruned", value)
-
-
-def constant_of_shape(ir: IR, t) -> tuple[list[int], gs.Node] | None:
-    """(shape, node) if ``t`` is a ConstantOfShape of a constant shape (a uniform tensor)."""
-    prod = ir.producer(t)
-    if prod is None or prod.op != "ConstantOfShape" or not prod.inputs or not isinstance(prod.inputs[0], gs.Constant):
-        return None
-    return [int(d) for d in np.asarray(prod.inputs[0].values).reshape(-1)], prod
-
-
-def _slice_constant_of_shape(ir: IR, node, slot: int, cuts) -> bool:
-    """Slicing a uniform ConstantOfShape weight only changes its shape: no materialising."""
-    cs = constant_of_shape(ir, node.inputs[slot])
-    if cs is None:
-        return False
-    shape, prod = cs
-    for axis, pos in cuts:
-        shape[axis] = len(pos)
-    t = node.inputs[slot]
-    out = ir.make_var(t.name + "_pruned", dtype=t.dtype, shape=list(shape))
-    sc = ir.make_const(t.name + "_pruned_shape", np.asarray(shape, dtype=np.int64))
-    ir.graph.nodes.append(gs.Node("ConstantOfShape", name=ir.unique_name(t.name + "_pruned"),
-                                  attrs=dict(prod.attrs), inputs=[sc], outputs=[out]))
-    node.inputs[slot] = out
-    return True
-
-
 def apply_pruning(ir: IR, groups: list[ChannelGroup], remove: dict[str, list[int]]) -> dict[str, tuple]:
-    """Remove units (indices into ``group.units``) of the given groups, rewriting every member.
+    """Remove units (indices into ``group.units``) of the given groups: every member that loses
+    channels rewrites itself (:meth:`edgec.analysis.channels.Member.apply`).
 
     Returns ``{tensor name: (axis, kept positions)}`` for every tensor whose channels changed
     (positions relative to the tensor before pruning). Raises ValueError when a group is
@@ -122,62 +78,20 @@ def apply_pruning(ir: IR, groups: list[ChannelGroup], remove: dict[str, list[int
             dead.add(g.units[int(u)])
     if not dead:
         return {}
-    params: dict[tuple, list] = {}
-    entries: dict[tuple, list] = {}
+    edits = ConstantEdits(ir)
     for mb in a.members:
         keep = [p for p, e in enumerate(mb.elems) if a.find(e) not in dead]
         if len(keep) == len(mb.elems):
             continue
         if not keep:
             raise ValueError(f"pruning would empty {mb.label()}")
-        if mb.kind == "param":
-            params.setdefault((id(mb.node), mb.slot), [mb.node, mb.slot, []])[2].append(
-                (mb.axis, _expand(keep, mb.block)))
-        elif mb.kind in ("shape", "split"):
-            value = len(keep) * mb.block
-            if value % mb.div:
-                raise ValueError(f"pruning breaks {mb.label()}: {value} not divisible by {mb.div}")
-            if mb.kind == "split" and mb.slot < 0:
-                split = list(mb.node.attrs["split"])
-                split[mb.axis] = value
-                mb.node.attrs["split"] = split
-            else:
-                entries.setdefault((id(mb.node), mb.slot), [mb.node, mb.slot, []])[2].append(
-                    (mb.axis, value // mb.div))
-        elif mb.kind == "attr":
-            mb.node.attrs[mb.role] = len(keep) * mb.block // mb.div
-        elif mb.kind == "slice":
-            st, en = (int(v) for v in mb.role.split(":"))
-            alive = [a.find(e) not in dead for e in mb.elems]
-            new_st = sum(alive[:st]) * mb.block
-            new_en = new_st + sum(alive[st:en]) * mb.block
-            if new_en == new_st:
-                raise ValueError(f"pruning would empty {mb.label()}")
-            if mb.slot < 0:
-                for key, val in (("starts", new_st), ("ends", new_en)):
-                    lst = list(mb.node.attrs[key])
-                    lst[mb.axis] = val
-                    mb.node.attrs[key] = lst
-            else:
-                entries.setdefault((id(mb.node), 1), [mb.node, 1, []])[2].append((mb.axis, new_st))
-                entries.setdefault((id(mb.node), 2), [mb.node, 2, []])[2].append((mb.axis, new_en))
-    for node, slot, cuts in params.values():
-        if _slice_constant_of_shape(ir, node, slot, cuts):
-            continue
-        v = ir.const_value(node.inputs[slot])
-        for axis, pos in cuts:
-            v = np.take(v, pos, axis=axis)
-        _set_const(ir, node, slot, v)
-    for node, slot, edits in entries.values():
-        v = np.array(ir.const_value(node.inputs[slot]), copy=True)
-        for entry, value in edits:
-            v[entry] = value
-        _set_const(ir, node, slot, v)
+        mb.apply(edits, keep)
+    edits.commit()
     kept = {}
     for name, m in a.maps.items():
         keep = [p for p, e in enumerate(m.elems) if a.find(e) not in dead]
         if len(keep) != len(m.elems):
-            kept[name] = (m.axis, np.asarray(_expand(keep, m.block), dtype=np.int64))
+            kept[name] = (m.axis, np.asarray(expand_positions(keep, m.block), dtype=np.int64))
     # shapes of intermediate tensors are stale now
     for t in ir.graph.tensors().values():
         if isinstance(t, gs.Variable) and not ir.is_graph_input(t) and not ir.is_graph_output(t):
@@ -199,9 +113,9 @@ def _constraints(groups: list[ChannelGroup], max_layer_ratio: float) -> dict[str
         return cons
     a = groups[0].analysis
     unit_of = {u: (g, k) for g in groups for k, u in enumerate(g.units)}
-    for _, _, elems in a.origins:
+    for o in a.origins:
         per: dict[str, np.ndarray] = {}
-        for e in elems:
+        for e in o.elems:
             hit = unit_of.get(a.find(e))
             if hit is None:
                 continue
@@ -214,10 +128,8 @@ def _constraints(groups: list[ChannelGroup], max_layer_ratio: float) -> dict[str
             total = int(cnt.sum())
             cons[gid].append((cnt, max(1, math.ceil(total * (1.0 - max_layer_ratio) - 1e-9))))
     for g in groups:
-        for mb, pos, idx in g.members:
-            cons[g.id].append((np.bincount(idx, minlength=g.channels), 1))
-        for _name, _axis, pos, idx, _blk in g.tensors:
-            cons[g.id].append((np.bincount(idx, minlength=g.channels), 1))
+        for part in [*g.members, *g.tensors]:
+            cons[g.id].append((np.bincount(part.units, minlength=g.channels), 1))
     return cons
 
 
@@ -283,7 +195,7 @@ class PruneChannels(Pass):
 
     def __init__(self, ratio: float | None = None, *, mode: str = "uniform", macs_target: float | None = None,
                  importance: str = "l1", round_to: int = 1, max_layer_ratio: float = 0.9, steps: int = 1,
-                 feeds: list[dict] | dict | None = None, reconstruct: bool | None = None, ridge: float = 1e-3):
+                 reconstruct: bool = True, ridge: float = 1e-3):
         super().__init__()
         if ratio is None and macs_target is None:
             ratio = 0.3
@@ -300,110 +212,105 @@ class PruneChannels(Pass):
         self.round_to = round_to
         self.max_layer_ratio = max_layer_ratio
         self.steps = steps
-        if isinstance(feeds, dict):
-            feeds = [feeds]
-        self.feeds = list(feeds) if feeds else None
-        self.reconstruct = bool(self.feeds) if reconstruct is None else reconstruct
-        if self.reconstruct and not self.feeds:
-            raise ValueError("reconstruct needs calibration feeds")
+        self.reconstruct = bool(reconstruct)  # re-fit when calibration data is present
         self.ridge = ridge
-        self.summary: list[dict] = []
-        self.reconstruction: list[dict] = []
-        self.solved_ratio: float | None = None
 
     # -------------------------------------------------------------- one step
-    def _step(self, ir: IR, ratio: float, record: bool) -> dict[str, tuple]:
+    def _step(self, ir: IR, ratio: float, feeds: list[dict] | None,
+              summary: list[dict] | None = None) -> dict[str, tuple]:
+        """Prune ``ratio`` of the units once; record what went in ``summary`` (when given)."""
         groups = find_groups(ir)
-        scores = imp.compute(ir, groups, self.importance, self.feeds)
+        scores = imp.compute(ir, groups, self.importance, feeds)
         remove = select(groups, scores, ratio=ratio, mode=self.mode, round_to=self.round_to,
                         max_layer_ratio=self.max_layer_ratio)
-        if record:
-            self._record(groups, scores, remove)
+        if summary is not None:
+            _record(summary, groups, scores, remove)
         return apply_pruning(ir, groups, remove)
 
-    def _record(self, groups, scores, remove) -> None:
-        first = not self.summary
-        by_id = {s["group"]: s for s in self.summary}
-        for g in groups:
-            rem = remove.get(g.id, [])
-            s = scores.get(g.id)
-            kept = [u for u in range(g.channels) if u not in set(rem)]
-            key = "+".join(o[0] for o in g.origins)
-            entry = by_id.get(key) if not first else None
-            if entry is None:
-                entry = {"group": key, "id": g.id, "prunable": g.prunable, "reason": g.reason,
-                         "origins": [o[0] for o in g.origins], "channels_before": g.channels,
-                         "removed": 0, "importance_removed": None, "importance_kept": None}
-                self.summary.append(entry)
-                by_id[key] = entry
-            entry["channels_after"] = g.channels - len(rem)
-            entry["removed"] += len(rem)
-            if s is not None and len(s):
-                entry["importance_removed"] = round(float(np.mean(s[rem])), 4) if rem else None
-                entry["importance_kept"] = round(float(np.mean(s[kept])), 4) if kept else None
-
-    def _macs_after(self, ir: IR, ratio: float) -> int:
+    def _macs_after(self, ir: IR, ratio: float, feeds: list[dict] | None) -> int:
         """MACs after pruning at ``ratio`` with the same progressive schedule ``run`` uses
         (per-step rounding makes K steps differ from one)."""
         trial = ir.copy()
         per_step = 1.0 - (1.0 - ratio) ** (1.0 / self.steps)
         for _ in range(self.steps):
-            if not self._step(trial, per_step, record=False):
+            if not self._step(trial, per_step, feeds):
                 break
         return costs_mod.compute(trial).macs
 
-    def _solve_ratio(self, ir: IR) -> float:
+    def _solve_ratio(self, ir: IR, feeds: list[dict] | None, result: PassResult) -> float:
         base = costs_mod.compute(ir).macs
         goal = base * (1.0 - self.macs_target)
         lo, hi = 0.0, self.max_layer_ratio
-        if self._macs_after(ir, hi) > goal:
-            self.note(f"MACs target {self.macs_target:.0%} not reachable within max_layer_ratio "
-                      f"{self.max_layer_ratio}: pruning at ratio {hi}")
+        if self._macs_after(ir, hi, feeds) > goal:
+            result.note(f"MACs target {self.macs_target:.0%} not reachable within max_layer_ratio "
+                        f"{self.max_layer_ratio}: pruning at ratio {hi}")
             return hi
         for _ in range(10):
             mid = (lo + hi) / 2
-            if self._macs_after(ir, mid) <= goal:
+            if self._macs_after(ir, mid, feeds) <= goal:
                 hi = mid
             else:
                 lo = mid
         return hi
 
-    def run(self, ir: IR) -> bool:
-        self.summary = []
-        self.reconstruction = []
-        original = ir.to_onnx() if self.reconstruct else None
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
+        feeds = ctx.feeds()
+        refit = self.reconstruct and bool(feeds)
+        result = PassResult(False)
+        original = ir.to_onnx() if refit else None  # the unpruned model, as this pass found it
         macs_before = costs_mod.compute(ir).macs
-        ratio = self._solve_ratio(ir) if self.macs_target is not None else self.ratio
-        self.solved_ratio = ratio
+        ratio = self._solve_ratio(ir, feeds, result) if self.macs_target is not None else self.ratio
+        data = result.data = PruneResult(ratio=ratio)
         if ratio <= 0:
-            return False
+            return result
         per_step = 1.0 - (1.0 - ratio) ** (1.0 / self.steps)
         cumulative: dict[str, tuple] = {}
-        changed = False
         for _ in range(self.steps):
-            kept = self._step(ir, per_step, record=True)
+            kept = self._step(ir, per_step, feeds, data.groups)
             if not kept:
                 break
-            changed = True
+            result.changed = True
             for name, (axis, pos) in kept.items():
                 if name in cumulative:
                     cumulative[name] = (axis, cumulative[name][1][pos])
                 else:
                     cumulative[name] = (axis, pos)
-            if self.reconstruct:
-                from edgec.passes.reconstruct import reconstruct
-
-                self.reconstruction = reconstruct(ir, original, self.feeds, cumulative, ridge=self.ridge)
-        if changed:
+            if refit:
+                data.reconstruction = reconstruct(ir, original, feeds, cumulative, ridge=self.ridge)
+        if result.changed:
             macs_after = costs_mod.compute(ir).macs
-            n_groups = sum(1 for s in self.summary if s["removed"])
-            n_units = sum(s["removed"] for s in self.summary)
-            self.note(f"pruned {n_units} channels in {n_groups} groups (ratio {ratio:.3f}, {self.mode}, "
-                      f"importance {self.importance}); MACs {macs_before} -> {macs_after}")
-            blocked = [s for s in self.summary if not s["prunable"]]
-            for s in blocked:
-                self.note(f"group {s['id']} ({', '.join(s['origins'])}) not pruned: {s['reason']}")
-            if self.reconstruction:
-                fitted = [r for r in self.reconstruction if r.get("refit")]
-                self.note(f"least-squares reconstruction re-fitted {len(fitted)} layers")
-        return changed
+            n_groups = sum(1 for s in data.groups if s["removed"])
+            n_units = sum(s["removed"] for s in data.groups)
+            result.note(f"pruned {n_units} channels in {n_groups} groups (ratio {ratio:.3f}, {self.mode}, "
+                        f"importance {self.importance}); MACs {macs_before} -> {macs_after}")
+            for s in data.groups:
+                if not s["prunable"]:
+                    result.note(f"group {s['id']} ({', '.join(s['origins'])}) not pruned: {s['reason']}")
+            if data.reconstruction:
+                fitted = [r for r in data.reconstruction if r.get("refit")]
+                result.note(f"least-squares reconstruction re-fitted {len(fitted)} layers")
+        return result
+
+
+def _record(summary: list[dict], groups: list[ChannelGroup], scores: dict[str, np.ndarray],
+            remove: dict[str, list[int]]) -> None:
+    """Add one step to ``summary`` (one dict per group, matched over steps by its origins)."""
+    first = not summary
+    by_key = {s["group"]: s for s in summary}
+    for g in groups:
+        rem = remove.get(g.id, [])
+        s = scores.get(g.id)
+        kept = [u for u in range(g.channels) if u not in set(rem)]
+        key = "+".join(o.tensor for o in g.origins)
+        entry = by_key.get(key) if not first else None
+        if entry is None:
+            entry = {"group": key, "id": g.id, "prunable": g.prunable, "reason": g.reason,
+                     "origins": [o.tensor for o in g.origins], "channels_before": g.channels,
+                     "removed": 0, "importance_removed": None, "importance_kept": None}
+            summary.append(entry)
+            by_key[key] = entry
+        entry["channels_after"] = g.channels - len(rem)
+        entry["removed"] += len(rem)
+        if s is not None and len(s):
+            entry["importance_removed"] = round(float(np.mean(s[rem])), 4) if rem else None
+            entry["importance_kept"] = round(float(np.mean(s[kept])), 4) if kept else None

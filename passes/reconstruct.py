@@ -1,9 +1,11 @@
 """reconstruct: least-squares recovery of the layers that read pruned channels.
 
 Design choice: reconstruction is a *function* (:func:`reconstruct`) that ``prune_channels``
-calls after every pruning step when calibration feeds are given (it needs the unpruned model
+calls after every pruning step when calibration data is given (it needs the unpruned model
 and the map of which channels survived, which only the pruning knows). A thin pass
-(:class:`Reconstruct`) wraps it for pipelines that carry these explicitly.
+(:class:`Reconstruct`) wraps it for pipelines that carry these explicitly: it reads the
+unpruned model from ``ctx.reference`` and the calibration batches from ``ctx.feeds()``, and
+is told which channels survived (``kept``) when it is built.
 
 For every Conv (group 1, no auto_pad), Gemm (transA=0) and MatMul with a constant 2-D weight
 whose input lost channels, in graph order:
@@ -21,15 +23,23 @@ whose input lost channels, in graph order:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from edgec.ir import IR
-from edgec.lstsq import ridge_solve as _solve
-from edgec.lstsq import run_tensors as _run
-from edgec.lstsq import sample_rows
-from edgec.pipeline import Pass, register
+from edgec.lstsq import ridge_solve, run_tensors, sample_rows
+from edgec.pipeline import Pass, PassContext, PassResult, register
+
+
+@dataclass
+class ReconstructionResult:
+    """What the ``reconstruct`` pass did (the ``data`` of its PassResult): one dict per layer
+    considered (name, op, rows, ridge, held-out errors before/after, whether it was re-fitted)."""
+
+    layers: list[dict] = field(default_factory=list)
 
 
 def _layers(ir: IR, kept: dict[str, tuple]) -> list[gs.Node]:
@@ -69,7 +79,7 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
         return []
     orig_names = {o for n in original.graph.node for o in n.output}
     layers = [n for n in layers if n.outputs[0].name in orig_names]
-    targets = _run(original, [n.outputs[0].name for n in layers], feeds)
+    targets = run_tensors(original, [n.outputs[0].name for n in layers], feeds)
     rng = np.random.default_rng(seed)
     report = []
     for node, ys in zip(layers, targets):
@@ -77,7 +87,7 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
         w = ir.const_value(node.inputs[1]).astype(np.float64)
         has_b = len(node.inputs) > 2 and ir.const_value(node.inputs[2]) is not None
         b = ir.const_value(node.inputs[2]).astype(np.float64) if has_b else None
-        xs = _run(ir.to_onnx(), [node.inputs[0].name], feeds)[0]
+        xs = run_tensors(ir.to_onnx(), [node.inputs[0].name], feeds)[0]
         X_rows, Y_rows = [], []
         per_batch = max(1, max_rows // len(xs))
         for x, y in zip(xs, ys):
@@ -120,7 +130,7 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
         err0 = err(W0, b if has_b else None, val)
         best = None
         for lam in (ridge, ridge * 10, ridge * 100, ridge * 1000):
-            sol = _solve(X[tr], Y[tr], lam, fit_bias)
+            sol = ridge_solve(X[tr], Y[tr], lam, fit_bias)
             W1, b1 = (sol[:-1], sol[-1]) if fit_bias else (sol, None)
             e = err(W1, b1, val)
             if best is None or e < best[0]:
@@ -128,7 +138,7 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
         err1, lam = best
         entry = {"layer": node.name, "op": node.op, "rows": int(X.shape[0]), "ridge": lam,
                  "val_mse_before": err0, "val_mse_after": err1}
-        sol = _solve(X, Y, lam, fit_bias)
+        sol = ridge_solve(X, Y, lam, fit_bias)
         W1, b1 = (sol[:-1], sol[-1]) if fit_bias else (sol, None)
         if not err1 < err0:
             entry["refit"] = False
@@ -158,15 +168,15 @@ class Reconstruct(Pass):
     description = "least-squares re-fit of the layers reading pruned channels (needs the unpruned model)"
     lossless = False
 
-    def __init__(self, original: onnx.ModelProto | None = None, feeds: list[dict] | None = None,
-                 kept: dict[str, tuple] | None = None, ridge: float = 1e-3):
+    def __init__(self, kept: dict[str, tuple] | None = None, ridge: float = 1e-3):
         super().__init__()
-        self.original, self.feeds, self.kept, self.ridge = original, feeds, kept or {}, ridge
-        self.report: list[dict] = []
+        self.kept, self.ridge = kept or {}, ridge
 
-    def run(self, ir: IR) -> bool:
-        if self.original is None or not self.feeds:
-            self.note("reconstruct: no original model or calibration feeds given; nothing done")
-            return False
-        self.report = reconstruct(ir, self.original, self.feeds, self.kept, ridge=self.ridge)
-        return any(r.get("refit") for r in self.report)
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
+        feeds = ctx.feeds()
+        if ctx.reference is None or not feeds:
+            result = PassResult(False, data=ReconstructionResult())
+            result.note("reconstruct: no reference model or calibration data given; nothing done")
+            return result
+        layers = reconstruct(ir, ctx.reference, feeds, self.kept, ridge=self.ridge)
+        return PassResult(any(r.get("refit") for r in layers), data=ReconstructionResult(layers))

@@ -5,16 +5,17 @@ Rules
   dimension (Conv input channels, Gemm/MatMul K) is a multiple of 4 and whose weight is read
   by that layer only. The 2:4 groups run along the reduction dimension: for a Conv weight
   ``[K, C, R, S]`` every ``(k, r, s)`` keeps the 2 largest of each 4 consecutive channels.
-- Recovery (with calibration feeds), layer by layer in graph order: each output row's kept
+- Recovery (with calibration data: ``ctx.feeds()``), layer by layer in graph order: each output row's kept
   weights (and the bias) are re-fitted by ridge least squares so that, on the input the
   already-sparsified layers upstream produce, the layer's output matches what the dense
   layer computed: ``min ||X_S w_S + b - Y_dense||^2`` over the row's surviving positions S.
   Rows are solved one by one (each has its own mask). The ridge strength is chosen on a
   held-out fifth of the rows, and a layer keeps the plain magnitude mask when the fit does not
   beat it there; layers whose reduction size exceeds ``max_fit_dim`` are not re-fitted (both
-  said in the summary).
-- TensorRT decides per layer whether its sparse kernels are faster; the summary lists every
-  layer with its density and the fitted error so the user can see what to expect.
+  said in the result).
+- TensorRT decides per layer whether its sparse kernels are faster; the result's ``data`` (a
+  :class:`SparsityResult`) lists every layer with its density and the fitted error so the user
+  can see what to expect.
 Lossy: the output error is measured by ``--verify``/``--max-error``.
 """
 
@@ -27,8 +28,7 @@ import onnx_graphsurgeon as gs
 
 from edgec.ir import IR
 from edgec.lstsq import run_tensors, sample_rows
-from edgec.pipeline import Pass, register
-
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 
 @dataclass
@@ -83,11 +83,9 @@ class Sparsify24(Pass):
     lossless = False
     preserves_shapes = True
 
-    def __init__(self, feeds: list[dict] | None = None, ridge: float = 1e-3, max_rows: int = 4096,
-                 max_fit_dim: int = 1024, seed: int = 0):
+    def __init__(self, ridge: float = 1e-3, max_rows: int = 4096, max_fit_dim: int = 1024, seed: int = 0):
         super().__init__()
-        self.feeds, self.ridge, self.max_rows, self.max_fit_dim, self.seed = feeds, ridge, max_rows, max_fit_dim, seed
-        self.summary: list[dict] = []
+        self.ridge, self.max_rows, self.max_fit_dim, self.seed = ridge, max_rows, max_fit_dim, seed
 
     def _eligible(self, ir: IR) -> list[gs.Node]:
         out = []
@@ -108,27 +106,29 @@ class Sparsify24(Pass):
             out.append(node)
         return out
 
-    def run(self, ir: IR) -> bool:
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
+        data = SparsityResult()
+        result = PassResult(False, data=data)
         layers = self._eligible(ir)
         if not layers:
-            self.note("no layer is eligible for 2:4 sparsity (group-1 Conv/Gemm/MatMul with a multiple of 4 inputs)")
-            return False
+            result.note("no layer is eligible for 2:4 sparsity (group-1 Conv/Gemm/MatMul with a multiple of 4 inputs)")
+            return result
+        feeds = ctx.feeds()
         rng = np.random.default_rng(self.seed)
         targets = None
-        if self.feeds:  # what each layer computed while dense
-            targets = run_tensors(ir.to_onnx(), [n.outputs[0].name for n in layers], self.feeds)
+        if feeds:  # what each layer computed while dense
+            targets = run_tensors(ir.to_onnx(), [n.outputs[0].name for n in layers], feeds)
         for i, node in enumerate(layers):
             w = ir.const_value(node.inputs[1])
             rows = _as_rows(node, w.astype(np.float64))
             mask = mask_24(rows)
             new = np.where(mask, rows, 0.0)
             entry = {"layer": node.name, "op": node.op, "weights": int(rows.size), "density": 0.5, "refit": False}
-            has_b = len(node.inputs) > 2 and ir.const_value(node.inputs[2]) is not None
             gemm_ok = node.op != "Gemm" or len(node.inputs) < 3 or (
                 ir.const_value(node.inputs[2]) is not None and ir.const_value(node.inputs[2]).size in (1, rows.shape[0]))
             if targets is not None and rows.shape[1] <= self.max_fit_dim and gemm_ok:
                 # sequential: the input as the already-sparsified layers upstream produce it
-                xs = run_tensors(ir.to_onnx(), [node.inputs[0].name], self.feeds)[0]
+                xs = run_tensors(ir.to_onnx(), [node.inputs[0].name], feeds)[0]
                 new, bias, entry = self._refit(node, w, rows, mask, xs, targets[i], rng, entry)
                 if bias is not None:
                     b_const = ir.make_const((node.name or node.outputs[0].name) + "_24b", bias.astype(w.dtype))
@@ -143,10 +143,11 @@ class Sparsify24(Pass):
                 entry["reason"] = f"reduction size {rows.shape[1]} > {self.max_fit_dim}: magnitude mask only"
             node.inputs[1] = ir.make_const((node.name or node.outputs[0].name) + "_24",
                                            _from_rows(node, new, w.shape).astype(w.dtype))
-            self.summary.append(entry)
-        fitted = sum(e["refit"] for e in self.summary)
-        self.note(f"2:4 sparsity on {len(layers)} layers ({fitted} re-fitted by least squares)")
-        return True
+            data.layers.append(entry)
+        fitted = sum(e["refit"] for e in data.layers)
+        result.note(f"2:4 sparsity on {len(layers)} layers ({fitted} re-fitted by least squares)")
+        result.changed = True
+        return result
 
     def _refit(self, node, w, rows, mask, xs, ys, rng, entry):
         per_batch = max(1, self.max_rows // len(xs))

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import edgec
-from edgec.analysis.channels import RULES, find_groups, format_groups
+from edgec.analysis.channels import RULES, GroupAttr, ParamSlice, find_groups, format_groups
 from edgec.builders import ALL_MODELS, GraphBuilder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def _groups(model):
 
 def _by_origin(groups, tensor):
     for g in groups:
-        if any(o[0] == tensor for o in g.origins):
+        if any(o.tensor == tensor for o in g.origins):
             return g
     raise AssertionError(f"no group with origin {tensor}")
 
@@ -50,9 +50,9 @@ def test_dump_is_deterministic(name):
 def test_residual_add_ties_layers():
     groups = _groups(ALL_MODELS["resnet_basic"]())
     g = _by_origin(groups, "conv_0_out")
-    assert {o[0] for o in g.origins} == {"conv_0_out", "conv_2_out"}  # identity block: stem + block output
+    assert {o.tensor for o in g.origins} == {"conv_0_out", "conv_2_out"}  # identity block: stem + block output
     assert g.prunable and g.channels == 8
-    roles = {(mb.node.name, mb.role) for mb, _, _ in g.members}
+    roles = {(gm.member.node.name, gm.member.role) for gm in g.members if isinstance(gm.member, ParamSlice)}
     assert ("conv_1", "weight.in") in roles and ("conv_3", "weight.in") in roles and ("bn_2", "bn.scale") in roles
     out = [g for g in groups if "graph output" in g.reason]
     assert len(out) == 1 and not out[0].prunable
@@ -62,34 +62,35 @@ def test_concat_offsets_inception():
     groups = _groups(ALL_MODELS["inception"]())
     windows = []
     for g in groups:
-        for mb, pos, idx in g.members:
-            if mb.node.name == "conv_7" and mb.role == "weight.in":
-                windows.append((pos[0], pos[-1]))
+        for gm in g.members:
+            mb = gm.member
+            if isinstance(mb, ParamSlice) and mb.node.name == "conv_7" and mb.role == "weight.in":
+                windows.append((gm.positions[0], gm.positions[-1]))
     assert sorted(windows) == [(0, 7), (8, 19), (20, 25), (26, 31)]
 
 
 def test_depthwise_group_attr_and_split_members():
     g = _by_origin(_groups(ALL_MODELS["mobilenet_v2"]()), "conv_0_out")
-    assert any(mb.kind == "attr" and mb.role == "group" for mb, _, _ in g.members)
+    assert any(isinstance(gm.member, GroupAttr) and gm.member.attr == "group" for gm in g.members)
     groups = _groups(ALL_MODELS["shufflenet_v2"]())
     assert all(g.prunable for g in groups if "graph output" not in g.reason)
-    kinds = {mb.kind for g in groups for mb, _, _ in g.members}
+    kinds = {gm.member.kind for g in groups for gm in g.members}
     assert {"split", "shape", "attr", "param"} <= kinds
 
 
 def test_flatten_block_and_se_tie():
     g = _by_origin(_groups(ALL_MODELS["flatten_gemm_head"]()), "conv_1_out")
-    gemm = [mb for mb, _, _ in g.members if mb.node.op == "Gemm"]
+    gemm = [gm.member for gm in g.members if gm.member.node.op == "Gemm"]
     assert gemm and gemm[0].block == 16  # each channel owns 4*4 features
     g = _by_origin(_groups(ALL_MODELS["se_block"]()), "conv_1_out")
-    assert {o[0] for o in g.origins} == {"conv_1_out", "conv_3_out"}  # gate channels = feature channels
+    assert {o.tensor for o in g.origins} == {"conv_1_out", "conv_3_out"}  # gate channels = feature channels
 
 
 def test_attention_heads_are_units():
     groups = _groups(ALL_MODELS["transformer_encoder"]())
     g = _by_origin(groups, "matmul_0_out")
     assert g.prunable and g.channels == 4 and g.unit_sizes() == [8, 8, 8, 8]
-    assert {o[0] for o in g.origins} == {"matmul_0_out", "matmul_1_out", "matmul_2_out"}
+    assert {o.tensor for o in g.origins} == {"matmul_0_out", "matmul_1_out", "matmul_2_out"}
     residual = _by_origin(groups, "matmul_5_out")
     assert not residual.prunable and "LayerNormalization" in residual.reason
     ffn = _by_origin(groups, "matmul_6_out")
@@ -129,7 +130,7 @@ def test_grouped_conv_prunes_whole_groups():
     groups = _groups(_tiny(build))
     g = _by_origin(groups, "conv_0_out")
     assert g.prunable and g.channels == 2 and g.unit_sizes() == [6, 6]  # a unit = one conv group
-    assert any(mb.kind == "attr" and mb.div == 6 for mb, _, _ in g.members)
+    assert any(isinstance(gm.member, GroupAttr) and gm.member.div == 6 for gm in g.members)
     assert "graph output" in _by_origin(groups, "output").reason
 
 

@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import edgec
-from edgec import verify
+from edgec import importance, verify
 from edgec.analysis import costs
-from edgec.analysis.channels import find_groups
+from edgec.analysis.channels import ParamSlice, find_groups
 from edgec.builders import ALL_MODELS, GraphBuilder
 from edgec.passes.fold_batchnorm import FoldBatchNorm
 from edgec.passes.prune_channels import PruneChannels, apply_pruning, select
-from edgec.pipeline import PassManager
+from edgec.pipeline import PassContext, PassManager
 
 from conftest import digits_data
 
@@ -36,11 +36,13 @@ def make_dead(ir, groups, remove) -> None:
         units = set(remove.get(g.id, []))
         if not units:
             continue
-        for mb, pos, idx in g.members:
-            if mb.kind == "param" and mb.role == "weight.in":
+        for gm in g.members:
+            mb = gm.member
+            if isinstance(mb, ParamSlice) and mb.role == "weight.in":
                 t = mb.node.inputs[mb.slot]
                 v = np.array(ir.const_value(t), copy=True)
-                cols = [p * mb.block + k for p, u in zip(pos, idx) if u in units for k in range(mb.block)]
+                cols = [p * mb.block + k for p, u in zip(gm.positions, gm.units) if u in units
+                        for k in range(mb.block)]
                 sl = [slice(None)] * v.ndim
                 sl[mb.axis] = cols
                 v[tuple(sl)] = 0
@@ -177,23 +179,23 @@ def test_light_models_stay_valid(path):
     model = onnx.load(path)
     ir = edgec.from_model(model)
     before = costs.compute(ir).params
-    p = PruneChannels(0.25)
-    PassManager([p]).run(ir)
+    result = PassManager([PruneChannels(0.25)]).run(ir)[0].data
     pruned = ir.to_onnx()
     got = verify.run(pruned, verify.random_inputs(model))
     expected = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
     assert {k: list(v.shape) for k, v in got.items()} == expected
-    if any(s["removed"] for s in p.summary):
+    if any(s["removed"] for s in result.groups):
         assert costs.compute(edgec.from_model(pruned)).params < before
 
 
 # ---------------------------------------------------------------------------- ratio / targets
-def _prune(model, **kw):
+def _prune(model, feeds=None, **kw):
+    """Prune a copy of ``model``: (IR, the PruneResult, costs before, costs after). ``feeds``
+    (calibration batches) go in the pass context."""
     ir = edgec.from_model(model)
     before = costs.compute(ir)
-    p = PruneChannels(**kw)
-    PassManager([p]).run(ir)
-    return ir, p, before, costs.compute(ir)
+    records = PassManager([PruneChannels(**kw)]).run(ir, PassContext(calib=feeds))
+    return ir, records[0].data, before, costs.compute(ir)
 
 
 def test_ratio_reduces_params_and_macs():
@@ -201,7 +203,7 @@ def test_ratio_reduces_params_and_macs():
     _, p30, b, a30 = _prune(model, ratio=0.3)
     _, p60, _, a60 = _prune(model, ratio=0.6)
     assert a60.params < a30.params < b.params and a60.macs < a30.macs < b.macs
-    for s in p30.summary:
+    for s in p30.groups:
         if s["prunable"]:
             n = s["channels_before"]
             assert s["channels_after"] == n - int(np.floor(n * 0.3 + 1e-9))
@@ -212,11 +214,11 @@ def test_ratio_reduces_params_and_macs():
 def test_round_to_and_cap():
     model = ALL_MODELS["mobilenet_v2"]()
     _, p, _, _ = _prune(model, ratio=0.45, round_to=8)
-    for s in p.summary:
+    for s in p.groups:
         if s["prunable"] and s["channels_before"] > 8:
             assert s["channels_after"] % 8 == 0 and s["channels_after"] > 0
     _, p, _, _ = _prune(model, ratio=0.99 - 0.04, max_layer_ratio=0.5)
-    for s in p.summary:
+    for s in p.groups:
         assert s["channels_after"] >= int(np.ceil(s["channels_before"] * 0.5))
 
 
@@ -226,7 +228,7 @@ def test_never_empties_a_split_or_layer():
         model = ir.to_onnx()
         onnx.checker.check_model(model)
         verify.run(model, verify.random_inputs(model))
-        assert all(s["channels_after"] >= 1 for s in p.summary)
+        assert all(s["channels_after"] >= 1 for s in p.groups)
 
 
 def test_macs_target():
@@ -234,14 +236,14 @@ def test_macs_target():
     _, p, b, a = _prune(model, macs_target=0.4)
     reduction = 1 - a.macs / b.macs
     assert 0.4 <= reduction < 0.6, reduction
-    assert p.solved_ratio is not None and 0 < p.solved_ratio < 0.9
+    assert p.ratio is not None and 0 < p.ratio < 0.9
 
 
 def test_global_mode_and_steps():
     model = ALL_MODELS["inception"]()
     _, pg, b, ag = _prune(model, ratio=0.4, mode="global")
-    removed = sum(s["removed"] for s in pg.summary)
-    total = sum(s["channels_before"] for s in pg.summary if s["prunable"])
+    removed = sum(s["removed"] for s in pg.groups)
+    total = sum(s["channels_before"] for s in pg.groups if s["prunable"])
     assert 0.3 * total <= removed <= 0.4 * total + 1
     ir, ps, _, a3 = _prune(model, ratio=0.4, steps=3)
     assert a3.params < b.params
@@ -254,7 +256,7 @@ def test_importance_methods(method):
     feeds = [verify.random_inputs(model, seed=s, batch=4) for s in range(2)]
     ir, p, b, a = _prune(model, ratio=0.5, importance=method, feeds=feeds, reconstruct=False)
     assert a.params < b.params
-    pruned = [s for s in p.summary if s["removed"]]
+    pruned = [s for s in p.groups if s["removed"]]
     assert pruned and all(s["importance_removed"] <= s["importance_kept"] for s in pruned)
 
 
@@ -264,14 +266,13 @@ def test_importance_finds_dead_channels():
     ir = edgec.from_model(model)
     PassManager([FoldBatchNorm()]).run(ir)
     groups = find_groups(ir)
-    g = next(g for g in groups if any(o[0] == "conv_1_out" for o in g.origins))
-    for mb, pos, idx in g.members:
-        if mb.role in ("weight.out", "bias"):
+    g = next(g for g in groups if any(o.tensor == "conv_1_out" for o in g.origins))
+    for gm in g.members:
+        mb = gm.member
+        if isinstance(mb, ParamSlice) and mb.role in ("weight.out", "bias"):
             v = np.array(ir.const_value(mb.node.inputs[mb.slot]), copy=True)
             v[[0, 3]] = 0
             mb.node.inputs[mb.slot].values = v
-    from edgec import importance
-
     feeds = [verify.random_inputs(model, batch=4)]
     for method in ("l1", "l2", "activation"):
         s = importance.compute(ir, groups, method, feeds)[g.id]
@@ -284,7 +285,7 @@ def test_unprunable_groups_untouched():
     y = b.conv_bn(b.conv_bn(x, 8, 3), 6, 3)
     b.output(b.softmax(y, axis=1), "output")
     ir, p, _, _ = _prune(b.build(), ratio=0.5)
-    blocked = [s for s in p.summary if not s["prunable"]]
+    blocked = [s for s in p.groups if not s["prunable"]]
     assert blocked and "Softmax" in blocked[0]["reason"] and blocked[0]["channels_after"] == 6
 
 
@@ -343,8 +344,6 @@ def test_digits_accuracy_with_and_without_reconstruction():
 @pytest.mark.parametrize("steps", [1, 3])
 def test_macs_target_is_met_with_progressive_steps(steps):
     """--prune-macs solves the ratio for the same step schedule the pruning then runs."""
-    import edgec
-
     model = edgec.builders.resnet_bottleneck()
     result = edgec.compile(model, prune_macs=0.4, prune_steps=steps, round_to=1)
     before, after = result.report["before"]["macs"], result.report["after"]["macs"]

@@ -1,230 +1,33 @@
-"""Channel dependency analysis: which tensor/parameter slices must be pruned together.
+"""The rules: how each op relates the channel axes of its inputs and outputs.
 
-Model
------
-Every *channel* of every tracked tensor is an element of a union-find structure. A tensor's
-channel map (:class:`TMap`) says which axis carries channels, the element behind each
-position of that axis, and ``block``: how many consecutive positions one element owns (a
-``Flatten`` of ``[N, C, H, W]`` gives each channel a block of ``H*W`` features).
+One handler per op type in :data:`RULES` (adding an op = adding a row). A rule reads the
+channel maps of the node's inputs from the analysis and
 
-* Layers with constant weights (Conv, ConvTranspose, Gemm, MatMul) *create* elements: their
-  output channels ("origin space"); their weight's input-channel slices *consume* the input's
-  elements.
-* Other ops move, copy, tie or block elements by the rule table :data:`RULES` (one handler per
-  op type; adding an op = adding a row). Ties (``union``) say "these two channels must be kept
-  or pruned together" (residual Add, SE Mul, depthwise conv, channel shuffle, attention heads).
-* Anything not understood blocks the elements it reads, with a reason. Graph inputs/outputs
-  and ops that depend on the channel count (Softmax/LayerNorm/reductions over channels, shape
-  reads, fixed Reshapes that cannot be rewritten) block as well.
+* sets the maps of its outputs (moving, copying or re-blocking the channels),
+* creates channel spaces (layers with constant weights: their output channels),
+* ties channels that must be kept or pruned together (``union``/``tie``),
+* registers the members to rewrite (:mod:`.members`), and
+* blocks, with a reason, the channels it cannot follow.
 
-A :class:`ChannelGroup` is a connected set of origin spaces (two spaces are connected when any
-of their channels are tied); its *units* are the union-find classes (a unit is what is pruned:
-one channel, a whole attention head, one channel in every shuffle group...). ``members`` are
-every parameter slice, shape constant, split size and attribute that must be rewritten when
-units go. Pruning (``edgec.passes.prune_channels.apply_pruning``) slices all of them,
-consistently, in one go.
+An op without a rule blocks whatever tracked channels it reads (see
+:meth:`.engine.ChannelAnalysis.run`), saying that it has no channel rule.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgec.ir import IR, DEFAULT_DOMAINS
+from .members import GroupAttr, ParamSlice, ShapeEntry, SliceWindow, SplitSize
+from .model import TMap
+
+if TYPE_CHECKING:  # annotations only (the engine imports this module)
+    from .engine import ChannelAnalysis
 
 
-# ====================================================================== data structures
-@dataclass
-class TMap:
-    """Channel map of one tensor: ``axis`` carries channels; position ``p`` of the axis belongs to
-    element ``elems[p // block]``."""
-
-    axis: int
-    elems: list
-    block: int = 1
-
-
-@dataclass
-class Member:
-    """Something to rewrite when units are pruned.
-
-    kind ``param``: constant input ``slot`` of ``node``, sliced along ``axis``;
-    ``shape``: entry ``axis`` of the int64 constant at input ``slot`` becomes
-    ``kept * block // div``; ``split``: entry ``axis`` of the split sizes (input ``slot`` or the
-    ``split`` attribute when ``slot == -1``) becomes ``kept * block``; ``attr``: attribute
-    ``role`` (e.g. Conv ``group``) becomes ``kept * block // div``; ``slice``: entry ``axis`` of
-    a Slice's starts/ends (inputs 1/2, or attributes when ``slot == -1``) for the element window
-    ``role`` = ``"start:end"``.
-    """
-
-    kind: str
-    node: gs.Node
-    slot: int
-    axis: int
-    elems: list
-    block: int = 1
-    role: str = ""
-    div: int = 1
-
-    def label(self) -> str:
-        if self.kind == "attr":
-            return f"{self.node.op} '{self.node.name}' attr {self.role}"
-        if self.kind == "slice":
-            return f"{self.node.op} '{self.node.name}' window {self.role} entry {self.axis}"
-        if self.kind == "split" and self.slot < 0:
-            return f"{self.node.op} '{self.node.name}' attr split[{self.axis}]"
-        t = self.node.inputs[self.slot]
-        if self.kind == "param":
-            return f"{t.name} ({self.node.op} '{self.node.name}' {self.role}) axis {self.axis}"
-        if self.kind == "shape":
-            return f"{t.name} ({self.node.op} '{self.node.name}' shape) entry {self.axis}"
-        return f"{t.name} ({self.node.op} '{self.node.name}' split) entry {self.axis}"
-
-
-@dataclass
-class ChannelGroup:
-    id: str
-    channels: int  # number of prunable units
-    origins: list  # (tensor name, op, node name) of the layers whose output channels are in the group
-    members: list  # (Member, positions in member.elems, unit index of each position)
-    prunable: bool
-    reason: str = ""
-    units: list = field(default_factory=list)  # union-find roots, unit order
-    tensors: list = field(default_factory=list)  # (tensor name, axis, positions, unit idx) of mapped tensors
-    analysis: "ChannelAnalysis | None" = field(default=None, repr=False)
-
-    def unit_sizes(self) -> list[int]:
-        """Channels of one layer per unit (1 for a plain channel, dh for an attention head ...)."""
-        a = self.analysis
-        best = {u: 0 for u in self.units}
-        for _, _, elems in a.origins:
-            counts: dict[int, int] = {}
-            for e in elems:
-                r = a.find(e)
-                if r in best:
-                    counts[r] = counts.get(r, 0) + 1
-            for r, c in counts.items():
-                best[r] = max(best[r], c)
-        return [best[u] for u in self.units]
-
-
-# ====================================================================== the analysis
-class ChannelAnalysis:
-    def __init__(self, ir: IR):
-        self.ir = ir
-        self.parent: list[int] = []
-        self.reasons: dict[int, list[str]] = {}
-        self.maps: dict[str, TMap] = {}
-        self.members: list[Member] = []
-        self.origins: list[tuple] = []  # (tensor, node | None, elems)
-        self.skip: set[int] = set()  # nodes consumed by a pattern rule
-
-    # ---------------------------------------------------------------- union-find
-    def new_elems(self, n: int) -> list[int]:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return list(range(start, start + n))
-
-    def find(self, e: int) -> int:
-        p = self.parent
-        root = e
-        while p[root] != root:
-            root = p[root]
-        while p[e] != root:
-            p[e], e = root, p[e]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            if ra > rb:
-                ra, rb = rb, ra
-            self.parent[rb] = ra
-
-    def tie(self, xs: list[int], ys: list[int]) -> None:
-        for a, b in zip(xs, ys):
-            self.union(a, b)
-
-    def block(self, elems, reason: str) -> None:
-        for e in elems:  # the whole group of each element becomes unprunable
-            lst = self.reasons.setdefault(e, [])
-            if reason not in lst:
-                lst.append(reason)
-
-    # ---------------------------------------------------------------- tensors
-    def get(self, t) -> TMap | None:
-        if t is None or isinstance(t, gs.Constant):
-            return None
-        return self.maps.get(t.name)
-
-    def set(self, t, m: TMap | None, same_shape_as=None) -> None:
-        if m is not None and t is not None and t.name:
-            self.maps[t.name] = m
-        # shape inference gives up on some ops (e.g. opset-21 GroupNormalization): a shape-preserving
-        # op's output has its input's shape
-        if same_shape_as is not None and t is not None and t.shape is None and same_shape_as.shape is not None:
-            t.shape = list(same_shape_as.shape)
-
-    def shape(self, t) -> tuple | None:
-        return self.ir.static_shape(t)
-
-    def origin(self, t, node, axis: int, n: int) -> TMap:
-        elems = self.new_elems(n)
-        self.origins.append((t, node, elems))
-        m = TMap(axis, elems, 1)
-        self.set(t, m)
-        return m
-
-    def ensure(self, t, axis: int, length: int, why: str) -> TMap | None:
-        """The map of ``t``, or a new blocked space if ``t`` is untracked (graph input, output
-        of an op without rule...)."""
-        m = self.get(t)
-        if m is not None:
-            return m
-        if isinstance(t, gs.Constant):
-            return None
-        elems = self.new_elems(length)
-        self.origins.append((t, None, elems))
-        self.block(elems, why)
-        m = TMap(axis, elems, 1)
-        self.set(t, m)
-        return m
-
-    def block_inputs(self, node, reason: str) -> None:
-        for t in node.inputs:
-            m = self.get(t)
-            if m is not None:
-                self.block(m.elems, reason)
-
-    def add(self, kind, node, slot, axis, m: TMap, role="", div=1) -> None:
-        self.members.append(Member(kind, node, slot, axis, m.elems, m.block, role, div))
-
-    # ---------------------------------------------------------------- run
-    def run(self) -> None:
-        ir = self.ir
-        ir.infer_shapes()
-        for node in list(ir.nodes):
-            if id(node) in self.skip:
-                continue
-            if node.domain not in DEFAULT_DOMAINS:
-                self.block_inputs(node, f"read by custom op {node.domain}.{node.op} '{node.name}'")
-                continue
-            rule = RULES.get(node.op)
-            if rule is None:
-                if any(self.get(t) is not None for t in node.inputs):
-                    self.block_inputs(node, f"read by {node.op} '{node.name}' (no channel rule for {node.op})")
-                continue
-            rule(self, node)
-        for t in ir.outputs:
-            m = self.get(t)
-            if m is not None:
-                self.block(m.elems, f"graph output '{t.name}'")
-
-
-# ====================================================================== helpers for rules
+# ====================================================================== helpers
 def _name(node) -> str:
     return f"{node.op} '{node.name}'"
 
@@ -265,7 +68,12 @@ def _passthrough(a: ChannelAnalysis, node) -> None:
             a.set(o, m, node.inputs[0])
 
 
-def _param(a: ChannelAnalysis, node, slot: int, m: TMap, axis: int, role: str, expect: int) -> bool:
+def _add_param(a: ChannelAnalysis, node, slot: int, axis: int, m: TMap, role: str) -> None:
+    """Constant input ``slot`` of ``node`` follows the channels of ``m`` along ``axis``."""
+    a.add(ParamSlice(node=node, slot=slot, axis=axis, elems=m.elems, block=m.block, role=role))
+
+
+def _optional_param(a: ChannelAnalysis, node, slot: int, m: TMap, axis: int, role: str, expect: int) -> bool:
     """Register input ``slot`` (a constant) as a member sliced on ``axis``; False if it is not
     a constant of the expected size there."""
     t = node.inputs[slot] if slot < len(node.inputs) else None
@@ -274,7 +82,7 @@ def _param(a: ChannelAnalysis, node, slot: int, m: TMap, axis: int, role: str, e
     v = a.ir.const_value(t)
     if v is None or v.ndim <= axis or v.shape[axis] != expect:
         return False
-    a.add("param", node, slot, axis, m, role)
+    _add_param(a, node, slot, axis, m, role)
     return True
 
 
@@ -296,11 +104,11 @@ def r_conv(a: ChannelAnalysis, node) -> None:
         m = None
     if group == 1:
         out = a.origin(y, node, 1, cout)
-        a.add("param", node, 1, 0, out, "weight.out")
-        if not _param(a, node, 2, out, 0, "bias", cout):
+        _add_param(a, node, 1, 0, out, "weight.out")
+        if not _optional_param(a, node, 2, out, 0, "bias", cout):
             a.block(out.elems, f"{_name(node)} bias is not a constant")
         if m is not None:
-            a.add("param", node, 1, 1, m, "weight.in")
+            _add_param(a, node, 1, 1, m, "weight.in")
         return
     if cin_g == 1 and cout != cin:
         reason = f"{_name(node)}: depthwise with channel multiplier {cout // max(cin, 1)} is not supported"
@@ -311,10 +119,10 @@ def r_conv(a: ChannelAnalysis, node) -> None:
     if group == cin == cout and cin_g == 1:  # depthwise: output channel c is input channel c
         m = m or a.ensure(x, 1, cin, f"depthwise {_name(node)} input is not tracked")
         a.set(y, m)
-        a.add("param", node, 1, 0, m, "dw.weight")
-        if not _param(a, node, 2, m, 0, "bias", cout):
+        _add_param(a, node, 1, 0, m, "dw.weight")
+        if not _optional_param(a, node, 2, m, 0, "bias", cout):
             a.block(m.elems, f"{_name(node)} bias is not a constant")
-        a.add("attr", node, -1, 0, m, "group")
+        a.add(GroupAttr(node=node, elems=m.elems, block=m.block, attr="group"))
         return
     # general grouped conv: a unit is a whole conv group (its input block and its output block)
     cout_g = cout // group
@@ -329,10 +137,10 @@ def r_conv(a: ChannelAnalysis, node) -> None:
             a.union(first, m.elems[i * cin_g + k])
         for k in range(cout_g):
             a.union(first, out.elems[i * cout_g + k])
-    a.add("param", node, 1, 0, out, "weight.out")
-    if not _param(a, node, 2, out, 0, "bias", cout):
+    _add_param(a, node, 1, 0, out, "weight.out")
+    if not _optional_param(a, node, 2, out, 0, "bias", cout):
         a.block(out.elems, f"{_name(node)} bias is not a constant")
-    a.add("attr", node, -1, 0, out, "group", div=cout_g)
+    a.add(GroupAttr(node=node, elems=out.elems, block=out.block, attr="group", div=cout_g))
 
 
 def r_conv_transpose(a: ChannelAnalysis, node) -> None:
@@ -351,11 +159,11 @@ def r_conv_transpose(a: ChannelAnalysis, node) -> None:
         a.block(m.elems, f"{_name(node)} reads channels on axis {m.axis}")
         m = None
     out = a.origin(y, node, 1, int(w.shape[1]))
-    a.add("param", node, 1, 1, out, "weight.out")
-    if not _param(a, node, 2, out, 0, "bias", int(w.shape[1])):
+    _add_param(a, node, 1, 1, out, "weight.out")
+    if not _optional_param(a, node, 2, out, 0, "bias", int(w.shape[1])):
         a.block(out.elems, f"{_name(node)} bias is not a constant")
     if m is not None:
-        a.add("param", node, 1, 0, m, "weight.in")
+        _add_param(a, node, 1, 0, m, "weight.in")
 
 
 def r_gemm(a: ChannelAnalysis, node) -> None:
@@ -369,18 +177,18 @@ def r_gemm(a: ChannelAnalysis, node) -> None:
         return
     n = int(b.shape[0] if trans_b else b.shape[1])
     out = a.origin(y, node, 1, n)
-    a.add("param", node, 1, 0 if trans_b else 1, out, "weight.out")
+    _add_param(a, node, 1, 0 if trans_b else 1, out, "weight.out")
     if len(node.inputs) > 2 and not _empty(node.inputs[2]):
         c = a.ir.const_value(node.inputs[2])
         if c is None:
             a.block(out.elems, f"{_name(node)} C is not a constant")
         elif c.ndim >= 1 and c.shape[-1] == n and n > 1:
-            a.add("param", node, 2, c.ndim - 1, out, "bias")
+            _add_param(a, node, 2, c.ndim - 1, out, "bias")
     if m is not None:
         if m.axis != 1:
             a.block(m.elems, f"{_name(node)} reads channels on axis {m.axis}")
         else:
-            a.add("param", node, 1, 1 if trans_b else 0, m, "weight.in")
+            _add_param(a, node, 1, 1 if trans_b else 0, m, "weight.in")
 
 
 def r_matmul(a: ChannelAnalysis, node) -> None:
@@ -395,10 +203,10 @@ def r_matmul(a: ChannelAnalysis, node) -> None:
                 a.block(ma.elems, f"{_name(node)}: weight is not a matrix")
             return
         out = a.origin(y, node, ry - 1, int(wb.shape[1]))
-        a.add("param", node, 1, 1, out, "weight.out")
+        _add_param(a, node, 1, 1, out, "weight.out")
         if ma is not None:
             if ma.axis == ra - 1:
-                a.add("param", node, 1, 0, ma, "weight.in")
+                _add_param(a, node, 1, 0, ma, "weight.in")
             else:
                 a.block(ma.elems, f"{_name(node)} reads channels on axis {ma.axis}, not the contracted axis")
         return
@@ -471,7 +279,7 @@ def r_elementwise(a: ChannelAnalysis, node) -> None:
             if v is None:
                 a.block(outm.elems, f"{_name(node)}: unreadable constant")
             elif ax >= 0 and v.shape[ax] == full and full > 1:
-                a.members.append(Member("param", node, slot, ax, outm.elems, outm.block, "per-channel const"))
+                a.add(ParamSlice(node=node, slot=slot, axis=ax, elems=outm.elems, block=outm.block, role="per-channel const"))
             elif ax >= 0 and v.shape[ax] != 1:
                 a.block(outm.elems, f"{_name(node)}: constant '{t.name}' does not broadcast per channel")
             continue
@@ -502,8 +310,8 @@ def _unsqueezed_const(a: ChannelAnalysis, node, t, ax: int, outm: TMap) -> bool:
     axes = [_norm_axis(x, r) for x in axes]
     if ax in axes:
         return False
-    a.members.append(Member("param", prod, 0, ax - sum(1 for x in axes if x < ax), outm.elems, outm.block,
-                            "per-channel const"))
+    a.add(ParamSlice(node=prod, slot=0, axis=ax - sum(1 for x in axes if x < ax), elems=outm.elems,
+                     block=outm.block, role="per-channel const"))
     return True
 
 
@@ -575,7 +383,7 @@ def r_split(a: ChannelAnalysis, node) -> None:
         om = TMap(m.axis, m.elems[pos:pos + n], m.block)
         pos += n
         a.set(o, om)
-        a.members.append(Member("split", node, slot, k, om.elems, m.block, "split"))
+        a.add(SplitSize(node=node, slot=slot, index=k, elems=om.elems, block=m.block))
 
 
 def r_slice(a: ChannelAnalysis, node) -> None:
@@ -611,7 +419,8 @@ def r_slice(a: ChannelAnalysis, node) -> None:
     if st % m.block or en % m.block or en <= st:
         a.block(m.elems, f"{_name(node)} cuts through channel blocks")
         return
-    a.members.append(Member("slice", node, slot, k, m.elems, m.block, f"{st // m.block}:{en // m.block}"))
+    a.add(SliceWindow(node=node, slot=slot, entry=k, elems=m.elems, block=m.block, start=st // m.block,
+                      end=en // m.block))
     a.set(node.outputs[0], TMap(m.axis, m.elems[st // m.block:en // m.block], m.block))
 
 
@@ -657,9 +466,9 @@ def _shuffle(a: ChannelAnalysis, node, m: TMap, xs, ys) -> bool:
         for i in range(1, g):
             a.union(e[j], e[i * cg + j])
     a.set(out, TMap(ax, [e[i * cg + j] for j in range(cg) for i in range(g)], 1))
-    a.members.append(Member("shape", node, 1, ax + 1, e, 1, "shuffle", g))
+    a.add(ShapeEntry(node=node, slot=1, entry=ax + 1, elems=e, role="shuffle", div=g))
     if s2[ax] != -1:
-        a.members.append(Member("shape", rs2, 1, ax, e, 1, "shape"))
+        a.add(ShapeEntry(node=rs2, slot=1, entry=ax, elems=e))
     a.skip.update({id(tr), id(rs2)})
     return True
 
@@ -692,7 +501,7 @@ def _reshape_like(a: ChannelAnalysis, node, m: TMap, xs, ys, shape_slot: int | N
             return True
         if v <= 0:
             return False
-        a.members.append(Member("shape", node, shape_slot, j, m.elems, mult, "shape", div))
+        a.add(ShapeEntry(node=node, slot=shape_slot, entry=j, elems=m.elems, block=mult, div=div))
         return True
 
     d = ys[j]
@@ -711,7 +520,7 @@ def _reshape_like(a: ChannelAnalysis, node, m: TMap, xs, ys, shape_slot: int | N
                 a.union(e[h * chunk], e[h * chunk + i])
         om = TMap(j, [e[h * chunk] for h in range(d)], 1)
         if shape is not None and shape[j] > 0:
-            a.members.append(Member("shape", node, shape_slot, j, om.elems, 1, "shape"))
+            a.add(ShapeEntry(node=node, slot=shape_slot, entry=j, elems=om.elems))
         elif shape is not None and shape[j] != -1:
             a.block(m.elems, f"{_name(node)}: shape entry {j} cannot be rewritten")
             return
@@ -816,7 +625,7 @@ def r_batchnorm(a: ChannelAnalysis, node) -> None:
     full = len(m.elems) * m.block
     roles = ("bn.scale", "bn.bias", "bn.mean", "bn.var") if node.op == "BatchNormalization" else ("in.scale", "in.bias")
     for slot, role in enumerate(roles, start=1):
-        if not _param(a, node, slot, m, 0, role, full):
+        if not _optional_param(a, node, slot, m, 0, role, full):
             a.block(m.elems, f"{_name(node)}: {role} is not a per-channel constant")
             return
     a.set(node.outputs[0], m, node.inputs[0])
@@ -881,7 +690,7 @@ def r_resize(a: ChannelAnalysis, node) -> None:
         a.set(node.outputs[0], m)
         return
     if sizes is not None and "axes" not in node.attrs:
-        a.members.append(Member("shape", node, 3, m.axis, m.elems, m.block, "sizes"))
+        a.add(ShapeEntry(node=node, slot=3, entry=m.axis, elems=m.elems, block=m.block, role="sizes"))
         a.set(node.outputs[0], m)
         return
     a.block(m.elems, f"{_name(node)}: scales/sizes unknown or scale the channel axis")
@@ -931,13 +740,13 @@ def r_groupnorm(a: ChannelAnalysis, node) -> None:
     for slot in (1, 2):
         v = a.ir.const_value(node.inputs[slot])
         if v is not None and v.ndim == 1 and v.shape[0] == c:
-            a.add("param", node, slot, 0, m, "gn.scale" if slot == 1 else "gn.bias")
+            _add_param(a, node, slot, 0, m, "gn.scale" if slot == 1 else "gn.bias")
         elif v is not None and v.ndim == 1 and v.shape[0] == groups:
-            a.add("param", node, slot, 0, per_group, "gn.scale" if slot == 1 else "gn.bias")
+            _add_param(a, node, slot, 0, per_group, "gn.scale" if slot == 1 else "gn.bias")
         else:
             a.block(m.elems, f"{_name(node)}: scale/bias are not per-channel or per-group constants")
             return
-    a.members.append(Member("attr", node, -1, 0, m.elems, 1, "num_groups", cg))
+    a.add(GroupAttr(node=node, elems=m.elems, attr="num_groups", div=cg))
     a.set(node.outputs[0], m, node.inputs[0])
 
 
@@ -1009,130 +818,3 @@ RULES: dict[str, Callable[[ChannelAnalysis, gs.Node], None]] = {
     "Slice": r_slice,
 }
 
-
-# ====================================================================== groups
-def _ranges(xs: list[int]) -> str:
-    """[0,1,2,5,6,9] -> '0-2,5-6,9'."""
-    if not xs:
-        return "-"
-    out, start, prev = [], xs[0], xs[0]
-    for x in xs[1:]:
-        if x == prev + 1:
-            prev = x
-            continue
-        out.append(f"{start}-{prev}" if prev != start else f"{start}")
-        start = prev = x
-    out.append(f"{start}-{prev}" if prev != start else f"{start}")
-    return ",".join(out)
-
-
-def _mapping(idx: list[int]) -> str:
-    """Run-length form of a unit index list: [0,0,0,1,1,1,2,2,2] -> '0-2 (x3 each)'."""
-    runs = []
-    for x in idx:
-        if runs and runs[-1][0] == x:
-            runs[-1][1] += 1
-        else:
-            runs.append([x, 1])
-    reps = {r for _, r in runs}
-    if len(reps) == 1 and reps != {1}:
-        return f"{_ranges([v for v, _ in runs])} (x{reps.pop()} each)"
-    if reps == {1}:
-        return _ranges(idx)
-    return ",".join(f"{v}" if r == 1 else f"{v}x{r}" for v, r in runs)
-
-
-def analyse(ir: IR) -> ChannelAnalysis:
-    a = ChannelAnalysis(ir)
-    a.run()
-    return a
-
-
-def find_groups(ir: IR, analysis: ChannelAnalysis | None = None) -> list[ChannelGroup]:
-    """Channel groups of ``ir``, in graph order (ids ``g0``, ``g1``...)."""
-    a = analysis or analyse(ir)
-    # Groups: origin spaces connected through tied elements.
-    gparent: dict[int, int] = {}
-
-    def gfind(x):
-        while gparent.setdefault(x, x) != x:
-            gparent[x] = gparent[gparent[x]]
-            x = gparent[x]
-        return x
-
-    for _, _, elems in a.origins:
-        roots = [a.find(e) for e in elems]
-        for r in roots[1:]:
-            ra, rb = gfind(roots[0]), gfind(r)
-            if ra != rb:
-                gparent[max(ra, rb)] = min(ra, rb)
-    order: dict[int, list] = {}  # group key -> unit roots in order
-    origins: dict[int, list] = {}
-    for t, node, elems in a.origins:
-        if not elems:
-            continue
-        key = gfind(a.find(elems[0]))
-        units = order.setdefault(key, [])
-        seen = set(units)
-        for e in elems:
-            r = a.find(e)
-            if r not in seen:
-                seen.add(r)
-                units.append(r)
-        origins.setdefault(key, []).append((t.name, node.op if node is not None else "untracked",
-                                            node.name if node is not None else ""))
-    reasons: dict[int, list] = {}
-    for e, rs in a.reasons.items():
-        key = gfind(a.find(e))
-        lst = reasons.setdefault(key, [])
-        for r in rs:
-            if r not in lst:
-                lst.append(r)
-    groups: dict[int, ChannelGroup] = {}
-    unit_index: dict[int, tuple] = {}
-    for i, (key, units) in enumerate(order.items()):
-        rs = reasons.get(key, [])
-        if not rs and len(units) < 2:
-            rs = ["a single unit (one channel, or every channel tied together, e.g. by grouped convolutions "
-                  "and channel shuffles)"]
-        g = ChannelGroup(f"g{i}", len(units), origins[key], [], not rs, "; ".join(rs), units, analysis=a)
-        groups[key] = g
-        for k, u in enumerate(units):
-            unit_index[u] = (key, k)
-    for mb in a.members:
-        per: dict[int, tuple] = {}
-        for p, e in enumerate(mb.elems):
-            key, k = unit_index[a.find(e)]
-            pos, idx = per.setdefault(key, ([], []))
-            pos.append(p)
-            idx.append(k)
-        for key, (pos, idx) in per.items():
-            groups[key].members.append((mb, pos, idx))
-    for name, m in a.maps.items():
-        per = {}
-        for p, e in enumerate(m.elems):
-            key, k = unit_index[a.find(e)]
-            pos, idx = per.setdefault(key, ([], []))
-            pos.append(p)
-            idx.append(k)
-        for key, (pos, idx) in per.items():
-            groups[key].tensors.append((name, m.axis, pos, idx, m.block))
-    return list(groups.values())
-
-
-def format_groups(groups: list[ChannelGroup]) -> str:
-    """Stable text dump (used for golden files)."""
-    lines = []
-    for g in groups:
-        status = "prunable" if g.prunable else f"UNPRUNABLE: {g.reason}"
-        sizes = g.unit_sizes()
-        unit = "" if all(s == 1 for s in sizes) else f" (units of {_ranges(sorted(set(sizes)))} channels)"
-        lines.append(f"group {g.id}: {g.channels} units{unit}, {status}")
-        for name, op, node in g.origins:
-            lines.append(f"  origin   {name} <- {op}" + (f" '{node}'" if node else ""))
-        for mb, pos, idx in g.members:
-            blk = f" x{mb.block}" if mb.block != 1 else ""
-            div = f" /{mb.div}" if mb.div != 1 else ""
-            mapping = "" if idx == list(range(len(idx))) and pos == idx else f" -> units {_mapping(idx)}"
-            lines.append(f"  {mb.kind:<8} {mb.label()} [{_ranges(pos)}]{blk}{div}{mapping}")
-    return "\n".join(lines) + "\n"
