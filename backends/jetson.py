@@ -25,9 +25,12 @@ import onnx_graphsurgeon as gs
 
 from edgec.errors import UserError
 from edgec.ir import IR
+from edgec.outputs import Outputs
+from edgec.passes import DecomposeOps, NarrowInt64, Sparsify24
 from edgec.target import QuantScheme, Target
 
 from . import _checks, op_tables
+from .cleanup import lossless_pipeline
 
 VERSIONS = {"8.5": op_tables.TRT85, "8.6": op_tables.TRT85, "10": op_tables.TRT10}
 
@@ -48,17 +51,11 @@ def _configure(t: Target) -> None:
 
 
 def _pipeline(t: Target) -> list:
-    from edgec.passes import DecomposeOps, NarrowInt64
-
-    from . import lossless_pipeline
-
     extra = [NarrowInt64()]
     if not VERSIONS[str(t.options["trt"])].get("LayerNormalization", (False,))[0]:
         extra.insert(0, DecomposeOps(ops=("LayerNormalization",)))
     pipeline = lossless_pipeline(extra=extra)
     if t.options["sparsity"] == "2:4":  # on the final (BN-folded) weights
-        from edgec.passes.sparsify_24 import Sparsify24
-
         pipeline.append(Sparsify24())
     elif t.options["sparsity"]:
         raise UserError(f"target jetson: sparsity={t.options['sparsity']} is not known (2:4)")
@@ -172,8 +169,6 @@ def write_trtexec(t: Target, ir: IR, output: Path, writer=None, **_) -> list[Pat
     path = output.with_name(output.name + ".trtexec.txt")
     text = " \\\n    ".join(args) + "\n"
     if writer is None:
-        from edgec.outputs import Outputs
-
         with Outputs() as writer:
             writer.claim(path, "trtexec command file")
             writer.write_text(path, text)
