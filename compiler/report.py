@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .outputs import Outputs, json_default  # noqa: F401 (json_default: the report's JSON encoding)
+from .outputs import Outputs
 
 
 def human(n: float, unit: str = "") -> str:

@@ -11,7 +11,6 @@ Graph outputs keep their names (the producer is made to write them). Lossless: e
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from edgec.ir import IR, onnx_elem_type
 from edgec.pipeline import Pass, PassContext, PassResult, register
