@@ -50,7 +50,7 @@ from edgec.ir import IR
 from edgec.runtime import X86_ISAS, host_isa
 from edgec.target import QuantScheme, Target
 
-from . import _checks
+from . import checks
 from .cleanup import lossless_pipeline
 
 SCHEMES = ("auto", "u8s8", "u8s7", "u8u8")
@@ -63,7 +63,7 @@ def _pipeline(target: Target) -> list:
 
 
 def _check(target: Target, ir: IR) -> list[str]:
-    return _checks.check_opset(target, ir)
+    return checks.check_opset(target, ir)
 
 
 def resolve_isa(requested: str) -> str:

@@ -26,7 +26,7 @@ from edgec.errors import UserError
 from edgec.ir import IR
 from edgec.target import QuantScheme, Target
 
-from . import _checks
+from . import checks
 from .cleanup import lossless_pipeline
 
 ISAS = ("dotprod", "i8mm", "armv8")
@@ -43,7 +43,7 @@ def _pipeline(target: Target) -> list:  # the same runtime as cpu: the same clea
 
 
 def _check(target: Target, ir: IR) -> list[str]:
-    return _checks.check_opset(target, ir)
+    return checks.check_opset(target, ir)
 
 
 def _configure(t: Target) -> None:

@@ -32,7 +32,7 @@ from edgec.outputs import Outputs, edgec_dataset_folder
 from edgec.passes import DecomposeOps, GemmToConv, ShuffleTo4D
 from edgec.target import QuantScheme, Target
 
-from . import _checks, op_tables
+from . import checks, op_tables
 from .cleanup import lossless_pipeline
 
 PLATFORMS = ("rk3588", "rk3576", "rk3568", "rk3566", "rk3562", "rv1106", "rv1103")
@@ -100,7 +100,7 @@ def _unsupported(name: str) -> bool:
 
 
 def _check(t: Target, ir: IR) -> list[str]:
-    problems = _checks.check_opset(t, ir)
+    problems = checks.check_opset(t, ir)
     for shape in _dynamic_input(t):
         ranks = {len(i.shape) for i in ir.inputs if i.shape is not None}
         if ranks and len(shape) not in ranks:
@@ -114,7 +114,7 @@ def _check(t: Target, ir: IR) -> list[str]:
             problems.append(f"{key} has {len(vals)} values, the input has {', '.join(map(str, sorted(channels)))} "
                             f"channels")
     if t.static_shapes:
-        problems += _checks.check_static(t, ir)
+        problems += checks.check_static(t, ir)
     batch = max((int(i.shape[0]) for i in ir.inputs if i.shape and isinstance(i.shape[0], (int, np.integer))), default=1)
 
     def verdict(node: gs.Node) -> str | None:
@@ -130,7 +130,7 @@ def _check(t: Target, ir: IR) -> list[str]:
             return "RKNN needs a constant input here"
         return None
 
-    problems += _checks.check_ops(ir, verdict)
+    problems += checks.check_ops(ir, verdict)
     for node in ir.find("Transpose"):
         shape = IR.static_shape(node.inputs[0])
         if shape is None or len(shape) < 3 or shape[-2] * shape[-1] <= TRANSPOSE_HW_LIMIT:
