@@ -5,30 +5,13 @@ from __future__ import annotations
 from edgec.errors import UserError
 from edgec.target import Target
 
+from . import cpu, jetson, neon, rknn
+from .cleanup import lossless_pipeline
 
-def lossless_pipeline(extra: list | tuple = ()) -> list:
-    """The clean-up every target starts from: exact rewrites, repeated to a fixed point.
-
-    ``extra`` passes (a target's own rewrites) join the fixed-point group, after the clean-up.
-    """
-    from edgec.passes import (CollapseReshapes, DedupInitializers, EliminateDead, EliminateIdentity,
-                              FoldBatchNorm, FoldConstants, FoldConvAffine, FoldShapes, FuseTransposes,
-                              InferShapes)
-    from edgec.pipeline import FixedPoint
-
-    return [
-        EliminateDead(),
-        InferShapes(),
-        FixedPoint([FoldShapes(), FoldConstants(), EliminateIdentity(), FuseTransposes(), CollapseReshapes(),
-                    FoldBatchNorm(), FoldConvAffine(), *extra]),
-        DedupInitializers(),
-        EliminateDead(),
-    ]
+__all__ = ["get_target", "lossless_pipeline", "targets"]
 
 
 def targets() -> dict[str, Target]:
-    from . import cpu, jetson, neon, rknn
-
     return {t.name: t for t in (cpu.TARGET, neon.TARGET, jetson.TARGET, rknn.TARGET)}
 
 

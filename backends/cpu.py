@@ -50,7 +50,8 @@ from edgec.ir import IR
 from edgec.runtime import X86_ISAS, host_isa
 from edgec.target import QuantScheme, Target
 
-from . import _checks
+from . import checks
+from .cleanup import lossless_pipeline
 
 SCHEMES = ("auto", "u8s8", "u8s7", "u8u8")
 SATURATING = ("avx2", "avx512", "sse")  # U8S8 GEMM kernels add uint8 x int8 pairs in saturating int16
@@ -58,13 +59,11 @@ WEIGHT_TYPE = {"u8s8": "int8", "u8s7": "int7", "u8u8": "uint8"}
 
 
 def _pipeline(target: Target) -> list:
-    from . import lossless_pipeline
-
     return lossless_pipeline()
 
 
 def _check(target: Target, ir: IR) -> list[str]:
-    return _checks.check_opset(target, ir)
+    return checks.check_opset(target, ir)
 
 
 def resolve_isa(requested: str) -> str:

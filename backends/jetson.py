@@ -25,9 +25,12 @@ import onnx_graphsurgeon as gs
 
 from edgec.errors import UserError
 from edgec.ir import IR
+from edgec.outputs import Outputs
+from edgec.passes import DecomposeOps, NarrowInt64, Sparsify24
 from edgec.target import QuantScheme, Target
 
-from . import _checks, op_tables
+from . import checks, op_tables
+from .cleanup import lossless_pipeline
 
 VERSIONS = {"8.5": op_tables.TRT85, "8.6": op_tables.TRT85, "10": op_tables.TRT10}
 
@@ -48,17 +51,11 @@ def _configure(t: Target) -> None:
 
 
 def _pipeline(t: Target) -> list:
-    from edgec.passes import DecomposeOps, NarrowInt64
-
-    from . import lossless_pipeline
-
     extra = [NarrowInt64()]
     if not VERSIONS[str(t.options["trt"])].get("LayerNormalization", (False,))[0]:
         extra.insert(0, DecomposeOps(ops=("LayerNormalization",)))
     pipeline = lossless_pipeline(extra=extra)
     if t.options["sparsity"] == "2:4":  # on the final (BN-folded) weights
-        from edgec.passes.sparsify_24 import Sparsify24
-
         pipeline.append(Sparsify24())
     elif t.options["sparsity"]:
         raise UserError(f"target jetson: sparsity={t.options['sparsity']} is not known (2:4)")
@@ -77,10 +74,10 @@ def _verdict(t: Target, ir: IR):
             return f"not supported by the TensorRT {version} ONNX parser"
         _, types, _ = entry
         if node.op in ("QuantizeLinear", "DequantizeLinear"):
-            if not _checks.zero_point_is_zero(ir, node):
+            if not checks.zero_point_is_zero(ir, node):
                 return "TensorRT needs zero point 0 (symmetric quantization)"
             q = node.outputs[0] if node.op == "QuantizeLinear" else node.inputs[0]
-            name = _checks.dtype_name(q)
+            name = checks.dtype_name(q)
             if name is not None and name not in ("INT8", "FP8", "INT4") or (name == "INT4" and version != "10"):
                 return f"quantized type {name} is not supported (INT8{', INT4, FP8' if version == '10' else ''} only)"
         if node.op == "MaxPool" and len(node.outputs) > 1 and (node.outputs[1].outputs or ir.is_graph_output(node.outputs[1])):
@@ -98,7 +95,7 @@ def _verdict(t: Target, ir: IR):
             return f"resize mode {node.attrs.get('mode')} is not supported (nearest, linear)"
         if types and node.op not in ("QuantizeLinear", "DequantizeLinear", "Cast"):
             data = node.inputs[0] if node.inputs else None
-            name = _checks.dtype_name(data)
+            name = checks.dtype_name(data)
             if name in ("DOUBLE",) and "DOUBLE" not in types:
                 return "DOUBLE tensors are only partly supported (cast to FP32)"
         return None
@@ -144,7 +141,7 @@ def _given_profile(t: Target) -> dict[str, list[list[int]]]:
 
 
 def _check(t: Target, ir: IR) -> list[str]:
-    problems = _checks.check_opset(t, ir) + _checks.check_ops(ir, _verdict(t, ir))
+    problems = checks.check_opset(t, ir) + checks.check_ops(ir, _verdict(t, ir))
     for name, (lo, opt, hi) in _profile(t, ir).items():
         if not t.options["profile"] or name not in t.options["profile"]:
             problems.append(f"warning: input '{name}' is dynamic: TensorRT needs an optimisation profile; using "
@@ -172,8 +169,6 @@ def write_trtexec(t: Target, ir: IR, output: Path, writer=None, **_) -> list[Pat
     path = output.with_name(output.name + ".trtexec.txt")
     text = " \\\n    ".join(args) + "\n"
     if writer is None:
-        from edgec.outputs import Outputs
-
         with Outputs() as writer:
             writer.claim(path, "trtexec command file")
             writer.write_text(path, text)

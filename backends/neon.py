@@ -23,9 +23,11 @@ not the ARM device.
 from __future__ import annotations
 
 from edgec.errors import UserError
+from edgec.ir import IR
 from edgec.target import QuantScheme, Target
 
-from .cpu import _check, _pipeline  # same runtime, same clean-up and checks; only the profile differs
+from . import checks
+from .cleanup import lossless_pipeline
 
 ISAS = ("dotprod", "i8mm", "armv8")
 REASONS = {
@@ -34,6 +36,14 @@ REASONS = {
     "armv8": "isa=armv8: pairs of int8 products are added in int16, at most 2*128*127 < 2^15 with weights in "
              "[-127, 127]; S8S8 cannot saturate",
 }
+
+
+def _pipeline(target: Target) -> list:  # the same runtime as cpu: the same clean-up and check
+    return lossless_pipeline()
+
+
+def _check(target: Target, ir: IR) -> list[str]:
+    return checks.check_opset(target, ir)
 
 
 def _configure(t: Target) -> None:

@@ -28,9 +28,12 @@ import onnx_graphsurgeon as gs
 
 from edgec.errors import UserError
 from edgec.ir import IR
+from edgec.outputs import Outputs, edgec_dataset_folder
+from edgec.passes import DecomposeOps, GemmToConv, ShuffleTo4D
 from edgec.target import QuantScheme, Target
 
-from . import _checks, op_tables
+from . import checks, op_tables
+from .cleanup import lossless_pipeline
 
 PLATFORMS = ("rk3588", "rk3576", "rk3568", "rk3566", "rk3562", "rv1106", "rv1103")
 NO_FLOAT = ("rv1106", "rv1103")
@@ -87,10 +90,6 @@ def _configure(t: Target) -> None:
 
 
 def _pipeline(t: Target) -> list:
-    from edgec.passes import DecomposeOps, GemmToConv, ShuffleTo4D
-
-    from . import lossless_pipeline
-
     return lossless_pipeline(extra=[DecomposeOps(ops=DECOMPOSE), GemmToConv(), ShuffleTo4D()])
 
 
@@ -101,7 +100,7 @@ def _unsupported(name: str) -> bool:
 
 
 def _check(t: Target, ir: IR) -> list[str]:
-    problems = _checks.check_opset(t, ir)
+    problems = checks.check_opset(t, ir)
     for shape in _dynamic_input(t):
         ranks = {len(i.shape) for i in ir.inputs if i.shape is not None}
         if ranks and len(shape) not in ranks:
@@ -115,7 +114,7 @@ def _check(t: Target, ir: IR) -> list[str]:
             problems.append(f"{key} has {len(vals)} values, the input has {', '.join(map(str, sorted(channels)))} "
                             f"channels")
     if t.static_shapes:
-        problems += _checks.check_static(t, ir)
+        problems += checks.check_static(t, ir)
     batch = max((int(i.shape[0]) for i in ir.inputs if i.shape and isinstance(i.shape[0], (int, np.integer))), default=1)
 
     def verdict(node: gs.Node) -> str | None:
@@ -131,7 +130,7 @@ def _check(t: Target, ir: IR) -> list[str]:
             return "RKNN needs a constant input here"
         return None
 
-    problems += _checks.check_ops(ir, verdict)
+    problems += checks.check_ops(ir, verdict)
     for node in ir.find("Transpose"):
         shape = IR.static_shape(node.inputs[0])
         if shape is None or len(shape) < 3 or shape[-2] * shape[-1] <= TRANSPOSE_HW_LIMIT:
@@ -153,8 +152,6 @@ RKNN_ALGORITHM = {"minmax": "normal", "percentile": "normal", "mse": "mmse", "en
 def side_paths(t: Target, output: Path, *, calib: bool, quantized_model: bool | None) -> list[tuple]:
     """What :func:`write_build_config` may write beside ``output``: (path, kind, what, replaceable).
     ``quantized_model`` None: not known yet (``--goal``), so every possible path."""
-    from edgec.outputs import edgec_dataset_folder
-
     if t.options["platform"] in NO_FLOAT and not calib and quantized_model is False:
         raise UserError(f"{t.options['platform']} has no float mode: give --calib (RKNN quantizes) or --quantize int8")
     paths = [(output.with_name(output.name + ".rknn.json"), "file", "RKNN build config", None)]
@@ -169,8 +166,6 @@ def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quan
     ``OUT.dataset/NNNN.npy`` + ``dataset.txt`` (NCHW .npy files, as RKNN's build wants them).
     With ``writer`` (an :class:`edgec.outputs.Outputs`) the files are staged there, to appear
     with the model or not at all."""
-    from edgec.outputs import Outputs
-
     if t.options["platform"] in NO_FLOAT and calib_batches is None and not quantized_model:
         raise UserError(f"{t.options['platform']} has no float mode: give --calib (RKNN quantizes) or --quantize int8")
     own = writer is None

@@ -1,9 +1,14 @@
-"""``edgec.compile``: the one entry point the CLI and the Python API share."""
+"""``edgec.compile``: the one entry point the CLI and the Python API share.
+
+A compile is a short sequence of stages over one :class:`_Run` (the options, the target and
+what each stage leaves for the next): load the model, build the pipeline, read the data it
+learns from, run the pipeline (pruning and input shapes in front, the target's passes, then
+quantization), check the result against the target, verify it, report, write.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +17,21 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from . import loader, runtime, verify as verify_mod
+from edgec.backends import get_target
+from edgec.passes import FixInputShapes
+from edgec.passes.prune_channels import PruneChannels, PruneResult
+from edgec.passes.sparsify_24 import SparsityResult
+
+from . import datafiles, loader, quantize_api, runtime, strategy, verify as verify_mod
 from .analysis import costs as costs_mod
+from .analysis.channels import find_groups, format_groups
+from .calibdata import CalibrationSet, load_calibration
 from .errors import InternalError, UserError, VerificationError
-from .ir import IR
-from .pipeline import Pass, PassContext, PassManager, PassRecord, get_pass
+from .ir import IR, dtype_name, plain_dtype
+from .options import KEYWORDS, CompileOptions, PruneOptions, boolean, check_compile_options, number, path_like
+from .outputs import Outputs
+from .pipeline import FixedPoint, Pass, PassContext, PassManager, PassRecord, get_pass
+from .target import Target
 
 
 @dataclass
@@ -42,6 +57,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
             max_bytes: int | None = None, progress: bool = False, goal: str | None = None,
             calib_preprocess=None,
             log: Callable[[str], None] | None = None, report_file: str | os.PathLike | None = None,
+            options: CompileOptions | None = None,
             _outputs=None) -> CompileResult:
     """Compile ``model`` for ``target``; write it to ``output`` (atomically) if given.
 
@@ -76,192 +92,322 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     ``goal`` (latency, size, accuracy) lets edgec choose pruning and precision for the target
     within ``max_error``/``max_bytes`` (see :mod:`edgec.strategy`); the report says what was
     tried and why the winner was chosen.
+
+    ``options`` (an :class:`edgec.options.CompileOptions`) gives every option at once, instead
+    of the keywords above (not both).
     """
-    params = dict(locals())  # first: every argument, as given
-    from edgec.backends import get_target
+    run = _start(dict(locals()))  # every argument, as given: checked, then the options and the outputs
+    if run.options.goal is not None:
+        return _by_goal(run)
+    _load(run)
+    _build_pipeline(run)
+    _load_data(run)
+    _run_pipeline(run)
+    _quantize(run)
+    _conformance(run)
+    _verify(run)
+    _report(run)
+    return _write(run)
 
-    from . import options as options_mod
-    from .outputs import Outputs
 
-    params.update(options_mod.check_compile_options(params))
-    passes, keep_float = params["passes"], params["keep_float"]
-    tgt = get_target(target, target_options)
+@dataclass
+class _Run:
+    """One compile: what it was given (the model, the checked options, the target, where the
+    outputs go) and what each stage leaves for the next."""
+
+    model: str | os.PathLike | onnx.ModelProto
+    options: CompileOptions
+    target: Target
+    log: Callable[[str], None]
+    output: str | os.PathLike | None = None
+    report_file: str | os.PathLike | None = None
+    outs: Outputs | None = None  # every output path, claimed up front (None: nothing to write)
+    owned: bool = False  # this call commits the outputs (a --goal candidate's are its caller's)
+    src_path: Path | None = None
+    t_start: float = field(default_factory=time.perf_counter)
+    # _load
+    original: onnx.ModelProto | None = None
+    source_opset: int = 0
+    # _build_pipeline
+    pipeline: list = field(default_factory=list)
+    prune_pass: Pass | None = None
+    # _load_data
+    calib: CalibrationSet | None = None
+    feeds: dict | None = None  # --inputs
+    evaluation: tuple | None = None  # --eval: (inputs, labels)
+    # _run_pipeline, _quantize, _conformance
+    ir: IR | None = None
+    before: costs_mod.Costs | None = None
+    records: list[PassRecord] = field(default_factory=list)
+    quant_report: dict | None = None
+    after: costs_mod.Costs | None = None
+    result_model: onnx.ModelProto | None = None
+    warnings: list[str] = field(default_factory=list)
+    # _verify
+    verified: dict | None = None
+    latency_ms: dict | None = None
+    accuracy: dict | None = None
+    # _report
+    report: dict = field(default_factory=dict)
+
+
+def _start(args: dict) -> _Run:
+    """The checked options of a compile() call (its keywords, or ``options=``), its target, and
+    every output path claimed before any work."""
+    opts = _options(args)
+    tgt = get_target(opts.target, opts.target_options)
+    model, output, report_file, outs = args["model"], args["output"], args["report_file"], args["_outputs"]
     src_path = None if isinstance(model, onnx.ModelProto) else loader.check_input_file(model)
-    owned = _outputs is None and (output is not None or report_file is not None)
-    outs = _outputs if _outputs is not None else (Outputs() if owned else None)
+    owned = outs is None and (output is not None or report_file is not None)
+    outs = outs if outs is not None else (Outputs() if owned else None)
     if outs is not None:  # every output path checked before any work
-        _claim_outputs(outs, tgt, src_path, output, report_file, inputs=inputs, eval_data=eval_data, calib=calib,
-                       quantized=None if goal is not None else quantize in ("int8", "mixed"))
+        v = opts.verify
+        _claim_outputs(outs, tgt, src_path, output, report_file, inputs=v.inputs, eval_data=v.eval_data,
+                       calib=opts.calib,
+                       quantized=None if opts.goal is not None else opts.quant.mode in ("int8", "mixed"))
+    return _Run(model=model, options=opts, target=tgt, log=args["log"] or (lambda s: None), output=output,
+                report_file=report_file, outs=outs, owned=owned, src_path=src_path)
 
-    if goal is not None:
-        from . import strategy
 
-        args = {k: v for k, v in params.items() if k not in (
-            "model", "output", "goal", "max_error", "max_bytes", "calib", "log", "verify", "report_file",
-            "_outputs")}  # calib_preprocess travels on with the rest
+def _options(args: dict) -> CompileOptions:
+    given = args["options"]
+    if given is not None:
+        if not isinstance(given, CompileOptions):
+            raise UserError(f"options: expected an edgec.options.CompileOptions, got {type(given).__name__}")
+        defaults = CompileOptions().as_kwargs()
+        mixed = [k for k in KEYWORDS if not _is_default(args[k], defaults[k])]
+        if mixed:
+            raise UserError(f"give options= or keyword options, not both ({', '.join(mixed)} given as keywords)")
+        args = {**args, **given.as_kwargs()}
+    args = {**args, **check_compile_options(args)}
+    return CompileOptions.from_kwargs(**{k: args[k] for k in KEYWORDS})
 
-        def candidate(m, out, **kw):  # the winner (the call with an output) is staged in ``outs``
-            return compile(m, out, _outputs=outs if out is not None else None, **kw)
 
-        with outs if owned else _nothing():
-            result = strategy.run(candidate, model, output, goal=goal, target_profile=tgt, max_error=max_error,
-                                  max_bytes=max_bytes, calib=calib, log=log, **args)
-            if owned:
-                if report_file is not None:
-                    outs.write_json(report_file, result.report)
-                outs.commit()
-        return result
+def _is_default(value, default) -> bool:
+    return value is default or (type(value) is type(default) and isinstance(default, (str, int, float, tuple))
+                                and value == default)
 
-    log = log or (lambda s: None)
-    t_start = time.perf_counter()
-    if src_path is not None:
+
+def _by_goal(run: _Run) -> CompileResult:
+    """``--goal``: :mod:`edgec.strategy` compiles candidates; the winner's outputs are staged in
+    this run's and written all or none."""
+
+    def candidate(options: CompileOptions, output) -> CompileResult:
+        return compile(run.model, output, options=options, log=run.log,
+                       _outputs=run.outs if output is not None else None)
+
+    with run.outs if run.owned else _nothing():
+        result = strategy.run(candidate, run.model, run.output, run.options, target_profile=run.target, log=run.log)
+        if run.owned:
+            if run.report_file is not None:
+                run.outs.write_json(run.report_file, result.report)
+            run.outs.commit()
+    return result
+
+
+def _load(run: _Run) -> None:
+    """Read and check the model (the file's external data is protected from the outputs)."""
+    if run.src_path is not None:
         external: list[Path] = []
-        original = loader.load_model(src_path, external_files=external)
+        run.original = loader.load_model(run.src_path, external_files=external)
         for f in external:  # no output may replace the model's external data either
-            outs.protect(f, "input model's external data") if outs is not None else None
+            if run.outs is not None:
+                run.outs.protect(f, "input model's external data")
     else:
-        original = loader.validate_model(model, "model")
-    if verify or max_error is not None or inputs is not None or bench:
-        _check_verifiable(original)
-    source_opset = loader.check_opset(original, str(src_path or "model"))
-    pipeline = tgt.passes() if passes is None else [get_pass(p) if isinstance(p, str) else p for p in passes]
-    calib_set = None
-    if calib is not None:
-        from .calibdata import load_calibration
+        run.original = loader.validate_model(run.model, "model")
+    v = run.options.verify
+    if v.verify or v.max_error is not None or v.inputs is not None or v.bench:
+        _check_verifiable(run.original)
+    run.source_opset = loader.check_opset(run.original, str(run.src_path or "model"))
 
-        if isinstance(calib, str) and calib == "random":
-            log("warning: calibrating on random data (--calib random): pruning and quantization will not "
-                "reflect the real input distribution")
-        calib_set = load_calibration(calib, _signature(original, input_shapes), max_samples=calib_samples,
-                                     preprocess=calib_preprocess)
-        calib_set.check_constant = True  # ranges from constant data (all zeros, ...) mean nothing: refused
-        _check_calibration_runs(original, calib_set, calib, input_shapes)
-    prune_pass = None
-    if prune is not None or prune_macs is not None:
-        from edgec.passes.prune_channels import PruneChannels
 
-        if prune is not None and prune_macs is not None:
-            raise UserError("give --prune or --prune-macs, not both")
-        if importance == "activation" and calib_set is None:
-            raise UserError("--importance activation needs calibration data (--calib PATH)")
-        prune_pass = PruneChannels(prune, mode=prune_mode, macs_target=prune_macs, importance=importance,
-                                   round_to=round_to or tgt.channel_multiple, max_layer_ratio=max_layer_ratio,
-                                   steps=prune_steps, reconstruct=reconstruct)
-        pipeline = [prune_pass] + pipeline
-    if input_shapes:
-        from edgec.passes import FixInputShapes
+def _build_pipeline(run: _Run) -> None:
+    """The target's passes (or ``--passes``), with channel pruning and fixed input shapes in front."""
+    o = run.options
+    pipeline = run.target.passes() if o.passes is None else [get_pass(p) if isinstance(p, str) else p
+                                                              for p in o.passes]
+    if o.prune.enabled:
+        run.prune_pass = _prune_pass(o.prune, run.target, has_calib=o.calib is not None)
+        pipeline = [run.prune_pass] + pipeline
+    if o.input_shapes:
+        pipeline = [FixInputShapes(o.input_shapes)] + pipeline
+    run.pipeline = pipeline
 
-        pipeline = [FixInputShapes(input_shapes)] + pipeline
-    feeds = _feeds(inputs, original) if inputs is not None else None
-    evaluation = _eval_set(eval_data, original) if eval_data is not None else None
 
-    normalized, notes = loader.normalize_opset(original)
-    ir = IR.from_onnx(normalized, info=loader.ModelInfo(source_opset=source_opset, notes=notes,
-                                                        source_path=str(src_path) if src_path else None))
-    before = costs_mod.compute(ir)
-    if tgt.static_shapes:
-        _require_static(tgt, ir, input_shapes or {})
-    # passes that learn from data (pruning, 2:4 re-fit, ...) read the calibration set from the context
-    records = PassManager(pipeline, on_pass=lambda r: None).run(
-        ir, PassContext(calib=calib_set, reference=normalized, target=tgt, log=log))
-    quant_report = None
-    if quantize is not None:
-        from . import quantize_api
-        from .options import QuantOptions
+def _prune_pass(o: PruneOptions, tgt: Target, *, has_calib: bool) -> PruneChannels:
+    reconstruct = bool(o.reconstruct and has_calib)
+    kwargs = dict(mode=o.mode, macs_target=o.macs, importance=o.importance, round_to=o.round_to or tgt.channel_multiple,
+                  max_layer_ratio=o.max_layer_ratio, steps=o.steps)
+    return PruneChannels(o.ratio, **kwargs, reconstruct=reconstruct)
 
-        quant_report = quantize_api.quantize_for_target(
-            ir, tgt, QuantOptions(mode=quantize, method=calib_method, percentile=percentile, activations=activations,
-                                  weights=weights, keep_float=tuple(keep_float), max_bytes=max_bytes,
-                                  progress=progress),
-            calib_set, max_error=max_error, log=log)
-        ir.infer_shapes()
-    after = costs_mod.compute(ir)
-    result_model = ir.to_onnx()
-    loader.check_model(result_model)
-    found = tgt.conformance(ir)
-    warnings = [p[len("warning:"):].strip() for p in found if p.startswith("warning:")]
+
+def _load_data(run: _Run) -> None:
+    """The calibration set (checked to run through the model), ``--inputs`` and ``--eval``."""
+    o = run.options
+    if o.calib is not None:
+        if isinstance(o.calib, str) and o.calib == "random":
+            run.log("warning: calibrating on random data (--calib random): pruning and quantization will not "
+                    "reflect the real input distribution")
+        run.calib = load_calibration(o.calib, _signature(run.original, o.input_shapes), max_samples=o.calib_samples,
+                                     preprocess=o.calib_preprocess)
+        run.calib.check_constant = True  # ranges from constant data (all zeros, ...) mean nothing: refused
+        _check_calibration_runs(run.original, run.calib, o.calib, o.input_shapes)
+    v = o.verify
+    run.feeds = _feeds(v.inputs, run.original) if v.inputs is not None else None
+    run.evaluation = _eval_set(v.eval_data, run.original) if v.eval_data is not None else None
+
+
+def _run_pipeline(run: _Run) -> None:
+    """The IR of the (opset-normalised) model, run through the pipeline."""
+    normalized, notes = loader.normalize_opset(run.original)
+    run.ir = IR.from_onnx(normalized, info=loader.ModelInfo(
+        source_opset=run.source_opset, notes=notes, source_path=str(run.src_path) if run.src_path else None))
+    run.before = costs_mod.compute(run.ir)
+    if run.target.static_shapes:
+        _require_static(run.target, run.ir, run.options.input_shapes or {})
+    ctx = PassContext(calib=run.calib, reference=normalized, target=run.target, log=run.log)
+    run.records = PassManager(run.pipeline).run(run.ir, ctx)
+
+
+def _quantize(run: _Run) -> None:
+    """The lossy precision stage: the target's quantization scheme (:mod:`edgec.quantize_api`)."""
+    q = run.options.quant
+    if q.mode is not None:
+        run.quant_report = quantize_api.quantize_for_target(run.ir, run.target, q, run.calib,
+                                                            max_error=run.options.verify.max_error, log=run.log)
+        run.ir.infer_shapes()
+
+
+def _conformance(run: _Run) -> None:
+    """The compiled model: costs, onnx's full checker, and the target's conformance check
+    (problems refuse the model; warnings go to the report)."""
+    tgt = run.target
+    run.after = costs_mod.compute(run.ir)
+    run.result_model = run.ir.to_onnx()
+    loader.check_model(run.result_model)
+    found = tgt.conformance(run.ir)
+    run.warnings = [p[len("warning:"):].strip() for p in found if p.startswith("warning:")]
     problems = [p for p in found if not p.startswith("warning:")]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UserError(f"the model does not fit target {tgt.name} ({tgt.description}): "
                         + "; ".join(problems[:3]) + more)
 
-    report = {
-        "model": str(src_path) if src_path else None,
-        "output": str(output) if output is not None else None,
+
+def _verify(run: _Run) -> None:
+    """Measure the compiled model against the original: outputs (``--verify``/``--max-error``,
+    or ``--inputs`` given: a failed check raises VerificationError), latency, accuracy."""
+    o, v, result_model = run.options, run.options.verify, run.result_model
+    lossy = o.quant.mode is not None or any(not getattr(p, "lossless", True) for p in _flatten(run.pipeline))
+    feeds, source = run.feeds, "given" if v.inputs is not None else "random"
+    if (v.verify or v.max_error is not None) and feeds is None:
+        if lossy and run.evaluation is not None:  # lossy: measure on real data when there is some
+            feeds, source = run.evaluation[0], "eval"
+        elif lossy and run.calib is not None:
+            feeds, source = _first_samples(run.calib, 256), "calibration"
+        else:  # random inputs from the compiled signature (input shapes may be fixed now)
+            feeds = verify_mod.random_inputs(result_model)
+    if feeds is not None:
+        comparison, ref_outputs, feeds = _compare(run.original, result_model, feeds, rtol=v.rtol, atol=v.atol,
+                                                  generated=source == "random")
+        passed = comparison.allclose if not lossy else (v.max_error is None or comparison.rel_l2 <= v.max_error)
+        run.verified = {**comparison.as_dict(), "inputs": source, "lossy": lossy, "passed": passed,
+                        "max_error": v.max_error, "arithmetic": "reference"}
+        if v.verify:
+            run.verified["host"] = _host_check(ref_outputs, result_model, feeds, comparison, run.target)
+        if (v.verify or v.max_error is not None) and not passed:
+            if lossy:
+                raise VerificationError(
+                    f"the compiled model's output error (relative L2 {comparison.rel_l2:.4g}) is above "
+                    f"--max-error {v.max_error}; nothing was written")
+            raise VerificationError(
+                f"the compiled model differs from the original: max abs error {comparison.max_abs_error:.3g} "
+                f"(rtol {v.rtol}, atol {v.atol}); nothing was written")
+    if v.bench:
+        bench_feeds = verify_mod.random_inputs(result_model)
+        run.latency_ms = {"before": verify_mod.latency_ms(run.original, bench_feeds),
+                          "after": verify_mod.latency_ms(result_model, bench_feeds)}
+    if run.evaluation is not None:
+        x, labels = run.evaluation
+        run.accuracy = {"samples": int(len(labels)), "before": _accuracy(run.original, x, labels),
+                        "after": _accuracy(result_model, x, labels, original=False)}
+
+
+def _report(run: _Run) -> None:
+    """The report (a JSON-able dict; :mod:`edgec.report` prints it)."""
+    o, tgt, ir = run.options, run.target, run.ir
+    report = run.report
+    report.update({
+        "model": str(run.src_path) if run.src_path else None,
+        "output": str(run.output) if run.output is not None else None,
         "target": tgt.name,
         "target_profile": {"description": tgt.description, "options": dict(tgt.options),
                            "opsets": [tgt.min_opset, tgt.max_opset], "channel_multiple": tgt.channel_multiple,
                            "static_shapes": tgt.static_shapes, "float_precision": tgt.float_precision,
                            "int8": dict(tgt.quant.__dict__)},
         "build_host": runtime.host_description(),
-        "opset": {"source": source_opset, "output": ir.opset},
-        "notes": list(ir.info.notes) + warnings + _scheme_notes(tgt, quantize, target_options),
-        "before": before.as_dict(),
-        "after": after.as_dict(),
-        "passes": [r.as_dict() for r in records],
-    }
-    lossy = quantize is not None or any(not getattr(p, "lossless", True) for p in _flatten(pipeline))
-    source = "given" if inputs is not None else "random"
-    if (verify or max_error is not None) and feeds is None:
-        if lossy and evaluation is not None:  # lossy: measure on real data when there is some
-            feeds, source = evaluation[0], "eval"
-        elif lossy and calib_set is not None:
-            feeds, source = _first_samples(calib_set, 256), "calibration"
-        else:  # random inputs from the compiled signature (input shapes may be fixed now)
-            feeds = verify_mod.random_inputs(result_model)
-    if feeds is not None:
-        comparison, ref_outputs, feeds = _compare(original, result_model, feeds, rtol=rtol, atol=atol,
-                                                  generated=source == "random")
-        passed = comparison.allclose if not lossy else (max_error is None or comparison.rel_l2 <= max_error)
-        report["verify"] = {**comparison.as_dict(), "inputs": source, "lossy": lossy, "passed": passed,
-                            "max_error": max_error, "arithmetic": "reference"}
-        if verify:
-            report["verify"]["host"] = _host_check(ref_outputs, result_model, feeds, comparison, tgt)
-        if (verify or max_error is not None) and not passed:
-            if lossy:
-                raise VerificationError(
-                    f"the compiled model's output error (relative L2 {comparison.rel_l2:.4g}) is above "
-                    f"--max-error {max_error}; nothing was written")
-            raise VerificationError(
-                f"the compiled model differs from the original: max abs error {comparison.max_abs_error:.3g} "
-                f"(rtol {rtol}, atol {atol}); nothing was written")
-    if prune_pass is not None:
-        pruned = next(r.data for r in records if r.name == "prune_channels")
-        report["pruning"] = {"ratio": pruned.ratio if prune_macs is not None else prune,
-                             "macs_target": prune_macs, "importance": importance, "mode": prune_mode,
-                             "steps": prune_steps, "round_to": round_to or tgt.channel_multiple,
-                             "reconstruct": bool(reconstruct and calib_set is not None),
+        "opset": {"source": run.source_opset, "output": ir.opset},
+        "notes": list(ir.info.notes) + run.warnings + _scheme_notes(tgt, o.quant.mode, o.target_options),
+        "before": run.before.as_dict(),
+        "after": run.after.as_dict(),
+        "passes": [r.as_dict() for r in run.records],
+    })
+    if run.verified is not None:
+        report["verify"] = run.verified
+    if run.prune_pass is not None:
+        po, pruned = o.prune, _prune_result(run)
+        report["pruning"] = {"ratio": pruned.ratio if po.macs is not None else po.ratio, "macs_target": po.macs,
+                             "importance": po.importance, "mode": po.mode, "steps": po.steps,
+                             "round_to": po.round_to or tgt.channel_multiple,
+                             "reconstruct": bool(po.reconstruct and run.calib is not None),
                              "groups": pruned.groups, "reconstruction": pruned.reconstruction}
-    if quant_report is not None:
-        report["quantization"] = quant_report
-    sparse = [r.data for r in records if r.name == "sparsify_24" and r.data is not None]
-    if sparse:
-        report["sparsity"] = {"pattern": sparse[0].pattern, "layers": sparse[0].layers}
-    if bench:
-        bench_feeds = verify_mod.random_inputs(result_model)
-        report["latency_ms"] = {"before": verify_mod.latency_ms(original, bench_feeds),
-                                "after": verify_mod.latency_ms(result_model, bench_feeds)}
-    if evaluation is not None:
-        x, labels = evaluation
-        report["accuracy"] = {"samples": int(len(labels)), "before": _accuracy(original, x, labels),
-                              "after": _accuracy(result_model, x, labels, original=False)}
-    report["seconds"] = round(time.perf_counter() - t_start, 4)
-    if outs is not None:  # all outputs or none: staged beside their destinations, renamed together
-        with outs if owned else _nothing():
-            if output is not None:
+    if run.quant_report is not None:
+        report["quantization"] = run.quant_report
+    sparse = _sparsity_result(run)
+    if sparse is not None:
+        report["sparsity"] = {"pattern": sparse.pattern, "layers": sparse.layers}
+    if run.latency_ms is not None:
+        report["latency_ms"] = run.latency_ms
+    if run.accuracy is not None:
+        report["accuracy"] = run.accuracy
+    report["seconds"] = round(time.perf_counter() - run.t_start, 4)
+
+
+def _record_of(run: _Run, p: Pass) -> PassRecord:
+    """The record of pass ``p`` (records follow the flattened pipeline, one per position)."""
+    return next(rec for q, rec in zip(_flatten(run.pipeline), run.records) if q is p)
+
+
+def _prune_result(run: _Run) -> PruneResult:
+    return _record_of(run, run.prune_pass).data
+
+
+def _sparsity_result(run: _Run) -> SparsityResult | None:
+    """What the pipeline's first ``sparsify_24`` did (None: the pipeline has none)."""
+    p = next((q for q in _flatten(run.pipeline) if getattr(q, "name", "") == "sparsify_24"), None)
+    if p is None:
+        return None
+    return _record_of(run, p).data
+
+
+def _write(run: _Run) -> CompileResult:
+    """All outputs or none: staged beside their destinations, renamed together."""
+    tgt, report, outs = run.target, run.report, run.outs
+    if outs is not None:
+        with outs if run.owned else _nothing():
+            if run.output is not None:
                 if tgt.extras is not None:
-                    extra_files = tgt.extras(tgt, ir, Path(output), calib_batches=calib_set,
-                                             quantized_model=quantize in ("int8", "mixed"), calib_method=calib_method,
-                                             writer=outs)
+                    extra_files = tgt.extras(tgt, run.ir, Path(run.output), calib_batches=run.calib,
+                                             quantized_model=run.options.quant.mode in ("int8", "mixed"),
+                                             calib_method=run.options.quant.method, writer=outs)
                     report["extra_files"] = [str(f) for f in extra_files]
-                report["output_file_bytes"] = outs.write_model(output, result_model)
-            if owned:
-                if report_file is not None:
-                    outs.write_json(report_file, report)
+                report["output_file_bytes"] = outs.write_model(run.output, run.result_model)
+            if run.owned:
+                if run.report_file is not None:
+                    outs.write_json(run.report_file, report)
                 outs.commit()
-    return CompileResult(ir=ir, model=result_model, report=report, records=records,
-                         output=Path(output) if output is not None else None)
+    return CompileResult(ir=run.ir, model=run.result_model, report=report, records=run.records,
+                         output=Path(run.output) if run.output is not None else None)
 
 
 def _claim_outputs(outs, tgt, src_path, output, report_file, *, inputs, eval_data, calib, quantized) -> None:
@@ -419,8 +565,6 @@ def _signature(model: onnx.ModelProto, input_shapes: dict | None) -> onnx.ModelP
 
 
 def _flatten(pipeline):
-    from .pipeline import FixedPoint
-
     for item in pipeline:
         if isinstance(item, FixedPoint):
             yield from item.passes
@@ -452,8 +596,6 @@ def _feeds(inputs, model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _eval_set(path, model: onnx.ModelProto):
-    from . import datafiles
-
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such evaluation file")
@@ -501,14 +643,12 @@ def _accuracy(model: onnx.ModelProto, feeds: dict[str, np.ndarray], labels: np.n
 def inspect(model: str | os.PathLike | onnx.ModelProto, *, top: int = 10, groups: bool = False) -> dict:
     """What is inside a model and what it costs (``edgec inspect``). A model that is not valid
     ONNX is refused with a UserError naming the problem, as in :func:`compile`."""
-    from . import options as options_mod
-
-    options_mod.number("top", top, lo=0, integer=True)
-    options_mod.boolean("groups", groups)
+    number("top", top, lo=0, integer=True)
+    boolean("groups", groups)
     if isinstance(model, onnx.ModelProto):
         proto, where = loader.validate_model(model, "model"), "model"
     else:
-        options_mod.path_like("model", model, optional=False)
+        path_like("model", model, optional=False)
         proto, where = loader.load_model(model), str(model)
     opset = loader.check_opset(proto, where)
     normalized, notes = loader.normalize_opset(proto)  # costs as compile sees them ("before")
@@ -526,11 +666,9 @@ def inspect(model: str | os.PathLike | onnx.ModelProto, *, top: int = 10, groups
         **c.as_dict(top=top),
     }
     if groups:
-        from .analysis.channels import find_groups, format_groups
-
         found = find_groups(ir)
         info["groups"] = [{"id": g.id, "channels": g.channels, "units": g.units, "prunable": g.prunable,
-                           "reason": g.reason, "origins": [[o.tensor, o.op, o.node] for o in g.origins]} for g in found]
+                           "reason": g.reason, "origins": list(g.origins)} for g in found]
         info["groups_text"] = format_groups(found)
     return info
 
@@ -541,7 +679,5 @@ def _tensor_info(t) -> dict:
 
 
 def _dtype_str(dtype) -> str | None:
-    from .ir import dtype_name, plain_dtype
-
     dt = plain_dtype(dtype)
     return str(dt) if dt is not None else dtype_name(dtype)

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 
 from .errors import InternalError, UserError, VerificationError
 
@@ -155,6 +156,7 @@ def _preprocess(args):
 
 def _compile(args, log) -> int:
     from . import api, report
+    from .outputs import json_default
 
     passes = None
     if args.passes is not None:  # every other option is checked by api.compile (edgec.options), first thing
@@ -177,7 +179,7 @@ def _compile(args, log) -> int:
                          max_bytes=args.max_bytes, progress=not (args.quiet or args.json) and _interactive(),
                          goal=args.goal, calib_preprocess=_preprocess(args), log=log, report_file=args.report)
     if args.json:
-        print(json.dumps(result.report, indent=2, default=report._json_default))
+        print(json.dumps(result.report, indent=2, default=json_default))
     elif not args.quiet:
         print(report.compile_text(result.report))
     return 0
@@ -192,9 +194,10 @@ def _interactive() -> bool:
 
 def _inspect(args, log=None) -> int:
     from . import api, report
+    from .outputs import json_default
 
     info = api.inspect(args.model, top=args.top, groups=args.groups)
-    print(json.dumps(info, indent=2, default=report._json_default) if args.json else report.inspect_text(info))
+    print(json.dumps(info, indent=2, default=json_default) if args.json else report.inspect_text(info))
     return 0
 
 
@@ -271,8 +274,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv, log, flush) -> int:
-    import warnings
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")

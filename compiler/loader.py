@@ -21,15 +21,13 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import version_converter
 
-from . import datafiles
+from . import datafiles, outputs
 from .errors import InternalError, UserError
 from .ir import IR, ModelInfo
 
 MIN_OPSET = 7
 MAX_OPSET = 23
 CANONICAL_OPSET = 17
-# Above this many bytes of weights the model is saved with external data (protobuf's limit is 2 GiB).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 # The largest model file read (protobuf cannot parse more than 2 GiB; weights beyond it must be
@@ -157,7 +155,7 @@ def from_model(model: onnx.ModelProto, *, normalize: bool = True) -> IR:
 def check_model(model: onnx.ModelProto) -> None:
     """onnx's full checker (with shape inference); custom domains get the structural check."""
     try:
-        if _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        if outputs.weights_bytes(model) > outputs.EXTERNAL_DATA_THRESHOLD:
             return  # the in-memory checker cannot take > 2 GB; save() checks the file instead
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:
@@ -176,16 +174,12 @@ def check_model(model: onnx.ModelProto) -> None:
 def check_output_path(out: str | os.PathLike, inp: str | os.PathLike | None = None) -> Path:
     """Refuse an output path we must not or cannot write, before any work is done (see
     :meth:`edgec.outputs.Outputs.claim`)."""
-    from .outputs import Outputs
-
-    return Outputs([inp] if inp is not None else []).claim(out, "output model")
+    return outputs.Outputs([inp] if inp is not None else []).claim(out, "output model")
 
 
 def save(model_or_ir, path: str | os.PathLike, *, check: bool = True) -> Path:
     """Write a model atomically (a temporary file renamed into place; nothing is left behind on
     failure). Large models get one external-data file beside them."""
-    from .outputs import Outputs
-
     if isinstance(model_or_ir, IR):
         model_or_ir.infer_shapes()
         model = model_or_ir.to_onnx()
@@ -193,7 +187,7 @@ def save(model_or_ir, path: str | os.PathLike, *, check: bool = True) -> Path:
         model = model_or_ir
     if check:
         check_model(model)
-    with Outputs() as out:
+    with outputs.Outputs() as out:
         out.claim(path, "output model")
         out.write_model(path, model)
         out.commit()
@@ -203,13 +197,6 @@ def save(model_or_ir, path: str | os.PathLike, *, check: bool = True) -> Path:
 def _uses_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL
                for t in onnx.external_data_helper._get_all_tensors(model))
-
-
-def _weights_bytes(model: onnx.ModelProto) -> int:
-    total = 0
-    for t in model.graph.initializer:
-        total += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
-    return total
 
 
 def _one_line(e: BaseException) -> str:
@@ -438,7 +425,7 @@ def _check_tensor(t: onnx.TensorProto, label: str, what: str) -> None:
 def _run_checker(model: onnx.ModelProto, where: str) -> None:
     """onnx's full checker on a user's model (custom domains: the structural check only, as
     their ops have no schema to infer shapes with)."""
-    if _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+    if outputs.weights_bytes(model) > outputs.EXTERNAL_DATA_THRESHOLD:
         return  # the in-memory checker cannot take > 2 GB; the structural checks above still ran
     declared = {o.domain for o in model.opset_import}
     used = {n.domain for n in _all_node_protos(model.graph)} - declared - {"", "ai.onnx"}

@@ -16,10 +16,16 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import onnx
+
+from .calibdata import Preprocess
+from .calibration import parse_method
 from .errors import UserError
+from .pipeline import Pass
 
 IMPORTANCES = ("l1", "l2", "bn", "activation", "fused")
 PRUNE_MODES = ("uniform", "global")
@@ -82,13 +88,10 @@ def path_like(name: str, value, *, optional: bool = True):
 
 
 def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
-    """Check the keyword arguments of :func:`edgec.compile` (``locals()`` of the call) and
-    return the normalised values of those that may be given in a looser form (``passes`` and
-    ``keep_float`` as one comma-separated string). Raises UserError on the first mistake."""
-    from pathlib import Path
-
-    import onnx
-
+    """Check the arguments of :func:`edgec.compile` (a dict: its options, ``model``, ``output``,
+    ``report_file`` and ``log``) and return the normalised values of those that may be given in
+    a looser form (``passes`` and ``keep_float`` as one comma-separated string). Raises
+    UserError on the first mistake."""
     fixed: dict[str, Any] = {}
     model = o["model"]
     if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
@@ -125,8 +128,6 @@ def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
         if isinstance(passes, str):
             passes = [p.strip() for p in passes.split(",") if p.strip()]
             fixed["passes"] = passes
-        from .pipeline import Pass
-
         if not hasattr(passes, "__iter__") or isinstance(passes, (bytes, dict)):
             raise UserError(f"--passes {passes!r}: expected pass names")
         passes = list(passes)
@@ -177,8 +178,6 @@ def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
     method = o["calib_method"]
     if not isinstance(method, (str, dict)):
         raise UserError(f"--calib-method {method!r}: expected a method name (minmax, percentile, entropy, mse)")
-    from .calibration import parse_method
-
     if isinstance(method, dict):
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in method.items()) or not method:
             raise UserError(f"--calib-method {method!r}: expected tensor class -> method names")
@@ -202,8 +201,6 @@ def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
     choice("goal", o["goal"], GOALS)
     pre = o["calib_preprocess"]
     if pre is not None:
-        from .calibdata import Preprocess
-
         if not isinstance(pre, Preprocess):
             raise UserError(f"calib_preprocess: expected an edgec.calibdata.Preprocess, got {type(pre).__name__}")
     if o["log"] is not None and not callable(o["log"]):
@@ -274,3 +271,79 @@ class VerifyOptions:
     atol: float = 1e-5
     max_error: float | None = None
     bench: bool = False
+
+
+# The keywords of :func:`edgec.compile` that are options, in its order. The others say what to
+# compile (``model``), where the outputs go (``output``, ``report_file``) and whom to tell (``log``).
+KEYWORDS = ("target", "target_options", "input_shapes", "passes", "verify", "inputs", "eval_data", "rtol", "atol",
+            "max_error", "calib", "calib_samples", "prune", "prune_macs", "importance", "prune_mode", "prune_steps",
+            "round_to", "max_layer_ratio", "reconstruct", "bench", "quantize", "calib_method", "percentile",
+            "activations", "weights", "keep_float", "max_bytes", "progress", "goal", "calib_preprocess")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What :func:`edgec.compile` runs on: the target, the pipeline, the calibration data and the
+    option groups (the command line's). ``edgec.compile(model, out, options=CompileOptions(...))``
+    takes one as is; ``compile``'s keyword arguments build one with :meth:`from_kwargs`.
+
+    ``passes`` (None: the target's pipeline) holds pass names or instances; ``calib`` is a path,
+    ``"random"``, a dict of arrays or a list of such dicts; ``progress`` (True/False or a
+    ``callback(done, total)``) is copied into ``quant.progress`` by :meth:`from_kwargs`."""
+
+    target: str = "cpu"
+    target_options: dict | None = None
+    input_shapes: dict | None = None
+    passes: tuple | None = None
+    calib: Any = None
+    calib_samples: int | None = None
+    calib_preprocess: Any = None
+    prune: PruneOptions = field(default_factory=PruneOptions)
+    quant: QuantOptions = field(default_factory=QuantOptions)
+    verify: VerifyOptions = field(default_factory=VerifyOptions)
+    goal: str | None = None
+    progress: Any = False
+
+    @classmethod
+    def from_kwargs(cls, **kw) -> CompileOptions:
+        """The options given by ``edgec.compile``'s keyword arguments (:data:`KEYWORDS`; those not
+        given keep their defaults), as :func:`check_compile_options` accepted them."""
+        unknown = sorted(set(kw) - set(KEYWORDS))
+        if unknown:
+            raise TypeError(f"unknown compile option(s): {', '.join(unknown)}")
+        o = {**cls().as_kwargs(), **kw}
+        return cls(
+            target=o["target"], target_options=o["target_options"], input_shapes=o["input_shapes"],
+            passes=_names(o["passes"]) if o["passes"] is not None else None,
+            calib=o["calib"], calib_samples=o["calib_samples"], calib_preprocess=o["calib_preprocess"],
+            prune=PruneOptions(ratio=o["prune"], macs=o["prune_macs"], importance=o["importance"], mode=o["prune_mode"],
+                               steps=o["prune_steps"], round_to=o["round_to"], max_layer_ratio=o["max_layer_ratio"],
+                               reconstruct=o["reconstruct"]),
+            quant=QuantOptions(mode=o["quantize"], method=o["calib_method"], percentile=o["percentile"],
+                               activations=o["activations"], weights=o["weights"], keep_float=_names(o["keep_float"]),
+                               max_bytes=o["max_bytes"], progress=o["progress"]),
+            verify=VerifyOptions(verify=o["verify"], inputs=o["inputs"], eval_data=o["eval_data"], rtol=o["rtol"],
+                                 atol=o["atol"], max_error=o["max_error"], bench=o["bench"]),
+            goal=o["goal"], progress=o["progress"])
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``edgec.compile`` that give these options (the inverse of
+        :meth:`from_kwargs`)."""
+        p, q, v = self.prune, self.quant, self.verify
+        return {"target": self.target, "target_options": self.target_options, "input_shapes": self.input_shapes,
+                "passes": self.passes, "verify": v.verify, "inputs": v.inputs, "eval_data": v.eval_data,
+                "rtol": v.rtol, "atol": v.atol, "max_error": v.max_error, "calib": self.calib,
+                "calib_samples": self.calib_samples, "prune": p.ratio, "prune_macs": p.macs,
+                "importance": p.importance, "prune_mode": p.mode, "prune_steps": p.steps, "round_to": p.round_to,
+                "max_layer_ratio": p.max_layer_ratio, "reconstruct": p.reconstruct, "bench": v.bench,
+                "quantize": q.mode, "calib_method": q.method, "percentile": q.percentile,
+                "activations": q.activations, "weights": q.weights, "keep_float": q.keep_float,
+                "max_bytes": q.max_bytes, "progress": self.progress, "goal": self.goal,
+                "calib_preprocess": self.calib_preprocess}
+
+
+def _names(value) -> tuple:
+    """Pass or node names given as a list or as one comma-separated string, as a tuple."""
+    if isinstance(value, str):
+        return tuple(k.strip() for k in value.split(",") if k.strip())
+    return tuple(value)

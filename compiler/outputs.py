@@ -31,12 +31,36 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
+import onnx
+
 from .datafiles import file_kind
 from .errors import UserError
 
 _LIVE: set = set()  # every Outputs with temporary files on disk (cleaned at exit, whatever happens)
+# Above this many bytes of weights a model is written with external data (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 LAST_COMMIT: list[str] = []  # what the last commit wrote (the CLI says so if Ctrl-C lands just after)
 DATASET_ENTRY = re.compile(r"^(\d{5}_\d+\.npy|dataset\.txt)$")  # what edgec writes in an RKNN dataset folder
+
+
+def weights_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of a model's initializers (what decides whether it needs external data)."""
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+    return total
+
+
+def json_default(o):
+    """JSON for what reports hold besides JSON types: numpy scalars and arrays (else ``str``)."""
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
 
 
 def _umask() -> int:
@@ -179,9 +203,7 @@ class Outputs:
         return self.write_bytes(path, text.encode())
 
     def write_json(self, path: str | os.PathLike, data) -> int:
-        from .report import _json_default
-
-        return self.write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+        return self.write_text(path, json.dumps(data, indent=2, default=json_default) + "\n")
 
     def make_dir(self, path: str | os.PathLike) -> Path:
         """An empty temporary folder to fill; it becomes ``path`` at commit."""
@@ -190,12 +212,8 @@ class Outputs:
     def write_model(self, path: str | os.PathLike, model) -> int:
         """Stage an ONNX model; one that is over the 2 GB protobuf limit gets its weights in
         ``PATH.data`` beside it (claimed here). Returns the model file's size in bytes."""
-        import onnx
-
-        from . import loader
-
         real = self.real(path)
-        if loader._weights_bytes(model) <= loader.EXTERNAL_DATA_THRESHOLD:
+        if weights_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
             return self.write_bytes(path, model.SerializeToString())
         data_name = real.name + ".data"
         data_real = self.claim(real.with_name(data_name), "external data of the model")

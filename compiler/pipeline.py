@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import onnx_graphsurgeon as gs
 
-from .errors import EdgecError, InternalError
+from .analysis.costs import is_param_dtype
+from .errors import EdgecError, InternalError, UserError
 from .ir import IR
 
 
@@ -109,14 +110,12 @@ def register(cls: type[Pass]) -> type[Pass]:
 
 
 def registry() -> dict[str, type[Pass]]:
-    import edgec.passes  # noqa: F401  (registers every pass)
-
+    """Every registered pass by name (importing ``edgec`` imports ``edgec.passes``, which
+    registers them all)."""
     return dict(_REGISTRY)
 
 
 def get_pass(name: str, **kwargs) -> Pass:
-    from .errors import UserError
-
     reg = registry()
     if name not in reg:
         raise UserError(f"unknown pass '{name}' (see `edgec passes`; known: {', '.join(sorted(reg))})")
@@ -176,9 +175,7 @@ def _footprint(ir: IR) -> tuple[int, int, int]:
 
 
 def _is_param(c: gs.Constant) -> bool:
-    from .analysis.costs import _is_param_dtype
-
-    return c.dtype is not None and _is_param_dtype(c.dtype)
+    return c.dtype is not None and is_param_dtype(c.dtype)
 
 
 class PassManager:

@@ -24,7 +24,7 @@ measurement of a compile.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx

@@ -36,7 +36,6 @@ from dataclasses import replace
 from typing import Callable, Iterable
 
 import numpy as np
-import onnx
 
 from . import calibration as calib_mod
 from . import equalization, mixed_precision
@@ -272,13 +271,8 @@ class _Quantizer:
 
 def _fp16(ir: IR, calib, keep_float, t0) -> dict:
     before = ir.to_onnx() if calib is not None else None
-    p = ConvertFP16(keep_float=list(keep_float or ()))
-    records = PassManager([p]).run(ir)
-    data = records[0].data
-    if data is None:  # TEMPORARY until convert_fp16 returns its typed result
-        data = p.summary
-    rep = {"mode": "fp16", "notes": [n for r in records for n in r.notes],
-           **(data if isinstance(data, dict) else vars(data))}
+    records = PassManager([ConvertFP16(keep_float=list(keep_float or ()))]).run(ir)
+    rep = {"mode": "fp16", "notes": [n for r in records for n in r.notes], **records[0].data.as_dict()}
     if calib is not None:
         sub = _take(calib, ERROR_SAMPLES)
         rep["error"] = {**output_error(before, ir.to_onnx(), sub), "samples": _samples(sub)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .outputs import Outputs
+
 
 def human(n: float, unit: str = "") -> str:
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -147,21 +149,8 @@ def inspect_text(info: dict) -> str:
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
     """Atomic JSON write (checked and written like every output: :mod:`edgec.outputs`)."""
-    from .outputs import Outputs
-
     with Outputs() as out:
         out.claim(path, "report")
         out.write_json(path, data)
         out.commit()
 
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)

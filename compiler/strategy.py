@@ -19,23 +19,54 @@ and why the winner was chosen.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Callable
+
 from .errors import EdgecError, UserError
+from .loader import check_output_path
+from .options import CompileOptions, PruneOptions, QuantOptions
 
 GOALS = ("latency", "size", "accuracy")
 RATIOS = (0.5, 0.4, 0.3, 0.2, 0.1)
 
 
-def candidates(target, goal: str, *, has_calib: bool, max_error, max_bytes,
-               round_to: int | None = None) -> tuple[list[dict], list[str]]:
-    """Compile settings to try, most aggressive first, and the reasons behind them."""
+@dataclass(frozen=True)
+class Candidate:
+    """One setting to try: the pruning and quantization option groups of a compile."""
+
+    prune: PruneOptions
+    quant: QuantOptions
+
+    @property
+    def settings(self) -> dict:
+        """As the report lists it: ``{"prune": ratio, "quantize": mode}``, what is on."""
+        return {**({"prune": self.prune.ratio} if self.prune.ratio is not None else {}),
+                **({"quantize": self.quant.mode} if self.quant.mode is not None else {})}
+
+    def options(self, base: CompileOptions, *, max_error: float | None) -> CompileOptions:
+        """``base`` with this candidate's pruning and precision, verified, within ``max_error``."""
+        return replace(base, goal=None, prune=self.prune, quant=self.quant,
+                       verify=replace(base.verify, verify=True, max_error=max_error))
+
+
+def candidates(target, goal: str, base: CompileOptions) -> tuple[list[Candidate], list[str]]:
+    """Compile settings to try, most aggressive first, and the reasons behind them. ``base``
+    gives the rest of the pruning and quantization options (importance, --round-to, the
+    calibration method, ...) and the budgets (``verify.max_error``, ``quant.max_bytes``)."""
+    max_error, max_bytes, round_to = base.verify.max_error, base.quant.max_bytes, base.prune.round_to
+
+    def candidate(ratio: float | None = None, quantize: str | None = None) -> Candidate:
+        # max_bytes is the budget the winner is measured against, not the mixed search's limit
+        return Candidate(replace(base.prune, ratio=ratio, macs=None), replace(base.quant, mode=quantize, max_bytes=None))
+
     reasons = []
     if goal == "accuracy":
         reasons.append(f"accuracy: exact rewrites only; float layers run in {target.float_precision.upper()} "
                        f"on {target.description}")
-        return [{}], reasons
-    if not has_calib:
+        return [candidate()], reasons
+    if base.calib is None:
         reasons.append(f"{goal}: no --calib data, so no int8 and no pruning (both learn from data); exact rewrites only")
-        return [{}], reasons
+        return [candidate()], reasons
     quant = "mixed" if goal == "size" and target.name != "jetson" else "int8"
     reasons.append(f"{goal}: {target.description} has int8 units: --quantize {quant}"
                    + (" (per-layer FP32/FP16/INT8/INT4 by measured sensitivity)" if quant == "mixed" else ""))
@@ -49,7 +80,7 @@ def candidates(target, goal: str, *, has_calib: bool, max_error, max_bytes,
     else:
         reasons.append(f"{goal}: no --max-error/--max-bytes budget, so no pruning (pruning blind is a guess)")
     # last resort: exact rewrites only, when int8 cannot meet the budget
-    return [{"prune": r, "quantize": quant} for r in ratios] + [{"quantize": quant}, {}], reasons
+    return [candidate(r, quant) for r in ratios] + [candidate(quantize=quant), candidate()], reasons
 
 
 def _fits(report: dict, max_error, max_bytes) -> tuple[bool, str]:
@@ -62,42 +93,41 @@ def _fits(report: dict, max_error, max_bytes) -> tuple[bool, str]:
     return True, "within budget"
 
 
-def run(compile_fn, model, output, *, goal: str, target_profile, max_error=None, max_bytes=None,
-        calib=None, log=None, **kwargs):
+def run(compile_fn: Callable, model, output, options: CompileOptions, *, target_profile, log=None):
+    """Compile the candidates for ``options.goal`` (``compile_fn(options, output)``, output None
+    for a trial) and the winner again with ``output``; its report gets a ``strategy`` section."""
+    goal = options.goal
     if goal not in GOALS:
         raise UserError(f"--goal {goal}: choose one of {', '.join(GOALS)}")
-    for key in ("prune", "prune_macs", "quantize"):
-        if kwargs.pop(key, None) is not None:
-            raise UserError(f"--goal chooses pruning and precision itself: drop --{key.replace('_', '-')}")
+    for key, given in (("prune", options.prune.ratio), ("prune-macs", options.prune.macs),
+                       ("quantize", options.quant.mode)):
+        if given is not None:
+            raise UserError(f"--goal chooses pruning and precision itself: drop --{key}")
     log = log or (lambda s: None)
     if output is not None:  # refuse a bad output path before compiling any candidate
-        from .loader import check_output_path
-
         check_output_path(output, model if not hasattr(model, "graph") else None)
-    options, reasons = candidates(target_profile, goal, has_calib=calib is not None, max_error=max_error,
-                                  max_bytes=max_bytes, round_to=kwargs.get("round_to"))
+    max_error, max_bytes = options.verify.max_error, options.quant.max_bytes
+    tries, reasons = candidates(target_profile, goal, options)
     tried = []
-    for i, opts in enumerate(options):
-        last = i == len(options) - 1
-        label = ", ".join(f"{k}={v}" for k, v in opts.items()) or "exact rewrites only"
+    for i, cand in enumerate(tries):
+        last = i == len(tries) - 1
+        label = ", ".join(f"{k}={v}" for k, v in cand.settings.items()) or "exact rewrites only"
         log(f"goal {goal}: trying {label}")
         try:
-            result = compile_fn(model, None, calib=calib, max_error=None, verify=True, log=log, **opts, **kwargs)
+            result = compile_fn(cand.options(options, max_error=None), None)
         except EdgecError as e:
-            tried.append({"settings": opts, "ok": False, "why": str(e)})
+            tried.append({"settings": cand.settings, "ok": False, "why": str(e)})
             continue
         ok, why = _fits(result.report, max_error, max_bytes)
-        tried.append({"settings": opts, "ok": ok, "why": why, "rel_l2": result.report.get("verify", {}).get("rel_l2"),
+        tried.append({"settings": cand.settings, "ok": ok, "why": why,
+                      "rel_l2": result.report.get("verify", {}).get("rel_l2"),
                       "bytes": result.report["after"]["bytes"], "macs": result.report["after"]["macs"]})
         if ok or last:
-            chosen = opts
             if not ok:
                 reasons.append(f"no candidate met the budget; the last one (exact rewrites) is used: {why}")
             # compile the winner again, writing the output (and failing on the budget if it still misses)
-            final = compile_fn(model, output, calib=calib, max_error=max_error, verify=True, log=log, **chosen,
-                               **kwargs) if ok else compile_fn(model, output, calib=calib, verify=True, log=log,
-                                                               **chosen, **kwargs)
+            final = compile_fn(cand.options(options, max_error=max_error if ok else None), output)
             final.report["strategy"] = {"goal": goal, "max_error": max_error, "max_bytes": max_bytes,
-                                        "chosen": chosen, "reasons": reasons, "tried": tried}
+                                        "chosen": cand.settings, "reasons": reasons, "tried": tried}
             return final
     raise UserError(f"--goal {goal}: no candidate compiled")  # pragma: no cover - the last always compiles

@@ -10,6 +10,7 @@ instead (``--verify``'s "this host, its kernels" line).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import runtime
+from . import datafiles, runtime
 from .errors import UserError
 
 _ORT_TYPES = {
@@ -101,8 +102,6 @@ def random_array(rng: np.random.Generator, shape, dtype: np.dtype) -> np.ndarray
 
 def load_inputs(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Read user inputs and check them against the model's inputs (names, ranks, dims, dtypes)."""
-    from . import datafiles
-
     p = Path(path)
     specs = input_specs(model)
     if not p.exists():
@@ -220,8 +219,6 @@ def compare(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], *, 
 def latency_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, runs: int = 30, warmup: int = 5) -> float:
     """Median ONNX Runtime latency on this host's kernels (all graph optimisations on, as
     deployed here), milliseconds."""
-    import time
-
     sess = runtime.host_session(model)
     names = [o.name for o in sess.get_outputs()]
     for _ in range(warmup):

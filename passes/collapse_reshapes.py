@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgec.ir import IR
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 
 @register
@@ -23,7 +23,7 @@ class CollapseReshapes(Pass):
     preserves_shapes = True
     requires = ("shapes",)
 
-    def run(self, ir: IR) -> bool:
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
         changed = False
         for node in list(ir.nodes):
             if node.op not in ("Reshape", "Flatten") or node.domain not in (None, "", "ai.onnx") or not node.outputs:
@@ -41,4 +41,4 @@ class CollapseReshapes(Pass):
             dst = IR.static_shape(node.outputs[0])
             if src is not None and src == dst and ir.bypass(node):
                 changed = True
-        return changed
+        return PassResult(changed)

@@ -25,12 +25,18 @@ Post-condition: same outputs up to float16 rounding (not lossless).
 
 from __future__ import annotations
 
+import re
+from dataclasses import asdict, dataclass, field
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from edgec.ir import IR, plain_dtype
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
+
+from edgec.verify import session
 
 from ._util import has_subgraph, is_default_domain
 
@@ -41,6 +47,20 @@ TYPED = {"Cast", "CastLike", "ConstantOfShape", "EyeLike", "RandomNormal", "Rand
          "RandomUniformLike", "Multinomial", "Bernoulli", "Resize", "Upsample", "Range", "TopK",
          "NonMaxSuppression", "RoiAlign", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 FP16_MAX = 65504.0
+
+
+@dataclass
+class FP16Result:
+    """What convert_fp16 did (the ``data`` of its PassResult): nodes computing in float16, Cast
+    nodes inserted, constants given float16 copies, and the op types kept in float32."""
+
+    nodes_fp16: int = 0
+    casts: int = 0
+    constants_fp16: int = 0
+    kept_fp32_ops: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 @register
@@ -55,24 +75,25 @@ class ConvertFP16(Pass):
         self.keep_float = set(keep_float or ())
         self.block = set(OVERFLOW_PRONE) | set(TYPED) | set(block)
         self.check_with_ort = check_with_ort
-        self.summary: dict = {}
 
-    def run(self, ir: IR) -> bool:
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
         ir.infer_shapes()
+        result = PassResult(False)
         extra: set[str] = set()
         if self.check_with_ort:
             for _ in range(8):
                 trial = ir.copy()
                 trial.infer_shapes()
-                if not self._convert(trial, extra, record=False):
-                    return False
+                if not self._convert(trial, extra, None):
+                    return result
                 refused = _refused_op(trial)
                 if refused is None or refused in extra:
                     break
                 extra.add(refused)
             if extra:
-                self.note(f"kept in float32 (no float16 kernel in ONNX Runtime CPU): {', '.join(sorted(extra))}")
-        return self._convert(ir, extra, record=True)
+                result.note(f"kept in float32 (no float16 kernel in ONNX Runtime CPU): {', '.join(sorted(extra))}")
+        result.changed = self._convert(ir, extra, result)
+        return result
 
     # ------------------------------------------------------------------
     def _fp16_node(self, ir: IR, n: gs.Node, extra: set[str]) -> bool:
@@ -82,11 +103,12 @@ class ConvertFP16(Pass):
             return False
         return any(_is_f32(t) for t in list(n.inputs) + list(n.outputs))
 
-    def _convert(self, ir: IR, extra: set[str], record: bool) -> bool:
+    def _convert(self, ir: IR, extra: set[str], result: PassResult | None) -> bool:
+        """Convert ``ir``; ``result`` (None for a trial conversion) gets the notes and data."""
         fp16_nodes = [n for n in ir.nodes if self._fp16_node(ir, n, extra)]
         if not fp16_nodes:
-            if record:
-                self.note("no float32 computation to convert")
+            if result is not None:
+                result.note("no float32 computation to convert")
             return False
         half = {id(n) for n in fp16_nodes}
         casts: dict[tuple[str, str], gs.Tensor] = {}
@@ -132,15 +154,15 @@ class ConvertFP16(Pass):
                 elif not want16 and dt == np.float16 and _produced_by_half(ir, t, half):
                     n.inputs[i] = self._cast(ir, t, np.float32, casts, new_nodes)
         ir.graph.nodes.extend(new_nodes)
-        if record:
+        if result is not None:
             kept = sorted({n.op for n in ir.nodes if id(n) not in half and n.op != "Cast"
                            and any(_is_f32(t) for t in n.outputs)})
-            self.summary = {"nodes_fp16": len(fp16_nodes), "casts": len(new_nodes),
-                            "constants_fp16": len(const16), "kept_fp32_ops": kept}
-            self.note(f"{len(fp16_nodes)} nodes in float16, {len(const16)} constants converted"
-                      + (f", float32 kept for {', '.join(kept)}" if kept else ""))
+            result.data = FP16Result(nodes_fp16=len(fp16_nodes), casts=len(new_nodes), constants_fp16=len(const16),
+                                     kept_fp32_ops=kept)
+            result.note(f"{len(fp16_nodes)} nodes in float16, {len(const16)} constants converted"
+                        + (f", float32 kept for {', '.join(kept)}" if kept else ""))
             if saturated:
-                self.note(f"{saturated} constant values beyond +-65504 saturated to the float16 range")
+                result.note(f"{saturated} constant values beyond +-65504 saturated to the float16 range")
         return True
 
     def _cast(self, ir: IR, t: gs.Tensor, to, cache, new_nodes) -> gs.Tensor:
@@ -170,12 +192,6 @@ def _produced_by_half(ir: IR, t, half: set[int]) -> bool:
 
 def _refused_op(ir: IR) -> str | None:
     """The op type ONNX Runtime refuses to create a CPU session for (None: it loads)."""
-    import re
-
-    import onnxruntime as ort
-
-    from edgec.verify import session
-
     try:
         session(ir.to_onnx())
         return None

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgec.ir import IR, plain_dtype
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 ALL = ("Sum", "Mean", "Neg", "Reciprocal", "Abs", "ReduceL2", "ReduceSumSquare", "Softsign",
        "LayerNormalization")
@@ -39,19 +39,22 @@ class DecomposeOps(Pass):
         super().__init__()
         self.ops = tuple(ops)
 
-    def run(self, ir: IR) -> bool:
-        changed = False
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
+        result = PassResult(False)
         for node in list(ir.nodes):
             if node.op not in self.ops or node.domain not in (None, "", "ai.onnx"):
                 continue
             x = node.inputs[0] if node.inputs else None
             if x is None or plain_dtype(x.dtype) is None or plain_dtype(x.dtype).kind != "f":
-                self.note(f"{node.op} '{node.name}' kept: not a float tensor of known dtype")
+                result.note(f"{node.op} '{node.name}' kept: not a float tensor of known dtype")
                 continue
             self._dtype = x.dtype  # rules clear the node's inputs before emitting replacements
-            if getattr(self, "_" + node.op)(ir, node) is not False:
-                changed = True
-        return changed
+            outcome = getattr(self, "_" + node.op)(ir, node)  # False: not applicable; a str: kept, and why
+            if isinstance(outcome, str):
+                result.note(outcome)
+            elif outcome is not False:
+                result.changed = True
+        return result
 
     # -- helpers -------------------------------------------------------------------------
     def _emit(self, ir: IR, node: gs.Node, op: str, inputs, out=None, **attrs) -> gs.Variable:
@@ -162,12 +165,10 @@ class DecomposeOps(Pass):
 
     def _LayerNormalization(self, ir, node):
         if any(o.outputs or ir.is_graph_output(o) for o in node.outputs[1:]):
-            self.note(f"LayerNormalization '{node.name}' kept: its mean/inv-std outputs are used")
-            return False
+            return f"LayerNormalization '{node.name}' kept: its mean/inv-std outputs are used"
         x = node.inputs[0]
         if x.shape is None:
-            self.note(f"LayerNormalization '{node.name}' kept: input rank unknown")
-            return False
+            return f"LayerNormalization '{node.name}' kept: input rank unknown"
         rank = len(x.shape)
         axis = int(node.attrs.get("axis", -1))
         axis = axis + rank if axis < 0 else axis

@@ -11,7 +11,7 @@ import hashlib
 import numpy as np
 
 from edgec.ir import IR
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 
 @register
@@ -20,7 +20,7 @@ class DedupInitializers(Pass):
     description = "merge constants that hold identical values"
     preserves_shapes = True
 
-    def run(self, ir: IR) -> bool:
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
         first: dict[tuple, object] = {}
         changed = False
         for const in ir.constants():
@@ -33,4 +33,4 @@ class DedupInitializers(Pass):
                 continue
             ir.replace_uses(const, keep)
             changed = True
-        return changed
+        return PassResult(changed)

@@ -7,7 +7,7 @@ bodies and the outer tensors they read are kept. Lossless: exact.
 from __future__ import annotations
 
 from edgec.ir import IR
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 
 @register
@@ -16,7 +16,7 @@ class EliminateDead(Pass):
     description = "remove nodes whose outputs are never read and unused initializers"
     preserves_shapes = True
 
-    def run(self, ir: IR) -> bool:
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
         before = (len(ir.nodes), len(ir.tensors()))
         ir.remove_dead()
-        return (len(ir.nodes), len(ir.tensors())) != before
+        return PassResult((len(ir.nodes), len(ir.tensors())) != before)

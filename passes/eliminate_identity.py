@@ -11,10 +11,9 @@ Graph outputs keep their names (the producer is made to write them). Lossless: e
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from edgec.ir import IR, onnx_elem_type
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 
 @register
@@ -24,7 +23,7 @@ class EliminateIdentity(Pass):
     preserves_shapes = True
     requires = ("shapes",)
 
-    def run(self, ir: IR) -> bool:
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
         changed = False
         for node in list(ir.nodes):
             if node.domain not in (None, "", "ai.onnx") or not node.inputs or not node.outputs:
@@ -33,7 +32,7 @@ class EliminateIdentity(Pass):
                     or (node.op == "Cast" and self._noop_cast(node)):
                 if ir.bypass(node):
                     changed = True
-        return changed
+        return PassResult(changed)
 
     @staticmethod
     def _inference_dropout(ir: IR, node) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from edgec.errors import UserError
 from edgec.ir import IR
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 
 @register
@@ -22,7 +22,7 @@ class FixInputShapes(Pass):
         super().__init__()
         self.shapes = dict(shapes or {})
 
-    def run(self, ir: IR) -> bool:
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
         changed = False
         names = {t.name: t for t in ir.inputs}
         for name, shape in self.shapes.items():
@@ -46,4 +46,4 @@ class FixInputShapes(Pass):
             for t in ir.graph.tensors().values():  # forget inferred shapes: they are re-derived
                 if id(t) not in inputs and not hasattr(t, "values"):
                     t.shape = None
-        return changed
+        return PassResult(changed)

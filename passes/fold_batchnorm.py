@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgec.ir import IR
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -35,15 +35,15 @@ class FoldBatchNorm(Pass):
     preserves_shapes = True
     requires = ("shapes",)
 
-    def run(self, ir: IR) -> bool:
-        changed = False
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
+        result = PassResult(False)
         for bn in list(ir.find("BatchNormalization")):
             reason = self._fold(ir, bn)
             if reason is None:
-                changed = True
+                result.changed = True
             else:
-                self.note(f"BatchNormalization '{bn.name or bn.outputs[0].name}' not folded: {reason}")
-        return changed
+                result.note(f"BatchNormalization '{bn.name or bn.outputs[0].name}' not folded: {reason}")
+        return result
 
     def _fold(self, ir: IR, bn: gs.Node) -> str | None:
         if bn.attrs.get("training_mode", 0):

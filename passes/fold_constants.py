@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from edgec.ir import IR, is_opaque, plain_dtype
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 from ._util import NONDETERMINISTIC, QUANT_OPS, has_subgraph, is_default_domain
 
@@ -69,9 +69,10 @@ class FoldConstants(Pass):
     preserves_shapes = True
     requires = ("shapes", "order")
 
-    def run(self, ir: IR) -> bool:
-        changed = self._reshape_generated(ir)
-        return self._fold(ir) or changed
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
+        result = PassResult(self._reshape_generated(ir))
+        result.changed = self._fold(ir, result) or result.changed
+        return result
 
     def _reshape_generated(self, ir: IR) -> bool:
         changed = False
@@ -95,7 +96,7 @@ class FoldConstants(Pass):
             changed = True
         return changed
 
-    def _fold(self, ir: IR) -> bool:
+    def _fold(self, ir: IR, result: PassResult) -> bool:
         const_bytes: dict[int, int] = {}  # id(tensor) -> bytes (a bound when unknown), folded tensors
         const_elems: dict[int, int] = {}  # id(tensor) -> elements (a bound when unknown)
         foldable: list[gs.Node] = []
@@ -136,7 +137,7 @@ class FoldConstants(Pass):
                     const_elems[id(o)] = s // max(1, plain_dtype(o.dtype).itemsize)
         if not foldable:
             return False
-        values = self._evaluate(ir, foldable)
+        values = self._evaluate(ir, foldable, result)
         changed = False
         for node in foldable:
             in_bytes = sum(int(values[t.name].nbytes) if t.name in values else
@@ -153,7 +154,7 @@ class FoldConstants(Pass):
                 changed = True
         return changed
 
-    def _evaluate(self, ir: IR, nodes: list[gs.Node]) -> dict[str, np.ndarray]:
+    def _evaluate(self, ir: IR, nodes: list[gs.Node], result: PassResult) -> dict[str, np.ndarray]:
         wanted = {o.name for n in nodes for o in n.outputs if o.name}
         try:
             return _run_subgraph(ir, nodes, wanted)
@@ -168,7 +169,7 @@ class FoldConstants(Pass):
                     continue
                 values.update(_run_subgraph(ir, [node], {o.name for o in node.outputs if o.name}, values))
             except Exception:
-                self.note(f"could not evaluate {node.op} '{node.name}'; left as is")
+                result.note(f"could not evaluate {node.op} '{node.name}'; left as is")
         return values
 
 

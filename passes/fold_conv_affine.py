@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgec.ir import IR
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 from ._util import per_channel
 
@@ -30,14 +30,14 @@ class FoldConvAffine(Pass):
     preserves_shapes = True
     requires = ("shapes",)
 
-    def run(self, ir: IR) -> bool:
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
         changed = False
         for node in list(ir.nodes):
             if node.op not in OPS or node.domain not in (None, "", "ai.onnx") or len(node.inputs) != 2:
                 continue
             if self._try(ir, node):
                 changed = True
-        return changed
+        return PassResult(changed)
 
     def _try(self, ir: IR, node: gs.Node) -> bool:
         a, b = node.inputs

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgec.ir import IR
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 
 @register
@@ -23,7 +23,7 @@ class FoldShapes(Pass):
     preserves_shapes = True
     requires = ("shapes",)
 
-    def run(self, ir: IR) -> bool:
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
         changed = False
         for node in list(ir.nodes):
             if node.op not in ("Shape", "Size") or node.domain not in (None, "", "ai.onnx"):
@@ -44,4 +44,4 @@ class FoldShapes(Pass):
             value = np.array(dims, dtype=np.int64) if node.op == "Shape" else np.array(int(np.prod(dims)), dtype=np.int64)
             ir.replace_uses(out, ir.make_const(out.name + "_static", value))
             changed = True
-        return changed
+        return PassResult(changed)

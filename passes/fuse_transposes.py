@@ -12,7 +12,7 @@ Lossless: exact.
 from __future__ import annotations
 
 from edgec.ir import IR
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 
 def _perm(node) -> list[int] | None:
@@ -30,7 +30,7 @@ class FuseTransposes(Pass):
     preserves_shapes = True
     requires = ("shapes",)
 
-    def run(self, ir: IR) -> bool:
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
         changed = False
         for node in list(ir.find("Transpose")):
             if not node.outputs or not node.inputs:
@@ -49,4 +49,4 @@ class FuseTransposes(Pass):
             if p2 is not None and p2 == list(range(len(p2))):
                 if ir.bypass(node):
                     changed = True
-        return changed
+        return PassResult(changed)

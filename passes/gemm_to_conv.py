@@ -20,7 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgec.ir import IR
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 
 @register
@@ -30,12 +30,12 @@ class GemmToConv(Pass):
     preserves_shapes = True
     requires = ("shapes",)
 
-    def run(self, ir: IR) -> bool:
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
         changed = False
         for node in list(ir.find("Gemm")) + list(ir.find("MatMul")):
             if self._rewrite(ir, node):
                 changed = True
-        return changed
+        return PassResult(changed)
 
     def _rewrite(self, ir: IR, gemm: gs.Node) -> bool:
         a, y = gemm.inputs[0], gemm.outputs[0]

@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from edgec.ir import IR, plain_dtype
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 I32 = np.iinfo(np.int32)
 
@@ -45,7 +45,7 @@ class NarrowInt64(Pass):
     description = "store INT64 constants as INT32 where values fit and every reader accepts INT32"
     preserves_shapes = True
 
-    def run(self, ir: IR) -> bool:
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
         changed = False
         for const in ir.constants():
             if plain_dtype(const.dtype) != np.int64:
@@ -60,4 +60,4 @@ class NarrowInt64(Pass):
             for n, i in readers:
                 n.inputs[i] = narrow
             changed = True
-        return changed
+        return PassResult(changed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgec.ir import IR
-from edgec.pipeline import Pass, register
+from edgec.pipeline import Pass, PassContext, PassResult, register
 
 
 @register
@@ -21,7 +21,7 @@ class ShuffleTo4D(Pass):
     preserves_shapes = True
     requires = ("shapes",)
 
-    def run(self, ir: IR) -> bool:
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
         changed = False
         for tr in list(ir.find("Transpose")):
             perm = tr.attrs.get("perm")
@@ -41,4 +41,4 @@ class ShuffleTo4D(Pass):
             if out_shape is not None:
                 tr.outputs[0].shape = list(out_shape[:3]) + [h * w]
             changed = True
-        return changed
+        return PassResult(changed)

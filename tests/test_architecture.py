@@ -41,8 +41,12 @@ def _imports(name: str, path: Path) -> list[tuple[str, str | None, int]]:
     """(imported module, imported name or None, line) for every import in the file, at any level."""
     tree = ast.parse(path.read_text())
     base = name if _is_package(name) else name.rpartition(".")[0]
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+                   for stmt in block.body for n in ast.walk(stmt)}  # annotations only: never imported at run time
     out = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             out.extend((a.name, None, node.lineno) for a in node.names)
         elif isinstance(node, ast.ImportFrom):

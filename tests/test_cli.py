@@ -176,7 +176,7 @@ def test_internal_failure_names_the_pass(capsys, tmp_path, model_path, monkeypat
     from edgec import pipeline
     from edgec.passes import fold_batchnorm
 
-    def boom(self, ir):
+    def boom(self, ir, ctx):
         raise RuntimeError("kaboom")
 
     monkeypatch.setattr(fold_batchnorm.FoldBatchNorm, "run", boom)
@@ -193,12 +193,12 @@ def test_verification_failure_exits_1_and_writes_nothing(capsys, tmp_path, model
 
     original = fold_conv_affine.FoldConvAffine.run
 
-    def wrong(self, ir):
-        changed = original(self, ir)
+    def wrong(self, ir, ctx):
+        result = original(self, ir, ctx)
         for c in ir.constants():
             if "_affine_b" in c.name:
                 c.values = c.values + 1.0  # break it on purpose
-        return changed
+        return result
 
     monkeypatch.setattr(fold_conv_affine.FoldConvAffine, "run", wrong)
     out = tmp_path / "o.onnx"

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgec
-from edgec import loader
+from edgec import loader, outputs
 from edgec.builders import resnet_basic
 from edgec.errors import UserError
 
@@ -81,7 +81,7 @@ def test_external_data_is_loaded_and_large_models_saved_with_external_data(tmp_p
     assert (tmp_path / "ext.weights").exists()
     ir = edgec.load(src)
     # Pretend the weights are over the protobuf limit: the output gets one external-data file.
-    monkeypatch.setattr(loader, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(outputs, "EXTERNAL_DATA_THRESHOLD", 1000)
     out = tmp_path / "out" / "big.onnx"
     out.parent.mkdir()
     edgec.save(ir, out)

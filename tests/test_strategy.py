@@ -49,3 +49,35 @@ def test_goal_refuses_a_bad_output_path_before_compiling(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         edgec.compile(EXAMPLE / "model.onnx", tmp_path / "missing" / "o.onnx", goal="latency", max_error=0.3,
                       calib=EXAMPLE / "calib.npz")
+
+
+# ---------------------------------------------------------------------- CompileOptions
+def test_compile_keywords_and_compile_options_agree():
+    """Every option keyword of edgec.compile is a CompileOptions field, with the same default."""
+    import inspect
+
+    from edgec.options import KEYWORDS, CompileOptions
+
+    params = inspect.signature(edgec.compile).parameters
+    assert {k: params[k].default for k in KEYWORDS} == CompileOptions().as_kwargs()
+    assert set(params) - set(KEYWORDS) == {"model", "output", "log", "report_file", "options", "_outputs"}
+    o = CompileOptions.from_kwargs(prune=0.3, keep_float="a,b", quantize="int8", max_error=0.1)
+    assert o.prune.ratio == 0.3 and o.quant.keep_float == ("a", "b") and o.verify.max_error == 0.1
+    assert CompileOptions.from_kwargs(**o.as_kwargs()) == o
+
+
+def test_compile_takes_options_or_keywords_not_both():
+    from dataclasses import replace
+
+    from edgec.options import CompileOptions
+
+    calib = EXAMPLE / "calib.npz"
+    by_keywords = edgec.compile(EXAMPLE / "model.onnx", prune=0.3, calib=calib, verify=True).report
+    base = CompileOptions(calib=calib)
+    options = replace(base, prune=replace(base.prune, ratio=0.3), verify=replace(base.verify, verify=True))
+    by_options = edgec.compile(EXAMPLE / "model.onnx", options=options).report
+    assert by_options["after"] == by_keywords["after"] and by_options["pruning"] == by_keywords["pruning"]
+    with pytest.raises(UserError, match="not both"):
+        edgec.compile(EXAMPLE / "model.onnx", options=options, prune=0.2)
+    with pytest.raises(UserError, match="--prune-macs"):  # options are checked as keywords are
+        edgec.compile(EXAMPLE / "model.onnx", options=replace(options, prune=replace(options.prune, macs=2.0)))

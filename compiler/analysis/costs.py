@@ -77,13 +77,15 @@ def _numel(shape) -> int:
     return math.prod(int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in shape) if shape else 1
 
 
-def _is_param_dtype(dtype) -> bool:
+def is_param_dtype(dtype) -> bool:
     """Float, complex and int8..int32 constants are parameters; int64 (shapes, indices), bool
     and strings are not; bfloat16/float8/int4/float4 (no numpy type) are."""
     dt = plain_dtype(dtype)
     if dt is None:
         return dtype_bits(dtype) < 64  # strings count 64 bits: not parameters
     return dt.kind in PARAM_KINDS or (dt.kind in "iu" and dt.itemsize <= 4)
+
+
 
 
 def _nbytes(n: int, dtype) -> int:
@@ -156,7 +158,7 @@ def compute(ir: IR) -> Costs:
             if shape is None or dtype is None:
                 continue
             n = _numel(shape) if len(shape) else 1
-            if _is_param_dtype(dtype):
+            if is_param_dtype(dtype):
                 nc.params += n
                 if id(t) not in seen_params:  # a shared weight is one set of parameters
                     seen_params.add(id(t))
@@ -173,7 +175,7 @@ def compute(ir: IR) -> Costs:
                 if isinstance(t, gs.Constant) and id(t) not in seen_consts:
                     seen_consts.add(id(t))
                     n = _numel(t.shape)
-                    if _is_param_dtype(t.dtype):
+                    if is_param_dtype(t.dtype):
                         nc.params += n
                         costs.params += n
                     nbytes = _nbytes(n, t.dtype)
