@@ -66,7 +66,6 @@ class Preprocess:
     std: tuple[float, ...] = (1.0,)
 
     def __post_init__(self):
-        import math
 
         if self.size is not None:
             try:
@@ -218,7 +217,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def parse_floats(text: str, flag: str = "") -> tuple[float, ...]:
     """``"0.485,0.456,0.406"`` -> floats (for --mean/--std style flags; ``flag`` names it in errors)."""
-    import math
 
     try:
         vals = tuple(float(p) for p in str(text).split(",") if p.strip())

@@ -16,6 +16,7 @@ Every problem is a :class:`~edgec.errors.UserError` naming the file (and member)
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import stat
@@ -185,7 +186,6 @@ def _header(f, where: str) -> tuple[tuple, np.dtype, bool, int]:
         raw = f.read(hlen)
         if len(raw) != hlen:
             raise UserError(f"{where}: the .npy header is truncated")
-        import ast
 
         text = raw.decode("latin1" if major < 3 else "utf8")
         d = ast.literal_eval(text)
