@@ -40,9 +40,10 @@ from typing import Callable, Iterable
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from .errors import UserError
-from .runtime import augment, reference_session
+from .runtime import augment, map_batches, reference_session
 
 DEFAULT_BINS = 4096  # must be a multiple of 4 (exact pair merging keeps 0 on a bin edge)
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -58,10 +59,9 @@ class TensorStats:
     count: int = 0
     min: float = math.inf
     max: float = -math.inf
-    sum: float = 0.0
     half_range: float = 0.0  # R, a power of two (0 until data arrives)
     hist: np.ndarray = field(default=None)  # int64[bins] over [-R, R]
-    histogram: bool = True  # False: min/max/sum/count only (enough for minmax)
+    histogram: bool = True  # False: min/max/count only (enough for minmax)
 
     def __post_init__(self):
         if self.bins % 4:
@@ -70,11 +70,14 @@ class TensorStats:
             self.hist = np.zeros(self.bins, dtype=np.int64)
 
     # -------------------------------------------------------------- updating
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
+        """Add the values ``x``; ``lo``/``hi``, when given, are its min and max (computed by the
+        executor, so they need no pass over ``x`` here)."""
         finite = np.asarray(x).ravel()
         if finite.size == 0:
             return
-        lo, hi = float(finite.min()), float(finite.max())
+        if lo is None or hi is None:
+            lo, hi = float(finite.min()), float(finite.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/inf: statistics of the finite values
             finite = finite[np.isfinite(finite)]
             if finite.size == 0:
@@ -83,11 +86,18 @@ class TensorStats:
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
         self.count += int(finite.size)
-        self.sum += float(np.sum(finite, dtype=np.float64))
         if not self.histogram:
             return
         self._grow(max(abs(lo), abs(hi)))
         self.hist += self._counts(finite)
+
+    def update_range(self, lo: float, hi: float, count: int) -> None:
+        """Add a batch known only by its (finite) min, max and size (min-max statistics)."""
+        if count <= 0:
+            return
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+        self.count += int(count)
 
     def merge(self, other: "TensorStats") -> None:
         if other.count == 0:
@@ -97,7 +107,6 @@ class TensorStats:
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
         self.count += other.count
-        self.sum += other.sum
         if not (self.histogram and other.histogram):
             self.histogram, self.hist = False, None
             return
@@ -126,10 +135,6 @@ class TensorStats:
         return np.bincount(idx, minlength=self.bins)
 
     # -------------------------------------------------------------- views
-    @property
-    def mean(self) -> float:
-        return self.sum / self.count if self.count else 0.0
-
     def edges(self) -> np.ndarray:
         return np.linspace(-self.half_range, self.half_range, self.bins + 1)
 
@@ -140,7 +145,7 @@ class TensorStats:
         return pos + neg[::-1], self.half_range / half
 
     def as_dict(self) -> dict:
-        return {"min": self.min, "max": self.max, "mean": self.mean, "count": self.count}
+        return {"min": self.min, "max": self.max, "count": self.count}
 
 
 def _pow2_at_least(v: float) -> float:
@@ -369,27 +374,57 @@ class Progress:
 
 def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[dict], *,
             bins: int = DEFAULT_BINS, progress=False, total: int | None = None,
-            on_batch: Callable[[dict], None] | None = None, histograms: bool = True) -> dict[str, TensorStats]:
+            on_batch: Callable[[int, dict], None] | None = None, histograms: bool = True,
+            capture: Iterable[str] = (), capture_batches: int = 0) -> dict[str, TensorStats]:
     """Run ``model`` on every batch and return :class:`TensorStats` for each of ``tensors``.
 
-    ``on_batch(outputs)`` (optional) sees each batch's outputs (original outputs included)
-    before they are dropped. ``histograms=False`` keeps min/max/mean only (minmax needs no more).
+    Each tensor's min, max and size are computed by the executor itself (ReduceMin, ReduceMax
+    and Size nodes added to the model: exact, and only scalars come back); the values travel
+    back only for histograms (``histograms=False`` keeps min/max/count, all minmax needs) or
+    when a batch's min or max is not finite (statistics then cover the finite values).
+    ``on_batch(index, outputs)`` (optional) sees the graph outputs of every batch and, for the
+    first ``capture_batches`` batches, the values of ``capture`` too, before they are dropped.
     """
     tensors = list(dict.fromkeys(tensors))
-    # reference arithmetic: the ranges (and so the output bytes) must not depend on the build host
-    sess = reference_session(augment(model, tensors))
-    out_names = [o.name for o in sess.get_outputs()]
+    stats_model = with_statistics(model, tensors, raw=histograms)
+    sess = reference_session(stats_model)
+    graph_outputs = [o.name for o in model.graph.output]
+    reduced = [f"{STAT}{k}.{t}" for t in tensors for k in ("min", "max", "n")]
+    base = list(dict.fromkeys(graph_outputs + reduced + (tensors if histograms else [])))
+    extra = [c for c in dict.fromkeys(capture) if c not in base]
 
-    def runs():
-        for batch in batches:
-            yield batch, dict(zip(out_names, sess.run(out_names, batch)))
+    def one(i: int, batch: dict) -> dict:
+        names = base + extra if i < capture_batches else base
+        outs = dict(zip(names, sess.run(names, batch)))
+        bad = [t for t in tensors if t not in outs and not (
+            math.isfinite(float(outs[f"{STAT}min.{t}"])) and math.isfinite(float(outs[f"{STAT}max.{t}"])))]
+        if bad:  # inf/NaN in some activations: their values, to take statistics of the finite ones
+            outs.update(zip(bad, sess.run(bad, batch)))
+        return outs
 
-    return accumulate(runs(), tensors, bins=bins, progress=progress, total=total, on_batch=on_batch,
-                      histograms=histograms)
+    return accumulate(map_batches(one, batches), tensors, bins=bins, progress=progress, total=total,
+                      on_batch=on_batch, histograms=histograms)
+
+
+STAT = "edgec.stat."
+
+
+def with_statistics(model: onnx.ModelProto, tensors: list[str], *, raw: bool) -> onnx.ModelProto:
+    """``model`` with, for each of ``tensors``, its min, max and size as extra (scalar)
+    outputs, and the tensor itself too with ``raw``."""
+    m = augment(model, tensors)  # every tensor is an output: fetched only when asked for
+    nodes = []
+    for t in tensors:
+        nodes.append(helper.make_node("ReduceMin", [t], [f"{STAT}min.{t}"], keepdims=0))
+        nodes.append(helper.make_node("ReduceMax", [t], [f"{STAT}max.{t}"], keepdims=0))
+        nodes.append(helper.make_node("Size", [t], [f"{STAT}n.{t}"]))
+    m.graph.node.extend(nodes)
+    m.graph.output.extend(helper.make_empty_tensor_value_info(n.output[0]) for n in nodes)
+    return m
 
 
 def accumulate(runs: Iterable[tuple[dict, dict]], tensors: list[str], *, bins: int = DEFAULT_BINS, progress=False,
-               total: int | None = None, on_batch: Callable[[dict], None] | None = None,
+               total: int | None = None, on_batch: Callable[[int, dict], None] | None = None,
                histograms: bool = True) -> dict[str, TensorStats]:
     """:class:`TensorStats` of ``tensors`` over ``runs``: ``(batch, outputs)`` pairs from any
     executor (the calibration session, or the quantization probe with equalised weights)."""
@@ -397,13 +432,16 @@ def accumulate(runs: Iterable[tuple[dict, dict]], tensors: list[str], *, bins: i
     meter = Progress(progress)
     done = 0
     try:
-        for batch, outs in runs:
+        for i, (batch, outs) in enumerate(runs):
             for t in tensors:
-                v = outs[t]
-                if v.dtype.kind == "f":
-                    stats[t].update(v)
+                v = outs.get(t)
+                lo, hi = outs.get(f"{STAT}min.{t}"), outs.get(f"{STAT}max.{t}")
+                if v is None:  # min-max only, computed by the executor (finite: checked there)
+                    stats[t].update_range(float(lo), float(hi), int(outs[f"{STAT}n.{t}"]))
+                elif v.dtype.kind == "f":
+                    stats[t].update(v, None if lo is None else float(lo), None if hi is None else float(hi))
             if on_batch is not None:
-                on_batch(outs)
+                on_batch(i, outs)
             del outs
             done += len(next(iter(batch.values()))) if batch else 0
             meter(done, total)

@@ -35,7 +35,6 @@ from .quant_rules import table_for
 
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 DEFAULT_MAX_ERROR = 0.02
-EVAL_SAMPLES = 128
 
 
 def weights_bytes(sizes: dict[str, int], plan: dict[str, str]) -> int:
@@ -45,10 +44,10 @@ def weights_bytes(sizes: dict[str, int], plan: dict[str, str]) -> int:
 class _Evaluator:
     """The output error of a precision plan, measured on the probe (no IR copies)."""
 
-    def __init__(self, ir: IR, probe: Probe, scheme, ranges, batches, keep_float, weights):
+    def __init__(self, ir: IR, probe: Probe, scheme, ranges, batches, reference, keep_float, weights):
         self.ir, self.probe, self.scheme, self.ranges = ir, probe, scheme, ranges
         self.batches, self.keep_float, self.weights = batches, keep_float, weights
-        self.ref = probe.outputs(None, batches, weights=weights)
+        self.ref = reference
         self.count = 0
 
     def error(self, precisions: dict[str, str]) -> float:
@@ -57,12 +56,13 @@ class _Evaluator:
         return self.probe.error(plan, self.batches, self.ref, weights=self.weights)["rel_l2"]
 
 
-def choose_plan(ir: IR, probe: Probe, scheme, ranges: dict, batches: Iterable[dict], *,
+def choose_plan(ir: IR, probe: Probe, scheme, ranges: dict, batches: Iterable[dict], reference: dict, *,
                 max_error: float | None = None, max_bytes: int | None = None, keep_float: Iterable[str] = (),
                 keep_ends: bool = True, weights=None, log: Callable[[str], None] | None = None
                 ) -> tuple[dict[str, str], list[dict], dict]:
     """Return ``(precisions, sensitivity table, search summary)``; see the module doc. Plans are
-    measured on ``probe`` (with equalised ``weights`` when given) over ``batches``."""
+    measured on ``probe`` (with equalised ``weights`` when given) over ``batches``, against the
+    float model's outputs on them (``reference``)."""
     log = log or (lambda s: None)
     if max_error is not None and not max_error > 0:
         raise UserError(f"--max-error must be positive, got {max_error}")
@@ -78,7 +78,7 @@ def choose_plan(ir: IR, probe: Probe, scheme, ranges: dict, batches: Iterable[di
     keys = [node_key(n) for n in layers]
     sizes = {node_key(n): int(ir.const_value(n.inputs[1]).size) for n in layers}
     ops = {node_key(n): n.op for n in layers}
-    ev = _Evaluator(ir, probe, scheme, ranges, batches, tuple(keep), weights)
+    ev = _Evaluator(ir, probe, scheme, ranges, batches, reference, tuple(keep), weights)
     everything_fp32 = {k: "fp32" for k in keys}
     # 1. sensitivity, one layer at a time
     sens: dict[str, dict[str, float]] = {}

@@ -34,7 +34,7 @@ from onnx import TensorProto, helper
 from .ir import IR
 from .quant_plan import QuantPlan, bias_form, fake_quantized_weight, node_id, out_channels, weight_arrays, weighted_nodes
 from .quant_rules import table_for
-from .runtime import error_metrics, reference_session
+from .runtime import error_metrics, reference_session, run_batches
 
 PREFIX = "edgec.probe."
 
@@ -43,22 +43,58 @@ def _has_bias(node: gs.Node) -> bool:
     return len(node.inputs) > 2 and not (isinstance(node.inputs[2], gs.Variable) and node.inputs[2].is_empty())
 
 
+def concat(parts: dict[str, list]) -> dict[str, np.ndarray]:
+    return {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}
+
+
+class ChannelMeans:
+    """Per-channel means of layers' outputs over batches (channel axis 1; Gemm's last)."""
+
+    def __init__(self, layers: dict[str, gs.Node]):
+        self.layers = layers
+        self.tensors = {i: n.outputs[0].name for i, n in layers.items()}
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, np.ndarray]) -> None:
+        for i, t in self.tensors.items():
+            v = values.get(t)
+            if v is None or v.ndim < 2:
+                continue
+            ax = -1 if self.layers[i].op == "Gemm" else 1
+            v = np.moveaxis(v.astype(np.float64), ax, 0).reshape(v.shape[ax], -1)
+            self.sums[i] = self.sums.get(i, 0) + v.sum(axis=1)
+            self.counts[i] = self.counts.get(i, 0) + v.shape[1]
+
+    def result(self) -> dict[str, np.ndarray]:
+        return {i: self.sums[i] / self.counts[i] for i in self.sums}
+
+
 class Probe:
     """The measuring model for ``ir`` (the float graph, not modified) exported as
     ``float_model``, for plans of ``scheme`` that quantize at most the activations and layers of
-    ``widest`` (the plan with every layer int8: other plans quantize subsets of it); every tensor
-    of ``observe`` is also an output."""
+    ``widest`` (the plan with every layer int8: other plans quantize subsets of it).
 
-    def __init__(self, ir: IR, float_model: onnx.ModelProto, scheme, widest: QuantPlan, observe: Iterable[str] = ()):
+    ``switchable=False`` (int8: every plan measured has the widest plan's structure, only its
+    scales, weights and biases differ) wires the Q/DQ pairs as the materialiser will, folded
+    ReLUs removed, with no switches: the probe then costs what the quantized model costs.
+    ``switchable=True`` (mixed precision, where plans quantize subsets) puts a switch on every
+    reader edge."""
+
+    def __init__(self, ir: IR, float_model: onnx.ModelProto, scheme, widest: QuantPlan, *, switchable: bool = True,
+                 adaptive: Iterable[str] = ()):
         self.ir = ir
+        self.adaptive = [i for i in adaptive]
         self.dtype = "int8" if scheme.activations == "symmetric" else "uint8"
         self.tensors = list(widest.activations)
-        self.observe = [t for t in dict.fromkeys(observe)]
+        self.widest, self.switchable = widest, switchable
         table = table_for(scheme)
         self.layers = {node_id(n): n for n in weighted_nodes(ir, table) if node_id(n) in widest.weights}
         self.float_w: dict[str, np.ndarray] = {}
         self.float_b: dict[str, np.ndarray | None] = {}
         self._cache: dict = {}
+        self._fpm_shape: dict[str, list[int]] = {}
+        self._axes_inits: list = []
         self.model = self._build(float_model)
         self.session = reference_session(self.model)
         self.graph_outputs = [o.name for o in float_model.graph.output]
@@ -101,15 +137,46 @@ class Probe:
         g.initializer.extend(keep)
         del inits
 
-        # Q/DQ + a Where per reader edge on every probed tensor
+        graph_outputs = {o.name for o in g.output}
+        if not self.switchable:  # folded ReLUs go, as in the materialised model
+            folded = set(self.widest.folded)
+            renamed = {}
+            kept = []
+            for pn in g.node:
+                if pn.output and pn.output[0] in folded:
+                    renamed[pn.output[0]] = pn.input[0]
+                    if pn.output[0] not in graph_outputs:
+                        continue
+                kept.append(pn)
+            for pn in kept:
+                for i, x in enumerate(pn.input):
+                    if x in renamed and not (pn.output and pn.output[0] in folded):
+                        pn.input[i] = renamed[x]
+            del g.node[:]
+            g.node.extend(kept)
+
+        opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 17)
+        self._adaptive_ranks = {}
+        for nid in self.adaptive:
+            shape = self.layers[nid].outputs[0].shape if nid in self.layers else None
+            if shape is not None and len(shape) >= 2:
+                self._adaptive_ranks[nid] = len(shape)
+        self.adaptive = list(self._adaptive_ranks)
+
+        # Q/DQ on every probed tensor; its readers read the dequantized copy (switchable: through a
+        # Where per reader edge)
         qtype = TensorProto.INT8 if self.dtype == "int8" else TensorProto.UINT8
         probed = set(self.tensors)
         self.edges: dict[str, list[tuple[str, int]]] = {}
         nodes = []
         made: set[str] = set()
         for pn in list(g.node):
+            reader = pn.output[0] if pn.output else pn.name
             for slot, x in enumerate(pn.input):
                 if x not in probed:
+                    continue
+                readers = self.widest.activations[x].readers
+                if not self.switchable and readers is not None and (reader, slot) not in readers:
                     continue
                 if x not in made:
                     s, z = PREFIX + "s." + x, PREFIX + "z." + x
@@ -118,24 +185,56 @@ class Probe:
                     nodes.append(helper.make_node("QuantizeLinear", [x, s, z], [PREFIX + "q." + x]))
                     nodes.append(helper.make_node("DequantizeLinear", [PREFIX + "q." + x, s, z], [PREFIX + "dq." + x]))
                     made.add(x)
-                reader = pn.output[0] if pn.output else pn.name
+                self.edges.setdefault(x, []).append((reader, slot))
+                if not self.switchable:
+                    pn.input[slot] = PREFIX + "dq." + x
+                    continue
                 e = f"{PREFIX}e.{slot}.{reader}"
                 new_inputs.append(helper.make_tensor_value_info(e, TensorProto.BOOL, []))
                 sel = f"{PREFIX}sel.{slot}.{reader}"
                 nodes.append(helper.make_node("Where", [e, PREFIX + "dq." + x, x], [sel]))
                 pn.input[slot] = sel
-                self.edges.setdefault(x, []).append((reader, slot))
             nodes.append(pn)
+            if reader in self._adaptive_ranks:
+                nodes.extend(self._adaptive_nodes(pn, new_inputs, opset))
         del g.node[:]
         g.node.extend(nodes)
         g.input.extend(new_inputs)
+        g.initializer.extend(self._axes_inits)
         have = {o.name for o in g.output}
-        for t in self.observe + [n.outputs[0].name for n in self.layers.values()]:
+        for t in [n.outputs[0].name for n in self.layers.values()] + [
+                f"{PREFIX}{k}.{nid}" for nid in self.adaptive for k in ("delta", "n")]:
             if t not in have:
                 g.output.append(helper.make_empty_tensor_value_info(t))
                 have.add(t)
         self.input_names = {i.name for i in g.input}
         return m
+
+    def _adaptive_nodes(self, pn, new_inputs: list, opset: int) -> list:
+        """Per-batch bias correction inside the graph, for :meth:`adapt`: the layer's output
+        plus ``flag * (float mean - this batch's mean)`` per channel (flag 0: unchanged)."""
+        nid = pn.output[0]
+        rank = self._adaptive_ranks[nid]
+        gemm = self.layers[nid].op == "Gemm"
+        axis = rank - 1 if gemm else 1
+        axes = [a for a in range(rank) if a != axis]
+        raw, mean, diff, delta = (f"{PREFIX}{k}.{nid}" for k in ("raw", "mean", "diff", "delta"))
+        fpm, flag, size = PREFIX + "fpm." + nid, PREFIX + "flag." + nid, PREFIX + "n." + nid
+        pn.output[0] = raw
+        shape = [1] * rank
+        shape[axis] = -1
+        self._fpm_shape[nid] = shape
+        new_inputs.append(helper.make_tensor_value_info(fpm, TensorProto.FLOAT, None))
+        new_inputs.append(helper.make_tensor_value_info(flag, TensorProto.FLOAT, []))
+        if opset >= 18:
+            axes_name = PREFIX + "axes." + nid
+            self._axes_inits.append(helper.make_tensor(axes_name, TensorProto.INT64, [len(axes)], axes))
+            reduce = helper.make_node("ReduceMean", [raw, axes_name], [mean], keepdims=1)
+        else:
+            reduce = helper.make_node("ReduceMean", [raw], [mean], axes=axes, keepdims=1)
+        return [reduce, helper.make_node("Sub", [fpm, mean], [diff]),
+                helper.make_node("Mul", [diff, flag], [delta]), helper.make_node("Add", [raw, delta], [nid]),
+                helper.make_node("Size", [raw], [size])]
 
     def _float_bias(self, node, w: np.ndarray) -> np.ndarray | None:
         out_ch = out_channels(node, w)
@@ -152,19 +251,34 @@ class Probe:
         return np.zeros(out_ch, dtype=np.float32)
 
     # ------------------------------------------------------------------ plan -> inputs
-    def inputs_for(self, plan: QuantPlan | None, weights: dict[str, dict[int, np.ndarray]] | None = None) -> dict:
+    def inputs_for(self, plan: QuantPlan | None, weights: dict[str, dict[int, np.ndarray]] | None = None,
+                   adapt: dict[str, np.ndarray] | None = None) -> dict:
         """The probe's non-data inputs that make it compute ``plan`` (None: the float model), with
-        ``weights`` (``{node id: {slot: array}}``, e.g. equalised ones) replacing the float ones."""
+        ``weights`` (``{node id: {slot: array}}``, e.g. equalised ones) replacing the float ones,
+        and per-batch bias correction towards ``adapt``'s float means (layer -> per-channel
+        means) on those layers."""
         weights = weights or {}
         feeds: dict[str, np.ndarray] = {}
+        for nid in self.adaptive:
+            target = (adapt or {}).get(nid)
+            on = target is not None
+            c = self.float_b[nid].shape[0] if self.float_b.get(nid) is not None else 1
+            value = np.asarray(target if on else np.zeros(c), dtype=np.float32)
+            feeds[PREFIX + "fpm." + nid] = value.reshape(self._fpm_shape[nid])
+            feeds[PREFIX + "flag." + nid] = np.array(1.0 if on else 0.0, dtype=np.float32)
         qdt = np.int8 if self.dtype == "int8" else np.uint8
         acts = plan.activations if plan is not None else {}
+        if not self.switchable and (plan is None or plan.folded != self.widest.folded or {
+                k: v.readers for k, v in acts.items()} != {k: v.readers for k, v in self.widest.activations.items()}):
+            raise ValueError("this probe measures plans with its widest plan's structure only (switchable=False)")
         for x, edges in self.edges.items():
             aq = acts.get(x)
             if aq is not None and aq.dtype != self.dtype:
                 raise ValueError(f"the probe measures {self.dtype} activations, the plan has {aq.dtype}")
             feeds[PREFIX + "s." + x] = np.array(aq.scale if aq is not None else 1.0, dtype=np.float32)
             feeds[PREFIX + "z." + x] = np.array(aq.zero_point if aq is not None else 0, dtype=qdt)
+            if not self.switchable:
+                continue
             for reader, slot in edges:
                 on = aq is not None and (aq.readers is None or (reader, slot) in aq.readers)
                 feeds[f"{PREFIX}e.{slot}.{reader}"] = np.array(on)
@@ -205,29 +319,40 @@ class Probe:
         fixed = self.inputs_for(plan, weights)
         names = list(fetch) if fetch is not None else self.graph_outputs
         self.runs += 1
-        for b in batches:
-            yield b, dict(zip(names, self.session.run(names, {**b, **fixed})))
+        yield from run_batches(self.session, names, batches, fixed=fixed)
+
+    def adapt(self, plan: QuantPlan, batches, fp_means: dict[str, np.ndarray], *, weights=None) -> dict:
+        """Bias correction in one pass: every layer of ``fp_means`` has its output's per-channel
+        mean moved to the float model's, batch by batch and in graph order (each layer sees the
+        layers before it corrected), and the correction each needed is averaged over the batches
+        (weighted by the values each covered). Returns layer -> per-channel shift."""
+        layers = [i for i in self.adaptive if i in fp_means and i in plan.weights]
+        if not layers:
+            return {}
+        fixed = self.inputs_for(plan, weights, adapt={i: fp_means[i] for i in layers})
+        fetch = [f"{PREFIX}{k}.{i}" for i in layers for k in ("delta", "n")]
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, float] = {}
+        self.runs += 1
+        for _, vals in run_batches(self.session, fetch, batches, fixed=fixed):
+            for i in layers:
+                d = vals[f"{PREFIX}delta.{i}"].astype(np.float64).reshape(-1)
+                n = float(vals[f"{PREFIX}n.{i}"]) / max(d.size, 1)
+                sums[i] = sums.get(i, 0) + d * n
+                counts[i] = counts.get(i, 0) + n
+        return {i: sums[i] / counts[i] for i in sums if counts[i] > 0}
 
     def measure(self, plan, batches, *, means_of: list[str] = (), weights=None) -> tuple[dict, dict]:
         """One pass under ``plan``: the graph outputs over all ``batches`` (concatenated) and the
-        per-channel means of the ``means_of`` layers' outputs (channel axis 1, Gemm's last)."""
-        means_of = list(means_of)
-        outs = [self.layers[i].outputs[0].name for i in means_of]
-        fetch = list(dict.fromkeys(self.graph_outputs + outs))
+        per-channel means of the ``means_of`` layers' outputs (see :class:`ChannelMeans`)."""
+        means = ChannelMeans({i: self.layers[i] for i in means_of})
+        fetch = list(dict.fromkeys(self.graph_outputs + list(means.tensors.values())))
         parts: dict[str, list] = {n: [] for n in self.graph_outputs}
-        sums: dict[str, np.ndarray] = {}
-        counts: dict[str, int] = {}
         for _, vals in self.run(plan, batches, fetch, weights=weights):
             for n in self.graph_outputs:
                 parts[n].append(vals[n])
-            for i, t in zip(means_of, outs):
-                v = vals[t]
-                ax = -1 if self.layers[i].op == "Gemm" else 1
-                v = np.moveaxis(v.astype(np.float64), ax, 0).reshape(v.shape[ax], -1)
-                sums[i] = sums.get(i, 0) + v.sum(axis=1)
-                counts[i] = counts.get(i, 0) + v.shape[1]
-        outputs = {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}
-        return outputs, {i: sums[i] / counts[i] for i in sums}
+            means.add(vals)
+        return concat(parts), means.result()
 
     def outputs(self, plan, batches, *, weights=None) -> dict[str, np.ndarray]:
         """The graph outputs over all ``batches``, concatenated."""

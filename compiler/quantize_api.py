@@ -32,10 +32,12 @@ reference arithmetic of :mod:`edgec.runtime` (exact QDQ), so the output is the s
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 from . import calibration as calib_mod
 from . import equalization, mixed_precision
@@ -43,8 +45,10 @@ from .errors import UserError, VerificationError
 from .ir import IR, plain_dtype
 from .options import QuantOptions
 from .pipeline import PassContext, PassManager
-from .quant_plan import QuantPlan, build_plan
-from .quant_probe import Probe
+from .calibdata import CalibrationSet
+from .quant_plan import QuantPlan, build_plan, node_id, weighted_nodes
+from .quant_probe import ChannelMeans, Probe, concat
+from .quant_rules import table_for
 from .runtime import error_metrics, output_error
 from .target import QuantScheme
 
@@ -55,6 +59,7 @@ from edgec.passes.quantize import QuantizeQDQ
 MODES = ("int8", "fp16", "mixed")
 ERROR_SAMPLES = 512  # calibration samples the reported output error is measured on
 BIAS_SAMPLES = 128  # samples bias correction measures on
+BIAS_ROUNDS = 4  # measuring rounds of bias correction (layers corrected in graph order, in this many groups)
 
 
 def quantize_for_target(ir: IR, target, options: QuantOptions, calib, *, max_error: float | None = None,
@@ -126,6 +131,55 @@ def calibration_tensors(ir: IR) -> list[str]:
     return out
 
 
+@dataclass
+class _Subset:
+    """The first whole batches of the calibration stream, up to a number of samples: iterated
+    again for measuring runs, and seen first by calibration, which keeps what it needs of them."""
+
+    batches: Iterable[dict]
+    count: int  # batches
+    samples: int
+
+
+def _subset(calib, n: int) -> _Subset:
+    if isinstance(calib, CalibrationSet):
+        total, bs = calib.num_samples, calib.batch_size
+        m = n if total is None or total > n else total
+        if total is None or m < total:  # a prefix of the stream: whole batches, at least one
+            m = max(bs, m - m % bs)
+            m = m if total is None else min(m, total)
+        return _Subset(calib.take(m), -(-m // bs), m)
+    batches = calib if isinstance(calib, (list, tuple)) else list(calib)
+    k, seen = 0, 0
+    for b in batches:
+        size = len(next(iter(b.values()))) if b else 0
+        if k and seen + size > n:
+            break
+        k, seen = k + 1, seen + size
+    return _Subset(list(batches[:k]), k, seen)
+
+
+class _FloatCapture:
+    """What the float model computes on the measurement subsets, kept while calibration (or an
+    equalised re-calibration) runs anyway: the graph outputs per batch on the error subset, and
+    the per-channel means of the layer outputs bias correction compares with, on its subset."""
+
+    def __init__(self, outputs: list[str], layers: dict, error: _Subset, bias: _Subset):
+        self.outputs, self.error, self.bias = outputs, error, bias
+        self.parts: list[dict[str, np.ndarray]] = []
+        self.means = ChannelMeans(layers)
+
+    def __call__(self, i: int, values: dict) -> None:
+        if i < self.error.count:
+            self.parts.append({n: values[n] for n in self.outputs})
+        if i < self.bias.count:
+            self.means.add(values)
+
+    def reference(self, subset: _Subset) -> dict[str, np.ndarray]:
+        """The float outputs on ``subset`` (the error subset or the bias subset, its prefix)."""
+        return concat({n: [p[n] for p in self.parts[:subset.count]] for n in self.outputs})
+
+
 class _Quantizer:
     """One int8/mixed quantization: calibrate, plan, refine, write (the module doc's stages)."""
 
@@ -143,20 +197,25 @@ class _Quantizer:
         ir.infer_shapes()
         float_model = ir.to_onnx()  # the one measuring copy: calibration and the probe are built from it
         self.float_model = float_model
-        tensors = calibration_tensors(ir)
-        self.tensors = tensors
+        self.tensors = calibration_tensors(ir)
+        self.outputs = [o.name for o in float_model.graph.output]
+        self.error_set = _subset(self.calib, ERROR_SAMPLES)
+        self.bias_set = _subset(self.calib, min(BIAS_SAMPLES, ERROR_SAMPLES))
+        self.layers = {node_id(n): n for n in weighted_nodes(ir, table_for(scheme))
+                       if n.op in ("Conv", "ConvTranspose", "Gemm")}
+        capture = _FloatCapture(self.outputs, self.layers, self.error_set, self.bias_set)
         tc = time.perf_counter()
-        stats = calib_mod.collect(float_model, tensors, self.calib, progress=self.progress,
-                                  total=getattr(self.calib, "num_samples", None),
-                                  histograms=calib_mod.needs_histograms(self.method))
+        stats = calib_mod.collect(float_model, self.tensors, self.calib, progress=self.progress,
+                                  total=getattr(self.calib, "num_samples", None), on_batch=capture,
+                                  histograms=calib_mod.needs_histograms(self.method),
+                                  capture=list(capture.means.tensors.values()),
+                                  capture_batches=max(self.error_set.count, self.bias_set.count))
         calib_seconds = time.perf_counter() - tc
+        self.reference = capture.reference(self.error_set)
         ranges = self._ranges(stats)
         widest = build_plan(ir, scheme, ranges, keep_float=self.keep_float)
-        self.probe = Probe(ir, float_model, scheme, widest, observe=tensors if self.equalize else ())
-        self.error_batches = _take(self.calib, ERROR_SAMPLES)
-        self.bias_batches = _take(self.calib, BIAS_SAMPLES)
-        self.same_batches = _samples(self.error_batches) == _samples(self.bias_batches)
-        self._reference = None
+        self.probe = Probe(ir, float_model, scheme, widest, switchable=self.mode == "mixed",
+                           adaptive=list(self.layers) if self.bias_correction else ())
 
         report: dict = {"mode": self.mode, "method": self.method if isinstance(self.method, str) else dict(self.method),
                         "activations": scheme.activations, "weights": scheme.weights}
@@ -164,31 +223,20 @@ class _Quantizer:
             report["placement"] = "tensorrt"
         else:
             report["weight_type"] = scheme.weight_type
-        report["calibration"] = {"samples": _samples(self.calib), "tensors": len(tensors),
+        report["calibration"] = {"samples": _samples(self.calib), "tensors": len(self.tensors),
                                  "seconds": round(calib_seconds, 3)}
         if _uses_percentile(self.method):
             report["percentile"] = self.percentile
 
-        base_plan, base_rep = self._refine(ranges, None)
-        plan, rep, weights = base_plan, base_rep, None
+        weights, cle = None, None
         if self.equalize:
-            updates = (equalization.equalize(ir) if self.equalize in ("always", True)
-                       or equalization.worthwhile(ir, scheme.weights == "per-tensor") else {})
-            if updates:
-                runs = self.probe.run(None, self.calib, self.tensors, weights=updates)
-                cle_stats = calib_mod.accumulate(runs, tensors, histograms=calib_mod.needs_histograms(self.method))
-                cle_plan, cle_rep = self._refine(self._ranges(cle_stats), updates)
-                e0, e1 = base_rep["error"]["rel_l2"], cle_rep["error"]["rel_l2"]
-                use = self.equalize in ("always", True) or e1 < e0
-                if use:
-                    plan, rep, weights = cle_plan, cle_rep, updates
-                rep["cross_layer_equalization"] = {"pairs": len(equalization.pairs(ir)), "applied": use,
-                                                   "rel_l2_without": e0, "rel_l2_with": e1}
-            else:
-                rep["cross_layer_equalization"] = {"pairs": 0, "applied": False}
+            ranges, weights, capture, cle = self._equalization(ranges, capture)
+        plan, rep = self._refine(ranges, weights, capture)
+        if cle is not None:
+            rep["cross_layer_equalization"] = cle
         report.update(rep)
-        records = PassManager([EqualizeLayers()] if weights else []).run(ir)
-        records += PassManager([QuantizeQDQ()]).run(ir, PassContext(plan=plan))
+        records = PassManager(([EqualizeLayers()] if weights else []) + [QuantizeQDQ()]).run(
+            ir, PassContext(plan=plan))
         if scheme.rules == "tensorrt":
             report.update({"quantized_layers": len(plan.weights), "float_layers": [list(f) for f in plan.float_layers],
                            "residual_adds": plan.residual_adds})
@@ -198,18 +246,45 @@ class _Quantizer:
         report["measurements"] = self.probe.runs
         return report
 
+    def _equalization(self, ranges: dict, capture: "_FloatCapture"):
+        """Cross-layer equalisation, kept only where it lowers the error: the int8 plan is
+        measured with the float weights and with equalised ones (re-calibrated on the probe), and
+        the better one goes on to the rest of the refinement (precisions, bias correction).
+        Returns (ranges, equalised weights or None, float capture, report section)."""
+        ir = self.ir
+        updates = (equalization.equalize(ir) if self.equalize in ("always", True)
+                   or equalization.worthwhile(ir, self.scheme.weights == "per-tensor") else {})
+        if not updates:
+            return ranges, None, capture, {"pairs": 0, "applied": False}
+        cle_capture = _FloatCapture(self.outputs, self.layers, self.error_set, self.bias_set)
+        cle_stats = calib_mod.collect(_with_weights(self.float_model, self.layers | self.probe.layers, updates),
+                                      self.tensors, self.calib, on_batch=cle_capture,
+                                      histograms=calib_mod.needs_histograms(self.method),
+                                      capture=list(cle_capture.means.tensors.values()),
+                                      capture_batches=max(self.error_set.count, self.bias_set.count))
+        cle_ranges = self._ranges(cle_stats)
+        errors = []
+        for r, w in ((ranges, None), (cle_ranges, updates)):
+            plan = build_plan(ir, self.scheme, r, keep_float=self.keep_float)
+            errors.append(error_metrics(self.reference, self.probe.outputs(plan, self.error_set.batches,
+                                                                           weights=w))["rel_l2"])
+        use = self.equalize in ("always", True) or errors[1] < errors[0]
+        section = {"pairs": len(equalization.pairs(ir)), "applied": use, "rel_l2_without": errors[0],
+                   "rel_l2_with": errors[1], "measured": "int8 plan before bias correction"}
+        return (cle_ranges, updates, cle_capture, section) if use else (ranges, None, capture, section)
+
     def _ranges(self, stats) -> dict:
         return calib_mod.ranges_from_stats(self.float_model, stats, method=self.method, percentile=self.percentile,
                                            symmetric=self.scheme.activations == "symmetric")
 
-    def _refine(self, ranges: dict, weights) -> tuple[QuantPlan, dict]:
+    def _refine(self, ranges: dict, weights, capture: _FloatCapture) -> tuple[QuantPlan, dict]:
         """The plan for ``ranges`` (and equalised ``weights``, or None), refined by measurement:
         precisions (mixed), bias correction; with its report and measured error."""
         rep: dict = {}
         precisions: dict[str, str] = {}
         if self.mode == "mixed":
             precisions, table, search = mixed_precision.choose_plan(
-                self.ir, self.probe, self.scheme, ranges, _take(self.calib, mixed_precision.EVAL_SAMPLES),
+                self.ir, self.probe, self.scheme, ranges, self.bias_set.batches, capture.reference(self.bias_set),
                 max_error=self.max_error, max_bytes=self.max_bytes, keep_float=self.keep_float, weights=weights,
                 log=self.log)
             if self.max_bytes is not None and search["weights_bytes"] > self.max_bytes:
@@ -220,53 +295,50 @@ class _Quantizer:
         plan = build_plan(self.ir, self.scheme, ranges, precisions=precisions, keep_float=self.keep_float)
         outs = None
         if self.bias_correction:
-            plan, outs = self._bias_correction(plan, weights)
+            plan, outs = self._bias_correction(plan, weights, capture)
             rep["bias_correction"] = {"layers": sorted(plan.weights[k].layer for k in plan.bias_shift)}
-        if outs is None or not self.same_batches:  # (bias correction measured the plan on these samples already)
-            outs = self.probe.outputs(plan, self.error_batches, weights=weights)
-        rep["error"] = {**error_metrics(self.reference(), outs), "samples": _samples(self.error_batches)}
+        if outs is None or self.bias_set.count != self.error_set.count:
+            outs = self.probe.outputs(plan, self.error_set.batches, weights=weights)
+        rep["error"] = {**error_metrics(self.reference, outs), "samples": self.error_set.samples}
         return plan, rep
 
-    def reference(self) -> dict:
-        """The float model's outputs on the error samples (measured once)."""
-        if self._reference is None:
-            self._reference = self.probe.outputs(None, self.error_batches)
-        return self._reference
-
-    def _bias_correction(self, plan: QuantPlan, weights) -> tuple[QuantPlan, dict | None]:
+    def _bias_correction(self, plan: QuantPlan, weights, capture: _FloatCapture) -> tuple[QuantPlan, dict | None]:
         """Empirical bias correction (Nagel et al. 2019), kept only where it helps.
 
         For each quantized Conv/ConvTranspose/Gemm, the per-channel mean of its output in the
-        float model minus that under the plan (with the corrections found so far) is added to
-        its bias. Layers are corrected in graph order in at most four groups (a measuring run
-        each, on up to 128 calibration samples); the correction is kept only if the output
-        error on those samples drops. Each measuring pass also gives the outputs of the plan it
-        measured; the chosen plan's are returned with it (they are the reported error's when
-        the error samples are these)."""
+        float model (kept while calibrating) minus that under the plan (with the corrections
+        found so far) is added to its bias. Layers are corrected in graph order in at most
+        ``BIAS_ROUNDS`` groups (a measuring pass each, on the first ``BIAS_SAMPLES`` calibration
+        samples); the correction is kept only if the output error on those samples drops.
+        Returns the plan and its outputs on those samples."""
         cands = [k for k, w in plan.weights.items() if w.op in ("Conv", "ConvTranspose", "Gemm")]
         if not cands:
             return plan, None
-        probe, sub = self.probe, self.bias_batches
-        ref, fp_means = probe.measure(None, sub, means_of=cands, weights=weights)
-        if weights is None and self.same_batches and self._reference is None:
-            self._reference = ref
-        shifts: dict[str, np.ndarray] = {}
-        base_outs = None
-        chunk = max(1, -(-len(cands) // 4))  # at most 4 measuring rounds
-        for i in range(0, len(cands), chunk):
-            group = cands[i:i + chunk]
-            outs, q_means = probe.measure(plan.with_bias_shift(shifts), sub, means_of=group, weights=weights)
-            base_outs = outs if base_outs is None else base_outs
-            for k in group:
-                if k in q_means and k in fp_means and q_means[k].shape == fp_means[k].shape:
-                    shifts[k] = shifts.get(k, 0) + (fp_means[k] - q_means[k])
+        probe, batches = self.probe, self.bias_set.batches
+        ref, fp_means = capture.reference(self.bias_set), capture.means.result()
+        shifts = probe.adapt(plan, batches, {k: fp_means[k] for k in cands if k in fp_means}, weights=weights)
+        base_outs = probe.outputs(plan, batches, weights=weights)
         if not shifts:
             return plan, base_outs
         corrected = plan.with_bias_shift(shifts)
-        new_outs = probe.outputs(corrected, sub, weights=weights)
+        new_outs = probe.outputs(corrected, batches, weights=weights)
         if error_metrics(ref, new_outs)["rel_l2"] < error_metrics(ref, base_outs)["rel_l2"]:
             return corrected, new_outs
         return plan, base_outs
+
+
+def _with_weights(model: onnx.ModelProto, layers: dict, updates: dict[str, dict[int, np.ndarray]]) -> onnx.ModelProto:
+    """A copy of the float ``model`` whose ``layers`` (node id -> node) read the ``updates``
+    (node id -> {input slot: array}) as new initializers."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes = {n.output[0]: n for n in m.graph.node if n.output}
+    for nid, slots in updates.items():
+        for slot, value in slots.items():
+            name = f"edgec.cle.{slot}.{nid}"
+            m.graph.initializer.append(numpy_helper.from_array(value, name))
+            nodes[nid].input[slot] = name
+    return m
 
 
 def _fp16(ir: IR, calib, keep_float, t0) -> dict:

@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Callable, Iterable
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -71,9 +73,69 @@ def session(model: onnx.ModelProto | bytes | str, *, optimize: bool = False, thr
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
-def reference_session(model, *, threads: int = 0) -> ort.InferenceSession:
-    """The reference executor: exact QDQ semantics, host-independent float kernels."""
+def reference_session(model, *, threads: int = 1) -> ort.InferenceSession:
+    """The reference executor: exact QDQ semantics, host-independent float kernels. One thread
+    per run (the result then cannot depend on how a host's core count splits the work); runs
+    over many batches go in parallel instead, one batch per core (:func:`run_batches`)."""
     return session(model, optimize=False, threads=threads)
+
+
+def workers() -> int:
+    """How many batches run at once: this process's cores, at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+def run_batches(sess: ort.InferenceSession, names: list[str], batches: Iterable[dict], *,
+                fixed: dict | None = None) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
+    """``(batch, {name: value})`` for each batch, in the batches' order, computed
+    :func:`workers` batches at a time (see :func:`map_batches`); ``fixed`` inputs are added to
+    every batch."""
+    fixed = fixed or {}
+
+    def one(i, b):
+        return dict(zip(names, sess.run(names, {**b, **fixed} if fixed else b)))
+
+    return map_batches(one, batches)
+
+
+def map_batches(fn: Callable[[int, dict], object], batches: Iterable[dict]) -> Iterator[tuple[dict, object]]:
+    """``(batch, fn(index, batch))`` for each batch, in order, :func:`workers` at a time: ONNX
+    Runtime releases the GIL while it runs, and each reference run is single-threaded, so the
+    values are those of a sequential run. At most two batches per worker are in flight."""
+    n = workers()
+    if n == 1:
+        for i, b in enumerate(batches):
+            yield b, fn(i, b)
+        return
+    pool = _pool(n)
+    pending: deque = deque()
+    try:
+        for i, b in enumerate(batches):
+            pending.append((b, pool.submit(fn, i, b)))
+            if len(pending) >= 2 * n:
+                b0, f = pending.popleft()
+                yield b0, f.result()
+        while pending:
+            b0, f = pending.popleft()
+            yield b0, f.result()
+    finally:  # a consumer that stops early (or an error) leaves nothing running
+        for _, f in pending:
+            f.cancel()
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    """One thread pool per size for the process (starting threads per call costs more than the
+    runs of a small model)."""
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="edgec-run")
+    return _POOLS[n]
 
 
 def host_session(model, *, threads: int = 0) -> ort.InferenceSession:
@@ -102,18 +164,24 @@ def capture(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[di
     ``tensors`` and of the graph outputs, batch by batch (constant memory)."""
     sess = reference_session(augment(model, tensors))
     names = [o.name for o in sess.get_outputs()]
-    for b in batches:
-        on_batch(dict(zip(names, sess.run(names, b))))
+    for _, values in run_batches(sess, names, batches):
+        on_batch(values)
 
 
 def run_outputs(model: onnx.ModelProto, batches: Iterable[dict], *, host: bool = False) -> dict[str, np.ndarray]:
     """Every graph output over all ``batches``, concatenated (for small evaluation sets)."""
-    sess = host_session(model) if host else reference_session(model)
-    names = [o.name for o in sess.get_outputs()]
+    if host:  # this host's kernels, as deployed: one run at a time, every core on it
+        sess = host_session(model)
+        names = [o.name for o in sess.get_outputs()]
+        runs = ((b, dict(zip(names, sess.run(names, b)))) for b in batches)
+    else:
+        sess = reference_session(model)
+        names = [o.name for o in sess.get_outputs()]
+        runs = run_batches(sess, names, batches)
     parts: dict[str, list] = {n: [] for n in names}
-    for b in batches:
-        for n, v in zip(names, sess.run(names, b)):
-            parts[n].append(np.asarray(v))
+    for _, values in runs:
+        for n in names:
+            parts[n].append(np.asarray(values[n]))
     return {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}
 
 

@@ -148,7 +148,7 @@ def run(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray], *, host: b
     """Outputs of ``model`` on ``feeds`` (reference arithmetic; this host's kernels with
     ``host=True``). When the model's batch dim is a fixed size smaller than the data's
     (``--input-shape`` batch 1, say), the data runs in chunks of that size."""
-    sess = runtime.host_session(model) if host else runtime.reference_session(model)
+    sess = runtime.host_session(model) if host else runtime.reference_session(model, threads=0)  # one run: every core
     names = [o.name for o in sess.get_outputs()]
     chunk = _static_batch(sess, feeds)
     if chunk is None:

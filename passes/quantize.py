@@ -41,6 +41,7 @@ class QuantizeQDQ(Pass):
     description = "write a quantization plan as QuantizeLinear/DequantizeLinear (static INT8, per-channel weights)"
     requires = ("shapes",)
     lossless = False
+    preserves_shapes = True  # Q/DQ outputs get their inputs' shapes; folded ReLUs kept theirs
 
     def __init__(self, ranges: dict | None = None, *, scheme: QuantScheme | None = None,
                  activations: str | None = None, weights: str | None = None, precisions: dict | None = None,
