@@ -62,6 +62,8 @@ class TensorStats:
     half_range: float = 0.0  # R, a power of two (0 until data arrives)
     hist: np.ndarray = field(default=None)  # int64[bins] over [-R, R]
     histogram: bool = True  # False: min/max/count only (enough for minmax)
+    channel_min: np.ndarray | None = None  # per channel (axis 1), when asked for
+    channel_max: np.ndarray | None = None
 
     def __post_init__(self):
         if self.bins % 4:
@@ -90,6 +92,20 @@ class TensorStats:
             return
         self._grow(max(abs(lo), abs(hi)))
         self.hist += self._counts(finite)
+
+    def update_channels(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Add a batch's per-channel min and max (axis 1)."""
+        lo, hi = np.asarray(lo, dtype=np.float64).reshape(-1), np.asarray(hi, dtype=np.float64).reshape(-1)
+        self.channel_min = lo if self.channel_min is None else np.minimum(self.channel_min, lo)
+        self.channel_max = hi if self.channel_max is None else np.maximum(self.channel_max, hi)
+
+    def scaled(self, divisor: np.ndarray) -> "TensorStats":
+        """The min-max statistics of this tensor with channel ``c`` divided by ``divisor[c] > 0``
+        (exact from the per-channel min and max)."""
+        lo, hi = self.channel_min / divisor, self.channel_max / divisor
+        out = TensorStats(bins=self.bins, histogram=False)
+        out.update_range(float(lo.min()), float(hi.max()), self.count)
+        return out
 
     def update_range(self, lo: float, hi: float, count: int) -> None:
         """Add a batch known only by its (finite) min, max and size (min-max statistics)."""
@@ -375,7 +391,8 @@ class Progress:
 def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[dict], *,
             bins: int = DEFAULT_BINS, progress=False, total: int | None = None,
             on_batch: Callable[[int, dict], None] | None = None, histograms: bool = True,
-            capture: Iterable[str] = (), capture_batches: int = 0) -> dict[str, TensorStats]:
+            capture: Iterable[str] = (), capture_batches: int = 0,
+            per_channel: dict[str, int] | None = None) -> dict[str, TensorStats]:
     """Run ``model`` on every batch and return :class:`TensorStats` for each of ``tensors``.
 
     Each tensor's min, max and size are computed by the executor itself (ReduceMin, ReduceMax
@@ -384,12 +401,15 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[di
     when a batch's min or max is not finite (statistics then cover the finite values).
     ``on_batch(index, outputs)`` (optional) sees the graph outputs of every batch and, for the
     first ``capture_batches`` batches, the values of ``capture`` too, before they are dropped.
+    ``per_channel`` (tensor -> rank) adds per-channel min and max (axis 1) for those tensors.
     """
     tensors = list(dict.fromkeys(tensors))
-    stats_model = with_statistics(model, tensors, raw=histograms)
+    per_channel = {t: r for t, r in (per_channel or {}).items() if t in tensors and r >= 2}
+    stats_model = with_statistics(model, tensors, raw=histograms, per_channel=per_channel)
     sess = reference_session(stats_model)
     graph_outputs = [o.name for o in model.graph.output]
-    reduced = [f"{STAT}{k}.{t}" for t in tensors for k in ("min", "max", "n")]
+    reduced = [f"{STAT}{k}.{t}" for t in tensors for k in ("min", "max", "n")] + [
+        f"{STAT}{k}.{t}" for t in per_channel for k in ("cmin", "cmax")]
     base = list(dict.fromkeys(graph_outputs + reduced + (tensors if histograms else [])))
     extra = [c for c in dict.fromkeys(capture) if c not in base]
 
@@ -409,15 +429,27 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[di
 STAT = "edgec.stat."
 
 
-def with_statistics(model: onnx.ModelProto, tensors: list[str], *, raw: bool) -> onnx.ModelProto:
+def with_statistics(model: onnx.ModelProto, tensors: list[str], *, raw: bool,
+                    per_channel: dict[str, int] | None = None) -> onnx.ModelProto:
     """``model`` with, for each of ``tensors``, its min, max and size as extra (scalar)
-    outputs, and the tensor itself too with ``raw``."""
-    m = augment(model, tensors)  # every tensor is an output: fetched only when asked for
+    outputs (per channel too for ``per_channel``: tensor -> rank), and every tensor itself as
+    an output (fetched only when asked for: with ``raw``, or for a non-finite batch)."""
+    m = augment(model, tensors)
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 17)
     nodes = []
     for t in tensors:
         nodes.append(helper.make_node("ReduceMin", [t], [f"{STAT}min.{t}"], keepdims=0))
         nodes.append(helper.make_node("ReduceMax", [t], [f"{STAT}max.{t}"], keepdims=0))
         nodes.append(helper.make_node("Size", [t], [f"{STAT}n.{t}"]))
+    for t, rank in (per_channel or {}).items():
+        axes = [a for a in range(rank) if a != 1]
+        for op, k in (("ReduceMin", "cmin"), ("ReduceMax", "cmax")):
+            if opset >= 18:
+                m.graph.initializer.append(helper.make_tensor(f"{STAT}axes.{k}.{t}", onnx.TensorProto.INT64,
+                                                              [len(axes)], axes))
+                nodes.append(helper.make_node(op, [t, f"{STAT}axes.{k}.{t}"], [f"{STAT}{k}.{t}"], keepdims=0))
+            else:
+                nodes.append(helper.make_node(op, [t], [f"{STAT}{k}.{t}"], axes=axes, keepdims=0))
     m.graph.node.extend(nodes)
     m.graph.output.extend(helper.make_empty_tensor_value_info(n.output[0]) for n in nodes)
     return m
@@ -436,6 +468,8 @@ def accumulate(runs: Iterable[tuple[dict, dict]], tensors: list[str], *, bins: i
             for t in tensors:
                 v = outs.get(t)
                 lo, hi = outs.get(f"{STAT}min.{t}"), outs.get(f"{STAT}max.{t}")
+                if f"{STAT}cmin.{t}" in outs:
+                    stats[t].update_channels(outs[f"{STAT}cmin.{t}"], outs[f"{STAT}cmax.{t}"])
                 if v is None:  # min-max only, computed by the executor (finite: checked there)
                     stats[t].update_range(float(lo), float(hi), int(outs[f"{STAT}n.{t}"]))
                 elif v.dtype.kind == "f":

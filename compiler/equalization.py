@@ -68,7 +68,15 @@ def worthwhile(ir: IR, per_tensor: bool) -> bool:
 def equalize(ir: IR, sweeps: int = 3) -> dict[str, dict[int, np.ndarray]]:
     """The equalised weights and biases, ``{node id: {input slot: float32 array}}`` (empty when
     nothing changes); the IR is not modified."""
+    return equalize_with_scales(ir, sweeps)[0]
+
+
+def equalize_with_scales(ir: IR, sweeps: int = 3) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, np.ndarray]]:
+    """:func:`equalize`'s weights, and by how much each changed convolution's output channels
+    are divided (``{node id: per-channel divisor}``): the equalised output is the original's
+    divided by it, so per-channel statistics of the original give the equalised ones."""
     found = pairs(ir)
+    divisors: dict[str, np.ndarray] = {}
     cur: dict[tuple[str, int], np.ndarray] = {}
 
     def get(node, slot):
@@ -93,6 +101,7 @@ def equalize(ir: IR, sweeps: int = 3) -> dict[str, dict[int, np.ndarray]]:
                 continue
             cur[(node_id(c1), 1)] = w1 / s.reshape((-1,) + (1,) * (w1.ndim - 1))
             changed.add((node_id(c1), 1))
+            divisors[node_id(c1)] = divisors.get(node_id(c1), np.ones(c)) * s
             if len(c1.inputs) > 2 and not _empty(c1.inputs[2]):
                 cur[(node_id(c1), 2)] = get(c1, 2) / s
                 changed.add((node_id(c1), 2))
@@ -104,4 +113,19 @@ def equalize(ir: IR, sweeps: int = 3) -> dict[str, dict[int, np.ndarray]]:
     out: dict[str, dict[int, np.ndarray]] = {}
     for nid, slot in sorted(changed):
         out.setdefault(nid, {})[slot] = cur[(nid, slot)].astype(np.float32)
+    return out, divisors
+
+
+def scaled_tensors(ir: IR, divisors: dict[str, np.ndarray]) -> dict[str, tuple[str, np.ndarray]]:
+    """The activations equalisation scales per channel: each divided convolution's output and,
+    when a Relu alone reads it, the Relu's output (ReLU is positively homogeneous); tensor ->
+    (node id, per-channel divisor on axis 1)."""
+    nodes = {node_id(n): n for n in ir.nodes if n.outputs}
+    out = {}
+    for nid, d in divisors.items():
+        y = nodes[nid].outputs[0]
+        out[y.name] = (nid, d)
+        nxt = ir.single_consumer(y)
+        if nxt is not None and nxt.op == "Relu":
+            out[nxt.outputs[0].name] = (nid, d)
     return out

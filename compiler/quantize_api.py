@@ -175,9 +175,22 @@ class _FloatCapture:
         if i < self.bias.count:
             self.means.add(values)
 
+        self.divisors: dict[str, np.ndarray] = {}
+
     def reference(self, subset: _Subset) -> dict[str, np.ndarray]:
         """The float outputs on ``subset`` (the error subset or the bias subset, its prefix)."""
         return concat({n: [p[n] for p in self.parts[:subset.count]] for n in self.outputs})
+
+    def layer_means(self) -> dict[str, np.ndarray]:
+        means = self.means.result()
+        return {k: (v / self.divisors[k] if k in self.divisors else v) for k, v in means.items()}
+
+    def equalized(self, divisors: dict[str, np.ndarray]) -> "_FloatCapture":
+        """The same capture for the equalised model: its outputs are the same (equalisation is
+        exact), the divided convolutions' channel means are divided too."""
+        other = _FloatCapture(self.outputs, {}, self.error, self.bias)
+        other.parts, other.means, other.divisors = self.parts, self.means, dict(divisors)
+        return other
 
 
 class _Quantizer:
@@ -204,12 +217,21 @@ class _Quantizer:
         self.layers = {node_id(n): n for n in weighted_nodes(ir, table_for(scheme))
                        if n.op in ("Conv", "ConvTranspose", "Gemm")}
         capture = _FloatCapture(self.outputs, self.layers, self.error_set, self.bias_set)
+        self.cle = self._equalization_candidate()
+        per_channel = {}
+        if self.cle is not None and not calib_mod.needs_histograms(self.method):
+            # min-max of the equalised model follows from per-channel min-max of the tensors it scales
+            shapes = ir.tensors()
+            per_channel = {t: len(shapes[t].shape) for t in equalization.scaled_tensors(ir, self.cle[1])
+                           if shapes[t].shape is not None}
         tc = time.perf_counter()
         stats = calib_mod.collect(float_model, self.tensors, self.calib, progress=self.progress,
                                   total=getattr(self.calib, "num_samples", None), on_batch=capture,
                                   histograms=calib_mod.needs_histograms(self.method),
                                   capture=list(capture.means.tensors.values()),
-                                  capture_batches=max(self.error_set.count, self.bias_set.count))
+                                  capture_batches=max(self.error_set.count, self.bias_set.count),
+                                  per_channel=per_channel)
+        self.stats = stats
         calib_seconds = time.perf_counter() - tc
         self.reference = capture.reference(self.error_set)
         ranges = self._ranges(stats)
@@ -246,22 +268,37 @@ class _Quantizer:
         report["measurements"] = self.probe.runs
         return report
 
+    def _equalization_candidate(self):
+        """(equalised weights, per-channel divisors) when equalisation is worth measuring."""
+        if not self.equalize:
+            return None
+        ir = self.ir
+        if self.equalize not in ("always", True) and not equalization.worthwhile(ir, self.scheme.weights == "per-tensor"):
+            return None
+        updates, divisors = equalization.equalize_with_scales(ir)
+        return (updates, divisors) if updates else None
+
     def _equalization(self, ranges: dict, capture: "_FloatCapture"):
         """Cross-layer equalisation, kept only where it lowers the error: the int8 plan is
-        measured with the float weights and with equalised ones (re-calibrated on the probe), and
-        the better one goes on to the rest of the refinement (precisions, bias correction).
-        Returns (ranges, equalised weights or None, float capture, report section)."""
+        measured with the float weights and with equalised ones, and the better one goes on to
+        the rest of the refinement (precisions, bias correction). The equalised model's min-max
+        ranges and layer means follow from per-channel statistics taken while calibrating;
+        histogram methods re-calibrate it. Returns (ranges, equalised weights or None, float
+        capture, report section)."""
         ir = self.ir
-        updates = (equalization.equalize(ir) if self.equalize in ("always", True)
-                   or equalization.worthwhile(ir, self.scheme.weights == "per-tensor") else {})
-        if not updates:
+        if self.cle is None:
             return ranges, None, capture, {"pairs": 0, "applied": False}
-        cle_capture = _FloatCapture(self.outputs, self.layers, self.error_set, self.bias_set)
-        cle_stats = calib_mod.collect(_with_weights(self.float_model, self.layers | self.probe.layers, updates),
-                                      self.tensors, self.calib, on_batch=cle_capture,
-                                      histograms=calib_mod.needs_histograms(self.method),
-                                      capture=list(cle_capture.means.tensors.values()),
-                                      capture_batches=max(self.error_set.count, self.bias_set.count))
+        updates, divisors = self.cle
+        scaled = equalization.scaled_tensors(ir, divisors)
+        if all(t in self.stats and self.stats[t].channel_min is not None for t in scaled):
+            cle_stats = {t: (st.scaled(scaled[t][1]) if t in scaled else st) for t, st in self.stats.items()}
+            cle_capture = capture.equalized(divisors)
+        else:
+            cle_capture = _FloatCapture(self.outputs, self.layers, self.error_set, self.bias_set)
+            cle_stats = calib_mod.collect(_with_weights(self.float_model, updates), self.tensors, self.calib,
+                                          on_batch=cle_capture, histograms=calib_mod.needs_histograms(self.method),
+                                          capture=list(cle_capture.means.tensors.values()),
+                                          capture_batches=max(self.error_set.count, self.bias_set.count))
         cle_ranges = self._ranges(cle_stats)
         errors = []
         for r, w in ((ranges, None), (cle_ranges, updates)):
@@ -315,7 +352,7 @@ class _Quantizer:
         if not cands:
             return plan, None
         probe, batches = self.probe, self.bias_set.batches
-        ref, fp_means = capture.reference(self.bias_set), capture.means.result()
+        ref, fp_means = capture.reference(self.bias_set), capture.layer_means()
         shifts = probe.adapt(plan, batches, {k: fp_means[k] for k in cands if k in fp_means}, weights=weights)
         base_outs = probe.outputs(plan, batches, weights=weights)
         if not shifts:
@@ -327,9 +364,9 @@ class _Quantizer:
         return plan, base_outs
 
 
-def _with_weights(model: onnx.ModelProto, layers: dict, updates: dict[str, dict[int, np.ndarray]]) -> onnx.ModelProto:
-    """A copy of the float ``model`` whose ``layers`` (node id -> node) read the ``updates``
-    (node id -> {input slot: array}) as new initializers."""
+def _with_weights(model: onnx.ModelProto, updates: dict[str, dict[int, np.ndarray]]) -> onnx.ModelProto:
+    """A copy of the float ``model`` whose layers read the ``updates`` (node id -> {input slot:
+    array}) as new initializers."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     nodes = {n.output[0]: n for n in m.graph.node if n.output}

@@ -549,3 +549,30 @@ def test_equalize_auto_keeps_the_better_model_per_tensor():
     assert cle["applied"] == (cle["rel_l2_with"] < cle["rel_l2_without"])
     # per-tensor weights with channel ranges spread over 3 decades: equalisation must help
     assert cle["applied"] and cle["rel_l2_with"] < 0.9 * cle["rel_l2_without"]
+
+
+def test_equalised_minmax_ranges_follow_from_per_channel_statistics():
+    """Equalisation divides a convolution's output channels (and its Relu's) by known factors,
+    so the equalised model's min-max statistics are derived from per-channel ones taken while
+    calibrating the float model, instead of a second calibration: they match one."""
+    from edgec import calibration, equalization
+
+    model = _dw_chain_model()
+    calib = list(calibdata.load_calibration("random", model, max_samples=32, seed=3))
+    ir = edgec.from_model(model)
+    ir.infer_shapes()
+    updates, divisors = equalization.equalize_with_scales(ir)
+    scaled = equalization.scaled_tensors(ir, divisors)
+    assert len(scaled) >= 2
+    tensors = quantize_api.calibration_tensors(ir)
+    shapes = ir.tensors()
+    stats = calibration.collect(ir.to_onnx(), tensors, calib, histograms=False,
+                                per_channel={t: len(shapes[t].shape) for t in scaled})
+    eq = edgec.from_model(model)
+    edgec.run_passes(eq, ["equalize_layers"])
+    direct = calibration.collect(eq.to_onnx(), tensors, calib, histograms=False)
+    for t in tensors:
+        derived = stats[t].scaled(scaled[t][1]) if t in scaled else stats[t]
+        np.testing.assert_allclose([derived.min, derived.max], [direct[t].min, direct[t].max], rtol=1e-5, atol=1e-7,
+                                   err_msg=t)
+        assert derived.count == direct[t].count
