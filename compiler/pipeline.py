@@ -180,9 +180,12 @@ def _is_param(c: gs.Constant) -> bool:
 
 class PassManager:
     def __init__(self, pipeline: Iterable[Pass | FixedPoint], *, validate: bool = True,
-                 on_pass: Callable[[PassRecord], None] | None = None):
+                 on_pass: Callable[[PassRecord], None] | None = None, reinfer_shapes: bool = True):
         self.pipeline = list(pipeline)
         self.validate = validate
+        # False: shapes are inferred again at the end only when a pass left them stale (a
+        # pipeline of shape-preserving rewrites, such as quantization's, needs no new inference)
+        self.reinfer_shapes = reinfer_shapes
         self.on_pass = on_pass
         self.records: list[PassRecord] = []
 
@@ -204,7 +207,7 @@ class PassManager:
         self._tidy(ir, force=True)
         # Forced: shape-preserving passes keep shapes valid, but folding can make unknown dims
         # knowable; outputs must leave with shapes (onnx.checker requires them) and costs need them.
-        ir.infer_shapes(force=True)
+        ir.infer_shapes(force=self.reinfer_shapes)
         return list(self.records)
 
     def _new_record(self, p: Pass) -> PassRecord:

@@ -358,6 +358,10 @@ class Probe:
         """The graph outputs over all ``batches``, concatenated."""
         return self.measure(plan, batches, weights=weights)[0]
 
+    def output_parts(self, plan, batches, *, weights=None) -> list[dict[str, np.ndarray]]:
+        """The graph outputs batch by batch (a prefix of them is a shorter subset's outputs)."""
+        return [vals for _, vals in self.run(plan, batches, weights=weights)]
+
     def error(self, plan, batches, reference: dict[str, np.ndarray], *, weights=None) -> dict:
         """rel_l2 / SQNR / cosine of the outputs under ``plan`` against ``reference`` (the float
         outputs over the same ``batches``, concatenated)."""

@@ -14,11 +14,12 @@ Stages (``int8`` and ``mixed``)
    - ``mixed``: a precision per layer (FP32 / INT8 / INT4) from measured sensitivity
      (:mod:`edgec.mixed_precision`), meeting ``max_error`` or ``max_bytes``;
    - bias correction (int32-bias schemes): the per-channel mean shift of each quantized
-     Conv/ConvTranspose/Gemm output, measured, absorbed into its bias; kept only if the output
-     error drops;
+     Conv/ConvTranspose/Gemm output, measured layer after layer in one adaptive pass, absorbed
+     into its bias; kept only if the output error drops;
    - cross-layer equalisation (``equalize="auto"``, where equalisable Conv[-Relu]-Conv pairs
-     exist with per-tensor weights or a depthwise conv in a pair): the plan is measured with and
-     without equalised weights (re-calibrated) and the lower error wins; the report gives both.
+     exist with per-tensor weights or a depthwise conv in a pair): the int8 plan is measured
+     with and without equalised weights (their min-max ranges follow from per-channel
+     statistics; histogram methods re-calibrate) and the lower error wins; the report gives both.
 4. **Write** the winning plan: the ``equalize_layers`` pass when equalisation won, then the
    ``quantize_qdq`` materialiser with the plan in its context.
 
@@ -59,7 +60,6 @@ from edgec.passes.quantize import QuantizeQDQ
 MODES = ("int8", "fp16", "mixed")
 ERROR_SAMPLES = 512  # calibration samples the reported output error is measured on
 BIAS_SAMPLES = 128  # samples bias correction measures on
-BIAS_ROUNDS = 4  # measuring rounds of bias correction (layers corrected in graph order, in this many groups)
 
 
 def quantize_for_target(ir: IR, target, options: QuantOptions, calib, *, max_error: float | None = None,
@@ -129,6 +129,10 @@ def calibration_tensors(ir: IR) -> list[str]:
         if dt == np.float32:
             out.append(t)
     return out
+
+
+def concat_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return concat({n: [p[n] for p in parts] for n in (parts[0] if parts else {})})
 
 
 @dataclass
@@ -204,6 +208,7 @@ class _Quantizer:
         self.bias_correction = bias_correction and scheme.bias == "int32"
         self.equalize = equalize if scheme.rules == "ort-fusable" else False
         self.progress, self.log = progress, log
+        self._known_parts = None
 
     def run(self) -> dict:
         ir, scheme = self.ir, self.scheme
@@ -257,7 +262,7 @@ class _Quantizer:
         if cle is not None:
             rep["cross_layer_equalization"] = cle
         report.update(rep)
-        records = PassManager(([EqualizeLayers()] if weights else []) + [QuantizeQDQ()]).run(
+        records = PassManager(([EqualizeLayers()] if weights else []) + [QuantizeQDQ()], reinfer_shapes=False).run(
             ir, PassContext(plan=plan))
         if scheme.rules == "tensorrt":
             report.update({"quantized_layers": len(plan.weights), "float_layers": [list(f) for f in plan.float_layers],
@@ -300,14 +305,16 @@ class _Quantizer:
                                           capture=list(cle_capture.means.tensors.values()),
                                           capture_batches=max(self.error_set.count, self.bias_set.count))
         cle_ranges = self._ranges(cle_stats)
-        errors = []
+        errors, parts = [], []
         for r, w in ((ranges, None), (cle_ranges, updates)):
             plan = build_plan(ir, self.scheme, r, keep_float=self.keep_float)
-            errors.append(error_metrics(self.reference, self.probe.outputs(plan, self.error_set.batches,
-                                                                           weights=w))["rel_l2"])
+            parts.append(self.probe.output_parts(plan, self.error_set.batches, weights=w))
+            errors.append(error_metrics(self.reference, concat_parts(parts[-1]))["rel_l2"])
         use = self.equalize in ("always", True) or errors[1] < errors[0]
         section = {"pairs": len(equalization.pairs(ir)), "applied": use, "rel_l2_without": errors[0],
                    "rel_l2_with": errors[1], "measured": "int8 plan before bias correction"}
+        if self.mode == "int8":  # the winner's int8 plan is the one refined next: its outputs are known
+            self._known_parts = parts[1] if use else parts[0]
         return (cle_ranges, updates, cle_capture, section) if use else (ranges, None, capture, section)
 
     def _ranges(self, stats) -> dict:
@@ -330,31 +337,39 @@ class _Quantizer:
                                         f"written")
             rep.update({"plan": precisions, "sensitivity": table, "search": search})
         plan = build_plan(self.ir, self.scheme, ranges, precisions=precisions, keep_float=self.keep_float)
-        outs = None
+        known = self._known_parts if self.mode == "int8" else None  # this plan's outputs, error subset
+        outs = concat_parts(known) if known is not None else None
         if self.bias_correction:
-            plan, outs = self._bias_correction(plan, weights, capture)
+            plan, bias_outs = self._bias_correction(plan, weights, capture, known)
             rep["bias_correction"] = {"layers": sorted(plan.weights[k].layer for k in plan.bias_shift)}
-        if outs is None or self.bias_set.count != self.error_set.count:
+            if plan.bias_shift or outs is None:  # corrected, or never measured on the error subset
+                outs = bias_outs if self.bias_set.count == self.error_set.count else None
+        if outs is None:
             outs = self.probe.outputs(plan, self.error_set.batches, weights=weights)
         rep["error"] = {**error_metrics(self.reference, outs), "samples": self.error_set.samples}
         return plan, rep
 
-    def _bias_correction(self, plan: QuantPlan, weights, capture: _FloatCapture) -> tuple[QuantPlan, dict | None]:
+    def _bias_correction(self, plan: QuantPlan, weights, capture: _FloatCapture,
+                         known: list | None = None) -> tuple[QuantPlan, dict | None]:
         """Empirical bias correction (Nagel et al. 2019), kept only where it helps.
 
         For each quantized Conv/ConvTranspose/Gemm, the per-channel mean of its output in the
-        float model (kept while calibrating) minus that under the plan (with the corrections
-        found so far) is added to its bias. Layers are corrected in graph order in at most
-        ``BIAS_ROUNDS`` groups (a measuring pass each, on the first ``BIAS_SAMPLES`` calibration
-        samples); the correction is kept only if the output error on those samples drops.
-        Returns the plan and its outputs on those samples."""
+        float model (kept while calibrating) minus that under the plan is added to its bias.
+        One adaptive pass on the probe (:meth:`edgec.quant_probe.Probe.adapt`, on the first
+        ``BIAS_SAMPLES`` calibration samples) corrects every layer batch by batch in graph order,
+        so each layer's shift is measured with the layers before it corrected (sequential
+        correction, layer by layer), and averages the shifts; a second pass measures the
+        corrected plan, which is kept only if the output error on those samples drops.
+        ``known``: the plan's outputs per batch on the error subset, when measured already.
+        Returns the plan and its outputs on the bias subset."""
         cands = [k for k, w in plan.weights.items() if w.op in ("Conv", "ConvTranspose", "Gemm")]
         if not cands:
             return plan, None
         probe, batches = self.probe, self.bias_set.batches
         ref, fp_means = capture.reference(self.bias_set), capture.layer_means()
         shifts = probe.adapt(plan, batches, {k: fp_means[k] for k in cands if k in fp_means}, weights=weights)
-        base_outs = probe.outputs(plan, batches, weights=weights)
+        base_outs = (concat_parts(known[:self.bias_set.count]) if known is not None
+                     else probe.outputs(plan, batches, weights=weights))
         if not shifts:
             return plan, base_outs
         corrected = plan.with_bias_shift(shifts)
