@@ -15,7 +15,9 @@ Two ways to run a model in ONNX Runtime, and what each is for:
   (float) or by the int16 saturation of the no-VNNI U8S8 kernels (int8). Calibration statistics, bias correction, cross-layer
   equalisation keep/drop, mixed-precision sensitivity, the ``--goal`` winner, the
   ``--max-error`` check and the reported error all go through it, so the same model, options
-  and data give the same output bytes on any build host.
+  and data give the same output bytes on any build host. Each reference run is
+  single-threaded, so no host's core count changes how a kernel splits its sums; batches run
+  in parallel instead, one per core (:func:`run_batches`), and are consumed in their order.
   How each target's integer pipeline relates to it:
   - ONNX Runtime CPU (cpu, neon): QLinearConv/QGemm/QLinearMatMul accumulate int32 and
     requantize with a float multiplier, rounding half to even; the reference computes the same
