@@ -262,8 +262,11 @@ class _Quantizer:
         if cle is not None:
             rep["cross_layer_equalization"] = cle
         report.update(rep)
+        total = len(weighted_nodes(ir, table_for(scheme)))  # before the weights become DequantizeLinear outputs
         records = PassManager(([EqualizeLayers()] if weights else []) + [QuantizeQDQ()], reinfer_shapes=False).run(
             ir, PassContext(plan=plan))
+        report["int8_coverage"] = {"weighted_int8": len(plan.weights), "weighted": total,
+                                   "ratio": round(len(plan.weights) / total, 4) if total else None}
         if scheme.rules == "tensorrt":
             report.update({"quantized_layers": len(plan.weights), "float_layers": [list(f) for f in plan.float_layers],
                            "residual_adds": plan.residual_adds})

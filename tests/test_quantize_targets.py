@@ -130,3 +130,18 @@ def test_a_new_target_scheme_is_one_rule_table_and_one_profile(monkeypatch):
     gemm = next(n for n in out.graph.node if n.op_type == "Gemm")
     assert gemm.input[1] in inits and inits[gemm.input[1]].dtype == np.float32  # not in the table: float
     assert rep["error"]["sqnr_db"] > 20
+
+
+def test_jetson_int8_covers_depthwise_convs():
+    """TensorRT runs depthwise and grouped convolutions in INT8: on the builder MobileNetV2
+    (depthwise blocks) at least 95% of the weighted ops get Q/DQ, and the output stays close."""
+    model = builders.mobilenet_v2()
+    result = edgec.compile(model, target="jetson", quantize="int8", calib=calib_for(model), verify=True)
+    cov = result.report["quantization"]["int8_coverage"]
+    assert cov["weighted"] > 0 and cov["ratio"] >= 0.95, cov
+    out = result.model
+    producers = {o: n for n in out.graph.node for o in n.output}
+    depthwise = [n for n in out.graph.node if n.op_type == "Conv" and any(
+        a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert depthwise and all(producers[n.input[0]].op_type == "DequantizeLinear" for n in depthwise)
+    assert result.report["verify"]["min_cosine"] > 0.99
