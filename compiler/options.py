@@ -137,7 +137,7 @@ def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(p, (str, Pass)) or (isinstance(p, str) and not p.strip()):
                 raise UserError(f"--passes: {p!r} is not a pass name (see `edgec passes`)")
         fixed["passes"] = passes
-    for name in ("verify", "reconstruct", "bench"):
+    for name in ("verify", "reconstruct", "bench", "strict_int8"):
         boolean(name, o[name])
     if not callable(o["progress"]):  # True/False, or a callback(done, total)
         boolean("progress", o["progress"])
@@ -257,6 +257,7 @@ class QuantOptions:
     keep_float: tuple = ()
     max_bytes: int | None = None
     progress: bool = False
+    strict: bool = False  # --strict-int8: no fallback to float when int8 misses the error budget
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,8 @@ class VerifyOptions:
 KEYWORDS = ("target", "target_options", "input_shapes", "passes", "verify", "inputs", "eval_data", "rtol", "atol",
             "max_error", "calib", "calib_samples", "prune", "prune_macs", "importance", "prune_mode", "prune_steps",
             "round_to", "max_layer_ratio", "reconstruct", "bench", "quantize", "calib_method", "percentile",
-            "activations", "weights", "keep_float", "max_bytes", "progress", "goal", "calib_preprocess")
+            "activations", "weights", "keep_float", "max_bytes", "progress", "goal", "calib_preprocess",
+            "strict_int8")
 
 
 @dataclass(frozen=True)
@@ -321,7 +323,7 @@ class CompileOptions:
                                reconstruct=o["reconstruct"]),
             quant=QuantOptions(mode=o["quantize"], method=o["calib_method"], percentile=o["percentile"],
                                activations=o["activations"], weights=o["weights"], keep_float=_names(o["keep_float"]),
-                               max_bytes=o["max_bytes"], progress=o["progress"]),
+                               max_bytes=o["max_bytes"], progress=o["progress"], strict=o["strict_int8"]),
             verify=VerifyOptions(verify=o["verify"], inputs=o["inputs"], eval_data=o["eval_data"], rtol=o["rtol"],
                                  atol=o["atol"], max_error=o["max_error"], bench=o["bench"]),
             goal=o["goal"], progress=o["progress"])
@@ -339,7 +341,7 @@ class CompileOptions:
                 "quantize": q.mode, "calib_method": q.method, "percentile": q.percentile,
                 "activations": q.activations, "weights": q.weights, "keep_float": q.keep_float,
                 "max_bytes": q.max_bytes, "progress": self.progress, "goal": self.goal,
-                "calib_preprocess": self.calib_preprocess}
+                "calib_preprocess": self.calib_preprocess, "strict_int8": q.strict}
 
 
 def _names(value) -> tuple:

@@ -79,11 +79,12 @@ class Probe:
     scales, weights and biases differ) wires the Q/DQ pairs as the materialiser will, folded
     ReLUs removed, with no switches: the probe then costs what the quantized model costs.
     ``switchable=True`` (mixed precision, where plans quantize subsets) puts a switch on every
-    reader edge."""
+    reader edge. Every tensor of ``observe`` is also an output."""
 
     def __init__(self, ir: IR, float_model: onnx.ModelProto, scheme, widest: QuantPlan, *, switchable: bool = True,
-                 adaptive: Iterable[str] = ()):
+                 adaptive: Iterable[str] = (), observe: Iterable[str] = ()):
         self.ir = ir
+        self.observe = list(observe)
         self.adaptive = [i for i in adaptive]
         self.dtype = "int8" if scheme.activations == "symmetric" else "uint8"
         self.tensors = list(widest.activations)
@@ -202,7 +203,7 @@ class Probe:
         g.input.extend(new_inputs)
         g.initializer.extend(self._axes_inits)
         have = {o.name for o in g.output}
-        for t in [n.outputs[0].name for n in self.layers.values()] + [
+        for t in self.observe + [n.outputs[0].name for n in self.layers.values()] + [
                 f"{PREFIX}{k}.{nid}" for nid in self.adaptive for k in ("delta", "n")]:
             if t not in have:
                 g.output.append(helper.make_empty_tensor_value_info(t))

@@ -47,10 +47,11 @@ from .ir import IR, plain_dtype
 from .options import QuantOptions
 from .pipeline import PassContext, PassManager
 from .calibdata import CalibrationSet
-from .quant_plan import QuantPlan, build_plan, node_id, weighted_nodes
+from .quant_plan import QuantPlan, build_plan, node_id, node_key, weighted_nodes
+from .quant_probe import PREFIX as PROBE_PREFIX
 from .quant_probe import ChannelMeans, Probe, concat
 from .quant_rules import table_for
-from .runtime import error_metrics, output_error
+from .runtime import augment, error_metrics, output_error, reference_session, run_batches, sqnr_db
 from .target import QuantScheme
 
 from edgec.passes.convert_fp16 import ConvertFP16
@@ -59,6 +60,10 @@ from edgec.passes.quantize import QuantizeQDQ
 
 MODES = ("int8", "fp16", "mixed")
 ERROR_SAMPLES = 512  # calibration samples the reported output error is measured on
+DEFAULT_INT8_BUDGET = 0.05  # int8 output error (relative L2, ~26 dB SQNR) above which ops fall back to float
+COLLAPSE = 0.3  # an int8 result beyond this (~10 dB SQNR) is refused, not written
+MAX_FALLBACK = 0.25  # at most this fraction of the quantized ops go back to float
+MAX_CANDIDATES = 48  # ops whose contribution is measured one by one (the trace's worst first)
 BIAS_SAMPLES = 128  # samples bias correction measures on
 
 
@@ -79,14 +84,16 @@ def quantize_for_target(ir: IR, target, options: QuantOptions, calib, *, max_err
         raise UserError(f"target {target.name}: TensorRT needs symmetric activations (zero point 0)")
     return quantize(ir, calib, mode=mode, scheme=scheme, method=options.method, percentile=options.percentile,
                     activations=options.activations, weights=options.weights, keep_float=options.keep_float,
-                    max_error=max_error, max_bytes=options.max_bytes, progress=options.progress, log=log)
+                    max_error=max_error, max_bytes=options.max_bytes, progress=options.progress,
+                    strict=options.strict, log=log)
 
 
 def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8", scheme: QuantScheme | None = None,
              method: str | dict = "minmax", percentile: float = 99.99, activations: str | None = None,
              weights: str | None = None, weight_type: str | None = None, keep_float: Iterable[str] = (),
              max_error: float | None = None, max_bytes: int | None = None, bias_correction: bool = True,
-             equalize: bool | str = "auto", progress=False, log: Callable[[str], None] | None = None) -> dict:
+             equalize: bool | str = "auto", progress=False, strict: bool = False,
+             log: Callable[[str], None] | None = None) -> dict:
     """Quantize ``ir`` in place under ``scheme`` (default: ONNX Runtime's fusable QDQ, uint8
     activations, per-channel uint8 weights); ``activations``, ``weights`` and ``weight_type``
     override the scheme's switches. ``calib`` is any re-iterable of ``{input: array}`` batches
@@ -109,7 +116,8 @@ def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8",
     method = calib_mod.parse_method(method) if isinstance(method, str) else method
     report = _Quantizer(ir, calib, scheme, mode=mode, method=method, percentile=percentile,
                         keep_float=tuple(keep_float or ()), max_error=max_error, max_bytes=max_bytes,
-                        bias_correction=bias_correction, equalize=equalize, progress=progress, log=log).run()
+                        bias_correction=bias_correction, equalize=equalize, progress=progress, strict=strict,
+                        log=log).run()
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report
 
@@ -201,14 +209,16 @@ class _Quantizer:
     """One int8/mixed quantization: calibrate, plan, refine, write (the module doc's stages)."""
 
     def __init__(self, ir: IR, calib, scheme: QuantScheme, *, mode, method, percentile, keep_float, max_error,
-                 max_bytes, bias_correction, equalize, progress, log):
+                 max_bytes, bias_correction, equalize, progress, log, strict=False):
         self.ir, self.calib, self.scheme, self.mode = ir, calib, scheme, mode
         self.method, self.percentile, self.keep_float = method, percentile, keep_float
         self.max_error, self.max_bytes = max_error, max_bytes
         self.bias_correction = bias_correction and scheme.bias == "int32"
         self.equalize = equalize if scheme.rules == "ort-fusable" else False
         self.progress, self.log = progress, log
+        self.strict = strict
         self._known_parts = None
+        self._sw_probe: Probe | None = None
 
     def run(self) -> dict:
         ir, scheme = self.ir, self.scheme
@@ -261,6 +271,8 @@ class _Quantizer:
         plan, rep = self._refine(ranges, weights, capture)
         if cle is not None:
             rep["cross_layer_equalization"] = cle
+        if self.mode == "int8":
+            plan, rep = self._guard(plan, rep, ranges, weights, capture)
         report.update(rep)
         total = len(weighted_nodes(ir, table_for(scheme)))  # before the weights become DequantizeLinear outputs
         records = PassManager(([EqualizeLayers()] if weights else []) + [QuantizeQDQ()], reinfer_shapes=False).run(
@@ -319,6 +331,175 @@ class _Quantizer:
         if self.mode == "int8":  # the winner's int8 plan is the one refined next: its outputs are known
             self._known_parts = parts[1] if use else parts[0]
         return (cle_ranges, updates, cle_capture, section) if use else (ranges, None, capture, section)
+
+    # ------------------------------------------------------------------ no collapse
+    def _guard(self, plan: QuantPlan, rep: dict, ranges: dict, weights, capture: _FloatCapture):
+        """An int8 result above the error budget (``max_error``, default ``DEFAULT_INT8_BUDGET``)
+        falls back, measured step by step (:meth:`_fall_back`); one still beyond
+        ``COLLAPSE`` is refused with the per-layer trace that says where the error comes from.
+        ``strict`` keeps everything int8 and only reports."""
+        budget = self.max_error if self.max_error is not None else DEFAULT_INT8_BUDGET
+        err = rep["error"]["rel_l2"]
+        if err <= budget:
+            return plan, rep
+        self.log(f"int8 error {err:.4g} is above the budget {budget:g}: measuring where it comes from")
+        if not self.strict:
+            plan, rep = self._fall_back(plan, rep, ranges, weights, capture, budget)
+        else:
+            rep["trace"] = self._trace(plan, weights)
+            rep["budget"] = {"max_error": budget, "met": False, "strict_int8": True}
+        err = rep["error"]["rel_l2"]
+        if err > max(COLLAPSE, budget):
+            worst = sorted(rep.get("trace", []), key=lambda r: r["quant_rel_l2"], reverse=True)[:3]
+            where = "; ".join(f"'{r['tensor']}' after {r['op']} (its own int8 rounding {r['quant_sqnr_db']:.1f} dB)"
+                              for r in worst) or "no single tensor stands out"
+            tried = ("with --strict-int8 nothing was kept float" if self.strict else
+                     f"even with {len(rep.get('fallback', {}).get('float', []))} ops kept float")
+            raise VerificationError(
+                f"int8 collapses this model: output error (relative L2) {err:.3g}, SQNR {rep['error']['sqnr_db']:.1f} dB, "
+                f"{tried}; the worst layers: {where}. Use --keep-float NAME,... for them, --quantize mixed, or "
+                f"--quantize fp16; nothing was written")
+        return plan, rep
+
+    def _fall_back(self, plan: QuantPlan, rep: dict, ranges: dict, weights, capture: _FloatCapture, budget: float):
+        """Quantized tensors back to float, most harmful first, until the error meets ``budget``.
+
+        A unit is one quantized activation tensor with the ops that quantize it: its producer
+        (whose output Q/DQ it is) and its quantized readers (a weighted op quantizes its input).
+        Each unit's contribution is measured (the error with that unit float, everything else
+        int8), then units go float in that order, each step measured, at most ``MAX_FALLBACK``
+        of the quantized ops (beyond the first unit). With more than ``MAX_CANDIDATES`` units, the ones whose own
+        quantization is noisiest (the trace) are measured."""
+        ir = self.ir
+        probe = self._switchable_probe()
+        batches, ref = self.bias_set.batches, capture.reference(self.bias_set)
+        keep = list(self.keep_float)
+
+        def error(extra: list[str]) -> float:
+            p = build_plan(ir, self.scheme, ranges, keep_float=keep + extra)
+            return error_metrics(ref, probe.outputs(p, batches, weights=weights))["rel_l2"]
+
+        trace = self._trace(plan, weights)
+        noise = {r["tensor"]: r["quant_rel_l2"] for r in trace}
+        units = self._units(plan)
+        ranked = sorted(units, key=lambda t: noise.get(t, 0.0), reverse=True)[:MAX_CANDIDATES]
+        full = error([])
+        contribution = {t: full - error(units[t]) for t in ranked}
+        order = [t for t in sorted(ranked, key=lambda t: -contribution[t]) if contribution[t] > 0]
+        limit = max(1, int(MAX_FALLBACK * max(len({k for ops in units.values() for k in ops}), 1)))
+        floats: list[str] = []
+        steps = []
+        for t in order:
+            extra = [k for k in units[t] if k not in floats]
+            if floats and len(floats) + len(extra) > limit:  # (the most harmful unit goes float in any case)
+                break
+            floats += extra
+            err = error(floats)
+            steps.append({"tensor": t, "float": extra, "contribution": round(contribution[t], 6), "rel_l2_after": err})
+            self.log(f"fallback: {t} float ({', '.join(extra)}), error {err:.4g}")
+            if err <= budget:
+                break
+        section = {"max_error": budget, "error_before": rep["error"]["rel_l2"], "steps": steps,
+                   "float": [{"node": k, "why": f"keeps '{st['tensor']}' float: measured contribution "
+                              f"{st['contribution']:.3g} to the output error"} for st in steps for k in st["float"]],
+                   "contributions": [{"tensor": t, "ops": units[t], "contribution": round(contribution[t], 6)}
+                                     for t in sorted(ranked, key=lambda t: -contribution[t])[:10]]}
+        if not floats:
+            rep.update({"trace": trace, "fallback": {**section, "met": False}})
+            return plan, rep
+        self.keep_float = tuple(keep + floats)
+        self.probe, fixed_probe = probe, self.probe  # the fallback plan is a subset: the switchable probe measures it
+        self._known_parts = None
+        new_plan, new_rep = self._refine(ranges, weights, capture)
+        self.probe = fixed_probe
+        section["met"] = new_rep["error"]["rel_l2"] <= budget
+        section["error_after"] = new_rep["error"]["rel_l2"]
+        new_rep.update({k: v for k, v in rep.items() if k not in new_rep})
+        new_rep.update({"trace": trace, "fallback": section})
+        return new_plan, new_rep
+
+    def _units(self, plan: QuantPlan) -> dict[str, list[str]]:
+        """Quantized tensor -> the ops to keep float so that it, and every tensor sharing its
+        scale through an op (a folded ReLU, a data-movement op, a Concat), is not quantized: the
+        quantized ops producing or reading any of them."""
+        ir, table = self.ir, table_for(self.scheme)
+        quantized = set(plan.weights) | set(plan.folded) | {
+            node_id(n) for n in ir.nodes if n.outputs and table.get(n.op) is not None and table[n.op].follows
+            and n.outputs[0].name in plan.activations}
+        tensors = ir.tensors()
+        acts = plan.activations
+        parent = {t: t for t in acts}
+
+        def find(t):
+            while parent[t] != t:
+                parent[t] = parent[parent[t]]
+                t = parent[t]
+            return t
+
+        for n in ir.nodes:  # tensors joined by an op and sharing one scale are one unit
+            ins = [x.name for x in n.inputs if x.name in acts]
+            for o in n.outputs:
+                for i in ins:
+                    if o.name in acts and (acts[i].scale, acts[i].zero_point) == (acts[o.name].scale, acts[o.name].zero_point):
+                        parent[find(o.name)] = find(i)
+        ops_of: dict[str, list[str]] = {}
+        for t in acts:
+            tensor = tensors.get(t)
+            if tensor is None:
+                continue
+            prod = ir.producer(tensor)
+            nodes = ([prod] if prod is not None else []) + [c for c in tensor.outputs if c.outputs]
+            ops_of.setdefault(find(t), []).extend(node_key(n) for n in nodes if node_id(n) in quantized)
+        units = {}
+        for t in acts:
+            ops = list(dict.fromkeys(ops_of.get(find(t), [])))
+            if ops and find(t) == t:
+                units[t] = ops
+        return units
+
+    def _switchable_probe(self) -> Probe:
+        """A probe that measures any subset of the int8 plan (built once, when a fallback needs it),
+        with every activation and its dequantized copy as outputs (for the trace)."""
+        if self._sw_probe is None:
+            widest = build_plan(self.ir, self.scheme, self._ranges(self.stats), keep_float=self.keep_float)
+            dq = [PROBE_PREFIX + "dq." + t for t in widest.activations]
+            self._sw_probe = Probe(self.ir, self.float_model, self.scheme, widest, switchable=True,
+                                   adaptive=list(self.layers) if self.bias_correction else (),
+                                   observe=self.tensors + dq)
+        return self._sw_probe
+
+    def _trace(self, plan: QuantPlan, weights) -> list[dict]:
+        """Per quantized activation tensor, in graph order, on the bias-correction samples: its
+        error against the float model once quantized (``sqnr_db``: everything upstream plus its
+        own rounding) and the error of its own quantization alone (``quant_sqnr_db``: its
+        dequantized copy against its value before Q). Where the error grows, int8 hurts."""
+        probe = self._switchable_probe()
+        position = {o.name: i for i, n in enumerate(self.ir.nodes) for o in n.outputs}
+        tensors = sorted((t for t in plan.activations if PROBE_PREFIX + "dq." + t in probe.observe and t in probe.observe),
+                         key=lambda t: position.get(t, -1))
+        if not tensors:
+            return []
+        sess = reference_session(augment(self.float_model, tensors))
+        fetch = tensors + [PROBE_PREFIX + "dq." + t for t in tensors]
+        acc = {t: np.zeros(3) for t in tensors}  # [sum float^2, sum (dq - float)^2, sum (dq - raw)^2]
+        for b, got in run_batches(probe.session, fetch, self.bias_set.batches, fixed=probe.inputs_for(plan, weights)):
+            want = dict(zip(tensors, sess.run(tensors, b)))
+            for t in tensors:
+                f = want[t].astype(np.float64).ravel()
+                raw, dq = got[t].astype(np.float64).ravel(), got[PROBE_PREFIX + "dq." + t].astype(np.float64).ravel()
+                if f.shape == dq.shape == raw.shape:
+                    acc[t] += [np.sum(f * f), np.sum((dq - f) ** 2), np.sum((dq - raw) ** 2)]
+        producers = {o.name: n for n in self.ir.nodes for o in n.outputs}
+        rows = []
+        for t in tensors:
+            ff, total, own = acc[t]
+            rel = float(np.sqrt(total / ff)) if ff > 0 else 0.0
+            qrel = float(np.sqrt(own / ff)) if ff > 0 else 0.0
+            prod = producers.get(t)
+            rows.append({"tensor": t, "producer": node_key(prod) if prod is not None else None,
+                         "op": prod.op if prod is not None else "input", "sqnr_db": sqnr_db(rel),
+                         "rel_l2": round(rel, 6), "quant_sqnr_db": sqnr_db(qrel), "quant_rel_l2": round(qrel, 6)})
+        return rows
 
     def _ranges(self, stats) -> dict:
         return calib_mod.ranges_from_stats(self.float_model, stats, method=self.method, percentile=self.percentile,

@@ -79,6 +79,21 @@ def compile_text(r: dict) -> str:
             for prec in q["plan"].values():
                 counts[prec] = counts.get(prec, 0) + 1
             lines.append("    precision plan: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        cov = q.get("int8_coverage")
+        if cov and cov.get("weighted"):
+            lines.append(f"    int8 coverage: {cov['weighted_int8']} of {cov['weighted']} weighted ops")
+        fb = q.get("fallback")
+        if fb:
+            lines.append(f"    int8 error {fb['error_before']:.4g} was above the budget {fb['max_error']:g}: "
+                         + (f"{len(fb['float'])} ops kept float -> {fb.get('error_after', fb['error_before']):.4g}"
+                            + (" (budget met)" if fb.get("met") else " (budget NOT met)")
+                            if fb["float"] else "no op's fallback helped"))
+            for f in fb["float"][:8]:
+                lines.append(f"      float {f['node']}: {f['why']}")
+        if q.get("trace"):
+            worst = sorted(q["trace"], key=lambda t: t["quant_rel_l2"], reverse=True)[:5]
+            lines.append("    error trace, noisiest int8 tensors (own rounding / accumulated SQNR): "
+                         + "; ".join(f"{t['tensor']} {t['quant_sqnr_db']:.1f}/{t['sqnr_db']:.1f} dB" for t in worst))
     pr = r.get("pruning")
     if pr:
         groups = pr["groups"]

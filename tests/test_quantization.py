@@ -576,3 +576,59 @@ def test_equalised_minmax_ranges_follow_from_per_channel_statistics():
         np.testing.assert_allclose([derived.min, derived.max], [direct[t].min, direct[t].max], rtol=1e-5, atol=1e-7,
                                    err_msg=t)
         assert derived.count == direct[t].count
+
+
+def _collapsing_model():
+    """conv1's first output channel is 1000x the others and conv2 ignores it: one scale for the
+    tensor crushes every channel conv2 reads, so all-int8 collapses (about 1 dB SQNR)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32)
+    w1[0] *= 1000
+    w2 = rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32)
+    w2[:, 0] = 0
+    w3 = rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32)
+    g = helper.make_graph([
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3"], ["y"], pads=[1, 1, 1, 1], name="conv3")],
+        "collapse", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8, 8])],
+        [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_int8_that_collapses_falls_back_by_measured_contribution():
+    """Above the default error budget, the quantized tensor whose scale does the damage goes
+    back to float with the ops that quantize it (found by measuring each one's contribution),
+    the report says which and why, and the written model meets the budget."""
+    model = _collapsing_model()
+    r = edgec.compile(model, quantize="int8", calib="random", verify=True)
+    q = r.report["quantization"]
+    fb = q["fallback"]
+    assert fb["error_before"] > 0.5 and fb["met"] and fb["error_after"] <= quantize_api.DEFAULT_INT8_BUDGET
+    assert {f["node"] for f in fb["float"]} == {"conv1", "relu1", "conv2"}
+    assert all("measured contribution" in f["why"] for f in fb["float"])
+    assert r.report["verify"]["rel_l2"] < quantize_api.DEFAULT_INT8_BUDGET
+    producers = {o: n for n in r.model.graph.node for o in n.output}
+    convs = {n.name: n for n in r.model.graph.node if n.op_type == "Conv"}
+    assert producers[convs["conv3"].input[1]].op_type == "DequantizeLinear"  # the rest stays int8
+    assert convs["conv1"].input[1] not in producers or producers[convs["conv1"].input[1]].op_type != "DequantizeLinear"
+    # the trace, in graph order, points at the crushed tensor
+    trace = q["trace"]
+    assert [t["tensor"] for t in trace][0] == "x"
+    assert max(trace, key=lambda t: t["quant_rel_l2"])["tensor"] == "c1"
+
+
+def test_strict_int8_never_writes_a_collapsed_model(tmp_path, capsys):
+    from edgec import cli
+
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(_collapsing_model(), src)
+    code = cli.main(["compile", str(src), "-o", str(out), "--quantize", "int8", "--calib", "random", "--strict-int8"])
+    err = capsys.readouterr().err
+    assert code == 1 and not out.exists()
+    assert "int8 collapses this model" in err and "'c1'" in err and "--keep-float" in err
