@@ -45,6 +45,10 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 INT_PRECISIONS = ("int8", "int4")
 WEIGHT_TYPES = ("int8", "int7", "uint8")
 MIN_SCALE = 1e-8
+# an op whose inputs share one scale (Concat) stays float when their ranges differ more than this:
+# the smaller input would keep fewer than 255 / ratio levels (detection heads concatenate
+# [0, 1] scores with pixel-scale boxes)
+MAX_SHARED_SPAN_RATIO = 16.0
 
 
 # ====================================================================== the plan (data)
@@ -329,6 +333,7 @@ class _Planner:
         self.symmetric = activations == "symmetric"
         self.per_channel = weights == "per-channel"
         self.table = table_for(scheme)
+        self.crushed: dict[str, str] = {}  # shared-scale ops kept float, and why
 
     def rule(self, n: gs.Node) -> OpRule | None:
         return self.table.get(n.op) if _default_domain(n) else None
@@ -466,7 +471,7 @@ class _Planner:
             wq[node_id(n)] = WeightQuant(node_key(n), n.op, axis, kind, self.scheme.bias, n.inputs[0].name)
         return QuantPlan(activations=acts, weights=wq, folded=tuple(node_id(n) for n in folded.values()),
                          quantized_ops=len(qnodes), weight_format=self.scheme.weight_format,
-                         float_layers=tuple(floats), residual_adds=residual)
+                         float_layers=tuple(floats) + tuple(self.crushed.items()), residual_adds=residual)
 
     # ------------------------------------------------------------------ decisions
     def _mark_output(self, n: gs.Node, qtensors, producer_q, force: bool) -> None:
@@ -530,8 +535,17 @@ class _Planner:
             return False
         if not all(t.name in qtensors for t in acts):
             return False
-        return all(t.name in self.ranges for t in acts) and n.outputs[0].name in self.ranges \
-            or (ir.is_graph_output(n.outputs[0]) and all(t.name in self.ranges for t in acts))
+        if not (all(t.name in self.ranges for t in acts) and n.outputs[0].name in self.ranges
+                or (ir.is_graph_output(n.outputs[0]) and all(t.name in self.ranges for t in acts))):
+            return False
+        if r.share_scale == "all" and len(acts) > 1:
+            spans = [max(self.ranges[t.name][1], 0.0) - min(self.ranges[t.name][0], 0.0) for t in acts]
+            if min(spans) > 0 and max(spans) / min(spans) > MAX_SHARED_SPAN_RATIO:
+                self.crushed[node_key(n)] = (
+                    f"its inputs' ranges differ {max(spans) / min(spans):.0f}x: one shared int8 scale would leave "
+                    f"the smallest about {max(2, int(255 * min(spans) / max(spans)))} levels")
+                return False
+        return True
 
     def _residual_adds(self, weighted, qtensors, edges) -> int:
         """TensorRT: quantize the input of a skip-connection Add that does not come from a

@@ -64,6 +64,15 @@ DEFAULT_INT8_BUDGET = 0.05  # int8 output error (relative L2, ~26 dB SQNR) above
 COLLAPSE = 0.3  # an int8 result beyond this (~10 dB SQNR) is refused, not written
 MAX_FALLBACK = 0.25  # at most this fraction of the quantized ops go back to float
 MAX_CANDIDATES = 48  # ops whose contribution is measured one by one (the trace's worst first)
+# the budget also holds per output channel, this much looser: one collapsed channel (a detector's
+# class scores beside its box coordinates) fails it even when the output's overall error is small
+CHANNEL_FACTOR = 4.0
+
+
+def guarded_error(metrics: dict) -> float:
+    """The error the int8 budget is checked against: the worst output's relative L2, or its
+    worst channel's over ``CHANNEL_FACTOR``, whichever is larger."""
+    return max(metrics["rel_l2"], metrics.get("worst_channel_rel_l2", 0.0) / CHANNEL_FACTOR)
 BIAS_SAMPLES = 128  # samples bias correction measures on
 
 
@@ -339,16 +348,18 @@ class _Quantizer:
         ``COLLAPSE`` is refused with the per-layer trace that says where the error comes from.
         ``strict`` keeps everything int8 and only reports."""
         budget = self.max_error if self.max_error is not None else DEFAULT_INT8_BUDGET
-        err = rep["error"]["rel_l2"]
+        err = guarded_error(rep["error"])
         if err <= budget:
             return plan, rep
-        self.log(f"int8 error {err:.4g} is above the budget {budget:g}: measuring where it comes from")
+        self.log(f"int8 error {err:.4g} (relative L2 {rep['error']['rel_l2']:.4g}, worst channel "
+                 f"{rep['error'].get('worst_channel_rel_l2', 0):.4g}) is above the budget {budget:g}: measuring "
+                 f"where it comes from")
         if not self.strict:
             plan, rep = self._fall_back(plan, rep, ranges, weights, capture, budget)
         else:
             rep["trace"] = self._trace(plan, weights)
             rep["budget"] = {"max_error": budget, "met": False, "strict_int8": True}
-        err = rep["error"]["rel_l2"]
+        err = guarded_error(rep["error"])
         if err > max(COLLAPSE, budget):
             worst = sorted(rep.get("trace", []), key=lambda r: r["quant_rel_l2"], reverse=True)[:3]
             where = "; ".join(f"'{r['tensor']}' after {r['op']} (its own int8 rounding {r['quant_sqnr_db']:.1f} dB)"
@@ -356,7 +367,8 @@ class _Quantizer:
             tried = ("with --strict-int8 nothing was kept float" if self.strict else
                      f"even with {len(rep.get('fallback', {}).get('float', []))} ops kept float")
             raise VerificationError(
-                f"int8 collapses this model: output error (relative L2) {err:.3g}, SQNR {rep['error']['sqnr_db']:.1f} dB, "
+                f"int8 collapses this model: output error (relative L2) {rep['error']['rel_l2']:.3g}, worst output "
+                f"channel {rep['error'].get('worst_channel_rel_l2', 0):.3g}, SQNR {rep['error']['sqnr_db']:.1f} dB, "
                 f"{tried}; the worst layers: {where}. Use --keep-float NAME,... for them, --quantize mixed, or "
                 f"--quantize fp16; nothing was written")
         return plan, rep
@@ -377,33 +389,50 @@ class _Quantizer:
 
         def error(extra: list[str]) -> float:
             p = build_plan(ir, self.scheme, ranges, keep_float=keep + extra)
-            return error_metrics(ref, probe.outputs(p, batches, weights=weights))["rel_l2"]
+            return guarded_error(error_metrics(ref, probe.outputs(p, batches, weights=weights)))
 
         trace = self._trace(plan, weights)
         noise = {r["tensor"]: r["quant_rel_l2"] for r in trace}
-        units = self._units(plan)
-        ranked = sorted(units, key=lambda t: noise.get(t, 0.0), reverse=True)[:MAX_CANDIDATES]
+        groups = self._units(plan)
+        # candidates: each scale group (a tensor with everything sharing its scale) and each op
+        # of it alone, noisiest groups first
+        units: dict[str, list[str]] = {}
+        for t in sorted(groups, key=lambda t: noise.get(t, 0.0), reverse=True):
+            for name, ops in [(t, groups[t])] + [(f"op {k}", [k]) for k in groups[t]]:
+                if len(units) < MAX_CANDIDATES and name not in units and ops not in units.values():
+                    units[name] = ops
         full = error([])
-        contribution = {t: full - error(units[t]) for t in ranked}
-        order = [t for t in sorted(ranked, key=lambda t: -contribution[t]) if contribution[t] > 0]
-        limit = max(1, int(MAX_FALLBACK * max(len({k for ops in units.values() for k in ops}), 1)))
+        after = {u: error(ops) for u, ops in units.items()}
+        contribution = {u: full - after[u] for u in units}
+        fixers = [u for u in units if after[u] <= budget]
+        if fixers:  # one candidate meets the budget alone: the one floating fewest ops
+            order = [min(fixers, key=lambda u: (len(units[u]), after[u]))]
+        else:  # the most error removed per op kept float first
+            order = sorted((u for u in units if contribution[u] > 0),
+                           key=lambda u: -contribution[u] / len(units[u]))
+        limit = max(1, int(MAX_FALLBACK * max(len({k for ops in groups.values() for k in ops}), 1)))
         floats: list[str] = []
         steps = []
-        for t in order:
-            extra = [k for k in units[t] if k not in floats]
-            if floats and len(floats) + len(extra) > limit:  # (the most harmful unit goes float in any case)
+        for u in order:
+            extra = [k for k in units[u] if k not in floats]
+            if not extra:
+                continue
+            if floats and len(floats) + len(extra) > limit:  # (the first candidate goes float in any case)
                 break
             floats += extra
             err = error(floats)
-            steps.append({"tensor": t, "float": extra, "contribution": round(contribution[t], 6), "rel_l2_after": err})
-            self.log(f"fallback: {t} float ({', '.join(extra)}), error {err:.4g}")
+            steps.append({"candidate": u, "float": extra, "contribution": round(contribution[u], 6),
+                          "error_after": err})
+            self.log(f"fallback: {u} float ({', '.join(extra)}), error {err:.4g}")
             if err <= budget:
                 break
-        section = {"max_error": budget, "error_before": rep["error"]["rel_l2"], "steps": steps,
-                   "float": [{"node": k, "why": f"keeps '{st['tensor']}' float: measured contribution "
-                              f"{st['contribution']:.3g} to the output error"} for st in steps for k in st["float"]],
-                   "contributions": [{"tensor": t, "ops": units[t], "contribution": round(contribution[t], 6)}
-                                     for t in sorted(ranked, key=lambda t: -contribution[t])[:10]]}
+        section = {"max_error": budget, "error_before": guarded_error(rep["error"]), "steps": steps,
+                   "float": [{"node": k, "why": (f"measured contribution {st['contribution']:.3g} to the output error"
+                                                 + ("" if st["candidate"].startswith("op ") else
+                                                    f" (with the ops sharing the scale of '{st['candidate']}')"))}
+                             for st in steps for k in st["float"]],
+                   "contributions": [{"candidate": u, "ops": units[u], "contribution": round(contribution[u], 6)}
+                                     for u in sorted(units, key=lambda u: -contribution[u])[:10]]}
         if not floats:
             rep.update({"trace": trace, "fallback": {**section, "met": False}})
             return plan, rep
@@ -412,8 +441,8 @@ class _Quantizer:
         self._known_parts = None
         new_plan, new_rep = self._refine(ranges, weights, capture)
         self.probe = fixed_probe
-        section["met"] = new_rep["error"]["rel_l2"] <= budget
-        section["error_after"] = new_rep["error"]["rel_l2"]
+        section["met"] = guarded_error(new_rep["error"]) <= budget
+        section["error_after"] = guarded_error(new_rep["error"])
         new_rep.update({k: v for k, v in rep.items() if k not in new_rep})
         new_rep.update({"trace": trace, "fallback": section})
         return new_plan, new_rep

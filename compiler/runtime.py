@@ -188,19 +188,47 @@ def run_outputs(model: onnx.ModelProto, batches: Iterable[dict], *, host: bool =
 
 
 # ---------------------------------------------------------------------- error metrics
+MAX_CHANNELS = 4096  # slices per axis the per-channel error looks at (axes longer than this are not channels)
+QUIET_CHANNEL = 1e-8  # a channel below this share of the mean channel energy (1e-4 of its RMS) is not judged
+
+
 class ErrorAccumulator:
-    """Streaming sums for rel_l2 / cosine per output (constant memory, deterministic order)."""
+    """Streaming sums for rel_l2 / cosine per output (constant memory, deterministic order), and
+    the worst *channel*: per slice along axis 1 and along the last axis of every output of rank
+    >= 2, so an output whose small-range channels collapse (detection scores concatenated with
+    pixel-scale boxes) is seen even when its large channels keep the overall error low."""
 
     def __init__(self):
         self.sums: dict[str, np.ndarray] = {}  # [sum r^2, sum g^2, sum (g-r)^2, sum r*g]
+        self.channels: dict[tuple[str, int], np.ndarray] = {}  # (output, axis) -> [2, n]: sum r^2, sum d^2
 
     def add(self, ref: dict, got: dict) -> None:
         for name, r in ref.items():
-            r64 = np.asarray(r, dtype=np.float64).ravel()
-            g64 = np.asarray(got[name], dtype=np.float64).ravel()
+            r = np.asarray(r, dtype=np.float64)
+            g = np.asarray(got[name], dtype=np.float64)
+            r64, g64 = r.ravel(), g.ravel()
             d = g64 - r64
             v = np.array([np.sum(r64 * r64), np.sum(g64 * g64), np.sum(d * d), np.sum(r64 * g64)])
             self.sums[name] = self.sums.get(name, 0) + v
+            if r.ndim < 2 or r.shape != g.shape:
+                continue
+            for axis in dict.fromkeys((1, r.ndim - 1)):
+                if not 1 < r.shape[axis] <= MAX_CHANNELS:
+                    continue
+                other = tuple(a for a in range(r.ndim) if a != axis)
+                c = np.stack([np.sum(r * r, axis=other), np.sum((g - r) ** 2, axis=other)])
+                key = (name, axis)
+                if key in self.channels and self.channels[key].shape != c.shape:
+                    continue
+                self.channels[key] = self.channels.get(key, 0) + c
+
+    def worst_channel(self) -> float:
+        worst = 0.0
+        for rr, dd in self.channels.values():
+            judged = rr > QUIET_CHANNEL * max(float(np.mean(rr)), 1e-30)
+            if judged.any():
+                worst = max(worst, float(np.max(np.sqrt(dd[judged] / rr[judged]))))
+        return worst
 
     def result(self) -> dict:
         worst_rel, worst_cos = 0.0, 1.0
@@ -209,7 +237,8 @@ class ErrorAccumulator:
             den = np.sqrt(rr * gg)
             cos = float(rg / den) if den > 0 else 1.0
             worst_rel, worst_cos = max(worst_rel, rel), min(worst_cos, cos)
-        return {"rel_l2": worst_rel, "sqnr_db": sqnr_db(worst_rel), "cosine": worst_cos}
+        return {"rel_l2": worst_rel, "sqnr_db": sqnr_db(worst_rel), "cosine": worst_cos,
+                "worst_channel_rel_l2": self.worst_channel()}
 
 
 def sqnr_db(rel_l2: float) -> float:

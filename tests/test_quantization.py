@@ -632,3 +632,54 @@ def test_strict_int8_never_writes_a_collapsed_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and not out.exists()
     assert "int8 collapses this model" in err and "'c1'" in err and "--keep-float" in err
+
+
+def _detection_head_model():
+    """A detector's head: sigmoid class scores in [0, 1] concatenated with box coordinates in
+    pixels (x200), channels last, as exported detectors end."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
+    wc = rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32)
+    wb = rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["f"], pads=[1, 1, 1, 1], name="stem"),
+             helper.make_node("Relu", ["f"], ["fr"], name="stem_relu"),
+             helper.make_node("Conv", ["fr", "wc"], ["cl"], name="cls"),
+             helper.make_node("Sigmoid", ["cl"], ["sc"], name="scores"),
+             helper.make_node("Conv", ["fr", "wb"], ["bx"], name="box"),
+             helper.make_node("Mul", ["bx", "k"], ["bxs"], name="to_pixels"),
+             helper.make_node("Concat", ["sc", "bxs"], ["cat"], axis=1, name="head_concat"),
+             helper.make_node("Transpose", ["cat"], ["y"], perm=[0, 2, 3, 1], name="to_nhwc")]
+    g = helper.make_graph(nodes, "det", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (wc, "wc"), (wb, "wb"))]
+                          + [numpy_helper.from_array(np.array(200.0, np.float32), "k")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _score_error(model, q, feeds):
+    ref, got = verify.run(model, feeds)["y"], verify.run(q, feeds)["y"]
+    return float(np.abs(ref[..., :4] - got[..., :4]).max())
+
+
+def test_concat_of_scores_and_pixel_boxes_is_not_crushed_under_one_scale(monkeypatch):
+    """A Concat whose inputs' ranges differ by orders of magnitude stays float, with a note (one
+    shared scale would leave the scores 2 levels). When such a scale is shared anyway, the
+    per-channel error guard sees the collapsed score channels, though the output's overall error
+    is low, and falls back by measurement."""
+    from edgec import quant_plan
+
+    model = _detection_head_model()
+    calib = list(calibdata.load_calibration("random", model, max_samples=16, seed=1))
+    feeds = verify.random_inputs(model, seed=5)
+    r = edgec.compile(model, target="rknn", quantize="int8", calib=calib)  # rknn quantizes Sigmoid too
+    notes = r.report["quantization"]["notes"]
+    assert any("head_concat stays float" in n and "ranges differ" in n for n in notes), notes
+    assert _score_error(model, r.model, feeds) < 0.05
+    monkeypatch.setattr(quant_plan, "MAX_SHARED_SPAN_RATIO", 1e9)
+    r = edgec.compile(model, target="rknn", quantize="int8", calib=calib)
+    q = r.report["quantization"]
+    assert q["fallback"]["error_before"] > quantize_api.DEFAULT_INT8_BUDGET and q["fallback"]["met"]
+    assert q["error"]["worst_channel_rel_l2"] < 4 * quantize_api.DEFAULT_INT8_BUDGET
+    assert _score_error(model, r.model, feeds) < 0.05
