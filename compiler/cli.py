@@ -271,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv, log, flush)
     finally:
         for sig, handler in previous.items():
-            try:
-                signal.signal(sig, handler)
+            try:  # the command line's process only exits now: its outcome (and outputs) are final,
+                # so a signal during the interpreter's shutdown must not turn them into a kill
+                signal.signal(sig, signal.SIG_IGN if argv is None else handler)
             except (ValueError, TypeError):
                 pass
 
