@@ -60,10 +60,12 @@ from edgec.passes.quantize import QuantizeQDQ
 
 MODES = ("int8", "fp16", "mixed")
 ERROR_SAMPLES = 512  # calibration samples the reported output error is measured on
-DEFAULT_INT8_BUDGET = 0.05  # int8 output error (relative L2, ~26 dB SQNR) above which ops fall back to float
+DEFAULT_INT8_BUDGET = 0.1  # int8 output error (relative L2, 20 dB SQNR) above which ops fall back to float
 COLLAPSE = 0.3  # an int8 result beyond this (~10 dB SQNR) is refused, not written
 MAX_FALLBACK = 0.25  # at most this fraction of the quantized ops go back to float
-MAX_CANDIDATES = 48  # ops whose contribution is measured one by one (the trace's worst first)
+MAX_CANDIDATES = 16  # candidates whose contribution is measured one by one (the trace's noisiest first)
+MAX_STEPS = 8  # fallback steps, each measured
+FALLBACK_SAMPLES = 32  # calibration samples the fallback's measurements run on (a whole batch at least)
 # the budget also holds per output channel, this much looser: one collapsed channel (a detector's
 # class scores beside its box coordinates) fails it even when the output's overall error is small
 CHANNEL_FACTOR = 4.0
@@ -380,25 +382,29 @@ class _Quantizer:
         (whose output Q/DQ it is) and its quantized readers (a weighted op quantizes its input).
         Each unit's contribution is measured (the error with that unit float, everything else
         int8), then units go float in that order, each step measured, at most ``MAX_FALLBACK``
-        of the quantized ops (beyond the first unit). With more than ``MAX_CANDIDATES`` units, the ones whose own
-        quantization is noisiest (the trace) are measured."""
+        of the quantized ops (beyond the first unit) and ``MAX_STEPS`` steps. With more than
+        ``MAX_CANDIDATES`` candidates, the ones whose own quantization is noisiest (the trace)
+        are measured. Measurements run on the first ``FALLBACK_SAMPLES`` calibration samples."""
         ir = self.ir
         probe = self._switchable_probe()
-        batches, ref = self.bias_set.batches, capture.reference(self.bias_set)
+        subset = _subset(self.calib, min(FALLBACK_SAMPLES, self.bias_set.samples))
+        subset.count = min(subset.count, self.bias_set.count)
+        batches, ref = subset.batches, capture.reference(subset)
         keep = list(self.keep_float)
 
         def error(extra: list[str]) -> float:
             p = build_plan(ir, self.scheme, ranges, keep_float=keep + extra)
             return guarded_error(error_metrics(ref, probe.outputs(p, batches, weights=weights)))
 
-        trace = self._trace(plan, weights)
+        trace = self._trace(plan, weights, batches)
         noise = {r["tensor"]: r["quant_rel_l2"] for r in trace}
         groups = self._units(plan)
         # candidates: each scale group (a tensor with everything sharing its scale) and each op
         # of it alone, noisiest groups first
         units: dict[str, list[str]] = {}
-        for t in sorted(groups, key=lambda t: noise.get(t, 0.0), reverse=True):
-            for name, ops in [(t, groups[t])] + [(f"op {k}", [k]) for k in groups[t]]:
+        for rank, t in enumerate(sorted(groups, key=lambda t: noise.get(t, 0.0), reverse=True)):
+            singles = [(f"op {k}", [k]) for k in groups[t]] if rank < 4 else []
+            for name, ops in [(t, groups[t])] + singles:
                 if len(units) < MAX_CANDIDATES and name not in units and ops not in units.values():
                     units[name] = ops
         full = error([])
@@ -413,7 +419,7 @@ class _Quantizer:
         limit = max(1, int(MAX_FALLBACK * max(len({k for ops in groups.values() for k in ops}), 1)))
         floats: list[str] = []
         steps = []
-        for u in order:
+        for u in order[:MAX_STEPS]:
             extra = [k for k in units[u] if k not in floats]
             if not extra:
                 continue
@@ -497,8 +503,8 @@ class _Quantizer:
                                    observe=self.tensors + dq)
         return self._sw_probe
 
-    def _trace(self, plan: QuantPlan, weights) -> list[dict]:
-        """Per quantized activation tensor, in graph order, on the bias-correction samples: its
+    def _trace(self, plan: QuantPlan, weights, batches=None) -> list[dict]:
+        """Per quantized activation tensor, in graph order, on the fallback's samples: its
         error against the float model once quantized (``sqnr_db``: everything upstream plus its
         own rounding) and the error of its own quantization alone (``quant_sqnr_db``: its
         dequantized copy against its value before Q). Where the error grows, int8 hurts."""
@@ -511,7 +517,8 @@ class _Quantizer:
         sess = reference_session(augment(self.float_model, tensors))
         fetch = tensors + [PROBE_PREFIX + "dq." + t for t in tensors]
         acc = {t: np.zeros(3) for t in tensors}  # [sum float^2, sum (dq - float)^2, sum (dq - raw)^2]
-        for b, got in run_batches(probe.session, fetch, self.bias_set.batches, fixed=probe.inputs_for(plan, weights)):
+        batches = batches if batches is not None else _subset(self.calib, FALLBACK_SAMPLES).batches
+        for b, got in run_batches(probe.session, fetch, batches, fixed=probe.inputs_for(plan, weights)):
             want = dict(zip(tensors, sess.run(tensors, b)))
             for t in tensors:
                 f = want[t].astype(np.float64).ravel()
