@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import io
 import json
@@ -761,7 +762,9 @@ def ort_variant(model: onnx.ModelProto, calib: dict, workdir: Path, method: str,
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=getattr(CalibrationMethod, method),
-                    extra_options={"CalibMaxIntermediateOutputs": 4})
+                    # (bounded memory for the histogram pass; ORT's MinMax calibrator then fails with
+                    # "No data is collected" when the count divides evenly, so it keeps every output)
+                    extra_options={"CalibMaxIntermediateOutputs": 4} if method != "MinMax" else {})
     return out.read_bytes()
 
 
@@ -799,7 +802,7 @@ def evaluate(name: str, host: bool, log) -> dict:
                 if tool == "edgec":
                     data, note, _ = edgec_variant(model, calib, Path(td), **opts)
                 else:
-                    with warnings.catch_warnings():
+                    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                         warnings.simplefilter("ignore")
                         data, note = ort_variant(model, calib, Path(td), *opts), ""
                 secs = time.perf_counter() - t
