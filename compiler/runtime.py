@@ -192,10 +192,22 @@ MAX_CHANNELS = 4096  # slices per axis the per-channel error looks at (axes long
 QUIET_CHANNEL = 1e-8  # a channel below this share of the mean channel energy (1e-4 of its RMS) is not judged
 
 
+def channel_axes(shape: tuple) -> list[int]:
+    """The axes of an output whose slices are channels: axis 1 (NCHW, [batch, classes], [batch,
+    steps, ...]), and the last axis when it is short (<= 256) and no longer than any other
+    non-batch axis (channels last, [batch, anchors, 4 + classes]); never a spatial axis of a
+    one-channel map such as a text detector's probability map."""
+    axes = [1] if 1 < shape[1] <= MAX_CHANNELS else []
+    last = len(shape) - 1
+    if last > 1 and 1 < shape[last] <= 256 and all(shape[last] <= d for d in shape[1:last]):
+        axes.append(last)
+    return axes
+
+
 class ErrorAccumulator:
     """Streaming sums for rel_l2 / cosine per output (constant memory, deterministic order), and
-    the worst *channel*: per slice along axis 1 and along the last axis of every output of rank
-    >= 2, so an output whose small-range channels collapse (detection scores concatenated with
+    the worst *channel*: per slice along the channel axes of every output of rank >= 2
+    (:func:`channel_axes`), so an output whose small-range channels collapse (detection scores concatenated with
     pixel-scale boxes) is seen even when its large channels keep the overall error low."""
 
     def __init__(self):
@@ -212,9 +224,7 @@ class ErrorAccumulator:
             self.sums[name] = self.sums.get(name, 0) + v
             if r.ndim < 2 or r.shape != g.shape:
                 continue
-            for axis in dict.fromkeys((1, r.ndim - 1)):
-                if not 1 < r.shape[axis] <= MAX_CHANNELS:
-                    continue
+            for axis in channel_axes(r.shape):
                 other = tuple(a for a in range(r.ndim) if a != axis)
                 c = np.stack([np.sum(r * r, axis=other), np.sum((g - r) ** 2, axis=other)])
                 key = (name, axis)
