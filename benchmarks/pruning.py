@@ -33,8 +33,21 @@ Also times the channel-group analysis alone
 (``edgec.analysis.channels.find_groups(edgec.from_model(m))``, median of 3) on the generated
 deep residual model of ``benchmarks/compile_speed.py`` (>= 5,000 nodes).
 
+Reconstruction speed (model name ``resnet50``): a ResNet-50-size model generated with
+``edgec.builders.GraphBuilder`` (7x7 stem, bottleneck blocks 3-4-6-3, 64..2048 channels,
+1000 classes; 25.6M params, 4.1 GMACs at ``--r50-hw 224``), pruned ``--r50-ratio`` (30%) with
+``--r50-samples`` (64) batch-1 N(0,1) calibration samples. Printed: the wall time of
+``edgec.compile(..., prune=0.3, calib=..., round_to=1)`` with and without reconstruction, of
+the reconstruction step alone (``edgec.passes.reconstruct.reconstruct`` on the same pruning,
+median of ``--r50-runs``), and its speed-up over the implementation before the staged run
+(commit 859006d: one export + session + full pass per layer), either run here once
+(``--old-recon``, it takes minutes) or the figure measured on the development machine; the
+relative L2 output error on 8 held-out inputs of the unpruned, plain-pruned and
+reconstructed models. Times depend on the machine's load, which is printed.
+
     python benchmarks/pruning.py
     python benchmarks/pruning.py --models digits,resnet --ratios 0.3 --repeat 500 --json out.json
+    python benchmarks/pruning.py --models resnet50 --old-recon
 """
 
 from __future__ import annotations
@@ -44,9 +57,11 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
+import types
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +71,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 from compile_speed import deep_model  # noqa: E402
 
 import edgec  # noqa: E402
-from edgec import verify  # noqa: E402
+from edgec import importance, runtime, verify  # noqa: E402
+from edgec.analysis import costs  # noqa: E402
 from edgec.analysis.channels import find_groups  # noqa: E402
-from edgec.builders import ALL_MODELS  # noqa: E402
+from edgec.builders import ALL_MODELS, GraphBuilder  # noqa: E402
+from edgec.passes.prune_channels import apply_pruning, select  # noqa: E402
+from edgec.passes.reconstruct import reconstruct  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits"
 N_CALIB = 32  # --calib-samples
 N_HELD = 16  # --held-out
+OLD_COMMIT = "859006d"  # the last commit with one export + session + full pass per re-fitted layer
+# reconstruct() of OLD_COMMIT on resnet50(224), 30%, 64 samples, on the development machine
+# (2 cores, AVX-512, shared): 262.3 s with the load average falling from 2.4 to 0.1 during the
+# run (the lower of two runs: 514.3 s at load 5-6). The new code on the same machine: 34.9 s at
+# load 0.1-1.1, 84-89 s at load 3.
+OLD_RECON_SECONDS = {(224, 64, 0.3): 262.3}
 
 
 # ---------------------------------------------------------------------- data
@@ -229,6 +253,109 @@ def measure_analysis(blocks: int, runs: int = 3) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------- reconstruction speed
+def resnet50(hw: int = 224, batch: int = 1, num_classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+    """ResNet-50's shape from edgec's builder: 7x7/2 stem, 3x3/2 max pool, bottleneck blocks
+    3-4-6-3 (1x1-3x3-1x1, 64..512 wide, 256..2048 out, projection shortcuts), GAP-Gemm."""
+    b = GraphBuilder("resnet50", seed)
+    x = b.input("input", [batch, 3, hw, hw])
+    y = b.maxpool(b.conv_bn(x, 64, 7, 2), 3, 2, 1)
+    for stage, (mid, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+        for i in range(blocks):
+            stride = 2 if i == 0 and stage > 0 else 1
+            z = b.conv_bn(b.conv_bn(b.conv_bn(y, mid, 1), mid, 3, stride), 4 * mid, 1, act=None)
+            skip = b.conv_bn(y, 4 * mid, 1, stride, act=None) if i == 0 else y
+            y = b.relu(b.add(z, skip))
+    b.output(b.classifier(y, num_classes), "output")
+    return b.build(resnet50.__doc__)
+
+
+def old_reconstruct():
+    """``reconstruct`` as of OLD_COMMIT, read with git from this checkout (None without git)."""
+    try:
+        src = subprocess.run(["git", "show", f"{OLD_COMMIT}:passes/reconstruct.py"], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    mod = types.ModuleType("old_reconstruct")
+    sys.modules[mod.__name__] = mod  # dataclasses look their module up
+    exec(compile(src.split("@register")[0], f"{OLD_COMMIT}:passes/reconstruct.py", "exec"), mod.__dict__)
+    return mod.reconstruct
+
+
+def _pruned_ir(model: onnx.ModelProto, ratio: float):
+    """(unpruned ONNX, IR pruned as compile prunes it: uniform, L1, round_to 1, kept map)."""
+    ir = edgec.from_model(model)
+    original = ir.to_onnx()
+    groups = find_groups(ir)
+    kept = apply_pruning(ir, groups, select(groups, importance.compute(ir, groups, "l1", None), ratio=ratio))
+    return original, ir, kept
+
+
+def measure_recon_speed(hw: int, n: int, ratio: float, runs: int, old: bool) -> dict:
+    model = resnet50(hw)
+    rng = np.random.default_rng(0)
+    calib = [{"input": rng.standard_normal((1, 3, hw, hw)).astype(np.float32)} for _ in range(n)]
+    held = [{"input": rng.standard_normal((1, 3, hw, hw)).astype(np.float32)} for _ in range(8)]
+    out = {"model": f"resnet50 {hw}x{hw}", "hw": hw, "samples": n, "ratio": ratio, "load_before": os.getloadavg()}
+    ir0 = edgec.from_model(model)
+    c = costs.compute(ir0)
+    out.update(params=c.params, macs=c.macs)
+    for rec in (False, True):
+        t0 = time.perf_counter()
+        res = edgec.compile(model, None, prune=ratio, calib=calib, reconstruct=rec, round_to=1)
+        out["compile_seconds" if rec else "compile_seconds_plain"] = round(time.perf_counter() - t0, 2)
+    times, report = [], []
+    for _ in range(runs):
+        original, ir, kept = _pruned_ir(model, ratio)
+        plain = ir.to_onnx()
+        t0 = time.perf_counter()
+        report = reconstruct(ir, original, calib, kept)
+        times.append(time.perf_counter() - t0)
+    out["recon_seconds"] = round(statistics.median(times), 2)
+    out["recon_runs"] = [round(t, 2) for t in times]
+    out["layers"] = len(report)
+    out["refit"] = sum(1 for r in report if r.get("refit"))
+    out["parts"] = max((r.get("part", 0) for r in report), default=0)
+    out["rel_l2_plain"] = runtime.output_error(original, plain, held)["rel_l2"]
+    out["rel_l2_recon"] = runtime.output_error(original, ir.to_onnx(), held)["rel_l2"]
+    out["rel_l2_compile"] = runtime.output_error(original, res.model, held)["rel_l2"]
+    if old:
+        fn = old_reconstruct()
+        if fn is None:
+            out["old_error"] = f"git show {OLD_COMMIT} failed"
+        else:
+            original, ir, kept = _pruned_ir(model, ratio)
+            t0 = time.perf_counter()
+            fn(ir, original, calib, kept)
+            out["old_seconds"] = round(time.perf_counter() - t0, 2)
+            out["old_source"] = "measured now"
+            out["rel_l2_old"] = runtime.output_error(original, ir.to_onnx(), held)["rel_l2"]
+    elif (hw, n, ratio) in OLD_RECON_SECONDS:
+        out["old_seconds"] = OLD_RECON_SECONDS[(hw, n, ratio)]
+        out["old_source"] = "measured on the development machine (--old-recon runs it here)"
+    out["load_after"] = os.getloadavg()
+    return out
+
+
+def print_recon_speed(r: dict) -> None:
+    print(f"\nreconstruction speed: {r['model']} ({r['params'] / 1e6:.1f}M params, {r['macs'] / 1e9:.2f} GMACs), "
+          f"{100 * r['ratio']:.0f}% of channels, {r['samples']} batch-1 calibration samples; load average "
+          f"{r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after ({os.cpu_count()} cores)")
+    print(f"  compile with reconstruction   {r['compile_seconds']:8.2f} s   (without: {r['compile_seconds_plain']:.2f} s)")
+    print(f"  reconstruction step alone     {r['recon_seconds']:8.2f} s   (median of {len(r['recon_runs'])}: "
+          f"{', '.join(f'{t:.1f}' for t in r['recon_runs'])}; {r['refit']}/{r['layers']} layers re-fitted "
+          f"in {r['parts']} staged parts)")
+    if "old_seconds" in r:
+        print(f"  before ({OLD_COMMIT}, a pass per layer) {r['old_seconds']:8.2f} s   ({r['old_source']}): "
+              f"speed-up {r['old_seconds'] / r['recon_seconds']:.1f}x")
+    elif "old_error" in r:
+        print(f"  before: {r['old_error']}")
+    old = f", old implementation {r['rel_l2_old']:.4f}" if "rel_l2_old" in r else ""
+    print(f"  rel L2 on 8 held-out inputs: pruned {r['rel_l2_plain']:.4f}, reconstructed {r['rel_l2_recon']:.4f} "
+          f"(compiled: {r['rel_l2_compile']:.4f}){old}")
+
+
 # ---------------------------------------------------------------------- table
 def _ratio_str(after, before) -> str:
     if after is None or before in (None, 0):
@@ -333,6 +460,12 @@ def main(argv=None) -> int:
     ap.add_argument("--deep-blocks", type=int, default=460,
                     help="residual blocks in the generated deep model for the analysis timing "
                          "(11 nodes each); default 460 (5,066 nodes)")
+    ap.add_argument("--r50-hw", type=int, default=224, help="resnet50 input size; default 224")
+    ap.add_argument("--r50-samples", type=int, default=64, help="resnet50 calibration samples; default 64")
+    ap.add_argument("--r50-ratio", type=float, default=0.3, help="resnet50 pruning ratio; default 0.3")
+    ap.add_argument("--r50-runs", type=int, default=3, help="resnet50 reconstruction runs (median); default 3")
+    ap.add_argument("--old-recon", action="store_true",
+                    help=f"also run the reconstruction of commit {OLD_COMMIT} once on resnet50 (minutes)")
     ap.add_argument("--debug", action="store_true", help="print tracebacks of failures")
     args = ap.parse_args(argv)
     if args.repeat < 1 or args.rounds < 1 or args.calib_samples < 1 or args.held_out < 1 or args.round_to < 1:
@@ -349,10 +482,11 @@ def main(argv=None) -> int:
         return not wanted or any(w in name.lower() for w in wanted)
 
     names = [n for n in case_names() if selected(n)]
+    do_r50 = not wanted or "resnet50" in wanted  # by exact name: "resnet" alone does not start it
     deep_name = "deep"
     do_deep = selected(deep_name) or any(w in f"deep{11 * args.deep_blocks + 6}" for w in wanted)
-    if not names and not do_deep:
-        print(f"no model matches --models {args.models!r}; known: {', '.join(case_names())}, deep",
+    if not names and not do_deep and not do_r50:
+        print(f"no model matches --models {args.models!r}; known: {', '.join(case_names())}, deep, resnet50",
               file=sys.stderr)
         return 2
 
@@ -397,6 +531,19 @@ def main(argv=None) -> int:
             for n in notes:
                 print(f"  - {n}")
 
+    recon_speed = None
+    if do_r50:
+        print("  reconstruction speed on resnet50 ...", file=sys.stderr, flush=True)
+        try:
+            recon_speed = measure_recon_speed(args.r50_hw, args.r50_samples, args.r50_ratio, args.r50_runs,
+                                              args.old_recon)
+            print_recon_speed(recon_speed)
+        except Exception as e:
+            recon_speed = {"error": _err(e), "error_message": _first_line(e)}
+            print(f"\nreconstruction speed: {_err(e)}: {_first_line(e)}")
+            if args.debug:
+                traceback.print_exc()
+
     analysis = None
     if do_deep:
         print("  channel-group analysis on the deep model ...", file=sys.stderr, flush=True)
@@ -417,7 +564,8 @@ def main(argv=None) -> int:
     print(f"\ntotal {total:.0f} s")
     if args.json:
         doc = {"versions": versions, "ratios": ratios, "repeat": args.repeat, "rounds": args.rounds,
-               "n_calib": args.calib_samples, "n_held_out": args.held_out, "rows": rows, "analysis": analysis, "total_seconds": round(total, 2)}
+               "n_calib": args.calib_samples, "n_held_out": args.held_out, "rows": rows, "analysis": analysis,
+               "reconstruction_speed": recon_speed, "total_seconds": round(total, 2)}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2, default=str)
         print(f"wrote {args.json}")

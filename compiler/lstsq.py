@@ -1,13 +1,27 @@
 """Least-squares building blocks for data-driven weight recovery (pruning reconstruction,
 2:4 sparsity): collect layer inputs/outputs on calibration feeds (in reference arithmetic,
 :mod:`edgec.runtime`), sample im2col rows, and solve ridge-regularised normal equations in
-closed form."""
+closed form.
+
+* :func:`run_tensors`, :func:`sample_rows`, :func:`ridge_solve`: one layer at a time, rows kept
+  in memory (2:4 sparsity).
+* :class:`LinearMap`: a Conv (any ``group``: one map per group, depthwise included), Gemm or
+  MatMul as grouped linear maps over rows; :class:`NormalEquations`: streaming float64 sums
+  for its ridge fit (rows are never kept; held-out errors follow from the sums);
+  :class:`StagedRun`: a model run part by part over all calibration batches, each part once,
+  with the live tensors kept in between, so that layers can be re-fitted between the parts
+  (pruning reconstruction).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
 
 from . import runtime
 
@@ -36,10 +50,20 @@ def conv_geometry(node: gs.Node, w: np.ndarray):
 
 def conv_patches(x: np.ndarray, node: gs.Node, w: np.ndarray, rows: tuple) -> np.ndarray:
     """im2col patches [R, C*prod(k)] of ``x`` at output positions ``rows`` = (n, oy, ox)."""
-    k, s, d, p = conv_geometry(node, w)
+    return patches(x, node, tuple(w.shape[2:]), rows)
+
+
+def patches(x: np.ndarray, node: gs.Node, kernel: tuple, rows: tuple) -> np.ndarray:
+    """im2col patches [R, C*prod(kernel)] (channel-major, as a Conv weight [Cout, C, kh, kw]
+    flattens) of ``x`` at output positions ``rows`` = (n, oy, ox)."""
+    nd = len(kernel)
+    k = kernel
+    s = list(node.attrs.get("strides", [1] * nd))
+    d = list(node.attrs.get("dilations", [1] * nd))
+    p = list(node.attrs.get("pads", [0] * (2 * nd)))
     if len(k) != 2:
         raise NotImplementedError("only 2-D convolutions")
-    xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
+    xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3]))) if any(p) else x
     n, oy, ox = rows
     ys = oy[:, None] * s[0] + np.arange(k[0])[None, :] * d[0]
     xs = ox[:, None] * s[1] + np.arange(k[1])[None, :] * d[1]
@@ -76,3 +100,341 @@ def ridge_solve(X: np.ndarray, Y: np.ndarray, ridge: float, bias: bool) -> np.nd
     lam = ridge * float(np.mean(np.diag(G)[:d])) if d else 0.0
     G[np.arange(d), np.arange(d)] += lam + 1e-12
     return np.linalg.solve(G, X.T @ Y.astype(np.float64))
+
+
+# ====================================================================== layers as grouped linear maps
+@dataclass
+class LinearMap:
+    """A Conv (any ``group``), Gemm (transA=0) or MatMul with a constant 2-D weight, seen as
+    ``groups`` independent linear maps over rows: ``y[r, g, :] = x[r, g, :] @ W[g] + b[g]``.
+
+    Rows are output positions: for a Conv (n, oy, ox), whose input row is the im2col patch over
+    the group's input channels (a depthwise conv: one map per channel over its kernel taps);
+    for Gemm/MatMul every leading index. ``W`` [groups, K, Nout] and ``b`` [groups, Nout] are
+    float64, with Gemm's alpha and beta folded in (``b`` is zero for a layer without bias)."""
+
+    node: gs.Node
+    W: np.ndarray
+    b: np.ndarray
+    fit_bias: bool
+    kernel: tuple = ()
+
+    @property
+    def groups(self) -> int:
+        return self.W.shape[0]
+
+    @classmethod
+    def of(cls, node: gs.Node, w: np.ndarray, bias: np.ndarray | None, n_inputs: int) -> "LinearMap | None":
+        """The map of ``node`` with constant weight ``w`` and ``bias`` (None when it has none or
+        it is not constant); ``n_inputs``: the node's input count. None when not representable
+        (a Gemm with a non-constant or full-matrix C, a non-2-D conv)."""
+        w = np.asarray(w, dtype=np.float64)
+        if node.op == "Conv":
+            g = int(node.attrs.get("group", 1))
+            if w.ndim != 4 or g < 1 or w.shape[0] % g or (n_inputs > 2 and bias is None):
+                return None
+            no = w.shape[0] // g
+            W = w.reshape(g, no, -1).transpose(0, 2, 1)  # [g, Cg*kh*kw, no]
+            b = np.zeros((g, no)) if bias is None else np.asarray(bias, np.float64).reshape(g, no)
+            return cls(node, W, b, True, tuple(w.shape[2:]))
+        if w.ndim != 2:
+            return None
+        if node.op == "Gemm":
+            alpha = float(node.attrs.get("alpha", 1.0))
+            beta = float(node.attrs.get("beta", 1.0))
+            W = alpha * (w.T if node.attrs.get("transB", 0) else w)
+            b = np.zeros(W.shape[1])
+            if n_inputs > 2:
+                if bias is None or bias.size not in (1, W.shape[1]):
+                    return None
+                b = beta * np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (W.shape[1],))
+            return cls(node, W[None], b[None].copy(), True)
+        return cls(node, w[None], np.zeros((1, w.shape[1])), False)  # MatMul: no bias to fit
+
+    # ------------------------------------------------------------------ rows
+    def positions(self, y: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray | None:
+        """Up to ``count`` distinct rows (flat indices, random order) of the layer's output ``y``;
+        None when ``y`` does not have the layer's layout."""
+        nout = self.groups * self.W.shape[2]
+        if self.node.op == "Conv":
+            if y.ndim != 4 or y.shape[1] != nout:
+                return None
+            total = y.shape[0] * y.shape[2] * y.shape[3]
+        else:
+            if y.ndim < 1 or y.shape[-1] != nout:
+                return None
+            total = int(np.prod(y.shape[:-1]))
+        if total == 0:
+            return None
+        return rng.choice(total, size=count, replace=False) if count < total else rng.permutation(total)
+
+    def y_rows(self, y: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """[R, groups, Nout] rows of the output ``y`` at flat positions ``idx``."""
+        if self.node.op == "Conv":
+            n, rem = np.divmod(idx, y.shape[2] * y.shape[3])
+            oy, ox = np.divmod(rem, y.shape[3])
+            return y[n, :, oy, ox].reshape(len(idx), self.groups, -1)
+        return y.reshape(-1, y.shape[-1])[idx].reshape(len(idx), 1, -1)
+
+    def x_rows(self, x: np.ndarray, y_shape: tuple, idx: np.ndarray) -> np.ndarray | None:
+        """[R, groups, K] input rows (im2col patches for a Conv) giving the output rows ``idx`` of
+        an output of shape ``y_shape``; None when ``x`` does not fit the layer."""
+        g, k = self.groups, self.W.shape[1]
+        if self.node.op == "Conv":
+            if x.ndim != 4 or len(y_shape) != 4 or len(self.kernel) != 2 or x.shape[1] * int(np.prod(self.kernel)) != g * k:
+                return None
+            n, rem = np.divmod(idx, y_shape[2] * y_shape[3])
+            oy, ox = np.divmod(rem, y_shape[3])
+            return patches(x, self.node, self.kernel, (n, oy, ox)).reshape(len(idx), g, k)
+        if x.ndim < 1 or x.shape[-1] != k or int(np.prod(x.shape[:-1])) != int(np.prod(y_shape[:-1])):
+            return None
+        return x.reshape(-1, k)[idx].reshape(len(idx), 1, k)
+
+    # ------------------------------------------------------------------ back to the node
+    def tensors(self, W: np.ndarray, b: np.ndarray, like: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(weight, bias) in the node's layout and ``like``'s dtype, for Gemm with alpha = beta = 1;
+        bias None for a layer that fits none (MatMul)."""
+        if self.node.op == "Conv":
+            g, _, no = W.shape
+            w = W.transpose(0, 2, 1).reshape((g * no,) + tuple(like.shape[1:]))
+        elif self.node.op == "Gemm":
+            w = W[0].T if self.node.attrs.get("transB", 0) else W[0]
+        else:
+            w = W[0]
+        return w.astype(like.dtype), (b.reshape(-1).astype(like.dtype) if self.fit_bias else None)
+
+
+class NormalEquations:
+    """Streaming float64 sums for a grouped ridge least-squares fit: per group ``[X 1]'[X 1]``
+    and ``[X 1]'Y``, and ``sum Y^2``, separately for training rows (split 0) and held-out rows
+    (split 1). Rows are buffered only up to ``chunk_bytes`` per split, then added to the sums in
+    one matrix product (``A'A`` of one buffer: a symmetric rank-k update in BLAS), which runs far
+    faster than many small ones. The error of any weights on either split follows from the sums."""
+
+    def __init__(self, groups: int, k: int, nout: int, chunk_bytes: int = 64 << 20):
+        self.k = k
+        self.G = np.zeros((2, groups, k + 1, k + 1))
+        self.B = np.zeros((2, groups, k + 1, nout))
+        self.yy = np.zeros(2)
+        self.rows = np.zeros(2, dtype=np.int64)
+        self.chunk_rows = max(1, chunk_bytes // (8 * groups * (k + 1 + nout)))
+        self._buf: tuple[list, list] = ([], [])
+
+    def add(self, X: np.ndarray, Y: np.ndarray, held_out: np.ndarray) -> None:
+        """Rows ``X`` [R, groups, K] and ``Y`` [R, groups, Nout]; ``held_out`` marks split-1 rows."""
+        held_out = np.asarray(held_out, dtype=bool)
+        for split, sel in ((0, ~held_out), (1, held_out)):
+            if sel.any():
+                self._buf[split].append((X, Y) if sel.all() else (X[sel], Y[sel]))
+                if sum(len(x) for x, _ in self._buf[split]) >= self.chunk_rows:
+                    self._flush(split)
+
+    def _flush(self, split: int | None = None) -> None:
+        for sp in ((0, 1) if split is None else (split,)):
+            buf = self._buf[sp]
+            if not buf:
+                continue
+            n = sum(len(x) for x, _ in buf)
+            g = buf[0][0].shape[1]
+            # [groups, R, K+1] float64 with a column of ones (the bias); [groups, R, Nout]
+            x1 = np.empty((g, n, self.k + 1))
+            y1 = np.empty((g, n, buf[0][1].shape[2]))
+            lo = 0
+            for x, y in buf:
+                x1[:, lo:lo + len(x), :self.k] = x.transpose(1, 0, 2)
+                y1[:, lo:lo + len(x)] = y.transpose(1, 0, 2)
+                lo += len(x)
+            x1[:, :, self.k] = 1.0
+            buf.clear()
+            if g == 1:  # a'a of one buffer: numpy calls BLAS syrk
+                self.G[sp, 0] += x1[0].T @ x1[0]
+                self.B[sp, 0] += x1[0].T @ y1[0]
+            else:
+                xt = x1.transpose(0, 2, 1)
+                self.G[sp] += np.matmul(xt, x1)
+                self.B[sp] += np.matmul(xt, y1)
+            self.yy[sp] += float(np.sum(y1 * y1))
+            self.rows[sp] += n
+
+    def solve(self, ridge: float, bias: bool, train_only: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Ridge solution ``W`` [groups, K, Nout], ``b`` [groups, Nout] (zero without ``bias``) on
+        the training rows or on all rows; ``lambda = ridge * mean(diag(X'X))`` per group."""
+        self._flush()
+        G = self.G[0] if train_only else self.G[0] + self.G[1]
+        B = self.B[0] if train_only else self.B[0] + self.B[1]
+        k, d = self.k, self.k + (1 if bias else 0)
+        G = G[:, :d, :d].copy()
+        lam = ridge * np.mean(np.diagonal(G[:, :k, :k], axis1=1, axis2=2), axis=1) if k else np.zeros(len(G))
+        G[:, np.arange(k), np.arange(k)] += (lam + 1e-12)[:, None]
+        sol = np.linalg.solve(G, B[:, :d])
+        return sol[:, :k], (sol[:, k] if bias else np.zeros((len(G), B.shape[2])))
+
+    def mse(self, W: np.ndarray, b: np.ndarray, split: int = 1) -> float:
+        """Mean squared error of ``x @ W + b`` against ``y`` over a split's rows (nan when empty)."""
+        self._flush()
+        W1 = np.concatenate([W, b[:, None, :]], axis=1)
+        sse = float(np.sum(W1 * np.matmul(self.G[split], W1)) - 2.0 * np.sum(W1 * self.B[split]) + self.yy[split])
+        n = int(self.rows[split]) * W.shape[0] * W.shape[2]
+        return max(sse, 0.0) / n if n else float("nan")
+
+
+# ====================================================================== running a model in parts
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node reads: its inputs and what its subgraphs capture from the outer scope."""
+    out = {x for x in node.input if x}
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs if a.type == onnx.AttributeProto.GRAPHS else []):
+            defined = {v.name for v in g.input} | {t.name for t in g.initializer}
+            inner: set[str] = set()
+            for n in g.node:
+                inner |= _reads(n) - defined
+                defined.update(o for o in n.output if o)
+            out |= inner | ({o.name for o in g.output} - defined)
+    return out
+
+
+class StagedRun:
+    """A model run in parts over a fixed list of batches, so that chosen nodes (``layers``:
+    node name -> the input it is fitted on) can change their constants between the parts.
+
+    :meth:`waves` yields sets of layers whose input is final: it depends on no layer still to be
+    re-fitted. Before each yield, one part runs: every node needed by a remaining layer whose
+    own layers are all settled (each node runs once, with its layers' new constants), in one
+    reference session over all batches (:func:`edgec.runtime.run_batches`). The tensors later
+    parts read are kept per batch and dropped once read for the last time. A chain of N layers
+    takes N parts; layers in parallel branches share theirs. Nodes no layer input depends on
+    never run.
+    """
+
+    def __init__(self, model: onnx.ModelProto, feeds: list[dict], layers: dict[str, str]):
+        self.model, self.feeds = model, feeds
+        self.nodes = list(model.graph.node)
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.graph_inputs = {v.name for v in model.graph.input} - set(self.inits)
+        self.layer_input = dict(layers)
+        names = [n.name for n in self.nodes]
+        self.index = {nm: i for i, nm in enumerate(names) if nm}
+        missing = [nm for nm in layers if nm not in self.index]
+        if missing or len(set(names)) != len(names):
+            raise ValueError(f"StagedRun needs unique node names (missing or repeated: {missing[:3]})")
+        self.reads = [_reads(n) for n in self.nodes]
+        producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
+        bit = {self.index[nm]: 1 << k for k, nm in enumerate(layers)}
+        self.layer_bit = {nm: bit[self.index[nm]] for nm in layers}
+        # deps[i]: the layers node i's value depends on, itself included (a bit mask)
+        self.deps = []
+        for i, _ in enumerate(self.nodes):
+            d = bit.get(i, 0)
+            for r in self.reads[i]:
+                if r in producer:
+                    d |= self.deps[producer[r]]
+            self.deps.append(d)
+        self.input_deps = {nm: (self.deps[producer[x]] if x in producer else 0) for nm, x in layers.items()}
+        # the nodes some layer input depends on
+        needed, stack = set(), [producer[x] for x in layers.values() if x in producer]
+        while stack:
+            i = stack.pop()
+            if i not in needed:
+                needed.add(i)
+                stack.extend(producer[r] for r in self.reads[i] if r in producer)
+        self.pending = sorted(needed)
+        self.producer = producer
+        self.values: dict[str, list] = {}
+        self.replaced: dict[int, tuple[onnx.NodeProto, list[onnx.TensorProto]]] = {}
+        self.parts = 0
+
+    # ------------------------------------------------------------------ reading values
+    def batches(self, name: str) -> list:
+        """The values of ``name`` (a graph input or a tensor a run part kept), one per batch."""
+        if name in self.values:
+            return self.values[name]
+        return [f[name] for f in self.feeds]
+
+    def replace(self, layer: str, inputs: dict[int, np.ndarray], attrs: dict | None = None) -> None:
+        """New constants for ``layer`` (input slot -> value; a slot equal to the input count
+        appends one) and attributes, used when the layer runs in a later part."""
+        i = self.index[layer]
+        node = onnx.NodeProto()
+        node.CopyFrom(self.nodes[i])
+        tensors = []
+        for slot, value in sorted(inputs.items()):
+            name = f"{layer}__staged_{slot}"
+            tensors.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+            if slot < len(node.input):
+                node.input[slot] = name
+            elif slot == len(node.input):
+                node.input.append(name)
+            else:
+                raise ValueError(f"{layer}: input slot {slot} beyond its {len(node.input)} inputs")
+        for k, v in (attrs or {}).items():
+            for a in list(node.attribute):
+                if a.name == k:
+                    node.attribute.remove(a)
+            node.attribute.append(helper.make_attribute(k, v))
+        self.replaced[i] = (node, tensors)
+
+    # ------------------------------------------------------------------ the parts
+    def waves(self) -> Iterator[list[str]]:
+        settled = 0
+        remaining = list(self.layer_input)
+        while remaining:
+            ready = [nm for nm in remaining if self.input_deps[nm] & ~settled == 0]
+            if not ready:  # cannot happen in a DAG; never loop
+                raise RuntimeError("StagedRun: no layer is ready")
+            part = [i for i in self.pending if self.deps[i] & ~settled == 0]
+            taken = set(part)
+            self.pending = [i for i in self.pending if i not in taken]
+            self._run(part, self._live(remaining))
+            yield ready
+            for nm in ready:
+                settled |= self.layer_bit[nm]
+            remaining = [nm for nm in remaining if nm not in ready]
+            live = self._live(remaining)
+            for name in [n for n in self.values if n not in live]:
+                del self.values[name]
+
+    def _live(self, layers: list[str]) -> set[str]:
+        """Tensors still to be read: inputs of ``layers`` and of the nodes yet to run."""
+        live = {self.layer_input[nm] for nm in layers}
+        for i in self.pending:
+            live |= self.reads[i]
+        return live
+
+    def _run(self, part: list[int], live: set[str]) -> None:
+        outputs = [o for i in part for o in self.nodes[i].output if o and o in live]
+        if not outputs:
+            return
+        graph = onnx.GraphProto(name=f"{self.model.graph.name}_part{self.parts}")
+        defined: set[str] = set()  # produced in the part, or its new constants
+        fed: list[str] = []
+        for i in part:
+            node, tensors = self.replaced.get(i, (self.nodes[i], []))
+            graph.initializer.extend(tensors)
+            defined.update(t.name for t in tensors)
+            for r in sorted(_reads(node) if i in self.replaced else self.reads[i]):
+                if r in defined:
+                    continue
+                defined.add(r)
+                if r in self.inits:
+                    graph.initializer.append(self.inits[r])
+                else:
+                    fed.append(r)
+            graph.node.append(node)
+            defined.update(o for o in node.output if o)
+        cols = [self.batches(r) for r in fed]
+        for r, c in zip(fed, cols):
+            dtype = helper.np_dtype_to_tensor_dtype(np.asarray(c[0]).dtype)
+            graph.input.append(helper.make_tensor_value_info(r, dtype, None))
+        graph.output.extend(helper.make_empty_tensor_value_info(o) for o in outputs)
+        m = onnx.ModelProto(ir_version=self.model.ir_version, producer_name="edgec-staged")
+        m.opset_import.extend(self.model.opset_import)
+        m.functions.extend(self.model.functions)
+        m.graph.CopyFrom(graph)
+        sess = runtime.reference_session(m)
+        batches = ({r: c[j] for r, c in zip(fed, cols)} for j in range(len(self.feeds)))
+        got: dict[str, list] = {o: [] for o in outputs}
+        for _, values in runtime.run_batches(sess, outputs, batches):
+            for o in outputs:
+                got[o].append(values[o])
+        self.values.update(got)
+        self.parts += 1

@@ -7,53 +7,69 @@ and the map of which channels survived, which only the pruning knows). A thin pa
 unpruned model from ``ctx.reference`` and the calibration batches from ``ctx.feeds()``, and
 is told which channels survived (``kept``) when it is built.
 
-For every Conv (group 1, no auto_pad), Gemm (transA=0) and MatMul with a constant 2-D weight
-whose input lost channels, in graph order:
+Every Conv (any ``group``, no auto_pad, 2-D kernel), Gemm (transA=0) and MatMul with a constant
+2-D weight whose input lost channels is re-fitted, as :class:`edgec.lstsq.LinearMap`: a grouped
+or depthwise conv is one fit per group (depthwise: per channel, over its kernel taps) from that
+group's input channels.
 
-* ``X``: its input in the *pruned* model (already-reconstructed layers upstream included), as
-  im2col patches for Conv; ``Y``: its output in the *unpruned* model at the same tensor (only
-  the surviving output channels), both on the calibration feeds;
-* spatial positions are sampled (``max_rows`` rows per layer) to bound memory;
-* weights (and bias; a Conv without bias gets one) are solved in closed form from the ridge
-  regularised normal equations ``(X'X + lambda I) W = X'Y``, ``lambda = ridge * mean(diag(X'X))``;
-* the ridge strength is picked among ``ridge * (1, 10, 100, 1000)`` on a held-out fifth of the
-  rows, and the fit (then redone on all rows) is kept only if it beats the current weights on
-  those held-out rows.
+* ``Y``: the layer's output in the *unpruned* model (only the surviving output channels), from
+  one reference pass of the unpruned model over the calibration feeds; up to ``max_rows``
+  output positions per layer are sampled (spread over the batches) and only those rows kept.
+* ``X``: the layer's input in the *pruned* model with every re-fitted layer upstream already
+  re-fitted (sequential semantics), as im2col patches for a Conv, at the same positions. It
+  comes from :class:`edgec.lstsq.StagedRun`: the pruned model is exported once and run in parts,
+  each node once over all batches; a part runs as soon as every re-fitted layer it depends on
+  is fitted, so layers in parallel branches (a projection shortcut and its block's first conv,
+  Inception/DenseNet branches) share a part and a chain of N layers takes N parts, not N full
+  passes.
+* The fit is closed form on streamed float64 normal equations (:class:`edgec.lstsq.NormalEquations`;
+  rows are never kept): weights and bias (a Conv without bias gets one) from
+  ``(X'X + lambda I) W = X'Y``, ``lambda = ridge * mean(diag(X'X))`` per group. Every fifth
+  sampled row is held out; ``lambda`` is picked among ``ridge * (1, 10, 100, 1000)`` on those
+  rows, trying them in increasing order until the held-out error rises (most layers take two
+  solves); the fit (then redone on all rows) is kept only if it beats the current weights there.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from edgec import runtime
 from edgec.ir import IR
-from edgec.lstsq import ridge_solve, run_tensors, sample_rows
+from edgec.lstsq import LinearMap, NormalEquations, StagedRun
 from edgec.pipeline import Pass, PassContext, PassResult, register
+
+RIDGE_STEPS = (1, 10, 100, 1000)
 
 
 @dataclass
 class ReconstructionResult:
     """What the ``reconstruct`` pass did (the ``data`` of its PassResult): one dict per layer
-    considered (name, op, rows, ridge, held-out errors before/after, whether it was re-fitted)."""
+    considered (name, op, groups, rows, ridge, held-out errors before/after, the part of the
+    staged run it was fitted in, whether it was re-fitted)."""
 
     layers: list[dict] = field(default_factory=list)
 
 
-def _layers(ir: IR, kept: dict[str, tuple]) -> list[gs.Node]:
+def _layers(ir: IR, kept: dict[str, tuple], grouped: bool = True) -> list[gs.Node]:
     out = []
     for node in ir.nodes:
-        if not node.inputs or node.inputs[0].name not in kept:
+        if not node.inputs or node.inputs[0].name not in kept or len(node.inputs) < 2:
             continue
-        if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1 and \
-                node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET") and ir.const_value(node.inputs[1]) is not None:
+        w = ir.const_value(node.inputs[1])
+        if w is None or w.dtype.kind != "f":
+            continue
+        if node.op == "Conv" and w.ndim == 4 and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET"):
+            if grouped or int(node.attrs.get("group", 1)) == 1:
+                out.append(node)
+        elif node.op == "Gemm" and not node.attrs.get("transA", 0):
             out.append(node)
-        elif node.op == "Gemm" and not node.attrs.get("transA", 0) and ir.const_value(node.inputs[1]) is not None:
-            out.append(node)
-        elif node.op == "MatMul" and ir.const_value(node.inputs[1]) is not None and \
-                ir.const_value(node.inputs[1]).ndim == 2 and not ir.is_const(node.inputs[0]):
+        elif node.op == "MatMul" and w.ndim == 2 and not ir.is_const(node.inputs[0]):
             out.append(node)
     return out
 
@@ -70,96 +86,102 @@ def _set(ir: IR, node: gs.Node, slot: int, value: np.ndarray) -> None:
         node.inputs.append(ir.make_const(node.name + "_refit_bias", value))
 
 
+def _map(ir: IR, node: gs.Node) -> LinearMap | None:
+    bias = ir.const_value(node.inputs[2]) if len(node.inputs) > 2 else None
+    return LinearMap.of(node, ir.const_value(node.inputs[1]), bias, len(node.inputs))
+
+
 def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict[str, tuple], *,
-                ridge: float = 1e-3, max_rows: int = 4096, seed: int = 0) -> list[dict]:
+                ridge: float = 1e-3, max_rows: int = 4096, seed: int = 0, grouped: bool = True) -> list[dict]:
     """Re-fit the consumers of pruned channels in ``ir`` (in place). ``kept`` maps tensor names
-    to (axis, surviving positions in the original tensor). Returns one dict per layer."""
-    layers = _layers(ir, kept)
-    if not layers or not feeds:
+    to (axis, surviving positions in the original tensor); ``grouped=False`` leaves grouped and
+    depthwise convs alone. Returns one dict per layer."""
+    if not feeds:
         return []
     orig_names = {o for n in original.graph.node for o in n.output}
-    layers = [n for n in layers if n.outputs[0].name in orig_names]
-    targets = run_tensors(original, [n.outputs[0].name for n in layers], feeds)
-    rng = np.random.default_rng(seed)
-    report = []
-    for node, ys in zip(layers, targets):
-        yname = node.outputs[0].name
-        w = ir.const_value(node.inputs[1]).astype(np.float64)
-        has_b = len(node.inputs) > 2 and ir.const_value(node.inputs[2]) is not None
-        b = ir.const_value(node.inputs[2]).astype(np.float64) if has_b else None
-        xs = run_tensors(ir.to_onnx(), [node.inputs[0].name], feeds)[0]
-        X_rows, Y_rows = [], []
-        per_batch = max(1, max_rows // len(xs))
-        for x, y in zip(xs, ys):
-            if yname in kept:
-                axis, pos = kept[yname]
+    layers = [n for n in _layers(ir, kept, grouped) if n.outputs[0].name in orig_names]
+    if not layers:
+        return []
+    report: dict[str, dict] = {}
+    maps: dict[str, LinearMap] = {}
+    for node in layers:
+        lm = _map(ir, node)
+        if lm is None:
+            report[node.name] = {"layer": node.name, "op": node.op, "refit": False, "reason": "unsupported layer"}
+        else:
+            maps[node.name] = lm
+    per_batch = max(1, math.ceil(max_rows / len(feeds)))
+
+    # targets: one pass of the unpruned model; only the sampled rows of each layer are kept
+    targets: dict[str, list] = {nm: [] for nm in maps}
+    outputs = {nm: lm.node.outputs[0].name for nm, lm in maps.items()}
+
+    def on_batch(values: dict) -> None:
+        for li, (nm, lm) in enumerate(maps.items()):
+            j = len(targets[nm])
+            y = np.asarray(values[outputs[nm]])
+            if outputs[nm] in kept:
+                axis, pos = kept[outputs[nm]]
                 y = np.take(y, pos, axis=axis)
-            rows = sample_rows(node, w, x, y, per_batch, rng)
-            if rows is None:
-                break
-            X_rows.append(rows[0])
-            Y_rows.append(rows[1])
-        if not X_rows:
-            report.append({"layer": node.name, "refit": False, "reason": "unsupported layout"})
-            continue
-        X = np.concatenate(X_rows).astype(np.float64)
-        Y = np.concatenate(Y_rows).astype(np.float64)
-        # current weights as a [K, Nout] matrix (+ bias)
-        if node.op == "Conv":
-            W0 = w.reshape(w.shape[0], -1).T
-        elif node.op == "Gemm":
-            alpha = float(node.attrs.get("alpha", 1.0))
-            beta = float(node.attrs.get("beta", 1.0))
-            W0 = alpha * (w.T if node.attrs.get("transB", 0) else w)
-            if b is not None:
-                b = beta * np.broadcast_to(b.reshape(-1), (W0.shape[1],)) if b.size in (1, W0.shape[1]) else None
-                has_b = b is not None
-        else:
-            W0 = w
-        fit_bias = node.op in ("Conv", "Gemm")
-        if node.op == "Gemm" and len(node.inputs) > 2 and not has_b:
-            fit_bias = False  # a non-constant / full-matrix C: leave it alone
-        # choose the ridge strength on held-out rows (guards against too few calibration rows)
-        perm = rng.permutation(len(X))
-        n_val = max(1, len(X) // 5)
-        val, tr = perm[:n_val], perm[n_val:]
+            idx = lm.positions(y, per_batch, np.random.default_rng((seed, li, j)))
+            targets[nm].append(None if idx is None else (y.shape, idx, lm.y_rows(y, idx)))
 
-        def err(W, bb, rows):
-            return float(np.mean((X[rows] @ W + (bb if bb is not None else 0.0) - Y[rows]) ** 2))
+    runtime.capture(original, list(outputs.values()), feeds, on_batch)
 
-        err0 = err(W0, b if has_b else None, val)
-        best = None
-        for lam in (ridge, ridge * 10, ridge * 100, ridge * 1000):
-            sol = ridge_solve(X[tr], Y[tr], lam, fit_bias)
-            W1, b1 = (sol[:-1], sol[-1]) if fit_bias else (sol, None)
-            e = err(W1, b1, val)
-            if best is None or e < best[0]:
-                best = (e, lam)
-        err1, lam = best
-        entry = {"layer": node.name, "op": node.op, "rows": int(X.shape[0]), "ridge": lam,
-                 "val_mse_before": err0, "val_mse_after": err1}
-        sol = ridge_solve(X, Y, lam, fit_bias)
-        W1, b1 = (sol[:-1], sol[-1]) if fit_bias else (sol, None)
-        if not err1 < err0:
-            entry["refit"] = False
-            report.append(entry)
-            continue
-        dt = ir.const_value(node.inputs[1]).dtype
-        if node.op == "Conv":
-            _set(ir, node, 1, W1.T.reshape(w.shape).astype(dt))
-            _set(ir, node, 2, b1.astype(dt))
-        elif node.op == "Gemm":
-            node.attrs["alpha"] = 1.0
-            node.attrs["beta"] = 1.0
-            _set(ir, node, 1, (W1.T if node.attrs.get("transB", 0) else W1).astype(dt))
-            if b1 is not None:
-                _set(ir, node, 2, b1.astype(dt))
-        else:
-            _set(ir, node, 1, W1.astype(dt))
+    # inputs: the pruned model in parts, each layer fitted as soon as its input is final
+    staged = StagedRun(ir.to_onnx(), feeds, {nm: lm.node.inputs[0].name for nm, lm in maps.items()})
+    for ready in staged.waves():
+        for nm in ready:
+            lm = maps[nm]
+            entry = _fit(lm, staged.batches(lm.node.inputs[0].name), targets.pop(nm), ridge)
+            entry["part"] = staged.parts
+            report[nm] = entry
+            if entry["refit"]:
+                W, b = entry.pop("solution")
+                node = lm.node
+                like = ir.const_value(node.inputs[1])
+                w_new, b_new = lm.tensors(W, b, like)
+                consts = {1: w_new} if b_new is None else {1: w_new, 2: b_new}
+                attrs = {"alpha": 1.0, "beta": 1.0} if node.op == "Gemm" else None
+                if attrs:
+                    node.attrs.update(attrs)
+                for slot, value in consts.items():
+                    _set(ir, node, slot, value)
+                staged.replace(nm, consts, attrs)
+                ir.changed()
+    return [report[n.name] for n in layers]
+
+
+def _fit(lm: LinearMap, xs: list, ys: list, ridge: float) -> dict:
+    """Accumulate the normal equations of ``lm`` over the batches and solve them; the entry's
+    ``solution`` is (W, b) when the fit beats the current weights on the held-out rows."""
+    node = lm.node
+    g, k, no = lm.W.shape
+    entry = {"layer": node.name, "op": node.op, "groups": g, "refit": False}
+    ne = NormalEquations(g, k, no)
+    offset = 0
+    for x, y in zip(xs, ys):
+        X = None if y is None else lm.x_rows(np.asarray(x), y[0], y[1])
+        if X is None:
+            entry["reason"] = "unsupported layout"
+            return entry
+        held_out = (np.arange(len(X)) + offset) % 5 == 0
+        offset += len(X)
+        ne.add(X, y[2], held_out)
+    err0 = ne.mse(lm.W, lm.b)
+    best = None
+    for step in RIDGE_STEPS:  # stop once the held-out error rises (it is unimodal in lambda)
+        W, b = ne.solve(ridge * step, lm.fit_bias, train_only=True)
+        e = ne.mse(W, b)
+        if best is not None and not e < best[0]:
+            break
+        best = (e, ridge * step)
+    err1, lam = best
+    entry.update(rows=int(ne.rows.sum()), ridge=lam, val_mse_before=err0, val_mse_after=err1)
+    if err1 < err0:
+        entry["solution"] = ne.solve(lam, lm.fit_bias, train_only=False)
         entry["refit"] = True
-        report.append(entry)
-        ir.changed()
-    return report
+    return entry
 
 
 @register
