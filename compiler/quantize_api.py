@@ -61,7 +61,7 @@ from edgec.passes.quantize import QuantizeQDQ
 MODES = ("int8", "fp16", "mixed")
 ERROR_SAMPLES = 512  # calibration samples the reported output error is measured on
 DEFAULT_INT8_BUDGET = 0.1  # int8 output error (relative L2, 20 dB SQNR) above which ops fall back to float
-COLLAPSE = 0.3  # an int8 result whose output error is beyond this (~10 dB SQNR) is refused, not written
+COLLAPSE = 0.5  # an int8 result whose output error is beyond this (6 dB SQNR, cosine ~0.87) is refused, not written
 MAX_FALLBACK = 0.25  # at most this fraction of the quantized ops go back to float
 MAX_CANDIDATES = 16  # candidates whose contribution is measured one by one (the trace's noisiest first)
 MAX_STEPS = 8  # fallback steps, each measured
@@ -431,6 +431,13 @@ class _Quantizer:
             self.log(f"fallback: {u} float ({', '.join(extra)}), error {err:.4g}")
             if err <= budget:
                 break
+        # keep the steps up to the lowest error, and none unless they cut the error by a tenth
+        best = min(range(len(steps)), key=lambda i: steps[i]["error_after"], default=None)
+        if best is None or steps[best]["error_after"] > 0.9 * full:
+            steps = []
+        else:
+            steps = steps[:best + 1]
+        floats = [k for st in steps for k in st["float"]]
         section = {"max_error": budget, "error_before": guarded_error(rep["error"]), "steps": steps,
                    "float": [{"node": k, "why": (f"measured contribution {st['contribution']:.3g} to the output error"
                                                  + ("" if st["candidate"].startswith("op ") else
