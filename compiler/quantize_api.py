@@ -191,14 +191,13 @@ class _FloatCapture:
         self.outputs, self.error, self.bias = outputs, error, bias
         self.parts: list[dict[str, np.ndarray]] = []
         self.means = ChannelMeans(layers)
+        self.divisors: dict[str, np.ndarray] = {}  # layer -> per-channel divisor (an equalised model's)
 
     def __call__(self, i: int, values: dict) -> None:
         if i < self.error.count:
             self.parts.append({n: values[n] for n in self.outputs})
         if i < self.bias.count:
             self.means.add(values)
-
-        self.divisors: dict[str, np.ndarray] = {}
 
     def reference(self, subset: _Subset) -> dict[str, np.ndarray]:
         """The float outputs on ``subset`` (the error subset or the bias subset, its prefix)."""
