@@ -60,6 +60,7 @@ from edgec.passes.quantize import QuantizeQDQ
 
 MODES = ("int8", "fp16", "mixed")
 ERROR_SAMPLES = 512  # calibration samples the reported output error is measured on
+BIAS_SAMPLES = 128  # samples bias correction measures on
 DEFAULT_INT8_BUDGET = 0.1  # int8 output error (relative L2, 20 dB SQNR) above which ops fall back to float
 COLLAPSE = 0.5  # an int8 result whose output error is beyond this (6 dB SQNR, cosine ~0.87) is refused, not written
 MAX_FALLBACK = 0.25  # at most this fraction of the quantized ops go back to float
@@ -75,7 +76,6 @@ def guarded_error(metrics: dict) -> float:
     """The error the int8 budget is checked against: the worst output's relative L2, or its
     worst channel's over ``CHANNEL_FACTOR``, whichever is larger."""
     return max(metrics["rel_l2"], metrics.get("worst_channel_rel_l2", 0.0) / CHANNEL_FACTOR)
-BIAS_SAMPLES = 128  # samples bias correction measures on
 
 
 def quantize_for_target(ir: IR, target, options: QuantOptions, calib, *, max_error: float | None = None,
@@ -260,7 +260,7 @@ class _Quantizer:
         calib_seconds = time.perf_counter() - tc
         self.reference = capture.reference(self.error_set)
         ranges = self._ranges(stats)
-        widest = build_plan(ir, scheme, ranges, keep_float=self.keep_float)
+        self.widest = widest = build_plan(ir, scheme, ranges, keep_float=self.keep_float)
         self.probe = Probe(ir, float_model, scheme, widest, switchable=self.mode == "mixed",
                            adaptive=list(self.layers) if self.bias_correction else ())
 
@@ -385,8 +385,7 @@ class _Quantizer:
         are measured. Measurements run on the first ``FALLBACK_SAMPLES`` calibration samples."""
         ir = self.ir
         probe = self._switchable_probe()
-        subset = _subset(self.calib, min(FALLBACK_SAMPLES, self.bias_set.samples))
-        subset.count = min(subset.count, self.bias_set.count)
+        subset = _subset(self.calib, min(FALLBACK_SAMPLES, self.bias_set.samples))  # a prefix of the bias subset
         batches, ref = subset.batches, capture.reference(subset)
         keep = list(self.keep_float)
 
@@ -501,9 +500,8 @@ class _Quantizer:
         """A probe that measures any subset of the int8 plan (built once, when a fallback needs it),
         with every activation and its dequantized copy as outputs (for the trace)."""
         if self._sw_probe is None:
-            widest = build_plan(self.ir, self.scheme, self._ranges(self.stats), keep_float=self.keep_float)
-            dq = [PROBE_PREFIX + "dq." + t for t in widest.activations]
-            self._sw_probe = Probe(self.ir, self.float_model, self.scheme, widest, switchable=True,
+            dq = [PROBE_PREFIX + "dq." + t for t in self.widest.activations]
+            self._sw_probe = Probe(self.ir, self.float_model, self.scheme, self.widest, switchable=True,
                                    adaptive=list(self.layers) if self.bias_correction else (),
                                    observe=self.tensors + dq)
         return self._sw_probe
