@@ -18,12 +18,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .ir import IR
+from .ir import IR, is_empty
 from .quant_plan import node_id
 
-
-def _empty(t) -> bool:
-    return t is None or (isinstance(t, gs.Variable) and t.is_empty())
 
 
 def pairs(ir: IR) -> list[tuple[gs.Node, gs.Node]]:
@@ -33,7 +30,7 @@ def pairs(ir: IR) -> list[tuple[gs.Node, gs.Node]]:
         w1 = ir.const_value(c1.inputs[1]) if len(c1.inputs) > 1 else None
         if w1 is None or w1.dtype != np.float32 or w1.ndim < 3:
             continue
-        if len(c1.inputs) > 2 and not _empty(c1.inputs[2]) and ir.const_value(c1.inputs[2]) is None:
+        if len(c1.inputs) > 2 and not is_empty(c1.inputs[2]) and ir.const_value(c1.inputs[2]) is None:
             continue
         nxt = ir.single_consumer(c1.outputs[0])
         if nxt is None:
@@ -102,7 +99,7 @@ def equalize_with_scales(ir: IR, sweeps: int = 3) -> tuple[dict[str, dict[int, n
             cur[(node_id(c1), 1)] = w1 / s.reshape((-1,) + (1,) * (w1.ndim - 1))
             changed.add((node_id(c1), 1))
             divisors[node_id(c1)] = divisors.get(node_id(c1), np.ones(c)) * s
-            if len(c1.inputs) > 2 and not _empty(c1.inputs[2]):
+            if len(c1.inputs) > 2 and not is_empty(c1.inputs[2]):
                 cur[(node_id(c1), 2)] = get(c1, 2) / s
                 changed.add((node_id(c1), 2))
             if depthwise:

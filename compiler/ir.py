@@ -181,7 +181,7 @@ class IR:
         Constants numpy cannot hold natively (bfloat16, float8, int4, strings: see
         :func:`is_opaque`) and generated constants over ``MAX_MATERIALIZE_BYTES`` are not
         constants to passes: they are carried through untouched."""
-        if t is None or _is_empty(t):
+        if t is None or is_empty(t):
             return None
         if isinstance(t, gs.Constant):
             return None if is_opaque(t) else _values(t)
@@ -191,7 +191,7 @@ class IR:
         return np.full(self.generated_shape(t), fill_arr.reshape(-1)[0], dtype=fill_arr.dtype)
 
     def is_const(self, t: gs.Tensor | None) -> bool:
-        if t is None or _is_empty(t):
+        if t is None or is_empty(t):
             return False
         if isinstance(t, gs.Constant):
             return not is_opaque(t)
@@ -404,7 +404,7 @@ class IR:
         known = set(produced) | graph_inputs
         for node in self.graph.nodes:
             for t in node.inputs:
-                if _is_empty(t) or isinstance(t, gs.Constant):
+                if is_empty(t) or isinstance(t, gs.Constant):
                     continue
                 if t.name not in known:
                     raise InternalError(f"node '{node.name}' ({node.op}) reads '{t.name}', which nothing produces")
@@ -516,7 +516,8 @@ def _copy_info(info: ModelInfo) -> ModelInfo:
     return ModelInfo(**{**info.__dict__, "metadata": dict(info.metadata), "notes": list(info.notes)})
 
 
-def _is_empty(t) -> bool:
+def is_empty(t) -> bool:
+    """An absent optional input: None, or graphsurgeon's empty Variable."""
     return t is None or (isinstance(t, gs.Variable) and t.is_empty())
 
 

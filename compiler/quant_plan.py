@@ -38,7 +38,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import UserError
-from .ir import IR
+from .ir import IR, is_empty
 from .quant_rules import OpRule, table_for
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -299,9 +299,6 @@ def _default_domain(n: gs.Node) -> bool:
     return n.domain in (None, "", "ai.onnx")
 
 
-def _empty(t) -> bool:
-    return t is None or (isinstance(t, gs.Variable) and t.is_empty())
-
 
 def kept_float(node: gs.Node, keep: set) -> bool:
     return bool(keep) and (node_key(node) in keep or node.name in keep or any(o.name in keep for o in node.outputs))
@@ -390,7 +387,7 @@ class _Planner:
                     continue
                 qnodes.add(id(n))
                 for t in n.inputs:
-                    if not ir.is_const(t) and not _empty(t):
+                    if not ir.is_const(t) and not is_empty(t):
                         qtensors[t.name] = t
                 self._mark_output(n, qtensors, producer_q, force=True)
                 changed = True
@@ -498,14 +495,14 @@ class _Planner:
             return False
         hi_cap = None
         if n.op == "Clip":
-            lo_v = ir.const_value(n.inputs[1]) if len(n.inputs) > 1 and not _empty(n.inputs[1]) else None
-            hi_v = ir.const_value(n.inputs[2]) if len(n.inputs) > 2 and not _empty(n.inputs[2]) else None
+            lo_v = ir.const_value(n.inputs[1]) if len(n.inputs) > 1 and not is_empty(n.inputs[1]) else None
+            hi_v = ir.const_value(n.inputs[2]) if len(n.inputs) > 2 and not is_empty(n.inputs[2]) else None
             if "min" in n.attrs or "max" in n.attrs:  # opset < 11 form
                 lo_v = np.asarray(n.attrs.get("min", -np.inf))
                 hi_v = np.asarray(n.attrs.get("max", np.inf)) if "max" in n.attrs else None
             if lo_v is None or float(lo_v) != 0.0:
                 return False
-            if len(n.inputs) > 2 and not _empty(n.inputs[2]) and hi_v is None:
+            if len(n.inputs) > 2 and not is_empty(n.inputs[2]) and hi_v is None:
                 return False
             hi_cap = float(hi_v) if hi_v is not None else None
         lo, hi = self.ranges[y.name]
@@ -520,7 +517,7 @@ class _Planner:
 
     def _follows(self, n: gs.Node, r: OpRule, qtensors) -> bool:
         ir = self.ir
-        acts = [t for t in n.inputs if not _empty(t) and not ir.is_const(t)]
+        acts = [t for t in n.inputs if not is_empty(t) and not ir.is_const(t)]
         if not acts or not n.outputs:
             return False
         if any(t.dtype is not None and np.dtype(t.dtype) != np.float32 for t in acts):

@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
-from .ir import IR
+from .ir import IR, is_empty
 from .quant_plan import QuantPlan, bias_form, fake_quantized_weight, node_id, out_channels, weight_arrays, weighted_nodes
 from .quant_rules import table_for
 from .runtime import error_metrics, reference_session, run_batches
@@ -40,7 +40,7 @@ PREFIX = "edgec.probe."
 
 
 def _has_bias(node: gs.Node) -> bool:
-    return len(node.inputs) > 2 and not (isinstance(node.inputs[2], gs.Variable) and node.inputs[2].is_empty())
+    return len(node.inputs) > 2 and not is_empty(node.inputs[2])
 
 
 def concat(parts: dict[str, list]) -> dict[str, np.ndarray]:

@@ -29,7 +29,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgec.errors import UserError
-from edgec.ir import IR
+from edgec.ir import IR, is_empty
 from edgec.pipeline import Pass, PassContext, PassResult, register
 from edgec.quant_plan import ActQuant, QuantPlan, bias_form, build_plan, node_id, weight_arrays
 from edgec.target import QuantScheme
@@ -149,7 +149,7 @@ def _weight(ir: IR, n: gs.Node, wq, plan: QuantPlan, result: PassResult) -> None
     n.inputs[1] = wdq
     shift = plan.bias_shift.get(node_id(n))
     aq = plan.activations.get(wq.input)
-    has_bias = len(n.inputs) > 2 and not _empty(n.inputs[2])
+    has_bias = len(n.inputs) > 2 and not is_empty(n.inputs[2])
     b = ir.const_value(n.inputs[2]) if has_bias else None
     form = bias_form(n, w, b, has_bias, aq.scale if aq is not None else None, scale, shift, wq.bias)
     if form is None:
@@ -183,6 +183,3 @@ def _scalar(ir: IR, hint: str, value: np.ndarray) -> gs.Constant:
     """A constant that keeps its shape (0-d stays 0-d; ir.make_const would make it 1-D)."""
     return gs.Constant(ir.unique_name(hint), np.asarray(value))
 
-
-def _empty(t) -> bool:
-    return t is None or (isinstance(t, gs.Variable) and t.is_empty())

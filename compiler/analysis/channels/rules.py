@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from edgec.ir import is_empty
+
 from .members import GroupAttr, ParamSlice, ShapeEntry, SliceWindow, SplitSize
 from .model import TMap
 
@@ -55,9 +57,6 @@ def _dim(t, axis: int) -> int | None:
     return int(d) if isinstance(d, (int, np.integer)) and d >= 0 else None
 
 
-def _empty(t) -> bool:
-    return t is None or (isinstance(t, gs.Variable) and t.is_empty())
-
 
 def _passthrough(a: ChannelAnalysis, node) -> None:
     m = a.get(node.inputs[0]) if node.inputs else None
@@ -77,7 +76,7 @@ def _optional_param(a: ChannelAnalysis, node, slot: int, m: TMap, axis: int, rol
     """Register input ``slot`` (a constant) as a member sliced on ``axis``; False if it is not
     a constant of the expected size there."""
     t = node.inputs[slot] if slot < len(node.inputs) else None
-    if _empty(t):
+    if is_empty(t):
         return True
     v = a.ir.const_value(t)
     if v is None or v.ndim <= axis or v.shape[axis] != expect:
@@ -178,7 +177,7 @@ def r_gemm(a: ChannelAnalysis, node) -> None:
     n = int(b.shape[0] if trans_b else b.shape[1])
     out = a.origin(y, node, 1, n)
     _add_param(a, node, 1, 0 if trans_b else 1, out, "weight.out")
-    if len(node.inputs) > 2 and not _empty(node.inputs[2]):
+    if len(node.inputs) > 2 and not is_empty(node.inputs[2]):
         c = a.ir.const_value(node.inputs[2])
         if c is None:
             a.block(out.elems, f"{_name(node)} C is not a constant")
@@ -247,7 +246,7 @@ def r_elementwise(a: ChannelAnalysis, node) -> None:
     """Add/Sub/Mul/Div/... (and PRelu): mapped inputs are tied, per-channel constants sliced."""
     y = node.outputs[0]
     ry = _rank(y)
-    ins = [t for t in node.inputs if not _empty(t)]
+    ins = [t for t in node.inputs if not is_empty(t)]
     mapped = [(t, a.get(t)) for t in ins if a.get(t) is not None]
     if not mapped:
         return
@@ -270,7 +269,7 @@ def r_elementwise(a: ChannelAnalysis, node) -> None:
         return
     full = len(outm.elems) * outm.block
     for slot, t in enumerate(node.inputs):
-        if _empty(t) or a.get(t) is not None:
+        if is_empty(t) or a.get(t) is not None:
             continue
         r = _rank(t)
         ax = outm.axis - (ry - r)
@@ -368,7 +367,7 @@ def r_split(a: ChannelAnalysis, node) -> None:
         for o in node.outputs:
             a.set(o, m)
         return
-    if len(node.inputs) > 1 and not _empty(node.inputs[1]):
+    if len(node.inputs) > 1 and not is_empty(node.inputs[1]):
         sizes, slot = _const_ints(a, node.inputs[1]), 1
     elif "split" in node.attrs:
         sizes, slot = [int(s) for s in node.attrs["split"]], -1
@@ -398,8 +397,8 @@ def r_slice(a: ChannelAnalysis, node) -> None:
         axes, steps, slot = node.attrs.get("axes"), None, -1
     else:
         starts, ends = _const_ints(a, node.inputs[1]), _const_ints(a, node.inputs[2])
-        axes = _const_ints(a, node.inputs[3]) if len(node.inputs) > 3 and not _empty(node.inputs[3]) else None
-        steps = _const_ints(a, node.inputs[4]) if len(node.inputs) > 4 and not _empty(node.inputs[4]) else None
+        axes = _const_ints(a, node.inputs[3]) if len(node.inputs) > 3 and not is_empty(node.inputs[3]) else None
+        steps = _const_ints(a, node.inputs[4]) if len(node.inputs) > 4 and not is_empty(node.inputs[4]) else None
         slot = 1
     if starts is None or ends is None or r is None:
         a.block(m.elems, f"{_name(node)}: starts/ends are not constants")
@@ -581,7 +580,7 @@ def r_flatten(a: ChannelAnalysis, node) -> None:
 def _axes_of(a: ChannelAnalysis, node, slot: int = 1) -> list[int] | None:
     if "axes" in node.attrs:
         return [int(x) for x in node.attrs["axes"]]
-    if len(node.inputs) > slot and not _empty(node.inputs[slot]):
+    if len(node.inputs) > slot and not is_empty(node.inputs[slot]):
         return _const_ints(a, node.inputs[slot])
     return None
 
@@ -655,7 +654,7 @@ def r_clip(a: ChannelAnalysis, node) -> None:
     if m is None:
         return
     for t in node.inputs[1:]:
-        if not _empty(t) and not (a.ir.is_const(t) and a.ir.const_value(t).size == 1):
+        if not is_empty(t) and not (a.ir.is_const(t) and a.ir.const_value(t).size == 1):
             a.block(m.elems, f"{_name(node)}: min/max are not scalar constants")
             return
     a.set(node.outputs[0], m, node.inputs[0])
@@ -668,7 +667,7 @@ def r_pad(a: ChannelAnalysis, node) -> None:
     pads = [int(p) for p in node.attrs["pads"]] if "pads" in node.attrs else (
         _const_ints(a, node.inputs[1]) if len(node.inputs) > 1 else None)
     r = _rank(node.inputs[0])
-    axes = _const_ints(a, node.inputs[3]) if len(node.inputs) > 3 and not _empty(node.inputs[3]) else None
+    axes = _const_ints(a, node.inputs[3]) if len(node.inputs) > 3 and not is_empty(node.inputs[3]) else None
     if pads is None or r is None or (axes is None and len(pads) != 2 * r):
         a.block(m.elems, f"{_name(node)}: pads unknown")
         return
@@ -684,8 +683,8 @@ def r_resize(a: ChannelAnalysis, node) -> None:
     m = a.get(node.inputs[0])
     if m is None:
         return
-    scales = a.ir.const_value(node.inputs[2]) if len(node.inputs) > 2 and not _empty(node.inputs[2]) else None
-    sizes = _const_ints(a, node.inputs[3]) if len(node.inputs) > 3 and not _empty(node.inputs[3]) else None
+    scales = a.ir.const_value(node.inputs[2]) if len(node.inputs) > 2 and not is_empty(node.inputs[2]) else None
+    sizes = _const_ints(a, node.inputs[3]) if len(node.inputs) > 3 and not is_empty(node.inputs[3]) else None
     if scales is not None and scales.size and float(scales.reshape(-1)[m.axis]) == 1.0 and sizes is None:
         a.set(node.outputs[0], m)
         return
