@@ -18,8 +18,10 @@ probe is built once, from the float model, and every plan is a set of *inputs* t
 
 Runs go through the reference executor (:mod:`edgec.runtime`: ONNX Runtime, optimisations off),
 so a plan's measured outputs are those of the materialised model in reference arithmetic: the
-same float kernels on the same values (``Where`` selects exactly). One session serves every
-measurement of a compile.
+same float kernels on the same values (``Where`` selects exactly), bit for bit for int8 layers
+(``tests/test_quantization.py``). A layer a plan keeps float may differ in its last bit: the
+written model holds its weight as a constant, which ONNX Runtime may pre-pack, where the probe
+feeds it. One session serves every measurement of a compile.
 """
 
 from __future__ import annotations

@@ -683,3 +683,51 @@ def test_concat_of_scores_and_pixel_boxes_is_not_crushed_under_one_scale(monkeyp
     assert q["fallback"]["error_before"] > quantize_api.DEFAULT_INT8_BUDGET and q["fallback"]["met"]
     assert q["error"]["worst_channel_rel_l2"] < 4 * quantize_api.DEFAULT_INT8_BUDGET
     assert _score_error(model, r.model, feeds) < 0.05
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "mobilenet_v2", "inception", "transformer_encoder"])
+@pytest.mark.parametrize("kind", ["uint8", "int8-mixed", "tensorrt"])
+def test_the_probe_computes_what_the_materialised_model_computes(name, kind):
+    """Every plan edgec chooses is measured on the probe, never written: the probe's outputs must
+    be those of the model the materialiser writes, bit for bit, in the reference executor (with
+    bias shifts; with a per-layer precision plan on the switchable probe; TensorRT's float-Q->DQ
+    weights)."""
+    from edgec import calibration, quant_plan, quant_probe
+    from edgec.pipeline import PassContext
+    from edgec.target import QuantScheme
+
+    model = ALL_MODELS[name]()
+    ir = edgec.from_model(model)
+    edgec.run_passes(ir, ["fold_constants", "fold_batchnorm", "eliminate_dead"])
+    ir.infer_shapes()
+    float_model = ir.to_onnx()
+    calib = list(calibdata.load_calibration("random", model, max_samples=16, seed=1))
+    ranges, _ = calibration.calibrate(float_model, quantize_api.calibration_tensors(ir), calib,
+                                      symmetric=kind == "tensorrt")
+    scheme = {"uint8": QuantScheme(weight_type="uint8"), "int8-mixed": QuantScheme(weight_type="int8"),
+              "tensorrt": QuantScheme(rules="tensorrt", activations="symmetric", bias="float",
+                                      weight_format="float-qdq")}[kind]
+    widest = quant_plan.build_plan(ir, scheme, ranges)
+    layers = [n for n in ir.nodes if n.outputs and quant_plan.node_id(n) in widest.weights]
+    precisions = {}
+    if kind == "int8-mixed":  # every third layer float, every third int4
+        precisions = {quant_plan.node_key(n): ("fp32", "int4", "int8")[i % 3] for i, n in enumerate(layers)}
+    plan = quant_plan.build_plan(ir, scheme, ranges, precisions=precisions)
+    rng = np.random.default_rng(0)
+    shifts = {quant_plan.node_id(n): rng.normal(0, 0.01, quant_plan.out_channels(n, ir.const_value(n.inputs[1])))
+              for n in layers if n.op != "MatMul" and quant_plan.node_id(n) in plan.weights}
+    plan = plan.with_bias_shift(shifts)
+    probe = quant_probe.Probe(ir, float_model, scheme, widest, switchable=kind == "int8-mixed",
+                              adaptive=[quant_plan.node_id(n) for n in layers])
+    measured = probe.outputs(plan, calib)
+    written = ir.copy()
+    edgec.run_passes(written, [QuantizeQDQ()], PassContext(plan=plan))
+    computed = runtime.run_outputs(written.to_onnx(), calib)
+    assert plan.weights and set(measured) == set(computed)
+    for k in computed:
+        if kind == "int8-mixed":  # fp32 layers: their constant weights may be pre-packed by ONNX Runtime in the
+            # written model (the probe feeds them as inputs): the last float bit may differ, nothing more
+            np.testing.assert_allclose(measured[k], computed[k], rtol=1e-5, atol=1e-6 * np.abs(computed[k]).max(),
+                                       err_msg=k)
+        else:
+            np.testing.assert_array_equal(measured[k], computed[k], err_msg=k)
