@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--strict-int8", action="store_true",
                    help="--quantize int8: keep every op int8 even above the error budget (no fallback to float; "
                         "a collapsed result still fails)")
+    q.add_argument("--rounding", choices=["auto", "nearest"], default="auto",
+                   help="--quantize int8: weight rounding chosen for each layer's output (GPTQ), kept where it "
+                        "measures better (auto), or nearest")
     c.add_argument("--goal", choices=["latency", "size", "accuracy"],
                    help="let edgec choose pruning and precision for the target within --max-error/--max-bytes")
     c.add_argument("--bench", action="store_true", help="measure ONNX Runtime latency before and after")
@@ -179,7 +182,7 @@ def _compile(args, log) -> int:
                          bench=args.bench, quantize=args.quantize, calib_method=args.calib_method,
                          percentile=args.percentile, activations=args.activations, weights=args.weights,
                          keep_float=[k.strip() for k in args.keep_float.split(",") if k.strip()],
-                         strict_int8=args.strict_int8,
+                         strict_int8=args.strict_int8, rounding=args.rounding,
                          max_bytes=args.max_bytes, progress=not (args.quiet or args.json) and _interactive(),
                          goal=args.goal, calib_preprocess=_preprocess(args), log=log, report_file=args.report)
     if args.json:

@@ -32,6 +32,7 @@ PRUNE_MODES = ("uniform", "global")
 QUANTIZE_MODES = ("int8", "fp16", "mixed")
 ACTIVATIONS = ("asymmetric", "symmetric")
 WEIGHTS = ("per-channel", "per-tensor")
+ROUNDINGS = ("auto", "nearest")
 GOALS = ("latency", "size", "accuracy")
 MAX_DIM = 1 << 31  # an input dimension above this is a typo (and no runtime could allocate it)
 
@@ -189,6 +190,7 @@ def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
     number("percentile", o["percentile"], lo=0, hi=100, lo_open=True)
     choice("activations", o["activations"], ACTIVATIONS)
     choice("weights", o["weights"], WEIGHTS)
+    choice("rounding", o["rounding"], ROUNDINGS, optional=False)
     keep = o["keep_float"]
     if isinstance(keep, str):
         keep = [k.strip() for k in keep.split(",") if k.strip()]
@@ -258,6 +260,7 @@ class QuantOptions:
     max_bytes: int | None = None
     progress: bool = False
     strict: bool = False  # --strict-int8: no fallback to float when int8 misses the error budget
+    rounding: str = "auto"  # --rounding: "auto" (GPTQ where it measures better) or "nearest"
 
 
 @dataclass(frozen=True)
@@ -280,7 +283,7 @@ KEYWORDS = ("target", "target_options", "input_shapes", "passes", "verify", "inp
             "max_error", "calib", "calib_samples", "prune", "prune_macs", "importance", "prune_mode", "prune_steps",
             "round_to", "max_layer_ratio", "reconstruct", "bench", "quantize", "calib_method", "percentile",
             "activations", "weights", "keep_float", "max_bytes", "progress", "goal", "calib_preprocess",
-            "strict_int8")
+            "strict_int8", "rounding")
 
 
 @dataclass(frozen=True)
@@ -323,7 +326,8 @@ class CompileOptions:
                                reconstruct=o["reconstruct"]),
             quant=QuantOptions(mode=o["quantize"], method=o["calib_method"], percentile=o["percentile"],
                                activations=o["activations"], weights=o["weights"], keep_float=_names(o["keep_float"]),
-                               max_bytes=o["max_bytes"], progress=o["progress"], strict=o["strict_int8"]),
+                               max_bytes=o["max_bytes"], progress=o["progress"], strict=o["strict_int8"],
+                               rounding=o["rounding"]),
             verify=VerifyOptions(verify=o["verify"], inputs=o["inputs"], eval_data=o["eval_data"], rtol=o["rtol"],
                                  atol=o["atol"], max_error=o["max_error"], bench=o["bench"]),
             goal=o["goal"], progress=o["progress"])
@@ -341,7 +345,8 @@ class CompileOptions:
                 "quantize": q.mode, "calib_method": q.method, "percentile": q.percentile,
                 "activations": q.activations, "weights": q.weights, "keep_float": q.keep_float,
                 "max_bytes": q.max_bytes, "progress": self.progress, "goal": self.goal,
-                "calib_preprocess": self.calib_preprocess, "strict_int8": q.strict}
+                "calib_preprocess": self.calib_preprocess, "strict_int8": q.strict,
+                "rounding": q.rounding}
 
 
 def _names(value) -> tuple:

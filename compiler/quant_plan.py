@@ -80,6 +80,9 @@ class QuantPlan:
     weight_format: str = "integer"  # "integer" (int initializer -> DQ) | "float-qdq" (float -> Q -> DQ)
     float_layers: tuple[tuple[str, str], ...] = ()  # (layer, why it stays float)
     residual_adds: int = 0
+    # node id -> (stored levels, scales, zero points) chosen for the layer's output
+    # (edgec.rounding) instead of nearest rounding; same scales and zero points as nearest
+    rounded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def with_bias_shift(self, shifts: dict[str, np.ndarray]) -> "QuantPlan":
         return replace(self, bias_shift=dict(shifts))
@@ -185,8 +188,11 @@ def activation_params(lo: float, hi: float, symmetric: bool) -> tuple[np.float32
     return np.float32(scale), zp
 
 
-def weight_arrays(w: np.ndarray, wq: WeightQuant) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(stored values, float32 scales, zero points) of a weight under ``wq``."""
+def weight_arrays(w: np.ndarray, wq: WeightQuant, rounded=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(stored values, float32 scales, zero points) of a weight under ``wq``; ``rounded``: the
+    plan's chosen (levels, scales, zero points) for this layer, when it has them."""
+    if rounded is not None:
+        return rounded
     if wq.kind == "uint8":
         return quantize_weight_uint8(w, wq.axis)
     q, scale = quantize_weight(w, wq.axis, {"int8": 8, "int7": 7, "int4": 4}[wq.kind])
@@ -202,9 +208,11 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int | Non
     return diff.astype(np.float32) * np.asarray(scale, dtype=np.float32)
 
 
-def fake_quantized_weight(w: np.ndarray, wq: WeightQuant, weight_format: str) -> np.ndarray:
+def fake_quantized_weight(w: np.ndarray, wq: WeightQuant, weight_format: str, rounded=None) -> np.ndarray:
     """The float weight the quantized layer computes with, bit for bit as ONNX Runtime's
     DequantizeLinear (and, for ``float-qdq``, QuantizeLinear in float32) produce it."""
+    if rounded is not None:  # float-qdq stores exactly these dequantized levels: Q gives them back
+        return dequantize(*weight_arrays(w, wq, rounded), wq.axis)
     if weight_format == "float-qdq":
         _, scale, _ = weight_arrays(w, wq)
         s = scale.reshape(axis_shape(w.ndim, wq.axis)) if wq.axis is not None and scale.ndim else scale

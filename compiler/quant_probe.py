@@ -81,12 +81,15 @@ class Probe:
     scales, weights and biases differ) wires the Q/DQ pairs as the materialiser will, folded
     ReLUs removed, with no switches: the probe then costs what the quantized model costs.
     ``switchable=True`` (mixed precision, where plans quantize subsets) puts a switch on every
-    reader edge. Every tensor of ``observe`` is also an output."""
+    reader edge. Every tensor of ``observe`` is also an output; with ``layer_inputs``, so is the
+    data input each layer reads (``layer_input[node id]``: its dequantized copy where quantized)."""
 
     def __init__(self, ir: IR, float_model: onnx.ModelProto, scheme, widest: QuantPlan, *, switchable: bool = True,
-                 adaptive: Iterable[str] = (), observe: Iterable[str] = ()):
+                 adaptive: Iterable[str] = (), observe: Iterable[str] = (), layer_inputs: bool = False):
         self.ir = ir
         self.observe = list(observe)
+        self.with_layer_inputs = layer_inputs
+        self.layer_input: dict[str, str] = {}
         self.adaptive = [i for i in adaptive]
         self.dtype = "int8" if scheme.activations == "symmetric" else "uint8"
         self.tensors = list(widest.activations)
@@ -200,12 +203,21 @@ class Probe:
             nodes.append(pn)
             if reader in self._adaptive_ranks:
                 nodes.extend(self._adaptive_nodes(pn, new_inputs, opset))
+        if self.with_layer_inputs:
+            for pn in nodes:
+                if not pn.output or not pn.input:
+                    continue
+                nid = pn.output[0]
+                if nid.startswith(PREFIX + "raw."):
+                    nid = nid[len(PREFIX + "raw."):]
+                if nid in self.layers and pn.op_type == self.layers[nid].op:
+                    self.layer_input[nid] = pn.input[0]
         del g.node[:]
         g.node.extend(nodes)
         g.input.extend(new_inputs)
         g.initializer.extend(self._axes_inits)
         have = {o.name for o in g.output}
-        for t in self.observe + [n.outputs[0].name for n in self.layers.values()] + [
+        for t in self.observe + list(self.layer_input.values()) + [n.outputs[0].name for n in self.layers.values()] + [
                 f"{PREFIX}{k}.{nid}" for nid in self.adaptive for k in ("delta", "n")]:
             if t not in have:
                 g.output.append(helper.make_empty_tensor_value_info(t))
@@ -296,10 +308,11 @@ class Probe:
                 if b_name in self.input_names:
                     feeds[b_name] = over.get(2, self.float_b[nid])
                 continue
-            key = (nid, wq.kind, wq.axis, plan.weight_format, id(over.get(1)))
-            if key not in self._cache:
-                self._cache[key] = fake_quantized_weight(w, wq, plan.weight_format)
-            feeds[PREFIX + "w." + nid] = self._cache[key]
+            rounded = plan.rounded.get(nid)
+            key = (nid, wq.kind, wq.axis, plan.weight_format, id(over.get(1)), id(rounded))
+            if key not in self._cache:  # (the arrays keyed by id are held, so no id is reused)
+                self._cache[key] = (over.get(1), rounded, fake_quantized_weight(w, wq, plan.weight_format, rounded))
+            feeds[PREFIX + "w." + nid] = self._cache[key][2]
             if b_name not in self.input_names:
                 continue
             fb = over.get(2, self.float_b[nid])
@@ -308,7 +321,7 @@ class Probe:
             has_bias = _has_bias(node)
             if has_bias:
                 raw = over.get(2) if 2 in over else self.ir.const_value(node.inputs[2])
-            _, w_scale, _ = weight_arrays(w, wq)
+            _, w_scale, _ = weight_arrays(w, wq, rounded)
             form = bias_form(node, w, raw, has_bias, aq.scale if aq is not None else None, w_scale,
                              plan.bias_shift.get(nid), wq.bias)
             feeds[b_name] = form.value if form is not None else fb

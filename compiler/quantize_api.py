@@ -41,7 +41,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import calibration as calib_mod
-from . import equalization, mixed_precision
+from . import equalization, mixed_precision, rounding as rounding_mod
 from .errors import UserError, VerificationError
 from .ir import IR, plain_dtype
 from .options import QuantOptions
@@ -96,25 +96,28 @@ def quantize_for_target(ir: IR, target, options: QuantOptions, calib, *, max_err
     return quantize(ir, calib, mode=mode, scheme=scheme, method=options.method, percentile=options.percentile,
                     activations=options.activations, weights=options.weights, keep_float=options.keep_float,
                     max_error=max_error, max_bytes=options.max_bytes, progress=options.progress,
-                    strict=options.strict, log=log)
+                    strict=options.strict, rounding=options.rounding, log=log)
 
 
 def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8", scheme: QuantScheme | None = None,
              method: str | dict = "minmax", percentile: float = 99.99, activations: str | None = None,
              weights: str | None = None, weight_type: str | None = None, keep_float: Iterable[str] = (),
              max_error: float | None = None, max_bytes: int | None = None, bias_correction: bool = True,
-             equalize: bool | str = "auto", progress=False, strict: bool = False,
+             equalize: bool | str = "auto", rounding: str = "auto", progress=False, strict: bool = False,
              log: Callable[[str], None] | None = None) -> dict:
     """Quantize ``ir`` in place under ``scheme`` (default: ONNX Runtime's fusable QDQ, uint8
     activations, per-channel uint8 weights); ``activations``, ``weights`` and ``weight_type``
     override the scheme's switches. ``calib`` is any re-iterable of ``{input: array}`` batches
     (a :class:`edgec.calibdata.CalibrationSet`); required for ``int8`` and ``mixed``.
-    ``equalize``: ``"auto"``, ``"always"`` or False (see the module doc)."""
+    ``equalize``: ``"auto"``, ``"always"`` or False (see the module doc). ``rounding``:
+    ``"auto"`` (int8: GPTQ rounding where it lowers the measured output error) or ``"nearest"``."""
     log = log or (lambda s: None)
     if mode not in MODES:
         raise UserError(f"unknown quantization mode '{mode}' (known: {', '.join(MODES)})")
     if equalize not in (False, None, "auto", "always", True):
         raise UserError(f"equalize must be 'auto', 'always' or False, got {equalize!r}")
+    if rounding not in ("auto", "nearest"):
+        raise UserError(f"rounding must be 'auto' or 'nearest', got {rounding!r}")
     t0 = time.perf_counter()
     if mode == "fp16":
         return _fp16(ir, calib, keep_float, t0)
@@ -127,8 +130,8 @@ def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8",
     method = calib_mod.parse_method(method) if isinstance(method, str) else method
     report = _Quantizer(ir, calib, scheme, mode=mode, method=method, percentile=percentile,
                         keep_float=tuple(keep_float or ()), max_error=max_error, max_bytes=max_bytes,
-                        bias_correction=bias_correction, equalize=equalize, progress=progress, strict=strict,
-                        log=log).run()
+                        bias_correction=bias_correction, equalize=equalize, rounding=rounding, progress=progress,
+                        strict=strict, log=log).run()
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report
 
@@ -219,7 +222,7 @@ class _Quantizer:
     """One int8/mixed quantization: calibrate, plan, refine, write (the module doc's stages)."""
 
     def __init__(self, ir: IR, calib, scheme: QuantScheme, *, mode, method, percentile, keep_float, max_error,
-                 max_bytes, bias_correction, equalize, progress, log, strict=False):
+                 max_bytes, bias_correction, equalize, progress, log, strict=False, rounding="auto"):
         self.ir, self.calib, self.scheme, self.mode = ir, calib, scheme, mode
         self.method, self.percentile, self.keep_float = method, percentile, keep_float
         self.max_error, self.max_bytes = max_error, max_bytes
@@ -227,6 +230,7 @@ class _Quantizer:
         self.equalize = equalize if scheme.rules == "ort-fusable" else False
         self.progress, self.log = progress, log
         self.strict = strict
+        self.rounding = rounding == "auto" and mode == "int8"
         self._known_parts = None
         self._sw_probe: Probe | None = None
 
@@ -262,7 +266,8 @@ class _Quantizer:
         ranges = self._ranges(stats)
         self.widest = widest = build_plan(ir, scheme, ranges, keep_float=self.keep_float)
         self.probe = Probe(ir, float_model, scheme, widest, switchable=self.mode == "mixed",
-                           adaptive=list(self.layers) if self.bias_correction else ())
+                           adaptive=list(self.layers) if self.bias_correction else (),
+                           layer_inputs=self.rounding)
 
         report: dict = {"mode": self.mode, "method": self.method if isinstance(self.method, str) else dict(self.method),
                         "activations": scheme.activations, "weights": scheme.weights}
@@ -503,7 +508,7 @@ class _Quantizer:
             dq = [PROBE_PREFIX + "dq." + t for t in self.widest.activations]
             self._sw_probe = Probe(self.ir, self.float_model, self.scheme, self.widest, switchable=True,
                                    adaptive=list(self.layers) if self.bias_correction else (),
-                                   observe=self.tensors + dq)
+                                   observe=self.tensors + dq, layer_inputs=self.rounding)
         return self._sw_probe
 
     def _trace(self, plan: QuantPlan, weights, batches=None) -> list[dict]:
@@ -561,16 +566,52 @@ class _Quantizer:
             rep.update({"plan": precisions, "sensitivity": table, "search": search})
         plan = build_plan(self.ir, self.scheme, ranges, precisions=precisions, keep_float=self.keep_float)
         known = self._known_parts if self.mode == "int8" else None  # this plan's outputs, error subset
-        outs = concat_parts(known) if known is not None else None
-        if self.bias_correction:
-            plan, bias_outs = self._bias_correction(plan, weights, capture, known)
-            rep["bias_correction"] = {"layers": sorted(plan.weights[k].layer for k in plan.bias_shift)}
-            if plan.bias_shift or outs is None:  # corrected, or never measured on the error subset
-                outs = bias_outs if self.bias_set.count == self.error_set.count else None
+        plan, outs = self._settle(plan, weights, capture, known, rep)
+        if self.rounding:
+            rounded, section = self._rounding(plan, weights)
+            if rounded:  # nearest and chosen rounding, each with its bias correction: the lower error wins
+                ref = capture.reference(self.bias_set)
+                cand, cand_outs = self._settle(replace(plan, rounded=rounded, bias_shift={}), weights, capture, None,
+                                               {})
+                base_outs = outs if outs is not None else self.probe.outputs(plan, self.bias_set.batches,
+                                                                             weights=weights)
+                if cand_outs is None:
+                    cand_outs = self.probe.outputs(cand, self.bias_set.batches, weights=weights)
+                e0 = error_metrics(ref, base_outs)["rel_l2"]
+                e1 = error_metrics(ref, cand_outs)["rel_l2"]
+                section.update({"rel_l2_nearest": round(e0, 6), "rel_l2_chosen": round(e1, 6), "applied": e1 < e0})
+                if e1 < e0:
+                    plan, outs = cand, cand_outs
+                    if self.bias_correction:
+                        rep["bias_correction"] = {"layers": sorted(plan.weights[k].layer for k in plan.bias_shift)}
+            rep["rounding"] = section
+        if outs is not None and self.bias_set.count != self.error_set.count:
+            outs = None
         if outs is None:
-            outs = self.probe.outputs(plan, self.error_set.batches, weights=weights)
+            outs = (concat_parts(known) if known is not None and not plan.rounded and not plan.bias_shift
+                    else self.probe.outputs(plan, self.error_set.batches, weights=weights))
         rep["error"] = {**error_metrics(self.reference, outs), "samples": self.error_set.samples}
         return plan, rep
+
+    def _settle(self, plan: QuantPlan, weights, capture: _FloatCapture, known: list | None, rep: dict):
+        """``plan`` with its bias correction (when the scheme has it), and its outputs on the bias
+        subset (None when not measured)."""
+        if not self.bias_correction:
+            return plan, (concat_parts(known[:self.bias_set.count]) if known is not None else None)
+        plan, outs = self._bias_correction(plan, weights, capture, known)
+        rep["bias_correction"] = {"layers": sorted(plan.weights[k].layer for k in plan.bias_shift)}
+        return plan, outs
+
+    def _rounding(self, plan: QuantPlan, weights) -> tuple[dict, dict]:
+        """GPTQ levels (:mod:`edgec.rounding`) from the layer inputs under ``plan`` (nearest
+        rounding); with bias correction the inputs are centred (the mean error is its job).
+        Returns (levels per layer, report section)."""
+        t0 = time.perf_counter()
+        centred = set(self.probe.adaptive) if self.bias_correction else set()
+        rounded = rounding_mod.optimise(self.ir, replace(plan, bias_shift={}), self.probe, self.bias_set.batches,
+                                        weights=weights, log=self.log, centred=centred)
+        return rounded, {"method": "gptq", "layers": len(rounded), "applied": False,
+                         "seconds": round(time.perf_counter() - t0, 3)}
 
     def _bias_correction(self, plan: QuantPlan, weights, capture: _FloatCapture,
                          known: list | None = None) -> tuple[QuantPlan, dict | None]:

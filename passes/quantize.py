@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from edgec.errors import UserError
 from edgec.ir import IR, is_empty
 from edgec.pipeline import Pass, PassContext, PassResult, register
-from edgec.quant_plan import ActQuant, QuantPlan, bias_form, build_plan, node_id, weight_arrays
+from edgec.quant_plan import ActQuant, QuantPlan, bias_form, build_plan, dequantize, node_id, weight_arrays
 from edgec.target import QuantScheme
 
 
@@ -131,13 +131,15 @@ def _qdq(ir: IR, t: gs.Tensor, aq: ActQuant) -> tuple[gs.Node, gs.Variable]:
 def _weight(ir: IR, n: gs.Node, wq, plan: QuantPlan, result: PassResult) -> None:
     base = n.name or n.outputs[0].name
     w = ir.const_value(n.inputs[1])
-    q, scale, zp = weight_arrays(w, wq)
+    rounded = plan.rounded.get(node_id(n))
+    q, scale, zp = weight_arrays(w, wq, rounded)
     attrs = {"axis": int(wq.axis)} if wq.axis is not None else {}
     ws = _scalar(ir, base + "_weight_scale", scale)
     wz = _scalar(ir, base + "_weight_zero_point", zp)
     wdq = ir.make_var(base + "_weight_dequantized", dtype=np.float32, shape=list(w.shape))
     if plan.weight_format == "float-qdq":  # the float weight through Q -> DQ (TensorRT folds them)
-        wf = ir.make_const(base + "_weight", w)
+        # chosen levels are stored dequantized: Q in float32 gives exactly those levels back
+        wf = ir.make_const(base + "_weight", w if rounded is None else dequantize(q, scale, zp, wq.axis))
         wqv = ir.make_var(base + "_weight_quantized", dtype=zp.dtype.type, shape=list(w.shape))
         ir.graph.nodes.append(gs.Node("QuantizeLinear", name=ir.unique_name(base + "_weight_QuantizeLinear"),
                                       inputs=[wf, ws, wz], outputs=[wqv], attrs=dict(attrs)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -542,7 +543,7 @@ def test_equalize_auto_keeps_the_better_model_per_tensor():
     calib = calibdata.load_calibration("random", model, max_samples=32, seed=1)
     ir = edgec.from_model(model)
     rep = quantize_api.quantize(ir, calib, mode="int8", weights="per-tensor",
-                                weight_type="int8", bias_correction=False, equalize="auto")
+                                weight_type="int8", bias_correction=False, equalize="auto", rounding="nearest")
     cle = rep["cross_layer_equalization"]
     assert cle["pairs"] == 2
     assert rep["error"]["rel_l2"] == min(cle["rel_l2_without"], cle["rel_l2_with"])
@@ -692,7 +693,7 @@ def test_the_probe_computes_what_the_materialised_model_computes(name, kind):
     be those of the model the materialiser writes, bit for bit, in the reference executor (with
     bias shifts; with a per-layer precision plan on the switchable probe; TensorRT's float-Q->DQ
     weights)."""
-    from edgec import calibration, quant_plan, quant_probe
+    from edgec import calibration, quant_plan, quant_probe, rounding
     from edgec.pipeline import PassContext
     from edgec.target import QuantScheme
 
@@ -718,7 +719,13 @@ def test_the_probe_computes_what_the_materialised_model_computes(name, kind):
               for n in layers if n.op != "MatMul" and quant_plan.node_id(n) in plan.weights}
     plan = plan.with_bias_shift(shifts)
     probe = quant_probe.Probe(ir, float_model, scheme, widest, switchable=kind == "int8-mixed",
-                              adaptive=[quant_plan.node_id(n) for n in layers])
+                              adaptive=[quant_plan.node_id(n) for n in layers], layer_inputs=True)
+    # GPTQ levels on every layer it can take: levels other than nearest rounding's are written too
+    rounded = rounding.optimise(ir, plan, probe, calib)
+    assert rounded and any(
+        not np.array_equal(q, quant_plan.weight_arrays(probe.float_w[k], plan.weights[k])[0])
+        for k, (q, _, _) in rounded.items())
+    plan = dataclasses.replace(plan, rounded=rounded)
     measured = probe.outputs(plan, calib)
     written = ir.copy()
     edgec.run_passes(written, [QuantizeQDQ()], PassContext(plan=plan))
