@@ -604,12 +604,10 @@ class _Quantizer:
 
     def _rounding(self, plan: QuantPlan, weights) -> tuple[dict, dict]:
         """GPTQ levels (:mod:`edgec.rounding`) from the layer inputs under ``plan`` (nearest
-        rounding); with bias correction the inputs are centred (the mean error is its job).
-        Returns (levels per layer, report section)."""
+        rounding). Returns (levels per layer, report section)."""
         t0 = time.perf_counter()
-        centred = set(self.probe.adaptive) if self.bias_correction else set()
         rounded = rounding_mod.optimise(self.ir, replace(plan, bias_shift={}), self.probe, self.bias_set.batches,
-                                        weights=weights, log=self.log, centred=centred)
+                                        weights=weights, log=self.log)
         return rounded, {"method": "gptq", "layers": len(rounded), "applied": False,
                          "seconds": round(time.perf_counter() - t0, 3)}
 

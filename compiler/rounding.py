@@ -89,12 +89,11 @@ class _Layer:
         self.map = LinearMap.of(node, w, None, 2)
         q, self.scale, self.zero = weight_arrays(w, wq)
         self.H = None
-        self.sum = None
         self.rows = 0
 
 
 def optimise(ir, plan: QuantPlan, probe, batches, *, weights=None, log: Callable[[str], None] | None = None,
-             seed: int = 0, centred: frozenset | set = frozenset()) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+             seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """GPTQ rounding for the eligible layers of ``plan`` whose input the ``probe`` observes,
     measured on ``batches``; ``weights``: equalised weights (``{node id: {slot: array}}``) or
     None. Returns ``{node id: (levels in the weight's stored dtype and layout, scales, zero points)}``."""
@@ -123,7 +122,7 @@ def optimise(ir, plan: QuantPlan, probe, batches, *, weights=None, log: Callable
     per_batch = max(1, ROWS // max(len(batches), 1))
     rng = np.random.default_rng(seed)
     fetch = list(dict.fromkeys([lay.source for lay in layers.values()] + [nid for nid in layers]))
-    for _, vals in run_batches(probe.session, fetch, batches, fixed=probe.inputs_for(plan, weights)):
+    for b, vals in run_batches(probe.session, fetch, batches, fixed=probe.inputs_for(plan, weights)):
         for nid, lay in layers.items():
             x, y = vals[lay.source], vals[nid]
             idx = lay.map.positions(y, per_batch, rng)
@@ -135,7 +134,6 @@ def optimise(ir, plan: QuantPlan, probe, batches, *, weights=None, log: Callable
             X = X.astype(np.float64)  # [R, g, K]
             G = np.einsum("rgk,rgl->gkl", X, X)
             lay.H = G if lay.H is None else lay.H + G
-            lay.sum = X.sum(0) if lay.sum is None else lay.sum + X.sum(0)
             lay.rows += len(idx)
     out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for nid, lay in layers.items():
@@ -143,11 +141,7 @@ def optimise(ir, plan: QuantPlan, probe, batches, *, weights=None, log: Callable
             continue
         W = np.swapaxes(lay.map.W, 1, 2)  # [g, out, K]
         g, no, _ = W.shape
-        H = lay.H / lay.rows
-        if nid in centred:  # the mean error is bias correction's: round for the rest
-            mu = lay.sum / lay.rows
-            H = H - np.einsum("gk,gl->gkl", mu, mu)
-        Q = gptq(W, H, _per_output(lay.scale, g, no), _per_output(lay.zero, g, no),
+        Q = gptq(W, lay.H / lay.rows, _per_output(lay.scale, g, no), _per_output(lay.zero, g, no),
                  *LEVELS[lay.wq.kind])
         levels, _ = lay.map.tensors(np.swapaxes(Q, 1, 2), np.zeros((g, no)), lay.w.astype(np.float64))
         out[nid] = (np.rint(levels).astype(lay.zero.dtype), lay.scale, lay.zero)
