@@ -49,11 +49,14 @@ MIN_SCALE = 1e-8
 # the smaller input would keep fewer than 255 / ratio levels (detection heads concatenate
 # [0, 1] scores with pixel-scale boxes)
 MAX_SHARED_SPAN_RATIO = 16.0
-# a tensor that reaches graph outputs through data movement only (Transpose/Reshape to NHWC, a
-# detector's output layout) gets no Q/DQ: graph outputs stay float, and one per-tensor scale on
-# the last layer's output would crush its small channels (a head whose channels span 1e-3..1e3);
-# nor does one that reaches only ops whose input stays float (OpRule.float_input: LSTM/GRU)
+# a tensor that reaches only graph outputs, or ops whose input stays float (OpRule.float_input:
+# LSTM/GRU, Exp), through data movement and constant affine arithmetic gets no Q/DQ: graph
+# outputs stay float, one per-tensor scale on the last layer's output would crush its small
+# channels (a head whose channels span 1e-3..1e3), and a static scale on the input of an exp or a
+# recurrence saturates on data beyond the calibration set's range (a box width of 594 pixels
+# came out 326)
 FLOAT_OUTPUT_TAILS = True
+_PASS_THROUGH = ("Split", "Concat", "Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
 
 
 # ====================================================================== the plan (data)
@@ -581,32 +584,29 @@ class _Planner:
         return out
 
     def _float_tail(self, t: gs.Tensor) -> bool:
-        """``t`` needs no Q/DQ: through data movement only it reaches graph outputs only, or through
-        data movement and constant affine arithmetic (a bias Add, a scale Mul) only it reaches ops
-        whose input stays float (``float_input``: recurrent layers) only."""
-        return self._only_reaches(t, outputs=True, affine=False) or self._only_reaches(t, outputs=False, affine=True)
-
-    def _only_reaches(self, t: gs.Tensor, *, outputs: bool, affine: bool) -> bool:
+        """``t`` needs no Q/DQ: it reaches only graph outputs and ops whose input stays float
+        (``float_input``: recurrent layers, the decode's Exp), through data movement (Reshape,
+        Transpose, Split, Concat, ...) and constant affine arithmetic (a bias Add, a stride Mul)
+        only, all of which stay float then: the tail of a detector's decode, a channels-last
+        output, the input projection of an LSTM."""
         readers = list(t.outputs)
         if not readers:
             return False
         ir = self.ir
         for c in readers:
             r = self.rule(c)
-            if not outputs and r is not None and r.float_input:
+            if r is not None and r.float_input:
                 continue
             acts = [x for x in c.inputs if not is_empty(x) and not ir.is_const(x)]
-            move = r is not None and r.share_scale == "input" and c.inputs[0] is t
-            affine_op = affine and c.op in ("Add", "Sub", "Mul", "Div") and acts == [t]
-            if not (move or affine_op) or len(c.outputs) != 1:
+            move = (r is not None and r.share_scale == "input" and c.inputs[0] is t) or c.op in _PASS_THROUGH
+            affine = c.op in ("Add", "Sub", "Mul", "Div") and len(acts) == 1
+            if not (move or affine) or not c.outputs:
                 return False
-            o = c.outputs[0]
-            if ir.is_graph_output(o):
-                if not outputs or o.outputs:
+            for o in c.outputs:
+                if ir.is_graph_output(o) and not o.outputs:
+                    continue
+                if not self._float_tail(o):
                     return False
-                continue
-            if not self._only_reaches(o, outputs=outputs, affine=affine):
-                return False
         return True
 
     def _residual_adds(self, weighted, qtensors, edges) -> int:

@@ -29,24 +29,25 @@ A rule's fields:
   scale comes from this range, not from calibration, so held-out data never saturates it;
 - ``float_reason``: the op is kept float on purpose in this table; every such node is listed in
   the plan's ``float_layers`` with this reason (the report's notes);
-- ``float_input``: its input stays float too: a producer whose output reaches it through data
-  movement or constant affine arithmetic only (a MatMul + bias + Transpose into an LSTM) gets no
-  output Q/DQ (a static scale saturating on data beyond the calibration set's range would feed
-  the error into every later step of a recurrence).
+- ``float_input``: its input stays float too: a producer whose output reaches only such ops and
+  graph outputs, through data movement or constant affine arithmetic (a MatMul + bias +
+  Transpose into an LSTM, a box conv + Split into the decode's Exp), gets no output Q/DQ (a
+  static scale saturating on data beyond the calibration set's range would feed the error into
+  every later step of a recurrence, or shrink a box exponentially).
 
 Structures that break naive int8, and the rule that handles each (tests/test_structures.py):
 
 - detection heads: the DFL integral (a Conv/MatMul whose one output channel's weights are
   ``0..n``) keeps its float weights (``_integral_projection``); the decode arithmetic (Add/Mul
-  with constants, Exp) stays float (Exp by rule); a Concat of sigmoid scores and pixel-scale
-  boxes is not given one shared scale (the planner's MAX_SHARED_SPAN_RATIO: it stays float and
-  each input keeps its own scale);
+  with constants, Exp) stays float, and so does the input of an Exp; a Concat of sigmoid
+  scores and pixel-scale boxes is not given one shared scale (the planner's
+  MAX_SHARED_SPAN_RATIO: it stays float and each input keeps its own scale);
 - outputs with channels orders of magnitude apart: a tensor that reaches a graph output through
-  data movement only (Transpose, Reshape, ...) gets no per-tensor Q/DQ (the planner's
-  FLOAT_OUTPUT_TAILS); the layer still runs per-channel int8 weights;
-- attention: Softmax follows a quantized input at the fixed ``[0, 1]`` range (QLinearSoftmax),
-  activation x activation MatMuls stay float; LayerNormalization stays float;
-- LSTM/GRU/RNN stay float;
+  data movement and constant affine ops only (Transpose, Reshape, ...) gets no per-tensor Q/DQ
+  (the planner's FLOAT_OUTPUT_TAILS); the layer still runs per-channel int8 weights;
+- attention: Softmax follows a quantized input at the fixed ``[0, 1]`` range (QLinearSoftmax) for
+  a quantized reader; activation x activation MatMuls stay float; LayerNormalization stays float;
+- LSTM/GRU/RNN stay float, with their input;
 - SE gates: Sigmoid/HardSigmoid outputs at the fixed ``[0, 1]`` range; HardSwish/HardSigmoid
   float where the runtime has no int8 kernel for them.
 
@@ -152,15 +153,17 @@ ORT_FUSABLE: dict[str, OpRule] = {
     "Identity": _MOVE,
     "Relu": OpRule(removable=True),
     "Clip": OpRule(removable=True),
-    # QLinearSigmoid / QLinearSoftmax: the output range is [0, 1] by the op's math; their output
-    # is quantized only for a quantized reader (a gate Mul, a weighted op), else they stay float
-    "Sigmoid": OpRule(follows=True, output="for-quantized-readers", fixed_range=_UNIT),
+    # [0, 1] by the op's math: that range, not a calibrated one, wherever the output is quantized.
+    # Softmax follows a quantized input (QLinearSoftmax) when a quantized op reads it. Sigmoid does
+    # not follow: QLinearSigmoid + QLinearMul for SiLU's x * sigmoid(x) cost se_block 0.9 dB for no
+    # measurable speed (benchmarks/quantization.py); a weighted op reading it still quantizes it
+    "Sigmoid": OpRule(fixed_range=_UNIT),
     "Softmax": OpRule(follows=True, output="for-quantized-readers", fixed_range=_UNIT),
     "HardSigmoid": OpRule(fixed_range=_UNIT, float_reason=_NO_KERNEL),
     "HardSwish": OpRule(float_reason=_NO_KERNEL),
-    "Exp": OpRule(float_reason="exp turns an input's rounding error into a relative output error (half an int8 "
-                               "step of its input, a few percent, in every decoded box size): decode arithmetic "
-                               "stays float"),
+    "Exp": OpRule(float_input=True,
+                  float_reason="exp turns an input's rounding error into a relative output error, and a saturated "
+                               "input into a much smaller box: the decode stays float, and its input too"),
     "LayerNormalization": OpRule(float_reason="it normalises by per-token statistics, and ONNX Runtime's CPU "
                                               "provider has no int8 LayerNormalization: it runs float, its output is "
                                               "quantized where a weighted op reads it"),
