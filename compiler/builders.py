@@ -711,3 +711,284 @@ ALL_MODELS: dict[str, Callable[..., onnx.ModelProto]] = {
     "transformer_encoder": transformer_encoder,
     "plain_cnn": plain_cnn,
 }
+
+
+# ============================================================== structures that break naive int8
+# Models with one structure each that naive per-tensor int8 gets wrong (tests/test_structures.py
+# quantizes each for several targets). Kept apart from ALL_MODELS: they are quantization cases,
+# not pruning or pass fodder. Weights are seeded and scaled so activations look like a trained
+# network's (BatchNorm statistics measured on image-like inputs, peaked DFL bins, a 0.01 class
+# prior, ...); the input generators below give inputs with realistic statistics (smooth
+# normalised images, embeddings, sensor-like sequences).
+
+
+def _normalise_bn(model: onnx.ModelProto, x: np.ndarray) -> onnx.ModelProto:
+    """Set every BatchNormalization's mean and variance to the statistics of its input on ``x``
+    (in graph order, each with the ones before it already set), as training would leave them:
+    pre-activations come out ~N(beta, gamma^2) instead of drifting with depth. Statistics are
+    rounded to float16 precision so the bytes do not depend on the host's last float bits."""
+    import onnxruntime as ort
+
+    inits = {t.name: t for t in model.graph.initializer}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    for bn in [n for n in model.graph.node if n.op_type == "BatchNormalization"]:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.output[:]
+        probe.graph.output.append(helper.make_empty_tensor_value_info(bn.input[0]))
+        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        bs = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value
+        t = np.concatenate([sess.run(None, {model.graph.input[0].name: x[i:i + bs]})[0]
+                            for i in range(0, len(x) - bs + 1, bs)]).astype(np.float64)
+        axes = (0,) + tuple(range(2, t.ndim))
+        mean = t.mean(axis=axes).astype(np.float16).astype(np.float32)
+        var = np.maximum(t.var(axis=axes), 1e-3).astype(np.float16).astype(np.float32)
+        for name, value in ((bn.input[3], mean), (bn.input[4], var)):
+            inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    return model
+
+
+def _normalised(model: onnx.ModelProto) -> onnx.ModelProto:
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return _normalise_bn(model, smooth_images(max(shape[0], 16), shape, seed=12345))
+
+
+def _dfl_level(b: GraphBuilder, feat: str, reg_max: int, num_classes: int, stride: int,
+               hw: int) -> tuple[str, str]:
+    """One YOLOv8/PicoDet head level: (boxes [N, 4, A] in pixels, scores [N, C, A] in [0, 1])."""
+    n, _, h, w = b.shape(feat)
+    a = h * w
+    bins = reg_max + 1
+    # class branch: sigmoid logits with the usual prior bias (p = 0.01), a few confident cells
+    c = b.conv_bn(feat, b.channels(feat), 3, act="silu")
+    node = b._uname("cls_pred")
+    cw = b._param(node, "weight", b._he([num_classes, b.channels(c), 1, 1], b.channels(c), 2.0) * 1.5)
+    cb = b._param(node, "bias", np.full(num_classes, -4.6) + b.rng.normal(0.0, 0.3, num_classes))
+    cls = b.op("Conv", [c, cw, cb], [n, num_classes, h, w], node_name=node, kernel_shape=[1, 1])
+    scores = b.reshape(b.sigmoid(cls), [n, num_classes, a])
+    # box branch: 4 x (reg_max + 1) bin logits, scaled so each side's distribution is peaked
+    r = b.conv_bn(feat, b.channels(feat), 3, act="silu")
+    node = b._uname("reg_pred")
+    rw = b._param(node, "weight", b._he([4 * bins, b.channels(r), 1, 1], b.channels(r), 2.0) * 1.5)
+    rb = b._param(node, "bias", np.tile(-0.15 * (np.arange(bins) - reg_max / 3.0) ** 2, 4))
+    reg = b.op("Conv", [r, rw, rb], [n, 4 * bins, h, w], node_name=node, kernel_shape=[1, 1])
+    # DFL: [N, 4, bins, A] -> [N, bins, 4, A] -> softmax over bins -> 1x1 conv with 0..reg_max
+    d = b.transpose(b.reshape(reg, [n, 4, bins, a]), [0, 2, 1, 3])
+    d = b.softmax(d, axis=1)
+    node = b._uname("dfl")
+    proj = b._param(node, "weight", np.arange(bins, dtype=np.float32).reshape(1, bins, 1, 1))
+    d = b.op("Conv", [d, proj], [n, 1, 4, a], node_name=node, kernel_shape=[1, 1])
+    dist = b.reshape(d, [n, 4, a])  # (left, top, right, bottom) in grid units
+    lt, rb_ = b.split(dist, [2, 2], axis=1)
+    gy, gx = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+    anchors = np.stack([gx.ravel(), gy.ravel()])[None].astype(np.float32)  # [1, 2, A]
+    x1y1 = b.sub(anchors, lt)
+    x2y2 = b.add(b.const(anchors, "anchors"), rb_)
+    boxes = b.mul(b.concat([x1y1, x2y2], axis=1), np.float32(stride))
+    return boxes, scores
+
+
+def dfl_head(batch: int = 1, in_ch: int = 3, hw: int = 64, width: int = 16, num_classes: int = 4,
+             reg_max: int = 7, seed: int = 0) -> onnx.ModelProto:
+    """YOLOv8/PicoDet-style detector: strided backbone, two head levels (strides 8, 16) with a DFL box branch (Softmax over reg_max+1 bins, 1x1 Conv with 0..reg_max), anchor/stride decode, sigmoid scores; output [N, 4 + C, A] with boxes in pixels beside scores in [0, 1]."""
+    b = GraphBuilder("dfl_head", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.conv_bn(x, width, 3, 2, act="silu")                 # /2
+    y = b.conv_bn(y, width, 3, 2, act="silu")                 # /4
+    p3 = b.conv_bn(y, width, 3, 2, act="silu")                # /8
+    p4 = b.conv_bn(p3, 2 * width, 3, 2, act="silu")           # /16
+    boxes, scores = [], []
+    for feat, stride in ((p3, 8), (p4, 16)):
+        bx, sc = _dfl_level(b, feat, reg_max, num_classes, stride, hw)
+        boxes.append(bx)
+        scores.append(sc)
+    out = b.concat([b.concat(boxes, axis=2), b.concat(scores, axis=2)], axis=1)
+    b.output(out, "output")
+    return _normalised(b.build(dfl_head.__doc__))
+
+
+def yolox_head(batch: int = 1, in_ch: int = 3, hw: int = 64, width: int = 16, num_classes: int = 4,
+               seed: int = 0) -> onnx.ModelProto:
+    """YOLOX-style decode at stride 8: xy = (pred + grid) * stride, wh = Exp(pred) * stride, scores = Sigmoid(obj) * Sigmoid(cls); output [N, A, 4 + C] (channels last) with pixel boxes beside [0, 1] scores."""
+    b = GraphBuilder("yolox_head", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.conv_bn(x, width, 3, 2, act="silu")
+    y = b.conv_bn(y, width, 3, 2, act="silu")
+    feat = b.conv_bn(y, 2 * width, 3, 2, act="silu")          # stride 8
+    n, c, h, w = b.shape(feat)
+    a, stride = h * w, 8
+    r = b.conv_bn(feat, c, 3, act="silu")
+    node = b._uname("reg_pred")
+    rw = b._param(node, "weight", b._he([4, c, 1, 1], c, 2.0) * 0.4)
+    rb = b._param(node, "bias", np.array([0.5, 0.5, 0.7, 0.7]))
+    reg = b.reshape(b.op("Conv", [r, rw, rb], [n, 4, h, w], node_name=node, kernel_shape=[1, 1]), [n, 4, a])
+    k = b.conv_bn(feat, c, 3, act="silu")
+    node = b._uname("obj_cls_pred")
+    kw = b._param(node, "weight", b._he([1 + num_classes, c, 1, 1], c, 2.0) * 1.5)
+    kb = b._param(node, "bias", np.concatenate([[-4.6], b.rng.normal(0.0, 0.5, num_classes)]))
+    oc = b.reshape(b.op("Conv", [k, kw, kb], [n, 1 + num_classes, h, w], node_name=node, kernel_shape=[1, 1]),
+                   [n, 1 + num_classes, a])
+    obj, cls = b.split(b.sigmoid(oc), [1, num_classes], axis=1)
+    scores = b.mul(obj, cls)
+    xy, wh = b.split(reg, [2, 2], axis=1)
+    gy, gx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    grid = np.stack([gx.ravel(), gy.ravel()])[None].astype(np.float32)
+    xy = b.mul(b.add(xy, grid), np.float32(stride))
+    wh = b.mul(b.op("Exp", [wh], b.shape(wh)), np.float32(stride))
+    out = b.transpose(b.concat([xy, wh, scores], axis=1), [0, 2, 1])
+    b.output(out, "output")
+    return _normalised(b.build(yolox_head.__doc__))
+
+
+def wide_range_head(batch: int = 1, in_ch: int = 3, hw: int = 32, width: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """Dense regression head whose 7 output channels span 1e-3..1e3 (say a confidence, offsets, a depth in mm), written channels last (Transpose to NHWC): one per-tensor scale for it would zero the small channels."""
+    b = GraphBuilder("wide_range_head", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.conv_bn(x, width, 3, 2)
+    y = b.conv_bn(y, width, 3, 1)
+    y = b.conv_bn(y, width, 3, 1)
+    n, c, h, w = b.shape(y)
+    node = b._uname("head")
+    mags = np.logspace(-3, 3, 7)
+    hwt = b._he([7, c, 1, 1], c, 1.0) * mags.reshape(7, 1, 1, 1)
+    hb = b.rng.normal(0.0, 0.5, 7) * mags
+    head = b.op("Conv", [y, b._param(node, "weight", hwt), b._param(node, "bias", hb)], [n, 7, h, w],
+                node_name=node, kernel_shape=[1, 1])
+    b.output(b.transpose(head, [0, 2, 3, 1]), "output")
+    return _normalised(b.build(wide_range_head.__doc__))
+
+
+def recurrent(kind: str = "LSTM", batch: int = 2, seq: int = 16, features: int = 8, hidden: int = 32,
+              num_classes: int = 5, seed: int = 0) -> onnx.ModelProto:
+    """Sequence classifier: MatMul feature projection, one ONNX LSTM (or GRU) layer (PyTorch-style uniform(-1/sqrt(H), 1/sqrt(H)) weights), the final hidden state through a Gemm head; outputs the logits and the final state."""
+    if kind not in ("LSTM", "GRU"):
+        raise ValueError("kind must be LSTM or GRU")
+    gates = 4 if kind == "LSTM" else 3
+    b = GraphBuilder(kind.lower(), seed)
+    x = b.input("input", [batch, seq, features])
+    p = b.add(b.matmul(x, 2 * features, gain=1.0), b.rng.normal(0.0, 0.05, 2 * features))
+    p = b.transpose(p, [1, 0, 2])                              # [T, N, F]: the ONNX RNN layout
+    k = 1.0 / math.sqrt(hidden)
+    node = b._uname(kind.lower())
+    wi = b._param(node, "W", b.rng.uniform(-k, k, (1, gates * hidden, 2 * features)))
+    wr = b._param(node, "R", b.rng.uniform(-k, k, (1, gates * hidden, hidden)))
+    bias = b._param(node, "B", b.rng.uniform(-k, k, (1, 2 * gates * hidden)))
+    outs = b.op(kind, [p, wi, wr, bias], [[seq, 1, batch, hidden], [1, batch, hidden]]
+                + ([[1, batch, hidden]] if kind == "LSTM" else []), n_out=3 if kind == "LSTM" else 2,
+                node_name=node, hidden_size=hidden)
+    h = b.reshape(outs[1], [batch, hidden])
+    b.output(b.gemm(h, num_classes, gain=1.0), "output")
+    b.output(h, "state")
+    return b.build(recurrent.__doc__)
+
+
+def lstm_classifier(**kw) -> onnx.ModelProto:
+    return recurrent("LSTM", **kw)
+
+
+def gru_classifier(**kw) -> onnx.ModelProto:
+    return recurrent("GRU", **kw)
+
+
+def _v3_block(b: GraphBuilder, x: str, expand: int, cout: int, k: int, stride: int, se: bool) -> str:
+    cin = b.channels(x)
+    y = b.conv_bn(x, expand, 1, act="hardswish")
+    y = b.conv_bn(y, expand, k, stride, group=expand, act="hardswish")
+    if se:
+        s = b.gap(y)
+        s = b.relu(b.conv(s, max(expand // 4, 8), 1, bias=True))
+        s = b.conv(s, expand, 1, bias=True)
+        s = b.op("HardSigmoid", [s], b.shape(s), alpha=1.0 / 6.0, beta=0.5)
+        y = b.mul(y, s)
+    y = b.conv_bn(y, cout, 1, act=None)
+    if stride == 1 and cin == cout:
+        y = b.add(x, y)
+    return y
+
+
+def mobilenet_v3(batch: int = 1, in_ch: int = 3, hw: int = 32, width: int = 16, num_classes: int = 10,
+                 seed: int = 0) -> onnx.ModelProto:
+    """MobileNetV3-style: HardSwish stem, inverted residuals with HardSwish and squeeze-excitation gates (GAP-1x1-ReLU-1x1-HardSigmoid-Mul), residual Add, HardSwish 1x1 and a Gemm classifier."""
+    b = GraphBuilder("mobilenet_v3", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.conv_bn(x, width, 3, 2, act="hardswish")
+    y = _v3_block(b, y, 4 * width, width, 3, 1, se=True)
+    y = _v3_block(b, y, 4 * width, 2 * width, 5, 2, se=True)
+    y = _v3_block(b, y, 6 * width, 2 * width, 5, 1, se=True)
+    y = b.conv_bn(y, 6 * width, 1, act="hardswish")
+    b.output(b.classifier(y, num_classes), "output")
+    return _normalised(b.build(mobilenet_v3.__doc__))
+
+
+STRUCTURE_MODELS: dict[str, Callable[..., onnx.ModelProto]] = {
+    "dfl_head": dfl_head,
+    "yolox_head": yolox_head,
+    "wide_range_head": wide_range_head,
+    "transformer_encoder": transformer_encoder,
+    "lstm_classifier": lstm_classifier,
+    "gru_classifier": gru_classifier,
+    "mobilenet_v3": mobilenet_v3,
+}
+
+
+# -------------------------------------------------------------- realistic inputs
+def smooth_images(n: int, shape: Sequence[int], seed: int = 0) -> np.ndarray:
+    """``n`` image-like inputs [n, C, H, W]: smooth colour gradients, a few soft-edged blobs and
+    a little sensor noise in [0, 1], then normalised with ImageNet's mean and std (C == 3)."""
+    rng = np.random.default_rng(seed)
+    c, h, w = (int(d) for d in shape[-3:])
+    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    out = np.empty((n, c, h, w), np.float32)
+    for i in range(n):
+        img = rng.uniform(0.2, 0.8, (c, 1, 1)) + rng.uniform(-0.3, 0.3, (c, 1, 1)) * xx \
+            + rng.uniform(-0.3, 0.3, (c, 1, 1)) * yy
+        for _ in range(rng.integers(1, 5)):
+            cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.3)
+            blob = 1.0 / (1.0 + np.exp(-(r - np.hypot(yy - cy, xx - cx)) / 0.02))
+            img = img * (1 - blob) + rng.uniform(0, 1, (c, 1, 1)) * blob
+        img += rng.normal(0.0, 0.02, img.shape)
+        out[i] = np.clip(img, 0.0, 1.0)
+    if c == 3:
+        mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+        std = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+        out = (out - mean) / std
+    return out.astype(np.float32)
+
+
+def token_embeddings(n: int, shape: Sequence[int], seed: int = 0, outliers: int = 2) -> np.ndarray:
+    """``n`` transformer inputs [n, T, D]: rows of a fixed N(0, 1) token table (a 64-token
+    vocabulary) plus sinusoidal positions, with ``outliers`` embedding dimensions 8x larger
+    (the outlier features trained transformers carry in their residual stream)."""
+    t, d = (int(s) for s in shape[-2:])
+    table = np.random.default_rng(1234).normal(0.0, 1.0, (64, d))
+    table[:, :outliers] *= 8.0
+    pos = np.arange(t)[:, None] / np.power(10000.0, np.arange(0, d, 2)[None] / d)
+    pe = np.zeros((t, d))
+    pe[:, 0::2], pe[:, 1::2] = np.sin(pos), np.cos(pos)
+    ids = np.random.default_rng(seed).integers(0, 64, (n, t))
+    return (table[ids] + pe[None]).astype(np.float32)
+
+
+def sensor_sequences(n: int, shape: Sequence[int], seed: int = 0) -> np.ndarray:
+    """``n`` sequence inputs [n, T, F]: per-feature sinusoids of random frequency, phase and
+    amplitude, a slow drift and noise (accelerometer-like signals)."""
+    rng = np.random.default_rng(seed)
+    t, f = (int(s) for s in shape[-2:])
+    time_ = np.arange(t)[None, :, None]
+    freq = rng.uniform(0.05, 0.5, (n, 1, f))
+    phase = rng.uniform(0, 2 * np.pi, (n, 1, f))
+    amp = rng.uniform(0.5, 2.0, (n, 1, f))
+    drift = rng.normal(0.0, 0.05, (n, 1, f)) * time_
+    return (amp * np.sin(freq * time_ + phase) + drift + rng.normal(0.0, 0.1, (n, t, f))).astype(np.float32)
+
+
+def structure_inputs(name: str, model: onnx.ModelProto, n: int, seed: int = 0) -> np.ndarray:
+    """Realistic inputs for a :data:`STRUCTURE_MODELS` model, in the model's batch."""
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    if name == "transformer_encoder":
+        return token_embeddings(n, shape, seed)
+    if name in ("lstm_classifier", "gru_classifier"):
+        return sensor_sequences(n, shape, seed)
+    return smooth_images(n, shape, seed)

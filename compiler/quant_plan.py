@@ -49,6 +49,14 @@ MIN_SCALE = 1e-8
 # the smaller input would keep fewer than 255 / ratio levels (detection heads concatenate
 # [0, 1] scores with pixel-scale boxes)
 MAX_SHARED_SPAN_RATIO = 16.0
+# a tensor that reaches only graph outputs, or ops whose input stays float (OpRule.float_input:
+# LSTM/GRU, Exp), through data movement and constant affine arithmetic gets no Q/DQ: graph
+# outputs stay float, one per-tensor scale on the last layer's output would crush its small
+# channels (a head whose channels span 1e-3..1e3), and a static scale on the input of an exp or a
+# recurrence saturates on data beyond the calibration set's range (a box width of 594 pixels
+# came out 326)
+FLOAT_OUTPUT_TAILS = True
+_PASS_THROUGH = ("Split", "Concat", "Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
 
 
 # ====================================================================== the plan (data)
@@ -346,7 +354,7 @@ class _Planner:
     def run(self) -> QuantPlan:
         ir = self.ir
         ir.toposort()
-        floats: list[tuple[str, str]] = []
+        floats: list[tuple[str, str]] = self._float_by_rule()
         weighted = []
         for n in weighted_nodes(ir, self.table):
             key = node_key(n)
@@ -399,12 +407,18 @@ class _Planner:
                         qtensors[t.name] = t
                 self._mark_output(n, qtensors, producer_q, force=True)
                 changed = True
-        for n in weighted:  # outputs quantized only for quantized readers: dropped when none is
-            out = n.outputs[0]
-            if self.table[n.op].output == "for-quantized-readers" and out.name in qtensors \
-                    and not any(id(c) in qnodes for c in out.outputs):
-                del qtensors[out.name]
-                producer_q.discard(out.name)
+        # outputs quantized only for quantized readers: dropped when none is (last readers first,
+        # so a chain of such ops drops together); a following op whose output drops runs float
+        for n in reversed(ir.nodes):
+            r = self.rule(n)
+            out = n.outputs[0] if n.outputs else None
+            if r is None or r.output != "for-quantized-readers" or id(n) not in qnodes or out is None \
+                    or out.name not in qtensors or any(id(c) in qnodes for c in out.outputs):
+                continue
+            del qtensors[out.name]
+            producer_q.discard(out.name)
+            if not r.weighted:
+                qnodes.discard(id(n))
         residual = self._residual_adds(weighted, qtensors, edges)
 
         # scale groups
@@ -423,6 +437,11 @@ class _Planner:
         def rng(name):
             return override.get(name, self.ranges[name])
 
+        for name, t in qtensors.items():  # ops whose output range is fixed by their math
+            prod = ir.producer(t)
+            r = self.rule(prod) if prod is not None else None
+            if r is not None and r.fixed_range is not None:
+                override[name] = r.fixed_range
         for n in folded.values():
             union(n.inputs[0].name, n.outputs[0].name)
         for n in ir.nodes:
@@ -487,6 +506,8 @@ class _Planner:
         if r.output == "for-quantized-readers" and not force:
             if not any(self.rule(c) is not None and not self.rule(c).residual for c in out.outputs):
                 return
+        if FLOAT_OUTPUT_TAILS and self._float_tail(out):
+            return
         qtensors[out.name] = out
         producer_q.add(out.name)
 
@@ -538,18 +559,62 @@ class _Planner:
             ok = len(acts) == r.inputs and len(n.inputs) == r.inputs
         if not ok or (r.check is not None and r.check(n)):
             return False
+        if r.share_scale == "all" and len(acts) > 1 and all(t.name in self.ranges for t in acts):
+            spans = [max(self.ranges[t.name][1], 0.0) - min(self.ranges[t.name][0], 0.0) for t in acts]
+            if min(spans) > 0 and max(spans) / min(spans) > MAX_SHARED_SPAN_RATIO:
+                small = min(range(len(acts)), key=lambda i: spans[i])
+                self.crushed[node_key(n)] = (
+                    f"its inputs' ranges differ {max(spans) / min(spans):.0f}x: one shared int8 scale would leave "
+                    f"'{acts[small].name}' about {max(2, int(255 * min(spans) / max(spans)))} levels; the "
+                    f"Concat runs float and each input keeps its own scale")
+                return False
         if not all(t.name in qtensors for t in acts):
             return False
         if not (all(t.name in self.ranges for t in acts) and n.outputs[0].name in self.ranges
                 or (ir.is_graph_output(n.outputs[0]) and all(t.name in self.ranges for t in acts))):
             return False
-        if r.share_scale == "all" and len(acts) > 1:
-            spans = [max(self.ranges[t.name][1], 0.0) - min(self.ranges[t.name][0], 0.0) for t in acts]
-            if min(spans) > 0 and max(spans) / min(spans) > MAX_SHARED_SPAN_RATIO:
-                self.crushed[node_key(n)] = (
-                    f"its inputs' ranges differ {max(spans) / min(spans):.0f}x: one shared int8 scale would leave "
-                    f"the smallest about {max(2, int(255 * min(spans) / max(spans)))} levels")
+        return True
+
+    def _float_by_rule(self) -> list[tuple[str, str]]:
+        """The ops this table keeps float on purpose (``float_reason``), and MatMuls of two
+        activations (attention's Q x K^T and weights x V: only a constant weight is quantized)."""
+        out = []
+        for n in self.ir.nodes:
+            r = self.rule(n)
+            if r is None or kept_float(n, self.keep):
+                continue
+            if r.float_reason:
+                out.append((node_key(n), r.float_reason))
+            elif r.weighted and n.op == "MatMul" and len(n.inputs) == 2 \
+                    and not any(self.ir.is_const(t) for t in n.inputs):
+                out.append((node_key(n), "both inputs are activations (attention scores or context): "
+                                          "only MatMuls with a constant weight are quantized"))
+        return out
+
+    def _float_tail(self, t: gs.Tensor) -> bool:
+        """``t`` needs no Q/DQ: it reaches only graph outputs and ops whose input stays float
+        (``float_input``: recurrent layers, the decode's Exp), through data movement (Reshape,
+        Transpose, Split, Concat, ...) and constant affine arithmetic (a bias Add, a stride Mul)
+        only, all of which stay float then: the tail of a detector's decode, a channels-last
+        output, the input projection of an LSTM."""
+        readers = list(t.outputs)
+        if not readers:
+            return False
+        ir = self.ir
+        for c in readers:
+            r = self.rule(c)
+            if r is not None and r.float_input:
+                continue
+            acts = [x for x in c.inputs if not is_empty(x) and not ir.is_const(x)]
+            move = (r is not None and r.share_scale == "input" and c.inputs[0] is t) or c.op in _PASS_THROUGH
+            affine = c.op in ("Add", "Sub", "Mul", "Div") and len(acts) == 1
+            if not (move or affine) or not c.outputs:
                 return False
+            for o in c.outputs:
+                if ir.is_graph_output(o) and not o.outputs:
+                    continue
+                if not self._float_tail(o):
+                    return False
         return True
 
     def _residual_adds(self, weighted, qtensors, edges) -> int:

@@ -294,9 +294,9 @@ class _Quantizer:
             ir, PassContext(plan=plan))
         report["int8_coverage"] = {"weighted_int8": len(plan.weights), "weighted": total,
                                    "ratio": round(len(plan.weights) / total, 4) if total else None}
+        report["float_layers"] = [list(f) for f in plan.float_layers]
         if scheme.rules == "tensorrt":
-            report.update({"quantized_layers": len(plan.weights), "float_layers": [list(f) for f in plan.float_layers],
-                           "residual_adds": plan.residual_adds})
+            report.update({"quantized_layers": len(plan.weights), "residual_adds": plan.residual_adds})
         else:
             report.update(plan.summary())
         report["notes"] = [n for r in records for n in r.notes]
