@@ -114,6 +114,9 @@ class RayExecutor(Executor):
                 if address:
                     ray.init(address=address, **kwargs)
                 else:  # a new local Ray, never one some other program started on this machine
+                    # Ray runs its workers 15 nice levels below the driver by default; edgec's
+                    # workers do the command's work, so they run at the command's own priority
+                    os.environ.setdefault("RAY_worker_niceness", "0")
                     ray.init(address="local", num_cpus=num_cpus, **kwargs)
             except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -182,7 +185,7 @@ def _import_ray():
 
 # ---------------------------------------------------------------------- in a worker
 _CACHE: OrderedDict = OrderedDict()  # (token, key) -> value, in this worker process
-_CACHE_SIZE = 8
+_CACHE_SIZE = 4  # sessions of large models are large: keep only the last few
 
 
 def cached(token: str, key: str, build: Callable[[], Any]) -> Any:
