@@ -35,9 +35,10 @@ What is measured (wall time, median of ``--repeat`` runs, ``uptime``'s load prin
   calibration shards' statistics (``TensorStats.merge``), timed inside the 2-worker run.
 
 Projection (Amdahl): with serial fraction ``s``, ``speed-up(n) = 1 / (s + (1 - s) / n)``. Two
-estimates of ``s`` are printed: *measured serial*, the time the driver spends on work that
-does not spread (reading and checking the data, putting the model, submitting and collecting
-every task at the measured per-task overhead, merging) over the 1-worker time; and *fitted*,
+estimates of ``s`` are printed: *measured serial*, the work that does not spread over workers
+(the driver process's CPU time during the 2-worker run: generating and checking the data,
+putting the model and the shards, building each plan's inputs, collecting and merging; plus
+Ray's measured per-task overhead for every task) over the 1-worker time; and *fitted*,
 the ``s`` that the measured 1-to-2-worker speed-up implies (``s = 2 T2 / T1 - 1``). The fitted
 one also charges to ``s`` whatever the two cores lose to the driver, Ray's own processes and
 other load on this machine, so it is the pessimistic one.
@@ -112,12 +113,14 @@ def calibration(executors: dict, args) -> dict:
             _s[0] += time.perf_counter() - t
 
         TensorStats.merge = timed_merge
+        cpu = time.process_time()
         try:
             with executor_mod.using(ex):
                 secs, stats = timed(lambda: collect(model, tensors, data, histograms=args.histograms,
                                                     total=args.samples), args.repeat)
         finally:
             TensorStats.merge = merge
+        out.setdefault("driver_cpu", {})[name] = (time.process_time() - cpu) / args.repeat
         if name == "ray 2":
             merge_seconds.append(spent[0] / args.repeat)
         key = {t: (s.count, s.min, s.max, None if s.hist is None else s.hist.tobytes()) for t, s in stats.items()}
@@ -127,7 +130,8 @@ def calibration(executors: dict, args) -> dict:
         elif key != ref:
             out["identical"] = False
         out["runs"][name] = secs
-        print(f"  calibration {name:8} {secs:8.2f} s   ({load()})", flush=True)
+        print(f"  calibration {name:8} {secs:8.2f} s   driver CPU {out['driver_cpu'][name]:6.2f} s   ({load()})",
+              flush=True)
     out["merge_seconds"] = merge_seconds[0] if merge_seconds else None
     return out
 
@@ -155,12 +159,23 @@ def sweep(executors: dict, args) -> dict:
                 _s[0] += time.perf_counter() - t
 
         mixed_precision._Evaluator.errors = timed_errors
+        cpu = [0.0]
+
+        def cpu_errors(self, plans, _e=timed_errors, _c=cpu):
+            c = time.process_time()
+            try:
+                return _e(self, plans)
+            finally:
+                _c[0] += time.process_time() - c
+
+        mixed_precision._Evaluator.errors = cpu_errors
         try:
             t = time.perf_counter()
             result = edgec.compile(model, quantize="mixed", calib=calib, max_bytes=int(params * 0.75), executor=ex)
             total = time.perf_counter() - t
         finally:
             mixed_precision._Evaluator.errors = errors
+        out.setdefault("driver_cpu", {})[name] = cpu[0]
         b = result.model.SerializeToString()
         out.setdefault("identical", True)
         if ref is None:
@@ -169,7 +184,8 @@ def sweep(executors: dict, args) -> dict:
             out["identical"] = False
         out["plans"] = result.report["quantization"]["search"]["evaluations"]
         out["runs"][name] = {"sweep": spent[0], "compile": total}
-        print(f"  sweep       {name:8} {spent[0]:8.2f} s   compile {total:7.2f} s   ({load()})", flush=True)
+        print(f"  sweep       {name:8} {spent[0]:8.2f} s   driver CPU {cpu[0]:6.2f} s   compile {total:7.2f} s   "
+              f"({load()})", flush=True)
     return out
 
 
@@ -188,13 +204,15 @@ def batch_jobs(executors: dict, args, tmp: Path) -> dict:
     jobs = batch.read_manifest(tmp / "m.json")
     out = {"jobs": args.jobs, "model": "resnet_bottleneck 32x32 width 32, int8", "runs": {}}
     for name, ex in executors.items():
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         results = batch.run(jobs, ex)
         secs = time.perf_counter() - t
+        out.setdefault("driver_cpu", {})[name] = time.process_time() - cpu
         assert all(r["code"] == 0 for r in results), results
         out["runs"][name] = secs
         out.setdefault("job_seconds", statistics.median(r["seconds"] for r in results))
-        print(f"  batch       {name:8} {secs:8.2f} s   ({load()})", flush=True)
+        print(f"  batch       {name:8} {secs:8.2f} s   driver CPU {out['driver_cpu'][name]:6.2f} s   ({load()})",
+              flush=True)
     return out
 
 
@@ -288,17 +306,19 @@ def main(argv=None) -> int:
         c = result["calibration"]
         n_batches = -(-c["samples"] // 16)
         tasks = -(-n_batches // min(16, -(-n_batches // 4)))  # shards, as calibration cuts them for 1 worker
-        serial = c["read_seconds"] + put + tasks * per_task + (c["merge_seconds"] or 0.0)
+        # the driver's own CPU time while 2 workers ran (reading and checking the data, putting
+        # the model and the shards, collecting and merging), plus Ray's per-task cost
+        serial = c["driver_cpu"]["ray 2"] + tasks * per_task
         rows.append(("calibration", project("calibration", c["runs"]["ray 1"], c["runs"]["ray 2"], serial)))
     if "sweep" in result:
         s = result["sweep"]
-        serial = put + s["plans"] * per_task
+        serial = s["driver_cpu"]["ray 2"] + s["plans"] * per_task  # building each plan's inputs, sending
         rows.append(("sensitivity sweep", project("sweep", s["runs"]["ray 1"]["sweep"], s["runs"]["ray 2"]["sweep"],
                                                   serial)))
     if "batch" in result:
         b = result["batch"]
         rows.append(("12-job batch", project("batch", b["runs"]["ray 1"], b["runs"]["ray 2"],
-                                              b["jobs"] * per_task)))
+                                              b["driver_cpu"]["ray 2"] + b["jobs"] * per_task)))
     result["projection"] = dict(rows)
     print()
     print(f"| stage | 1 worker | 2 workers | speed-up | s (measured serial) | 8 | 32 | 128 | s (fitted) | 8 | 32 | 128 |")
@@ -309,6 +329,8 @@ def main(argv=None) -> int:
         cells += [f"{m['s']:.4f}", f"{m['8']:.1f}x", f"{m['32']:.1f}x", f"{m['128']:.1f}x"] if m else ["-"] * 4
         cells += [f"{f['s']:.3f}", f"{f['8']:.1f}x", f"{f['32']:.1f}x", f"{f['128']:.1f}x"]
         print("| " + " | ".join(cells) + " |")
+    if "calibration" in result:
+        print(f"\nmerge of the calibration shards (2 workers): {result['calibration']['merge_seconds']:.3f} s")
     same = [k for k in ("calibration", "sweep") if k in result]
     print(f"\nsame statistics / bytes on every executor: "
           + ", ".join(f"{k} {'yes' if result[k]['identical'] else 'NO'}" for k in same))

@@ -37,7 +37,8 @@ def ex():
     """A Ray started inside the test session: 2 CPUs (2 workers), no dashboard."""
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=400 << 20)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=400 << 20)  # a new one, never a cluster some other program started
     try:
         yield RayExecutor()
     finally:
