@@ -20,8 +20,9 @@ What is measured (wall time, median of ``--repeat`` runs, ``uptime``'s load prin
   ``--calib-method minmax`` needs; ``--histograms`` adds the histograms) of a ResNet-50-size
   model (``benchmarks/pruning.py``'s builder: 25.6M params, bottlenecks 3-4-6-3, 1000 classes)
   at ``--hw`` (64: smaller than 224 so that 2,000 samples take a minute, not ten; the network
-  is the same size) over ``--samples`` (2,000) generated N(0,1) samples in batches of 16. The
-  statistics of every executor are checked equal.
+  is the same size) over ``--samples`` (2,000) generated N(0,1) samples, written to an .npy
+  file first and read, as a compile reads ``--calib``, by ``edgec.calibdata.load_calibration``
+  (batches of 16, each checked). The statistics of every executor are checked equal.
 * **sensitivity sweep**: ``edgec.compile(..., quantize="mixed", max_bytes=...)`` of the same
   network at ``--sweep-hw`` (32) with ``--sweep-samples`` (16) calibration samples: the sweep
   (2 probe runs per layer: 106 plans, one task each) timed alone, and the whole compile.
@@ -91,13 +92,19 @@ def timed(fn, repeat: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def calibration(executors: dict, args) -> dict:
+def calibration(executors: dict, args, tmp: Path) -> dict:
     from edgec import executor as executor_mod
+    from edgec.calibdata import load_calibration
     from edgec.calibration import TensorStats, collect
 
     model = resnet50(args.hw, batch=16)
     tensors = [i.name for i in model.graph.input] + [o for n in model.graph.node for o in n.output]
-    data = Batches("input", (3, args.hw, args.hw), args.samples, 16)
+    # the data as a user gives it, an .npy file read by edgec's CalibrationSet (headers checked,
+    # batch by batch, NaN/Inf and shapes checked): the driver's part of calibration, as in a compile
+    generated = np.concatenate([b["input"] for b in Batches("input", (3, args.hw, args.hw), args.samples, 16)])
+    np.save(tmp / "calib.npy", generated[:args.samples])
+    del generated
+    data = load_calibration(tmp / "calib.npy", model)
     t_data, _ = timed(lambda: sum(1 for _ in data), 1)
     out = {"model": f"resnet50 {args.hw}x{args.hw}", "samples": args.samples, "tensors": len(tensors),
            "histograms": args.histograms, "read_seconds": t_data, "runs": {}}
@@ -291,7 +298,7 @@ def main(argv=None) -> int:
           f"({o['model_bytes'] / 1e6:.0f} MB) {1000 * o['put_model_seconds']:.0f} ms   ({load()})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if "calibration" not in skip:
-            result["calibration"] = calibration(executors, args)
+            result["calibration"] = calibration(executors, args, Path(tmp))
         if "sweep" not in skip:
             result["sweep"] = sweep(executors, args)
         if "batch" not in skip:
