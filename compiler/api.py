@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,10 +23,11 @@ from edgec.passes.prune_channels import PruneChannels, PruneResult
 from edgec.passes.sparsify_24 import SparsityResult
 
 from . import datafiles, loader, quantize_api, runtime, strategy, verify as verify_mod
+from . import executor as executor_mod
 from .analysis import costs as costs_mod
 from .analysis.channels import find_groups, format_groups
 from .calibdata import CalibrationSet, load_calibration
-from .errors import InternalError, UserError, VerificationError
+from .errors import EdgecError, InternalError, UserError, VerificationError
 from .ir import IR, dtype_name, plain_dtype
 from .options import KEYWORDS, CompileOptions, PruneOptions, boolean, check_compile_options, number, path_like
 from .outputs import Outputs
@@ -57,8 +58,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
             max_bytes: int | None = None, progress: bool = False, goal: str | None = None,
             calib_preprocess=None, strict_int8: bool = False, rounding: str = "auto",
             log: Callable[[str], None] | None = None, report_file: str | os.PathLike | None = None,
-            options: CompileOptions | None = None,
-            _outputs=None) -> CompileResult:
+            options: CompileOptions | None = None, executor: str | executor_mod.Executor | None = None,
+            ray_address: str | None = None, _outputs=None) -> CompileResult:
     """Compile ``model`` for ``target``; write it to ``output`` (atomically) if given.
 
     Every option is checked first (:mod:`edgec.options`), then every path the run will write
@@ -95,8 +96,21 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
 
     ``options`` (an :class:`edgec.options.CompileOptions`) gives every option at once, instead
     of the keywords above (not both).
+
+    ``executor`` (``"local"``, ``"ray"`` or an :class:`edgec.executor.Executor`; None: the one in
+    force, local by default) says where calibration shards, sensitivity runs and ``goal``
+    candidates run; ``ray_address`` names a Ray cluster (default ``EDGEC_RAY_ADDRESS``, else a
+    local Ray started for this call). The output is the same, byte for byte, on any executor.
     """
+    executor_mod.check(executor if executor is not None else "local", ray_address)
     run = _start(dict(locals()))  # every argument, as given: checked, then the options and the outputs
+    if executor is None and ray_address is None:
+        return _compile_run(run)
+    with executor_mod.open_executor(executor or "local", ray_address):
+        return _compile_run(run)
+
+
+def _compile_run(run: "_Run") -> CompileResult:
     if run.options.goal is not None:
         return _by_goal(run)
     _load(run)
@@ -196,13 +210,43 @@ def _by_goal(run: _Run) -> CompileResult:
         return compile(run.model, output, options=options, log=run.log,
                        _outputs=run.outs if output is not None else None)
 
+    def trials(options: list[CompileOptions]) -> list | None:
+        """Every trial compile at once, as tasks, when the executor distributes work (None: the
+        strategy compiles them one by one, in process, until one fits)."""
+        ex = executor_mod.current()
+        if not ex.distributed:
+            return None
+        model = os.path.abspath(run.model) if isinstance(run.model, (str, os.PathLike)) else run.model
+        return list(ex.map(trial_compile, [_for_task(o) for o in options], shared=model))
+
     with run.outs if run.owned else _nothing():
-        result = strategy.run(candidate, run.model, run.output, run.options, target_profile=run.target, log=run.log)
+        result = strategy.run(candidate, run.model, run.output, run.options, target_profile=run.target, log=run.log,
+                              trials=trials)
         if run.owned:
             if run.report_file is not None:
                 run.outs.write_json(run.report_file, result.report)
             run.outs.commit()
     return result
+
+
+def trial_compile(options: CompileOptions, shared) -> dict | EdgecError:
+    """A ``--goal`` trial (an executor task): the parts of its report the strategy reads, or the
+    EdgecError it raised."""
+    try:
+        result = compile(executor_mod.shared_value(shared), None, options=options)
+    except EdgecError as e:
+        return e
+    return {"verify": result.report.get("verify", {}), "after": result.report["after"]}
+
+
+def _for_task(o: CompileOptions) -> CompileOptions:
+    """``o`` for a task: data paths absolute (it may run in another working directory), no
+    progress meter."""
+    def absolute(p):
+        return os.path.abspath(p) if isinstance(p, (str, os.PathLike)) and os.fspath(p) != "random" else p
+
+    return replace(o, calib=absolute(o.calib), quant=replace(o.quant, progress=False),
+                   verify=replace(o.verify, inputs=absolute(o.verify.inputs), eval_data=absolute(o.verify.eval_data)))
 
 
 def _load(run: _Run) -> None:

@@ -12,7 +12,11 @@ How it works
   two. When a batch exceeds ``R``, the range doubles and adjacent bin pairs are merged. Bin
   widths are powers of two and bin edges are aligned, so the merged histogram is *exactly* the
   histogram a single pass over all the data with the final range gives (independent of batch
-  size and order).
+  size and order): a value's bin is ``floor(x / w)`` (exact: ``w`` is a power of two), and the
+  values equal to ``R`` itself, counted in the last bin, are tracked (``at_top``) and move to the
+  bin holding ``R`` when the range doubles. So statistics of shards of the data, merged
+  (:meth:`TensorStats.merge`), equal one pass over all of it, bit for bit, whatever the shards:
+  what lets calibration run on a Ray cluster (:mod:`edgec.executor`) with the local answer.
 - Ranges from the statistics, per method (:func:`compute_range`):
   * ``minmax``: the observed min and max (symmetric: +-max|x|);
   * ``percentile``: hi = the p-th percentile, lo = the (100-p)-th (symmetric: the p-th
@@ -32,6 +36,7 @@ How it works
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -42,6 +47,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from . import executor
 from .errors import UserError
 from .runtime import augment, map_batches, reference_session
 
@@ -64,6 +70,7 @@ class TensorStats:
     histogram: bool = True  # False: min/max/count only (enough for minmax)
     channel_min: np.ndarray | None = None  # per channel (axis 1), when asked for
     channel_max: np.ndarray | None = None
+    at_top: int = 0  # values equal to +R, counted in the last bin (they move up when R doubles)
 
     def __post_init__(self):
         if self.bins % 4:
@@ -116,6 +123,10 @@ class TensorStats:
         self.count += int(count)
 
     def merge(self, other: "TensorStats") -> None:
+        """Add ``other``'s statistics (another shard of the data): the result is what one pass
+        over both shards gives, exactly (see the module doc)."""
+        if other.channel_min is not None:
+            self.update_channels(other.channel_min, other.channel_max)
         if other.count == 0:
             return
         if other.bins != self.bins:
@@ -126,13 +137,16 @@ class TensorStats:
         if not (self.histogram and other.histogram):
             self.histogram, self.hist = False, None
             return
+        if other.half_range == 0.0:
+            return
         self._grow(other.half_range)
-        h = other.hist.copy()
+        h, top = other.hist.copy(), other.at_top
         r = other.half_range
         while r < self.half_range:
-            h = _halve(h)
+            h, top = _halve(h, top), 0
             r *= 2
         self.hist += h
+        self.at_top += top
 
     def _grow(self, amax: float) -> None:
         need = _pow2_at_least(amax)
@@ -140,14 +154,18 @@ class TensorStats:
             self.half_range = need
             return
         while self.half_range < need:
-            self.hist = _halve(self.hist)
+            self.hist, self.at_top = _halve(self.hist, self.at_top), 0
             self.half_range *= 2
 
     def _counts(self, x: np.ndarray) -> np.ndarray:
-        r = self.half_range
-        w = 2 * r / self.bins  # a power of two: exact arithmetic
-        idx = np.floor((x.astype(np.float64) + r) / w).astype(np.int64)
-        np.clip(idx, 0, self.bins - 1, out=idx)
+        w = 2 * self.half_range / self.bins  # a power of two: x / w is exact
+        idx = np.floor(x.astype(np.float64) / w).astype(np.int64)
+        idx += self.bins // 2
+        top = int(np.count_nonzero(idx >= self.bins))  # x == R (never beyond: R >= max|x|)
+        if top:
+            self.at_top += top
+            np.minimum(idx, self.bins - 1, out=idx)
+        np.maximum(idx, 0, out=idx)
         return np.bincount(idx, minlength=self.bins)
 
     # -------------------------------------------------------------- views
@@ -174,12 +192,16 @@ def _pow2_at_least(v: float) -> float:
     return max(r, 2.0 ** -20)
 
 
-def _halve(h: np.ndarray) -> np.ndarray:
-    """Double the bin width of a [-R, R] histogram to cover [-2R, 2R] (same number of bins)."""
+def _halve(h: np.ndarray, at_top: int = 0) -> np.ndarray:
+    """Double the bin width of a [-R, R] histogram to cover [-2R, 2R] (same number of bins).
+    The ``at_top`` values equal to R, counted in the last bin, go to the bin starting at R."""
     n = h.size
     merged = h.reshape(-1, 2).sum(axis=1)  # n/2 bins over [-R, R] at width 2w
     out = np.zeros_like(h)
     out[n // 4: n // 4 + n // 2] = merged
+    if at_top:
+        out[3 * n // 4 - 1] -= at_top
+        out[3 * n // 4] += at_top
     return out
 
 
@@ -406,24 +428,101 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[di
     tensors = list(dict.fromkeys(tensors))
     per_channel = {t: r for t, r in (per_channel or {}).items() if t in tensors and r >= 2}
     stats_model = with_statistics(model, tensors, raw=histograms, per_channel=per_channel)
-    sess = reference_session(stats_model)
     graph_outputs = [o.name for o in model.graph.output]
     reduced = [f"{STAT}{k}.{t}" for t in tensors for k in ("min", "max", "n")] + [
         f"{STAT}{k}.{t}" for t in per_channel for k in ("cmin", "cmax")]
     base = list(dict.fromkeys(graph_outputs + reduced + (tensors if histograms else [])))
     extra = [c for c in dict.fromkeys(capture) if c not in base]
 
+    ex = executor.current()
+    if ex.distributed:
+        spec = {"model": stats_model.SerializeToString(), "tensors": tensors, "base": base, "extra": extra,
+                "capture_batches": capture_batches, "bins": bins, "histograms": histograms}
+        return _collect_sharded(ex, spec, batches, progress=progress, total=total, on_batch=on_batch)
+    sess = reference_session(stats_model)
+
     def one(i: int, batch: dict) -> dict:
-        names = base + extra if i < capture_batches else base
-        outs = dict(zip(names, sess.run(names, batch)))
-        bad = [t for t in tensors if t not in outs and not (
-            math.isfinite(float(outs[f"{STAT}min.{t}"])) and math.isfinite(float(outs[f"{STAT}max.{t}"])))]
-        if bad:  # inf/NaN in some activations: their values, to take statistics of the finite ones
-            outs.update(zip(bad, sess.run(bad, batch)))
-        return outs
+        return _run_one(sess, tensors, base + extra if i < capture_batches else base, batch)
 
     return accumulate(map_batches(one, batches), tensors, bins=bins, progress=progress, total=total,
                       on_batch=on_batch, histograms=histograms)
+
+
+def _run_one(sess, tensors: list[str], names: list[str], batch: dict) -> dict:
+    """One batch through the statistics model: ``names``' values (the raw values of a tensor
+    too when its min or max is not finite)."""
+    outs = dict(zip(names, sess.run(names, batch)))
+    bad = [t for t in tensors if t not in outs and not (
+        math.isfinite(float(outs[f"{STAT}min.{t}"])) and math.isfinite(float(outs[f"{STAT}max.{t}"])))]
+    if bad:  # inf/NaN in some activations: their values, to take statistics of the finite ones
+        outs.update(zip(bad, sess.run(bad, batch)))
+    return outs
+
+
+SHARDS_PER_WORKER = 4  # shards of the calibration set per worker (load balance against task overhead)
+MAX_SHARD_BATCHES = 16
+
+
+def _collect_sharded(ex, spec: dict, batches: Iterable[dict], *, progress, total, on_batch) -> dict[str, TensorStats]:
+    """:func:`collect` on ``ex`` (:mod:`edgec.executor`): shards of consecutive batches, each a
+    task returning its statistics (and the graph outputs and captured values of the batches
+    ``on_batch`` sees); merged in shard order. The statistics do not depend on the split (see
+    the module doc), so the result is the in-process one, bit for bit. The batches are read and
+    checked here, in order, as in-process."""
+    tensors, bins, histograms = spec["tensors"], spec["bins"], spec["histograms"]
+    size = getattr(batches, "batch_size", None)
+    per_shard = MAX_SHARD_BATCHES
+    if total and size:
+        n_batches = -(-total // size)
+        per_shard = max(1, min(MAX_SHARD_BATCHES, -(-n_batches // (SHARDS_PER_WORKER * ex.workers))))
+
+    def shards():
+        it, start = iter(batches), 0
+        while True:
+            chunk = list(itertools.islice(it, per_shard))
+            if not chunk:
+                return
+            yield start, chunk
+            start += len(chunk)
+
+    stats = {t: TensorStats(bins=bins, histogram=histograms) for t in tensors}
+    meter = Progress(progress)
+    done = 0
+    try:
+        for shard, captured, samples in ex.map(shard_statistics, shards(), shared=spec):
+            for t in tensors:
+                stats[t].merge(shard[t])
+            if on_batch is not None:
+                for i, outs in captured:
+                    on_batch(i, outs)
+            done += samples
+            meter(done, total)
+    finally:
+        meter.close()
+    if done == 0:
+        raise UserError("the calibration set is empty")
+    return stats
+
+
+def shard_statistics(item: tuple[int, list[dict]], shared) -> tuple[dict[str, TensorStats], list, int]:
+    """One calibration shard (a task of :func:`_collect_sharded`): ``item`` is the index of its
+    first batch and its batches; returns its statistics, ``(index, outputs)`` of the batches
+    before ``capture_batches``, and its sample count."""
+    start, batches = item
+    spec, token = executor.shared_value(shared), executor.shared_token(shared)
+    sess = (executor.cached(token, "calibration", lambda: reference_session(spec["model"])) if token
+            else reference_session(spec["model"]))
+    tensors, cap = spec["tensors"], spec["capture_batches"]
+    stats = {t: TensorStats(bins=spec["bins"], histogram=spec["histograms"]) for t in tensors}
+    captured, samples = [], 0
+    for j, batch in enumerate(batches):
+        i = start + j
+        outs = _run_one(sess, tensors, spec["base"] + spec["extra"] if i < cap else spec["base"], batch)
+        add_outputs(stats, tensors, outs)
+        if i < cap:
+            captured.append((i, outs))
+        samples += len(next(iter(batch.values()))) if batch else 0
+    return stats, captured, samples
 
 
 STAT = "edgec.stat."
@@ -465,15 +564,7 @@ def accumulate(runs: Iterable[tuple[dict, dict]], tensors: list[str], *, bins: i
     done = 0
     try:
         for i, (batch, outs) in enumerate(runs):
-            for t in tensors:
-                v = outs.get(t)
-                lo, hi = outs.get(f"{STAT}min.{t}"), outs.get(f"{STAT}max.{t}")
-                if f"{STAT}cmin.{t}" in outs:
-                    stats[t].update_channels(outs[f"{STAT}cmin.{t}"], outs[f"{STAT}cmax.{t}"])
-                if v is None:  # min-max only, computed by the executor (finite: checked there)
-                    stats[t].update_range(float(lo), float(hi), int(outs[f"{STAT}n.{t}"]))
-                elif v.dtype.kind == "f":
-                    stats[t].update(v, None if lo is None else float(lo), None if hi is None else float(hi))
+            add_outputs(stats, tensors, outs)
             if on_batch is not None:
                 on_batch(i, outs)
             del outs
@@ -484,6 +575,19 @@ def accumulate(runs: Iterable[tuple[dict, dict]], tensors: list[str], *, bins: i
     if done == 0:
         raise UserError("the calibration set is empty")
     return stats
+
+
+def add_outputs(stats: dict[str, TensorStats], tensors: list[str], outs: dict) -> None:
+    """Add one batch's outputs of the statistics model to ``stats``."""
+    for t in tensors:
+        v = outs.get(t)
+        lo, hi = outs.get(f"{STAT}min.{t}"), outs.get(f"{STAT}max.{t}")
+        if f"{STAT}cmin.{t}" in outs:
+            stats[t].update_channels(outs[f"{STAT}cmin.{t}"], outs[f"{STAT}cmax.{t}"])
+        if v is None:  # min-max only, computed by the executor (finite: checked there)
+            stats[t].update_range(float(lo), float(hi), int(outs[f"{STAT}n.{t}"]))
+        elif v.dtype.kind == "f":
+            stats[t].update(v, None if lo is None else float(lo), None if hi is None else float(hi))
 
 
 def calibrate(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[dict], *,

@@ -102,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                         "measures better (auto), or nearest")
     c.add_argument("--goal", choices=["latency", "size", "accuracy"],
                    help="let edgec choose pruning and precision for the target within --max-error/--max-bytes")
+    _executor_arguments(c)
     c.add_argument("--bench", action="store_true", help="measure ONNX Runtime latency before and after")
     c.add_argument("--report", help="write the report as JSON to this file")
     c.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
@@ -113,11 +114,25 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--top", type=int, default=10, help="how many of the largest layers to list (default 10)")
     i.add_argument("--groups", action="store_true", help="list every channel group: prunable or not, and why")
 
+    b = sub.add_parser("batch", help="run the compiles of a manifest (JSON or TOML), here or on a Ray cluster")
+    b.add_argument("manifest", help='{"jobs": [{"model": ..., "target": ..., "output": ..., "options": {...}}]}')
+    _executor_arguments(b)
+    b.add_argument("--json", action="store_true", help="print the summary as JSON")
+
     ps = sub.add_parser("passes", help="list every pass")
     ps.add_argument("--json", action="store_true")
     ts = sub.add_parser("targets", help="list the targets")
     ts.add_argument("--json", action="store_true")
     return p
+
+
+def _executor_arguments(p) -> None:
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where calibration shards, sensitivity runs, --goal candidates and batch jobs run: in this "
+                        "process (default) or as Ray tasks (pip install \"edgec[ray]\")")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="the Ray cluster to use with --executor ray (default: $EDGEC_RAY_ADDRESS, else a local Ray "
+                        "started for this command)")
 
 
 def _key_values(items: list[str], flag: str) -> dict[str, str]:
@@ -184,7 +199,8 @@ def _compile(args, log) -> int:
                          keep_float=[k.strip() for k in args.keep_float.split(",") if k.strip()],
                          strict_int8=args.strict_int8, rounding=args.rounding,
                          max_bytes=args.max_bytes, progress=not (args.quiet or args.json) and _interactive(),
-                         goal=args.goal, calib_preprocess=_preprocess(args), log=log, report_file=args.report)
+                         goal=args.goal, calib_preprocess=_preprocess(args), log=log, report_file=args.report,
+                         executor=args.executor, ray_address=args.ray_address)
     if args.json:
         print(json.dumps(result.report, indent=2, default=json_default))
     elif not args.quiet:
@@ -197,6 +213,21 @@ def _interactive() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def _batch(args, log=None) -> int:
+    from . import batch, executor
+
+    executor.check(args.executor, args.ray_address)
+    jobs = batch.read_manifest(args.manifest)  # the whole manifest checked before any job runs
+    with executor.open_executor(args.executor, args.ray_address) as ex:
+        results = batch.run(jobs, ex, progress=None if args.json else batch.progress_line)
+    if args.json:
+        print(json.dumps({"executor": ex.name, "jobs": [{**{k: j[k] for k in ("index", "model", "target", "output")},
+                                                         **r} for j, r in zip(jobs, results)]}, indent=2))
+    else:
+        print(batch.summary_text(jobs, results))
+    return max(r["code"] for r in results)
 
 
 def _inspect(args, log=None) -> int:
@@ -291,7 +322,8 @@ def _main(argv, log, flush) -> int:
                 args = _parser().parse_args(argv)
             except SystemExit as e:  # --help
                 return e.code if isinstance(e.code, int) else 0
-            handler = {"compile": _compile, "inspect": _inspect, "passes": _passes, "targets": _targets}[args.command]
+            handler = {"compile": _compile, "batch": _batch, "inspect": _inspect, "passes": _passes,
+                       "targets": _targets}[args.command]
             code = handler(args, log)
         flush()
         return code

@@ -27,11 +27,13 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from . import executor
 from .errors import UserError
 from .ir import IR
 from .quant_plan import build_plan, kept_float, node_key, weighted_nodes
-from .quant_probe import Probe
+from .quant_probe import Probe, concat
 from .quant_rules import table_for
+from .runtime import error_metrics, reference_session
 
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 DEFAULT_MAX_ERROR = 0.02
@@ -54,6 +56,47 @@ class _Evaluator:
         self.count += 1
         plan = build_plan(self.ir, self.scheme, self.ranges, precisions=precisions, keep_float=self.keep_float)
         return self.probe.error(plan, self.batches, self.ref, weights=self.weights)["rel_l2"]
+
+    def errors(self, plans: list[dict[str, str]]) -> list[float]:
+        """The errors of independent plans: one after the other here, or at once as tasks when
+        the executor in force distributes work (:mod:`edgec.executor`). A task runs the probe
+        model (sent once) with the plan's inputs over the same batches, in the same reference
+        arithmetic, so each error is the same number either way."""
+        ex = executor.current()
+        if not ex.distributed or len(plans) < 2:
+            return [self.error(p) for p in plans]
+        self.count += len(plans)
+        feeds = [self.probe.inputs_for(build_plan(self.ir, self.scheme, self.ranges, precisions=p,
+                                                  keep_float=self.keep_float), self.weights) for p in plans]
+        base = feeds[0]
+        shared = {"model": self.probe.model.SerializeToString(), "names": list(self.probe.graph_outputs),
+                  "batches": list(self.batches), "reference": self.ref, "base": base}
+        deltas = [{k: v for k, v in f.items() if not _same(v, base.get(k))} for f in feeds]
+        return list(ex.map(plan_error, deltas, shared=shared))
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if b is None:
+        return False
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+def plan_error(delta: dict, shared) -> float:
+    """One plan's output error (a task of :meth:`_Evaluator.errors`): the probe model run with
+    the shared inputs updated by ``delta`` on every batch, against the float reference."""
+    spec, token = executor.shared_value(shared), executor.shared_token(shared)
+    sess = (executor.cached(token, "probe", lambda: reference_session(spec["model"])) if token
+            else reference_session(spec["model"]))
+    fixed = {**spec["base"], **delta}
+    names = spec["names"]
+    parts: dict[str, list] = {n: [] for n in names}
+    for b in spec["batches"]:
+        for n, v in zip(names, sess.run(names, {**b, **fixed})):
+            parts[n].append(v)
+    return error_metrics(spec["reference"], concat(parts))["rel_l2"]
 
 
 def choose_plan(ir: IR, probe: Probe, scheme, ranges: dict, batches: Iterable[dict], reference: dict, *,
@@ -81,11 +124,11 @@ def choose_plan(ir: IR, probe: Probe, scheme, ranges: dict, batches: Iterable[di
     ev = _Evaluator(ir, probe, scheme, ranges, batches, reference, tuple(keep), weights)
     everything_fp32 = {k: "fp32" for k in keys}
     # 1. sensitivity, one layer at a time
-    sens: dict[str, dict[str, float]] = {}
+    sens: dict[str, dict[str, float]] = {k: {} for k in keys}
+    runs = [(k, p) for k in keys for p in ("int8", "int4")]
+    for (k, p), e in zip(runs, ev.errors([{**everything_fp32, k: p} for k, p in runs])):
+        sens[k][p] = e
     for k in keys:
-        sens[k] = {}
-        for p in ("int8", "int4"):
-            sens[k][p] = ev.error({**everything_fp32, k: p})
         log(f"sensitivity {k}: int8 {sens[k]['int8']:.4g}, int4 {sens[k]['int4']:.4g}")
 
     ends = {keys[0], keys[-1]} if keep_ends and len(keys) > 2 else set()

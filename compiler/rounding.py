@@ -131,8 +131,8 @@ def optimise(ir, plan: QuantPlan, probe, batches, *, weights=None, log: Callable
             X = lay.map.x_rows(x, y.shape, idx)
             if X is None:
                 continue
-            X = X.astype(np.float64)  # [R, g, K]
-            G = np.einsum("rgk,rgl->gkl", X, X)
+            X = np.ascontiguousarray(X.astype(np.float64).transpose(1, 0, 2))  # [g, R, K]
+            G = np.swapaxes(X, 1, 2) @ X  # (batched BLAS)
             lay.H = G if lay.H is None else lay.H + G
             lay.rows += len(idx)
     out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}

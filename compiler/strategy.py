@@ -93,9 +93,15 @@ def _fits(report: dict, max_error, max_bytes) -> tuple[bool, str]:
     return True, "within budget"
 
 
-def run(compile_fn: Callable, model, output, options: CompileOptions, *, target_profile, log=None):
+def run(compile_fn: Callable, model, output, options: CompileOptions, *, target_profile, log=None,
+        trials: Callable | None = None):
     """Compile the candidates for ``options.goal`` (``compile_fn(options, output)``, output None
-    for a trial) and the winner again with ``output``; its report gets a ``strategy`` section."""
+    for a trial) and the winner again with ``output``; its report gets a ``strategy`` section.
+
+    ``trials(list of options)`` (optional) compiles every trial at once (on an executor's
+    workers) and returns, in order, each one's report (``verify`` and ``after`` at least) or the
+    EdgecError it raised, or None to compile them here one by one. The winner is the same
+    either way: the first candidate, in order, that meets the budgets."""
     goal = options.goal
     if goal not in GOALS:
         raise UserError(f"--goal {goal}: choose one of {', '.join(GOALS)}")
@@ -108,20 +114,27 @@ def run(compile_fn: Callable, model, output, options: CompileOptions, *, target_
         check_output_path(output, model if not hasattr(model, "graph") else None)
     max_error, max_bytes = options.verify.max_error, options.quant.max_bytes
     tries, reasons = candidates(target_profile, goal, options)
+    trial_options = [cand.options(options, max_error=None) for cand in tries]
+    outcomes = trials(trial_options) if trials is not None and len(tries) > 1 else None
     tried = []
     for i, cand in enumerate(tries):
         last = i == len(tries) - 1
         label = ", ".join(f"{k}={v}" for k, v in cand.settings.items()) or "exact rewrites only"
         log(f"goal {goal}: trying {label}")
         try:
-            result = compile_fn(cand.options(options, max_error=None), None)
+            if outcomes is None:
+                report = compile_fn(trial_options[i], None).report
+            elif isinstance(outcomes[i], BaseException):
+                raise outcomes[i]
+            else:
+                report = outcomes[i]
         except EdgecError as e:
             tried.append({"settings": cand.settings, "ok": False, "why": str(e)})
             continue
-        ok, why = _fits(result.report, max_error, max_bytes)
+        ok, why = _fits(report, max_error, max_bytes)
         tried.append({"settings": cand.settings, "ok": ok, "why": why,
-                      "rel_l2": result.report.get("verify", {}).get("rel_l2"),
-                      "bytes": result.report["after"]["bytes"], "macs": result.report["after"]["macs"]})
+                      "rel_l2": report.get("verify", {}).get("rel_l2"),
+                      "bytes": report["after"]["bytes"], "macs": report["after"]["macs"]})
         if ok or last:
             if not ok:
                 reasons.append(f"no candidate met the budget; the last one (exact rewrites) is used: {why}")
