@@ -70,6 +70,7 @@ FALLBACK_SAMPLES = 32  # calibration samples the fallback's measurements run on 
 # the budget also holds per output channel, this much looser: one collapsed channel (a detector's
 # class scores beside its box coordinates) fails it even when the output's overall error is small
 CHANNEL_FACTOR = 4.0
+ROUNDING_FLOOR = 0.2  # GPTQ rounding is tried when the int8 output error is at least this fraction of the budget
 
 
 def guarded_error(metrics: dict) -> float:
@@ -568,23 +569,29 @@ class _Quantizer:
         known = self._known_parts if self.mode == "int8" else None  # this plan's outputs, error subset
         plan, outs = self._settle(plan, weights, capture, known, rep)
         if self.rounding:
-            rounded, section = self._rounding(plan, weights)
-            if rounded:  # nearest and chosen rounding, each with its bias correction: the lower error wins
-                ref = capture.reference(self.bias_set)
-                cand, cand_outs = self._settle(replace(plan, rounded=rounded, bias_shift={}), weights, capture, None,
-                                               {})
-                base_outs = outs if outs is not None else self.probe.outputs(plan, self.bias_set.batches,
-                                                                             weights=weights)
-                if cand_outs is None:
-                    cand_outs = self.probe.outputs(cand, self.bias_set.batches, weights=weights)
-                e0 = error_metrics(ref, base_outs)["rel_l2"]
-                e1 = error_metrics(ref, cand_outs)["rel_l2"]
-                section.update({"rel_l2_nearest": round(e0, 6), "rel_l2_chosen": round(e1, 6), "applied": e1 < e0})
-                if e1 < e0:
-                    plan, outs = cand, cand_outs
-                    if self.bias_correction:
-                        rep["bias_correction"] = {"layers": sorted(plan.weights[k].layer for k in plan.bias_shift)}
-            rep["rounding"] = section
+            ref = capture.reference(self.bias_set)
+            if outs is None:
+                outs = self.probe.outputs(plan, self.bias_set.batches, weights=weights)
+            e0 = error_metrics(ref, outs)["rel_l2"]
+            floor = ROUNDING_FLOOR * (self.max_error if self.max_error is not None else DEFAULT_INT8_BUDGET)
+            if e0 < floor:  # nothing to gain that a user would see: nearest rounding, no GPTQ cost
+                rep["rounding"] = {"method": "nearest", "applied": False, "rel_l2_nearest": round(e0, 6),
+                                   "why": f"output error {e0:.3g} is below {floor:.3g} (a fifth of the budget)"}
+            else:
+                rounded, section = self._rounding(plan, weights)
+                section["rel_l2_nearest"] = round(e0, 6)
+                if rounded:  # nearest and chosen rounding, each with its bias correction: the lower error wins
+                    cand, cand_outs = self._settle(replace(plan, rounded=rounded, bias_shift={}), weights, capture,
+                                                   None, {})
+                    if cand_outs is None:
+                        cand_outs = self.probe.outputs(cand, self.bias_set.batches, weights=weights)
+                    e1 = error_metrics(ref, cand_outs)["rel_l2"]
+                    section.update({"rel_l2_chosen": round(e1, 6), "applied": e1 < e0})
+                    if e1 < e0:
+                        plan, outs = cand, cand_outs
+                        if self.bias_correction:
+                            rep["bias_correction"] = {"layers": sorted(plan.weights[k].layer for k in plan.bias_shift)}
+                rep["rounding"] = section
         if outs is not None and self.bias_set.count != self.error_set.count:
             outs = None
         if outs is None:

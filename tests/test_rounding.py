@@ -65,7 +65,8 @@ def test_gptq_with_a_singular_input_covariance():
 
 
 @pytest.mark.parametrize("name", ["resnet_bottleneck", "mobilenet_v2", "inception", "transformer_encoder"])
-def test_auto_rounding_never_measures_worse_than_nearest(name):
+def test_auto_rounding_never_measures_worse_than_nearest(name, monkeypatch):
+    monkeypatch.setattr(quantize_api, "ROUNDING_FLOOR", 0.0)  # tried whatever the error
     model = ALL_MODELS[name](batch=4)
     calib = list(calibdata.load_calibration("random", model, max_samples=32, seed=3))
     reps = {}
@@ -81,9 +82,10 @@ def test_auto_rounding_never_measures_worse_than_nearest(name):
         assert reps["auto"]["error"]["rel_l2"] < reps["nearest"]["error"]["rel_l2"]
 
 
-def test_chosen_levels_keep_the_no_vnni_bound():
+def test_chosen_levels_keep_the_no_vnni_bound(monkeypatch):
     """u8s7 (AVX2 without VNNI): every written weight level stays in [-63, 63], rounding chosen
     or not, so no pair of products can saturate ONNX Runtime's int16 accumulation."""
+    monkeypatch.setattr(quantize_api, "ROUNDING_FLOOR", 0.0)
     model = ALL_MODELS["resnet_basic"](batch=4)
     calib = list(calibdata.load_calibration("random", model, max_samples=32, seed=3))
     r = edgec.compile(model, quantize="int8", calib=calib, target_options={"isa": "avx2", "scheme": "u8s7"})
@@ -99,3 +101,17 @@ def test_rounding_option_is_checked():
         edgec.compile(model, quantize="int8", calib="random", rounding="stochastic")
     with pytest.raises(edgec.UserError, match="rounding"):
         quantize_api.quantize(edgec.from_model(model), [], rounding="up")
+
+
+def test_rounding_is_not_tried_where_the_error_is_already_small():
+    """Below a fifth of the budget the gain could not matter: nearest rounding, no GPTQ cost, and
+    the report says why."""
+    model = ALL_MODELS["resnet_bottleneck"](batch=4)
+    calib = list(calibdata.load_calibration("random", model, max_samples=32, seed=3))
+    q = edgec.compile(model, quantize="int8", calib=calib).report["quantization"]
+    assert q["error"]["rel_l2"] < quantize_api.ROUNDING_FLOOR * quantize_api.DEFAULT_INT8_BUDGET
+    assert q["rounding"]["method"] == "nearest" and not q["rounding"]["applied"]
+    assert "below" in q["rounding"]["why"]
+    # a tighter budget lowers the floor: then it is tried
+    q = edgec.compile(model, quantize="int8", calib=calib, max_error=0.02).report["quantization"]
+    assert q["rounding"]["method"] == "gptq" and q["rounding"]["layers"] > 0
