@@ -4,7 +4,14 @@ Options: ``platform`` = rk3588 (default), rk3576, rk3568, rk3566, rk3562, rv1106
 ``dynamic_input`` = shapes RKNN should build for when inputs stay dynamic, as
 ``1x3x224x224;4x3x224x224`` (RKNN's ``config(dynamic_input=...)``); ``mean``/``std`` =
 per-channel normalisation the NPU applies before the model (default none: the ONNX input is
-already normalised).
+already normalised); ``quantized_algorithm`` (normal, mmse, kl_divergence; default from
+--calib-method) and ``quantized_method`` (channel, layer) = RKNN's own int8 calibration.
+
+Side files: ``OUT.rknn.json`` (RKNN's config/build arguments) and ``OUT.rknn_build.py`` (builds
+the .rknn from them, optionally runs the simulator). ``--quantize vendor`` (or ``--calib``
+without --quantize) leaves the model float and adds ``OUT.dataset/`` so that RKNN-Toolkit2's
+own quantizer does the int8: measured more faithful than edgec's QDQ on ReLU/Concat/BatchNorm
+and hard-swish/SE CNNs in its simulator (benchmarks/rknn_vendor.py, README "Targets").
 
 Profile: opset <= 19, fixed input shapes (or ``dynamic_input``), 4-D NCHW, int8 asymmetric
 activations with per-channel weights, float layers in FP16; rv1106/rv1103 have no float mode.
