@@ -33,6 +33,7 @@ Models:
     python benchmarks/rknn_vendor.py                                   # every model
     python benchmarks/rknn_vendor.py --models ocr_det,mobilenet_v3 --json out.json
     python benchmarks/rknn_vendor.py --algorithms normal --methods channel   # the default only
+    python benchmarks/rknn_vendor.py --models ocr_det --edgec-methods mse    # + edgec's QDQ with --calib-method mse
 
 The toolkit runs in its own virtual environment (``tests/vendor``: created on first use).
 """
@@ -129,7 +130,7 @@ def rknn_variants(algorithms, methods) -> list[tuple[str, dict]]:
     return out
 
 
-def evaluate(name: str, algorithms, methods, n_eval, log) -> dict:
+def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=()) -> dict:
     t0 = time.perf_counter()
     model, iname, calib, feeds, metric, key = case(name, n_eval)
     shape = [1] + list(calib.shape[1:])
@@ -152,6 +153,11 @@ def evaluate(name: str, algorithms, methods, n_eval, log) -> dict:
             q_secs = time.perf_counter() - t
             edgec.compile(src, td / "float.onnx", target="rknn", input_shapes=shapes, quantize="vendor",
                           calib=calib_dict)
+            extra = {}
+            for m in edgec_methods:  # more edgec QDQ variants: --calib-method m
+                edgec.compile(src, td / f"qdq_{m}.onnx", target="rknn", input_shapes=shapes, quantize="int8",
+                              calib=calib_dict, calib_method=m)
+                extra[f"edgec qdq ({m})"] = td / f"qdq_{m}.onnx"
         qrep = q.report.get("quantization") or {}
         fb = (qrep.get("fallback") or {}).get("float", [])
         qdq_sess = runtime.reference_session((td / "qdq.onnx").read_bytes())
@@ -165,8 +171,11 @@ def evaluate(name: str, algorithms, methods, n_eval, log) -> dict:
             samples.append(str(p))
         dataset = td / "float.onnx.dataset" / "dataset.txt"
         jobs = []
-        for label, v in rknn_variants(algorithms, methods):
-            jobs.append({"model": str(td / ("qdq.onnx" if v.get("qdq") else "float.onnx")), "platform": "rk3588",
+        variants = rknn_variants(algorithms, methods)
+        variants[1:1] = [(label, {"do_quantization": False, "model": path}) for label, path in extra.items()]
+        for label, v in variants:
+            model_path = v.get("model") or td / ("qdq.onnx" if v.get("qdq") else "float.onnx")
+            jobs.append({"model": str(model_path), "platform": "rk3588",
                          "inputs": samples[0], "samples": samples, "out": str(td / f"out{len(jobs)}.npz"),
                          "do_quantization": v["do_quantization"], "config": v.get("config") or {},
                          "dataset": str(dataset) if v["do_quantization"] else None,
@@ -231,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--eval", type=int, default=None, help="held-out samples per model (default: 8 ocr_det, "
                                                              "32 orientation, 16 builders)")
+    ap.add_argument("--edgec-methods", default="", help="also edgec's QDQ with these --calib-method values "
+                                                          "(e.g. mse,percentile)")
     ap.add_argument("--json", help="write the results here (JSON)")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of earlier --json results")
     a = ap.parse_args(argv)
@@ -241,7 +252,8 @@ def main(argv=None) -> int:
     for name in [m.strip() for m in a.models.split(",") if m.strip()]:
         try:
             res = evaluate(name, a.algorithms.split(","), a.methods.split(","), a.eval,
-                           lambda s: print(s, file=sys.stderr, flush=True))
+                           lambda s: print(s, file=sys.stderr, flush=True),
+                           [m for m in a.edgec_methods.split(",") if m])
         except rm.Unavailable as e:
             print(f"[{name}] skipped: {e}", file=sys.stderr)
             continue
