@@ -4,7 +4,14 @@ Options: ``platform`` = rk3588 (default), rk3576, rk3568, rk3566, rk3562, rv1106
 ``dynamic_input`` = shapes RKNN should build for when inputs stay dynamic, as
 ``1x3x224x224;4x3x224x224`` (RKNN's ``config(dynamic_input=...)``); ``mean``/``std`` =
 per-channel normalisation the NPU applies before the model (default none: the ONNX input is
-already normalised).
+already normalised); ``quantized_algorithm`` (normal, mmse, kl_divergence; default from
+--calib-method) and ``quantized_method`` (channel, layer) = RKNN's own int8 calibration.
+
+Side files: ``OUT.rknn.json`` (RKNN's config/build arguments) and ``OUT.rknn_build.py`` (builds
+the .rknn from them, optionally runs the simulator). ``--quantize vendor`` (or ``--calib``
+without --quantize) leaves the model float and adds ``OUT.dataset/`` so that RKNN-Toolkit2's
+own quantizer does the int8: measured more faithful than edgec's QDQ on ReLU/Concat/BatchNorm
+and hard-swish/SE CNNs in its simulator (benchmarks/rknn_vendor.py, README "Targets").
 
 Profile: opset <= 19, fixed input shapes (or ``dynamic_input``), 4-D NCHW, int8 asymmetric
 activations with per-channel weights, float layers in FP16; rv1106/rv1103 have no float mode.
@@ -85,6 +92,9 @@ def _configure(t: Target) -> None:
     _floats(t, "mean")
     _floats(t, "std", positive=True)
     _dynamic_input(t)
+    for key, known in (("quantized_algorithm", ALGORITHMS + ("",)), ("quantized_method", METHODS)):
+        if t.options[key] not in known:
+            raise UserError(f"target rknn: {key}={t.options[key]} is not known (choose one of {', '.join(filter(None, known))})")
     t.static_shapes = not t.options["dynamic_input"]
     t.description = f"Rockchip {t.options['platform']} NPU (RKNN-Toolkit2 2.x)"
 
@@ -147,6 +157,22 @@ def _check(t: Target, ir: IR) -> list[str]:
 
 # edgec's calibration methods and RKNN-Toolkit2's quantized_algorithm names for the same idea
 RKNN_ALGORITHM = {"minmax": "normal", "percentile": "normal", "mse": "mmse", "entropy": "kl_divergence"}
+ALGORITHMS = ("normal", "mmse", "kl_divergence")
+METHODS = ("channel", "layer")
+
+
+def _algorithm(t: Target, calib_method) -> str:
+    """RKNN's quantized_algorithm: the ``quantized_algorithm`` option, else the one named like --calib-method."""
+    return t.options["quantized_algorithm"] or RKNN_ALGORITHM.get(calib_method if isinstance(calib_method, str)
+                                                                  else "minmax", "normal")
+
+
+def vendor_quantizer(t: Target, quant) -> dict:
+    """``--quantize vendor``: the report's quantization section (the model stays float; RKNN
+    quantizes it from the dataset this target writes)."""
+    return {"quantizer": "RKNN-Toolkit2 build(do_quantization=True)", "quantized_dtype": "w8a8",
+            "quantized_algorithm": _algorithm(t, quant.method), "quantized_method": t.options["quantized_method"],
+            "method": f"RKNN {_algorithm(t, quant.method)}/{t.options['quantized_method']}"}
 
 
 def side_paths(t: Target, output: Path, *, calib: bool, quantized_model: bool | None) -> list[tuple]:
@@ -154,10 +180,93 @@ def side_paths(t: Target, output: Path, *, calib: bool, quantized_model: bool | 
     ``quantized_model`` None: not known yet (``--goal``), so every possible path."""
     if t.options["platform"] in NO_FLOAT and not calib and quantized_model is False:
         raise UserError(f"{t.options['platform']} has no float mode: give --calib (RKNN quantizes) or --quantize int8")
-    paths = [(output.with_name(output.name + ".rknn.json"), "file", "RKNN build config", None)]
+    paths = [(output.with_name(output.name + ".rknn.json"), "file", "RKNN build config", None),
+             (output.with_name(output.name + ".rknn_build.py"), "file", "RKNN build script", None)]
     if calib and quantized_model is not True:
         paths.append((output.with_name(output.name + ".dataset"), "dir", "RKNN dataset folder", edgec_dataset_folder))
     return paths
+
+
+BUILD_SCRIPT = '''#!/usr/bin/env python3
+"""Build {rknn} from {model} with RKNN-Toolkit2 2.x, as {config} says (written by edgec).
+
+Run it with the Python where rknn-toolkit2 is installed:
+
+    python {script}                                   # writes {rknn}
+    python {script} --simulate in.npz --outputs out.npz   # and runs inputs in the x86 simulator
+
+in.npz: one array per model input (by name, NCHW), samples stacked on the batch axis.
+out.npz: out_0, out_1, ... (one per model output, samples stacked the same way).
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE / {config!r}
+
+
+def dataset_list(cfg, tmp):
+    """The dataset's list with this folder's paths (the folder may have moved since edgec wrote it)."""
+    folder = HERE / cfg["dataset_dir"]
+    lines = []
+    for line in (folder / "dataset.txt").read_text().splitlines():
+        if line.strip():
+            lines.append(" ".join(str(folder / Path(p).name) for p in line.split()))
+    path = Path(tmp) / "dataset.txt"
+    path.write_text("\\n".join(lines) + "\\n")
+    return str(path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rknn", default=str(HERE / {rknn!r}), help="where to write the .rknn model")
+    ap.add_argument("--simulate", help=".npz of inputs to run in the simulator after the build")
+    ap.add_argument("--outputs", help="--simulate: .npz to write the outputs to")
+    ap.add_argument("--quantized-algorithm", help="override the config's (normal, mmse, kl_divergence)")
+    ap.add_argument("--quantized-method", help="override the config's (channel, layer)")
+    ap.add_argument("--verbose", action="store_true")
+    a = ap.parse_args()
+    cfg = json.loads(CONFIG.read_text())
+    config = dict(cfg["config"])
+    for key in ("quantized_algorithm", "quantized_method"):
+        if getattr(a, key):
+            config[key] = getattr(a, key)
+    from rknn.api import RKNN
+    rknn = RKNN(verbose=a.verbose)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            steps = [("config", lambda: rknn.config(**config)),
+                     ("load_onnx", lambda: rknn.load_onnx(model=str(HERE / cfg["model"]))),
+                     ("build", lambda: rknn.build(**dict(cfg["build"], **(
+                         {{"dataset": dataset_list(cfg, tmp)}} if cfg["build"].get("do_quantization") else {{}})))),
+                     ("export_rknn", lambda: rknn.export_rknn(a.rknn))]
+            for name, step in steps:
+                if step() != 0:
+                    sys.exit(f"{{CONFIG.name}}: RKNN {{name}} failed")
+        print(f"wrote {{a.rknn}}")
+        if a.simulate:
+            import numpy as np
+            if rknn.init_runtime() != 0:
+                sys.exit("RKNN init_runtime (simulator) failed")
+            with np.load(a.simulate) as z:
+                arrays = [z[i["name"]] if i["name"] in z.files else z[z.files[k]] for k, i in enumerate(cfg["inputs"])]
+            batch = int(cfg["inputs"][0]["shape"][0]) if cfg["inputs"][0]["shape"] else 1
+            outs = []
+            for s in range(0, len(arrays[0]), batch):
+                outs.append(rknn.inference(inputs=[x[s:s + batch] for x in arrays], data_format="nchw"))
+            np.savez(a.outputs or "outputs.npz",
+                     **{{f"out_{{k}}": np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(len(outs[0]))}})
+    finally:
+        rknn.release()
+
+
+if __name__ == "__main__":
+    main()
+'''
 
 
 def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quantized_model: bool = False,
@@ -178,6 +287,7 @@ def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quan
     cfg = {
         "target_platform": t.options["platform"],
         "model": output.name,
+        "build_script": output.name + ".rknn_build.py",
         "config": {"target_platform": t.options["platform"]},
         "build": {"do_quantization": False},
         "inputs": [{"name": i.name, "shape": [int(d) if isinstance(d, (int, np.integer)) else str(d) for d in (i.shape or [])]}
@@ -209,18 +319,24 @@ def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quan
                 count += 1
         (tmp_dir / "dataset.txt").write_text("\n".join(lines) + "\n")
         cfg["build"] = {"do_quantization": True, "dataset": str(final / "dataset.txt")}
-        algorithm = RKNN_ALGORITHM.get(calib_method if isinstance(calib_method, str) else "minmax", "normal")
-        cfg["config"].update({"quantized_dtype": "w8a8", "quantized_algorithm": algorithm, "quantized_method": "channel"})
+        cfg["dataset_dir"] = ds_dir.name
+        cfg["config"].update({"quantized_dtype": "w8a8", "quantized_algorithm": _algorithm(t, calib_method),
+                              "quantized_method": t.options["quantized_method"]})
         written.append(ds_dir)
     path = output.with_name(output.name + ".rknn.json")
     writer.write_text(path, json.dumps(cfg, indent=2) + "\n")
     written.append(path)
+    script = output.with_name(output.name + ".rknn_build.py")
+    writer.write_text(script, BUILD_SCRIPT.format(model=output.name, config=path.name, script=script.name,
+                                                  rknn=output.stem + ".rknn"))
+    written.append(script)
     if own:
         writer.commit()
     return written
 
 
 write_build_config.paths = side_paths
+write_build_config.vendor_quantizer = vendor_quantizer
 
 
 TARGET = Target(
@@ -232,9 +348,19 @@ TARGET = Target(
     static_shapes=True,
     float_precision="fp16",
     quant=QuantScheme(activations="asymmetric", weights="per-channel", bias="int32",
-                      pointwise=("Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "LeakyRelu")),
-    options={"platform": "rk3588", "dynamic_input": "", "mean": "", "std": ""},
+                      pointwise=("Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "LeakyRelu"),
+                      reason="RKNN-Toolkit2 builds this QDQ as a pre-quantized (QAT) model with do_quantization=False; "
+                             "in its rk3588 simulator it trailed RKNN's own int8 on 7 of 11 CNNs (ReLU/Concat/BatchNorm "
+                             "nets by 0.0002-0.0005 cosine: the simulator runs the same QDQ less faithfully than ONNX "
+                             "Runtime; hard-swish/SE nets by 0.001, the PP-OCR DB detector by 0.005) and tied or led on "
+                             "the others (benchmarks/rknn_vendor.py): --quantize vendor hands int8 to RKNN's own "
+                             "quantizer"),
+    options={"platform": "rk3588", "dynamic_input": "", "mean": "", "std": "", "quantized_algorithm": "",
+             "quantized_method": "channel"},
     option_help={"platform": "/".join(PLATFORMS), "dynamic_input": "e.g. 1x3x224x224;4x3x224x224",
+                 "quantized_algorithm": "RKNN's own int8 (--quantize vendor, or --calib alone): "
+                                        "/".join(ALGORITHMS) + " (default: from --calib-method)",
+                 "quantized_method": "RKNN's own int8: " + "/".join(METHODS),
                  "mean": "per-channel mean the NPU subtracts, e.g. 123.7,116.3,103.5",
                  "std": "per-channel std the NPU divides by"},
     configure=_configure,

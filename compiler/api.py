@@ -90,6 +90,10 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     ``activations``/``weights`` override it: ONNX Runtime's fusable QDQ groups for cpu/neon/rknn,
     TensorRT's explicit-quantization placement for jetson.
 
+    ``quantize="vendor"`` leaves the model float and hands quantization to the target's own
+    toolchain: the target writes the calibration dataset and a build config and script beside
+    the model (rknn: RKNN-Toolkit2's ``build(do_quantization=True)``); targets without one refuse it.
+
     ``goal`` (latency, size, accuracy) lets edgec choose pruning and precision for the target
     within ``max_error``/``max_bytes`` (see :mod:`edgec.strategy`); the report says what was
     tried and why the winner was chosen.
@@ -170,6 +174,9 @@ def _start(args: dict) -> _Run:
     every output path claimed before any work."""
     opts = _options(args)
     tgt = get_target(opts.target, opts.target_options)
+    if opts.quant.mode == "vendor" and not getattr(tgt.extras, "vendor_quantizer", False):
+        raise UserError(f"--quantize vendor: target {tgt.name} has no toolchain quantizer to hand off to "
+                        f"(targets with one: rknn); use --quantize int8")
     model, output, report_file, outs = args["model"], args["output"], args["report_file"], args["_outputs"]
     src_path = None if isinstance(model, onnx.ModelProto) else loader.check_input_file(model)
     owned = outs is None and (output is not None or report_file is not None)
@@ -316,7 +323,10 @@ def _run_pipeline(run: _Run) -> None:
 def _quantize(run: _Run) -> None:
     """The lossy precision stage: the target's quantization scheme (:mod:`edgec.quantize_api`)."""
     q = run.options.quant
-    if q.mode is not None:
+    if q.mode == "vendor":  # the toolchain quantizes: the model stays float, the target writes the hand-off
+        run.quant_report = {"mode": "vendor", "placement": f"{run.target.name} toolchain",
+                            **run.target.extras.vendor_quantizer(run.target, q)}
+    elif q.mode is not None:
         run.quant_report = quantize_api.quantize_for_target(run.ir, run.target, q, run.calib,
                                                             max_error=run.options.verify.max_error, log=run.log)
         run.ir.infer_shapes()
@@ -342,7 +352,7 @@ def _verify(run: _Run) -> None:
     """Measure the compiled model against the original: outputs (``--verify``/``--max-error``,
     or ``--inputs`` given: a failed check raises VerificationError), latency, accuracy."""
     o, v, result_model = run.options, run.options.verify, run.result_model
-    lossy = o.quant.mode is not None or any(not getattr(p, "lossless", True) for p in _flatten(run.pipeline))
+    lossy = o.quant.mode not in (None, "vendor") or any(not getattr(p, "lossless", True) for p in _flatten(run.pipeline))
     feeds, source = run.feeds, "given" if v.inputs is not None else "random"
     if (v.verify or v.max_error is not None) and feeds is None:
         if lossy and run.evaluation is not None:  # lossy: measure on real data when there is some

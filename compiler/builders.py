@@ -41,6 +41,10 @@ __all__ = [
     "transformer_encoder",
     "plain_cnn",
     "ALL_MODELS",
+    "NPU_MODELS",
+    "efficientnet",
+    "mobilenet_v3",
+    "convnext",
 ]
 
 OPSET = 17
@@ -992,3 +996,104 @@ def structure_inputs(name: str, model: onnx.ModelProto, n: int, seed: int = 0) -
     if name in ("lstm_classifier", "gru_classifier"):
         return sensor_sequences(n, shape, seed)
     return smooth_images(n, shape, seed)
+
+
+# ---------------------------------------------------------------------- NPU-style CNNs
+# Modern ImageNet CNN structures (not in ALL_MODELS: the golden and channel-group tests keep
+# their ten): what RKNN-Toolkit2 users deploy and where quantizers differ most (hard-swish,
+# SE gates, SiLU, depthwise 5x5/7x7, LayerNorm, GELU, layer scale). Random weights, like the rest.
+
+def _se(b: GraphBuilder, x: str, squeeze: int, act: str = "relu", gate: str = "sigmoid") -> str:
+    c = b.channels(x)
+    s = b.act(b.conv(b.gap(x), squeeze, 1, bias=True), act)
+    s = b.conv(s, c, 1, bias=True)
+    s = b.sigmoid(s) if gate == "sigmoid" else b.op("HardSigmoid", [s], b.shape(s), alpha=1.0 / 6, beta=0.5)
+    return b.mul(x, s)
+
+
+def _mbconv(b: GraphBuilder, x: str, cout: int, k: int, stride: int, expand: int, act: str, se: bool,
+            gate: str = "sigmoid", se_div: int = 4) -> str:
+    cin = b.channels(x)
+    y = x
+    if expand != 1:
+        y = b.conv_bn(y, cin * expand, 1, act=act)
+    y = b.conv_bn(y, b.channels(y), k, stride, group=b.channels(y), act=act)
+    if se:
+        y = _se(b, y, max(cin // se_div, 4), act="silu" if act == "silu" else "relu", gate=gate)
+    y = b.conv_bn(y, cout, 1, act=None)
+    if stride == 1 and cin == cout:
+        y = b.add(x, y)
+    return y
+
+
+def efficientnet(batch: int = 1, in_ch: int = 3, hw: int = 64, width: int = 16, num_classes: int = 10,
+                 seed: int = 0) -> onnx.ModelProto:
+    """EfficientNet-B0-style: SiLU (x*Sigmoid), MBConv with depthwise 3x3/5x5, SE (SiLU squeeze, Sigmoid gate), residual Adds."""
+    b = GraphBuilder("efficientnet", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.conv_bn(x, width, 3, 2, act="silu")
+    y = _mbconv(b, y, width, 3, 1, 1, "silu", True)
+    y = _mbconv(b, y, width + width // 2, 3, 2, 6, "silu", True)
+    y = _mbconv(b, y, width + width // 2, 3, 1, 6, "silu", True)
+    y = _mbconv(b, y, 2 * width, 5, 2, 6, "silu", True)
+    y = _mbconv(b, y, 2 * width, 5, 1, 6, "silu", True)
+    y = _mbconv(b, y, 4 * width, 3, 2, 6, "silu", True)
+    y = b.conv_bn(y, 8 * width, 1, act="silu")
+    b.output(b.classifier(y, num_classes), "output")
+    return b.build(efficientnet.__doc__)
+
+
+def npu_mobilenet_v3(batch: int = 1, in_ch: int = 3, hw: int = 64, width: int = 16, num_classes: int = 10,
+                 seed: int = 0) -> onnx.ModelProto:
+    """MobileNetV3-Small-style: HardSwish, ReLU, depthwise 3x3/5x5, SE with a HardSigmoid gate, hard-swish head with a hidden Gemm."""
+    b = GraphBuilder("mobilenet_v3", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.conv_bn(x, width, 3, 2, act="hardswish")
+    y = _mbconv(b, y, width, 3, 2, 1, "relu", True, gate="hard")
+    y = _mbconv(b, y, width + width // 2, 3, 2, 4, "relu", False)
+    y = _mbconv(b, y, width + width // 2, 3, 1, 4, "relu", False)
+    y = _mbconv(b, y, 2 * width + width // 2, 5, 2, 4, "hardswish", True, gate="hard")
+    y = _mbconv(b, y, 2 * width + width // 2, 5, 1, 4, "hardswish", True, gate="hard")
+    y = _mbconv(b, y, 3 * width, 5, 1, 3, "hardswish", True, gate="hard")
+    y = b.conv_bn(y, 6 * width, 1, act="hardswish")
+    y = b.flatten(b.gap(y))
+    y = b.hardswish(b.gemm(y, 8 * width))
+    b.output(b.gemm(y, num_classes, gain=1.0), "output")
+    return b.build(mobilenet_v3.__doc__)
+
+
+def _ln2d(b: GraphBuilder, x: str) -> str:
+    """LayerNorm over channels of an NCHW tensor, as exported: Transpose -> LayerNormalization -> Transpose."""
+    return b.transpose(b.layernorm(b.transpose(x, [0, 2, 3, 1])), [0, 3, 1, 2])
+
+
+def _cnblock(b: GraphBuilder, x: str) -> str:
+    c = b.channels(x)
+    y = b.transpose(b.dwconv(x, 7, bias=True), [0, 2, 3, 1])
+    y = b.linear(b.layernorm(y), 4 * c, gain=2.0)
+    y = b.linear(b.gelu(y), c)
+    y = b.mul(y, b.rng.uniform(0.2, 0.6, c).astype(np.float32))  # layer scale
+    return b.add(x, b.transpose(y, [0, 3, 1, 2]))
+
+
+def convnext(batch: int = 1, in_ch: int = 3, hw: int = 64, width: int = 16, num_classes: int = 10,
+             seed: int = 0) -> onnx.ModelProto:
+    """ConvNeXt-T-style: 4x4 patchify stem, blocks of depthwise 7x7 -> LayerNorm (NHWC) -> Linear -> Erf-GELU -> Linear -> layer scale -> residual, LayerNorm + 2x2 downsampling."""
+    b = GraphBuilder("convnext", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = _ln2d(b, b.conv(x, width, 4, 4, pad=0, bias=True))
+    for stage, depth in enumerate((2, 2, 3)):
+        if stage:
+            y = b.conv(_ln2d(b, y), 2 * b.channels(y), 2, 2, pad=0, bias=True)
+        for _ in range(depth):
+            y = _cnblock(b, y)
+    y = b.layernorm(b.flatten(b.gap(y)))
+    b.output(b.gemm(y, num_classes, gain=1.0), "output")
+    return b.build(convnext.__doc__)
+
+
+NPU_MODELS: dict[str, Callable[..., onnx.ModelProto]] = {
+    "efficientnet": efficientnet,
+    "mobilenet_v3": npu_mobilenet_v3,
+    "convnext": convnext,
+}

@@ -85,8 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-layer-ratio", type=float, default=0.9, help="never remove more than this from a group (0.9)")
     g.add_argument("--no-reconstruct", action="store_true", help="skip the least-squares re-fit of pruned layers")
     q = c.add_argument_group("quantization")
-    q.add_argument("--quantize", choices=["int8", "fp16", "mixed"],
-                   help="int8 static QDQ, fp16, or mixed (per-layer FP32/FP16/INT8/INT4 from measured sensitivity)")
+    q.add_argument("--quantize", choices=["int8", "fp16", "mixed", "vendor"],
+                   help="int8 static QDQ, fp16, mixed (per-layer FP32/FP16/INT8/INT4 from measured sensitivity), or "
+                        "vendor (-t rknn: a float model, the calibration dataset and a build script for the "
+                        "toolchain's own int8 quantizer)")
     q.add_argument("--calib-method", default="minmax",
                    help="minmax, percentile, entropy or mse; or per tensor class, e.g. default=minmax,unbounded=percentile")
     q.add_argument("--percentile", type=float, default=99.99, help="percentile for --calib-method percentile (99.99)")

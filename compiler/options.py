@@ -29,7 +29,7 @@ from .pipeline import Pass
 
 IMPORTANCES = ("l1", "l2", "bn", "activation", "fused")
 PRUNE_MODES = ("uniform", "global")
-QUANTIZE_MODES = ("int8", "fp16", "mixed")
+QUANTIZE_MODES = ("int8", "fp16", "mixed", "vendor")  # vendor: the target's toolchain quantizes
 ACTIVATIONS = ("asymmetric", "symmetric")
 WEIGHTS = ("per-channel", "per-tensor")
 ROUNDINGS = ("auto", "nearest")
@@ -209,7 +209,7 @@ def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
         raise UserError("log: expected a function taking one string")
     # combinations that cannot work, said before any work
     if o["goal"] is None:
-        if o["quantize"] in ("int8", "mixed") and calib is None:
+        if o["quantize"] in ("int8", "mixed", "vendor") and calib is None:
             raise UserError(f"--quantize {o['quantize']} needs calibration data: --calib PATH "
                             f"(or --calib random, explicitly)")
         if o["importance"] == "activation" and (o["prune"] is not None or o["prune_macs"] is not None) and calib is None:

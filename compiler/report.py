@@ -72,7 +72,7 @@ def compile_text(r: dict) -> str:
                      + ")" + (f": calibration-set error rel L2 {err['rel_l2']:.4g}, SQNR {err.get('sqnr_db')} dB"
                               if err.get("rel_l2") is not None else ""))
         why = (r.get("target_profile") or {}).get("int8", {}).get("reason")
-        if why and q.get("mode") != "fp16":
+        if why and q.get("mode") not in ("fp16", "vendor"):
             lines.append(f"    scheme: {why}")
         if q.get("plan"):
             counts = {}

@@ -245,3 +245,36 @@ def test_rknn_build_config_lets_rknn_quantize_with_the_chosen_method(tmp_path):
     assert cfg["build"]["do_quantization"] is True and cfg["config"]["quantized_algorithm"] == "mmse"
     lines = (tmp_path / "m.onnx.dataset" / "dataset.txt").read_text().split()
     assert len(lines) == 20 and all(np.load(p).shape == (1, 1, 8, 8) for p in lines)
+
+
+def test_quantize_vendor_hands_rknn_a_float_model_its_dataset_and_a_build_script(tmp_path):
+    """``--quantize vendor``: the model stays float (exact rewrites only), and beside it RKNN's
+    build config with do_quantization, the NCHW dataset and a build script; the report says so."""
+    import json
+
+    from edgec.cli import main
+
+    out = tmp_path / "m.onnx"
+    code = main(["compile", str(EXAMPLE / "model.onnx"), "-o", str(out), "-t", "rknn", "--quantize", "vendor",
+                 "--calib", str(EXAMPLE / "calib.npz"), "--calib-samples", "16", "--input-shape", "input=1,1,8,8",
+                 "--target-option", "quantized_algorithm=mmse", "--target-option", "quantized_method=layer",
+                 "--verify", "-q"])
+    assert code == 0
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx.load(out).graph.node)
+    cfg = json.loads((tmp_path / "m.onnx.rknn.json").read_text())
+    assert cfg["build"]["do_quantization"] is True and cfg["dataset_dir"] == "m.onnx.dataset"
+    assert cfg["config"]["quantized_algorithm"] == "mmse" and cfg["config"]["quantized_method"] == "layer"
+    assert len((tmp_path / "m.onnx.dataset" / "dataset.txt").read_text().split()) == 16
+    script = (tmp_path / "m.onnx.rknn_build.py").read_text()
+    compile(script, "m.onnx.rknn_build.py", "exec")  # valid Python (it runs in RKNN's own environment)
+    assert "m.onnx.rknn.json" in script and "do_quantization" in script
+
+
+def test_quantize_vendor_is_refused_where_no_toolchain_quantizes(tmp_path):
+    with pytest.raises(UserError, match="--quantize vendor: target cpu"):
+        edgec.compile(EXAMPLE / "model.onnx", tmp_path / "m.onnx", quantize="vendor", calib=EXAMPLE / "calib.npz")
+    with pytest.raises(UserError, match="needs calibration data"):
+        edgec.compile(EXAMPLE / "model.onnx", tmp_path / "m.onnx", target="rknn", quantize="vendor")
+    with pytest.raises(UserError, match="quantized_method=row is not known"):
+        edgec.compile(EXAMPLE / "model.onnx", tmp_path / "m.onnx", target="rknn", quantize="vendor",
+                      calib=EXAMPLE / "calib.npz", target_options={"quantized_method": "row"})

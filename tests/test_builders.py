@@ -283,3 +283,28 @@ def test_graph_builder_unique_names():
     onnx.checker.check_model(m, full_check=True)
     assert [o.name for o in m.graph.output] == ["passthrough", "cat"]
     assert Counter(n.op_type for n in m.graph.node)["Identity"] == 1
+
+
+NPU_EXPECTED = {
+    "efficientnet": {"Conv", "BatchNormalization", "Sigmoid", "Mul", "Add", "GlobalAveragePool", "Gemm"},
+    "mobilenet_v3": {"Conv", "BatchNormalization", "HardSwish", "HardSigmoid", "Relu", "Mul", "Gemm"},
+    "convnext": {"Conv", "Transpose", "LayerNormalization", "MatMul", "Erf", "Mul", "Add", "Gemm"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(NPU_EXPECTED))
+def test_npu_style_models_are_valid_deterministic_and_have_their_structure(name):
+    from edgec.builders import NPU_MODELS
+
+    m = NPU_MODELS[name]()
+    onnx.checker.check_model(m, full_check=True)
+    assert NPU_EXPECTED[name] <= {n.op_type for n in m.graph.node}
+    assert NPU_MODELS[name]().SerializeToString() == m.SerializeToString()
+    if name != "efficientnet":  # depthwise 5x5 / 7x7 where the structure says so
+        k = 7 if name == "convnext" else 5
+        kernels = [list(a.ints) for n in m.graph.node if n.op_type == "Conv" for a in n.attribute
+                   if a.name == "kernel_shape"]
+        assert [k, k] in kernels
+    x = np.random.default_rng(0).normal(size=(1, 3, 64, 64)).astype(np.float32)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert y.shape == (1, 10) and np.isfinite(y).all() and y.std() > 1e-3

@@ -130,3 +130,68 @@ def test_prequantized_se_block_matches(rknn, tmp_path):
     jobs, refs = _compile_jobs(tmp_path, {"se_qdq": model}, quantize=False, quantize_mode="int8", calib_data=calib,
                                feeds=calib[0])
     _check(jobs, rknn.run_jobs("rknn", jobs), refs, min_cos=0.999)
+
+
+def _benchmark():
+    import sys
+
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import rknn_vendor
+    return rknn_vendor
+
+
+# Where edgec's int8 for rknn is claimed at least as faithful as RKNN-Toolkit2's own int8
+# (normal/channel, its default) in the simulator, from the same float graph and 16 calibration
+# samples, on held-out photo crops (benchmarks/rknn_vendor.py has the whole table; on the others
+# edgec trails by 0.0002-0.0011 cosine and the README recommends --quantize vendor).
+# Tolerance 1e-4 cosine: the cosines are means over 16 held-out inputs, rounded at the 5th decimal;
+# it is a tenth of the largest gap seen (mobilenet_v3, -0.0011) and below every gap that decides.
+FAITHFUL = ("mobilenet_v2", "efficientnet", "convnext")
+TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("name", FAITHFUL)
+def test_edgec_int8_at_least_as_faithful_as_rknn_own_int8(rknn, name):
+    bench = _benchmark()
+    try:
+        res = bench.evaluate(name, ["normal"], ["channel"], 16, lambda s: None)
+    except bench.rm.Unavailable as e:  # the photos come from a PyPI wheel: only a registry outage skips
+        pytest.skip(str(e))
+    by = {r["variant"]: r["cosine"] for r in res["rows"]}
+    assert by["edgec qdq"] >= by["rknn normal/channel"] - TOLERANCE, by
+
+
+def test_vendor_handoff_builds_and_runs_in_the_simulator(rknn, tmp_path):
+    """``--quantize vendor``: the float model, dataset, config and build script, moved to another
+    folder, build with RKNN's own int8 quantizer and run in the simulator; the output is close to
+    float ONNX Runtime on held-out images."""
+    import shutil
+    import subprocess
+
+    from edgec.cli import main
+
+    src = tmp_path / "made"
+    src.mkdir()
+    out = src / "digits.onnx"
+    assert main(["compile", str(EXAMPLE / "model.onnx"), "-o", str(out), "-t", "rknn", "--quantize", "vendor",
+                 "--calib", str(EXAMPLE / "calib.npz"), "--calib-samples", "16",
+                 "--input-shape", "input=1,1,8,8", "-q"]) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(src, moved)
+    shutil.rmtree(src)
+    with np.load(EXAMPLE / "eval.npz") as z:
+        images = z["input"][:32]
+    np.savez(tmp_path / "in.npz", input=images)
+    proc = subprocess.run([str(rknn.python_of("rknn")), str(moved / "digits.onnx.rknn_build.py"), "--simulate",
+                           str(tmp_path / "in.npz"), "--outputs", str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert (moved / "digits.rknn").stat().st_size > 0
+    compiled = onnx.load(moved / "digits.onnx")
+    ref = np.concatenate([next(iter(verify.run(compiled, {"input": images[i:i + 1]}).values())) for i in range(32)])
+    with np.load(tmp_path / "out.npz") as z:
+        got = z["out_0"]
+    assert got.shape == ref.shape
+    assert min(cosine(g, r) for g, r in zip(got, ref)) >= 0.99
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.95
