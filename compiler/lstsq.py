@@ -15,6 +15,7 @@ closed form.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -314,9 +315,11 @@ class StagedRun:
         self.layer_input = dict(layers)
         names = [n.name for n in self.nodes]
         self.index = {nm: i for i, nm in enumerate(names) if nm}
-        missing = [nm for nm in layers if nm not in self.index]
-        if missing or len(set(names)) != len(names):
-            raise ValueError(f"StagedRun needs unique node names (missing or repeated: {missing[:3]})")
+        # only the layers are looked up by name: other nodes may share a name or have none
+        counts = Counter(names)
+        bad = [nm for nm in layers if counts[nm] != 1]
+        if bad:
+            raise ValueError(f"StagedRun: each layer needs a unique node name (missing or repeated: {bad[:3]})")
         self.reads = [_reads(n) for n in self.nodes]
         producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         bit = {self.index[nm]: 1 << k for k, nm in enumerate(layers)}
