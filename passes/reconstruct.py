@@ -22,12 +22,16 @@ group's input channels.
   is fitted, so layers in parallel branches (a projection shortcut and its block's first conv,
   Inception/DenseNet branches) share a part and a chain of N layers takes N parts, not N full
   passes.
-* The fit is closed form on streamed float64 normal equations (:class:`edgec.lstsq.NormalEquations`;
-  rows are never kept): weights and bias (a Conv without bias gets one) from
-  ``(X'X + lambda I) W = X'Y``, ``lambda = ridge * mean(diag(X'X))`` per group. Every fifth
-  sampled row is held out; ``lambda`` is picked among ``ridge * (1, 10, 100, 1000)`` on those
-  rows, trying them in increasing order until the held-out error rises (most layers take two
-  solves); the fit (then redone on all rows) is kept only if it beats the current weights there.
+* The fit is closed form on streamed normal equations (:class:`edgec.lstsq.NormalEquations`:
+  float32 rows multiplied in float32, summed in float64; training rows are never kept): weights
+  and bias (a Conv without bias gets one) from ``(X'X + lambda I) W = X'Y``,
+  ``lambda = ridge * mean(diag(X'X))`` per group. Every fifth sampled row is held out (and
+  kept, so a held-out error costs a product with those rows, not with a Gram matrix as wide as
+  the layer); ``lambda`` is picked among ``ridge * (1, 10, 100, 1000)`` on those rows, trying
+  them in increasing order until the held-out error rises (most layers take two solves); the
+  best fit is kept only if it beats the current weights there. It is not solved again on all
+  rows: on the ResNet-50-size model at 30% that third solve took a third of the solving time,
+  for an output error of 0.01556 instead of 0.01560 (relative L2, 8 held-out inputs).
 """
 
 from __future__ import annotations
@@ -175,11 +179,11 @@ def _fit(lm: LinearMap, xs: list, ys: list, ridge: float) -> dict:
         e = ne.mse(W, b)
         if best is not None and not e < best[0]:
             break
-        best = (e, ridge * step)
-    err1, lam = best
+        best = (e, ridge * step, (W, b))
+    err1, lam = best[:2]
     entry.update(rows=int(ne.rows.sum()), ridge=lam, val_mse_before=err0, val_mse_after=err1)
     if err1 < err0:
-        entry["solution"] = ne.solve(lam, lm.fit_bias, train_only=False)
+        entry["solution"] = best[2]  # the fit just validated (no re-solve on all rows: see the docstring)
         entry["refit"] = True
     return entry
 
