@@ -261,7 +261,7 @@ class PruneChannels(Pass):
     def _allocate(self, ir: IR, groups: list[ChannelGroup], scores: dict[str, np.ndarray], ratio: float,
                   feeds: list[dict] | None) -> tuple[dict[str, int], dict[str, list]]:
         """Units each prunable group loses under the sensitivity allocation at ``ratio``: as many
-        channels (or, with a MACs target, as many MACs by the linear count) as uniform pruning at
+        MACs (by the linear count: each unit's share of the layers it touches) as uniform pruning at
         ``ratio`` removes, spread by the measured output error (:mod:`edgec.sensitivity`). The
         measurement is made once per graph state (the MACs bisection asks many ratios)."""
         prunable = [g for g in groups if g.prunable and g.id in scores]
@@ -295,7 +295,9 @@ class PruneChannels(Pass):
                 limits[g.id] = min(limits[g.id], max(u for u, _ in curves[g.id]))
             first[g.id] = (n % rt) or rt  # keep stays a multiple of round_to
             step[g.id] = rt
-        cost = macs_per_unit(ir, prunable) if self.macs_target is not None else {g.id: 1.0 for g in prunable}
+        # cost in MACs for a ratio too: counted in channels, the allocation would meet the ratio with
+        # cheap channels (the digits example at 30%: 4% fewer MACs instead of uniform's 44%)
+        cost = macs_per_unit(ir, prunable)
         budget = sum((g.channels - _keep_target(g.channels, ratio, rt, mlr)) * cost[g.id] for g in prunable)
         return sens.allocate(curves, limits, step, cost, budget, first=first), curves
 
