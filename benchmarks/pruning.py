@@ -10,9 +10,8 @@ of batch-1 dicts; ``--held-out`` and ``--calib-samples`` change the counts).
 
 For every model and ratio (``--ratios``, fraction of the channels of every prunable group),
 ``edgec.compile(model, None, prune=ratio, calib=..., reconstruct=False|True, round_to=1,
-prune_mode=--prune-mode)`` (L1 importance; ``--prune-mode`` auto by default, which with
-calibration data is the sensitivity allocation; ``--prune-mode uniform`` gives every group the
-same ratio). Columns:
+prune_mode=--prune-mode)`` (L1 importance; ``--prune-mode`` uniform by default: every group
+the same ratio; ``sensitivity``: per-group ratios from the measured output error). Columns:
 
 * ``params`` / ``MACs``: ``report["after"]`` over ``report["before"]`` (the input model, BN
   still unfolded); the ``0%`` row is the lossless compile (``edgec.compile(model, None)``),
@@ -149,7 +148,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def measure_case(case: Case, ratios: list[float], repeat: int, rounds: int, debug: bool,
-                 round_to: int = 1, prune_mode: str = "auto") -> list[dict]:
+                 round_to: int = 1, prune_mode: str = "uniform") -> list[dict]:
     rows = []
     base = None
     # ratio 0: the lossless compile, the latency reference
@@ -454,8 +453,8 @@ def main(argv=None) -> int:
                          "(median over the rounds of each one's --repeat-run median); default 5")
     ap.add_argument("--round-to", type=int, default=1,
                     help="channel multiple (default 1: the ratio exactly; the cpu target's default is 8)")
-    ap.add_argument("--prune-mode", default="auto", choices=["auto", "uniform", "global", "sensitivity"],
-                    help="channel allocation for the table (default auto: sensitivity, as calibration data is given)")
+    ap.add_argument("--prune-mode", default="uniform", choices=["uniform", "global", "sensitivity"],
+                    help="channel allocation for the table (default uniform)")
     ap.add_argument("--calib-samples", type=int, default=N_CALIB,
                     help=f"builders: batch-1 N(0,1) calibration samples; default {N_CALIB}")
     ap.add_argument("--held-out", type=int, default=N_HELD,

@@ -50,7 +50,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
             rtol: float = 1e-4, atol: float = 1e-5, max_error: float | None = None,
             calib=None, calib_samples: int | None = None,
             prune: float | None = None, prune_macs: float | None = None, importance: str = "l1",
-            prune_mode: str = "auto", prune_steps: int = 1, round_to: int | None = None,
+            prune_mode: str = "uniform", prune_steps: int = 1, round_to: int | None = None,
             max_layer_ratio: float = 0.9, reconstruct: bool = True, bench: bool = False,
             quantize: str | None = None, calib_method: str = "minmax", percentile: float = 99.99,
             activations: str | None = None, weights: str | None = None, keep_float: Sequence[str] = (),
@@ -76,8 +76,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
 
     Lossy steps: ``prune`` (channel ratio) or ``prune_macs`` (fraction of MACs to remove) runs
     dependency-aware channel pruning first, with ``importance`` (l1, l2, bn, activation,
-    fused), ``prune_mode`` (``auto``: ``sensitivity``, per-group ratios from the output error
-    measured on ``calib``, when it is given, else ``uniform``; ``global``), ``prune_steps`` progressive steps, channel counts rounded to ``round_to`` (default:
+    fused), ``prune_mode`` (``uniform``, ``global``, or ``sensitivity``: per-group ratios from the
+    output error measured on ``calib``), ``prune_steps`` progressive steps, channel counts rounded to ``round_to`` (default:
     the target's channel multiple) and at most ``max_layer_ratio`` of any group removed; with
     ``calib`` data (a path, ``"random"``, or arrays) each consumer layer is re-fitted by least
     squares unless ``reconstruct`` is False. For lossy compiles ``verify`` measures the output
@@ -237,8 +237,7 @@ def _build_pipeline(run: _Run) -> None:
 
 def _prune_pass(o: PruneOptions, tgt: Target, *, has_calib: bool) -> PruneChannels:
     reconstruct = bool(o.reconstruct and has_calib)
-    mode = ("sensitivity" if has_calib else "uniform") if o.mode == "auto" else o.mode
-    kwargs = dict(mode=mode, macs_target=o.macs, importance=o.importance, round_to=o.round_to or tgt.channel_multiple,
+    kwargs = dict(mode=o.mode, macs_target=o.macs, importance=o.importance, round_to=o.round_to or tgt.channel_multiple,
                   max_layer_ratio=o.max_layer_ratio, steps=o.steps)
     return PruneChannels(o.ratio, **kwargs, reconstruct=reconstruct)
 

@@ -28,7 +28,7 @@ from .errors import UserError
 from .pipeline import Pass
 
 IMPORTANCES = ("l1", "l2", "bn", "activation", "fused")
-PRUNE_MODES = ("auto", "uniform", "global", "sensitivity")
+PRUNE_MODES = ("uniform", "global", "sensitivity")
 QUANTIZE_MODES = ("int8", "fp16", "mixed")
 ACTIVATIONS = ("asymmetric", "symmetric")
 WEIGHTS = ("per-channel", "per-tensor")
@@ -235,7 +235,7 @@ class PruneOptions:
     ratio: float | None = None
     macs: float | None = None
     importance: str = "l1"
-    mode: str = "auto"  # sensitivity with calibration data, else uniform
+    mode: str = "uniform"
     steps: int = 1
     round_to: int | None = None  # None: the target's channel multiple
     max_layer_ratio: float = 0.9
