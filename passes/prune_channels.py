@@ -9,6 +9,12 @@ Rules
   * ``mode="uniform"``: every prunable group loses ``ratio`` of its units;
   * ``mode="global"``: the ``ratio`` least important units over all groups go (importance is
     normalised per group, see :mod:`edgec.importance`);
+  * ``mode="sensitivity"`` (needs calibration data): per-group counts from the output error
+    measured with each group's least important units zeroed at the per-step ratio and at twice
+    it (:mod:`edgec.sensitivity`, one probe model), allocated greedily by measured error per MAC,
+    no group beyond its largest trial; the ratio is then solved by bisection so that as many MACs
+    go as uniform pruning removes at ``ratio`` (or as ``macs_target`` asks). The measurement is
+    taken before any re-fit;
   * ``macs_target``: the ratio is solved by bisection (on copies of the IR) so that MACs drop by
     that fraction (``0.3`` = 30% fewer MACs), as computed by :mod:`edgec.analysis.costs`.
 - Constraints: every group keeps a multiple of ``round_to`` units (groups with no more than
@@ -24,7 +30,8 @@ Rules
 - Applying a pruning is a loop over the group members: each rewrites itself
   (:mod:`edgec.analysis.channels.members`).
 - The result's ``data`` is a :class:`PruneResult`: the ratio used, one dict per group (id,
-  prunable, reason, channels before/after, removed units, importance of removed/kept units)
+  prunable, reason, channels before/after, removed units, its ratio, importance of removed/kept
+  units, and with ``sensitivity`` the measured (units zeroed, squared relative error) per step)
   and the per-layer fit errors of the reconstruction.
 """
 
