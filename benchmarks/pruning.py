@@ -9,8 +9,9 @@ unpruned model on 16 held-out N(0,1) samples, calibration on 32 others, each fed
 of batch-1 dicts; ``--held-out`` and ``--calib-samples`` change the counts).
 
 For every model and ratio (``--ratios``, fraction of the channels of every prunable group),
-``edgec.compile(model, None, prune=ratio, calib=..., reconstruct=False|True, round_to=1)``
-(uniform pruning, L1 importance). Columns:
+``edgec.compile(model, None, prune=ratio, calib=..., reconstruct=False|True, round_to=1,
+prune_mode=--prune-mode)`` (L1 importance; ``--prune-mode`` uniform by default: every group
+the same ratio; ``sensitivity``: per-group ratios from the measured output error). Columns:
 
 * ``params`` / ``MACs``: ``report["after"]`` over ``report["before"]`` (the input model, BN
   still unfolded); the ``0%`` row is the lossless compile (``edgec.compile(model, None)``),
@@ -37,7 +38,7 @@ Reconstruction speed (model name ``resnet50``): a ResNet-50-size model generated
 ``edgec.builders.GraphBuilder`` (7x7 stem, bottleneck blocks 3-4-6-3, 64..2048 channels,
 1000 classes; 25.6M params, 4.1 GMACs at ``--r50-hw 224``), pruned ``--r50-ratio`` (30%) with
 ``--r50-samples`` (64) batch-1 N(0,1) calibration samples. Printed: the wall time of
-``edgec.compile(..., prune=0.3, calib=..., round_to=1)`` with and without reconstruction, of
+``edgec.compile(..., prune=0.3, calib=..., round_to=1, prune_mode="uniform")`` with and without reconstruction, of
 the reconstruction step alone (``edgec.passes.reconstruct.reconstruct`` on the same pruning,
 median of ``--r50-runs``), and its speed-up over the implementation before the staged run
 (commit 859006d: one export + session + full pass per layer), either run here once
@@ -86,7 +87,8 @@ OLD_COMMIT = "859006d"  # the last commit with one export + session + full pass 
 # reconstruct() of OLD_COMMIT on resnet50(224), 30%, 64 samples, on the development machine
 # (2 cores, AVX-512, shared): 262.3 s with the load average falling from 2.4 to 0.1 during the
 # run (the lower of two runs: 514.3 s at load 5-6). The new code on the same machine: 34.9 s at
-# load 0.1-1.1, 84-89 s at load 3.
+# load 0.1-1.1, 84-89 s at load 3; after the float32 Gram products and kept held-out rows:
+# 30.2 and 30.9 s at load 2-3.
 OLD_RECON_SECONDS = {(224, 64, 0.3): 262.3}
 
 
@@ -147,7 +149,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def measure_case(case: Case, ratios: list[float], repeat: int, rounds: int, debug: bool,
-                 round_to: int = 1) -> list[dict]:
+                 round_to: int = 1, prune_mode: str = "uniform") -> list[dict]:
     rows = []
     base = None
     # ratio 0: the lossless compile, the latency reference
@@ -181,7 +183,7 @@ def measure_case(case: Case, ratios: list[float], repeat: int, rounds: int, debu
             for rec in (False, True):
                 t0 = time.perf_counter()
                 res[rec] = edgec.compile(case.model, None, prune=ratio, calib=case.calib, reconstruct=rec,
-                                         round_to=round_to)
+                                         round_to=round_to, prune_mode=prune_mode)
                 row["compile_seconds"] = round(time.perf_counter() - t0, 4)
             rep = res[True].report
             row.update(params_before=rep["before"]["params"], params_after=rep["after"]["params"],
@@ -303,7 +305,7 @@ def measure_recon_speed(hw: int, n: int, ratio: float, runs: int, old: bool) -> 
     out.update(params=c.params, macs=c.macs)
     for rec in (False, True):
         t0 = time.perf_counter()
-        res = edgec.compile(model, None, prune=ratio, calib=calib, reconstruct=rec, round_to=1)
+        res = edgec.compile(model, None, prune=ratio, calib=calib, reconstruct=rec, round_to=1, prune_mode="uniform")
         out["compile_seconds" if rec else "compile_seconds_plain"] = round(time.perf_counter() - t0, 2)
     times, report = [], []
     for _ in range(runs):
@@ -452,6 +454,8 @@ def main(argv=None) -> int:
                          "(median over the rounds of each one's --repeat-run median); default 5")
     ap.add_argument("--round-to", type=int, default=1,
                     help="channel multiple (default 1: the ratio exactly; the cpu target's default is 8)")
+    ap.add_argument("--prune-mode", default="uniform", choices=["uniform", "global", "sensitivity"],
+                    help="channel allocation for the table (default uniform)")
     ap.add_argument("--calib-samples", type=int, default=N_CALIB,
                     help=f"builders: batch-1 N(0,1) calibration samples; default {N_CALIB}")
     ap.add_argument("--held-out", type=int, default=N_HELD,
@@ -492,7 +496,7 @@ def main(argv=None) -> int:
 
     versions = _versions()
     print("edgec pruning benchmark: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"uniform L1 channel pruning, round_to={args.round_to}; digits: accuracy on 360 test digits, calibration on "
+    print(f"L1 channel pruning, --prune-mode {args.prune_mode}, round_to={args.round_to}; digits: accuracy on 360 test digits, calibration on "
           f"calib.npz (200); builders: batch 1, relative L2 output error on {args.held_out} held-out N(0,1) inputs, "
           f"calibration on {args.calib_samples} others")
     print(f"lat = ORT latency (batch 1, median of {args.repeat} runs, median of {args.rounds} rounds alternating with "
@@ -509,7 +513,7 @@ def main(argv=None) -> int:
             print(f"    {name} setup: {_err(e)}: {_first_line(e)}", file=sys.stderr)
             rows.append({"model": name, "ratio": 0.0, "metric": "-", "error": _err(e)})
             continue
-        rows.extend(measure_case(case, ratios, args.repeat, args.rounds, args.debug, args.round_to))
+        rows.extend(measure_case(case, ratios, args.repeat, args.rounds, args.debug, args.round_to, args.prune_mode))
 
     if rows:
         print_table(rows)

@@ -54,7 +54,10 @@ Variants (one row each):
   (``--max-error`` 0.05 fallback budget); the report's relative L2 error and whether the
   fallback kept ops float (``fb`` = number of ops kept float, ``met``/``MISS`` the budget);
 * ``edgec latency``: ``goal="latency", max_error=0.05``; the report's chosen candidate;
-* ``edgec prune0.3``: ``prune=0.3`` with reconstruction on the calibration data (float);
+* ``edgec prune0.3``: ``prune=0.3`` with reconstruction on the calibration data (float), the
+  default allocation (``prune_mode="uniform"``: 30% of every group);
+* ``edgec prune0.3 sens``: the same with ``prune_mode="sensitivity"`` (per-group ratios from the
+  measured output error, as many MACs removed as uniform);
 * ``ort <method> <pc|pt>``: ``quant_pre_process`` + ``quantize_static`` (QDQ, uint8
   activations, int8 weights, per-channel ``pc`` or per-tensor ``pt``, MinMax or Percentile);
   ``ort best`` is the best of those four by the task metric.
@@ -791,6 +794,7 @@ def evaluate(name: str, host: bool, log, only: list[str] | None = None) -> dict:
         ("edgec int8", "edgec", dict(quantize="int8")),
         ("edgec latency", "edgec", dict(goal="latency", max_error=MAX_ERROR)),
         ("edgec prune0.3", "edgec", dict(prune=0.3)),
+        ("edgec prune0.3 sens", "edgec", dict(prune=0.3, prune_mode="sensitivity")),
         ("ort minmax pc", "ort", ("MinMax", True)),
         ("ort minmax pt", "ort", ("MinMax", False)),
         ("ort percentile pc", "ort", ("Percentile", True)),

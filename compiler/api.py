@@ -77,7 +77,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
 
     Lossy steps: ``prune`` (channel ratio) or ``prune_macs`` (fraction of MACs to remove) runs
     dependency-aware channel pruning first, with ``importance`` (l1, l2, bn, activation,
-    fused), ``prune_steps`` progressive steps, channel counts rounded to ``round_to`` (default:
+    fused), ``prune_mode`` (``uniform``, ``global``, or ``sensitivity``: per-group ratios from the
+    output error measured on ``calib``), ``prune_steps`` progressive steps, channel counts rounded to ``round_to`` (default:
     the target's channel multiple) and at most ``max_layer_ratio`` of any group removed; with
     ``calib`` data (a path, ``"random"``, or arrays) each consumer layer is re-fitted by least
     squares unless ``reconstruct`` is False. For lossy compiles ``verify`` measures the output
@@ -411,7 +412,7 @@ def _report(run: _Run) -> None:
     if run.prune_pass is not None:
         po, pruned = o.prune, _prune_result(run)
         report["pruning"] = {"ratio": pruned.ratio if po.macs is not None else po.ratio, "macs_target": po.macs,
-                             "importance": po.importance, "mode": po.mode, "steps": po.steps,
+                             "importance": po.importance, "mode": run.prune_pass.mode, "steps": po.steps,
                              "round_to": po.round_to or tgt.channel_multiple,
                              "reconstruct": bool(po.reconstruct and run.calib is not None),
                              "groups": pruned.groups, "reconstruction": pruned.reconstruction}

@@ -78,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prune-macs", type=float, metavar="FRACTION", help="remove this fraction of MACs (solves for the ratio)")
     g.add_argument("--importance", default="l1", choices=["l1", "l2", "bn", "activation", "fused"],
                    help="channel importance (default l1; activation/fused use --calib)")
-    g.add_argument("--prune-mode", default="uniform", choices=["uniform", "global"],
-                   help="same ratio in every group, or one global ranking (default uniform)")
+    g.add_argument("--prune-mode", default="uniform", choices=["uniform", "global", "sensitivity"],
+                   help="same ratio in every group, one global ranking, or per-group ratios from the output "
+                        "error measured on --calib (default uniform)")
     g.add_argument("--prune-steps", type=int, default=1, help="prune progressively in K steps, re-fitting after each")
     g.add_argument("--round-to", type=int, help="keep channel counts multiples of N (default: the target's)")
     g.add_argument("--max-layer-ratio", type=float, default=0.9, help="never remove more than this from a group (0.9)")

@@ -89,7 +89,7 @@ def param_scores(ir: IR, g: ChannelGroup, kind: str) -> np.ndarray | None:
     return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
 
-def _measured_tensors(ir: IR, g: ChannelGroup) -> list[GroupTensor]:
+def measured_tensors(ir: IR, g: ChannelGroup) -> list[GroupTensor]:
     """For each origin of the group: the tensor at the end of its BN/activation chain."""
     a = g.analysis
     tensors = ir.tensors()
@@ -113,7 +113,7 @@ def _measured_tensors(ir: IR, g: ChannelGroup) -> list[GroupTensor]:
 
 def activation_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict]) -> dict[str, np.ndarray]:
     """Mean |activation| per unit, per group id, over the calibration feeds."""
-    wanted = {g.id: _measured_tensors(ir, g) for g in groups}
+    wanted = {g.id: measured_tensors(ir, g) for g in groups}
     names = sorted({gt.name for lst in wanted.values() for gt in lst})
     if not names:
         return {}

@@ -6,8 +6,8 @@ closed form.
 * :func:`run_tensors`, :func:`sample_rows`, :func:`ridge_solve`: one layer at a time, rows kept
   in memory (2:4 sparsity).
 * :class:`LinearMap`: a Conv (any ``group``: one map per group, depthwise included), Gemm or
-  MatMul as grouped linear maps over rows; :class:`NormalEquations`: streaming float64 sums
-  for its ridge fit (rows are never kept; held-out errors follow from the sums);
+  MatMul as grouped linear maps over rows; :class:`NormalEquations`: streaming sums (float64)
+  for its ridge fit (training rows are never kept; the held-out fifth is, for its errors);
   :class:`StagedRun`: a model run part by part over all calibration batches, each part once,
   with the live tensors kept in between, so that layers can be re-fitted between the parts
   (pruning reconstruction).
@@ -15,6 +15,7 @@ closed form.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -205,63 +206,88 @@ class LinearMap:
 
 
 class NormalEquations:
-    """Streaming float64 sums for a grouped ridge least-squares fit: per group ``[X 1]'[X 1]``
-    and ``[X 1]'Y``, and ``sum Y^2``, separately for training rows (split 0) and held-out rows
-    (split 1). Rows are buffered only up to ``chunk_bytes`` per split, then added to the sums in
-    one matrix product (``A'A`` of one buffer: a symmetric rank-k update in BLAS), which runs far
-    faster than many small ones. The error of any weights on either split follows from the sums."""
+    """Sums for a grouped ridge least-squares fit: per group ``[X 1]'[X 1]`` and ``[X 1]'Y`` over
+    the training rows (split 0), and the held-out rows (split 1) themselves, kept (a fifth of the
+    rows: computing a held-out error from them costs a fifth of what it costs from their sums).
+    Training rows are buffered only up to ``chunk_bytes``, then added to the sums in one matrix
+    product (``A'A`` of one buffer: a symmetric rank-k update in BLAS), which runs far faster than
+    many small ones; float32 rows (layer activations) are multiplied in float32, twice as fast,
+    and summed into float64. The error of any weights on either split follows."""
 
     def __init__(self, groups: int, k: int, nout: int, chunk_bytes: int = 64 << 20):
         self.k = k
-        self.G = np.zeros((2, groups, k + 1, k + 1))
-        self.B = np.zeros((2, groups, k + 1, nout))
-        self.yy = np.zeros(2)
+        self.G = np.zeros((groups, k + 1, k + 1))
+        self.B = np.zeros((groups, k + 1, nout))
+        self.yy = 0.0
         self.rows = np.zeros(2, dtype=np.int64)
         self.chunk_rows = max(1, chunk_bytes // (8 * groups * (k + 1 + nout)))
-        self._buf: tuple[list, list] = ([], [])
+        self._buf: list = []
+        self._held: list = []
+        self._held_rows: tuple | None = None  # ([groups, R, K+1], [groups, R, Nout]) once joined
+        self._held_sums: tuple | None = None  # their G and B, once a solve on all rows asks
 
     def add(self, X: np.ndarray, Y: np.ndarray, held_out: np.ndarray) -> None:
         """Rows ``X`` [R, groups, K] and ``Y`` [R, groups, Nout]; ``held_out`` marks split-1 rows."""
         held_out = np.asarray(held_out, dtype=bool)
-        for split, sel in ((0, ~held_out), (1, held_out)):
-            if sel.any():
-                self._buf[split].append((X, Y) if sel.all() else (X[sel], Y[sel]))
-                if sum(len(x) for x, _ in self._buf[split]) >= self.chunk_rows:
-                    self._flush(split)
+        if held_out.any():
+            self._held.append((X, Y) if held_out.all() else (X[held_out], Y[held_out]))
+            self._held_rows = self._held_sums = None
+        if not held_out.all():
+            self._buf.append((X, Y) if not held_out.any() else (X[~held_out], Y[~held_out]))
+            if sum(len(x) for x, _ in self._buf) >= self.chunk_rows:
+                self._flush()
 
-    def _flush(self, split: int | None = None) -> None:
-        for sp in ((0, 1) if split is None else (split,)):
-            buf = self._buf[sp]
-            if not buf:
-                continue
-            n = sum(len(x) for x, _ in buf)
-            g = buf[0][0].shape[1]
-            # [groups, R, K+1] float64 with a column of ones (the bias); [groups, R, Nout]
-            x1 = np.empty((g, n, self.k + 1))
-            y1 = np.empty((g, n, buf[0][1].shape[2]))
-            lo = 0
-            for x, y in buf:
-                x1[:, lo:lo + len(x), :self.k] = x.transpose(1, 0, 2)
-                y1[:, lo:lo + len(x)] = y.transpose(1, 0, 2)
-                lo += len(x)
-            x1[:, :, self.k] = 1.0
-            buf.clear()
-            if g == 1:  # a'a of one buffer: numpy calls BLAS syrk
-                self.G[sp, 0] += x1[0].T @ x1[0]
-                self.B[sp, 0] += x1[0].T @ y1[0]
-            else:
-                xt = x1.transpose(0, 2, 1)
-                self.G[sp] += np.matmul(xt, x1)
-                self.B[sp] += np.matmul(xt, y1)
-            self.yy[sp] += float(np.sum(y1 * y1))
-            self.rows[sp] += n
+    @staticmethod
+    def _join(buf: list, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """[groups, R, K+1] rows with a column of ones (the bias) and [groups, R, Nout], in float32
+        when every row is float32, else float64."""
+        n = sum(len(x) for x, _ in buf)
+        g = buf[0][0].shape[1]
+        dt = np.float32 if all(x.dtype == np.float32 and y.dtype == np.float32 for x, y in buf) else np.float64
+        x1 = np.empty((g, n, k + 1), dtype=dt)
+        y1 = np.empty((g, n, buf[0][1].shape[2]), dtype=dt)
+        lo = 0
+        for x, y in buf:
+            x1[:, lo:lo + len(x), :k] = x.transpose(1, 0, 2)
+            y1[:, lo:lo + len(x)] = y.transpose(1, 0, 2)
+            lo += len(x)
+        x1[:, :, k] = 1.0
+        return x1, y1
+
+    @staticmethod
+    def _sums(x1: np.ndarray, y1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(x1) == 1:  # a'a of one buffer: numpy calls BLAS syrk
+            return (x1[0].T @ x1[0])[None], (x1[0].T @ y1[0])[None]
+        xt = x1.transpose(0, 2, 1)
+        return np.matmul(xt, x1), np.matmul(xt, y1)
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        x1, y1 = self._join(self._buf, self.k)
+        self._buf.clear()
+        G, B = self._sums(x1, y1)
+        self.G += G
+        self.B += B
+        self.yy += float(np.sum(np.square(y1, dtype=np.float64)))
+        self.rows[0] += x1.shape[1]
+
+    def _held_out(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self._held_rows is None and self._held:
+            self._held_rows = self._join(self._held, self.k)
+            self.rows[1] = self._held_rows[0].shape[1]
+        return self._held_rows
 
     def solve(self, ridge: float, bias: bool, train_only: bool) -> tuple[np.ndarray, np.ndarray]:
         """Ridge solution ``W`` [groups, K, Nout], ``b`` [groups, Nout] (zero without ``bias``) on
         the training rows or on all rows; ``lambda = ridge * mean(diag(X'X))`` per group."""
         self._flush()
-        G = self.G[0] if train_only else self.G[0] + self.G[1]
-        B = self.B[0] if train_only else self.B[0] + self.B[1]
+        G, B = self.G, self.B
+        held = None if train_only else self._held_out()
+        if held is not None:
+            if self._held_sums is None:
+                self._held_sums = self._sums(*held)
+            G, B = G + self._held_sums[0], B + self._held_sums[1]
         k, d = self.k, self.k + (1 if bias else 0)
         G = G[:, :d, :d].copy()
         lam = ridge * np.mean(np.diagonal(G[:, :k, :k], axis1=1, axis2=2), axis=1) if k else np.zeros(len(G))
@@ -273,7 +299,15 @@ class NormalEquations:
         """Mean squared error of ``x @ W + b`` against ``y`` over a split's rows (nan when empty)."""
         self._flush()
         W1 = np.concatenate([W, b[:, None, :]], axis=1)
-        sse = float(np.sum(W1 * np.matmul(self.G[split], W1)) - 2.0 * np.sum(W1 * self.B[split]) + self.yy[split])
+        if split == 0:
+            sse = float(np.sum(W1 * np.matmul(self.G, W1)) - 2.0 * np.sum(W1 * self.B) + self.yy)
+        else:
+            held = self._held_out()
+            if held is None:
+                return float("nan")
+            x1, y1 = held
+            r = np.matmul(x1, W1.astype(x1.dtype)) - y1
+            sse = float(np.sum(np.square(r, dtype=np.float64)))
         n = int(self.rows[split]) * W.shape[0] * W.shape[2]
         return max(sse, 0.0) / n if n else float("nan")
 
@@ -314,9 +348,11 @@ class StagedRun:
         self.layer_input = dict(layers)
         names = [n.name for n in self.nodes]
         self.index = {nm: i for i, nm in enumerate(names) if nm}
-        missing = [nm for nm in layers if nm not in self.index]
-        if missing or len(set(names)) != len(names):
-            raise ValueError(f"StagedRun needs unique node names (missing or repeated: {missing[:3]})")
+        # only the layers are looked up by name: other nodes may share a name or have none
+        counts = Counter(names)
+        bad = [nm for nm in layers if counts[nm] != 1]
+        if bad:
+            raise ValueError(f"StagedRun: each layer needs a unique node name (missing or repeated: {bad[:3]})")
         self.reads = [_reads(n) for n in self.nodes]
         producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         bit = {self.index[nm]: 1 << k for k, nm in enumerate(layers)}

@@ -28,7 +28,7 @@ from .errors import UserError
 from .pipeline import Pass
 
 IMPORTANCES = ("l1", "l2", "bn", "activation", "fused")
-PRUNE_MODES = ("uniform", "global")
+PRUNE_MODES = ("uniform", "global", "sensitivity")
 QUANTIZE_MODES = ("int8", "fp16", "mixed", "vendor")  # vendor: the target's toolchain quantizes
 ACTIVATIONS = ("asymmetric", "symmetric")
 WEIGHTS = ("per-channel", "per-tensor")
@@ -214,6 +214,8 @@ def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
                             f"(or --calib random, explicitly)")
         if o["importance"] == "activation" and (o["prune"] is not None or o["prune_macs"] is not None) and calib is None:
             raise UserError("--importance activation needs calibration data (--calib PATH)")
+        if o["prune_mode"] == "sensitivity" and (o["prune"] is not None or o["prune_macs"] is not None) and calib is None:
+            raise UserError("--prune-mode sensitivity measures output errors: it needs calibration data (--calib PATH)")
     else:
         for key in ("prune", "prune_macs", "quantize"):
             if o[key] is not None:

@@ -107,7 +107,7 @@ def compile_text(r: dict) -> str:
                      f"{len(pruned)} of {len(groups)} groups pruned, {len(blocked)} unprunable")
         for g in pruned[:12]:
             lines.append(f"    {g['id']:>5} {g['channels_before']:>5} -> {g['channels_after']:<5} "
-                         f"{', '.join(g.get('origins', [])[:2])[:60]}")
+                         f"{'-%.0f%%' % (100 * g['removed'] / max(g['channels_before'], 1)):>5}  {', '.join(g.get('origins', [])[:2])[:60]}")
         if len(pruned) > 12:
             lines.append(f"    ... {len(pruned) - 12} more groups (see --report)")
         for g in blocked[:5]:

@@ -348,3 +348,87 @@ def test_macs_target_is_met_with_progressive_steps(steps):
     result = edgec.compile(model, prune_macs=0.4, prune_steps=steps, round_to=1)
     before, after = result.report["before"]["macs"], result.report["after"]["macs"]
     assert after <= 0.6 * before * 1.02, (before, after)
+
+
+# ---------------------------------------------------------------------------- sensitivity allocation
+def _two_branches(quiet: float = 0.01):
+    """input -> two parallel conv-ReLU-conv branches (16 channels each), summed. Branch B's last
+    conv is scaled by ``quiet``, so removing B's channels hardly changes the output while removing
+    A's changes it a lot; their weights look alike to L1 (importance is normalised per group)."""
+    b = GraphBuilder("two_branches", seed=3)
+    x = b.input("input", [1, 4, 8, 8])
+    a = b.conv(b.relu(b.conv(x, 16, 3)), 4, 1)
+    q = b.conv(b.relu(b.conv(x, 16, 3)), 4, 1)
+    b.output(b.add(a, q), "output")
+    m = b.build("two branches, one quiet")
+    last = [n for n in m.graph.node if n.op_type == "Conv"][-1]
+    for init in m.graph.initializer:
+        if init.name in last.input[1:]:
+            init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * quiet, init.name))
+    return m
+
+
+def _rel(model, pruned, feeds) -> float:
+    num = den = 0.0
+    for f in feeds:
+        r, g = verify.run(model, f), verify.run(pruned, f)
+        num += sum(float(np.sum((r[k] - g[k]) ** 2)) for k in r)
+        den += sum(float(np.sum(r[k] ** 2)) for k in r)
+    return (num / den) ** 0.5
+
+
+def test_sensitivity_prunes_less_where_removal_hurts():
+    """The loud branch (A) loses fewer channels than the quiet one (B) at the same overall ratio,
+    and the output error (ONNX Runtime, held-out inputs, no re-fit) is lower than uniform's."""
+    model = _two_branches()
+    calib = [verify.random_inputs(model, seed=s) for s in range(8)]
+    held = [verify.random_inputs(model, seed=100 + s) for s in range(4)]
+    uni, pu, b0, au = _prune(model, ratio=0.3, feeds=calib, reconstruct=False)
+    sen, ps, _, asen = _prune(model, ratio=0.3, mode="sensitivity", feeds=calib, reconstruct=False)
+    wide = {s["origins"][0]: s for s in ps.groups if s["prunable"] and s["channels_before"] == 16}
+    (a_name, a), (b_name, b) = sorted(wide.items(), key=lambda kv: int(kv[0].split("_")[1]))[:2]
+    assert a["removed"] < b["removed"], (a, b)
+    assert a["sensitivity"][0][0][1] > 10 * b["sensitivity"][0][0][1]  # measured, as built
+    assert asen.macs == au.macs  # both branches cost the same per channel
+    e_uni, e_sen = _rel(model, uni.to_onnx(), held), _rel(model, sen.to_onnx(), held)
+    print(f"\ntwo branches at 30%: A {a['channels_before']}->{a['channels_after']}, "
+          f"B {b['channels_before']}->{b['channels_after']}; rel L2 uniform {e_uni:.4f}, sensitivity {e_sen:.4f}")
+    assert e_sen < 0.5 * e_uni
+
+
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "mobilenet_v2", "inception"])
+def test_sensitivity_keeps_the_macs_and_lowers_the_error(name):
+    """As many MACs go as with uniform pruning at the same ratio (within 10% of what uniform
+    removes); the output error without re-fit, in ONNX Runtime on held-out inputs, is lower.
+    With the re-fit the picture is mixed (printed, not asserted: the sensitivity is measured
+    before any re-fit)."""
+    model = ALL_MODELS[name](batch=1)
+    calib = [verify.random_inputs(model, seed=s) for s in range(32)]
+    held = [verify.random_inputs(model, seed=100 + s) for s in range(8)]
+    errs = {}
+    for rec in (False, True):
+        uni, pu, b, au = _prune(model, ratio=0.3, feeds=calib, reconstruct=rec)
+        sen, ps, _, asen = _prune(model, ratio=0.3, mode="sensitivity", feeds=calib, reconstruct=rec)
+        assert abs((b.macs - asen.macs) - (b.macs - au.macs)) <= 0.1 * (b.macs - au.macs), (b.macs, au.macs, asen.macs)
+        assert all(0 <= s["ratio"] <= 0.9 for s in ps.groups)
+        assert any(s.get("sensitivity") for s in ps.groups)
+        errs[rec] = (_rel(model, uni.to_onnx(), held), _rel(model, sen.to_onnx(), held))
+    print(f"\n{name} at 30%: rel L2 uniform/sensitivity without re-fit {errs[False][0]:.4f}/{errs[False][1]:.4f}, "
+          f"with {errs[True][0]:.4f}/{errs[True][1]:.4f}")
+    assert errs[False][1] < errs[False][0]
+
+
+def test_sensitivity_meets_a_macs_target():
+    model = ALL_MODELS["resnet_bottleneck"](batch=1)
+    calib = [verify.random_inputs(model, seed=s) for s in range(8)]
+    _, p, b, a = _prune(model, macs_target=0.4, mode="sensitivity", feeds=calib, reconstruct=False)
+    assert a.macs <= 0.6 * b.macs * 1.02, (b.macs, a.macs)
+    assert p.ratio is not None
+
+
+def test_sensitivity_needs_calibration_data():
+    model = ALL_MODELS["resnet_basic"]()
+    with pytest.raises(edgec.UserError, match="calibration"):
+        _prune(model, ratio=0.3, mode="sensitivity")
+    with pytest.raises(edgec.UserError, match="sensitivity"):
+        edgec.compile(model, None, prune=0.3, prune_mode="sensitivity")

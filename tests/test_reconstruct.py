@@ -120,6 +120,22 @@ def test_staged_run_uses_replaced_constants_downstream():
         np.testing.assert_array_equal(z, np.full((1, 4, 8, 8), 2.0, np.float32))
 
 
+def test_staged_run_allows_unnamed_and_repeated_names_outside_the_layers():
+    """Only the re-fitted layers are looked up by name (PP-OCRv4's recogniser has unnamed nodes)."""
+    model = _chain_model()
+    feeds = [verify.random_inputs(model, seed=s) for s in range(2)]
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    others = [n for n in model.graph.node if n.op_type != "Conv"]
+    assert len(others) >= 2
+    others[0].name, others[1].name = "", ""
+    layers = {c.name: c.input[0] for c in convs[1:]}
+    staged = StagedRun(model, feeds, layers)
+    assert sorted(nm for wave in staged.waves() for nm in wave) == sorted(layers)
+    convs[2].name = convs[1].name
+    with pytest.raises(ValueError, match="unique node name"):
+        StagedRun(model, feeds, {convs[1].name: convs[1].input[0]})
+
+
 # ---------------------------------------------------------------------------- depthwise and grouped convs
 def test_depthwise_convs_are_refitted_and_lower_the_error():
     model = ALL_MODELS["mobilenet_v2"](batch=4)

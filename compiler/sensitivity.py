@@ -1,0 +1,194 @@
+"""Pruning sensitivity, measured: how much the model's outputs change when a channel group loses
+chosen units, for every group, from one probe model.
+
+The probe is the model with a multiplier input after each tensor
+:func:`edgec.importance.measured_tensors` picks for a group (the end of the BN/activation chain
+after each producer: what the group's consumers read). All multipliers at one give the model's own
+outputs; zeros at a group's units make those channels read as zero downstream, which is what
+removing them does to the consumers (without the least-squares re-fit, so a measured error is an
+upper bound of the reconstructed one). One reference session (:mod:`edgec.runtime`) then runs
+every trial: no export, no session per group.
+
+:func:`measure` returns, per group and trial, the squared relative output error
+``sum ||y - y0||^2 / sum ||y0||^2`` (summed over the graph outputs and the batches, ``y0`` the
+unmasked model's outputs) on up to ``max_batches`` calibration batches. Squared errors of
+independent changes add, which is what :func:`allocate` assumes.
+
+:func:`allocate` spreads a removal budget over the groups: greedily, one step of units at a time,
+to the group whose measured error grows least per unit of cost (channels for a channel ratio,
+MACs for a MACs target), with each group's error interpolated linearly between its trials
+(from zero at no removal, extended with the last slope beyond the largest trial).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgec import runtime
+from edgec.analysis.channels import ChannelGroup
+from edgec.importance import measured_tensors
+from edgec.ir import IR
+
+MAX_BATCHES = 8  # calibration batches a trial runs on
+
+
+def _probe(ir: IR, groups: list[ChannelGroup]) -> tuple[onnx.ModelProto, dict[str, tuple]]:
+    """The model with a multiplier input on each measured tensor: (model, {tensor: (input name,
+    mask shape, axis, channels)})."""
+    model = ir.to_onnx()
+    tensors = ir.tensors()
+    outputs = {o.name for o in model.graph.output}
+    masks: dict[str, tuple] = {}
+    for g in groups:
+        for gt in measured_tensors(ir, g):
+            t = tensors.get(gt.name)
+            if gt.name in masks or gt.name in outputs or t is None or t.shape is None:
+                continue
+            rank = len(t.shape)
+            axis = gt.axis % rank if rank else 0
+            n = len(g.analysis.maps[gt.name].elems) * gt.block
+            shape = [1] * rank
+            shape[axis] = n
+            masks[gt.name] = (f"{gt.name}__edgec_mask", shape, axis, n)
+    if not masks:
+        return model, masks
+    renamed = {name: f"{name}__edgec_masked" for name in masks}
+    for node in model.graph.node:
+        for i, x in enumerate(node.input):
+            if x in renamed:
+                node.input[i] = renamed[x]
+    dtypes = {vi.name: vi.type.tensor_type.elem_type for vi in
+              list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    for name, (inp, shape, _, _) in masks.items():
+        elem = dtypes.get(name, TensorProto.FLOAT)
+        model.graph.input.append(helper.make_tensor_value_info(inp, elem, shape))
+        model.graph.node.append(helper.make_node("Mul", [name, inp], [renamed[name]],
+                                                 name=f"{name}__edgec_mask_mul"))
+    # the Mul nodes were appended at the end: put the graph back in topological order
+    _toposort(model.graph)
+    return model, masks
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    produced = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    order, state = [], [0] * len(graph.node)
+    for start in range(len(graph.node)):
+        stack = [(start, False)]
+        while stack:
+            i, done = stack.pop()
+            if done:
+                state[i] = 2
+                order.append(i)
+                continue
+            if state[i]:
+                continue
+            state[i] = 1
+            stack.append((i, True))
+            for x in graph.node[i].input:
+                j = produced.get(x)
+                if j is not None and not state[j]:
+                    stack.append((j, False))
+    nodes = [graph.node[i] for i in order]
+    new = [onnx.NodeProto() for _ in nodes]
+    for a, b in zip(new, nodes):
+        a.CopyFrom(b)
+    del graph.node[:]
+    graph.node.extend(new)
+
+
+def measure(ir: IR, groups: list[ChannelGroup], trials: dict[str, list[list[int]]], feeds: list[dict], *,
+            max_batches: int = MAX_BATCHES, log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """Squared relative output error of each trial (``trials[group id]``: lists of units to zero,
+    indices into ``group.units``), per group id, in the order given. A group with no measurable
+    tensor gets no entry."""
+    by_id = {g.id: g for g in groups}
+    chosen = [by_id[gid] for gid in trials if gid in by_id]
+    model, masks = _probe(ir, chosen)
+    if not masks:
+        return {}
+    batches = feeds[:max_batches]
+    sess = runtime.reference_session(model)
+    names = [o.name for o in sess.get_outputs()]
+    ones = {inp: np.ones(shape, dtype=np.float32) for inp, shape, _, _ in masks.values()}
+    y0 = [values for _, values in runtime.run_batches(sess, names, batches, fixed=ones)]
+    norm = sum(float(np.sum(np.square(np.asarray(v[n], dtype=np.float64)))) for v in y0 for n in names)
+    norm = max(norm, 1e-30)
+    out: dict[str, list[float]] = {}
+    total = sum(len(trials[g.id]) for g in chosen)
+    done = 0
+    for g in chosen:
+        parts = [gt for gt in measured_tensors(ir, g) if gt.name in masks]
+        if not parts:
+            continue
+        errs = []
+        for units in trials[g.id]:
+            fixed = dict(ones)
+            dead = set(int(u) for u in units)
+            for gt in parts:
+                inp, shape, axis, n = masks[gt.name]
+                m = np.ones(n, dtype=np.float32)
+                for pos, u in zip(gt.positions, gt.units):
+                    if u in dead:
+                        m[pos * gt.block:(pos + 1) * gt.block] = 0.0
+                fixed[inp] = (fixed[inp] * m.reshape(shape)).astype(np.float32)
+            sse = 0.0
+            for k, (_, values) in enumerate(runtime.run_batches(sess, names, batches, fixed=fixed)):
+                for n_ in names:
+                    d = np.asarray(values[n_], dtype=np.float64) - np.asarray(y0[k][n_], dtype=np.float64)
+                    sse += float(np.sum(d * d))
+            errs.append(sse / norm)
+            done += 1
+        out[g.id] = errs
+        if log is not None:
+            log(f"  sensitivity: {done}/{total} trials ({len(out)}/{len(chosen)} groups)")
+    return out
+
+
+def allocate(curves: dict[str, list[tuple[int, float]]], limits: dict[str, int], step: dict[str, int],
+             cost: dict[str, float], budget: float, first: dict[str, int] | None = None) -> dict[str, int]:
+    """Units to remove per group: ``curves[g]`` = measured (units removed, squared error) points,
+    ``limits[g]`` the most units ``g`` may lose, ``step[g]`` the units one step removes (the
+    rounding multiple; ``first[g]`` for the first step, default ``step[g]``), ``cost[g]`` what one unit is worth (channels, MACs); steps are taken
+    from the group with the least error added per cost until ``budget`` is spent. Groups
+    without a curve are spent last, uniformly (their error is unknown, not zero)."""
+    removed = {g: 0 for g in limits}
+    first = first or step
+
+    def size(g: str) -> int:
+        return step[g] if removed[g] else first[g]
+
+    def err(g: str, u: int) -> float:
+        pts = [(0, 0.0)] + sorted(curves[g])
+        for (u0, e0), (u1, e1) in zip(pts, pts[1:]):
+            if u <= u1:
+                return e0 + (e1 - e0) * (u - u0) / max(u1 - u0, 1)
+        (u0, e0), (u1, e1) = pts[-2], pts[-1]
+        return e1 + (e1 - e0) * (u - u1) / max(u1 - u0, 1)
+
+    def key(g: str) -> float:
+        u = removed[g]
+        return (err(g, u + size(g)) - err(g, u)) / max(size(g) * cost[g], 1e-30)
+
+    heap = [(key(g), g) for g in limits if g in curves and first[g] <= limits[g] and cost[g] > 0]
+    heapq.heapify(heap)
+    spent = 0.0
+    while heap and spent < budget - 1e-9:
+        _, g = heapq.heappop(heap)
+        spent += size(g) * cost[g]
+        removed[g] += size(g)
+        if removed[g] + step[g] <= limits[g]:
+            heapq.heappush(heap, (key(g), g))
+    # groups never measured: the rest of the budget, in equal shares of their limits
+    rest = [g for g in limits if g not in curves and cost[g] > 0]
+    if rest and spent < budget - 1e-9:
+        share = min(1.0, (budget - spent) / max(sum(limits[g] * cost[g] for g in rest), 1e-30))
+        for g in rest:
+            k = int(math.floor((limits[g] * share - first[g]) / step[g])) + 1 if limits[g] * share >= first[g] else 0
+            removed[g] = first[g] + (k - 1) * step[g] if k else 0
+    return removed
