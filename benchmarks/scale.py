@@ -28,7 +28,7 @@ What is measured (wall time, median of ``--repeat`` runs, ``uptime``'s load prin
   (2 probe runs per layer: 106 plans, one task each) timed alone, and the whole compile.
 * **batch**: 12 jobs (``edgec.batch.run``), each an int8 compile (calibration, plan, bias
   correction, measured error, checked and written atomically) of a 16x32x32 ResNet bottleneck
-  builder model (``edgec.builders.resnet_bottleneck(hw=32, width=32, mid=16)``) with 64 random
+  builder model (``edgec.builders.resnet_bottleneck(hw=96, width=32, mid=16)``, ``--job-hw``) with 64 random
   calibration samples: a job of a few seconds (a ResNet-50-size int8 compile takes minutes,
   which 3 x 12 of would make the benchmark an hour long).
 * **Ray's per-task overhead**: a map of ``--tasks`` empty tasks on 2 workers, per task;
@@ -202,14 +202,14 @@ def batch_jobs(executors: dict, args, tmp: Path) -> dict:
     from edgec.builders import resnet_bottleneck
 
     m = tmp / "bottleneck.onnx"
-    onnx.save(resnet_bottleneck(hw=32, width=32, mid=16), m)
+    onnx.save(resnet_bottleneck(hw=args.job_hw, width=32, mid=16), m)
     jobs = [{"model": "bottleneck.onnx", "target": "cpu", "output": f"out/{i}.onnx",
              "options": {"quantize": "int8", "calib": "random", "calib_samples": args.job_samples}}
             for i in range(args.jobs)]
     (tmp / "out").mkdir()
     (tmp / "m.json").write_text(json.dumps({"jobs": jobs}))
     jobs = batch.read_manifest(tmp / "m.json")
-    out = {"jobs": args.jobs, "model": "resnet_bottleneck 32x32 width 32, int8", "runs": {}}
+    out = {"jobs": args.jobs, "model": f"resnet_bottleneck {args.job_hw}x{args.job_hw} width 32, int8", "runs": {}}
     for name, ex in executors.items():
         t, cpu = time.perf_counter(), time.process_time()
         results = batch.run(jobs, ex)
@@ -268,6 +268,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-samples", type=int, default=16)
     ap.add_argument("--jobs", type=int, default=12)
     ap.add_argument("--job-samples", type=int, default=64)
+    ap.add_argument("--job-hw", type=int, default=96, help="the batch jobs' input size (96: a job of a few seconds)")
     ap.add_argument("--tasks", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2, help="the most workers measured (and the local Ray's CPUs)")

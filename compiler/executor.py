@@ -40,6 +40,7 @@ import uuid
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Iterator
 
+from . import runtime
 from .errors import UserError
 
 EXECUTORS = ("local", "ray")
@@ -216,6 +217,9 @@ def _run_task(fn, item, ref):
 
     token = ref[0].hex()
     shared = cached(token, "shared", lambda: ray.get(ref[0]))
+    # the task holds one CPU (num_cpus=1): its batches run one at a time, not over every core of
+    # the node, or two tasks on a 2-core node would each run two threads
+    os.environ[runtime.THREADS_ENV] = "1"
     with using(LocalExecutor()):
         return fn(item, shared)
 

@@ -82,12 +82,19 @@ def reference_session(model, *, threads: int = 1) -> ort.InferenceSession:
     return session(model, optimize=False, threads=threads)
 
 
+THREADS_ENV = "EDGEC_THREADS"  # at most this many batches at once (a Ray task sets 1: it holds one CPU)
+
+
 def workers() -> int:
-    """How many batches run at once: this process's cores, at most 8."""
+    """How many batches run at once: this process's cores, at most 8 (and at most
+    ``$EDGEC_THREADS``)."""
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
+    limit = os.environ.get(THREADS_ENV, "")
+    if limit.isdigit() and int(limit) >= 1:
+        n = min(n, int(limit))
     return max(1, min(8, n))
 
 
