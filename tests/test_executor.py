@@ -143,3 +143,18 @@ def test_batch_manifest_mistakes_are_one_line_and_nothing_runs(capsys, tmp_path,
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_edgec_threads_limits_the_batches_run_at_once(monkeypatch):
+    """A Ray task holds one CPU: EDGEC_THREADS=1 (set inside every task) makes its compile run
+    one batch at a time; unset, the process's cores (at most 8); junk is ignored."""
+    from edgec import runtime
+
+    monkeypatch.delenv(runtime.THREADS_ENV, raising=False)
+    cores = runtime.workers()
+    monkeypatch.setenv(runtime.THREADS_ENV, "1")
+    assert runtime.workers() == 1
+    monkeypatch.setenv(runtime.THREADS_ENV, "0")
+    assert runtime.workers() == cores
+    monkeypatch.setenv(runtime.THREADS_ENV, "many")
+    assert runtime.workers() == cores
