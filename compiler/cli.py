@@ -100,9 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--strict-int8", action="store_true",
                    help="--quantize int8: keep every op int8 even above the error budget (no fallback to float; "
                         "a collapsed result still fails)")
-    q.add_argument("--rounding", choices=["auto", "nearest"], default="auto",
-                   help="--quantize int8: weight rounding chosen for each layer's output (GPTQ), kept where it "
-                        "measures better (auto), or nearest")
+    q.add_argument("--rounding", choices=["nearest", "gptq"], default="nearest",
+                   help="--quantize int8: nearest (default), or gptq: weight rounding chosen for each layer's "
+                        "output, kept where it measures better (its float64 linear algebra can choose other "
+                        "levels on another BLAS build)")
     c.add_argument("--goal", choices=["latency", "size", "accuracy"],
                    help="let edgec choose pruning and precision for the target within --max-error/--max-bytes")
     _executor_arguments(c)

@@ -211,8 +211,8 @@ class NormalEquations:
     rows: computing a held-out error from them costs a fifth of what it costs from their sums).
     Training rows are buffered only up to ``chunk_bytes``, then added to the sums in one matrix
     product (``A'A`` of one buffer: a symmetric rank-k update in BLAS), which runs far faster than
-    many small ones; float32 rows (layer activations) are multiplied in float32, twice as fast,
-    and summed into float64. The error of any weights on either split follows."""
+    many small ones; in float64, whose products gave the same bits at every thread count
+    tested (float32 products did not: ``tests/test_ray.py``'s --goal test caught it). The error of any weights on either split follows."""
 
     def __init__(self, groups: int, k: int, nout: int, chunk_bytes: int = 64 << 20):
         self.k = k
@@ -239,11 +239,12 @@ class NormalEquations:
 
     @staticmethod
     def _join(buf: list, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """[groups, R, K+1] rows with a column of ones (the bias) and [groups, R, Nout], in float32
-        when every row is float32, else float64."""
+        """[groups, R, K+1] rows with a column of ones (the bias) and [groups, R, Nout], in float64.
+        (Not float32: OpenBLAS's sgemm sums in another order with another thread count, so a Ray
+        task, one thread, re-fitted other weights than the same compile in process.)"""
         n = sum(len(x) for x, _ in buf)
         g = buf[0][0].shape[1]
-        dt = np.float32 if all(x.dtype == np.float32 and y.dtype == np.float32 for x, y in buf) else np.float64
+        dt = np.float64
         x1 = np.empty((g, n, k + 1), dtype=dt)
         y1 = np.empty((g, n, buf[0][1].shape[2]), dtype=dt)
         lo = 0

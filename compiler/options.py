@@ -32,7 +32,7 @@ PRUNE_MODES = ("uniform", "global", "sensitivity")
 QUANTIZE_MODES = ("int8", "fp16", "mixed", "vendor")  # vendor: the target's toolchain quantizes
 ACTIVATIONS = ("asymmetric", "symmetric")
 WEIGHTS = ("per-channel", "per-tensor")
-ROUNDINGS = ("auto", "nearest")
+ROUNDINGS = ("nearest", "gptq")
 GOALS = ("latency", "size", "accuracy")
 MAX_DIM = 1 << 31  # an input dimension above this is a typo (and no runtime could allocate it)
 
@@ -262,7 +262,7 @@ class QuantOptions:
     max_bytes: int | None = None
     progress: bool = False
     strict: bool = False  # --strict-int8: no fallback to float when int8 misses the error budget
-    rounding: str = "auto"  # --rounding: "auto" (GPTQ where it measures better) or "nearest"
+    rounding: str = "nearest"  # --rounding: "nearest", or "gptq" (kept where it measures better)
 
 
 @dataclass(frozen=True)

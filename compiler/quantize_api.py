@@ -104,21 +104,23 @@ def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8",
              method: str | dict = "minmax", percentile: float = 99.99, activations: str | None = None,
              weights: str | None = None, weight_type: str | None = None, keep_float: Iterable[str] = (),
              max_error: float | None = None, max_bytes: int | None = None, bias_correction: bool = True,
-             equalize: bool | str = "auto", rounding: str = "auto", progress=False, strict: bool = False,
+             equalize: bool | str = "auto", rounding: str = "nearest", progress=False, strict: bool = False,
              log: Callable[[str], None] | None = None) -> dict:
     """Quantize ``ir`` in place under ``scheme`` (default: ONNX Runtime's fusable QDQ, uint8
     activations, per-channel uint8 weights); ``activations``, ``weights`` and ``weight_type``
     override the scheme's switches. ``calib`` is any re-iterable of ``{input: array}`` batches
     (a :class:`edgec.calibdata.CalibrationSet`); required for ``int8`` and ``mixed``.
     ``equalize``: ``"auto"``, ``"always"`` or False (see the module doc). ``rounding``:
-    ``"auto"`` (int8: GPTQ rounding where it lowers the measured output error) or ``"nearest"``."""
+    ``"nearest"`` or ``"gptq"`` (int8: GPTQ levels where they lower the measured output error;
+    float64 linear algebra, so the chosen levels can differ between BLAS builds and thread counts,
+    which is why it is not the default)."""
     log = log or (lambda s: None)
     if mode not in MODES:
         raise UserError(f"unknown quantization mode '{mode}' (known: {', '.join(MODES)})")
     if equalize not in (False, None, "auto", "always", True):
         raise UserError(f"equalize must be 'auto', 'always' or False, got {equalize!r}")
-    if rounding not in ("auto", "nearest"):
-        raise UserError(f"rounding must be 'auto' or 'nearest', got {rounding!r}")
+    if rounding not in ("nearest", "gptq"):
+        raise UserError(f"rounding must be 'nearest' or 'gptq', got {rounding!r}")
     t0 = time.perf_counter()
     if mode == "fp16":
         return _fp16(ir, calib, keep_float, t0)
@@ -223,7 +225,7 @@ class _Quantizer:
     """One int8/mixed quantization: calibrate, plan, refine, write (the module doc's stages)."""
 
     def __init__(self, ir: IR, calib, scheme: QuantScheme, *, mode, method, percentile, keep_float, max_error,
-                 max_bytes, bias_correction, equalize, progress, log, strict=False, rounding="auto"):
+                 max_bytes, bias_correction, equalize, progress, log, strict=False, rounding="nearest"):
         self.ir, self.calib, self.scheme, self.mode = ir, calib, scheme, mode
         self.method, self.percentile, self.keep_float = method, percentile, keep_float
         self.max_error, self.max_bytes = max_error, max_bytes
@@ -231,7 +233,7 @@ class _Quantizer:
         self.equalize = equalize if scheme.rules == "ort-fusable" else False
         self.progress, self.log = progress, log
         self.strict = strict
-        self.rounding = rounding == "auto" and mode == "int8"
+        self.rounding = rounding == "gptq" and mode == "int8"
         self._known_parts = None
         self._sw_probe: Probe | None = None
 
