@@ -440,7 +440,7 @@ class _Planner:
         for name, t in qtensors.items():  # ops whose output range is fixed by their math
             prod = ir.producer(t)
             r = self.rule(prod) if prod is not None else None
-            if r is not None and r.fixed_range is not None:
+            if r is not None and r.fixed_range is not None and self.scheme.fixed_ranges:
                 override[name] = r.fixed_range
         for n in folded.values():
             union(n.inputs[0].name, n.outputs[0].name)

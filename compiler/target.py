@@ -27,6 +27,7 @@ class QuantScheme:
     weight_format: str = "integer"   # "integer" (int initializer -> DQ) or "float-qdq" (float -> Q -> DQ)
     mixed: bool = True               # --quantize mixed (per-layer FP32/INT8/INT4) is offered
     pointwise: tuple = ()            # unary ops whose outputs get Q/DQ too (toolchains that want all tensors int8)
+    fixed_ranges: bool = True        # the rule table's fixed output ranges (Sigmoid/Softmax [0, 1]) are used
     weight_type: str = "int8"        # "int8" [-127, 127], "int7" [-63, 63] (no int16 saturation), "uint8" (U8U8)
     isa: str | None = None           # the deployment CPU class the scheme was chosen for (cpu/neon)
     reason: str = ""                 # why this scheme, for the report

@@ -306,8 +306,10 @@ def test_mobilenet_v3_se_and_hardswish(target):
     inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
     for gate in gates:
         qs = [n for n in readers.get(gate.output[0], []) if n.op_type == "QuantizeLinear"]
-        if target == "rknn":
-            assert qs and float(inits[qs[0].input[1]]) == pytest.approx(1 / 255, rel=1e-6)
+        if target == "rknn":  # quantized (RKNN wants every tensor int8), over its calibrated range: the
+            # rknn scheme opts out of fixed ranges (RKNN re-derives sigmoid ranges on import), and a
+            # gate's range lies inside [0, 1], so its scale is at most 1/255
+            assert qs and 0 < float(inits[qs[0].input[1]]) <= 1 / 255 * (1 + 1e-6)
         else:
             assert not qs
         if target == "cpu":
