@@ -82,6 +82,14 @@ def compile_text(r: dict) -> str:
         cov = q.get("int8_coverage")
         if cov and cov.get("weighted"):
             lines.append(f"    int8 coverage: {cov['weighted_int8']} of {cov['weighted']} weighted ops")
+        rnd = q.get("rounding")
+        if rnd:
+            if rnd.get("method") == "gptq" and "rel_l2_chosen" in rnd:
+                lines.append(f"    rounding: GPTQ levels on {rnd['layers']} layers, relative L2 {rnd['rel_l2_nearest']:.4g} "
+                             f"(nearest) -> {rnd['rel_l2_chosen']:.4g}: "
+                             + ("kept" if rnd["applied"] else "nearest kept (GPTQ measured no better)"))
+            elif rnd.get("why"):
+                lines.append(f"    rounding: nearest ({rnd['why']})")
         fb = q.get("fallback")
         if fb:
             lines.append(f"    int8 error {fb['error_before']:.4g} was above the budget {fb['max_error']:g}: "

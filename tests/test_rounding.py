@@ -9,7 +9,7 @@ import pytest
 from onnx import numpy_helper
 
 import edgec
-from edgec import calibdata, quantize_api, rounding
+from edgec import calibdata, quantize_api, report, rounding
 from edgec.builders import ALL_MODELS
 
 
@@ -70,12 +70,16 @@ def test_gptq_rounding_never_measures_worse_than_nearest(name, monkeypatch):
     model = ALL_MODELS[name](batch=4)
     calib = list(calibdata.load_calibration("random", model, max_samples=32, seed=3))
     reps = {}
+    full = {}
     for r in ("nearest", "gptq"):
-        reps[r] = edgec.compile(model, quantize="int8", calib=calib, rounding=r).report["quantization"]
+        full[r] = edgec.compile(model, quantize="int8", calib=calib, rounding=r).report
+        reps[r] = full[r]["quantization"]
     assert "rounding" not in reps["nearest"]
     sec = reps["gptq"]["rounding"]
     assert sec["method"] == "gptq" and sec["layers"] > 0
     assert sec["applied"] == (sec["rel_l2_chosen"] < sec["rel_l2_nearest"])
+    text = report.compile_text(full["gptq"])
+    assert f"rounding: GPTQ levels on {sec['layers']} layers" in text
     # 32 samples: the choice and the reported error are measured on the same samples
     assert reps["gptq"]["error"]["rel_l2"] <= reps["nearest"]["error"]["rel_l2"] + 1e-9
     if sec["applied"]:
