@@ -583,16 +583,16 @@ class _Quantizer:
                 rounded, section = self._rounding(plan, weights)
                 section["rel_l2_nearest"] = round(e0, 6)
                 if rounded:  # nearest and chosen rounding, each with its bias correction: the lower error wins
+                    cand_rep: dict = {}
                     cand, cand_outs = self._settle(replace(plan, rounded=rounded, bias_shift={}), weights, capture,
-                                                   None, {})
+                                                   None, cand_rep)
                     if cand_outs is None:
                         cand_outs = self.probe.outputs(cand, self.bias_set.batches, weights=weights)
                     e1 = error_metrics(ref, cand_outs)["rel_l2"]
                     section.update({"rel_l2_chosen": round(e1, 6), "applied": e1 < e0})
                     if e1 < e0:
                         plan, outs = cand, cand_outs
-                        if self.bias_correction:
-                            rep["bias_correction"] = {"layers": sorted(plan.weights[k].layer for k in plan.bias_shift)}
+                        rep.update(cand_rep)
                 rep["rounding"] = section
         if outs is not None and self.bias_set.count != self.error_set.count:
             outs = None
@@ -615,7 +615,7 @@ class _Quantizer:
         """GPTQ levels (:mod:`edgec.rounding`) from the layer inputs under ``plan`` (nearest
         rounding). Returns (levels per layer, report section)."""
         t0 = time.perf_counter()
-        rounded = rounding_mod.optimise(self.ir, replace(plan, bias_shift={}), self.probe, self.bias_set.batches,
+        rounded = rounding_mod.optimise(replace(plan, bias_shift={}), self.probe, self.bias_set.batches,
                                         weights=weights, log=self.log)
         return rounded, {"method": "gptq", "layers": len(rounded), "applied": False,
                          "seconds": round(time.perf_counter() - t0, 3)}

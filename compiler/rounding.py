@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from .lstsq import LinearMap
-from .quant_plan import QuantPlan, weight_arrays
+from .quant_plan import QuantPlan, weight_arrays, weight_axis
 from .runtime import run_batches
 
 ROWS = 8192  # input rows sampled per layer for its H
@@ -84,15 +84,15 @@ def gptq(W: np.ndarray, H: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin
 class _Layer:
     """One layer's map, scales and H accumulator."""
 
-    def __init__(self, nid, node, w, wq, source):
-        self.nid, self.node, self.w, self.wq, self.source = nid, node, w, wq, source
+    def __init__(self, node, w, wq, source):
+        self.node, self.w, self.wq, self.source = node, w, wq, source
         self.map = LinearMap.of(node, w, None, 2)
-        q, self.scale, self.zero = weight_arrays(w, wq)
+        _, self.scale, self.zero = weight_arrays(w, wq)
         self.H = None
         self.rows = 0
 
 
-def optimise(ir, plan: QuantPlan, probe, batches, *, weights=None, log: Callable[[str], None] | None = None,
+def optimise(plan: QuantPlan, probe, batches, *, weights=None, log: Callable[[str], None] | None = None,
              seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """GPTQ rounding for the eligible layers of ``plan`` whose input the ``probe`` observes,
     measured on ``batches``; ``weights``: equalised weights (``{node id: {slot: array}}``) or
@@ -109,7 +109,7 @@ def optimise(ir, plan: QuantPlan, probe, batches, *, weights=None, log: Callable
         aq = plan.activations.get(wq.input)
         if source is None or w.ndim < 2 or aq is None or not (aq.readers is None or (nid, 0) in aq.readers):
             continue  # (a layer whose input is float is left to nearest rounding)
-        lay = _Layer(nid, node, w, wq, source)
+        lay = _Layer(node, w, wq, source)
         if lay.map is None or not _scale_fits(lay):
             continue
         g, K = lay.map.W.shape[0], lay.map.W.shape[1]
@@ -122,7 +122,7 @@ def optimise(ir, plan: QuantPlan, probe, batches, *, weights=None, log: Callable
     per_batch = max(1, ROWS // max(len(batches), 1))
     rng = np.random.default_rng(seed)
     fetch = list(dict.fromkeys([lay.source for lay in layers.values()] + [nid for nid in layers]))
-    for b, vals in run_batches(probe.session, fetch, batches, fixed=probe.inputs_for(plan, weights)):
+    for _, vals in run_batches(probe.session, fetch, batches, fixed=probe.inputs_for(plan, weights)):
         for nid, lay in layers.items():
             x, y = vals[lay.source], vals[nid]
             idx = lay.map.positions(y, per_batch, rng)
@@ -154,17 +154,7 @@ def _scale_fits(lay: _Layer) -> bool:
     if np.ndim(lay.scale) == 0 or lay.scale.size == 1:
         return True
     m = lay.map
-    return lay.scale.size == m.groups * m.W.shape[2] and _output_axis(lay.node) == lay.wq.axis
-
-
-def _output_axis(node) -> int | None:
-    if node.op == "Conv":
-        return 0
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    if node.op == "MatMul":
-        return 1
-    return None
+    return lay.scale.size == m.groups * m.W.shape[2] and weight_axis(lay.node) == lay.wq.axis
 
 
 def _per_output(values, g: int, no: int) -> np.ndarray:

@@ -723,7 +723,7 @@ def test_the_probe_computes_what_the_materialised_model_computes(name, kind):
     probe = quant_probe.Probe(ir, float_model, scheme, widest, switchable=kind == "int8-mixed",
                               adaptive=[quant_plan.node_id(n) for n in layers], layer_inputs=True)
     # GPTQ levels on every layer it can take: levels other than nearest rounding's are written too
-    rounded = rounding.optimise(ir, plan, probe, calib)
+    rounded = rounding.optimise(plan, probe, calib)
     assert rounded and any(
         not np.array_equal(q, quant_plan.weight_arrays(probe.float_w[k], plan.weights[k])[0])
         for k, (q, _, _) in rounded.items())
