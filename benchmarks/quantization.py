@@ -57,7 +57,7 @@ from edgec.builders import ALL_MODELS  # noqa: E402
 LOSSLESS = ["fold_constants", "eliminate_identity", "fold_batchnorm", "fold_conv_affine", "eliminate_dead"]
 EDGEC_VARIANTS = {
     "edgec-minmax": dict(mode="int8", method="minmax"),
-    "edgec-nearest": dict(mode="int8", method="minmax", rounding="nearest"),
+    "edgec-gptq": dict(mode="int8", method="minmax", rounding="gptq"),
     "edgec-percentile": dict(mode="int8", method="percentile", percentile=99.99),
     "edgec-mse": dict(mode="int8", method="mse"),
     "edgec-entropy": dict(mode="int8", method="entropy"),

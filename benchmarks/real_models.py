@@ -737,6 +737,10 @@ def edgec_variant(model: onnx.ModelProto, calib: dict, workdir: Path, **kw):
         note = f"err {q['error']['rel_l2']:.4f}"
         if fb:
             note += f", fb {nf} float, {'met' if fb.get('met') else 'MISS'} (before {fb.get('error_before', 0):.3f})"
+        rnd = q.get("rounding") or {}
+        if "rel_l2_chosen" in rnd:
+            note += (f", gptq {rnd['rel_l2_nearest']:.4f} -> {rnd['rel_l2_chosen']:.4f} "
+                     f"{'kept' if rnd['applied'] else 'not kept'}")
     st = rep.get("strategy")
     if st:
         ch = st.get("chosen") or st.get("winner") or {}
@@ -792,6 +796,7 @@ def evaluate(name: str, host: bool, log, only: list[str] | None = None) -> dict:
              "note": f"{len(fp32) / 1e6:.2f} MB", "seconds": 0.0}]
     variants = [
         ("edgec int8", "edgec", dict(quantize="int8")),
+        ("edgec int8 gptq", "edgec", dict(quantize="int8", rounding="gptq")),
         ("edgec latency", "edgec", dict(goal="latency", max_error=MAX_ERROR)),
         ("edgec prune0.3", "edgec", dict(prune=0.3)),
         ("edgec prune0.3 sens", "edgec", dict(prune=0.3, prune_mode="sensitivity")),
