@@ -602,12 +602,15 @@ def calibrate(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[
 
 
 def parse_method(text: str) -> str | dict:
-    """A CLI value: ``mse`` or ``default=minmax,unbounded=percentile`` (classes: default, input,
-    bounded, unbounded)."""
+    """A CLI value: ``mse``, ``auto`` (the method whose int8 plan measures the lowest output
+    error) or ``default=minmax,unbounded=percentile`` (classes: default, input, bounded,
+    unbounded)."""
     text = str(text).strip()
+    if text == "auto":  # every method measured on the int8 output (edgec.quantize_api)
+        return text
     if "=" not in text:
         if text not in METHODS:
-            raise UserError(f"unknown calibration method '{text}' (known: {', '.join(METHODS)})")
+            raise UserError(f"unknown calibration method '{text}' (known: auto, {', '.join(METHODS)})")
         return text
     out = {}
     for part in text.split(","):

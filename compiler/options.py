@@ -178,13 +178,13 @@ def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
     choice("quantize", o["quantize"], QUANTIZE_MODES)
     method = o["calib_method"]
     if not isinstance(method, (str, dict)):
-        raise UserError(f"--calib-method {method!r}: expected a method name (minmax, percentile, entropy, mse)")
+        raise UserError(f"--calib-method {method!r}: expected a method name (auto, minmax, percentile, entropy, mse)")
     if isinstance(method, dict):
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in method.items()) or not method:
             raise UserError(f"--calib-method {method!r}: expected tensor class -> method names")
         parse_method(",".join(f"{k}={v}" for k, v in method.items()))
     elif not method.strip():
-        raise UserError("--calib-method is empty (minmax, percentile, entropy or mse)")
+        raise UserError("--calib-method is empty (auto, minmax, percentile, entropy or mse)")
     else:
         parse_method(method)
     number("percentile", o["percentile"], lo=0, hi=100, lo_open=True)

@@ -70,6 +70,8 @@ FALLBACK_SAMPLES = 32  # calibration samples the fallback's measurements run on 
 # the budget also holds per output channel, this much looser: one collapsed channel (a detector's
 # class scores beside its box coordinates) fails it even when the output's overall error is small
 CHANNEL_FACTOR = 4.0
+# --calib-method auto measures the int8 plan of each of these and keeps the lowest output error
+AUTO_METHODS = ("minmax", "percentile", "mse", "entropy")
 ROUNDING_FLOOR = 0.2  # GPTQ rounding is tried when the int8 output error is at least this fraction of the budget
 
 
@@ -251,7 +253,7 @@ class _Quantizer:
         capture = _FloatCapture(self.outputs, self.layers, self.error_set, self.bias_set)
         self.cle = self._equalization_candidate()
         per_channel = {}
-        if self.cle is not None and not calib_mod.needs_histograms(self.method):
+        if self.cle is not None and (self.method == "auto" or not calib_mod.needs_histograms(self.method)):
             # min-max of the equalised model follows from per-channel min-max of the tensors it scales
             shapes = ir.tensors()
             per_channel = {t: len(shapes[t].shape) for t in equalization.scaled_tensors(ir, self.cle[1])
@@ -266,14 +268,18 @@ class _Quantizer:
         self.stats = stats
         calib_seconds = time.perf_counter() - tc
         self.reference = capture.reference(self.error_set)
-        ranges = self._ranges(stats)
-        self.widest = widest = build_plan(ir, scheme, ranges, keep_float=self.keep_float)
-        self.probe = Probe(ir, float_model, scheme, widest, switchable=self.mode == "mixed",
-                           adaptive=list(self.layers) if self.bias_correction else (),
-                           layer_inputs=self.rounding)
+        choice = None
+        if self.method == "auto":
+            ranges, choice = self._choose_method(stats)
+        else:
+            ranges = self._ranges(stats)
+            self.widest = build_plan(ir, scheme, ranges, keep_float=self.keep_float)
+            self.probe = self._new_probe(self.widest)
 
         report: dict = {"mode": self.mode, "method": self.method if isinstance(self.method, str) else dict(self.method),
                         "activations": scheme.activations, "weights": scheme.weights}
+        if choice is not None:
+            report["method_choice"] = choice
         if scheme.rules == "tensorrt":
             report["placement"] = "tensorrt"
         else:
@@ -305,6 +311,44 @@ class _Quantizer:
         report["notes"] = [n for r in records for n in r.notes]
         report["measurements"] = self.probe.runs
         return report
+
+    def _new_probe(self, widest: QuantPlan) -> Probe:
+        return Probe(self.ir, self.float_model, self.scheme, widest, switchable=self.mode == "mixed",
+                     adaptive=list(self.layers) if self.bias_correction else (), layer_inputs=self.rounding)
+
+    def _choose_method(self, stats) -> tuple[dict, dict]:
+        """``--calib-method auto``: the ranges of every method in ``AUTO_METHODS`` (one
+        calibration pass gave the statistics all of them need), each int8 plan measured on the
+        error subset in reference arithmetic; the lowest output error (:func:`guarded_error`)
+        wins, ties to the earlier method. The winner's method is used from here on (equalisation
+        re-calibrates with it) and its measured outputs are reused. Plans whose structure differs
+        (a Concat shares a scale under one method's ranges and not another's) get their own
+        probe; the winner's becomes the compile's. Returns (ranges, report section)."""
+        t0 = time.perf_counter()
+        probes: dict = {}
+        measured = []
+        for m in AUTO_METHODS:
+            self.method = m
+            ranges = self._ranges(stats)
+            plan = build_plan(self.ir, self.scheme, ranges, keep_float=self.keep_float)
+            key = (plan.folded, tuple(sorted((k, None if v.readers is None else tuple(sorted(v.readers)))
+                                             for k, v in plan.activations.items())), tuple(sorted(plan.weights)))
+            if key not in probes:
+                probes[key] = self._new_probe(plan)
+            probe = probes[key]
+            parts = probe.output_parts(plan, self.error_set.batches)
+            metrics = error_metrics(self.reference, concat_parts(parts))
+            measured.append((guarded_error(metrics), m, ranges, plan, probe, parts, metrics))
+            self.log(f"calibration method {m}: int8 output error {metrics['rel_l2']:.4g} (relative L2)")
+        best = min(measured, key=lambda r: r[0])  # min() keeps the first of equal errors
+        _, self.method, ranges, self.widest, self.probe, parts, _ = best
+        if self.mode == "int8":
+            self._known_parts = parts
+        section = {"chosen": self.method, "measured": "int8 plan before bias correction, error subset",
+                   "samples": self.error_set.samples, "seconds": round(time.perf_counter() - t0, 3),
+                   "rel_l2": {r[1]: round(r[6]["rel_l2"], 6) for r in measured},
+                   "guarded": {r[1]: round(r[0], 6) for r in measured}}
+        return ranges, section
 
     def _equalization_candidate(self):
         """(equalised weights, per-channel divisors) when equalisation is worth measuring."""

@@ -79,6 +79,10 @@ def compile_text(r: dict) -> str:
             for prec in q["plan"].values():
                 counts[prec] = counts.get(prec, 0) + 1
             lines.append("    precision plan: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        mc = q.get("method_choice")
+        if mc:
+            lines.append(f"    calibration method: auto chose {mc['chosen']} (int8 relative L2 before bias correction: "
+                         + ", ".join(f"{m} {e:.4g}" for m, e in mc["rel_l2"].items()) + ")")
         cov = q.get("int8_coverage")
         if cov and cov.get("weighted"):
             lines.append(f"    int8 coverage: {cov['weighted_int8']} of {cov['weighted']} weighted ops")

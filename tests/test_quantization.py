@@ -740,3 +740,68 @@ def test_the_probe_computes_what_the_materialised_model_computes(name, kind):
                                        err_msg=k)
         else:
             np.testing.assert_array_equal(measured[k], computed[k], err_msg=k)
+
+
+# ------------------------------------------------------------------ --calib-method auto
+def _outlier_model():
+    """A conv whose input has rare huge values that a Tanh saturates later: min-max spends the
+    int8 levels on the outliers, a clipped range keeps them for the bulk of the data."""
+    rng = np.random.default_rng(3)
+    w1 = (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_normal((8, 16, 1, 1)) * 0.3).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+         helper.make_node("Tanh", ["c1"], ["t1"]),
+         helper.make_node("Conv", ["t1", "w2"], ["y"])],
+        "outliers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8, 8, 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _outlier_data(n, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3, 8, 8)).astype(np.float32)
+    spikes = rng.random(x.shape) < 0.002
+    return np.where(spikes, x * 20, x).astype(np.float32)
+
+
+def test_auto_method_keeps_the_lowest_measured_error_and_equals_that_method(tmp_path):
+    model = _outlier_model()
+    calib = {"x": _outlier_data(64, 0)}
+    auto = edgec.compile(model, tmp_path / "auto.onnx", calib=calib, quantize="int8", calib_method="auto")
+    q = auto.report["quantization"]
+    choice = q["method_choice"]
+    assert set(choice["rel_l2"]) == set(quantize_api.AUTO_METHODS)
+    assert choice["chosen"] == min(quantize_api.AUTO_METHODS, key=lambda m: (choice["guarded"][m],
+                                                                               quantize_api.AUTO_METHODS.index(m)))
+    assert q["method"] == choice["chosen"] != "minmax"  # the outliers make min-max the worst here
+    assert choice["rel_l2"]["minmax"] > 1.2 * choice["rel_l2"][choice["chosen"]], choice
+    # the chosen method's compile, asked for by name, writes the same bytes
+    named = edgec.compile(model, tmp_path / "named.onnx", calib=calib, quantize="int8",
+                          calib_method=choice["chosen"])
+    assert (tmp_path / "auto.onnx").read_bytes() == (tmp_path / "named.onnx").read_bytes()
+    # and on held-out data it beats min-max too, in reference arithmetic
+    minmax = edgec.compile(model, tmp_path / "mm.onnx", calib=calib, quantize="int8", calib_method="minmax")
+    test = [{"x": _outlier_data(64, 1)}]
+    e_auto = runtime.output_error(model, onnx.load(str(tmp_path / "auto.onnx")), test)["rel_l2"]
+    e_mm = runtime.output_error(model, onnx.load(str(tmp_path / "mm.onnx")), test)["rel_l2"]
+    assert e_auto < e_mm, (e_auto, e_mm)
+    assert minmax.report["quantization"]["method"] == "minmax" and "method_choice" not in minmax.report["quantization"]
+
+
+def test_auto_method_on_the_cli_reports_its_choice(tmp_path, capsys):
+    from edgec import cli
+    model = _outlier_model()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "calib.npz", x=_outlier_data(32, 0))
+    rc = cli.main(["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--quantize", "int8",
+                   "--calib", str(tmp_path / "calib.npz"), "--calib-method", "auto", "--report",
+                   str(tmp_path / "r.json")])
+    assert rc == 0
+    import json
+    rep = json.loads((tmp_path / "r.json").read_text())
+    chosen = rep["quantization"]["method_choice"]["chosen"]
+    assert chosen == rep["quantization"]["method"]
+    out = capsys.readouterr()
+    assert f"calibration method: auto chose {chosen}" in out.out + out.err
