@@ -372,7 +372,8 @@ class _Quantizer:
             return ranges, None, capture, {"pairs": 0, "applied": False}
         updates, divisors = self.cle
         scaled = equalization.scaled_tensors(ir, divisors)
-        if all(t in self.stats and self.stats[t].channel_min is not None for t in scaled):
+        if not calib_mod.needs_histograms(self.method) and all(
+                t in self.stats and self.stats[t].channel_min is not None for t in scaled):
             cle_stats = {t: (st.scaled(scaled[t][1]) if t in scaled else st) for t, st in self.stats.items()}
             cle_capture = capture.equalized(divisors)
         else:

@@ -805,3 +805,16 @@ def test_auto_method_on_the_cli_reports_its_choice(tmp_path, capsys):
     assert chosen == rep["quantization"]["method"]
     out = capsys.readouterr()
     assert f"calibration method: auto chose {chosen}" in out.out + out.err
+
+
+def test_auto_method_with_equalisation_equals_the_named_method(tmp_path):
+    """The example's conv pairs make equalisation a candidate; it is measured with the chosen
+    method's ranges (a histogram method re-calibrates the equalised model)."""
+    model, calib = EXAMPLE / "model.onnx", EXAMPLE / "calib.npz"
+    auto = edgec.compile(model, tmp_path / "auto.onnx", calib=calib, quantize="int8", calib_method="auto")
+    q = auto.report["quantization"]
+    chosen = q["method_choice"]["chosen"]
+    assert q["method_choice"]["guarded"][chosen] == min(q["method_choice"]["guarded"].values())
+    assert chosen != "minmax" and q["cross_layer_equalization"]["pairs"] > 0, q["method_choice"]
+    edgec.compile(model, tmp_path / "named.onnx", calib=calib, quantize="int8", calib_method=chosen)
+    assert (tmp_path / "auto.onnx").read_bytes() == (tmp_path / "named.onnx").read_bytes()
