@@ -40,6 +40,7 @@ import itertools
 import math
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -49,7 +50,7 @@ from onnx import helper
 
 from . import executor
 from .errors import UserError
-from .runtime import augment, map_batches, reference_session
+from .runtime import augment, map_batches, reference_session, workers
 
 DEFAULT_BINS = 4096  # must be a multiple of 4 (exact pair merging keeps 0 on a bin edge)
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -314,21 +315,43 @@ def _mse_range(stats: TensorStats, mn: float, mx: float, symmetric: bool) -> tup
     # the exact extremes sit in the outermost bins: use them as those bins' representatives
     centers = np.clip(centers, stats.min, stats.max)
     w = 2 * stats.half_range / stats.bins
-    alphas = np.linspace(0.01, 1.0, 200)
+    alphas = np.linspace(0.01, 1.0, MSE_GRID)
     if symmetric:
         t = max(-mn, mx) * alphas
-        total = _qdq_errors(centers, weights, -t, t, w, symmetric=True)
-        best = int(np.argmin(total))
+        best = _grid_argmin(lambda i: _qdq_errors(centers, weights, -t[i], t[i], w, symmetric=True))
         return float(-t[best]), float(t[best])
     lo, hi = mn, mx
     for _ in range(3):
         if mx > 0:
             his = mx * alphas
-            hi = float(his[int(np.argmin(_qdq_errors(centers, weights, np.full_like(his, lo), his, w)))])
+            hi = float(his[_grid_argmin(lambda i: _qdq_errors(centers, weights, np.full(i.size, lo), his[i], w))])
         if mn < 0:
             los = mn * alphas
-            lo = float(los[int(np.argmin(_qdq_errors(centers, weights, los, np.full_like(los, hi), w)))])
+            lo = float(los[_grid_argmin(lambda i: _qdq_errors(centers, weights, los[i], np.full(i.size, hi), w))])
     return lo, hi
+
+
+MSE_GRID = 200  # clip candidates: fractions 0.01..1 of the observed extreme
+MSE_COARSE = 8  # the grid is searched every 8th candidate first, then around the best of those
+
+
+def _grid_argmin(errors: Callable[[np.ndarray], np.ndarray]) -> int:
+    """The index of the smallest of ``MSE_GRID`` candidates' errors (``errors(indices)``),
+    coarse to fine: every ``MSE_COARSE``-th candidate, then every candidate within one coarse
+    step of the best two (a second valley is kept). Ties go to the lowest index."""
+    coarse = np.arange(0, MSE_GRID, MSE_COARSE)
+    if coarse[-1] != MSE_GRID - 1:
+        coarse = np.append(coarse, MSE_GRID - 1)
+    e = errors(coarse)
+    near = set()
+    for j in np.argsort(e, kind="stable")[:2]:
+        c = int(coarse[j])
+        near.update(range(max(0, c - MSE_COARSE + 1), min(MSE_GRID, c + MSE_COARSE)))
+    fine = np.array(sorted(near.difference(coarse.tolist())), dtype=np.int64)
+    idx = np.concatenate([coarse, fine])
+    err = np.concatenate([e, errors(fine)]) if fine.size else e
+    order = np.lexsort((idx, err))  # smallest error, then lowest index
+    return int(idx[order[0]])
 
 
 def _qdq_errors(c: np.ndarray, weights: np.ndarray, lo: np.ndarray, hi: np.ndarray, w: float,
@@ -633,9 +656,17 @@ def needs_histograms(method: str | dict) -> bool:
 
 def ranges_from_stats(model: onnx.ModelProto, stats: dict[str, TensorStats], *, method: str | dict = "minmax",
                       percentile: float = 99.99, symmetric: bool = False) -> dict[str, tuple[float, float]]:
-    out = {}
     classes = tensor_classes(model)
-    for name, st in stats.items():
-        m = method_for(method, classes.get(name, "unbounded"))
-        out[name] = compute_range(st, m, symmetric=symmetric, percentile=percentile)
-    return out
+    todo = [(name, st, method_for(method, classes.get(name, "unbounded"))) for name, st in stats.items()]
+
+    def one(item):
+        name, st, m = item
+        return name, compute_range(st, m, symmetric=symmetric, percentile=percentile)
+
+    n = workers()
+    if n == 1 or len(todo) < 4 or all(m == "minmax" for _, _, m in todo):
+        return dict(map(one, todo))
+    # each tensor's search is independent (numpy releases the GIL in its array arithmetic):
+    # the same ranges in the same order as one by one
+    with ThreadPoolExecutor(n) as pool:
+        return dict(pool.map(one, todo))
