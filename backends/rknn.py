@@ -270,7 +270,7 @@ if __name__ == "__main__":
 
 
 def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quantized_model: bool = False,
-                       calib_method: str = "minmax", writer=None) -> list[Path]:
+                       calib_method: str = "auto", writer=None) -> list[Path]:
     """Write ``OUT.rknn.json`` (the arguments of RKNN's config/build) and, with calibration data,
     ``OUT.dataset/NNNN.npy`` + ``dataset.txt`` (NCHW .npy files, as RKNN's build wants them).
     With ``writer`` (an :class:`edgec.outputs.Outputs`) the files are staged there, to appear

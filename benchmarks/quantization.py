@@ -56,6 +56,7 @@ from edgec.builders import ALL_MODELS  # noqa: E402
 
 LOSSLESS = ["fold_constants", "eliminate_identity", "fold_batchnorm", "fold_conv_affine", "eliminate_dead"]
 EDGEC_VARIANTS = {
+    "edgec-auto": dict(mode="int8", method="auto"),  # the default: each method measured, the lowest error kept
     "edgec-minmax": dict(mode="int8", method="minmax"),
     "edgec-gptq": dict(mode="int8", method="minmax", rounding="gptq"),
     "edgec-percentile": dict(mode="int8", method="percentile", percentile=99.99),

@@ -735,6 +735,9 @@ def edgec_variant(model: onnx.ModelProto, calib: dict, workdir: Path, **kw):
         fb = q.get("fallback") or {}
         nf = len(fb.get("float", []))
         note = f"err {q['error']['rel_l2']:.4f}"
+        mc = q.get("method_choice")
+        if mc:
+            note = f"auto: {mc['chosen']}, " + note
         if fb:
             note += f", fb {nf} float, {'met' if fb.get('met') else 'MISS'} (before {fb.get('error_before', 0):.3f})"
         rnd = q.get("rounding") or {}
@@ -796,6 +799,7 @@ def evaluate(name: str, host: bool, log, only: list[str] | None = None) -> dict:
              "note": f"{len(fp32) / 1e6:.2f} MB", "seconds": 0.0}]
     variants = [
         ("edgec int8", "edgec", dict(quantize="int8")),
+        ("edgec int8 minmax", "edgec", dict(quantize="int8", calib_method="minmax")),
         ("edgec int8 gptq", "edgec", dict(quantize="int8", rounding="gptq")),
         ("edgec latency", "edgec", dict(goal="latency", max_error=MAX_ERROR)),
         ("edgec prune0.3", "edgec", dict(prune=0.3)),

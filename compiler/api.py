@@ -53,7 +53,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
             prune: float | None = None, prune_macs: float | None = None, importance: str = "l1",
             prune_mode: str = "uniform", prune_steps: int = 1, round_to: int | None = None,
             max_layer_ratio: float = 0.9, reconstruct: bool = True, bench: bool = False,
-            quantize: str | None = None, calib_method: str = "minmax", percentile: float = 99.99,
+            quantize: str | None = None, calib_method: str = "auto", percentile: float = 99.99,
             activations: str | None = None, weights: str | None = None, keep_float: Sequence[str] = (),
             max_bytes: int | None = None, progress: bool = False, goal: str | None = None,
             calib_preprocess=None, strict_int8: bool = False, rounding: str = "nearest",

@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="int8 static QDQ, fp16, mixed (per-layer FP32/FP16/INT8/INT4 from measured sensitivity), or "
                         "vendor (-t rknn: a float model, the calibration dataset and a build script for the "
                         "toolchain's own int8 quantizer)")
-    q.add_argument("--calib-method", default="minmax",
+    q.add_argument("--calib-method", default="auto",
                    help="auto (each method's int8 plan measured on the calibration data, the lowest output error kept), "
                         "minmax, percentile, entropy or mse; or per tensor class, e.g. "
                         "default=minmax,unbounded=percentile")

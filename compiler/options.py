@@ -254,7 +254,7 @@ class QuantOptions:
     mean the target's scheme; ``max_bytes`` is the size budget of ``mixed``."""
 
     mode: str | None = None
-    method: Any = "minmax"  # a method name, or {tensor: method}
+    method: Any = "auto"  # a method name, or {tensor: method}
     percentile: float = 99.99
     activations: str | None = None
     weights: str | None = None

@@ -773,9 +773,10 @@ def test_auto_method_keeps_the_lowest_measured_error_and_equals_that_method(tmp_
     q = auto.report["quantization"]
     choice = q["method_choice"]
     assert set(choice["rel_l2"]) == set(quantize_api.AUTO_METHODS)
-    assert choice["chosen"] == min(quantize_api.AUTO_METHODS, key=lambda m: (choice["guarded"][m],
-                                                                               quantize_api.AUTO_METHODS.index(m)))
-    assert q["method"] == choice["chosen"] != "minmax"  # the outliers make min-max the worst here
+    g = choice["guarded"]
+    best_clip = min(quantize_api.AUTO_METHODS[1:], key=lambda m: (g[m], quantize_api.AUTO_METHODS.index(m)))
+    assert g[best_clip] < (1 - quantize_api.AUTO_MARGIN) * g["minmax"]  # clipping earns its place here
+    assert q["method"] == choice["chosen"] == best_clip
     assert choice["rel_l2"]["minmax"] > 1.2 * choice["rel_l2"][choice["chosen"]], choice
     # the chosen method's compile, asked for by name, writes the same bytes
     named = edgec.compile(model, tmp_path / "named.onnx", calib=calib, quantize="int8",
@@ -807,14 +808,17 @@ def test_auto_method_on_the_cli_reports_its_choice(tmp_path, capsys):
     assert f"calibration method: auto chose {chosen}" in out.out + out.err
 
 
-def test_auto_method_with_equalisation_equals_the_named_method(tmp_path):
+def test_auto_method_with_equalisation_equals_the_named_method(tmp_path, monkeypatch):
     """The example's conv pairs make equalisation a candidate; it is measured with the chosen
-    method's ranges (a histogram method re-calibrates the equalised model)."""
+    method's ranges (a histogram method re-calibrates the equalised model). With no margin the
+    example's MSE clip (1% below min-max) is chosen, so that path runs."""
+    monkeypatch.setattr(quantize_api, "AUTO_MARGIN", 0.0)
     model, calib = EXAMPLE / "model.onnx", EXAMPLE / "calib.npz"
     auto = edgec.compile(model, tmp_path / "auto.onnx", calib=calib, quantize="int8", calib_method="auto")
     q = auto.report["quantization"]
     chosen = q["method_choice"]["chosen"]
     assert q["method_choice"]["guarded"][chosen] == min(q["method_choice"]["guarded"].values())
     assert chosen != "minmax" and q["cross_layer_equalization"]["pairs"] > 0, q["method_choice"]
+    assert q["method_choice"]["margin"] == 0.0
     edgec.compile(model, tmp_path / "named.onnx", calib=calib, quantize="int8", calib_method=chosen)
     assert (tmp_path / "auto.onnx").read_bytes() == (tmp_path / "named.onnx").read_bytes()
