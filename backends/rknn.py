@@ -5,7 +5,9 @@ Options: ``platform`` = rk3588 (default), rk3576, rk3568, rk3566, rk3562, rv1106
 ``1x3x224x224;4x3x224x224`` (RKNN's ``config(dynamic_input=...)``); ``mean``/``std`` =
 per-channel normalisation the NPU applies before the model (default none: the ONNX input is
 already normalised); ``quantized_algorithm`` (normal, mmse, kl_divergence; default from
---calib-method) and ``quantized_method`` (channel, layer) = RKNN's own int8 calibration.
+--calib-method) and ``quantized_method`` (channel, layer) = RKNN's own int8 calibration;
+``optimization_level`` (0-3) = RKNN's ``config(optimization_level=...)`` for the build; by default
+2 for edgec's pre-quantized QDQ model without hard-swish/hard-sigmoid, else RKNN's own default (3).
 
 Side files: ``OUT.rknn.json`` (RKNN's config/build arguments) and ``OUT.rknn_build.py`` (builds
 the .rknn from them, optionally runs the simulator). ``--quantize vendor`` (or ``--calib``
@@ -87,12 +89,14 @@ def _dynamic_input(t: Target) -> list[list[int]]:
 
 
 def _configure(t: Target) -> None:
+    t.options["optimization_level"] = str(t.options["optimization_level"])
     if t.options["platform"] not in PLATFORMS:
         raise UserError(f"target rknn: platform={t.options['platform']} is not known (choose one of {', '.join(PLATFORMS)})")
     _floats(t, "mean")
     _floats(t, "std", positive=True)
     _dynamic_input(t)
-    for key, known in (("quantized_algorithm", ALGORITHMS + ("",)), ("quantized_method", METHODS)):
+    for key, known in (("quantized_algorithm", ALGORITHMS + ("",)), ("quantized_method", METHODS),
+                       ("optimization_level", OPTIMIZATION_LEVELS + ("",))):
         if t.options[key] not in known:
             raise UserError(f"target rknn: {key}={t.options[key]} is not known (choose one of {', '.join(filter(None, known))})")
     t.static_shapes = not t.options["dynamic_input"]
@@ -159,6 +163,31 @@ def _check(t: Target, ir: IR) -> list[str]:
 RKNN_ALGORITHM = {"minmax": "normal", "percentile": "normal", "mse": "mmse", "entropy": "kl_divergence"}
 ALGORITHMS = ("normal", "mmse", "kl_divergence")
 METHODS = ("channel", "layer")
+
+
+# RKNN's config(optimization_level=...): 3 is its default. Loading a pre-quantized (QAT) model it
+# warns that "some performance optimization passes will affect the accuracy" at 3 and suggests 2.
+# At 3 its quant_optimizer re-derives quantization parameters (adjust_avgpool, adjust_hardswish,
+# adjust_tanh_sigmoid, adjust_no_change_node) and its fuse_ops rewrite quantized ops
+# (convert_global_avgpool_to_conv, fuse_concat_conv, seperate_conv_split); at 2 it runs the QDQ as
+# written. Measured in its rk3588 simulator on edgec's QDQ (benchmarks/rknn_vendor.py, cosine to
+# fp32): 2 was more faithful on ReLU, Concat, BatchNorm, channel-shuffle and SE nets (inception
+# 0.99973 -> 0.99996, shufflenet_v2 0.99933 -> 0.99977, resnet_bottleneck 0.99969 -> 0.99982) and
+# less on hard-swish/hard-sigmoid nets (mobilenet_v3 0.99668 -> 0.99530, the PP-OCR DB detector
+# 0.98463 -> 0.98412), where RKNN's adjust_hardswish/adjust_tanh_sigmoid repair part of edgec's
+# double rounding. So: 2 for edgec's QDQ unless the graph has those ops, RKNN's default otherwise.
+OPTIMIZATION_LEVELS = ("0", "1", "2", "3")
+HARD_ACTIVATIONS = ("HardSwish", "HardSigmoid")
+
+
+def optimization_level(t: Target, ir: IR, quantized_model: bool) -> int | None:
+    """RKNN's optimization_level for this build: the option, else 2 for edgec's pre-quantized QDQ
+    model without hard-swish/hard-sigmoid, else None (RKNN's default, 3)."""
+    if t.options["optimization_level"]:
+        return int(t.options["optimization_level"])
+    if quantized_model and not any(n.op in HARD_ACTIVATIONS for n in ir.nodes):
+        return 2
+    return None
 
 
 def _algorithm(t: Target, calib_method) -> str:
@@ -299,8 +328,14 @@ def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quan
         cfg["config"]["std_values"] = [_floats(t, "std", positive=True)]
     if t.options["dynamic_input"]:
         cfg["config"]["dynamic_input"] = [[s] for s in _dynamic_input(t)]
+    level = optimization_level(t, ir, quantized_model)
+    if level is not None:
+        cfg["config"]["optimization_level"] = level
     if quantized_model:
         cfg["note"] = "pre-quantized QDQ model: build with do_quantization=False (RKNN treats it as QAT)"
+        if level == 2 and not t.options["optimization_level"]:
+            cfg["note"] += ("; optimization_level 2: at 3 RKNN re-derives the quantized parameters of pools, "
+                            "concat-conv and split-conv and measured less faithful (benchmarks/rknn_vendor.py)")
     elif calib_batches is not None:
         ds_dir = output.with_name(output.name + ".dataset")
         final = writer.real(ds_dir)  # where the folder will be: dataset.txt names its files there
@@ -360,11 +395,13 @@ TARGET = Target(
                              "the others (benchmarks/rknn_vendor.py): --quantize vendor hands int8 to RKNN's own "
                              "quantizer"),
     options={"platform": "rk3588", "dynamic_input": "", "mean": "", "std": "", "quantized_algorithm": "",
-             "quantized_method": "channel"},
+             "quantized_method": "channel", "optimization_level": ""},
     option_help={"platform": "/".join(PLATFORMS), "dynamic_input": "e.g. 1x3x224x224;4x3x224x224",
                  "quantized_algorithm": "RKNN's own int8 (--quantize vendor, or --calib alone): "
                                         "/".join(ALGORITHMS) + " (default: from --calib-method)",
                  "quantized_method": "RKNN's own int8: " + "/".join(METHODS),
+                 "optimization_level": "RKNN's build optimization_level: " + "/".join(OPTIMIZATION_LEVELS)
+                                       + " (default: 2 for --quantize int8 without hard-swish/hard-sigmoid, else RKNN's 3)",
                  "mean": "per-channel mean the NPU subtracts, e.g. 123.7,116.3,103.5",
                  "std": "per-channel std the NPU divides by"},
     configure=_configure,

@@ -145,3 +145,26 @@ def test_jetson_int8_covers_depthwise_convs():
         a.name == "group" and a.i > 1 for a in n.attribute)]
     assert depthwise and all(producers[n.input[0]].op_type == "DequantizeLinear" for n in depthwise)
     assert result.report["verify"]["min_cosine"] > 0.99
+
+
+def test_rknn_build_config_sets_optimization_level_2_for_edgec_qdq_without_hard_activations(tmp_path):
+    """``--quantize int8`` for rknn: RKNN builds edgec's QDQ at optimization_level 2 (at 3 it
+    re-derives pools, concat-conv and split-conv and measured less faithful in its simulator),
+    except on hard-swish/hard-sigmoid nets, where its level-3 passes measured more faithful; the
+    option overrides; the vendor hand-off keeps RKNN's default."""
+    import json
+
+    def config(model, name, **kw):
+        out = tmp_path / f"{name}.onnx"
+        edgec.compile(model, out, target="rknn", calib=calib_for(model, n=4), **kw)
+        return json.loads((tmp_path / f"{name}.onnx.rknn.json").read_text())["config"]
+
+    inception, mnv3 = builders.inception(), builders.NPU_MODELS["mobilenet_v3"](hw=32, width=8)
+    assert config(inception, "inc", quantize="int8")["optimization_level"] == 2
+    assert "optimization_level" not in config(mnv3, "mnv3", quantize="int8")
+    assert config(mnv3, "mnv3_2", quantize="int8", target_options={"optimization_level": 2})["optimization_level"] == 2
+    assert config(inception, "inc_3", quantize="int8",
+                  target_options={"optimization_level": "3"})["optimization_level"] == 3
+    assert "optimization_level" not in config(inception, "inc_vendor", quantize="vendor")
+    with pytest.raises(UserError, match="optimization_level=4 is not known"):
+        edgec.compile(inception, tmp_path / "bad.onnx", target="rknn", target_options={"optimization_level": 4})

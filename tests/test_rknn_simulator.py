@@ -9,6 +9,8 @@ CNN op is placed on the CPU.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -61,8 +63,11 @@ def _compile_jobs(tmp_path, models: dict, quantize: bool, calib=None, feeds=None
                 np.save(p, x)
                 lines.append(str(p))
             dataset.write_text("\n".join(lines) + "\n")
+        # RKNN's config as edgec wrote it (optimization_level for a pre-quantized model), as its build script uses it
+        config = json.loads((tmp_path / f"{name}.onnx.rknn.json").read_text())["config"]
         jobs.append({"model": str(out), "platform": "rk3588", "inputs": str(tmp_path / f"{name}.in.npz"),
                      "out": str(tmp_path / f"{name}.rknn_out.npz"), "do_quantization": quantize,
+                     "config": {k: v for k, v in config.items() if k != "target_platform"},
                      "dataset": str(dataset) if dataset else None, "log": str(tmp_path / f"{name}.log")})
     return jobs, refs
 
