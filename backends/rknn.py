@@ -439,12 +439,16 @@ TARGET = Target(
                       # (adjust_tanh_sigmoid), and the fixed [0, 1] range measured less faithful in its
                       # simulator (EfficientNet-style SiLU/SE: cosine 0.9961 against 0.9970 calibrated)
                       fixed_ranges=False,
-                      reason="RKNN-Toolkit2 builds this QDQ as a pre-quantized (QAT) model with do_quantization=False; "
-                             "in its rk3588 simulator it trailed RKNN's own int8 on 7 of 11 CNNs (ReLU/Concat/BatchNorm "
-                             "nets by 0.0002-0.0005 cosine: the simulator runs the same QDQ less faithfully than ONNX "
-                             "Runtime; hard-swish/SE nets by 0.001, the PP-OCR DB detector by 0.005) and tied or led on "
-                             "the others (benchmarks/rknn_vendor.py): --quantize vendor hands int8 to RKNN's own "
-                             "quantizer"),
+                      reason="RKNN-Toolkit2 builds this QDQ as a pre-quantized (QAT) model (do_quantization=False; "
+                             "optimization_level 2 unless the net has hard-swish/hard-sigmoid). In its rk3588 simulator "
+                             "(benchmarks/rknn_vendor.py) it tied or led RKNN's own int8 on MobileNetV2/ReLU6, "
+                             "Inception/Concat, DenseNet/BatchNorm, ShuffleNet, EfficientNet/SiLU-SE and ConvNeXt-style "
+                             "CNNs, and trailed it on: hard-swish/hard-sigmoid nets (MobileNetV3 by 0.001 cosine, the "
+                             "PP-OCR DB detector by 0.005: edgec rounds a conv's output and the activation after it, RKNN "
+                             "fuses them and rounds once, and RKNN 2.5.0 cannot build the QDQ without that pair), "
+                             "hard-swish with sigmoid SE gates (by 0.0001) and ResNet bottlenecks (by 0.0001: edgec's plan "
+                             "is less faithful there in ONNX Runtime too). For those structures --quantize vendor hands "
+                             "int8 to RKNN's own quantizer"),
     options={"platform": "rk3588", "dynamic_input": "", "mean": "", "std": "", "quantized_algorithm": "",
              "quantized_method": "channel", "optimization_level": ""},
     option_help={"platform": "/".join(PLATFORMS), "dynamic_input": "e.g. 1x3x224x224;4x3x224x224",
