@@ -150,9 +150,9 @@ def _benchmark():
 # (normal/channel, its default) in the simulator, from the same float graph and 16 calibration
 # samples, on held-out photo crops (benchmarks/rknn_vendor.py has the whole table; on the others
 # edgec trails by 0.0001-0.0011 cosine and the README recommends --quantize vendor). Measured:
-# mobilenet_v2 +0.00004, inception +0.00003 (RKNN optimization_level 2; -0.00020 at its default
+# mobilenet_v2 +0.00004, inception +0.00002 (RKNN optimization_level 2; -0.00020 at its default
 # 3), densenet +0.00010 (its BN after each Concat as a depthwise conv; -0.00039 left float),
-# shufflenet_v2 -0.00001 (level 2; -0.00045 at 3), efficientnet +0.00019, convnext +0.00028.
+# shufflenet_v2 -0.00001 (level 2; -0.00045 at 3), efficientnet +0.00019, convnext +0.00029.
 # Tolerance 1e-4 cosine: the cosines are means over 16 held-out inputs, rounded at the 5th decimal;
 # it is a tenth of the largest gap seen (mobilenet_v3, -0.0011) and below every gap that decides.
 FAITHFUL = ("mobilenet_v2", "inception", "densenet", "shufflenet_v2", "efficientnet", "convnext")
