@@ -12,14 +12,16 @@ already normalised); ``quantized_algorithm`` (normal, mmse, kl_divergence; defau
 Side files: ``OUT.rknn.json`` (RKNN's config/build arguments) and ``OUT.rknn_build.py`` (builds
 the .rknn from them, optionally runs the simulator). ``--quantize vendor`` (or ``--calib``
 without --quantize) leaves the model float and adds ``OUT.dataset/`` so that RKNN-Toolkit2's
-own quantizer does the int8: measured more faithful than edgec's QDQ on ReLU/Concat/BatchNorm
-and hard-swish/SE CNNs in its simulator (benchmarks/rknn_vendor.py, README "Targets").
+own quantizer does the int8: measured more faithful than edgec's QDQ on hard-swish/hard-sigmoid
+nets, hard-swish with sigmoid SE gates and ResNet bottlenecks in its simulator; edgec's QDQ tied or
+led on the other CNNs measured (benchmarks/rknn_vendor.py, README "Targets").
 
 Profile: opset <= 19, fixed input shapes (or ``dynamic_input``), 4-D NCHW, int8 asymmetric
 activations with per-channel weights, float layers in FP16; rv1106/rv1103 have no float mode.
 Pipeline: the lossless clean-up plus rewrites into what the NPU runs: ops it lacks decomposed
 (Sum, Mean, Neg, Reciprocal, Abs, ReduceL2, ReduceSumSquare, Softsign), Gemm on feature
-vectors as 1x1 Conv, 5-D channel shuffles as 4-D.
+vectors as 1x1 Conv, 5-D channel shuffles as 4-D, a BatchNormalization that cannot fold as a
+depthwise 1x1 Conv.
 Check: RKNN-Toolkit2's ONNX op list (backends/op_tables.py): unsupported ops, batch-1
 restrictions, Resize modes, custom domains, data-dependent ops, opset and static shapes, and
 Transposes too large for the NPU (a warning; an error on rv1106/rv1103, which cannot fall back).
