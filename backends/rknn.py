@@ -5,19 +5,23 @@ Options: ``platform`` = rk3588 (default), rk3576, rk3568, rk3566, rk3562, rv1106
 ``1x3x224x224;4x3x224x224`` (RKNN's ``config(dynamic_input=...)``); ``mean``/``std`` =
 per-channel normalisation the NPU applies before the model (default none: the ONNX input is
 already normalised); ``quantized_algorithm`` (normal, mmse, kl_divergence; default from
---calib-method) and ``quantized_method`` (channel, layer) = RKNN's own int8 calibration.
+--calib-method) and ``quantized_method`` (channel, layer) = RKNN's own int8 calibration;
+``optimization_level`` (0-3) = RKNN's ``config(optimization_level=...)`` for the build; by default
+2 for edgec's pre-quantized QDQ model without hard-swish/hard-sigmoid, else RKNN's own default (3).
 
 Side files: ``OUT.rknn.json`` (RKNN's config/build arguments) and ``OUT.rknn_build.py`` (builds
 the .rknn from them, optionally runs the simulator). ``--quantize vendor`` (or ``--calib``
 without --quantize) leaves the model float and adds ``OUT.dataset/`` so that RKNN-Toolkit2's
-own quantizer does the int8: measured more faithful than edgec's QDQ on ReLU/Concat/BatchNorm
-and hard-swish/SE CNNs in its simulator (benchmarks/rknn_vendor.py, README "Targets").
+own quantizer does the int8: measured more faithful than edgec's QDQ on hard-swish/hard-sigmoid
+nets, hard-swish with sigmoid SE gates and ResNet bottlenecks in its simulator; edgec's QDQ tied or
+led on the other CNNs measured (benchmarks/rknn_vendor.py, README "Targets").
 
 Profile: opset <= 19, fixed input shapes (or ``dynamic_input``), 4-D NCHW, int8 asymmetric
 activations with per-channel weights, float layers in FP16; rv1106/rv1103 have no float mode.
 Pipeline: the lossless clean-up plus rewrites into what the NPU runs: ops it lacks decomposed
 (Sum, Mean, Neg, Reciprocal, Abs, ReduceL2, ReduceSumSquare, Softsign), Gemm on feature
-vectors as 1x1 Conv, 5-D channel shuffles as 4-D.
+vectors as 1x1 Conv, 5-D channel shuffles as 4-D, a BatchNormalization that cannot fold as a
+depthwise 1x1 Conv.
 Check: RKNN-Toolkit2's ONNX op list (backends/op_tables.py): unsupported ops, batch-1
 restrictions, Resize modes, custom domains, data-dependent ops, opset and static shapes, and
 Transposes too large for the NPU (a warning; an error on rv1106/rv1103, which cannot fall back).
@@ -37,6 +41,7 @@ from edgec.errors import UserError
 from edgec.ir import IR
 from edgec.outputs import Outputs, edgec_dataset_folder
 from edgec.passes import DecomposeOps, GemmToConv, ShuffleTo4D
+from edgec.pipeline import Pass, PassContext, PassResult
 from edgec.target import QuantScheme, Target
 
 from . import checks, op_tables
@@ -87,20 +92,72 @@ def _dynamic_input(t: Target) -> list[list[int]]:
 
 
 def _configure(t: Target) -> None:
+    t.options["optimization_level"] = str(t.options["optimization_level"])
     if t.options["platform"] not in PLATFORMS:
         raise UserError(f"target rknn: platform={t.options['platform']} is not known (choose one of {', '.join(PLATFORMS)})")
     _floats(t, "mean")
     _floats(t, "std", positive=True)
     _dynamic_input(t)
-    for key, known in (("quantized_algorithm", ALGORITHMS + ("",)), ("quantized_method", METHODS)):
+    for key, known in (("quantized_algorithm", ALGORITHMS + ("",)), ("quantized_method", METHODS),
+                       ("optimization_level", OPTIMIZATION_LEVELS + ("",))):
         if t.options[key] not in known:
             raise UserError(f"target rknn: {key}={t.options[key]} is not known (choose one of {', '.join(filter(None, known))})")
     t.static_shapes = not t.options["dynamic_input"]
     t.description = f"Rockchip {t.options['platform']} NPU (RKNN-Toolkit2 2.x)"
 
 
+class BatchNormToConv(Pass):
+    """A BatchNormalization left after fold_batchnorm (its input comes from a Concat, an Add, a
+    pool, or a conv output read elsewhere: DenseNet's BN-ReLU after each concat) becomes the
+    depthwise 1x1 Conv it computes: ``W[c] = gamma / sqrt(var + eps)``, ``b[c] = beta - W[c] * mean``.
+
+    For int8 it is then a weighted op like any conv: per-channel weights with one value per
+    channel quantize exactly, its input and output get Q/DQ, and a ReLU after it folds into the
+    conv output's range as after every conv. Left a BatchNormalization, the rule table keeps it
+    float; quantized with the ReLU folded into its range, RKNN-Toolkit2 re-derives that range on
+    import and loses the ReLU (densenet cosine 0.84 in its simulator). As a depthwise conv,
+    densenet's QDQ measured 0.99994 in the rk3588 simulator (RKNN's own int8 0.99984, its best 0.99993;
+    benchmarks/rknn_vendor.py). Exact up to float rounding; inference-mode 4-D BNs with constant
+    statistics only."""
+
+    name = "rknn_batchnorm_to_conv"
+    description = "rewrite a BatchNormalization that cannot fold as a depthwise 1x1 Conv (rknn)"
+    preserves_shapes = True
+    requires = ("shapes",)
+
+    def run(self, ir: IR, ctx: PassContext) -> PassResult:
+        result = PassResult(False)
+        for bn in list(ir.find("BatchNormalization")):
+            x, y = bn.inputs[0], bn.outputs[0]
+            params = [ir.const_value(t) for t in bn.inputs[1:5]]
+            if (bn.domain not in (None, "", "ai.onnx") or bn.attrs.get("training_mode", 0)
+                    or bn.attrs.get("spatial", 1) != 1 or any(o.name for o in bn.outputs[1:])
+                    or any(p is None for p in params) or x.shape is None or len(x.shape) != 4
+                    or (x.dtype is not None and np.dtype(x.dtype) != np.float32)):
+                continue
+            gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
+            c = x.shape[1]
+            if not isinstance(c, (int, np.integer)) or gamma.shape[0] != c:
+                continue
+            s = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+            base = bn.name or y.name
+            w = ir.make_const(base + "_dw_W", s.astype(np.float32).reshape(c, 1, 1, 1))
+            b = ir.make_const(base + "_dw_b", (beta - s * mean).astype(np.float32))
+            bn.inputs.clear()
+            bn.outputs.clear()
+            ir.graph.nodes.remove(bn)
+            ir.graph.nodes.append(gs.Node("Conv", name=ir.unique_name(base + "_dw"), inputs=[x, w, b], outputs=[y],
+                                          attrs={"group": int(c), "kernel_shape": [1, 1]}))
+            result.changed = True
+            result.note(f"BatchNormalization '{base}' (not foldable) runs as a depthwise 1x1 Conv")
+        return result
+
+
 def _pipeline(t: Target) -> list:
-    return lossless_pipeline(extra=[DecomposeOps(ops=DECOMPOSE), GemmToConv(), ShuffleTo4D()])
+    steps = lossless_pipeline(extra=[DecomposeOps(ops=DECOMPOSE), GemmToConv(), ShuffleTo4D()])
+    # after the fixed point, so that every BN that can fold into its producer has
+    steps.insert(len(steps) - 2, BatchNormToConv())
+    return steps
 
 
 def _unsupported(name: str) -> bool:
@@ -159,6 +216,31 @@ def _check(t: Target, ir: IR) -> list[str]:
 RKNN_ALGORITHM = {"minmax": "normal", "percentile": "normal", "mse": "mmse", "entropy": "kl_divergence"}
 ALGORITHMS = ("normal", "mmse", "kl_divergence")
 METHODS = ("channel", "layer")
+
+
+# RKNN's config(optimization_level=...): 3 is its default. Loading a pre-quantized (QAT) model it
+# warns that "some performance optimization passes will affect the accuracy" at 3 and suggests 2.
+# At 3 its quant_optimizer re-derives quantization parameters (adjust_avgpool, adjust_hardswish,
+# adjust_tanh_sigmoid, adjust_no_change_node) and its fuse_ops rewrite quantized ops
+# (convert_global_avgpool_to_conv, fuse_concat_conv, seperate_conv_split); at 2 it runs the QDQ as
+# written. Measured in its rk3588 simulator on edgec's QDQ (benchmarks/rknn_vendor.py, cosine to
+# fp32): 2 was more faithful on ReLU, Concat, BatchNorm, channel-shuffle and SE nets (inception
+# 0.99973 -> 0.99996, shufflenet_v2 0.99933 -> 0.99977, resnet_bottleneck 0.99969 -> 0.99982) and
+# less on hard-swish/hard-sigmoid nets (mobilenet_v3 0.99668 -> 0.99530, the PP-OCR DB detector
+# 0.98463 -> 0.98412), where RKNN's adjust_hardswish/adjust_tanh_sigmoid repair part of edgec's
+# double rounding. So: 2 for edgec's QDQ unless the graph has those ops, RKNN's default otherwise.
+OPTIMIZATION_LEVELS = ("0", "1", "2", "3")
+HARD_ACTIVATIONS = ("HardSwish", "HardSigmoid")
+
+
+def optimization_level(t: Target, ir: IR, quantized_model: bool) -> int | None:
+    """RKNN's optimization_level for this build: the option, else 2 for edgec's pre-quantized QDQ
+    model without hard-swish/hard-sigmoid, else None (RKNN's default, 3)."""
+    if t.options["optimization_level"]:
+        return int(t.options["optimization_level"])
+    if quantized_model and not any(n.op in HARD_ACTIVATIONS for n in ir.nodes):
+        return 2
+    return None
 
 
 def _algorithm(t: Target, calib_method) -> str:
@@ -299,8 +381,14 @@ def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quan
         cfg["config"]["std_values"] = [_floats(t, "std", positive=True)]
     if t.options["dynamic_input"]:
         cfg["config"]["dynamic_input"] = [[s] for s in _dynamic_input(t)]
+    level = optimization_level(t, ir, quantized_model)
+    if level is not None:
+        cfg["config"]["optimization_level"] = level
     if quantized_model:
         cfg["note"] = "pre-quantized QDQ model: build with do_quantization=False (RKNN treats it as QAT)"
+        if level == 2 and not t.options["optimization_level"]:
+            cfg["note"] += ("; optimization_level 2: at 3 RKNN re-derives the quantized parameters of pools, "
+                            "concat-conv and split-conv and measured less faithful (benchmarks/rknn_vendor.py)")
     elif calib_batches is not None:
         ds_dir = output.with_name(output.name + ".dataset")
         final = writer.real(ds_dir)  # where the folder will be: dataset.txt names its files there
@@ -353,18 +441,24 @@ TARGET = Target(
                       # (adjust_tanh_sigmoid), and the fixed [0, 1] range measured less faithful in its
                       # simulator (EfficientNet-style SiLU/SE: cosine 0.9961 against 0.9970 calibrated)
                       fixed_ranges=False,
-                      reason="RKNN-Toolkit2 builds this QDQ as a pre-quantized (QAT) model with do_quantization=False; "
-                             "in its rk3588 simulator it trailed RKNN's own int8 on 7 of 11 CNNs (ReLU/Concat/BatchNorm "
-                             "nets by 0.0002-0.0005 cosine: the simulator runs the same QDQ less faithfully than ONNX "
-                             "Runtime; hard-swish/SE nets by 0.001, the PP-OCR DB detector by 0.005) and tied or led on "
-                             "the others (benchmarks/rknn_vendor.py): --quantize vendor hands int8 to RKNN's own "
-                             "quantizer"),
+                      reason="RKNN-Toolkit2 builds this QDQ as a pre-quantized (QAT) model (do_quantization=False; "
+                             "optimization_level 2 unless the net has hard-swish/hard-sigmoid). In its rk3588 simulator "
+                             "(benchmarks/rknn_vendor.py) it tied or led RKNN's own int8 on MobileNetV2/ReLU6, "
+                             "Inception/Concat, DenseNet/BatchNorm, ShuffleNet, EfficientNet/SiLU-SE and ConvNeXt-style "
+                             "CNNs, and trailed it on: hard-swish/hard-sigmoid nets (MobileNetV3 by 0.001 cosine, the "
+                             "PP-OCR DB detector by 0.005: edgec rounds a conv's output and the activation after it, RKNN "
+                             "fuses them and rounds once, and RKNN 2.5.0 cannot build the QDQ without that pair), "
+                             "hard-swish with sigmoid SE gates (by 0.0001) and ResNet bottlenecks (by 0.0001: edgec's plan "
+                             "is less faithful there in ONNX Runtime too). For those structures --quantize vendor hands "
+                             "int8 to RKNN's own quantizer"),
     options={"platform": "rk3588", "dynamic_input": "", "mean": "", "std": "", "quantized_algorithm": "",
-             "quantized_method": "channel"},
+             "quantized_method": "channel", "optimization_level": ""},
     option_help={"platform": "/".join(PLATFORMS), "dynamic_input": "e.g. 1x3x224x224;4x3x224x224",
                  "quantized_algorithm": "RKNN's own int8 (--quantize vendor, or --calib alone): "
                                         "/".join(ALGORITHMS) + " (default: from --calib-method)",
                  "quantized_method": "RKNN's own int8: " + "/".join(METHODS),
+                 "optimization_level": "RKNN's build optimization_level: " + "/".join(OPTIMIZATION_LEVELS)
+                                       + " (default: 2 for --quantize int8 without hard-swish/hard-sigmoid, else RKNN's 3)",
                  "mean": "per-channel mean the NPU subtracts, e.g. 123.7,116.3,103.5",
                  "std": "per-channel std the NPU divides by"},
     configure=_configure,

@@ -4,7 +4,9 @@
 For each model, from the same float graph and the same 16 calibration samples:
 
 * ``edgec qdq``: ``edgec.compile(..., target="rknn", quantize="int8")``, built by RKNN-Toolkit2
-  as a pre-quantized model (``build(do_quantization=False)``, its QAT path);
+  as a pre-quantized model (``build(do_quantization=False)``, its QAT path) with the ``config``
+  edgec wrote beside it (``qdq.onnx.rknn.json``: its ``optimization_level``), as its build script
+  does; ``--edgec-levels 3`` adds rows built at other optimization levels (``edgec qdq (level 3)``);
 * ``rknn <algorithm>/<method>``: edgec's float rknn graph (``quantize="vendor"``: the hand-off,
   with its ``.dataset`` of the same 16 samples) quantized by RKNN itself
   (``build(do_quantization=True)``) with ``quantized_algorithm`` normal / mmse / kl_divergence and
@@ -34,6 +36,7 @@ Models:
     python benchmarks/rknn_vendor.py --models ocr_det,mobilenet_v3 --json out.json
     python benchmarks/rknn_vendor.py --algorithms normal --methods channel   # the default only
     python benchmarks/rknn_vendor.py --models ocr_det --edgec-methods mse    # + edgec's QDQ with --calib-method mse
+    python benchmarks/rknn_vendor.py --edgec-levels 3 --algorithms normal --methods channel  # + edgec's QDQ at level 3
 
 The toolkit runs in its own virtual environment (``tests/vendor``: created on first use).
 """
@@ -121,6 +124,12 @@ def scorer(metric, refs):
     return lambda outs: metric(outs)
 
 
+def edgec_config(model_path: Path) -> dict:
+    """The RKNN config edgec wrote beside its model (OUT.rknn.json), without target_platform (the job sets it)."""
+    cfg = json.loads(model_path.with_name(model_path.name + ".rknn.json").read_text())["config"]
+    return {k: v for k, v in cfg.items() if k != "target_platform"}
+
+
 def rknn_variants(algorithms, methods) -> list[tuple[str, dict]]:
     out = [("edgec qdq", {"do_quantization": False, "qdq": True}), ("rknn fp16", {"do_quantization": False})]
     for alg in algorithms:
@@ -130,7 +139,7 @@ def rknn_variants(algorithms, methods) -> list[tuple[str, dict]]:
     return out
 
 
-def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=()) -> dict:
+def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=(), edgec_levels=()) -> dict:
     t0 = time.perf_counter()
     model, iname, calib, feeds, metric, key = case(name, n_eval)
     shape = [1] + list(calib.shape[1:])
@@ -173,11 +182,16 @@ def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=()) -> d
         jobs = []
         variants = rknn_variants(algorithms, methods)
         variants[1:1] = [(label, {"do_quantization": False, "model": path}) for label, path in extra.items()]
+        variants[1:1] = [(f"edgec qdq (level {lv})", {"do_quantization": False, "qdq": True,
+                                                      "config": {"optimization_level": int(lv)}}) for lv in edgec_levels]
         for label, v in variants:
             model_path = v.get("model") or td / ("qdq.onnx" if v.get("qdq") else "float.onnx")
+            config = v.get("config")
+            if (config is None and v.get("model")) or v.get("qdq"):  # edgec's QDQ: as its build script builds it
+                config = {**edgec_config(Path(model_path)), **(config or {})}
             jobs.append({"model": str(model_path), "platform": "rk3588",
                          "inputs": samples[0], "samples": samples, "out": str(td / f"out{len(jobs)}.npz"),
-                         "do_quantization": v["do_quantization"], "config": v.get("config") or {},
+                         "do_quantization": v["do_quantization"], "config": config or {},
                          "dataset": str(dataset) if v["do_quantization"] else None,
                          "log": str(td / f"log{len(jobs)}.txt"), "label": label})
         t = time.perf_counter()
@@ -242,6 +256,8 @@ def main(argv=None) -> int:
                                                              "32 orientation, 16 builders)")
     ap.add_argument("--edgec-methods", default="", help="also edgec's QDQ with these --calib-method values "
                                                           "(e.g. mse,percentile)")
+    ap.add_argument("--edgec-levels", default="", help="also edgec's QDQ built at these RKNN optimization levels "
+                                                         "(e.g. 3: RKNN's default; edgec's own choice is the 'edgec qdq' row)")
     ap.add_argument("--json", help="write the results here (JSON)")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of earlier --json results")
     a = ap.parse_args(argv)
@@ -253,7 +269,7 @@ def main(argv=None) -> int:
         try:
             res = evaluate(name, a.algorithms.split(","), a.methods.split(","), a.eval,
                            lambda s: print(s, file=sys.stderr, flush=True),
-                           [m for m in a.edgec_methods.split(",") if m])
+                           [m for m in a.edgec_methods.split(",") if m], [v for v in a.edgec_levels.split(",") if v])
         except rm.Unavailable as e:
             print(f"[{name}] skipped: {e}", file=sys.stderr)
             continue
