@@ -10,8 +10,9 @@ of batch-1 dicts; ``--held-out`` and ``--calib-samples`` change the counts).
 
 For every model and ratio (``--ratios``, fraction of the channels of every prunable group),
 ``edgec.compile(model, None, prune=ratio, calib=..., reconstruct=False|True, round_to=1,
-prune_mode=--prune-mode)`` (L1 importance; ``--prune-mode`` uniform by default: every group
-the same ratio; ``sensitivity``: per-group ratios from the measured output error). Columns:
+prune_mode=--prune-mode, importance=--importance)`` (L1 importance by default; ``--prune-mode``
+uniform by default: every group the same ratio; ``sensitivity``: per-group ratios from the
+measured output error). Columns:
 
 * ``params`` / ``MACs``: ``report["after"]`` over ``report["before"]`` (the input model, BN
   still unfolded); the ``0%`` row is the lossless compile (``edgec.compile(model, None)``),
@@ -149,7 +150,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def measure_case(case: Case, ratios: list[float], repeat: int, rounds: int, debug: bool,
-                 round_to: int = 1, prune_mode: str = "uniform") -> list[dict]:
+                 round_to: int = 1, prune_mode: str = "uniform", importance: str = "l1") -> list[dict]:
     rows = []
     base = None
     # ratio 0: the lossless compile, the latency reference
@@ -183,7 +184,7 @@ def measure_case(case: Case, ratios: list[float], repeat: int, rounds: int, debu
             for rec in (False, True):
                 t0 = time.perf_counter()
                 res[rec] = edgec.compile(case.model, None, prune=ratio, calib=case.calib, reconstruct=rec,
-                                         round_to=round_to, prune_mode=prune_mode)
+                                         round_to=round_to, prune_mode=prune_mode, importance=importance)
                 row["compile_seconds"] = round(time.perf_counter() - t0, 4)
             rep = res[True].report
             row.update(params_before=rep["before"]["params"], params_after=rep["after"]["params"],
@@ -307,15 +308,19 @@ def measure_recon_speed(hw: int, n: int, ratio: float, runs: int, old: bool) -> 
         t0 = time.perf_counter()
         res = edgec.compile(model, None, prune=ratio, calib=calib, reconstruct=rec, round_to=1, prune_mode="uniform")
         out["compile_seconds" if rec else "compile_seconds_plain"] = round(time.perf_counter() - t0, 2)
-    times, report = [], []
+    times, cpu, report = [], [], []
     for _ in range(runs):
         original, ir, kept = _pruned_ir(model, ratio)
         plain = ir.to_onnx()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         report = reconstruct(ir, original, calib, kept)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     out["recon_seconds"] = round(statistics.median(times), 2)
     out["recon_runs"] = [round(t, 2) for t in times]
+    # CPU seconds (all threads of this process): far less sensitive to other jobs than wall time
+    out["recon_cpu_seconds"] = round(statistics.median(cpu), 2)
+    out["solves"] = sum(r.get("solves", 0) for r in report)
     out["layers"] = len(report)
     out["refit"] = sum(1 for r in report if r.get("refit"))
     out["parts"] = max((r.get("part", 0) for r in report), default=0)
@@ -348,6 +353,8 @@ def print_recon_speed(r: dict) -> None:
     print(f"  reconstruction step alone     {r['recon_seconds']:8.2f} s   (median of {len(r['recon_runs'])}: "
           f"{', '.join(f'{t:.1f}' for t in r['recon_runs'])}; {r['refit']}/{r['layers']} layers re-fitted "
           f"in {r['parts']} staged parts)")
+    print(f"  reconstruction CPU time       {r['recon_cpu_seconds']:8.2f} s   (all threads; {r['solves']} "
+          f"factorisations choosing the ridge)")
     if "old_seconds" in r:
         print(f"  before ({OLD_COMMIT}, a pass per layer) {r['old_seconds']:8.2f} s   ({r['old_source']}): "
               f"speed-up {r['old_seconds'] / r['recon_seconds']:.1f}x")
@@ -456,6 +463,8 @@ def main(argv=None) -> int:
                     help="channel multiple (default 1: the ratio exactly; the cpu target's default is 8)")
     ap.add_argument("--prune-mode", default="uniform", choices=["uniform", "global", "sensitivity"],
                     help="channel allocation for the table (default uniform)")
+    ap.add_argument("--importance", default="l1",
+                    help="channel importance for the table (default l1; activation and fused use the calibration data)")
     ap.add_argument("--calib-samples", type=int, default=N_CALIB,
                     help=f"builders: batch-1 N(0,1) calibration samples; default {N_CALIB}")
     ap.add_argument("--held-out", type=int, default=N_HELD,
@@ -496,7 +505,7 @@ def main(argv=None) -> int:
 
     versions = _versions()
     print("edgec pruning benchmark: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"L1 channel pruning, --prune-mode {args.prune_mode}, round_to={args.round_to}; digits: accuracy on 360 test digits, calibration on "
+    print(f"{args.importance} channel importance, --prune-mode {args.prune_mode}, round_to={args.round_to}; digits: accuracy on 360 test digits, calibration on "
           f"calib.npz (200); builders: batch 1, relative L2 output error on {args.held_out} held-out N(0,1) inputs, "
           f"calibration on {args.calib_samples} others")
     print(f"lat = ORT latency (batch 1, median of {args.repeat} runs, median of {args.rounds} rounds alternating with "
@@ -513,7 +522,8 @@ def main(argv=None) -> int:
             print(f"    {name} setup: {_err(e)}: {_first_line(e)}", file=sys.stderr)
             rows.append({"model": name, "ratio": 0.0, "metric": "-", "error": _err(e)})
             continue
-        rows.extend(measure_case(case, ratios, args.repeat, args.rounds, args.debug, args.round_to, args.prune_mode))
+        rows.extend(measure_case(case, ratios, args.repeat, args.rounds, args.debug, args.round_to, args.prune_mode,
+                                 args.importance))
 
     if rows:
         print_table(rows)

@@ -15,6 +15,10 @@ in the group:
   batch by batch, keeping running sums.
 * ``fused``: mean of the normalised ``l2``, ``bn`` (if the group has BNs) and ``activation``
   (if feeds are given).
+* ``wanda``: what removing a unit takes from the layers that read it (Wanda-style): the root
+  mean square of its channels on the calibration feeds times the L2 norm of the consumers'
+  weights reading them (``weight.in`` slices, each consumer normalised to mean 1). Groups
+  without such a consumer, or without a measured tensor, fall back to ``l2``.
 
 Scores are normalised per group to mean 1 ("relative importance"), which makes a global
 ranking across groups meaningful: a unit with score 0.2 is five times less important than
@@ -31,7 +35,7 @@ from edgec import runtime
 from edgec.analysis.channels import ChannelGroup, GroupTensor, ParamSlice
 from edgec.ir import IR
 
-METHODS = ("l1", "l2", "bn", "activation", "fused")
+METHODS = ("l1", "l2", "bn", "activation", "fused", "wanda")
 WEIGHT_ROLES = ("weight.out", "weight.in", "dw.weight")
 _CHAIN_OPS = {"BatchNormalization", "Relu", "LeakyRelu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid",
               "Tanh", "Elu", "Selu", "PRelu", "Identity", "Dropout", "Add"}
@@ -49,8 +53,9 @@ def _per_position(value: np.ndarray, axis: int, npos: int, block: int, kind: str
     return (v * v).sum(axis=(1, 2))
 
 
-def param_scores(ir: IR, g: ChannelGroup, kind: str) -> np.ndarray | None:
-    """l1/l2 (``kind``) or bn (``|gamma|``) per unit; None if the group has no such member."""
+def param_scores(ir: IR, g: ChannelGroup, kind: str, roles: tuple = WEIGHT_ROLES) -> np.ndarray | None:
+    """l1/l2 (``kind``, over the weight slices of ``roles``) or bn (``|gamma|``) per unit; None if
+    the group has no such member."""
     total = np.zeros(g.channels)
     count = np.zeros(g.channels)
     for gm in g.members:
@@ -60,7 +65,7 @@ def param_scores(ir: IR, g: ChannelGroup, kind: str) -> np.ndarray | None:
         if kind == "bn":
             if mb.role != "bn.scale":
                 continue
-        elif mb.role not in WEIGHT_ROLES:
+        elif mb.role not in roles:
             continue
         t = mb.node.inputs[mb.slot]
         prod = ir.producer(t)
@@ -111,8 +116,10 @@ def measured_tensors(ir: IR, g: ChannelGroup) -> list[GroupTensor]:
     return out
 
 
-def activation_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict]) -> dict[str, np.ndarray]:
-    """Mean |activation| per unit, per group id, over the calibration feeds."""
+def activation_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict],
+                      rms: bool = False) -> dict[str, np.ndarray]:
+    """Mean |activation| (``rms``: root mean square) per unit, per group id, over the calibration
+    feeds."""
     wanted = {g.id: measured_tensors(ir, g) for g in groups}
     names = sorted({gt.name for lst in wanted.values() for gt in lst})
     if not names:
@@ -123,7 +130,8 @@ def activation_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict])
 
     def on_batch(values: dict) -> None:
         for n in names:
-            v = np.abs(np.asarray(values[n], dtype=np.float64))
+            v = np.asarray(values[n], dtype=np.float64)
+            v = v * v if rms else np.abs(v)
             ax = axes[n]
             red = tuple(i for i in range(v.ndim) if i != ax)
             sums[n] = sums.get(n, 0) + v.sum(axis=red)
@@ -138,6 +146,7 @@ def activation_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict])
             if gt.name not in sums:
                 continue
             per = (sums[gt.name] / counts[gt.name]).reshape(-1, gt.block).mean(axis=1)
+            per = np.sqrt(per) if rms else per
             u = np.zeros(g.channels)
             np.add.at(u, gt.units, per[gt.positions])
             hit = np.zeros(g.channels)
@@ -161,7 +170,11 @@ def compute(ir: IR, groups: list[ChannelGroup], method: str = "l1",
     if method in ("activation", "fused") and not feeds:
         if method == "activation":
             raise ValueError("importance 'activation' needs calibration feeds")
+    if method == "wanda" and not feeds:
+        raise ValueError("importance 'wanda' needs calibration feeds")
     act = activation_scores(ir, groups, feeds) if method in ("activation", "fused") and feeds else {}
+    if method == "wanda":
+        act = activation_scores(ir, groups, feeds, rms=True)
     out = {}
     for g in groups:
         if method in ("l1", "l2"):
@@ -174,6 +187,9 @@ def compute(ir: IR, groups: list[ChannelGroup], method: str = "l1",
             s = act.get(g.id)
             if s is None:
                 s = param_scores(ir, g, "l1")
+        elif method == "wanda":
+            a, w = act.get(g.id), param_scores(ir, g, "l2", roles=("weight.in",))
+            s = a * w if a is not None and w is not None else param_scores(ir, g, "l2")
         else:
             parts = [param_scores(ir, g, "l2"), param_scores(ir, g, "bn"), act.get(g.id)]
             parts = [_normalise(p) for p in parts if p is not None]

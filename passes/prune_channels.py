@@ -228,7 +228,7 @@ class PruneChannels(Pass):
 
     def __init__(self, ratio: float | None = None, *, mode: str = "uniform", macs_target: float | None = None,
                  importance: str = "l1", round_to: int = 1, max_layer_ratio: float = 0.9, steps: int = 1,
-                 reconstruct: bool = True, ridge: float = 1e-3):
+                 reconstruct: bool = True, ridge: float = 1e-3, ridge_prior: str = "zero"):
         super().__init__()
         if ratio is None and macs_target is None:
             ratio = 0.3
@@ -249,6 +249,7 @@ class PruneChannels(Pass):
         self.steps = steps
         self.reconstruct = bool(reconstruct)  # re-fit when calibration data is present
         self.ridge = ridge
+        self.ridge_prior = ridge_prior  # what the re-fit's ridge pulls towards: "zero" or "current" weights
 
     # -------------------------------------------------------------- one step
     def _step(self, ir: IR, ratio: float, feeds: list[dict] | None,
@@ -378,7 +379,8 @@ class PruneChannels(Pass):
                 else:
                     cumulative[name] = (axis, pos)
             if refit:
-                data.reconstruction = reconstruct(ir, original, feeds, cumulative, ridge=self.ridge)
+                data.reconstruction = reconstruct(ir, original, feeds, cumulative, ridge=self.ridge,
+                                                  prior=self.ridge_prior)
         if result.changed:
             macs_after = costs_mod.compute(ir).macs
             n_groups = sum(1 for s in data.groups if s["removed"])

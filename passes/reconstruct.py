@@ -22,16 +22,25 @@ group's input channels.
   is fitted, so layers in parallel branches (a projection shortcut and its block's first conv,
   Inception/DenseNet branches) share a part and a chain of N layers takes N parts, not N full
   passes.
-* The fit is closed form on streamed normal equations (:class:`edgec.lstsq.NormalEquations`:
-  float32 rows multiplied in float32, summed in float64; training rows are never kept): weights
+* The fit is closed form on streamed normal equations (:class:`edgec.lstsq.NormalEquations`,
+  float64 products: float32 ones summed in another order at another thread count): weights
   and bias (a Conv without bias gets one) from ``(X'X + lambda I) W = X'Y``,
   ``lambda = ridge * mean(diag(X'X))`` per group. Every fifth sampled row is held out (and
-  kept, so a held-out error costs a product with those rows, not with a Gram matrix as wide as
-  the layer); ``lambda`` is picked among ``ridge * (1, 10, 100, 1000)`` on those rows, trying
-  them in increasing order until the held-out error rises (most layers take two solves); the
-  best fit is kept only if it beats the current weights there, and then solved again on all
-  rows. (Skipping that third solve saved a third of the solving time, but cost PP-OCRv4's
-  detector half a point of F1 at 30%: kept.)
+  kept); ``lambda`` is picked among ``ridge * (1, 10, 100, 1000)`` on those rows, trying
+  them in increasing order until the held-out error rises; the best fit is kept only if it
+  beats the current weights there, and then solved again on all rows. (Skipping that re-solve
+  saved a third of the solving time, but cost PP-OCRv4's detector half a point of F1 at 30%.)
+  Where there are fewer held-out rows than unknowns (the wide layers, which take most of the
+  time), each factorisation also solves for the held-out rows: the held-out error's slope in
+  lambda then stops the search without solving the next step when it would only rise, and the
+  all-rows fit is a Woodbury update, not another factorisation
+  (:meth:`edgec.lstsq.NormalEquations.fit`): one factorisation per layer instead of three
+  when the smallest ridge wins.
+* ``prior="current"`` pulls the weights towards the layer's current (pruned) weights instead of
+  zero (``(X'X + lambda I) W = X'Y + lambda W0``): a large ridge then keeps the trained weights
+  rather than shrinking them, which matters where rows are few for the unknowns. Not the
+  default: measured better on most builder models and on PP-OCRv4's recogniser and
+  all-MiniLM-L6-v2's embeddings, but not on everything (see the README's pruning section).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from edgec.lstsq import LinearMap, NormalEquations, StagedRun
 from edgec.pipeline import Pass, PassContext, PassResult, register
 
 RIDGE_STEPS = (1, 10, 100, 1000)
+PRIORS = ("zero", "current")
 
 
 @dataclass
@@ -96,10 +106,14 @@ def _map(ir: IR, node: gs.Node) -> LinearMap | None:
 
 
 def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict[str, tuple], *,
-                ridge: float = 1e-3, max_rows: int = 4096, seed: int = 0, grouped: bool = True) -> list[dict]:
+                ridge: float = 1e-3, max_rows: int = 4096, seed: int = 0, grouped: bool = True,
+                prior: str = "zero") -> list[dict]:
     """Re-fit the consumers of pruned channels in ``ir`` (in place). ``kept`` maps tensor names
     to (axis, surviving positions in the original tensor); ``grouped=False`` leaves grouped and
-    depthwise convs alone. Returns one dict per layer."""
+    depthwise convs alone; ``prior``: what the ridge pulls the weights towards, ``zero`` or the
+    layer's ``current`` (pruned) weights. Returns one dict per layer."""
+    if prior not in PRIORS:
+        raise ValueError(f"unknown ridge prior '{prior}' ({', '.join(PRIORS)})")
     if not feeds:
         return []
     orig_names = {o for n in original.graph.node for o in n.output}
@@ -124,11 +138,17 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
         for li, (nm, lm) in enumerate(maps.items()):
             j = len(targets[nm])
             y = np.asarray(values[outputs[nm]])
+            pos = None
             if outputs[nm] in kept:
                 axis, pos = kept[outputs[nm]]
-                y = np.take(y, pos, axis=axis)
-            idx = lm.positions(y, per_batch, np.random.default_rng((seed, li, j)))
-            targets[nm].append(None if idx is None else (y.shape, idx, lm.y_rows(y, idx)))
+                if axis % max(y.ndim, 1) != (1 if lm.node.op == "Conv" else y.ndim - 1):
+                    y, pos = np.take(y, pos, axis=axis), None
+            # the surviving channels of the sampled rows only (not of the whole output: same values)
+            shape = y.shape if pos is None else y.shape[:1] + (len(pos),) + y.shape[2:] if lm.node.op == "Conv" \
+                else y.shape[:-1] + (len(pos),)
+            idx = lm.positions(np.broadcast_to(np.zeros((), y.dtype), shape), per_batch,
+                               np.random.default_rng((seed, li, j)))
+            targets[nm].append(None if idx is None else (shape, idx, lm.y_rows(y, idx, pos)))
 
     runtime.capture(original, list(outputs.values()), feeds, on_batch)
 
@@ -137,7 +157,7 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
     for ready in staged.waves():
         for nm in ready:
             lm = maps[nm]
-            entry = _fit(lm, staged.batches(lm.node.inputs[0].name), targets.pop(nm), ridge)
+            entry = _fit(lm, staged.batches(lm.node.inputs[0].name), targets.pop(nm), ridge, prior == "current")
             entry["part"] = staged.parts
             report[nm] = entry
             if entry["refit"]:
@@ -156,7 +176,7 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
     return [report[n.name] for n in layers]
 
 
-def _fit(lm: LinearMap, xs: list, ys: list, ridge: float) -> dict:
+def _fit(lm: LinearMap, xs: list, ys: list, ridge: float, to_current: bool = False) -> dict:
     """Accumulate the normal equations of ``lm`` over the batches and solve them; the entry's
     ``solution`` is (W, b) when the fit beats the current weights on the held-out rows."""
     node = lm.node
@@ -173,17 +193,10 @@ def _fit(lm: LinearMap, xs: list, ys: list, ridge: float) -> dict:
         offset += len(X)
         ne.add(X, y[2], held_out)
     err0 = ne.mse(lm.W, lm.b)
-    best = None
-    for step in RIDGE_STEPS:  # stop once the held-out error rises (it is unimodal in lambda)
-        W, b = ne.solve(ridge * step, lm.fit_bias, train_only=True)
-        e = ne.mse(W, b)
-        if best is not None and not e < best[0]:
-            break
-        best = (e, ridge * step)
-    err1, lam = best
-    entry.update(rows=int(ne.rows.sum()), ridge=lam, val_mse_before=err0, val_mse_after=err1)
-    if err1 < err0:
-        entry["solution"] = ne.solve(lam, lm.fit_bias, train_only=False)
+    err1, lam, solves, all_rows = ne.fit(ridge, RIDGE_STEPS, lm.fit_bias, prior=lm.W if to_current else None)
+    entry.update(rows=int(ne.rows.sum()), ridge=lam, solves=solves, val_mse_before=err0, val_mse_after=err1)
+    if all_rows is not None and err1 < err0:
+        entry["solution"] = all_rows()
         entry["refit"] = True
     return entry
 
@@ -194,9 +207,9 @@ class Reconstruct(Pass):
     description = "least-squares re-fit of the layers reading pruned channels (needs the unpruned model)"
     lossless = False
 
-    def __init__(self, kept: dict[str, tuple] | None = None, ridge: float = 1e-3):
+    def __init__(self, kept: dict[str, tuple] | None = None, ridge: float = 1e-3, prior: str = "zero"):
         super().__init__()
-        self.kept, self.ridge = kept or {}, ridge
+        self.kept, self.ridge, self.prior = kept or {}, ridge, prior
 
     def run(self, ir: IR, ctx: PassContext) -> PassResult:
         feeds = ctx.feeds()
@@ -204,5 +217,5 @@ class Reconstruct(Pass):
             result = PassResult(False, data=ReconstructionResult())
             result.note("reconstruct: no reference model or calibration data given; nothing done")
             return result
-        layers = reconstruct(ir, ctx.reference, feeds, self.kept, ridge=self.ridge)
+        layers = reconstruct(ir, ctx.reference, feeds, self.kept, ridge=self.ridge, prior=self.prior)
         return PassResult(any(r.get("refit") for r in layers), data=ReconstructionResult(layers))

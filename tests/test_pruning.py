@@ -250,7 +250,7 @@ def test_global_mode_and_steps():
     verify.run(ir.to_onnx(), verify.random_inputs(model))
 
 
-@pytest.mark.parametrize("method", ["l1", "l2", "bn", "activation", "fused"])
+@pytest.mark.parametrize("method", ["l1", "l2", "bn", "activation", "fused", "wanda"])
 def test_importance_methods(method):
     model = ALL_MODELS["se_block"]()
     feeds = [verify.random_inputs(model, seed=s, batch=4) for s in range(2)]
@@ -274,9 +274,36 @@ def test_importance_finds_dead_channels():
             v[[0, 3]] = 0
             mb.node.inputs[mb.slot].values = v
     feeds = [verify.random_inputs(model, batch=4)]
-    for method in ("l1", "l2", "activation"):
+    for method in ("l1", "l2", "activation", "wanda"):
         s = importance.compute(ir, groups, method, feeds)[g.id]
         assert set(np.argsort(s)[:2]) == {0, 3}, method
+
+
+def test_wanda_weighs_consumer_weights_by_activation():
+    """``wanda``: a channel whose consumers read it with large weights but which carries small
+    activations ranks by the product (RMS activation x consumer weight norm), not by either alone."""
+    b = GraphBuilder("w", seed=0)
+    x = b.input("input", [2, 4, 6, 6])
+    y = b.conv(x, 4, 1)
+    b.output(b.conv(b.relu(y), 3, 1), "output")
+    model = b.build()
+    ir = edgec.from_model(model)
+    prod, cons = [n for n in ir.nodes if n.op == "Conv"]
+    wp = np.zeros((4, 4, 1, 1), np.float32)
+    wp[np.arange(4), np.arange(4), 0, 0] = [1.0, 1.0, 0.01, 4.0]  # channel c copies input c, scaled
+    prod.inputs[1].values = wp
+    prod.inputs[2].values = np.zeros(4, np.float32)
+    wc = np.zeros((3, 4, 1, 1), np.float32)
+    wc[:, :, 0, 0] = np.array([1.0, 2.0, 50.0, 0.1])  # column norms of the consumer (times sqrt 3)
+    cons.inputs[1].values = wc
+    groups = find_groups(ir)
+    g = next(g for g in groups if g.prunable and g.channels == 4)
+    feeds = [{"input": np.abs(np.random.default_rng(0).standard_normal((2, 4, 6, 6))).astype(np.float32)}]
+    s = importance.compute(ir, groups, "wanda", feeds)[g.id]
+    rms = np.sqrt(np.mean(np.square(feeds[0]["input"]), axis=(0, 2, 3))) * [1.0, 1.0, 0.01, 4.0]
+    want = rms * np.array([1.0, 2.0, 50.0, 0.1])
+    np.testing.assert_allclose(s, want / want.mean(), rtol=1e-4)
+    assert np.argmin(s) == 3 and np.argmin(importance.compute(ir, groups, "l1", feeds)[g.id]) != 3
 
 
 def test_unprunable_groups_untouched():

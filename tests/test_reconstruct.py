@@ -53,6 +53,82 @@ def test_normal_equations_match_a_direct_ridge_solve():
     assert ne.rows.tolist() == [400, 100]
 
 
+def _brute_force_fit(X, Y, held, ridge, steps, bias, scale_rows, prior=None):
+    """The ridge step with the lowest held-out MSE (training rows only; lambda from the mean
+    diagonal of ``scale_rows``' Gram matrix; the ridge pulls the weights towards ``prior``), and
+    its solution on all rows with that lambda."""
+    def design(x):
+        return np.concatenate([x, np.ones((len(x), 1))], axis=1) if bias else x
+
+    def solve(rows, lam):
+        A = design(X[rows]).T @ design(X[rows])
+        A[np.arange(k), np.arange(k)] += lam + 1e-12
+        B = design(X[rows]).T @ Y[rows]
+        if prior is not None:
+            B[:k] += (lam + 1e-12) * prior
+        return np.linalg.solve(A, B)
+
+    k = X.shape[1]
+    scale = np.mean(np.sum(X[scale_rows] ** 2, axis=0))
+    errs = [np.mean((design(X[held]) @ solve(~held, ridge * step * scale) - Y[held]) ** 2) for step in steps]
+    best = int(np.argmin(errs))
+    return errs[best], ridge * steps[best], solve(slice(None), ridge * steps[best] * scale)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("noise", [0.05, 20.0])  # the smallest ridge wins / a larger one wins
+@pytest.mark.parametrize("prior", [False, True])  # the ridge pulls towards zero / given weights
+def test_held_out_update_fit_matches_a_brute_force_search(bias, noise, prior):
+    """Fewer held-out rows than unknowns: the ridge step and the all-rows solution from one
+    factorisation per step tried (held-out error slope, Woodbury update) equal a separate solve
+    per step and a direct all-rows solve; with little noise it stops after one solve."""
+    rng = np.random.default_rng(3)
+    n, k, no = 250, 80, 6
+    X = rng.standard_normal((n, k)) @ rng.standard_normal((k, k)) * 0.3
+    Y = X @ rng.standard_normal((k, no)) * 0.1 + 0.2 + noise * rng.standard_normal((n, no))
+    held = np.arange(n) % 5 == 0
+    W0 = rng.standard_normal((k, no)) * 0.05 if prior else None
+    ne = NormalEquations(1, k, no)
+    ne.add(X[:, None], Y[:, None], held)
+    assert ne.wide()
+    steps = (1, 10, 100, 1000)
+    err, lam, solves, all_rows = ne.fit(1e-3, steps, bias, prior=None if W0 is None else W0[None])
+    want_err, want_lam, want = _brute_force_fit(X, Y, held, 1e-3, steps, bias, ~held, W0)
+    assert lam == want_lam and err == pytest.approx(want_err, rel=1e-9)
+    # never more than one solve beyond the chosen step; with little noise (and the bias fitted)
+    # the smallest ridge wins and its slope stops the search at once
+    assert solves <= steps.index(round(lam / 1e-3)) + 2
+    if noise < 1 and bias and not prior:
+        assert (lam, solves) == (1e-3, 1)
+    if noise > 1:
+        assert lam > 1e-3
+    W, b = all_rows()
+    np.testing.assert_allclose(W[0], want[:k], rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(b[0], want[k] if bias else 0.0, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_direct_fit_matches_a_brute_force_search(prior):
+    """More held-out rows than unknowns (and grouped maps): one training solve per step tried,
+    lambda from the training rows, then one solve on all rows."""
+    rng = np.random.default_rng(4)
+    n, k, no = 400, 10, 3
+    X = rng.standard_normal((n, k))
+    Y = X @ rng.standard_normal((k, no)) + 3.0 * rng.standard_normal((n, no))
+    held = np.arange(n) % 5 == 0
+    W0 = rng.standard_normal((k, no)) if prior else None
+    ne = NormalEquations(1, k, no)
+    ne.add(X[:, None], Y[:, None], held)
+    assert not ne.wide()
+    err, lam, solves, all_rows = ne.fit(1e-3, (1, 10, 100, 1000), True, prior=None if W0 is None else W0[None])
+    want_err, want_lam, _ = _brute_force_fit(X, Y, held, 1e-3, (1, 10, 100, 1000), True, ~held, W0)
+    assert lam == want_lam and err == pytest.approx(want_err, rel=1e-9) and solves >= 2
+    W, b = all_rows()
+    Wd, bd = ne.solve(lam, True, train_only=False, prior=None if W0 is None else W0[None])
+    np.testing.assert_array_equal(W, Wd)
+    np.testing.assert_array_equal(b, bd)
+
+
 def test_grouped_conv_rows_reproduce_the_conv():
     """A grouped conv as per-group linear maps: patches @ W + b gives ONNX Runtime's output."""
     b = GraphBuilder("g", seed=0)
@@ -220,3 +296,29 @@ def test_grouped_conv_is_refitted_per_group():
     grouped = [r for r in report if r.get("groups", 1) > 1]  # whole groups go: group 4 -> 3
     assert len(grouped) == 1 and grouped[0]["groups"] == 3 and grouped[0]["refit"] and grouped[0]["val_mse_after"] < grouped[0]["val_mse_before"]
     assert _rel(original, ir.to_onnx(), held) < 0.7 * _rel(original, plain, held)
+
+
+def test_ridge_towards_the_current_weights():
+    """``prior="current"``: the ridge pulls towards the pruned weights, not zero. With a huge ridge
+    a re-fitted layer keeps its current weights (only its bias moves), where the zero prior
+    shrinks them; an unknown prior is refused."""
+    model = ALL_MODELS["resnet_basic"](batch=2)
+    calib = [verify.random_inputs(model, seed=s) for s in range(6)]
+    fits = {}
+    for prior in ("zero", "current"):
+        original, ir, kept, plain = _pruned(model, 0.3)
+        report = reconstruct(ir, original, calib, kept, ridge=1e6, prior=prior)
+        refit = [r for r in report if r["refit"] and r.get("groups", 1) == 1]
+        assert refit, report
+        pw = {t.name: onnx.numpy_helper.to_array(t) for t in plain.graph.initializer}
+        node = {n.name: n for n in plain.graph.node}
+        new = {n.name: n for n in ir.nodes}
+        r = refit[0]["layer"]
+        fits[prior] = (pw[node[r].input[1]], ir.const_value(new[r].inputs[1]))
+    w0, w = fits["current"]
+    np.testing.assert_allclose(w, w0, rtol=1e-3, atol=1e-6)
+    w0, w = fits["zero"]
+    assert np.linalg.norm(w) < 0.1 * np.linalg.norm(w0)
+    original, ir, kept, _ = _pruned(model, 0.3)
+    with pytest.raises(ValueError, match="ridge prior"):
+        reconstruct(ir, original, calib, kept, prior="mean")
