@@ -76,8 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     g = c.add_argument_group("pruning (dependency-aware structured channel pruning)")
     g.add_argument("--prune", type=float, metavar="RATIO", help="remove this fraction of channels (e.g. 0.3)")
     g.add_argument("--prune-macs", type=float, metavar="FRACTION", help="remove this fraction of MACs (solves for the ratio)")
-    g.add_argument("--importance", default="l1", choices=["l1", "l2", "bn", "activation", "fused"],
-                   help="channel importance (default l1; activation/fused use --calib)")
+    g.add_argument("--importance", default="l1", choices=["l1", "l2", "bn", "activation", "fused", "wanda"],
+                   help="channel importance (default l1; activation/fused/wanda use --calib; wanda: activation RMS "
+                        "x the norm of the weights that read the channel)")
     g.add_argument("--prune-mode", default="uniform", choices=["uniform", "global", "sensitivity"],
                    help="same ratio in every group, one global ranking, or per-group ratios from the output "
                         "error measured on --calib (default uniform)")

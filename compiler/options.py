@@ -27,7 +27,7 @@ from .calibration import parse_method
 from .errors import UserError
 from .pipeline import Pass
 
-IMPORTANCES = ("l1", "l2", "bn", "activation", "fused")
+IMPORTANCES = ("l1", "l2", "bn", "activation", "fused", "wanda")
 PRUNE_MODES = ("uniform", "global", "sensitivity")
 QUANTIZE_MODES = ("int8", "fp16", "mixed", "vendor")  # vendor: the target's toolchain quantizes
 ACTIVATIONS = ("asymmetric", "symmetric")
@@ -212,8 +212,9 @@ def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
         if o["quantize"] in ("int8", "mixed", "vendor") and calib is None:
             raise UserError(f"--quantize {o['quantize']} needs calibration data: --calib PATH "
                             f"(or --calib random, explicitly)")
-        if o["importance"] == "activation" and (o["prune"] is not None or o["prune_macs"] is not None) and calib is None:
-            raise UserError("--importance activation needs calibration data (--calib PATH)")
+        if o["importance"] in ("activation", "wanda") and (o["prune"] is not None or o["prune_macs"] is not None) \
+                and calib is None:
+            raise UserError(f"--importance {o['importance']} needs calibration data (--calib PATH)")
         if o["prune_mode"] == "sensitivity" and (o["prune"] is not None or o["prune_macs"] is not None) and calib is None:
             raise UserError("--prune-mode sensitivity measures output errors: it needs calibration data (--calib PATH)")
     else:

@@ -237,3 +237,19 @@ def test_calibration_from_an_image_folder_with_preprocessing(capsys, tmp_path):
     code, _, err = edgec_main(capsys, "compile", EXAMPLE / "model.onnx", "-o", out, "--quantize", "int8",
                               "--calib", folder, "--image-size", "eight")
     assert code == 2 and "bad image size" in err
+
+
+def test_wanda_importance_prunes_from_the_cli_and_needs_calibration(tmp_path, capsys):
+    """--importance wanda (activation RMS x downstream weight norm) is reachable from the CLI;
+    without --calib it is a one-line user error, exit 2."""
+    model = EXAMPLE / "model.onnx"
+    calib = EXAMPLE / "calib.npz"
+    rc = cli.main(["compile", str(model), "-o", str(tmp_path / "w.onnx"), "--prune", "0.3", "--round-to", "1",
+                   "--importance", "wanda", "--calib", str(calib), "--report", str(tmp_path / "r.json")])
+    assert rc == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["pruning"]["importance"] == "wanda" and rep["after"]["params"] < rep["before"]["params"]
+    rc = cli.main(["compile", str(model), "-o", str(tmp_path / "x.onnx"), "--prune", "0.3", "--importance", "wanda"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--importance wanda needs calibration data" in err and "Traceback" not in err
+    assert not (tmp_path / "x.onnx").exists()
