@@ -327,7 +327,10 @@ class _Quantizer:
         """``--calib-method auto``: the ranges of every method in ``AUTO_METHODS`` (one
         calibration pass gave the statistics all of them need), each int8 plan measured on the
         error subset in reference arithmetic; the clipping method with the lowest output error
-        (:func:`guarded_error`) wins if it is ``AUTO_MARGIN`` below min-max's, else min-max. The winner's method is used from here on (equalisation
+        (relative L2, as equalisation and bias correction compare) wins if it is ``AUTO_MARGIN``
+        below min-max's and its :func:`guarded_error` (the budget's) is no worse, else min-max.
+        (Ranking by the guarded error let one output channel's error pick percentile on a
+        ShuffleNet whose overall error it raised, on held-out data too.) The winner's method is used from here on (equalisation
         re-calibrates with it) and its measured outputs are reused. Plans whose structure differs
         (a Concat shares a scale under one method's ranges and not another's) get their own
         probe; the winner's becomes the compile's. Returns (ranges, report section)."""
@@ -348,8 +351,8 @@ class _Quantizer:
             measured.append((guarded_error(metrics), m, ranges, plan, probe, parts, metrics))
             self.log(f"calibration method {m}: int8 output error {metrics['rel_l2']:.4g} (relative L2)")
         best = measured[0]  # min-max
-        clipped = min(measured[1:], key=lambda r: r[0])  # min() keeps the first of equal errors
-        if clipped[0] < (1.0 - AUTO_MARGIN) * best[0]:
+        clipped = min(measured[1:], key=lambda r: r[6]["rel_l2"])  # min() keeps the first of equal errors
+        if clipped[6]["rel_l2"] < (1.0 - AUTO_MARGIN) * best[6]["rel_l2"] and clipped[0] <= best[0]:
             best = clipped
         _, self.method, ranges, self.widest, self.probe, parts, _ = best
         if self.mode == "int8":
