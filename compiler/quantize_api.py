@@ -330,8 +330,8 @@ class _Quantizer:
         (relative L2, as equalisation and bias correction compare) wins if it is ``AUTO_MARGIN``
         below min-max's and its :func:`guarded_error` (the budget's) is no worse, else min-max.
         (Ranking by the guarded error let one output channel's error pick percentile on a
-        ShuffleNet whose overall error it raised, on held-out data too.) The winner's method is used from here on (equalisation
-        re-calibrates with it) and its measured outputs are reused. Plans whose structure differs
+        ShuffleNet whose overall error it raised, on held-out data too.) The winner's method is
+        used from here on (equalisation re-calibrates with it) and its measured outputs are reused. Plans whose structure differs
         (a Concat shares a scale under one method's ranges and not another's) get their own
         probe; the winner's becomes the compile's. Returns (ranges, report section)."""
         t0 = time.perf_counter()
