@@ -41,6 +41,7 @@ from edgec.errors import UserError
 from edgec.ir import IR
 from edgec.outputs import Outputs, edgec_dataset_folder
 from edgec.passes import DecomposeOps, GemmToConv, ShuffleTo4D
+from edgec.passes.fold_batchnorm import inference_affine
 from edgec.pipeline import Pass, PassContext, PassResult
 from edgec.target import QuantScheme, Target
 
@@ -129,20 +130,18 @@ class BatchNormToConv(Pass):
         result = PassResult(False)
         for bn in list(ir.find("BatchNormalization")):
             x, y = bn.inputs[0], bn.outputs[0]
-            params = [ir.const_value(t) for t in bn.inputs[1:5]]
-            if (bn.domain not in (None, "", "ai.onnx") or bn.attrs.get("training_mode", 0)
-                    or bn.attrs.get("spatial", 1) != 1 or any(o.name for o in bn.outputs[1:])
-                    or any(p is None for p in params) or x.shape is None or len(x.shape) != 4
+            affine = inference_affine(ir, bn)
+            if (isinstance(affine, str) or bn.domain not in (None, "", "ai.onnx")
+                    or any(o.name for o in bn.outputs[1:]) or x.shape is None or len(x.shape) != 4
                     or (x.dtype is not None and np.dtype(x.dtype) != np.float32)):
                 continue
-            gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
+            s, shift = (a.reshape(-1) for a in affine)
             c = x.shape[1]
-            if not isinstance(c, (int, np.integer)) or gamma.shape[0] != c:
+            if not isinstance(c, (int, np.integer)) or s.shape[0] != c:
                 continue
-            s = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
             base = bn.name or y.name
             w = ir.make_const(base + "_dw_W", s.astype(np.float32).reshape(c, 1, 1, 1))
-            b = ir.make_const(base + "_dw_b", (beta - s * mean).astype(np.float32))
+            b = ir.make_const(base + "_dw_b", shift.astype(np.float32))
             bn.inputs.clear()
             bn.outputs.clear()
             ir.graph.nodes.remove(bn)

@@ -46,21 +46,10 @@ class FoldBatchNorm(Pass):
         return result
 
     def _fold(self, ir: IR, bn: gs.Node) -> str | None:
-        if bn.attrs.get("training_mode", 0):
-            return "training_mode=1"
-        if ir.opset < 14 and any(o.name for o in bn.outputs[1:]):
-            # BatchNormalization-9..13: declaring the statistics outputs *is* training mode
-            # (ONNX Runtime then normalises with batch statistics), read or not.
-            return "training mode (opset < 14 with its statistics outputs declared)"
-        if bn.attrs.get("spatial", 1) != 1:
-            return "spatial=0 (per-activation statistics)"
-        if any(o.outputs or ir.is_graph_output(o) for o in bn.outputs[1:]):
-            return "its running-statistics outputs are used"
-        params = [ir.const_value(t) for t in bn.inputs[1:5]]
-        if any(p is None for p in params):
-            return "its scale/bias/mean/var are not constants"
-        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-        eps = float(bn.attrs.get("epsilon", 1e-5))
+        affine = inference_affine(ir, bn)
+        if isinstance(affine, str):
+            return affine
+        s, shift = affine
         x = bn.inputs[0]
         prod = ir.producer(x)
         if prod is None:
@@ -69,18 +58,16 @@ class FoldBatchNorm(Pass):
             return f"its input comes from {prod.op}, not from Conv/ConvTranspose/Gemm/MatMul"
         if ir.single_consumer(x) is not bn:
             return f"the {prod.op} output is also read elsewhere"
-        s = gamma / np.sqrt(var + eps)
-        shift = beta - s * mean
         fold = {"Conv": self._conv, "ConvTranspose": self._conv_transpose,
                 "Gemm": self._gemm, "MatMul": self._matmul}[prod.op]
-        reason = fold(ir, prod, s, shift, mean)
+        reason = fold(ir, prod, s, shift)
         if reason is not None:
             return reason
         ir.bypass(bn)
         return None
 
     # Each folder returns None on success or the reason it cannot fold.
-    def _conv(self, ir: IR, conv: gs.Node, s, shift, mean) -> str | None:
+    def _conv(self, ir: IR, conv: gs.Node, s, shift) -> str | None:
         w = ir.const_value(conv.inputs[1])
         if w is None or w.shape[0] != s.shape[0]:
             return "the Conv weight is not a constant with one row per channel"
@@ -93,7 +80,7 @@ class FoldBatchNorm(Pass):
         _set_inputs(ir, conv, w_new, b_new)
         return None
 
-    def _conv_transpose(self, ir: IR, conv: gs.Node, s, shift, mean) -> str | None:
+    def _conv_transpose(self, ir: IR, conv: gs.Node, s, shift) -> str | None:
         w = ir.const_value(conv.inputs[1])
         if w is None:
             return "the ConvTranspose weight is not a constant"
@@ -110,7 +97,7 @@ class FoldBatchNorm(Pass):
         _set_inputs(ir, conv, ws.reshape(w.shape).astype(w.dtype), (b * s + shift).astype(w.dtype))
         return None
 
-    def _gemm(self, ir: IR, gemm: gs.Node, s, shift, mean) -> str | None:
+    def _gemm(self, ir: IR, gemm: gs.Node, s, shift) -> str | None:
         b = ir.const_value(gemm.inputs[1])
         if b is None:
             return "the Gemm B operand is not a constant"
@@ -130,7 +117,7 @@ class FoldBatchNorm(Pass):
         _set_inputs(ir, gemm, b_new.astype(b.dtype), c_new.astype(b.dtype))
         return None
 
-    def _matmul(self, ir: IR, mm: gs.Node, s, shift, mean) -> str | None:
+    def _matmul(self, ir: IR, mm: gs.Node, s, shift) -> str | None:
         b = ir.const_value(mm.inputs[1])
         a = mm.inputs[0]
         if b is None or b.ndim != 2:
@@ -146,6 +133,29 @@ class FoldBatchNorm(Pass):
         bias = ir.make_const(mm.name + "_bnfolded_bias", shift.astype(b.dtype))
         ir.graph.nodes.append(gs.Node("Add", name=ir.unique_name(mm.name + "_bias"), inputs=[mid, bias], outputs=[out]))
         return None
+
+
+def inference_affine(ir: IR, bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | str:
+    """``(s, shift)`` in float64, per channel, of a BatchNormalization in inference mode
+    (``y = s * x + shift``, ``s = gamma / sqrt(var + eps)``, ``shift = beta - s * mean``), or the
+    reason it is not one: training mode, per-activation statistics, statistics outputs in use,
+    parameters that are not constants."""
+    if bn.attrs.get("training_mode", 0):
+        return "training_mode=1"
+    if ir.opset < 14 and any(o.name for o in bn.outputs[1:]):
+        # BatchNormalization-9..13: declaring the statistics outputs *is* training mode
+        # (ONNX Runtime then normalises with batch statistics), read or not.
+        return "training mode (opset < 14 with its statistics outputs declared)"
+    if bn.attrs.get("spatial", 1) != 1:
+        return "spatial=0 (per-activation statistics)"
+    if any(o.outputs or ir.is_graph_output(o) for o in bn.outputs[1:]):
+        return "its running-statistics outputs are used"
+    params = [ir.const_value(t) for t in bn.inputs[1:5]]
+    if any(p is None for p in params):
+        return "its scale/bias/mean/var are not constants"
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    s = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+    return s, beta - s * mean
 
 
 def _empty(t) -> bool:
