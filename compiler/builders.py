@@ -901,11 +901,7 @@ def _v3_block(b: GraphBuilder, x: str, expand: int, cout: int, k: int, stride: i
     y = b.conv_bn(x, expand, 1, act="hardswish")
     y = b.conv_bn(y, expand, k, stride, group=expand, act="hardswish")
     if se:
-        s = b.gap(y)
-        s = b.relu(b.conv(s, max(expand // 4, 8), 1, bias=True))
-        s = b.conv(s, expand, 1, bias=True)
-        s = b.op("HardSigmoid", [s], b.shape(s), alpha=1.0 / 6.0, beta=0.5)
-        y = b.mul(y, s)
+        y = _se(b, y, max(expand // 4, 8), gate="hardsigmoid")
     y = b.conv_bn(y, cout, 1, act=None)
     if stride == 1 and cin == cout:
         y = b.add(x, y)
