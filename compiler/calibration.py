@@ -40,7 +40,6 @@ import itertools
 import math
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -50,7 +49,7 @@ from onnx import helper
 
 from . import executor
 from .errors import UserError
-from .runtime import augment, map_batches, reference_session, workers
+from .runtime import augment, map_batches, reference_session
 
 DEFAULT_BINS = 4096  # must be a multiple of 4 (exact pair merging keeps 0 on a bin edge)
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -659,14 +658,12 @@ def ranges_from_stats(model: onnx.ModelProto, stats: dict[str, TensorStats], *, 
     classes = tensor_classes(model)
     todo = [(name, st, method_for(method, classes.get(name, "unbounded"))) for name, st in stats.items()]
 
-    def one(item):
+    def one(_, item):
         name, st, m = item
         return name, compute_range(st, m, symmetric=symmetric, percentile=percentile)
 
-    n = workers()
-    if n == 1 or len(todo) < 4 or all(m == "minmax" for _, _, m in todo):
-        return dict(map(one, todo))
-    # each tensor's search is independent (numpy releases the GIL in its array arithmetic):
-    # the same ranges in the same order as one by one
-    with ThreadPoolExecutor(n) as pool:
-        return dict(pool.map(one, todo))
+    if all(m == "minmax" for _, _, m in todo):
+        return dict(one(0, item) for item in todo)
+    # each tensor's search is independent (numpy releases the GIL in its array arithmetic), so
+    # the executor's worker pool gives the same ranges, in the same order, as one by one
+    return dict(r for _, r in map_batches(one, todo))
