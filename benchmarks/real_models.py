@@ -737,7 +737,7 @@ def edgec_variant(model: onnx.ModelProto, calib: dict, workdir: Path, **kw):
         note = f"err {q['error']['rel_l2']:.4f}"
         mc = q.get("method_choice")
         if mc:
-            note = f"auto: {mc['chosen']}, " + note
+            note = f"auto: {mc['chosen']} ({mc['seconds']:.1f}s), " + note
         if fb:
             note += f", fb {nf} float, {'met' if fb.get('met') else 'MISS'} (before {fb.get('error_before', 0):.3f})"
         rnd = q.get("rounding") or {}

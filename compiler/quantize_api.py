@@ -71,8 +71,8 @@ FALLBACK_SAMPLES = 32  # calibration samples the fallback's measurements run on 
 # class scores beside its box coordinates) fails it even when the output's overall error is small
 CHANNEL_FACTOR = 4.0
 # --calib-method auto measures the int8 plan of each of these and keeps the lowest output error.
-# Not entropy: on the trained models and the example it never measured lowest (its KL clip was
-# the worst on four of six), and its search is the slowest (named, it is still there)
+# Not entropy: its search is the slowest, and on the trained models and the example it never
+# measured lowest (named, it is still there)
 AUTO_METHODS = ("minmax", "percentile", "mse")
 # a clipping method (percentile, mse) replaces min-max only when its error is this much lower:
 # clipped ranges fit the calibration set's extremes, and held-out data beyond them saturates

@@ -122,6 +122,29 @@ def test_mse_clip_is_near_the_brute_force_optimum(symmetric):
     assert got < (0.5 if symmetric else 0.8) * _qdq_mse(x, mn, mx, symmetric)  # better than min-max
 
 
+def test_mse_coarse_to_fine_search_finds_the_full_grid_clip(monkeypatch):
+    """The MSE search evaluates every 8th clip candidate, then the neighbourhood of the best two:
+    on ReLU outputs, Gaussians with outliers and Laplace tensors at scales 1e-3..1e3 it returns the
+    same clips as evaluating all 200 (MSE_COARSE = 1)."""
+    rng = np.random.default_rng(0)
+    stats = []
+    for k in range(24):
+        x = rng.standard_normal(50_000)
+        if k % 4 == 1:
+            x = np.maximum(x, 0)
+        elif k % 4 == 2:
+            x = np.where(rng.random(x.size) < 0.001, x * 30, x)
+        elif k % 4 == 3:
+            x = rng.laplace(size=x.size) * np.exp(rng.uniform(-7, 7))
+        st = cal.TensorStats()
+        st.update(x.astype(np.float32))
+        stats.append(st)
+    fast = [(cal.compute_range(st, "mse"), cal.compute_range(st, "mse", symmetric=True)) for st in stats]
+    monkeypatch.setattr(cal, "MSE_COARSE", 1)
+    full = [(cal.compute_range(st, "mse"), cal.compute_range(st, "mse", symmetric=True)) for st in stats]
+    assert fast == full
+
+
 def test_entropy_clips_gaussian_outliers():
     x = _gauss_outliers(5)
     st = cal.TensorStats()
