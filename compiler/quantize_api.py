@@ -51,7 +51,7 @@ from .quant_plan import QuantPlan, build_plan, node_id, node_key, weighted_nodes
 from .quant_probe import PREFIX as PROBE_PREFIX
 from .quant_probe import ChannelMeans, Probe, concat
 from .quant_rules import table_for
-from .runtime import augment, error_metrics, output_error, reference_session, run_batches, sqnr_db
+from .runtime import augment, channel_axes, error_metrics, output_error, reference_session, run_batches, sqnr_db
 from .target import QuantScheme
 
 from edgec.passes.convert_fp16 import ConvertFP16
@@ -80,6 +80,21 @@ AUTO_METHODS = ("minmax", "percentile", "mse")
 # its worst held-out token fell from cosine 0.987 to 0.977); min-max saturates nothing it saw
 AUTO_MARGIN = 0.1
 ROUNDING_FLOOR = 0.2  # GPTQ rounding is tried when the int8 output error is at least this fraction of the budget
+
+
+def _folded_caps(ir: IR, plan: QuantPlan) -> dict[str, float]:
+    """Tensor -> the upper bound of the Relu (inf) or Clip(0, c) (c) folded into its range."""
+    folded, caps = set(plan.folded), {}
+    for n in ir.nodes:
+        if node_id(n) not in folded or not n.inputs:
+            continue
+        cap = np.inf
+        if n.op == "Clip":
+            hi = n.attrs.get("max") if "max" in n.attrs else (
+                ir.const_value(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2].name else None)
+            cap = float(hi) if hi is not None else np.inf
+        caps[n.inputs[0].name] = cap
+    return caps
 
 
 def guarded_error(metrics: dict) -> float:
@@ -577,7 +592,9 @@ class _Quantizer:
         """Per quantized activation tensor, in graph order, on the fallback's samples: its
         error against the float model once quantized (``sqnr_db``: everything upstream plus its
         own rounding) and the error of its own quantization alone (``quant_sqnr_db``: its
-        dequantized copy against its value before Q). Where the error grows, int8 hurts."""
+        dequantized copy against its value before Q; or its median channel's, when that is worse:
+        a scale one large channel sets crushes the others, which the whole tensor's error hides).
+        Where the error grows, int8 hurts."""
         probe = self._switchable_probe()
         position = {o.name: i for i, n in enumerate(self.ir.nodes) for o in n.outputs}
         tensors = sorted((t for t in plan.activations if PROBE_PREFIX + "dq." + t in probe.observe and t in probe.observe),
@@ -588,19 +605,36 @@ class _Quantizer:
         fetch = tensors + [PROBE_PREFIX + "dq." + t for t in tensors]
         acc = {t: np.zeros(3) for t in tensors}  # [sum float^2, sum (dq - float)^2, sum (dq - raw)^2]
         batches = batches if batches is not None else _subset(self.calib, FALLBACK_SAMPLES).batches
+        # a tensor whose Relu/Clip(0, c) is folded into its range: its dequantized copy is that
+        # activation's output, so the float and raw values it is compared with get it too (else
+        # the negatives the activation drops count as rounding noise: an SE squeeze conv read as 7 dB)
+        caps = _folded_caps(self.ir, plan)
+        per_channel: dict[str, np.ndarray] = {}  # tensor -> [2, channels]: sum float^2, sum (dq - raw)^2
         for b, got in run_batches(probe.session, fetch, batches, fixed=probe.inputs_for(plan, weights)):
             want = dict(zip(tensors, sess.run(tensors, b)))
             for t in tensors:
                 f = want[t].astype(np.float64).ravel()
                 raw, dq = got[t].astype(np.float64).ravel(), got[PROBE_PREFIX + "dq." + t].astype(np.float64).ravel()
+                if t in caps:
+                    f, raw = np.clip(f, 0.0, caps[t]), np.clip(raw, 0.0, caps[t])
                 if f.shape == dq.shape == raw.shape:
                     acc[t] += [np.sum(f * f), np.sum((dq - f) ** 2), np.sum((dq - raw) ** 2)]
+                    shape = got[t].shape
+                    axes = channel_axes(shape) if len(shape) >= 2 else []
+                    if axes:  # per channel: a scale that crushes most channels of a tensor one channel dominates
+                        other = tuple(a for a in range(len(shape)) if a != axes[0])
+                        c = np.stack([np.sum(np.square(f.reshape(shape)), axis=other),
+                                      np.sum(np.square((dq - raw).reshape(shape)), axis=other)])
+                        per_channel[t] = per_channel[t] + c if t in per_channel and per_channel[t].shape == c.shape else c
         producers = {o.name: n for n in self.ir.nodes for o in n.outputs}
         rows = []
         for t in tensors:
             ff, total, own = acc[t]
             rel = float(np.sqrt(total / ff)) if ff > 0 else 0.0
             qrel = float(np.sqrt(own / ff)) if ff > 0 else 0.0
+            pc = per_channel.get(t)
+            if pc is not None and np.any(pc[0] > 0):  # the median channel's own rounding, when worse
+                qrel = max(qrel, float(np.median(np.sqrt(pc[1][pc[0] > 0] / pc[0][pc[0] > 0]))))
             prod = producers.get(t)
             rows.append({"tensor": t, "producer": node_key(prod) if prod is not None else None,
                          "op": prod.op if prod is not None else "input", "sqnr_db": sqnr_db(rel),
