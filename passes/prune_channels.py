@@ -335,7 +335,7 @@ class PruneChannels(Pass):
         if fixed is None:
             fixed = any(t.shape and isinstance(t.shape[0], int) and t.shape[0] > 0 for t in ir.graph.inputs)
         split = split_feeds(feeds, AUTO_HOLDOUT, fixed) if len(candidates) > 1 else None
-        why, errors, macs = None, {}, {}
+        why, errors, macs, failed = None, {}, {}, {}
         if len(candidates) > 1 and split is None:
             why = (f"{sum(len(next(iter(b.values()))) for b in feeds)} calibration samples are too few to hold out "
                    f"{AUTO_HOLDOUT:.0%} and measure")
@@ -349,7 +349,12 @@ class PruneChannels(Pass):
                 ctx.log(f"prune_channels: auto: {importance}/{mode} on {n_fit} samples, measured on {n_held} held out "
                         f"({i + 1}/{len(candidates)})")
                 trial = ir.copy()
-                res = self._as(importance, mode).run(trial, PassContext(calib=fit, log=ctx.log))
+                try:
+                    res = self._as(importance, mode).run(trial, PassContext(calib=fit, log=ctx.log))
+                except Exception as e:  # (a candidate that cannot run on this graph is not one: the others still are)
+                    failed[(importance, mode)] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                    ctx.log(f"prune_channels: auto: {importance}/{mode} failed ({failed[(importance, mode)]})")
+                    continue
                 macs[(importance, mode)] = costs_mod.compute(trial).macs
                 if not res.changed:  # it pruned nothing: not a candidate (it would win with no error)
                     continue
@@ -357,7 +362,8 @@ class PruneChannels(Pass):
                 ctx.log(f"prune_channels: auto: {importance}/{mode} held-out output error "
                         f"{errors[(importance, mode)]:.4g}")
             if not errors:
-                why = "no candidate pruned anything"
+                why = "no candidate pruned anything" if not failed else "; ".join(
+                    f"{i}/{m} {said}" for (i, m), said in failed.items())
         chosen, eligible = candidates[0], dict(errors)
         if candidates[0] in errors:  # a candidate removing far fewer MACs than the first is not one
             base = costs_mod.compute(ir).macs
@@ -369,6 +375,8 @@ class PruneChannels(Pass):
                 chosen = best
 
         def said(c) -> str:
+            if c in failed:
+                return f"(failed: {failed[c]})"
             return (f"{errors[c]:.4g}" if c in eligible else "(pruned nothing)" if c not in errors
                     else f"{errors[c]:.4g} (too few MACs removed)")
 

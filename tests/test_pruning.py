@@ -535,3 +535,24 @@ def test_auto_pruning_without_enough_data_says_so():
     assert "too few" in ch["why"]
     blind = edgec.compile(model, None, prune=0.3, round_to=1).report["pruning"]  # no data: nothing to choose
     assert (blind["importance"], blind["mode"], blind["choice"]) == ("l1", "uniform", None)
+
+
+def test_auto_pruning_survives_a_candidate_that_cannot_run(monkeypatch):
+    """A candidate that raises on a graph (say, an importance that cannot score it) is reported
+    and skipped: the default compile is no less robust than its first candidate alone."""
+    real = importance.compute
+
+    def no_wanda(ir, groups, method="l1", feeds=None, **kw):
+        if method == "wanda":
+            raise ValueError("cannot score this graph")
+        return real(ir, groups, method, feeds, **kw)
+
+    monkeypatch.setattr(importance, "compute", no_wanda)
+    model = ALL_MODELS["resnet_basic"](batch=1)
+    calib = [verify.random_inputs(model, seed=s) for s in range(16)]
+    r = edgec.compile(model, None, prune=0.3, calib=calib, round_to=1)
+    pr = r.report["pruning"]
+    assert (pr["importance"], pr["mode"]) == ("l1", "uniform") and r.report["after"]["macs"] < r.report["before"]["macs"]
+    said = {(c["importance"], c["mode"]): c["said"] for c in pr["choice"]["candidates"]}
+    assert said[("wanda", "sensitivity")] == "(failed: ValueError: cannot score this graph)"
+    assert "failed: ValueError" in compile_text(r.report)
