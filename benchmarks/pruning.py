@@ -39,7 +39,7 @@ Reconstruction speed (model name ``resnet50``): a ResNet-50-size model generated
 ``edgec.builders.GraphBuilder`` (7x7 stem, bottleneck blocks 3-4-6-3, 64..2048 channels,
 1000 classes; 25.6M params, 4.1 GMACs at ``--r50-hw 224``), pruned ``--r50-ratio`` (30%) with
 ``--r50-samples`` (64) batch-1 N(0,1) calibration samples. Printed: the wall time of
-``edgec.compile(..., prune=0.3, calib=..., round_to=1, prune_mode="uniform")`` with and without reconstruction, of
+``edgec.compile(..., prune=0.3, calib=..., round_to=1, prune_mode="uniform", importance="l1")`` with and without reconstruction, of
 the reconstruction step alone (``edgec.passes.reconstruct.reconstruct`` on the same pruning,
 median of ``--r50-runs``), and its speed-up over the implementation before the staged run
 (commit 859006d: one export + session + full pass per layer), either run here once
@@ -306,7 +306,8 @@ def measure_recon_speed(hw: int, n: int, ratio: float, runs: int, old: bool) -> 
     out.update(params=c.params, macs=c.macs)
     for rec in (False, True):
         t0 = time.perf_counter()
-        res = edgec.compile(model, None, prune=ratio, calib=calib, reconstruct=rec, round_to=1, prune_mode="uniform")
+        res = edgec.compile(model, None, prune=ratio, calib=calib, reconstruct=rec, round_to=1, prune_mode="uniform",
+                            importance="l1")
         out["compile_seconds" if rec else "compile_seconds_plain"] = round(time.perf_counter() - t0, 2)
     times, cpu, report = [], [], []
     for _ in range(runs):
@@ -461,8 +462,8 @@ def main(argv=None) -> int:
                          "(median over the rounds of each one's --repeat-run median); default 5")
     ap.add_argument("--round-to", type=int, default=1,
                     help="channel multiple (default 1: the ratio exactly; the cpu target's default is 8)")
-    ap.add_argument("--prune-mode", default="uniform", choices=["uniform", "global", "sensitivity"],
-                    help="channel allocation for the table (default uniform)")
+    ap.add_argument("--prune-mode", default="uniform", choices=["uniform", "global", "sensitivity", "auto"],
+                    help="channel allocation for the table (default uniform; auto: the compile default, measured per model)")
     ap.add_argument("--importance", default="l1",
                     help="channel importance for the table (default l1; activation and fused use the calibration data)")
     ap.add_argument("--calib-samples", type=int, default=N_CALIB,

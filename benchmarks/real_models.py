@@ -55,8 +55,12 @@ Variants (one row each):
   fallback kept ops float (``fb`` = number of ops kept float, ``met``/``MISS`` the budget);
 * ``edgec latency``: ``goal="latency", max_error=0.05``; the report's chosen candidate;
 * ``edgec prune0.3``: ``prune=0.3`` with reconstruction on the calibration data (float), the
-  default allocation (``prune_mode="uniform"``: 30% of every group);
-* ``edgec prune0.3 sens``: the same with ``prune_mode="sensitivity"`` (per-group ratios from the
+  defaults (``importance="auto", prune_mode="auto"``: L1/uniform or wanda/sensitivity, whichever
+  measures the lower output error on a held-out quarter of the calibration samples; the note
+  names it);
+* ``edgec prune0.3 l1``: the old default, ``importance="l1", prune_mode="uniform"`` (30% of every
+  group);
+* ``edgec prune0.3 sens``: ``importance="l1", prune_mode="sensitivity"`` (per-group ratios from the
   measured output error, as many MACs removed as uniform);
 * ``ort <method> <pc|pt>``: ``quant_pre_process`` + ``quantize_static`` (QDQ, uint8
   activations, int8 weights, per-channel ``pc`` or per-tensor ``pt``, MinMax or Percentile);
@@ -751,6 +755,8 @@ def edgec_variant(model: onnx.ModelProto, calib: dict, workdir: Path, **kw):
     pr = rep.get("pruning")
     if pr and not q:
         note = f"params {rep['before']['params']}->{rep['after']['params']}, MACs {rep['before']['macs']:.3g}->{rep['after']['macs']:.3g}"
+        if pr.get("choice"):
+            note += f", auto: {pr['importance']}/{pr['mode']}"
     return out.read_bytes(), note, rep
 
 
@@ -803,7 +809,8 @@ def evaluate(name: str, host: bool, log, only: list[str] | None = None) -> dict:
         ("edgec int8 gptq", "edgec", dict(quantize="int8", rounding="gptq")),
         ("edgec latency", "edgec", dict(goal="latency", max_error=MAX_ERROR)),
         ("edgec prune0.3", "edgec", dict(prune=0.3)),
-        ("edgec prune0.3 sens", "edgec", dict(prune=0.3, prune_mode="sensitivity")),
+        ("edgec prune0.3 l1", "edgec", dict(prune=0.3, importance="l1", prune_mode="uniform")),
+        ("edgec prune0.3 sens", "edgec", dict(prune=0.3, importance="l1", prune_mode="sensitivity")),
         ("ort minmax pc", "ort", ("MinMax", True)),
         ("ort minmax pt", "ort", ("MinMax", False)),
         ("ort percentile pc", "ort", ("Percentile", True)),

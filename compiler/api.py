@@ -50,8 +50,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
             inputs: str | os.PathLike | dict | None = None, eval_data: str | os.PathLike | None = None,
             rtol: float = 1e-4, atol: float = 1e-5, max_error: float | None = None,
             calib=None, calib_samples: int | None = None,
-            prune: float | None = None, prune_macs: float | None = None, importance: str = "l1",
-            prune_mode: str = "uniform", prune_steps: int = 1, round_to: int | None = None,
+            prune: float | None = None, prune_macs: float | None = None, importance: str = "auto",
+            prune_mode: str = "auto", prune_steps: int = 1, round_to: int | None = None,
             max_layer_ratio: float = 0.9, reconstruct: bool = True, bench: bool = False,
             quantize: str | None = None, calib_method: str = "auto", percentile: float = 99.99,
             activations: str | None = None, weights: str | None = None, keep_float: Sequence[str] = (),
@@ -76,9 +76,11 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     names and ``labels``) adds top-1 accuracy before and after to the report.
 
     Lossy steps: ``prune`` (channel ratio) or ``prune_macs`` (fraction of MACs to remove) runs
-    dependency-aware channel pruning first, with ``importance`` (l1, l2, bn, activation,
-    fused), ``prune_mode`` (``uniform``, ``global``, or ``sensitivity``: per-group ratios from the
-    output error measured on ``calib``), ``prune_steps`` progressive steps, channel counts rounded to ``round_to`` (default:
+    dependency-aware channel pruning first, with ``importance`` (auto, l1, l2, bn, activation,
+    fused, wanda), ``prune_mode`` (``uniform``, ``global``, ``sensitivity``: per-group ratios from the
+    output error measured on ``calib``, or ``auto``, the default with ``importance="auto"``: L1/uniform
+    and Wanda/sensitivity each prune and re-fit on three quarters of ``calib`` and the lower output
+    error on the held-out quarter wins; without ``calib``, L1/uniform), ``prune_steps`` progressive steps, channel counts rounded to ``round_to`` (default:
     the target's channel multiple) and at most ``max_layer_ratio`` of any group removed; with
     ``calib`` data (a path, ``"random"``, or arrays) each consumer layer is re-fitted by least
     squares unless ``reconstruct`` is False. For lossy compiles ``verify`` measures the output
@@ -412,7 +414,8 @@ def _report(run: _Run) -> None:
     if run.prune_pass is not None:
         po, pruned = o.prune, _prune_result(run)
         report["pruning"] = {"ratio": pruned.ratio if po.macs is not None else po.ratio, "macs_target": po.macs,
-                             "importance": po.importance, "mode": run.prune_pass.mode, "steps": po.steps,
+                             "importance": pruned.importance or po.importance, "mode": pruned.mode or run.prune_pass.mode,
+                             "choice": pruned.choice, "steps": po.steps,
                              "round_to": po.round_to or tgt.channel_multiple,
                              "reconstruct": bool(po.reconstruct and run.calib is not None),
                              "groups": pruned.groups, "reconstruction": pruned.reconstruction}

@@ -27,8 +27,8 @@ from .calibration import parse_method
 from .errors import UserError
 from .pipeline import Pass
 
-IMPORTANCES = ("l1", "l2", "bn", "activation", "fused", "wanda")
-PRUNE_MODES = ("uniform", "global", "sensitivity")
+IMPORTANCES = ("auto", "l1", "l2", "bn", "activation", "fused", "wanda")
+PRUNE_MODES = ("auto", "uniform", "global", "sensitivity")
 QUANTIZE_MODES = ("int8", "fp16", "mixed", "vendor")  # vendor: the target's toolchain quantizes
 ACTIVATIONS = ("asymmetric", "symmetric")
 WEIGHTS = ("per-channel", "per-tensor")
@@ -237,8 +237,8 @@ class PruneOptions:
 
     ratio: float | None = None
     macs: float | None = None
-    importance: str = "l1"
-    mode: str = "uniform"
+    importance: str = "auto"
+    mode: str = "auto"
     steps: int = 1
     round_to: int | None = None  # None: the target's channel multiple
     max_layer_ratio: float = 0.9

@@ -117,6 +117,14 @@ def compile_text(r: dict) -> str:
         lines.append(f"  pruning: {how}, importance {pr['importance']}, {pr['mode']}, {pr['steps']} step(s), "
                      f"round to {pr['round_to']}, reconstruct {'on' if pr['reconstruct'] else 'off'}: "
                      f"{len(pruned)} of {len(groups)} groups pruned, {len(blocked)} unprunable")
+        ch = pr.get("choice")
+        if ch and ch.get("why"):
+            lines.append(f"    auto: kept {ch['chosen']['importance']}/{ch['chosen']['mode']} without measuring: {ch['why']}")
+        elif ch:
+            lines.append(f"    auto chose {ch['chosen']['importance']}/{ch['chosen']['mode']}: held-out output error "
+                         "(relative L2) "
+                         + ", ".join(f"{c['importance']}/{c['mode']} {c['said']}" for c in ch["candidates"])
+                         + f" on {ch['held_out_samples']} held-out calibration samples ({ch['seconds']:.1f} s)")
         for g in pruned[:12]:
             lines.append(f"    {g['id']:>5} {g['channels_before']:>5} -> {g['channels_after']:<5} "
                          f"{'-%.0f%%' % (100 * g['removed'] / max(g['channels_before'], 1)):>5}  {', '.join(g.get('origins', [])[:2])[:60]}")
