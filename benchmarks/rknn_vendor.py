@@ -37,6 +37,7 @@ Models:
     python benchmarks/rknn_vendor.py --algorithms normal --methods channel   # the default only
     python benchmarks/rknn_vendor.py --models ocr_det --edgec-methods mse    # + edgec's QDQ with --calib-method mse
     python benchmarks/rknn_vendor.py --edgec-levels 3 --algorithms normal --methods channel  # + edgec's QDQ at level 3
+    python benchmarks/rknn_vendor.py --edgec-strict --algorithms normal --methods channel     # + edgec's QDQ, --strict-int8
 
 The toolkit runs in its own virtual environment (``tests/vendor``: created on first use).
 """
@@ -139,7 +140,8 @@ def rknn_variants(algorithms, methods) -> list[tuple[str, dict]]:
     return out
 
 
-def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=(), edgec_levels=()) -> dict:
+def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=(), edgec_levels=(),
+             edgec_strict=False) -> dict:
     t0 = time.perf_counter()
     model, iname, calib, feeds, metric, key = case(name, n_eval)
     shape = [1] + list(calib.shape[1:])
@@ -163,6 +165,10 @@ def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=(), edge
             edgec.compile(src, td / "float.onnx", target="rknn", input_shapes=shapes, quantize="vendor",
                           calib=calib_dict)
             extra = {}
+            if edgec_strict:  # edgec's QDQ with --strict-int8: no float islands from the fallback
+                edgec.compile(src, td / "qdq_strict.onnx", target="rknn", input_shapes=shapes, quantize="int8",
+                              calib=calib_dict, strict_int8=True)
+                extra["edgec qdq (strict int8)"] = td / "qdq_strict.onnx"
             for m in edgec_methods:  # more edgec QDQ variants: --calib-method m
                 edgec.compile(src, td / f"qdq_{m}.onnx", target="rknn", input_shapes=shapes, quantize="int8",
                               calib=calib_dict, calib_method=m)
@@ -258,6 +264,8 @@ def main(argv=None) -> int:
                                                           "(e.g. mse,percentile)")
     ap.add_argument("--edgec-levels", default="", help="also edgec's QDQ built at these RKNN optimization levels "
                                                          "(e.g. 3: RKNN's default; edgec's own choice is the 'edgec qdq' row)")
+    ap.add_argument("--edgec-strict", action="store_true", help="also edgec's QDQ with --strict-int8 (no float "
+                                                                  "islands from the fallback)")
     ap.add_argument("--json", help="write the results here (JSON)")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of earlier --json results")
     a = ap.parse_args(argv)
@@ -269,7 +277,8 @@ def main(argv=None) -> int:
         try:
             res = evaluate(name, a.algorithms.split(","), a.methods.split(","), a.eval,
                            lambda s: print(s, file=sys.stderr, flush=True),
-                           [m for m in a.edgec_methods.split(",") if m], [v for v in a.edgec_levels.split(",") if v])
+                           [m for m in a.edgec_methods.split(",") if m], [v for v in a.edgec_levels.split(",") if v],
+                           a.edgec_strict)
         except rm.Unavailable as e:
             print(f"[{name}] skipped: {e}", file=sys.stderr)
             continue
