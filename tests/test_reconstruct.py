@@ -322,3 +322,26 @@ def test_ridge_towards_the_current_weights():
     original, ir, kept, _ = _pruned(model, 0.3)
     with pytest.raises(ValueError, match="ridge prior"):
         reconstruct(ir, original, calib, kept, prior="mean")
+
+
+def test_layers_too_wide_for_a_closed_form_fit_are_left_as_pruned(monkeypatch):
+    """A layer with more inputs per output than MAX_UNKNOWNS is not re-fitted (VGG-19's first
+    fully connected layer would need a 17,561-wide float64 system: a compile held 13 GB); the
+    report says why, the narrower layers are still re-fitted, and the model still runs."""
+    from edgec.passes import reconstruct as rec_mod
+    model = ALL_MODELS["resnet_bottleneck"](batch=1)
+    calib = [verify.random_inputs(model, seed=s) for s in range(8)]
+    original, ir, kept, plain = _pruned(model, 0.3)
+    full = {r["layer"]: r for r in reconstruct(ir.copy(), original, calib, kept)}
+    sizes = {}
+    for n in ir.nodes:
+        if n.name in full and n.op == "Conv":
+            w = ir.const_value(n.inputs[1])
+            sizes[n.name] = int(np.prod(w.shape[1:])) + 1
+    limit = sorted(sizes.values())[len(sizes) // 2]
+    monkeypatch.setattr(rec_mod, "MAX_UNKNOWNS", limit)
+    report = {r["layer"]: r for r in reconstruct(ir, original, calib, kept)}
+    wide = [n for n, k in sizes.items() if k > limit]
+    assert wide and all(not report[n]["refit"] and "too wide to re-fit" in report[n]["reason"] for n in wide)
+    assert any(r["refit"] for n, r in report.items() if n not in wide)
+    runtime.output_error(original, ir.to_onnx(), calib[:2])  # still a valid model
