@@ -51,7 +51,7 @@ from .quant_plan import QuantPlan, build_plan, node_id, node_key, weighted_nodes
 from .quant_probe import PREFIX as PROBE_PREFIX
 from .quant_probe import ChannelMeans, Probe, concat
 from .quant_rules import table_for
-from .runtime import augment, channel_axes, error_metrics, output_error, reference_session, run_batches, sqnr_db
+from .runtime import augment, error_metrics, output_error, reference_session, run_batches, sqnr_db
 from .target import QuantScheme
 
 from edgec.passes.convert_fp16 import ConvertFP16
@@ -101,15 +101,19 @@ def _folded_caps(ir: IR, plan: QuantPlan) -> dict[str, float]:
     return caps
 
 
-def kept_steps(steps: list[dict], full: float) -> list[dict]:
+def kept_steps(steps: list[dict], full: float, budget: float | None = None) -> list[dict]:
     """The fallback steps kept: the fewest that come within ``STEP_TOLERANCE`` of the lowest
     ``error_after`` (the steps after them float ops for gains the measurement cannot tell from
-    noise), and none unless they cut the error ``full`` by a tenth."""
+    noise), but never fewer than the first that meets ``budget`` when one does; none unless they
+    cut the error ``full`` by a tenth."""
     best = min(range(len(steps)), key=lambda i: steps[i]["error_after"], default=None)
     if best is None or steps[best]["error_after"] > 0.9 * full:
         return []
     low = steps[best]["error_after"]
-    return steps[:next(i for i in range(best + 1) if steps[i]["error_after"] <= low * (1 + STEP_TOLERANCE)) + 1]
+    cut = next(i for i in range(best + 1) if steps[i]["error_after"] <= low * (1 + STEP_TOLERANCE))
+    if budget is not None and steps[cut]["error_after"] > budget:
+        cut = next((i for i in range(best + 1) if steps[i]["error_after"] <= budget), cut)
+    return steps[:cut + 1]
 
 
 def guarded_error(metrics: dict) -> float:
@@ -526,7 +530,7 @@ class _Quantizer:
             self.log(f"fallback: {u} float ({', '.join(extra)}), error {err:.4g}")
             if err <= budget:
                 break
-        steps = kept_steps(steps, full)
+        steps = kept_steps(steps, full, budget)
         floats = [k for st in steps for k in st["float"]]
         section = {"max_error": budget, "error_before": guarded_error(rep["error"]), "steps": steps,
                    "float": [{"node": k, "why": (f"measured contribution {st['contribution']:.3g} to the output error"
@@ -630,9 +634,11 @@ class _Quantizer:
                 if f.shape == dq.shape == raw.shape:
                     acc[t] += [np.sum(f * f), np.sum((dq - f) ** 2), np.sum((dq - raw) ** 2)]
                     shape = got[t].shape
-                    axes = channel_axes(shape) if len(shape) >= 2 else []
-                    if axes:  # per channel: a scale that crushes most channels of a tensor one channel dominates
-                        other = tuple(a for a in range(len(shape)) if a != axes[0])
+                    # per channel (axis 1 of NCHW and [batch, features], the last axis of [batch,
+                    # tokens, hidden]): a scale that one large channel sets crushes the others
+                    axis = (len(shape) - 1 if len(shape) == 3 else 1) if len(shape) >= 2 else None
+                    if axis is not None and shape[axis] > 1:
+                        other = tuple(a for a in range(len(shape)) if a != axis)
                         c = np.stack([np.sum(np.square(f.reshape(shape)), axis=other),
                                       np.sum(np.square((dq - raw).reshape(shape)), axis=other)])
                         per_channel[t] = per_channel[t] + c if t in per_channel and per_channel[t].shape == c.shape else c

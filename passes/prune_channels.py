@@ -20,7 +20,7 @@ Rules
     Wanda importance with the sensitivity allocation, or the two values of whichever of the two
     is ``auto``) each prune a copy of the graph, re-fitted on three quarters of the calibration
     samples; the output error (worst output's relative L2 against the unpruned graph) is
-    measured on the held-out quarter, and the lowest wins, the first candidate unless another is
+    measured on the held-out quarter (every fourth sample, :func:`split_feeds`), and the lowest wins, the first candidate unless another is
     ``AUTO_MARGIN`` lower. The winner then prunes the graph on all the samples. Without
     calibration data, or with fewer than ``AUTO_MIN_SAMPLES`` samples to split, the first
     candidate is used (the result's note says so);
@@ -245,29 +245,36 @@ def auto_candidates(importance: str, mode: str, has_feeds: bool) -> list[tuple[s
 
 
 def split_feeds(feeds: list[dict], fraction: float, fixed_batch: bool) -> tuple[list[dict], list[dict]] | None:
-    """(fit, held-out) calibration batches: about ``fraction`` of the samples held out, taken from
-    the end; whole batches when there are several (and always with a fixed batch size), else the
-    last batch cut. None when there are fewer than ``AUTO_MIN_SAMPLES`` samples or no split leaves
-    samples on both sides."""
+    """(fit, held-out) calibration batches, every ``round(1 / fraction)``-th sample held out (not
+    the last ones: a folder read in order is often grouped by class or source). Samples are rows
+    of the batches; with a fixed batch size (or batch-1 feeds) whole batches are held out
+    instead, the last one when there are fewer batches than the stride. None when there are
+    fewer than ``AUTO_MIN_SAMPLES`` samples or the held-out part would be empty or more than half."""
     sizes = [len(next(iter(b.values()))) if b else 0 for b in feeds]
     total = sum(sizes)
-    if total < AUTO_MIN_SAMPLES:
+    if total < AUTO_MIN_SAMPLES or len(feeds) == 0:
         return None
-    want = max(1, round(total * fraction))
-    fit, held, n = list(feeds), [], 0
-    while fit and n < want:
-        b, s = fit[-1], sizes[len(fit) - 1]
-        if n + s <= want or fixed_batch:
-            held.insert(0, fit.pop())
-            n += s
-        else:  # cut this batch: its last samples are held out
-            k = want - n
-            fit[-1] = {name: v[:s - k] for name, v in b.items()}
-            held.insert(0, {name: v[s - k:] for name, v in b.items()})
-            n += k
-    if not fit or not held or n > total // 2:
-        return None
-    return fit, held
+    k = max(2, round(1 / fraction))
+    if fixed_batch or all(n == 1 for n in sizes):
+        if len(feeds) < 2:
+            return None
+        held_idx = [i for i in range(len(feeds)) if i % k == k - 1] or [len(feeds) - 1]
+        held = [feeds[i] for i in held_idx]
+        fit = [b for i, b in enumerate(feeds) if i not in set(held_idx)]
+        if sum(sizes[i] for i in held_idx) > total / 2:
+            return None
+        return fit, held
+    fit, held, start = [], [], 0
+    for b, n in zip(feeds, sizes):
+        mask = (np.arange(start, start + n) % k) == k - 1
+        start += n
+        if (~mask).any():
+            fit.append({name: v[~mask] for name, v in b.items()})
+        if mask.any():
+            held.append({name: v[mask] for name, v in b.items()})
+    return (fit, held) if fit and held else None
+
+
 SENSITIVITY_WEIGHT_ROLES = ("weight.out", "weight.in", "dw.weight")
 
 
@@ -335,16 +342,23 @@ class PruneChannels(Pass):
         if fixed is None:
             fixed = any(t.shape and isinstance(t.shape[0], int) and t.shape[0] > 0 for t in ir.graph.inputs)
         split = split_feeds(feeds, AUTO_HOLDOUT, fixed) if len(candidates) > 1 else None
-        why, errors, macs, failed = None, {}, {}, {}
+        why, errors, macs, failed, nothing = None, {}, {}, {}, set()
+        # samples as given (a fixed-batch model's last batch is padded by repeating samples)
+        given = getattr(ctx.calib, "num_samples", None)
+        count = sum(len(next(iter(b.values()))) for b in feeds) if feeds else 0
+        given = given if isinstance(given, int) and 0 < given <= count else count
         if len(candidates) > 1 and split is None:
-            why = (f"{sum(len(next(iter(b.values()))) for b in feeds)} calibration samples are too few to hold out "
-                   f"{AUTO_HOLDOUT:.0%} and measure")
+            if fixed and len(feeds) < 2 and given >= AUTO_MIN_SAMPLES:
+                why = (f"the model's fixed batch size puts all {given} calibration samples in one batch, which cannot "
+                       f"be split to hold some out")
+            else:
+                why = f"{given} calibration samples are too few to hold out {AUTO_HOLDOUT:.0%} and measure"
         elif split is not None:
             fit, held = split
             original = ir.to_onnx()
             reference = run_outputs(original, held)
             n_fit = sum(len(next(iter(b.values()))) for b in fit)
-            n_held = sum(len(next(iter(b.values()))) for b in held)
+            n_held = min(sum(len(next(iter(b.values()))) for b in held), max(given - n_fit, 1))
             for i, (importance, mode) in enumerate(candidates):
                 ctx.log(f"prune_channels: auto: {importance}/{mode} on {n_fit} samples, measured on {n_held} held out "
                         f"({i + 1}/{len(candidates)})")
@@ -357,6 +371,7 @@ class PruneChannels(Pass):
                     continue
                 macs[(importance, mode)] = costs_mod.compute(trial).macs
                 if not res.changed:  # it pruned nothing: not a candidate (it would win with no error)
+                    nothing.add((importance, mode))
                     continue
                 errors[(importance, mode)] = output_error(original, trial.to_onnx(), held, reference)["rel_l2"]
                 ctx.log(f"prune_channels: auto: {importance}/{mode} held-out output error "
@@ -377,8 +392,11 @@ class PruneChannels(Pass):
         def said(c) -> str:
             if c in failed:
                 return f"(failed: {failed[c]})"
-            return (f"{errors[c]:.4g}" if c in eligible else "(pruned nothing)" if c not in errors
-                    else f"{errors[c]:.4g} (too few MACs removed)")
+            if c in nothing:
+                return "(pruned nothing)"
+            if c not in errors:
+                return "(not measured)"
+            return f"{errors[c]:.4g}" if c in eligible else f"{errors[c]:.4g} (too few MACs removed)"
 
         result = self._as(*chosen).run(ir, ctx)
         data = result.data

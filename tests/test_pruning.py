@@ -463,15 +463,22 @@ def test_sensitivity_needs_calibration_data():
 
 
 # ---------------------------------------------------------------------------- auto: measured choice
-def test_split_feeds_holds_out_a_quarter_from_the_end():
+def test_split_feeds_holds_out_every_fourth_sample():
     from edgec.passes.prune_channels import split_feeds
-    one = [{"x": np.arange(32.0)[:, None]}]
-    fit, held = split_feeds(one, 0.25, fixed_batch=False)  # one dynamic batch: cut
-    assert [len(b["x"]) for b in fit] == [24] and [len(b["x"]) for b in held] == [8]
-    assert held[0]["x"][0, 0] == 24 and fit[0]["x"][-1, 0] == 23
+    one = [{"x": np.arange(32.0)[:, None], "m": np.arange(32)[:, None] * 10}]  # one dynamic batch: rows
+    fit, held = split_feeds(one, 0.25, fixed_batch=False)
+    assert held[0]["x"][:, 0].tolist() == [3, 7, 11, 15, 19, 23, 27, 31] and len(fit[0]["x"]) == 24
+    assert held[0]["m"][:, 0].tolist() == [30, 70, 110, 150, 190, 230, 270, 310]  # every input alike
+    two = [{"x": np.arange(10.0)[:, None]}, {"x": np.arange(10.0, 16.0)[:, None]}]  # unequal batches, one count
+    fit, held = split_feeds(two, 0.25, fixed_batch=False)
+    assert np.concatenate([b["x"] for b in held])[:, 0].tolist() == [3, 7, 11, 15]
+    assert sum(len(b["x"]) for b in fit) == 12
     batches = [{"x": np.full((1, 3), float(i))} for i in range(12)]  # static batch 1: whole batches
     fit, held = split_feeds(batches, 0.25, fixed_batch=True)
-    assert len(fit) == 9 and len(held) == 3 and held[0]["x"][0, 0] == 9
+    assert [b["x"][0, 0] for b in held] == [3, 7, 11] and len(fit) == 9
+    fixed = [{"x": np.zeros((8, 1))}, {"x": np.zeros((8, 1))}, {"x": np.ones((8, 1))}]  # fewer batches than 4
+    fit, held = split_feeds(fixed, 0.25, fixed_batch=True)
+    assert len(fit) == 2 and held[0]["x"][0, 0] == 1
     assert split_feeds([{"x": np.zeros((32, 1))}], 0.25, fixed_batch=True) is None  # cannot cut a fixed batch
     assert split_feeds([{"x": np.zeros((7, 1))}], 0.25, fixed_batch=False) is None  # too few samples
 
@@ -533,6 +540,7 @@ def test_auto_pruning_without_enough_data_says_so():
     ch = r.report["pruning"]["choice"]
     assert (r.report["pruning"]["importance"], r.report["pruning"]["mode"]) == ("l1", "uniform")
     assert "too few" in ch["why"]
+    assert [c["said"] for c in ch["candidates"]] == ["(not measured)", "(not measured)"]
     blind = edgec.compile(model, None, prune=0.3, round_to=1).report["pruning"]  # no data: nothing to choose
     assert (blind["importance"], blind["mode"], blind["choice"]) == ("l1", "uniform", None)
 
@@ -556,3 +564,25 @@ def test_auto_pruning_survives_a_candidate_that_cannot_run(monkeypatch):
     said = {(c["importance"], c["mode"]): c["said"] for c in pr["choice"]["candidates"]}
     assert said[("wanda", "sensitivity")] == "(failed: ValueError: cannot score this graph)"
     assert "failed: ValueError" in compile_text(r.report)
+
+
+def _fixed_batch_model(batch: int):
+    b = GraphBuilder("fixed", seed=1)
+    x = b.input("input", [batch, 3, 8, 8])
+    b.output(b.conv(b.relu(b.conv(b.relu(b.conv(x, 32, 3)), 32, 3)), 4, 1), "output")
+    return b.build("three convs, a fixed batch")
+
+
+def test_auto_pruning_counts_the_samples_given_with_a_fixed_batch():
+    """A fixed batch of 8 and 20 samples: three batches, the last padded by repetition. The report
+    counts the 20 samples given (fit + held out), not the padded 24; one batch of 32 cannot be
+    split, and the report says that rather than "too few"."""
+    model = _fixed_batch_model(8)
+    rng = np.random.default_rng(0)
+    r = edgec.compile(model, None, prune=0.3, round_to=1, calib={"input": rng.standard_normal((20, 3, 8, 8)).astype(np.float32)})
+    ch = r.report["pruning"]["choice"]
+    assert ch["fit_samples"] + ch["held_out_samples"] == 20 and ch["held_out_samples"] == 4, ch
+    one = edgec.compile(_fixed_batch_model(32), None, prune=0.3, round_to=1,
+                        calib={"input": rng.standard_normal((10, 3, 8, 8)).astype(np.float32)})
+    why = one.report["pruning"]["choice"]["why"]
+    assert "cannot be split" in why and "10 calibration samples" in why, why

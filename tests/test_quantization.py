@@ -860,3 +860,7 @@ def test_fallback_keeps_the_fewest_steps_near_the_lowest_error():
     assert [s["candidate"] for s in quantize_api.kept_steps(steps(0.3, 0.2, 0.05), 0.5)] == ["c0", "c1", "c2"]
     assert quantize_api.kept_steps(steps(0.48, 0.47), 0.5) == []  # under a tenth: nothing goes float
     assert quantize_api.kept_steps([], 0.5) == []
+    # the step that met the budget stays, even within the tolerance of an earlier one
+    met = steps(0.101, 0.0995)
+    assert [s["candidate"] for s in quantize_api.kept_steps(met, 0.2, budget=0.1)] == ["c0", "c1"]
+    assert [s["candidate"] for s in quantize_api.kept_steps(met, 0.2)] == ["c0"]

@@ -344,4 +344,5 @@ def test_layers_too_wide_for_a_closed_form_fit_are_left_as_pruned(monkeypatch):
     wide = [n for n, k in sizes.items() if k > limit]
     assert wide and all(not report[n]["refit"] and "too wide to re-fit" in report[n]["reason"] for n in wide)
     assert any(r["refit"] for n, r in report.items() if n not in wide)
-    runtime.output_error(original, ir.to_onnx(), calib[:2])  # still a valid model
+    # the narrower layers' re-fit still brings the output closer than pruning alone
+    assert runtime.output_error(original, ir.to_onnx(), calib)["rel_l2"] < runtime.output_error(original, plain, calib)["rel_l2"]
