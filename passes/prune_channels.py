@@ -338,6 +338,8 @@ class PruneChannels(Pass):
         t0 = time.perf_counter()
         feeds = ctx.feeds()
         candidates = auto_candidates(self.importance, self.mode, bool(feeds))
+        if self.macs_target is None and not self.ratio:  # nothing to prune: nothing to choose
+            candidates = candidates[:1]
         fixed = getattr(ctx.calib, "fixed_batch", None)
         if fixed is None:
             fixed = any(t.shape and isinstance(t.shape[0], int) and t.shape[0] > 0 for t in ir.graph.inputs)

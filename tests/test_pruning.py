@@ -586,3 +586,10 @@ def test_auto_pruning_counts_the_samples_given_with_a_fixed_batch():
                         calib={"input": rng.standard_normal((10, 3, 8, 8)).astype(np.float32)})
     why = one.report["pruning"]["choice"]["why"]
     assert "cannot be split" in why and "10 calibration samples" in why, why
+
+
+def test_auto_pruning_at_ratio_zero_runs_no_trials():
+    model = ALL_MODELS["resnet_basic"](batch=1)
+    calib = [verify.random_inputs(model, seed=s) for s in range(16)]
+    ir, p, b, a = _prune(model, ratio=0.0, feeds=calib, mode="auto", importance="auto")
+    assert p.choice is None and (p.importance, p.mode) == ("l1", "uniform") and a.macs == b.macs
