@@ -414,7 +414,7 @@ def _report(run: _Run) -> None:
     if run.prune_pass is not None:
         po, pruned = o.prune, _prune_result(run)
         report["pruning"] = {"ratio": pruned.ratio if po.macs is not None else po.ratio, "macs_target": po.macs,
-                             "importance": pruned.importance or po.importance, "mode": pruned.mode or run.prune_pass.mode,
+                             "importance": pruned.importance, "mode": pruned.mode,
                              "choice": pruned.choice, "steps": po.steps,
                              "round_to": po.round_to or tgt.channel_multiple,
                              "reconstruct": bool(po.reconstruct and run.calib is not None),

@@ -190,6 +190,15 @@ class CalibrationSet:
                               max_samples=lim, where=self.where, count=self._count, check_constant=False)
 
 
+def count_samples(batches) -> int:
+    """Samples in calibration ``batches``: a :class:`CalibrationSet`'s count when it knows it,
+    else the sum of the batches' sizes (each batch's first input)."""
+    n = getattr(batches, "num_samples", None)
+    if n is not None:
+        return int(n)
+    return int(sum(len(next(iter(b.values()))) for b in batches if b))
+
+
 def _take(pending, n_pending, k):
     batch, rest = {}, {}
     for name, parts in pending.items():

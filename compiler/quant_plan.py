@@ -330,6 +330,16 @@ def build_plan(ir: IR, scheme, ranges: dict, *, precisions: dict | None = None, 
                     activations or scheme.activations, weights or scheme.weights).run()
 
 
+def clip_bounds(ir: IR, n: gs.Node) -> tuple:
+    """A Clip's (min, max) as constants, either None where it has none or it is not constant
+    (an empty or missing input; the opset < 11 attributes, min defaulting to -inf)."""
+    lo = ir.const_value(n.inputs[1]) if len(n.inputs) > 1 and not is_empty(n.inputs[1]) else None
+    hi = ir.const_value(n.inputs[2]) if len(n.inputs) > 2 and not is_empty(n.inputs[2]) else None
+    if "min" in n.attrs or "max" in n.attrs:  # opset < 11 form
+        lo = np.asarray(n.attrs.get("min", -np.inf))
+        hi = np.asarray(n.attrs.get("max", np.inf)) if "max" in n.attrs else None
+    return lo, hi
+
 class _Planner:
     def __init__(self, ir: IR, scheme, ranges, precisions, keep, activations, weights):
         if activations not in ("asymmetric", "symmetric"):
@@ -524,11 +534,7 @@ class _Planner:
             return False
         hi_cap = None
         if n.op == "Clip":
-            lo_v = ir.const_value(n.inputs[1]) if len(n.inputs) > 1 and not is_empty(n.inputs[1]) else None
-            hi_v = ir.const_value(n.inputs[2]) if len(n.inputs) > 2 and not is_empty(n.inputs[2]) else None
-            if "min" in n.attrs or "max" in n.attrs:  # opset < 11 form
-                lo_v = np.asarray(n.attrs.get("min", -np.inf))
-                hi_v = np.asarray(n.attrs.get("max", np.inf)) if "max" in n.attrs else None
+            lo_v, hi_v = clip_bounds(ir, n)
             if lo_v is None or float(lo_v) != 0.0:
                 return False
             if len(n.inputs) > 2 and not is_empty(n.inputs[2]) and hi_v is None:

@@ -46,8 +46,8 @@ from .errors import UserError, VerificationError
 from .ir import IR, plain_dtype
 from .options import QuantOptions
 from .pipeline import PassContext, PassManager
-from .calibdata import CalibrationSet
-from .quant_plan import QuantPlan, build_plan, node_id, node_key, weighted_nodes
+from .calibdata import CalibrationSet, count_samples
+from .quant_plan import QuantPlan, build_plan, clip_bounds, node_id, node_key, weighted_nodes
 from .quant_probe import PREFIX as PROBE_PREFIX
 from .quant_probe import ChannelMeans, Probe, concat
 from .quant_rules import table_for
@@ -92,12 +92,8 @@ def _folded_caps(ir: IR, plan: QuantPlan) -> dict[str, float]:
     for n in ir.nodes:
         if node_id(n) not in folded or not n.inputs:
             continue
-        cap = np.inf
-        if n.op == "Clip":
-            hi = n.attrs.get("max") if "max" in n.attrs else (
-                ir.const_value(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2].name else None)
-            cap = float(hi) if hi is not None else np.inf
-        caps[n.inputs[0].name] = cap
+        hi = clip_bounds(ir, n)[1] if n.op == "Clip" else None
+        caps[n.inputs[0].name] = float(hi) if hi is not None else np.inf
     return caps
 
 
@@ -325,7 +321,7 @@ class _Quantizer:
             report["placement"] = "tensorrt"
         else:
             report["weight_type"] = scheme.weight_type
-        report["calibration"] = {"samples": _samples(self.calib), "tensors": len(self.tensors),
+        report["calibration"] = {"samples": count_samples(self.calib), "tensors": len(self.tensors),
                                  "seconds": round(calib_seconds, 3)}
         if _uses_percentile(self.method):
             report["percentile"] = self.percentile
@@ -779,20 +775,13 @@ def _fp16(ir: IR, calib, keep_float, t0) -> dict:
     rep = {"mode": "fp16", "notes": [n for r in records for n in r.notes], **records[0].data.as_dict()}
     if calib is not None:
         sub = _take(calib, ERROR_SAMPLES)
-        rep["error"] = {**output_error(before, ir.to_onnx(), sub), "samples": _samples(sub)}
+        rep["error"] = {**output_error(before, ir.to_onnx(), sub), "samples": count_samples(sub)}
     rep["seconds"] = round(time.perf_counter() - t0, 3)
     return rep
 
 
 def _take(batches, n: int):
     return batches.take(n) if hasattr(batches, "take") else batches
-
-
-def _samples(batches) -> int:
-    n = getattr(batches, "num_samples", None)
-    if n is not None:
-        return int(n)
-    return int(sum(len(next(iter(b.values()))) for b in batches))
 
 
 def _uses_percentile(method) -> bool:

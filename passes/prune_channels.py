@@ -57,6 +57,7 @@ from edgec import importance as imp
 from edgec import sensitivity as sens
 from edgec.analysis import costs as costs_mod
 from edgec.analysis.channels import ChannelGroup, ConstantEdits, ParamSlice, expand_positions, find_groups
+from edgec.calibdata import count_samples
 from edgec.errors import UserError
 from edgec.ir import IR
 from edgec.passes.reconstruct import reconstruct
@@ -346,9 +347,8 @@ class PruneChannels(Pass):
         split = split_feeds(feeds, AUTO_HOLDOUT, fixed) if len(candidates) > 1 else None
         why, errors, macs, failed, nothing = None, {}, {}, {}, set()
         # samples as given (a fixed-batch model's last batch is padded by repeating samples)
-        given = getattr(ctx.calib, "num_samples", None)
-        count = sum(len(next(iter(b.values()))) for b in feeds) if feeds else 0
-        given = given if isinstance(given, int) and 0 < given <= count else count
+        count = count_samples(feeds or [])
+        given = min(getattr(ctx.calib, "num_samples", None) or count, count)
         if len(candidates) > 1 and split is None:
             if fixed and len(feeds) < 2 and given >= AUTO_MIN_SAMPLES:
                 why = (f"the model's fixed batch size puts all {given} calibration samples in one batch, which cannot "
@@ -359,8 +359,8 @@ class PruneChannels(Pass):
             fit, held = split
             original = ir.to_onnx()
             reference = run_outputs(original, held)
-            n_fit = sum(len(next(iter(b.values()))) for b in fit)
-            n_held = min(sum(len(next(iter(b.values()))) for b in held), max(given - n_fit, 1))
+            n_fit = count_samples(fit)
+            n_held = min(count_samples(held), max(given - n_fit, 1))
             for i, (importance, mode) in enumerate(candidates):
                 ctx.log(f"prune_channels: auto: {importance}/{mode} on {n_fit} samples, measured on {n_held} held out "
                         f"({i + 1}/{len(candidates)})")
