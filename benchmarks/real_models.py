@@ -53,6 +53,7 @@ Variants (one row each):
 * ``edgec int8``: ``edgec.compile(..., quantize="int8", calib=...)``, cpu target defaults
   (``--max-error`` 0.05 fallback budget); the report's relative L2 error and whether the
   fallback kept ops float (``fb`` = number of ops kept float, ``met``/``MISS`` the budget);
+* ``edgec int8 strict``: ``strict_int8=True``: everything int8, no fallback;
 * ``edgec latency``: ``goal="latency", max_error=0.05``; the report's chosen candidate;
 * ``edgec prune0.3``: ``prune=0.3`` with reconstruction on the calibration data (float), the
   defaults (``importance="auto", prune_mode="auto"``: L1/uniform or wanda/sensitivity, whichever
@@ -755,8 +756,10 @@ def edgec_variant(model: onnx.ModelProto, calib: dict, workdir: Path, **kw):
     pr = rep.get("pruning")
     if pr and not q:
         note = f"params {rep['before']['params']}->{rep['after']['params']}, MACs {rep['before']['macs']:.3g}->{rep['after']['macs']:.3g}"
-        if pr.get("choice"):
-            note += f", auto: {pr['importance']}/{pr['mode']}"
+        ch = pr.get("choice")
+        if ch:
+            note += (f", auto: {pr['importance']}/{pr['mode']} ("
+                     + ", ".join(f"{c['importance']}/{c['mode']} {c['said']}" for c in ch["candidates"]) + ")")
     return out.read_bytes(), note, rep
 
 
@@ -807,6 +810,7 @@ def evaluate(name: str, host: bool, log, only: list[str] | None = None) -> dict:
         ("edgec int8", "edgec", dict(quantize="int8")),
         ("edgec int8 minmax", "edgec", dict(quantize="int8", calib_method="minmax")),
         ("edgec int8 gptq", "edgec", dict(quantize="int8", rounding="gptq")),
+        ("edgec int8 strict", "edgec", dict(quantize="int8", strict_int8=True)),
         ("edgec latency", "edgec", dict(goal="latency", max_error=MAX_ERROR)),
         ("edgec prune0.3", "edgec", dict(prune=0.3)),
         ("edgec prune0.3 l1", "edgec", dict(prune=0.3, importance="l1", prune_mode="uniform")),
@@ -816,8 +820,10 @@ def evaluate(name: str, host: bool, log, only: list[str] | None = None) -> dict:
         ("ort percentile pc", "ort", ("Percentile", True)),
         ("ort percentile pt", "ort", ("Percentile", False)),
     ]
+    labels = {label for label, _, _ in variants}
     for label, tool, opts in variants:
-        if only and not any(o in label for o in only):
+        # a row's exact name selects that row; any other text, every row containing it
+        if only and not any(o == label or (o not in labels and o in label) for o in only):
             continue
         with tempfile.TemporaryDirectory() as td:
             t = time.perf_counter()
@@ -829,9 +835,12 @@ def evaluate(name: str, host: bool, log, only: list[str] | None = None) -> dict:
                         warnings.simplefilter("ignore")
                         data, note = ort_variant(model, calib, Path(td), *opts), ""
                 secs = time.perf_counter() - t
-                row = {"variant": label, "ref": score(run_all(data, feeds)),
+                outs = run_all(data, feeds)
+                held = held_out_rel_l2(outs, ref_outs)
+                row = {"variant": label, "ref": score(outs),
                        "host": score(run_all(data, feeds, True)) if host else None,
-                       "note": f"{len(data) / 1e6:.2f} MB" + (f"; {note}" if note else ""), "seconds": secs}
+                       "note": f"{len(data) / 1e6:.2f} MB, held-out rel L2 {held:.4f}" + (f"; {note}" if note else ""),
+                       "seconds": secs}
             except Exception as e:  # recorded, not hidden: the point of the benchmark
                 secs = time.perf_counter() - t
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
@@ -844,6 +853,13 @@ def evaluate(name: str, host: bool, log, only: list[str] | None = None) -> dict:
         best = max(ort_rows, key=lambda r: r["ref"][key])
         rows.append({**best, "variant": "ort best", "note": f"= {best['variant']}", "seconds": best["seconds"]})
     return {"model": name, "key": key, "rows": rows}
+
+
+def held_out_rel_l2(outs: list[list[np.ndarray]], ref_outs: list[list[np.ndarray]]) -> float:
+    """Relative L2 of the first output against fp32's over the evaluation samples."""
+    num = sum(float(np.sum((np.asarray(o[0], np.float64) - r[0]) ** 2)) for o, r in zip(outs, ref_outs))
+    den = sum(float(np.sum(np.asarray(r[0], np.float64) ** 2)) for r in ref_outs)
+    return (num / den) ** 0.5 if den > 0 else 0.0
 
 
 def fmt(res: dict) -> str:
@@ -862,7 +878,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
     ap.add_argument("--no-host", action="store_true", help="skip the host-kernel column")
-    ap.add_argument("--variants", help="comma-separated substrings of the rows to run (e.g. 'int8,ort'); default all")
+    ap.add_argument("--variants", help="comma-separated rows to run: a row's exact name, or text every row containing it "
+                                       "matches (e.g. 'int8,ort'); default all")
     ap.add_argument("--json", help="write the rows as JSON")
     ap.add_argument("-q", "--quiet", action="store_true")
     a = ap.parse_args(argv)

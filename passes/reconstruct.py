@@ -62,9 +62,8 @@ from edgec.pipeline import Pass, PassContext, PassResult, register
 RIDGE_STEPS = (1, 10, 100, 1000)
 PRIORS = ("zero", "current")
 # a layer with more inputs per output than this is not re-fitted: its normal equations are a
-# K x K float64 system (8,192: 0.5 GB, factorised in seconds); VGG-19's first fully connected
-# layer after 30% pruning has 17,561 (2.5 GB a copy, minutes a factorisation: a VGG compile
-# with --calib held 13 GB)
+# K x K float64 system (8,192: 0.5 GB); VGG-19's first fully connected layer reads 25,088
+# inputs, about 17,600 after 30% pruning (2.5 GB a copy)
 MAX_UNKNOWNS = 8192
 
 

@@ -326,7 +326,7 @@ def test_ridge_towards_the_current_weights():
 
 def test_layers_too_wide_for_a_closed_form_fit_are_left_as_pruned(monkeypatch):
     """A layer with more inputs per output than MAX_UNKNOWNS is not re-fitted (VGG-19's first
-    fully connected layer would need a 17,561-wide float64 system: a compile held 13 GB); the
+    fully connected layer would need a system about 17,600 wide after 30% pruning); the
     report says why, the narrower layers are still re-fitted, and the model still runs."""
     from edgec.passes import reconstruct as rec_mod
     model = ALL_MODELS["resnet_bottleneck"](batch=1)
