@@ -97,7 +97,7 @@ def _configure(t: Target) -> None:
                         f"pairs of products in int16); use scheme=u8s7 or u8u8, or isa=vnni if the device has VNNI")
     else:
         reason = f"scheme={scheme} chosen with --target-option (isa={isa})"
-    t.quant = QuantScheme(activations="asymmetric", weights="per-channel", bias="int32",
+    t.quant = QuantScheme(activations="asymmetric", weights="per-channel", bias="int32", wide_activations=True,
                           weight_type=WEIGHT_TYPE[scheme], isa=isa, reason=reason)
     t.description = f"ONNX Runtime on x86-64 CPUs ({isa}, {scheme.upper()} int8)"
 
@@ -108,7 +108,7 @@ TARGET = Target(
     min_opset=7,
     max_opset=23,
     channel_multiple=8,
-    quant=QuantScheme(activations="asymmetric", weights="per-channel", bias="int32"),
+    quant=QuantScheme(activations="asymmetric", weights="per-channel", bias="int32", wide_activations=True),
     options={"isa": "avx2", "scheme": "auto"},
     option_help={"isa": "deployment CPU: avx2 (default: exact on every x86-64), avx512, vnni, amx, "
                         "or auto (this build host)",

@@ -53,7 +53,7 @@ def _configure(t: Target) -> None:
                         f"name the device's cores with --target-option isa={'|'.join(ISAS)}")
     if isa not in ISAS:
         raise UserError(f"target neon: isa={t.options['isa']} is not known (choose {', '.join(ISAS)})")
-    t.quant = QuantScheme(activations="symmetric", weights="per-channel", bias="int32",
+    t.quant = QuantScheme(activations="symmetric", weights="per-channel", bias="int32", wide_activations=True,
                           weight_type="int8", isa=isa, reason=REASONS[isa])
     t.description = f"ONNX Runtime on ARM64 CPUs (NEON, {isa})"
 
@@ -64,7 +64,7 @@ TARGET = Target(
     min_opset=7,
     max_opset=23,
     channel_multiple=4,
-    quant=QuantScheme(activations="symmetric", weights="per-channel", bias="int32"),
+    quant=QuantScheme(activations="symmetric", weights="per-channel", bias="int32", wide_activations=True),
     options={"isa": "dotprod"},
     option_help={"isa": "deployment cores: dotprod (default, ARMv8.2+), i8mm (ARMv8.6+), armv8 (no dot product)"},
     configure=_configure,

@@ -51,8 +51,9 @@ Variants (one row each):
 
 * ``fp32``: the model with its input shape fixed (all variants start from it);
 * ``edgec int8``: ``edgec.compile(..., quantize="int8", calib=...)``, cpu target defaults
-  (``--max-error`` 0.05 fallback budget); the report's relative L2 error and whether the
-  fallback kept ops float (``fb`` = number of ops kept float, ``met``/``MISS`` the budget);
+  (the default 0.1 relative-L2 fallback budget); the report's relative L2 error and what the
+  fallback did (``fb`` = number of ops kept float, ``+ N 16-bit`` activation tensors given 16
+  bits, ``met``/``MISS`` the budget);
 * ``edgec int8 strict``: ``strict_int8=True``: everything int8, no fallback;
 * ``edgec latency``: ``goal="latency", max_error=0.05``; the report's chosen candidate;
 * ``edgec prune0.3``: ``prune=0.3`` with reconstruction on the calibration data (float), the
@@ -744,7 +745,9 @@ def edgec_variant(model: onnx.ModelProto, calib: dict, workdir: Path, **kw):
         if mc:
             note = f"auto: {mc['chosen']} ({mc['seconds']:.1f}s), " + note
         if fb:
-            note += f", fb {nf} float, {'met' if fb.get('met') else 'MISS'} (before {fb.get('error_before', 0):.3f})"
+            nw = len((fb.get("sixteen_bit") or {}).get("tensors") or [])
+            note += (f", fb {nf} float" + (f" + {nw} 16-bit" if nw else "")
+                     + f", {'met' if fb.get('met') else 'MISS'} (before {fb.get('error_before', 0):.3f})")
         rnd = q.get("rounding") or {}
         if "rel_l2_chosen" in rnd:
             note += (f", gptq {rnd['rel_l2_nearest']:.4f} -> {rnd['rel_l2_chosen']:.4f} "

@@ -27,7 +27,9 @@ Numerics
   scale (per channel), zero point 0, the form QLinearConv/QGemm take; kept float when it would
   overflow int32.
 - Activations: ``asymmetric`` uint8 with a zero point; ``symmetric`` int8 [-127, 127], zero
-  point 0; one scale per tensor.
+  point 0; one scale per tensor. The int8 fallback's last step (schemes with
+  ``wide_activations``) gives chosen tensors 16 bits over the same range (:func:`widened`:
+  uint16 / int16 [-32767, 32767]).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ _PASS_THROUGH = ("Split", "Concat", "Slice", "Reshape", "Transpose", "Squeeze", 
 class ActQuant:
     scale: np.float32
     zero_point: int
-    dtype: str  # "uint8" | "int8"
+    dtype: str  # "uint8" | "int8" | "uint16" | "int16" (the fallback's 16-bit activations)
     readers: frozenset | None = None  # None: every reader; else {(node id, input slot)}
 
 
@@ -196,6 +198,24 @@ def activation_params(lo: float, hi: float, symmetric: bool) -> tuple[np.float32
     return np.float32(scale), zp
 
 
+WIDE = {"uint8": "uint16", "int8": "int16"}  # an activation type -> its 16-bit form
+QRANGE = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767)}
+
+
+def widened(aq: ActQuant) -> ActQuant:
+    """``aq``'s range (the float values its 8-bit levels span) on 16 bits: 257 levels for each
+    of the 8-bit ones; a 16-bit ``aq`` is returned as it is."""
+    if aq.dtype not in WIDE:
+        return aq
+    s = float(aq.scale)
+    if aq.dtype == "int8":  # symmetric: zero point 0, [-127, 127] -> [-32767, 32767]
+        return replace(aq, scale=np.float32(max(s * 127.0 / 32767.0, MIN_SCALE)), zero_point=0, dtype="int16")
+    lo, hi = (0 - aq.zero_point) * s, (255 - aq.zero_point) * s
+    scale = max((hi - lo) / 65535.0, MIN_SCALE)
+    zp = int(np.clip(np.round(-lo / scale), 0, 65535))
+    return replace(aq, scale=np.float32(scale), zero_point=zp, dtype="uint16")
+
+
 def weight_arrays(w: np.ndarray, wq: WeightQuant, rounded=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(stored values, float32 scales, zero points) of a weight under ``wq``; ``rounded``: the
     plan's chosen (levels, scales, zero points) for this layer, when it has them."""
@@ -321,13 +341,47 @@ def kept_float(node: gs.Node, keep: set) -> bool:
 
 
 def build_plan(ir: IR, scheme, ranges: dict, *, precisions: dict | None = None, keep_float=(),
-               activations: str | None = None, weights: str | None = None) -> QuantPlan:
+               activations: str | None = None, weights: str | None = None, wide=()) -> QuantPlan:
     """The plan for ``ir`` under ``scheme`` (a :class:`edgec.target.QuantScheme`), given the
     calibrated ``ranges`` (tensor -> (lo, hi)); ``precisions`` (layer -> fp32/int8/int4, default
     int8) and ``keep_float`` (node or tensor names) exclude layers; ``activations``/``weights``
-    override the scheme's."""
-    return _Planner(ir, scheme, ranges, precisions or {}, set(keep_float or ()),
+    override the scheme's; the activation tensors in ``wide`` get 16 bits (:func:`widened`)."""
+    plan = _Planner(ir, scheme, ranges, precisions or {}, set(keep_float or ()),
                     activations or scheme.activations, weights or scheme.weights).run()
+    return with_wide(plan, wide)
+
+
+def scale_groups(ir: IR, plan: QuantPlan) -> dict[str, list[str]]:
+    """The plan's quantized tensors in groups sharing one scale through an op (a folded ReLU, a
+    data-movement op, a Concat): group's first tensor -> its tensors. Widen or float a group
+    whole: the materialised model gives a folded ReLU's readers its input's Q/DQ."""
+    acts = plan.activations
+    parent = {t: t for t in acts}
+
+    def find(t):
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    for n in ir.nodes:
+        ins = [x.name for x in n.inputs if x.name in acts]
+        for o in n.outputs:
+            for i in ins:
+                if o.name in acts and (acts[i].scale, acts[i].zero_point) == (acts[o.name].scale, acts[o.name].zero_point):
+                    parent[find(o.name)] = find(i)
+    groups: dict[str, list[str]] = {t: [] for t in acts if find(t) == t}
+    for t in acts:
+        groups[find(t)].append(t)
+    return groups
+
+
+def with_wide(plan: QuantPlan, wide) -> QuantPlan:
+    """``plan`` with the activation tensors in ``wide`` on 16 bits."""
+    wide = set(wide or ())
+    if not wide & set(plan.activations):
+        return plan
+    return replace(plan, activations={t: widened(a) if t in wide else a for t, a in plan.activations.items()})
 
 
 def clip_bounds(ir: IR, n: gs.Node) -> tuple:

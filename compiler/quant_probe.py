@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
 from .ir import IR, is_empty
-from .quant_plan import QuantPlan, bias_form, fake_quantized_weight, node_id, out_channels, weight_arrays, weighted_nodes
+from .quant_plan import QRANGE, WIDE, QuantPlan, bias_form, fake_quantized_weight, node_id, out_channels, weight_arrays, weighted_nodes
 from .quant_rules import table_for
 from .runtime import error_metrics, reference_session, run_batches
 
@@ -82,11 +82,20 @@ class Probe:
     ReLUs removed, with no switches: the probe then costs what the quantized model costs.
     ``switchable=True`` (mixed precision, where plans quantize subsets) puts a switch on every
     reader edge. Every tensor of ``observe`` is also an output; with ``layer_inputs``, so is the
-    data input each layer reads (``layer_input[node id]``: its dequantized copy where quantized)."""
+    data input each layer reads (``layer_input[node id]``: its dequantized copy where quantized).
+
+    ``wide=True`` (the int8 fallback's 16-bit step) makes every Q/DQ pair 16-bit followed by a
+    ``Clip`` whose bounds are inputs too: an 8-bit tensor is quantized on its own scale and zero
+    point and clipped to its 8-bit levels' span, which is the 8-bit pair's result exactly
+    (``round(x / s) + z`` is the same integer; a level beyond the 8-bit ones dequantizes past the
+    bound and is clipped to it); a 16-bit tensor is not clipped. So a plan mixing 8- and 16-bit
+    tensors is measured by one session."""
 
     def __init__(self, ir: IR, float_model: onnx.ModelProto, scheme, widest: QuantPlan, *, switchable: bool = True,
-                 adaptive: Iterable[str] = (), observe: Iterable[str] = (), layer_inputs: bool = False):
+                 adaptive: Iterable[str] = (), observe: Iterable[str] = (), layer_inputs: bool = False,
+                 wide: bool = False):
         self.ir = ir
+        self.wide = wide
         self.observe = list(observe)
         self.with_layer_inputs = layer_inputs
         self.layer_input: dict[str, str] = {}
@@ -171,7 +180,12 @@ class Probe:
 
         # Q/DQ on every probed tensor; its readers read the dequantized copy (switchable: through a
         # Where per reader edge)
-        qtype = TensorProto.INT8 if self.dtype == "int8" else TensorProto.UINT8
+        qtype = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int16": TensorProto.INT16,
+                 "uint16": TensorProto.UINT16}[WIDE[self.dtype] if self.wide else self.dtype]
+        # 16-bit Q/DQ: ai.onnx's from opset 21, ONNX Runtime's com.microsoft ones before
+        qdomain = "" if not self.wide or opset >= 21 else "com.microsoft"
+        if qdomain and not any(o.domain == qdomain for o in m.opset_import):
+            m.opset_import.append(helper.make_opsetid(qdomain, 1))
         probed = set(self.tensors)
         self.edges: dict[str, list[tuple[str, int]]] = {}
         nodes = []
@@ -188,8 +202,17 @@ class Probe:
                     s, z = PREFIX + "s." + x, PREFIX + "z." + x
                     new_inputs.append(helper.make_tensor_value_info(s, TensorProto.FLOAT, []))
                     new_inputs.append(helper.make_tensor_value_info(z, qtype, []))
-                    nodes.append(helper.make_node("QuantizeLinear", [x, s, z], [PREFIX + "q." + x]))
-                    nodes.append(helper.make_node("DequantizeLinear", [PREFIX + "q." + x, s, z], [PREFIX + "dq." + x]))
+                    nodes.append(helper.make_node("QuantizeLinear", [x, s, z], [PREFIX + "q." + x], domain=qdomain))
+                    if self.wide:
+                        lo, hi = PREFIX + "lo." + x, PREFIX + "hi." + x
+                        new_inputs.append(helper.make_tensor_value_info(lo, TensorProto.FLOAT, []))
+                        new_inputs.append(helper.make_tensor_value_info(hi, TensorProto.FLOAT, []))
+                        nodes.append(helper.make_node("DequantizeLinear", [PREFIX + "q." + x, s, z],
+                                                      [PREFIX + "dq16." + x], domain=qdomain))
+                        nodes.append(helper.make_node("Clip", [PREFIX + "dq16." + x, lo, hi], [PREFIX + "dq." + x]))
+                    else:
+                        nodes.append(helper.make_node("DequantizeLinear", [PREFIX + "q." + x, s, z],
+                                                      [PREFIX + "dq." + x]))
                     made.add(x)
                 self.edges.setdefault(x, []).append((reader, slot))
                 if not self.switchable:
@@ -281,17 +304,24 @@ class Probe:
             value = np.asarray(target if on else np.zeros(c), dtype=np.float32)
             feeds[PREFIX + "fpm." + nid] = value.reshape(self._fpm_shape[nid])
             feeds[PREFIX + "flag." + nid] = np.array(1.0 if on else 0.0, dtype=np.float32)
-        qdt = np.int8 if self.dtype == "int8" else np.uint8
+        qdt = np.dtype(WIDE[self.dtype] if self.wide else self.dtype).type
+        allowed = (self.dtype, WIDE[self.dtype]) if self.wide else (self.dtype,)
         acts = plan.activations if plan is not None else {}
         if not self.switchable and (plan is None or plan.folded != self.widest.folded or {
                 k: v.readers for k, v in acts.items()} != {k: v.readers for k, v in self.widest.activations.items()}):
             raise ValueError("this probe measures plans with its widest plan's structure only (switchable=False)")
         for x, edges in self.edges.items():
             aq = acts.get(x)
-            if aq is not None and aq.dtype != self.dtype:
-                raise ValueError(f"the probe measures {self.dtype} activations, the plan has {aq.dtype}")
-            feeds[PREFIX + "s." + x] = np.array(aq.scale if aq is not None else 1.0, dtype=np.float32)
+            if aq is not None and aq.dtype not in allowed:
+                raise ValueError(f"the probe measures {' and '.join(allowed)} activations, the plan has {aq.dtype}")
+            scale = np.float32(aq.scale if aq is not None else 1.0)
+            feeds[PREFIX + "s." + x] = np.array(scale, dtype=np.float32)
             feeds[PREFIX + "z." + x] = np.array(aq.zero_point if aq is not None else 0, dtype=qdt)
+            if self.wide:  # an 8-bit tensor: its levels' span, as DequantizeLinear computes it
+                span = (np.float32(-np.inf), np.float32(np.inf))
+                if aq is not None and aq.dtype == self.dtype:
+                    span = tuple(np.float32(q - aq.zero_point) * scale for q in QRANGE[aq.dtype])
+                feeds[PREFIX + "lo." + x], feeds[PREFIX + "hi." + x] = (np.array(v, dtype=np.float32) for v in span)
             if not self.switchable:
                 continue
             for reader, slot in edges:

@@ -20,6 +20,10 @@ Stages (``int8`` and ``mixed``)
      exist with per-tensor weights or a depthwise conv in a pair): the int8 plan is measured
      with and without equalised weights (their min-max ranges follow from per-channel
      statistics; histogram methods re-calibrate) and the lower error wins; the report gives both.
+   - the int8 guard (``int8``): above the error budget, ops go back to float by measured
+     contribution, then (schemes with ``wide_activations``: ONNX Runtime's cpu and neon) the
+     noisiest activation tensors get 16 bits, until the budget is met; beyond ``COLLAPSE``
+     nothing is written.
 4. **Write** the winning plan: the ``equalize_layers`` pass when equalisation won, then the
    ``quantize_qdq`` materialiser with the plan in its context.
 
@@ -47,7 +51,8 @@ from .ir import IR, plain_dtype
 from .options import QuantOptions
 from .pipeline import PassContext, PassManager
 from .calibdata import CalibrationSet, count_samples
-from .quant_plan import QuantPlan, build_plan, clip_bounds, node_id, node_key, weighted_nodes
+from .quant_plan import (WIDE, QuantPlan, build_plan, clip_bounds, node_id, node_key, scale_groups, weighted_nodes,
+                         with_wide)
 from .quant_probe import PREFIX as PROBE_PREFIX
 from .quant_probe import ChannelMeans, Probe, concat
 from .quant_rules import table_for
@@ -71,6 +76,10 @@ MAX_STEPS = 8  # fallback steps, each measured
 # float the held-out box F1 fell from 0.957 to 0.943
 STEP_TOLERANCE = 0.02
 FALLBACK_SAMPLES = 32  # calibration samples the fallback's measurements run on (a whole batch at least)
+# the 16-bit step (schemes with wide_activations): scale groups go to 16 bits noisiest first, in
+# prefixes of 1, 2, 4, ... groups until one meets the budget, then bisected down; at most this
+# many measurements
+MAX_WIDE_MEASUREMENTS = 16
 # the budget also holds per output channel, this much looser: one collapsed channel (a detector's
 # class scores beside its box coordinates) fails it even when the output's overall error is small
 CHANNEL_FACTOR = 4.0
@@ -165,7 +174,7 @@ def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8",
         return _fp16(ir, calib, keep_float, t0)
     if calib is None:
         raise UserError(f"--quantize {mode} needs calibration data (--calib PATH)")
-    scheme = scheme or QuantScheme(weight_type="uint8")
+    scheme = scheme or QuantScheme(weight_type="uint8", wide_activations=True)
     overrides = {k: v for k, v in (("activations", activations), ("weights", weights), ("weight_type", weight_type))
                  if v is not None}
     scheme = replace(scheme, **overrides)
@@ -275,6 +284,7 @@ class _Quantizer:
         self.rounding = rounding == "gptq" and mode == "int8"
         self._known_parts = None
         self._sw_probe: Probe | None = None
+        self.wide: tuple[str, ...] = ()  # activation tensors the fallback gave 16 bits
 
     def run(self) -> dict:
         ir, scheme = self.ir, self.scheme
@@ -338,8 +348,14 @@ class _Quantizer:
         total = len(weighted_nodes(ir, table_for(scheme)))  # before the weights become DequantizeLinear outputs
         records = PassManager(([EqualizeLayers()] if weights else []) + [QuantizeQDQ()], reinfer_shapes=False).run(
             ir, PassContext(plan=plan))
-        report["int8_coverage"] = {"weighted_int8": len(plan.weights), "weighted": total,
-                                   "ratio": round(len(plan.weights) / total, 4) if total else None}
+        # a layer reading a 16-bit tensor runs ONNX Runtime's float kernel between the Q/DQ
+        wide_in = sum(1 for w in plan.weights.values()
+                      if plan.activations.get(w.input) is not None and plan.activations[w.input].dtype in WIDE.values())
+        int8 = len(plan.weights) - wide_in
+        report["int8_coverage"] = {"weighted_int8": int8, "weighted": total,
+                                   "ratio": round(int8 / total, 4) if total else None}
+        if wide_in:
+            report["int8_coverage"]["weighted_16bit_input"] = wide_in
         report["float_layers"] = [list(f) for f in plan.float_layers]
         if scheme.rules == "tensorrt":
             report.update({"quantized_layers": len(plan.weights), "residual_adds": plan.residual_adds})
@@ -461,8 +477,11 @@ class _Quantizer:
             worst = sorted(rep.get("trace", []), key=lambda r: r["quant_rel_l2"], reverse=True)[:3]
             where = "; ".join(f"'{r['tensor']}' after {r['op']} (its own int8 rounding {r['quant_sqnr_db']:.1f} dB)"
                               for r in worst) or "no single tensor stands out"
+            fb = rep.get("fallback", {})
             tried = ("with --strict-int8 nothing was kept float" if self.strict else
-                     f"even with {len(rep.get('fallback', {}).get('float', []))} ops kept float")
+                     f"even with {len(fb.get('float', []))} ops kept float"
+                     + (f" and {len(fb['sixteen_bit']['tensors'])} tensors on 16 bits"
+                        if fb.get("sixteen_bit", {}).get("tensors") else ""))
             raise VerificationError(
                 f"int8 collapses this model: output error (relative L2) {rep['error']['rel_l2']:.3g}, worst output "
                 f"channel {rep['error'].get('worst_channel_rel_l2', 0):.3g}, SQNR {rep['error']['sqnr_db']:.1f} dB, "
@@ -479,7 +498,9 @@ class _Quantizer:
         int8), then units go float in that order, each step measured, at most ``MAX_FALLBACK``
         of the quantized ops (beyond the first unit) and ``MAX_STEPS`` steps. With more than
         ``MAX_CANDIDATES`` candidates, the ones whose own quantization is noisiest (the trace)
-        are measured. Measurements run on the first ``FALLBACK_SAMPLES`` calibration samples."""
+        are measured. Measurements run on the first ``FALLBACK_SAMPLES`` calibration samples.
+        Still above the budget, where the scheme has 16-bit activations, the last step gives the
+        noisiest tensors 16 bits (:meth:`_widen`)."""
         ir = self.ir
         probe = self._switchable_probe()
         subset = _subset(self.calib, min(FALLBACK_SAMPLES, self.bias_set.samples))  # a prefix of the bias subset
@@ -535,11 +556,16 @@ class _Quantizer:
                              for st in steps for k in st["float"]],
                    "contributions": [{"candidate": u, "ops": units[u], "contribution": round(contribution[u], 6)}
                                      for u in sorted(units, key=lambda u: -contribution[u])[:10]]}
-        if not floats:
+        wide: list[str] = []
+        now = steps[-1]["error_after"] if steps else full
+        if now > budget and self.scheme.wide_activations:
+            wide, section["sixteen_bit"] = self._widen(ranges, weights, keep + floats, batches, ref, noise, budget, now)
+        if not floats and not wide:
             rep.update({"trace": trace, "fallback": {**section, "met": False}})
             return plan, rep
-        self.keep_float = tuple(keep + floats)
-        self.probe, fixed_probe = probe, self.probe  # the fallback plan is a subset: the switchable probe measures it
+        self.keep_float, self.wide = tuple(keep + floats), tuple(wide)
+        # the fallback plan is a subset of the int8 one: the switchable probe measures it (the wide one, 16-bit tensors)
+        self.probe, fixed_probe = (self._wide_probe() if wide else probe), self.probe
         self._known_parts = None
         new_plan, new_rep = self._refine(ranges, weights, capture)
         self.probe = fixed_probe
@@ -548,6 +574,65 @@ class _Quantizer:
         new_rep.update({k: v for k, v in rep.items() if k not in new_rep})
         new_rep.update({"trace": trace, "fallback": section})
         return new_plan, new_rep
+
+    def _widen(self, ranges: dict, weights, keep: list[str], batches, ref, noise: dict, budget: float,
+               before: float) -> tuple[list[str], dict]:
+        """The fallback's last step, where the scheme has 16-bit activations: with the ops in
+        ``keep`` float, which activation tensors get 16 bits. Scale groups (a tensor with every
+        tensor sharing its scale) go noisiest first (``noise``: the trace's own-rounding error); the
+        prefixes of 1, 2, 4, ... groups are measured until one meets ``budget``, then the shortest
+        prefix that meets it is bisected for, within ``MAX_WIDE_MEASUREMENTS``. None meeting it,
+        the lowest measured is kept if it cuts ``before`` by a tenth. Returns (tensors, report)."""
+        t0 = time.perf_counter()
+        probe = self._wide_probe()
+        base = build_plan(self.ir, self.scheme, ranges, keep_float=keep)
+        groups = sorted(scale_groups(self.ir, base).values(), key=lambda g: -max(noise.get(t, 0.0) for t in g))
+        measured: dict[int, float] = {}
+
+        def error(k: int) -> float:
+            if k not in measured:
+                p = with_wide(base, [t for g in groups[:k] for t in g])
+                measured[k] = guarded_error(error_metrics(ref, probe.outputs(p, batches, weights=weights)))
+                self.log(f"fallback: 16-bit activations on the {k} noisiest of {len(groups)} scale groups, "
+                         f"error {measured[k]:.4g}")
+            return measured[k]
+
+        k, miss = 1, 0
+        while groups and len(measured) < MAX_WIDE_MEASUREMENTS:
+            if error(k) <= budget or k == len(groups):
+                break
+            miss, k = k, min(2 * k, len(groups))
+        if groups and measured.get(k, np.inf) <= budget:
+            lo, hi = miss, k  # lo misses (0: nothing wide), hi meets
+            while hi - lo > 1 and len(measured) < MAX_WIDE_MEASUREMENTS:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if error(mid) <= budget else (mid, hi)
+            chosen = hi
+        else:
+            chosen = min(measured, key=measured.get, default=0)
+            if chosen and measured[chosen] > 0.9 * before:
+                chosen = 0
+        tensors = [t for g in groups[:chosen] for t in g]
+        section = {"tensors": [{"tensor": t, "noise": round(noise.get(t, 0.0), 6)} for t in tensors
+                               if t not in base.folded],  # (a folded ReLU's output is its input's Q/DQ)
+                   "groups": len(groups), "error_before": round(before, 6),
+                   "error_after": round(measured[chosen], 6) if chosen else None,
+                   "measured": {str(j): round(e, 6) for j, e in sorted(measured.items())},
+                   "seconds": round(time.perf_counter() - t0, 3),
+                   "why": ("ONNX Runtime's CPU kernels run the ops reading or writing a 16-bit tensor in float "
+                           "between its Q/DQ (there are no fused 16-bit kernels): the weights stay int8, the "
+                           "speed is float's") if tensors else
+                          f"16-bit activations measured no tenth below {before:.4g}: none kept"}
+        return tensors, section
+
+    def _wide_probe(self) -> Probe:
+        """A switchable probe whose Q/DQ pairs are 16-bit (8-bit tensors clipped to their span:
+        the same values), for plans mixing 8- and 16-bit activations."""
+        if getattr(self, "_wp", None) is None:
+            sw = self._switchable_probe()
+            self._wp = Probe(self.ir, self.float_model, self.scheme, self.widest, switchable=True, wide=True,
+                             adaptive=sw.adaptive, observe=sw.observe, layer_inputs=self.rounding)
+        return self._wp
 
     def _units(self, plan: QuantPlan) -> dict[str, list[str]]:
         """Quantized tensor -> the ops to keep float so that it, and every tensor sharing its
@@ -558,34 +643,19 @@ class _Quantizer:
             node_id(n) for n in ir.nodes if n.outputs and table.get(n.op) is not None and table[n.op].follows
             and n.outputs[0].name in plan.activations}
         tensors = ir.tensors()
-        acts = plan.activations
-        parent = {t: t for t in acts}
-
-        def find(t):
-            while parent[t] != t:
-                parent[t] = parent[parent[t]]
-                t = parent[t]
-            return t
-
-        for n in ir.nodes:  # tensors joined by an op and sharing one scale are one unit
-            ins = [x.name for x in n.inputs if x.name in acts]
-            for o in n.outputs:
-                for i in ins:
-                    if o.name in acts and (acts[i].scale, acts[i].zero_point) == (acts[o.name].scale, acts[o.name].zero_point):
-                        parent[find(o.name)] = find(i)
-        ops_of: dict[str, list[str]] = {}
-        for t in acts:
-            tensor = tensors.get(t)
-            if tensor is None:
-                continue
-            prod = ir.producer(tensor)
-            nodes = ([prod] if prod is not None else []) + [c for c in tensor.outputs if c.outputs]
-            ops_of.setdefault(find(t), []).extend(node_key(n) for n in nodes if node_id(n) in quantized)
         units = {}
-        for t in acts:
-            ops = list(dict.fromkeys(ops_of.get(find(t), [])))
-            if ops and find(t) == t:
-                units[t] = ops
+        for root, members in scale_groups(ir, plan).items():
+            ops = []
+            for t in members:
+                tensor = tensors.get(t)
+                if tensor is None:
+                    continue
+                prod = ir.producer(tensor)
+                nodes = ([prod] if prod is not None else []) + [c for c in tensor.outputs if c.outputs]
+                ops.extend(node_key(n) for n in nodes if node_id(n) in quantized)
+            ops = list(dict.fromkeys(ops))
+            if ops:
+                units[root] = ops
         return units
 
     def _switchable_probe(self) -> Probe:
@@ -672,7 +742,8 @@ class _Quantizer:
                                         f"{search['weights_bytes']} bytes of weights (everything int4); nothing was "
                                         f"written")
             rep.update({"plan": precisions, "sensitivity": table, "search": search})
-        plan = build_plan(self.ir, self.scheme, ranges, precisions=precisions, keep_float=self.keep_float)
+        plan = build_plan(self.ir, self.scheme, ranges, precisions=precisions, keep_float=self.keep_float,
+                          wide=self.wide)
         known = self._known_parts if self.mode == "int8" else None  # this plan's outputs, error subset
         plan, outs = self._settle(plan, weights, capture, known, rep)
         if self.rounding:

@@ -96,12 +96,23 @@ def compile_text(r: dict) -> str:
                 lines.append(f"    rounding: nearest ({rnd['why']})")
         fb = q.get("fallback")
         if fb:
+            wide = (fb.get("sixteen_bit") or {}).get("tensors") or []
+            done = " and ".join(x for x in (f"{len(fb['float'])} ops kept float" if fb["float"] else "",
+                                            f"{len(wide)} activation tensors on 16 bits" if wide else "") if x)
             lines.append(f"    int8 error {fb['error_before']:.4g} was above the budget {fb['max_error']:g}: "
-                         + (f"{len(fb['float'])} ops kept float -> {fb.get('error_after', fb['error_before']):.4g}"
+                         + (f"{done} -> {fb.get('error_after', fb['error_before']):.4g}"
                             + (" (budget met)" if fb.get("met") else " (budget NOT met)")
-                            if fb["float"] else "no op's fallback helped"))
+                            if done else "no op's fallback helped"))
             for f in fb["float"][:8]:
                 lines.append(f"      float {f['node']}: {f['why']}")
+            if wide:
+                lines.append(f"      16-bit: {', '.join(w['tensor'] for w in wide[:6])}"
+                             + (f" and {len(wide) - 6} more" if len(wide) > 6 else "")
+                             + f" ({fb['sixteen_bit']['why']})")
+            elif fb.get("sixteen_bit"):
+                lines.append(f"      16-bit: {fb['sixteen_bit']['why']}")
+        if cov and cov.get("weighted_16bit_input"):
+            lines.append(f"    {cov['weighted_16bit_input']} weighted ops read a 16-bit tensor (float kernels in ONNX Runtime)")
         if q.get("trace"):
             worst = sorted(q["trace"], key=lambda t: t["quant_rel_l2"], reverse=True)[:5]
             lines.append("    error trace, noisiest int8 tensors (own rounding / accumulated SQNR): "

@@ -30,6 +30,9 @@ class QuantScheme:
     fixed_ranges: bool = True        # the rule table's fixed output ranges (Sigmoid/Softmax [0, 1]) are used
     weight_type: str = "int8"        # "int8" [-127, 127], "int7" [-63, 63] (no int16 saturation), "uint8" (U8U8)
     isa: str | None = None           # the deployment CPU class the scheme was chosen for (cpu/neon)
+    # the int8 fallback's last step may give activations 16 bits (uint16/int16 Q/DQ, which ONNX
+    # Runtime runs; the toolchains of jetson and rknn take 8-bit Q/DQ only)
+    wide_activations: bool = False
     reason: str = ""                 # why this scheme, for the report
 
 

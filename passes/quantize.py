@@ -12,7 +12,8 @@ Rules
   removed; their readers read the producer's output, whose range is ``[0, hi]``.
 - Every planned activation tensor gets one ``QuantizeLinear -> DequantizeLinear`` pair (scalar
   scale and zero point); the readers the plan names (all, or listed input slots) read the
-  dequantized copy. Graph outputs stay float.
+  dequantized copy. Graph outputs stay float. A 16-bit tensor (the int8 fallback's last step)
+  gets a uint16/int16 pair: ai.onnx's from opset 21, ONNX Runtime's ``com.microsoft`` one before.
 - Every planned weight: ``weight_format="integer"``: its integer values as an initializer
   feeding ``DequantizeLinear`` (per-channel ``axis`` or per tensor); ``"float-qdq"`` (TensorRT):
   the float weight feeds ``QuantizeLinear -> DequantizeLinear`` and the toolchain folds them.
@@ -104,11 +105,14 @@ def materialise(ir: IR, plan: QuantPlan, result: PassResult) -> None:
         n = nodes[nid]
         _weight(ir, n, wq, plan, result)
     counts = plan.summary()
-    kind = next(iter(plan.activations.values())).dtype if plan.activations else "uint8"
+    kinds = [a.dtype for a in plan.activations.values()]
+    kind = "int8" if "int8" in kinds or "int16" in kinds else "uint8"
+    wide = sum(k in ("uint16", "int16") for k in kinds)
     weight_types = sorted({w.kind for w in plan.weights.values() if w.kind != "int4"})
     result.note(f"{counts['layers_int8']} layers int8 ({', '.join(weight_types) or 'int8'} weights), "
                 f"{counts['layers_int4']} int4 (emulated in int8 storage), {written} activation tensors quantized "
-                f"({'int8 symmetric' if kind == 'int8' else 'uint8 asymmetric'}), "
+                f"({'int8 symmetric' if kind == 'int8' else 'uint8 asymmetric'}"
+                + (f"; {wide} of them 16-bit" if wide else "") + "), "
                 f"{counts['relu_folded']} ReLU/Clip folded into ranges")
 
 
@@ -116,14 +120,16 @@ def _qdq(ir: IR, t: gs.Tensor, aq: ActQuant) -> tuple[gs.Node, gs.Variable]:
     """One QuantizeLinear -> DequantizeLinear pair on ``t``: the Q node and the dequantized
     tensor (not yet read)."""
     name = t.name
-    qdtype = np.int8 if aq.dtype == "int8" else np.uint8
+    qdtype = np.dtype(aq.dtype).type
+    domain = "com.microsoft" if qdtype in (np.uint16, np.int16) and ir.opset < 21 else ""
     s_c = _scalar(ir, name + "_scale", np.array(aq.scale, dtype=np.float32))
     z_c = _scalar(ir, name + "_zero_point", np.array(aq.zero_point, dtype=qdtype))
     tq = ir.make_var(name + "_quantized", dtype=qdtype, shape=t.shape)
     tdq = ir.make_var(name + "_dequantized", dtype=np.float32, shape=t.shape)
-    qn = gs.Node("QuantizeLinear", name=ir.unique_name(name + "_QuantizeLinear"), inputs=[t, s_c, z_c], outputs=[tq])
+    qn = gs.Node("QuantizeLinear", name=ir.unique_name(name + "_QuantizeLinear"), inputs=[t, s_c, z_c], outputs=[tq],
+                 domain=domain)
     dqn = gs.Node("DequantizeLinear", name=ir.unique_name(name + "_DequantizeLinear"), inputs=[tq, s_c, z_c],
-                  outputs=[tdq])
+                  outputs=[tdq], domain=domain)
     ir.graph.nodes.extend([qn, dqn])
     return qn, tdq
 

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgec
-from edgec import calibdata, quantize_api, runtime, verify
+from edgec import calibdata, quantize_api, report, runtime, verify
 from edgec.builders import ALL_MODELS, GraphBuilder
 from edgec.errors import UserError
 from edgec.passes.quantize import QuantizeQDQ
@@ -624,6 +624,41 @@ def test_int8_that_collapses_falls_back_by_measured_contribution():
     assert max(trace, key=lambda t: t["quant_rel_l2"])["tensor"] == "c1"
 
 
+@pytest.mark.parametrize("opset", [17, 21])
+def test_sixteen_bit_activations_are_the_fallbacks_last_step(monkeypatch, opset):
+    """Where keeping ops float is not allowed to reach the budget (no float steps here), the
+    fallback gives the noisiest activation tensors 16 bits, measured, until the budget is met:
+    uint16 Q/DQ (com.microsoft's before opset 21, ai.onnx's from 21) that ONNX Runtime runs, the
+    crushed tensor among them, the weights still int8, and the report says so and why."""
+    monkeypatch.setattr(quantize_api, "MAX_STEPS", 0)
+    model = _collapsing_model()
+    if opset != 17:
+        model.opset_import[0].version = opset
+        model.ir_version = 10
+    r = edgec.compile(model, quantize="int8", calib="random", verify=True)
+    q = r.report["quantization"]
+    fb = q["fallback"]
+    assert fb["float"] == [] and fb["met"] and fb["error_after"] <= quantize_api.DEFAULT_INT8_BUDGET
+    wide = fb["sixteen_bit"]
+    assert "c1" in {t["tensor"] for t in wide["tensors"]} and len(wide["tensors"]) < wide["groups"] + 2
+    assert wide["error_after"] <= quantize_api.DEFAULT_INT8_BUDGET < wide["error_before"]
+    assert r.report["verify"]["rel_l2"] < quantize_api.DEFAULT_INT8_BUDGET  # ONNX Runtime, the written model
+    q16 = [n for n in r.model.graph.node if n.op_type == "QuantizeLinear"
+           and any(i.name == n.input[2] and i.data_type == TensorProto.UINT16 for i in r.model.graph.initializer)]
+    assert q16 and {n.domain for n in q16} == {"com.microsoft" if opset < 21 else ""}
+    assert {n.input[0] for n in q16} == {t["tensor"] for t in wide["tensors"]}
+    producers = {o: n for n in r.model.graph.node for o in n.output}
+    assert all(producers[n.input[1]].op_type == "DequantizeLinear"
+               for n in r.model.graph.node if n.op_type == "Conv")  # every weight int8
+    assert q["int8_coverage"]["weighted_16bit_input"] >= 1
+    text = report.compile_text(r.report)
+    assert "activation tensors on 16 bits" in text and "16-bit: " in text
+    # a target whose toolchain takes 8-bit Q/DQ only has no 16-bit step: with no float step
+    # either, the collapse is refused
+    with pytest.raises(edgec.VerificationError, match="even with 0 ops kept float;"):
+        edgec.compile(model, target="rknn", quantize="int8", calib="random")
+
+
 def test_strict_int8_never_writes_a_collapsed_model(tmp_path, capsys):
     from edgec import cli
 
@@ -689,12 +724,13 @@ def test_concat_of_scores_and_pixel_boxes_is_not_crushed_under_one_scale(monkeyp
 
 
 @pytest.mark.parametrize("name", ["resnet_basic", "mobilenet_v2", "inception", "transformer_encoder"])
-@pytest.mark.parametrize("kind", ["uint8", "int8-mixed", "tensorrt"])
+@pytest.mark.parametrize("kind", ["uint8", "int8-mixed", "tensorrt", "uint8-wide"])
 def test_the_probe_computes_what_the_materialised_model_computes(name, kind):
     """Every plan edgec chooses is measured on the probe, never written: the probe's outputs must
     be those of the model the materialiser writes, bit for bit, in the reference executor (with
     bias shifts; with a per-layer precision plan on the switchable probe; TensorRT's float-Q->DQ
-    weights)."""
+    weights; every other activation on 16 bits, on the wide probe that emulates 8-bit tensors
+    with 16-bit Q/DQ and a clip)."""
     from edgec import calibration, quant_plan, quant_probe, rounding
     from edgec.pipeline import PassContext
     from edgec.target import QuantScheme
@@ -708,6 +744,7 @@ def test_the_probe_computes_what_the_materialised_model_computes(name, kind):
     ranges, _ = calibration.calibrate(float_model, quantize_api.calibration_tensors(ir), calib,
                                       symmetric=kind == "tensorrt")
     scheme = {"uint8": QuantScheme(weight_type="uint8"), "int8-mixed": QuantScheme(weight_type="int8"),
+              "uint8-wide": QuantScheme(weight_type="uint8", wide_activations=True),
               "tensorrt": QuantScheme(rules="tensorrt", activations="symmetric", bias="float",
                                       weight_format="float-qdq")}[kind]
     widest = quant_plan.build_plan(ir, scheme, ranges)
@@ -716,12 +753,17 @@ def test_the_probe_computes_what_the_materialised_model_computes(name, kind):
     if kind == "int8-mixed":  # every third layer float, every third int4
         precisions = {quant_plan.node_key(n): ("fp32", "int4", "int8")[i % 3] for i, n in enumerate(layers)}
     plan = quant_plan.build_plan(ir, scheme, ranges, precisions=precisions)
+    if kind == "uint8-wide":
+        groups = list(quant_plan.scale_groups(ir, plan).values())
+        plan = quant_plan.with_wide(plan, [t for g in groups[::2] for t in g])
+        assert {a.dtype for a in plan.activations.values()} == {"uint8", "uint16"}
     rng = np.random.default_rng(0)
     shifts = {quant_plan.node_id(n): rng.normal(0, 0.01, quant_plan.out_channels(n, ir.const_value(n.inputs[1])))
               for n in layers if n.op != "MatMul" and quant_plan.node_id(n) in plan.weights}
     plan = plan.with_bias_shift(shifts)
-    probe = quant_probe.Probe(ir, float_model, scheme, widest, switchable=kind == "int8-mixed",
-                              adaptive=[quant_plan.node_id(n) for n in layers], layer_inputs=True)
+    probe = quant_probe.Probe(ir, float_model, scheme, widest, switchable=kind in ("int8-mixed", "uint8-wide"),
+                              adaptive=[quant_plan.node_id(n) for n in layers], layer_inputs=True,
+                              wide=kind == "uint8-wide")
     # GPTQ levels on every layer it can take: levels other than nearest rounding's are written too
     rounded = rounding.optimise(plan, probe, calib)
     assert rounded and any(
