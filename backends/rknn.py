@@ -7,7 +7,11 @@ per-channel normalisation the NPU applies before the model (default none: the ON
 already normalised); ``quantized_algorithm`` (normal, mmse, kl_divergence; default from
 --calib-method) and ``quantized_method`` (channel, layer) = RKNN's own int8 calibration;
 ``optimization_level`` (0-3) = RKNN's ``config(optimization_level=...)`` for the build; by default
-2 for edgec's pre-quantized QDQ model without hard-swish/hard-sigmoid, else RKNN's own default (3).
+2 for edgec's pre-quantized QDQ model without hard-swish/hard-sigmoid, else RKNN's own default (3);
+``simulator`` = the Python where rknn-toolkit2 2.x is installed: ``--quantize int8`` then builds
+edgec's QDQ and RKNN's own int8 in its simulator (a separate process, the build scripts this
+target writes), scores both on held-out calibration samples and writes the more faithful
+(:func:`simulator_check`).
 
 Side files: ``OUT.rknn.json`` (RKNN's config/build arguments) and ``OUT.rknn_build.py`` (builds
 the .rknn from them, optionally runs the simulator). ``--quantize vendor`` (or ``--calib``
@@ -32,9 +36,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from edgec.errors import UserError
@@ -103,6 +112,10 @@ def _configure(t: Target) -> None:
                        ("optimization_level", OPTIMIZATION_LEVELS + ("",))):
         if t.options[key] not in known:
             raise UserError(f"target rknn: {key}={t.options[key]} is not known (choose one of {', '.join(filter(None, known))})")
+    sim = str(t.options["simulator"]).strip()
+    if sim and not (Path(sim).is_file() and os.access(sim, os.X_OK)):
+        raise UserError(f"target rknn: simulator={sim}: not an executable file (the Python where rknn-toolkit2 2.x "
+                        f"is installed, e.g. ~/rknn-venv/bin/python)")
     t.static_shapes = not t.options["dynamic_input"]
     t.description = f"Rockchip {t.options['platform']} NPU (RKNN-Toolkit2 2.x)"
 
@@ -422,7 +435,109 @@ def write_build_config(t: Target, ir: IR, output: Path, calib_batches=None, quan
     return written
 
 
+SIM_SAMPLES = 16  # calibration samples the simulator check scores both builds on
+SIM_TIMEOUT = 3600  # seconds for one build and simulation
+SIM_TIE = 1e-5  # cosine: RKNN's own int8 replaces edgec's QDQ only when more faithful by more than this
+
+
+def _cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def _clearly_better(a: np.ndarray, b: np.ndarray, section: dict) -> bool:
+    """Per-sample cosines ``a`` better than ``b`` beyond noise: their mean paired difference above
+    ``SIM_TIE`` and above twice its standard error (the held-out samples are few; a hand-off on a
+    difference the samples cannot tell from noise would trade edgec's plan for a coin toss)."""
+    d = a - b
+    stderr = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+    section["difference"] = {"mean": float(d.mean()), "stderr": stderr}
+    return float(d.mean()) > max(SIM_TIE, 2 * stderr)
+
+
+def simulator_check(t: Target, float_ir: IR, qdq_ir: IR, fit_batches, held_batches, calib_method="auto",
+                    log=None) -> dict:
+    """``--target-option simulator=PYTHON`` with ``--quantize int8``: edgec's QDQ and RKNN's own
+    int8 (the ``--quantize vendor`` hand-off: the float graph and the calibration dataset) are both
+    built and run in RKNN-Toolkit2's simulator by the build scripts this target writes, in the
+    toolkit's own Python (a separate process). ``qdq_ir`` was quantized on ``fit_batches``, and
+    RKNN's dataset is those same samples; each build is scored against ``float_ir`` in ONNX
+    Runtime on ``held_batches`` (at most ``SIM_SAMPLES`` of them): the mean over samples of the
+    cosine of each output, the worst output. Returns the report section; ``chosen`` is
+    ``"vendor"`` when RKNN's own int8 is more faithful by more than ``SIM_TIE`` (or edgec's QDQ
+    does not build), else ``"edgec"``."""
+    from edgec import runtime
+
+    log = log or (lambda s: None)
+    python = str(t.options["simulator"])
+    batches = list(fit_batches)
+    names = [i.name for i in float_ir.inputs]
+    stacked = {n: np.concatenate([b[n] for b in held_batches])[:SIM_SAMPLES] for n in names}
+    count = len(next(iter(stacked.values())))
+    float_model = float_ir.to_onnx()
+    batch = int(float_ir.inputs[0].shape[0]) if float_ir.inputs[0].shape else 1
+    sess = runtime.reference_session(float_model)
+    refs = [sess.run(None, {n: stacked[n][s:s + batch] for n in names}) for s in range(0, count, batch)]
+    section = {"simulator": python, "platform": t.options["platform"], "samples": count,
+               "fit_samples": sum(len(next(iter(b.values()))) for b in batches),
+               "scored_on": "held-out calibration samples, against the float graph in ONNX Runtime (mean cosine, "
+                            "worst output)"}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgec-rknn-sim-") as td:
+        td = Path(td)
+        np.savez(td / "in.npz", **stacked)
+        cosines, errors, samples = {}, {}, {}
+        for kind, ir, quantized in (("edgec", qdq_ir, True), ("vendor", float_ir, False)):
+            d = td / kind
+            d.mkdir()
+            out = d / "model.onnx"
+            onnx.save(ir.to_onnx() if ir is not float_ir else float_model, out)
+            write_build_config(t, ir, out, calib_batches=None if quantized else batches, quantized_model=quantized,
+                               calib_method=calib_method)
+            log(f"rknn simulator: building {'edgec QDQ' if quantized else 'RKNN own int8'}")
+            try:
+                proc = subprocess.run([python, str(out.with_name(out.name + ".rknn_build.py")), "--rknn",
+                                       str(d / "model.rknn"), "--simulate", str(td / "in.npz"), "--outputs",
+                                       str(d / "out.npz")], capture_output=True, text=True, cwd=d, timeout=SIM_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                errors[kind] = f"the build and simulation took more than {SIM_TIMEOUT} s"
+                continue
+            if proc.returncode != 0 or not (d / "out.npz").exists():
+                tail = [ln for ln in (proc.stdout + proc.stderr).strip().splitlines() if ln.strip()]
+                errors[kind] = (tail[-1] if tail else f"exit {proc.returncode}")[:300]
+                continue
+            with np.load(d / "out.npz") as z:
+                outs = [z[f"out_{k}"] for k in range(len(refs[0]))]
+            per_sample = []
+            for j, ref in enumerate(refs):
+                got = [o[j * batch:(j + 1) * batch].reshape(r.shape) for o, r in zip(outs, ref)]
+                per_sample.append(min(_cosine(g, r) for g, r in zip(got, ref)))
+            cosines[kind] = float(np.mean(per_sample))
+            samples[kind] = np.array(per_sample)
+    section["seconds"] = round(time.perf_counter() - t0, 2)
+    section["cosine"] = {"edgec QDQ": cosines.get("edgec"),
+                         f"RKNN {_algorithm(t, calib_method)}/{t.options['quantized_method']}": cosines.get("vendor")}
+    if errors:
+        section["errors"] = errors
+    if "edgec" not in cosines and "vendor" in cosines:
+        section.update(chosen="vendor", why=f"edgec's QDQ did not build or run in RKNN-Toolkit2 ({errors['edgec']})")
+    elif "vendor" in cosines and _clearly_better(samples["vendor"], samples["edgec"], section):
+        section.update(chosen="vendor", why=(f"RKNN's own int8 measured more faithful in its simulator: cosine "
+                                             f"{cosines['vendor']:.5f} against edgec's QDQ {cosines['edgec']:.5f}, "
+                                             f"more than twice the standard error of the per-sample difference"))
+    elif "edgec" in cosines:
+        section.update(chosen="edgec", why=(f"RKNN's own int8 not clearly more faithful in its simulator: edgec's QDQ cosine "
+                                            f"{cosines['edgec']:.5f}" + (f" against RKNN's own int8 {cosines['vendor']:.5f}"
+                                                                         if "vendor" in cosines else
+                                                                         f" (RKNN's own int8 failed: {errors['vendor']})")))
+    else:
+        raise UserError(f"target rknn: simulator={python}: neither build ran in RKNN-Toolkit2 ("
+                        + "; ".join(f"{k}: {v}" for k, v in errors.items()) + ")")
+    return section
+
+
 write_build_config.paths = side_paths
+write_build_config.simulate = simulator_check
 write_build_config.vendor_quantizer = vendor_quantizer
 
 
@@ -451,13 +566,15 @@ TARGET = Target(
                              "is less faithful there in ONNX Runtime too). For those structures --quantize vendor hands "
                              "int8 to RKNN's own quantizer"),
     options={"platform": "rk3588", "dynamic_input": "", "mean": "", "std": "", "quantized_algorithm": "",
-             "quantized_method": "channel", "optimization_level": ""},
+             "quantized_method": "channel", "optimization_level": "", "simulator": ""},
     option_help={"platform": "/".join(PLATFORMS), "dynamic_input": "e.g. 1x3x224x224;4x3x224x224",
                  "quantized_algorithm": "RKNN's own int8 (--quantize vendor, or --calib alone): "
                                         "/".join(ALGORITHMS) + " (default: from --calib-method)",
                  "quantized_method": "RKNN's own int8: " + "/".join(METHODS),
                  "optimization_level": "RKNN's build optimization_level: " + "/".join(OPTIMIZATION_LEVELS)
                                        + " (default: 2 for --quantize int8 without hard-swish/hard-sigmoid, else RKNN's 3)",
+                 "simulator": "a Python with rknn-toolkit2 2.x: --quantize int8 then builds edgec's QDQ and RKNN's own "
+                              "int8 in its simulator and writes the more faithful (default: off)",
                  "mean": "per-channel mean the NPU subtracts, e.g. 123.7,116.3,103.5",
                  "std": "per-channel std the NPU divides by"},
     configure=_configure,

@@ -38,6 +38,7 @@ Models:
     python benchmarks/rknn_vendor.py --models ocr_det --edgec-methods mse    # + edgec's QDQ with --calib-method mse
     python benchmarks/rknn_vendor.py --edgec-levels 3 --algorithms normal --methods channel  # + edgec's QDQ at level 3
     python benchmarks/rknn_vendor.py --edgec-strict --algorithms normal --methods channel     # + edgec's QDQ, --strict-int8
+    python benchmarks/rknn_vendor.py --edgec-simulator --algorithms normal --methods channel  # + edgec's simulator pick
 
 The toolkit runs in its own virtual environment (``tests/vendor``: created on first use).
 """
@@ -141,7 +142,7 @@ def rknn_variants(algorithms, methods) -> list[tuple[str, dict]]:
 
 
 def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=(), edgec_levels=(),
-             edgec_strict=False) -> dict:
+             edgec_strict=False, edgec_simulator=False) -> dict:
     t0 = time.perf_counter()
     model, iname, calib, feeds, metric, key = case(name, n_eval)
     shape = [1] + list(calib.shape[1:])
@@ -169,6 +170,12 @@ def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=(), edge
                 edgec.compile(src, td / "qdq_strict.onnx", target="rknn", input_shapes=shapes, quantize="int8",
                               calib=calib_dict, strict_int8=True)
                 extra["edgec qdq (strict int8)"] = td / "qdq_strict.onnx"
+            pick = None
+            if edgec_simulator:  # --target-option simulator: edgec measures both int8s in the simulator and picks
+                pick = edgec.compile(src, td / "pick.onnx", target="rknn", input_shapes=shapes, quantize="int8",
+                                     calib=calib_dict, target_options={"simulator": str(vendor.ensure_venv("rknn"))})
+                chose = pick.report["quantization"]["simulator_check"]
+                extra[f"edgec pick ({chose['chosen']})"] = td / "pick.onnx"
             for m in edgec_methods:  # more edgec QDQ variants: --calib-method m
                 edgec.compile(src, td / f"qdq_{m}.onnx", target="rknn", input_shapes=shapes, quantize="int8",
                               calib=calib_dict, calib_method=m)
@@ -190,6 +197,10 @@ def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=(), edge
         variants[1:1] = [(label, {"do_quantization": False, "model": path}) for label, path in extra.items()]
         variants[1:1] = [(f"edgec qdq (level {lv})", {"do_quantization": False, "qdq": True,
                                                       "config": {"optimization_level": int(lv)}}) for lv in edgec_levels]
+        if pick is not None and pick.report["quantization"]["mode"] == "vendor":  # the hand-off: RKNN quantizes
+            label = next(k for k in extra if k.startswith("edgec pick"))
+            variants = [(lb, {**v, "do_quantization": True, "dataset": td / "pick.onnx.dataset" / "dataset.txt"})
+                        if lb == label else (lb, v) for lb, v in variants]
         for label, v in variants:
             model_path = v.get("model") or td / ("qdq.onnx" if v.get("qdq") else "float.onnx")
             config = v.get("config")
@@ -198,7 +209,7 @@ def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=(), edge
             jobs.append({"model": str(model_path), "platform": "rk3588",
                          "inputs": samples[0], "samples": samples, "out": str(td / f"out{len(jobs)}.npz"),
                          "do_quantization": v["do_quantization"], "config": config or {},
-                         "dataset": str(dataset) if v["do_quantization"] else None,
+                         "dataset": str(v.get("dataset") or dataset) if v["do_quantization"] else None,
                          "log": str(td / f"log{len(jobs)}.txt"), "label": label})
         t = time.perf_counter()
         results = vendor.run_jobs("rknn", jobs, timeout=3600)
@@ -266,6 +277,9 @@ def main(argv=None) -> int:
                                                          "(e.g. 3: RKNN's default; edgec's own choice is the 'edgec qdq' row)")
     ap.add_argument("--edgec-strict", action="store_true", help="also edgec's QDQ with --strict-int8 (no float "
                                                                   "islands from the fallback)")
+    ap.add_argument("--edgec-simulator", action="store_true",
+                    help="also edgec's int8 with --target-option simulator (edgec builds its QDQ and RKNN's own int8 "
+                         "in the simulator, scores both on held-out calibration samples, writes the more faithful)")
     ap.add_argument("--json", help="write the results here (JSON)")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of earlier --json results")
     a = ap.parse_args(argv)
@@ -278,7 +292,7 @@ def main(argv=None) -> int:
             res = evaluate(name, a.algorithms.split(","), a.methods.split(","), a.eval,
                            lambda s: print(s, file=sys.stderr, flush=True),
                            [m for m in a.edgec_methods.split(",") if m], [v for v in a.edgec_levels.split(",") if v],
-                           a.edgec_strict)
+                           a.edgec_strict, a.edgec_simulator)
         except rm.Unavailable as e:
             print(f"[{name}] skipped: {e}", file=sys.stderr)
             continue

@@ -161,6 +161,7 @@ class _Run:
     before: costs_mod.Costs | None = None
     records: list[PassRecord] = field(default_factory=list)
     quant_report: dict | None = None
+    handed_off: bool = False  # the target's simulator check chose its toolchain's own int8 (the model stays float)
     after: costs_mod.Costs | None = None
     result_model: onnx.ModelProto | None = None
     warnings: list[str] = field(default_factory=list)
@@ -188,7 +189,8 @@ def _start(args: dict) -> _Run:
         v = opts.verify
         _claim_outputs(outs, tgt, src_path, output, report_file, inputs=v.inputs, eval_data=v.eval_data,
                        calib=opts.calib,
-                       quantized=None if opts.goal is not None else opts.quant.mode in ("int8", "mixed"))
+                       quantized=(None if opts.goal is not None or tgt.options.get("simulator")
+                                  else opts.quant.mode in ("int8", "mixed")))
     return _Run(model=model, options=opts, target=tgt, log=args["log"] or (lambda s: None), output=output,
                 report_file=report_file, outs=outs, owned=owned, src_path=src_path)
 
@@ -330,9 +332,40 @@ def _quantize(run: _Run) -> None:
         run.quant_report = {"mode": "vendor", "placement": f"{run.target.name} toolchain",
                             **run.target.extras.vendor_quantizer(run.target, q)}
     elif q.mode is not None:
-        run.quant_report = quantize_api.quantize_for_target(run.ir, run.target, q, run.calib,
+        tgt = run.target
+        simulate = getattr(tgt.extras, "simulate", None) if q.mode == "int8" and tgt.options.get("simulator") else None
+        float_ir = run.ir.copy() if simulate is not None else None
+        run.quant_report = quantize_api.quantize_for_target(run.ir, tgt, q, run.calib,
                                                             max_error=run.options.verify.max_error, log=run.log)
         run.ir.infer_shapes()
+        if simulate is not None:  # the target's own toolchain measures both int8s; the more faithful is written
+            check = _simulator_check(run, simulate, float_ir)
+            if check["chosen"] == "vendor":
+                edgec_int8 = {k: run.quant_report[k] for k in ("method", "error") if k in run.quant_report}
+                run.ir, run.handed_off = float_ir, True
+                run.quant_report = {"mode": "vendor", "placement": f"{tgt.name} toolchain",
+                                    **tgt.extras.vendor_quantizer(tgt, q), "edgec_int8": edgec_int8}
+            run.quant_report["simulator_check"] = check
+
+
+def _simulator_check(run: _Run, simulate, float_ir: IR) -> dict:
+    """The target's simulator check (rknn's ``simulator`` option): edgec's int8 and the toolchain's
+    own, each calibrated on 3/4 of the calibration samples, scored in the simulator on the held-out
+    quarter (every fourth sample); with fewer than 8 samples, both on all of them, scored on those."""
+    from edgec.passes.prune_channels import split_feeds
+
+    q, tgt = run.options.quant, run.target
+    batches = list(run.calib)
+    split = split_feeds(batches, 0.25, fixed_batch=tgt.static_shapes)
+    if split is None:
+        check = simulate(tgt, float_ir, run.ir, batches, batches, q.method, run.log)
+        check["scored_on"] = "the calibration samples themselves (fewer than 8: none held out)"
+        return check
+    fit, held = split
+    trial = float_ir.copy()
+    quantize_api.quantize_for_target(trial, tgt, q, fit, max_error=run.options.verify.max_error, log=lambda s: None)
+    trial.infer_shapes()
+    return simulate(tgt, float_ir, trial, fit, held, q.method, run.log)
 
 
 def _conformance(run: _Run) -> None:
@@ -355,7 +388,8 @@ def _verify(run: _Run) -> None:
     """Measure the compiled model against the original: outputs (``--verify``/``--max-error``,
     or ``--inputs`` given: a failed check raises VerificationError), latency, accuracy."""
     o, v, result_model = run.options, run.options.verify, run.result_model
-    lossy = o.quant.mode not in (None, "vendor") or any(not getattr(p, "lossless", True) for p in _flatten(run.pipeline))
+    lossy = ((o.quant.mode not in (None, "vendor") and not run.handed_off)
+             or any(not getattr(p, "lossless", True) for p in _flatten(run.pipeline)))
     feeds, source = run.feeds, "given" if v.inputs is not None else "random"
     if (v.verify or v.max_error is not None) and feeds is None:
         if lossy and run.evaluation is not None:  # lossy: measure on real data when there is some
@@ -456,7 +490,8 @@ def _write(run: _Run) -> CompileResult:
             if run.output is not None:
                 if tgt.extras is not None:
                     extra_files = tgt.extras(tgt, run.ir, Path(run.output), calib_batches=run.calib,
-                                             quantized_model=run.options.quant.mode in ("int8", "mixed"),
+                                             quantized_model=(run.options.quant.mode in ("int8", "mixed")
+                                                              and not run.handed_off),
                                              calib_method=run.options.quant.method, writer=outs)
                     report["extra_files"] = [str(f) for f in extra_files]
                 report["output_file_bytes"] = outs.write_model(run.output, run.result_model)

@@ -71,8 +71,14 @@ def compile_text(r: dict) -> str:
                      + (f" {q['weight_type']}" if q.get("weight_type") else "")
                      + ")" + (f": calibration-set error rel L2 {err['rel_l2']:.4g}, SQNR {err.get('sqnr_db')} dB"
                               if err.get("rel_l2") is not None else ""))
+        sim = q.get("simulator_check")
+        if sim:
+            scores = ", ".join(f"{k} {v:.5f}" if v is not None else f"{k} failed" for k, v in sim["cosine"].items())
+            lines.append(f"    {sim['platform']} simulator ({sim['samples']} calibration samples, cosine to float): "
+                         f"{scores}: wrote {'edgec QDQ' if sim['chosen'] == 'edgec' else 'the float graph for RKNN own int8'}"
+                         f" ({sim['why']})")
         why = (r.get("target_profile") or {}).get("int8", {}).get("reason")
-        if why and q.get("mode") not in ("fp16", "vendor"):
+        if why and q.get("mode") not in ("fp16", "vendor") and not sim:
             lines.append(f"    scheme: {why}")
         if q.get("plan"):
             counts = {}

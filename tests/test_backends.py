@@ -278,3 +278,17 @@ def test_quantize_vendor_is_refused_where_no_toolchain_quantizes(tmp_path):
     with pytest.raises(UserError, match="quantized_method=row is not known"):
         edgec.compile(EXAMPLE / "model.onnx", tmp_path / "m.onnx", target="rknn", quantize="vendor",
                       calib=EXAMPLE / "calib.npz", target_options={"quantized_method": "row"})
+
+
+def test_rknn_simulator_option_must_name_an_executable(tmp_path):
+    """A simulator path that is not an executable is refused up front, in one line."""
+    from edgec.cli import main
+
+    src = tmp_path / "m.onnx"
+    onnx.save(resnet_basic(), src)
+    with pytest.raises(UserError, match="simulator=.*not an executable file"):
+        edgec.compile(src, tmp_path / "o.onnx", target="rknn", quantize="int8", calib="random",
+                      target_options={"simulator": str(tmp_path / "no-python")})
+    assert main(["compile", str(src), "-o", str(tmp_path / "o.onnx"), "-t", "rknn", "--quantize", "int8",
+                 "--calib", "random", "--target-option", f"simulator={tmp_path / 'no-python'}", "-q"]) == 2
+    assert not (tmp_path / "o.onnx").exists()
