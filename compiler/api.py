@@ -8,6 +8,7 @@ quantization), check the result against the target, verify it, report, write.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -124,6 +125,7 @@ def _compile_run(run: "_Run") -> CompileResult:
     _build_pipeline(run)
     _load_data(run)
     _run_pipeline(run)
+    _prune_guard(run)
     _quantize(run)
     _conformance(run)
     _verify(run)
@@ -162,6 +164,7 @@ class _Run:
     records: list[PassRecord] = field(default_factory=list)
     quant_report: dict | None = None
     handed_off: bool = False  # the target's simulator check chose its toolchain's own int8 (the model stays float)
+    prune_error: dict | None = None  # the pruned float model's output error (with calibration data)
     after: costs_mod.Costs | None = None
     result_model: onnx.ModelProto | None = None
     warnings: list[str] = field(default_factory=list)
@@ -348,6 +351,45 @@ def _quantize(run: _Run) -> None:
             run.quant_report["simulator_check"] = check
 
 
+PRUNE_ERROR_SAMPLES = 64  # calibration samples the pruned model's output error is measured on
+
+
+def _prune_guard(run: _Run) -> None:
+    """Pruning with calibration data measures what it removed: the pruned float model's output
+    error against the original on the first ``PRUNE_ERROR_SAMPLES`` calibration samples (and, when
+    auto pruning chose, the chosen candidate's error on its held-out samples). A collapsed result,
+    beyond ``quantize_api.COLLAPSE`` (or ``--max-error`` when larger), is refused like a collapsed
+    int8, nothing written: a model that far from the original is not an inference model. (One to
+    fine-tune: a ``--max-error`` above its error writes it.)"""
+    if run.prune_pass is None or run.calib is None:
+        return
+    pruned = _prune_result(run)
+    if not any(g.get("removed") for g in pruned.groups):
+        return
+    batches = list(run.calib.take(PRUNE_ERROR_SAMPLES))  # as the model takes them (a fixed batch size stays)
+    err = runtime.output_error(run.original, run.ir.to_onnx(), batches)
+    n = sum(int(len(next(iter(b.values())))) for b in batches)
+    run.prune_error = {"rel_l2": err["rel_l2"], "sqnr_db": err.get("sqnr_db"), "cosine": err.get("cosine"),
+                       "samples": n, "on": "calibration samples (the ones reconstruction fitted on)"}
+    chosen = (pruned.choice or {}).get("chosen")
+    held = next((c.get("held_out_rel_l2") for c in (pruned.choice or {}).get("candidates", [])
+                 if chosen and (c["importance"], c["mode"]) == (chosen["importance"], chosen["mode"])), None)
+    if held is not None:
+        run.prune_error["held_out_rel_l2"] = held
+    worst = max(err["rel_l2"], held or 0.0)
+    limit = max(quantize_api.COLLAPSE, run.options.verify.max_error or 0.0)
+    if worst > limit:
+        ratio = pruned.ratio if pruned.ratio is not None else run.options.prune.ratio
+        raise VerificationError(
+            f"pruning collapses this model: output error (relative L2) {worst:.3g} against the original "
+            + (f"(held-out calibration samples; {err['rel_l2']:.3g} on the ones it fitted) " if held is not None
+               and held >= err["rel_l2"] else f"on {n} calibration samples ")
+            + (f"at channel ratio {ratio:.3g}, " if ratio is not None else "")
+            + f"beyond {limit:g}; prune less (--prune), or let sensitivity set the "
+              f"ratios (--prune-mode sensitivity); --max-error {math.ceil(worst * 10 + 1) / 10:g} writes it anyway (to "
+              f"fine-tune it); nothing was written")
+
+
 def _simulator_check(run: _Run, simulate, float_ir: IR) -> dict:
     """The target's simulator check (rknn's ``simulator`` option): edgec's int8 and the toolchain's
     own, each calibrated on 3/4 of the calibration samples, scored in the simulator on the held-out
@@ -453,6 +495,8 @@ def _report(run: _Run) -> None:
                              "round_to": po.round_to or tgt.channel_multiple,
                              "reconstruct": bool(po.reconstruct and run.calib is not None),
                              "groups": pruned.groups, "reconstruction": pruned.reconstruction}
+        if run.prune_error is not None:
+            report["pruning"]["error"] = run.prune_error
     if run.quant_report is not None:
         report["quantization"] = run.quant_report
     sparse = _sparsity_result(run)

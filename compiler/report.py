@@ -142,6 +142,11 @@ def compile_text(r: dict) -> str:
                          "(relative L2) "
                          + ", ".join(f"{c['importance']}/{c['mode']} {c['said']}" for c in ch["candidates"])
                          + f" on {ch['held_out_samples']} held-out calibration samples ({ch['seconds']:.1f} s)")
+        pe = pr.get("error")
+        if pe:
+            lines.append(f"    pruned float model's output error (relative L2): {pe['rel_l2']:.4g} on {pe['samples']} "
+                         f"calibration samples" + (f", {pe['held_out_rel_l2']:.4g} held out (auto's trial)"
+                                                   if pe.get("held_out_rel_l2") is not None else ""))
         for g in pruned[:12]:
             lines.append(f"    {g['id']:>5} {g['channels_before']:>5} -> {g['channels_after']:<5} "
                          f"{'-%.0f%%' % (100 * g['removed'] / max(g['channels_before'], 1)):>5}  {', '.join(g.get('origins', [])[:2])[:60]}")

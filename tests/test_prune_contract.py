@@ -69,3 +69,35 @@ def test_sparsify_24_reads_calibration_from_the_context():
     assert any(e["refit"] for e in rec.data.layers)
     rec = PassManager([Sparsify24()]).run(edgec.from_model(model))[0]
     assert rec.changed and not any(e["refit"] for e in rec.data.layers)
+
+
+def test_pruning_that_collapses_the_model_is_refused(tmp_path):
+    """With calibration data, a compile measures the pruned model's output error against the
+    original (it is in the report); pruned so far that the output is no longer the model's
+    (relative L2 beyond 0.5, as for a collapsed int8) it exits 1 and writes nothing; a --max-error
+    above its error (to fine-tune it) writes it."""
+    from edgec import report
+    from edgec.cli import main
+
+    model = ALL_MODELS["resnet_basic"](batch=1)
+    src, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    import onnx
+    onnx.save(model, src)
+    np.savez(tmp_path / "calib.npz", **{k: np.concatenate([c[k] for c in _calib(model, 16)]) for k in _calib(model, 1)[0]})
+    calib = str(tmp_path / "calib.npz")
+    ok = edgec.compile(src, out, prune=0.3, calib=calib, round_to=1)
+    err = ok.report["pruning"]["error"]
+    assert 0 < err["rel_l2"] < 0.5 and err["samples"] == 16
+    held = err.get("held_out_rel_l2")
+    assert held is None or 0 < held < 0.5
+    assert "pruned float model's output error" in report.compile_text(ok.report)
+    out.unlink()
+    code = main(["compile", str(src), "-o", str(out), "--prune", "0.9", "--calib", calib, "--no-reconstruct", "--round-to", "1", "-q"])
+    assert code == 1 and not out.exists()
+    with np.testing.assert_raises(edgec.VerificationError) as e:
+        edgec.compile(src, out, prune=0.9, calib=calib, reconstruct=False, round_to=1)
+    msg = str(e.exception)
+    assert "pruning collapses this model" in msg and "writes it anyway" in msg
+    suggested = float(msg.split("--max-error ")[1].split()[0])
+    kept = edgec.compile(src, out, prune=0.9, calib=calib, reconstruct=False, round_to=1, max_error=suggested)
+    assert kept.report["pruning"]["error"]["rel_l2"] > 0.5 and out.exists()
