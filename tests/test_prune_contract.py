@@ -71,33 +71,34 @@ def test_sparsify_24_reads_calibration_from_the_context():
     assert rec.changed and not any(e["refit"] for e in rec.data.layers)
 
 
-def test_pruning_that_collapses_the_model_is_refused(tmp_path):
+def test_pruning_reports_its_output_error_and_warns_when_far(tmp_path, capsys):
     """With calibration data, a compile measures the pruned model's output error against the
-    original (it is in the report); pruned so far that the output is no longer the model's
-    (relative L2 beyond 0.5, as for a collapsed int8) it exits 1 and writes nothing; a --max-error
-    above its error (to fine-tune it) writes it."""
+    original (the report and the text say it); pruned so far that the outputs are no longer the
+    original's (relative L2 beyond 0.5) it warns, on stderr and in the report's notes, and still
+    writes: the output error alone cannot tell a collapse from logits that moved with the task
+    intact, so the warning points at --eval."""
+    import onnx
+
     from edgec import report
     from edgec.cli import main
 
     model = ALL_MODELS["resnet_basic"](batch=1)
     src, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
-    import onnx
     onnx.save(model, src)
-    np.savez(tmp_path / "calib.npz", **{k: np.concatenate([c[k] for c in _calib(model, 16)]) for k in _calib(model, 1)[0]})
+    samples = _calib(model, 16)
+    np.savez(tmp_path / "calib.npz", **{k: np.concatenate([c[k] for c in samples]) for k in samples[0]})
     calib = str(tmp_path / "calib.npz")
     ok = edgec.compile(src, out, prune=0.3, calib=calib, round_to=1)
     err = ok.report["pruning"]["error"]
     assert 0 < err["rel_l2"] < 0.5 and err["samples"] == 16
     held = err.get("held_out_rel_l2")
-    assert held is None or 0 < held < 0.5
+    assert held is None or held > 0
     assert "pruned float model's output error" in report.compile_text(ok.report)
+    assert not any("far from the original" in n for n in ok.report["notes"])
+    far = edgec.compile(src, out, prune=0.9, calib=calib, reconstruct=False, round_to=1)
+    assert far.report["pruning"]["error"]["rel_l2"] > 0.5
+    assert any("far from the original" in n and "--eval" in n for n in far.report["notes"])
     out.unlink()
-    code = main(["compile", str(src), "-o", str(out), "--prune", "0.9", "--calib", calib, "--no-reconstruct", "--round-to", "1", "-q"])
-    assert code == 1 and not out.exists()
-    with np.testing.assert_raises(edgec.VerificationError) as e:
-        edgec.compile(src, out, prune=0.9, calib=calib, reconstruct=False, round_to=1)
-    msg = str(e.exception)
-    assert "pruning collapses this model" in msg and "writes it anyway" in msg
-    suggested = float(msg.split("--max-error ")[1].split()[0])
-    kept = edgec.compile(src, out, prune=0.9, calib=calib, reconstruct=False, round_to=1, max_error=suggested)
-    assert kept.report["pruning"]["error"]["rel_l2"] > 0.5 and out.exists()
+    assert main(["compile", str(src), "-o", str(out), "--prune", "0.9", "--calib", calib, "--no-reconstruct",
+                 "--round-to", "1"]) == 0 and out.exists()
+    assert "far from the original" in capsys.readouterr().err
