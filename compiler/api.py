@@ -56,7 +56,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
             quantize: str | None = None, calib_method: str = "auto", percentile: float = 99.99,
             activations: str | None = None, weights: str | None = None, keep_float: Sequence[str] = (),
             max_bytes: int | None = None, progress: bool = False, goal: str | None = None,
-            calib_preprocess=None, strict_int8: bool = False, rounding: str = "nearest",
+            calib_preprocess=None, strict_int8: bool = False, rounding: str = "nearest", sixteen_bit: bool = True,
             log: Callable[[str], None] | None = None, report_file: str | os.PathLike | None = None,
             options: CompileOptions | None = None, executor: str | executor_mod.Executor | None = None,
             ray_address: str | None = None, _outputs=None) -> CompileResult:

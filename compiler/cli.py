@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--strict-int8", action="store_true",
                    help="--quantize int8: keep every op int8 even above the error budget (no fallback to float; "
                         "a collapsed result still fails)")
+    q.add_argument("--no-16bit", action="store_true",
+                   help="--quantize int8: the fallback keeps ops float only, never 16-bit activations (cpu, neon: "
+                        "ONNX Runtime runs the ops around a 16-bit tensor at float speed)")
     q.add_argument("--rounding", choices=["nearest", "gptq"], default="nearest",
                    help="--quantize int8: nearest (default), or gptq: weight rounding chosen for each layer's "
                         "output, kept where it measures better (its float64 linear algebra can choose other "
@@ -207,7 +210,7 @@ def _compile(args, log) -> int:
                          bench=args.bench, quantize=args.quantize, calib_method=args.calib_method,
                          percentile=args.percentile, activations=args.activations, weights=args.weights,
                          keep_float=[k.strip() for k in args.keep_float.split(",") if k.strip()],
-                         strict_int8=args.strict_int8, rounding=args.rounding,
+                         strict_int8=args.strict_int8, rounding=args.rounding, sixteen_bit=not args.no_16bit,
                          max_bytes=args.max_bytes, progress=not (args.quiet or args.json) and _interactive(),
                          goal=args.goal, calib_preprocess=_preprocess(args), log=log, report_file=args.report,
                          executor=args.executor, ray_address=args.ray_address)

@@ -138,7 +138,7 @@ def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(p, (str, Pass)) or (isinstance(p, str) and not p.strip()):
                 raise UserError(f"--passes: {p!r} is not a pass name (see `edgec passes`)")
         fixed["passes"] = passes
-    for name in ("verify", "reconstruct", "bench", "strict_int8"):
+    for name in ("verify", "reconstruct", "bench", "strict_int8", "sixteen_bit"):
         boolean(name, o[name])
     if not callable(o["progress"]):  # True/False, or a callback(done, total)
         boolean("progress", o["progress"])
@@ -264,6 +264,9 @@ class QuantOptions:
     progress: bool = False
     strict: bool = False  # --strict-int8: no fallback to float when int8 misses the error budget
     rounding: str = "nearest"  # --rounding: "nearest", or "gptq" (kept where it measures better)
+    # the int8 fallback's last step may give activations 16 bits where the target runs them
+    # (--no-16bit: float steps only; --goal latency turns it off: those ops run at float speed)
+    sixteen_bit: bool = True
 
 
 @dataclass(frozen=True)
@@ -286,7 +289,7 @@ KEYWORDS = ("target", "target_options", "input_shapes", "passes", "verify", "inp
             "max_error", "calib", "calib_samples", "prune", "prune_macs", "importance", "prune_mode", "prune_steps",
             "round_to", "max_layer_ratio", "reconstruct", "bench", "quantize", "calib_method", "percentile",
             "activations", "weights", "keep_float", "max_bytes", "progress", "goal", "calib_preprocess",
-            "strict_int8", "rounding")
+            "strict_int8", "rounding", "sixteen_bit")
 
 
 @dataclass(frozen=True)
@@ -330,7 +333,7 @@ class CompileOptions:
             quant=QuantOptions(mode=o["quantize"], method=o["calib_method"], percentile=o["percentile"],
                                activations=o["activations"], weights=o["weights"], keep_float=_names(o["keep_float"]),
                                max_bytes=o["max_bytes"], progress=o["progress"], strict=o["strict_int8"],
-                               rounding=o["rounding"]),
+                               rounding=o["rounding"], sixteen_bit=o["sixteen_bit"]),
             verify=VerifyOptions(verify=o["verify"], inputs=o["inputs"], eval_data=o["eval_data"], rtol=o["rtol"],
                                  atol=o["atol"], max_error=o["max_error"], bench=o["bench"]),
             goal=o["goal"], progress=o["progress"])
@@ -349,7 +352,7 @@ class CompileOptions:
                 "activations": q.activations, "weights": q.weights, "keep_float": q.keep_float,
                 "max_bytes": q.max_bytes, "progress": self.progress, "goal": self.goal,
                 "calib_preprocess": self.calib_preprocess, "strict_int8": q.strict,
-                "rounding": q.rounding}
+                "rounding": q.rounding, "sixteen_bit": q.sixteen_bit}
 
 
 def _names(value) -> tuple:

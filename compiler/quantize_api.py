@@ -145,7 +145,7 @@ def quantize_for_target(ir: IR, target, options: QuantOptions, calib, *, max_err
     return quantize(ir, calib, mode=mode, scheme=scheme, method=options.method, percentile=options.percentile,
                     activations=options.activations, weights=options.weights, keep_float=options.keep_float,
                     max_error=max_error, max_bytes=options.max_bytes, progress=options.progress,
-                    strict=options.strict, rounding=options.rounding, log=log)
+                    strict=options.strict, rounding=options.rounding, sixteen_bit=options.sixteen_bit, log=log)
 
 
 def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8", scheme: QuantScheme | None = None,
@@ -153,6 +153,7 @@ def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8",
              weights: str | None = None, weight_type: str | None = None, keep_float: Iterable[str] = (),
              max_error: float | None = None, max_bytes: int | None = None, bias_correction: bool = True,
              equalize: bool | str = "auto", rounding: str = "nearest", progress=False, strict: bool = False,
+             sixteen_bit: bool = True,
              log: Callable[[str], None] | None = None) -> dict:
     """Quantize ``ir`` in place under ``scheme`` (default: ONNX Runtime's fusable QDQ, uint8
     activations, per-channel uint8 weights); ``activations``, ``weights`` and ``weight_type``
@@ -182,7 +183,7 @@ def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8",
     report = _Quantizer(ir, calib, scheme, mode=mode, method=method, percentile=percentile,
                         keep_float=tuple(keep_float or ()), max_error=max_error, max_bytes=max_bytes,
                         bias_correction=bias_correction, equalize=equalize, rounding=rounding, progress=progress,
-                        strict=strict, log=log).run()
+                        strict=strict, sixteen_bit=sixteen_bit, log=log).run()
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report
 
@@ -273,7 +274,8 @@ class _Quantizer:
     """One int8/mixed quantization: calibrate, plan, refine, write (the module doc's stages)."""
 
     def __init__(self, ir: IR, calib, scheme: QuantScheme, *, mode, method, percentile, keep_float, max_error,
-                 max_bytes, bias_correction, equalize, progress, log, strict=False, rounding="nearest"):
+                 max_bytes, bias_correction, equalize, progress, log, strict=False, rounding="nearest",
+                 sixteen_bit=True):
         self.ir, self.calib, self.scheme, self.mode = ir, calib, scheme, mode
         self.method, self.percentile, self.keep_float = method, percentile, keep_float
         self.max_error, self.max_bytes = max_error, max_bytes
@@ -281,6 +283,7 @@ class _Quantizer:
         self.equalize = equalize if scheme.rules == "ort-fusable" else False
         self.progress, self.log = progress, log
         self.strict = strict
+        self.sixteen_bit = sixteen_bit and scheme.wide_activations
         self.rounding = rounding == "gptq" and mode == "int8"
         self._known_parts = None
         self._sw_probe: Probe | None = None
@@ -558,7 +561,7 @@ class _Quantizer:
                                      for u in sorted(units, key=lambda u: -contribution[u])[:10]]}
         wide: list[str] = []
         now = steps[-1]["error_after"] if steps else full
-        if now > budget and self.scheme.wide_activations:
+        if now > budget and self.sixteen_bit:
             wide, section["sixteen_bit"] = self._widen(ranges, weights, keep + floats, batches, ref, noise, budget, now)
         if not floats and not wide:
             rep.update({"trace": trace, "fallback": {**section, "met": False}})

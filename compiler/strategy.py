@@ -6,7 +6,8 @@ What each goal means on a profile:
   on Jetson and Rockchip NPUs, where the toolchain converts; FP32 on CPUs).
 * ``latency``: the device computes channels in parallel (vector lanes, tensor cores, NPU
   MACs), so structured channel pruning, rounded to its channel multiple, cuts real time;
-  every target here has int8 units (VNNI/dot-product CPUs, tensor cores, the NPU), so INT8.
+  every target here has int8 units (VNNI/dot-product CPUs, tensor cores, the NPU), so INT8,
+  with the int8 fallback's float steps only (no 16-bit activations: float speed).
   The pruning ratio is the largest of ``RATIOS`` that keeps the output error within
   ``max_error``; without a budget nothing is pruned (pruning blind is a guess).
 * ``size``: the smallest weights: INT8 (``mixed`` down to INT4 where the budget allows)
@@ -56,8 +57,11 @@ def candidates(target, goal: str, base: CompileOptions) -> tuple[list[Candidate]
     max_error, max_bytes, round_to = base.verify.max_error, base.quant.max_bytes, base.prune.round_to
 
     def candidate(ratio: float | None = None, quantize: str | None = None) -> Candidate:
-        # max_bytes is the budget the winner is measured against, not the mixed search's limit
-        return Candidate(replace(base.prune, ratio=ratio, macs=None), replace(base.quant, mode=quantize, max_bytes=None))
+        # max_bytes is the budget the winner is measured against, not the mixed search's limit;
+        # latency: no 16-bit activations (the ops around one run at float speed on ONNX Runtime)
+        return Candidate(replace(base.prune, ratio=ratio, macs=None),
+                         replace(base.quant, mode=quantize, max_bytes=None,
+                                 sixteen_bit=base.quant.sixteen_bit and goal != "latency"))
 
     reasons = []
     if goal == "accuracy":

@@ -653,6 +653,14 @@ def test_sixteen_bit_activations_are_the_fallbacks_last_step(monkeypatch, opset)
     assert q["int8_coverage"]["weighted_16bit_input"] >= 1
     text = report.compile_text(r.report)
     assert "activation tensors on 16 bits" in text and "16-bit: " in text
+    # --no-16bit (and --goal latency, whose candidates turn it off): float steps only, here none
+    with pytest.raises(edgec.VerificationError, match="even with 0 ops kept float;"):
+        edgec.compile(model, quantize="int8", calib="random", sixteen_bit=False)
+    from edgec import strategy
+    from edgec.options import CompileOptions
+    cands, _ = strategy.candidates(edgec.backends.get_target("cpu"), "latency",
+                                   CompileOptions(calib="random", quant=dataclasses.replace(CompileOptions().quant)))
+    assert cands and all(not c.quant.sixteen_bit for c in cands)
     # a target whose toolchain takes 8-bit Q/DQ only has no 16-bit step: with no float step
     # either, the collapse is refused
     with pytest.raises(edgec.VerificationError, match="even with 0 ops kept float;"):
