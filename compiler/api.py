@@ -331,6 +331,9 @@ def _run_pipeline(run: _Run) -> None:
 def _quantize(run: _Run) -> None:
     """The lossy precision stage: the target's quantization scheme (:mod:`edgec.quantize_api`)."""
     q = run.options.quant
+    if run.target.options.get("simulator") and q.mode != "int8":
+        run.warnings.append(f"target option simulator: only --quantize int8 is measured in the simulator "
+                            f"(here: {q.mode or 'no quantization'}); nothing was simulated")
     if q.mode == "vendor":  # the toolchain quantizes: the model stays float, the target writes the hand-off
         run.quant_report = {"mode": "vendor", "placement": f"{run.target.name} toolchain",
                             **run.target.extras.vendor_quantizer(run.target, q)}
@@ -414,7 +417,7 @@ def _conformance(run: _Run) -> None:
     run.result_model = run.ir.to_onnx()
     loader.check_model(run.result_model)
     found = tgt.conformance(run.ir)
-    run.warnings = [p[len("warning:"):].strip() for p in found if p.startswith("warning:")]
+    run.warnings += [p[len("warning:"):].strip() for p in found if p.startswith("warning:")]
     problems = [p for p in found if not p.startswith("warning:")]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""

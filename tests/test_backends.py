@@ -292,3 +292,20 @@ def test_rknn_simulator_option_must_name_an_executable(tmp_path):
     assert main(["compile", str(src), "-o", str(tmp_path / "o.onnx"), "-t", "rknn", "--quantize", "int8",
                  "--calib", "random", "--target-option", f"simulator={tmp_path / 'no-python'}", "-q"]) == 2
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_rknn_simulator_option_without_int8_says_it_simulated_nothing(tmp_path):
+    """The simulator measures --quantize int8 only; given with another mode, the report says so."""
+    src = tmp_path / "m.onnx"
+    onnx.save(resnet_basic(), src)
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    r = edgec.compile(src, tmp_path / "o.onnx", target="rknn", quantize="vendor", calib="random",
+                      target_options={"simulator": str(fake)})
+    assert any("only --quantize int8 is measured" in n for n in r.report["notes"])
+    # with int8, a toolkit Python that runs neither build is a user mistake, in one line
+    with pytest.raises(UserError, match="neither build ran in RKNN-Toolkit2"):
+        edgec.compile(src, tmp_path / "o2.onnx", target="rknn", quantize="int8", calib="random",
+                      target_options={"simulator": str(fake)})
+    assert not (tmp_path / "o2.onnx").exists()
