@@ -653,6 +653,14 @@ def test_sixteen_bit_activations_are_the_fallbacks_last_step(monkeypatch, opset)
     assert q["int8_coverage"]["weighted_16bit_input"] >= 1
     text = report.compile_text(r.report)
     assert "activation tensors on 16 bits" in text and "16-bit: " in text
+    # a budget 16 bits cannot meet (the int8 weights alone miss it): none kept, the report says why
+    rb = ALL_MODELS["resnet_basic"]()
+    ir = edgec.from_model(rb)
+    tight = quantize_api.quantize(ir, list(calibdata.load_calibration("random", rb, max_samples=16, seed=1)),
+                                  mode="int8", max_error=1e-6)
+    sb = tight["fallback"]["sixteen_bit"]
+    assert sb["tensors"] == [] and "none kept" in sb["why"] and min(sb["measured"].values()) > 1e-6
+    assert not any(i.data_type == TensorProto.UINT16 for i in ir.to_onnx().graph.initializer)
     # --no-16bit (and --goal latency, whose candidates turn it off): float steps only, here none
     with pytest.raises(edgec.VerificationError, match="even with 0 ops kept float;"):
         edgec.compile(model, quantize="int8", calib="random", sixteen_bit=False)
