@@ -124,7 +124,7 @@ def _compile_run(run: "_Run") -> CompileResult:
     _build_pipeline(run)
     _load_data(run)
     _run_pipeline(run)
-    _prune_guard(run)
+    _prune_error(run)
     _quantize(run)
     _conformance(run)
     _verify(run)
@@ -357,7 +357,7 @@ def _quantize(run: _Run) -> None:
 PRUNE_ERROR_SAMPLES = 64  # calibration samples the pruned model's output error is measured on
 
 
-def _prune_guard(run: _Run) -> None:
+def _prune_error(run: _Run) -> None:
     """Pruning with calibration data measures what it removed: the pruned float model's output
     error against the original on the first ``PRUNE_ERROR_SAMPLES`` calibration samples (the
     ones reconstruction fitted on) and, when auto pruning chose, the chosen candidate's error on
