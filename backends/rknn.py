@@ -116,6 +116,9 @@ def _configure(t: Target) -> None:
     if sim and not (Path(sim).is_file() and os.access(sim, os.X_OK)):
         raise UserError(f"target rknn: simulator={sim}: not an executable file (the Python where rknn-toolkit2 2.x "
                         f"is installed, e.g. ~/rknn-venv/bin/python)")
+    if sim and str(t.options["dynamic_input"]).strip():
+        raise UserError("target rknn: simulator= measures a model with static input shapes; give --input-shape "
+                        "instead of dynamic_input=")
     t.static_shapes = not t.options["dynamic_input"]
     t.description = f"Rockchip {t.options['platform']} NPU (RKNN-Toolkit2 2.x)"
 

@@ -292,6 +292,12 @@ def test_rknn_simulator_option_must_name_an_executable(tmp_path):
     assert main(["compile", str(src), "-o", str(tmp_path / "o.onnx"), "-t", "rknn", "--quantize", "int8",
                  "--calib", "random", "--target-option", f"simulator={tmp_path / 'no-python'}", "-q"]) == 2
     assert not (tmp_path / "o.onnx").exists()
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nexit 1\n")
+    python.chmod(0o755)
+    with pytest.raises(UserError, match="simulator= measures a model with static input shapes"):
+        edgec.compile(src, tmp_path / "o.onnx", target="rknn", quantize="int8", calib="random",
+                      target_options={"simulator": str(python), "dynamic_input": "1x3x32x32;2x3x32x32"})
 
 
 def test_rknn_simulator_option_without_int8_says_it_simulated_nothing(tmp_path):
