@@ -603,7 +603,11 @@ class _Quantizer:
             p = with_wide(base, tensors)
             return guarded_error(error_metrics(ref, probe.outputs(p, batches, weights=weights)))
 
-        gain = {i: before - measure(g) for i, g in enumerate(groups[:MAX_WIDE_CANDIDATES])}
+        gain = {}
+        for i, g in enumerate(groups[:MAX_WIDE_CANDIDATES]):
+            gain[i] = before - measure(g)
+            self.log(f"fallback: 16-bit ranking {i + 1}/{min(len(groups), MAX_WIDE_CANDIDATES)}: '{g[0]}' alone, "
+                     f"error {before - gain[i]:.4g}")
         first = sorted((i for i in gain if gain[i] > 0), key=lambda i: -gain[i])
         groups = [groups[i] for i in first] + [g for i, g in enumerate(groups) if i not in set(first)]
         self.log(f"fallback: {len(first)} of the {len(gain)} noisiest scale groups lower the error on 16 bits alone")
