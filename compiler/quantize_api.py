@@ -84,6 +84,7 @@ MAX_WIDE_MEASUREMENTS = 16
 # ones that lower the error go first (on PP-OCRv4's detector, noise order needed 24 tensors on 16
 # bits, the 23rd group giving most of the gain; measured order, 3)
 MAX_WIDE_CANDIDATES = 32
+WIDE_RANK_SAMPLES = 8  # calibration samples the ranking measures on (an order, not a verdict; a whole batch at least)
 # the budget also holds per output channel, this much looser: one collapsed channel (a detector's
 # class scores beside its box coordinates) fails it even when the output's overall error is small
 CHANNEL_FACTOR = 4.0
@@ -566,7 +567,8 @@ class _Quantizer:
         wide: list[str] = []
         now = steps[-1]["error_after"] if steps else full
         if now > budget and self.sixteen_bit:
-            wide, section["sixteen_bit"] = self._widen(ranges, weights, keep + floats, batches, ref, noise, budget, now)
+            wide, section["sixteen_bit"] = self._widen(ranges, weights, keep + floats, batches, ref, noise, budget, now,
+                                                       capture)
         if not floats and not wide:
             rep.update({"trace": trace, "fallback": {**section, "met": False}})
             return plan, rep
@@ -583,11 +585,13 @@ class _Quantizer:
         return new_plan, new_rep
 
     def _widen(self, ranges: dict, weights, keep: list[str], batches, ref, noise: dict, budget: float,
-               before: float) -> tuple[list[str], dict]:
+               before: float, capture: _FloatCapture) -> tuple[list[str], dict]:
         """The fallback's last step, where the scheme has 16-bit activations: with the ops in
         ``keep`` float, which activation tensors get 16 bits. Scale groups (a tensor with every
         tensor sharing its scale) are ranked: the ``MAX_WIDE_CANDIDATES`` noisiest (``noise``: the
-        trace's own-rounding error) are each measured on 16 bits alone, and those that lower the
+        trace's own-rounding error) are each measured on 16 bits alone (on the first
+        ``WIDE_RANK_SAMPLES`` calibration samples: a model whose fallback runs long is a big
+        one), and those that lower the
         error go first, most first, then the rest, noisiest first. Prefixes of 1, 2, 4, ... groups
         of that order are measured until one meets ``budget``; the shortest prefix that meets it
         is bisected for, within ``MAX_WIDE_MEASUREMENTS``. None meeting it, none is kept: the ops
@@ -599,15 +603,18 @@ class _Quantizer:
         base = build_plan(self.ir, self.scheme, ranges, keep_float=keep)
         groups = sorted(scale_groups(self.ir, base).values(), key=lambda g: -max(noise.get(t, 0.0) for t in g))
 
-        def measure(tensors) -> float:
+        def measure(tensors, on=(batches, ref)) -> float:
             p = with_wide(base, tensors)
-            return guarded_error(error_metrics(ref, probe.outputs(p, batches, weights=weights)))
+            return guarded_error(error_metrics(on[1], probe.outputs(p, on[0], weights=weights)))
 
+        rank = _subset(self.calib, min(WIDE_RANK_SAMPLES, self.bias_set.samples))
+        rank_on = (rank.batches, capture.reference(rank))
+        rank_before = measure([], rank_on)
         gain = {}
         for i, g in enumerate(groups[:MAX_WIDE_CANDIDATES]):
-            gain[i] = before - measure(g)
+            gain[i] = rank_before - measure(g, rank_on)
             self.log(f"fallback: 16-bit ranking {i + 1}/{min(len(groups), MAX_WIDE_CANDIDATES)}: '{g[0]}' alone, "
-                     f"error {before - gain[i]:.4g}")
+                     f"error {rank_before - gain[i]:.4g} on {rank.samples} samples")
         first = sorted((i for i in gain if gain[i] > 0), key=lambda i: -gain[i])
         groups = [groups[i] for i in first] + [g for i, g in enumerate(groups) if i not in set(first)]
         self.log(f"fallback: {len(first)} of the {len(gain)} noisiest scale groups lower the error on 16 bits alone")
