@@ -740,13 +740,13 @@ def test_concat_of_scores_and_pixel_boxes_is_not_crushed_under_one_scale(monkeyp
 
 
 @pytest.mark.parametrize("name", ["resnet_basic", "mobilenet_v2", "inception", "transformer_encoder"])
-@pytest.mark.parametrize("kind", ["uint8", "int8-mixed", "tensorrt", "uint8-wide"])
+@pytest.mark.parametrize("kind", ["uint8", "int8-mixed", "tensorrt", "uint8-wide", "int8-wide"])
 def test_the_probe_computes_what_the_materialised_model_computes(name, kind):
     """Every plan edgec chooses is measured on the probe, never written: the probe's outputs must
     be those of the model the materialiser writes, bit for bit, in the reference executor (with
     bias shifts; with a per-layer precision plan on the switchable probe; TensorRT's float-Q->DQ
-    weights; every other activation on 16 bits, on the wide probe that emulates 8-bit tensors
-    with 16-bit Q/DQ and a clip)."""
+    weights; every other scale group on 16 bits, uint16 and, symmetric, int16, on the wide probe
+    that emulates 8-bit tensors with 16-bit Q/DQ and a clip)."""
     from edgec import calibration, quant_plan, quant_probe, rounding
     from edgec.pipeline import PassContext
     from edgec.target import QuantScheme
@@ -758,9 +758,10 @@ def test_the_probe_computes_what_the_materialised_model_computes(name, kind):
     float_model = ir.to_onnx()
     calib = list(calibdata.load_calibration("random", model, max_samples=16, seed=1))
     ranges, _ = calibration.calibrate(float_model, quantize_api.calibration_tensors(ir), calib,
-                                      symmetric=kind == "tensorrt")
+                                      symmetric=kind in ("tensorrt", "int8-wide"))
     scheme = {"uint8": QuantScheme(weight_type="uint8"), "int8-mixed": QuantScheme(weight_type="int8"),
               "uint8-wide": QuantScheme(weight_type="uint8", wide_activations=True),
+              "int8-wide": QuantScheme(activations="symmetric", weight_type="int8", wide_activations=True),
               "tensorrt": QuantScheme(rules="tensorrt", activations="symmetric", bias="float",
                                       weight_format="float-qdq")}[kind]
     widest = quant_plan.build_plan(ir, scheme, ranges)
@@ -769,17 +770,18 @@ def test_the_probe_computes_what_the_materialised_model_computes(name, kind):
     if kind == "int8-mixed":  # every third layer float, every third int4
         precisions = {quant_plan.node_key(n): ("fp32", "int4", "int8")[i % 3] for i, n in enumerate(layers)}
     plan = quant_plan.build_plan(ir, scheme, ranges, precisions=precisions)
-    if kind == "uint8-wide":
+    if kind.endswith("-wide"):
         groups = list(quant_plan.scale_groups(ir, plan).values())
         plan = quant_plan.with_wide(plan, [t for g in groups[::2] for t in g])
-        assert {a.dtype for a in plan.activations.values()} == {"uint8", "uint16"}
+        base = kind.split("-")[0]
+        assert {a.dtype for a in plan.activations.values()} == {base, quant_plan.WIDE[base]}
     rng = np.random.default_rng(0)
     shifts = {quant_plan.node_id(n): rng.normal(0, 0.01, quant_plan.out_channels(n, ir.const_value(n.inputs[1])))
               for n in layers if n.op != "MatMul" and quant_plan.node_id(n) in plan.weights}
     plan = plan.with_bias_shift(shifts)
-    probe = quant_probe.Probe(ir, float_model, scheme, widest, switchable=kind in ("int8-mixed", "uint8-wide"),
+    probe = quant_probe.Probe(ir, float_model, scheme, widest, switchable=kind == "int8-mixed" or kind.endswith("-wide"),
                               adaptive=[quant_plan.node_id(n) for n in layers], layer_inputs=True,
-                              wide=kind == "uint8-wide")
+                              wide=kind.endswith("-wide"))
     # GPTQ levels on every layer it can take: levels other than nearest rounding's are written too
     rounded = rounding.optimise(plan, probe, calib)
     assert rounded and any(
