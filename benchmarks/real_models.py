@@ -763,6 +763,9 @@ def edgec_variant(model: onnx.ModelProto, calib: dict, workdir: Path, **kw):
         if ch:
             note += (f", auto: {pr['importance']}/{pr['mode']} ("
                      + ", ".join(f"{c['importance']}/{c['mode']} {c['said']}" for c in ch["candidates"]) + ")")
+        pe = pr.get("error")
+        if pe:  # the report's own figure: on the samples reconstruction fitted (the row's held-out one is the truth)
+            note += f", fitted-sample rel L2 {pe['rel_l2']:.3f}"
     return out.read_bytes(), note, rep
 
 
