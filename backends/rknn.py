@@ -467,8 +467,8 @@ def simulator_check(t: Target, float_ir: IR, qdq_ir: IR, fit_batches, held_batch
     RKNN's dataset is those same samples; each build is scored against ``float_ir`` in ONNX
     Runtime on ``held_batches`` (at most ``SIM_SAMPLES`` of them): the mean over samples of the
     cosine of each output, the worst output. Returns the report section; ``chosen`` is
-    ``"vendor"`` when RKNN's own int8 is more faithful by more than ``SIM_TIE`` (or edgec's QDQ
-    does not build), else ``"edgec"``."""
+    ``"vendor"`` when RKNN's own int8 is clearly more faithful (:func:`_clearly_better`) or
+    edgec's QDQ does not build, else ``"edgec"``."""
     from edgec import runtime
 
     log = log or (lambda s: None)
@@ -489,7 +489,7 @@ def simulator_check(t: Target, float_ir: IR, qdq_ir: IR, fit_batches, held_batch
     with tempfile.TemporaryDirectory(prefix="edgec-rknn-sim-") as td:
         td = Path(td)
         np.savez(td / "in.npz", **stacked)
-        cosines, errors, samples = {}, {}, {}
+        errors, samples = {}, {}  # kind -> why it failed; kind -> per-sample cosines
         for kind, ir, quantized in (("edgec", qdq_ir, True), ("vendor", float_ir, False)):
             d = td / kind
             d.mkdir()
@@ -515,8 +515,8 @@ def simulator_check(t: Target, float_ir: IR, qdq_ir: IR, fit_batches, held_batch
             for j, ref in enumerate(refs):
                 got = [o[j * batch:(j + 1) * batch].reshape(r.shape) for o, r in zip(outs, ref)]
                 per_sample.append(min(_cosine(g, r) for g, r in zip(got, ref)))
-            cosines[kind] = float(np.mean(per_sample))
             samples[kind] = np.array(per_sample)
+    cosines = {kind: float(c.mean()) for kind, c in samples.items()}
     section["seconds"] = round(time.perf_counter() - t0, 2)
     section["cosine"] = {"edgec QDQ": cosines.get("edgec"),
                          f"RKNN {_algorithm(t, calib_method)}/{t.options['quantized_method']}": cosines.get("vendor")}

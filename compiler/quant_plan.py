@@ -202,6 +202,18 @@ WIDE = {"uint8": "uint16", "int8": "int16"}  # an activation type -> its 16-bit 
 QRANGE = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767)}
 
 
+def is_wide(dtype: str) -> bool:
+    """Whether an activation type is a 16-bit one (the fallback's)."""
+    return dtype in WIDE.values()
+
+
+def qdq_domain(dtype: str, opset: int) -> str:
+    """The domain of the QuantizeLinear/DequantizeLinear of an activation of ``dtype`` in a model
+    at ``opset``: ai.onnx's, except 16-bit types before opset 21 (ONNX Runtime's ``com.microsoft``
+    ones, which take them)."""
+    return "com.microsoft" if is_wide(dtype) and opset < 21 else ""
+
+
 def widened(aq: ActQuant) -> ActQuant:
     """``aq``'s range (the float values its 8-bit levels span) on 16 bits: 257 levels for each
     of the 8-bit ones; a 16-bit ``aq`` is returned as it is."""

@@ -33,8 +33,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
-from .ir import IR, is_empty
-from .quant_plan import QRANGE, WIDE, QuantPlan, bias_form, fake_quantized_weight, node_id, out_channels, weight_arrays, weighted_nodes
+from .ir import IR, is_empty, onnx_elem_type
+from .quant_plan import QRANGE, WIDE, QuantPlan, qdq_domain, bias_form, fake_quantized_weight, node_id, out_channels, weight_arrays, weighted_nodes
 from .quant_rules import table_for
 from .runtime import error_metrics, reference_session, run_batches
 
@@ -180,10 +180,9 @@ class Probe:
 
         # Q/DQ on every probed tensor; its readers read the dequantized copy (switchable: through a
         # Where per reader edge)
-        qtype = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int16": TensorProto.INT16,
-                 "uint16": TensorProto.UINT16}[WIDE[self.dtype] if self.wide else self.dtype]
-        # 16-bit Q/DQ: ai.onnx's from opset 21, ONNX Runtime's com.microsoft ones before
-        qdomain = "" if not self.wide or opset >= 21 else "com.microsoft"
+        chain = WIDE[self.dtype] if self.wide else self.dtype  # the Q/DQ pairs' integer type
+        qtype = onnx_elem_type(np.dtype(chain))
+        qdomain = qdq_domain(chain, opset)
         if qdomain and not any(o.domain == qdomain for o in m.opset_import):
             m.opset_import.append(helper.make_opsetid(qdomain, 1))
         probed = set(self.tensors)

@@ -51,8 +51,8 @@ from .ir import IR, plain_dtype
 from .options import QuantOptions
 from .pipeline import PassContext, PassManager
 from .calibdata import CalibrationSet, count_samples
-from .quant_plan import (WIDE, QuantPlan, build_plan, clip_bounds, node_id, node_key, scale_groups, weighted_nodes,
-                         with_wide)
+from .quant_plan import (QuantPlan, build_plan, clip_bounds, is_wide, node_id, node_key, scale_groups,
+                         weighted_nodes, with_wide)
 from .quant_probe import PREFIX as PROBE_PREFIX
 from .quant_probe import ChannelMeans, Probe, concat
 from .quant_rules import table_for
@@ -292,6 +292,7 @@ class _Quantizer:
         self.rounding = rounding == "gptq" and mode == "int8"
         self._known_parts = None
         self._sw_probe: Probe | None = None
+        self._sw16_probe: Probe | None = None
         self.wide: tuple[str, ...] = ()  # activation tensors the fallback gave 16 bits
 
     def run(self) -> dict:
@@ -358,7 +359,7 @@ class _Quantizer:
             ir, PassContext(plan=plan))
         # a layer reading a 16-bit tensor runs ONNX Runtime's float kernel between the Q/DQ
         wide_in = sum(1 for w in plan.weights.values()
-                      if plan.activations.get(w.input) is not None and plan.activations[w.input].dtype in WIDE.values())
+                      if plan.activations.get(w.input) is not None and is_wide(plan.activations[w.input].dtype))
         int8 = len(plan.weights) - wide_in
         report["int8_coverage"] = {"weighted_int8": int8, "weighted": total,
                                    "ratio": round(int8 / total, 4) if total else None}
@@ -656,11 +657,11 @@ class _Quantizer:
     def _wide_probe(self) -> Probe:
         """A switchable probe whose Q/DQ pairs are 16-bit (8-bit tensors clipped to their span:
         the same values), for plans mixing 8- and 16-bit activations."""
-        if getattr(self, "_wp", None) is None:
+        if self._sw16_probe is None:
             sw = self._switchable_probe()
-            self._wp = Probe(self.ir, self.float_model, self.scheme, self.widest, switchable=True, wide=True,
-                             adaptive=sw.adaptive, observe=sw.observe, layer_inputs=self.rounding)
-        return self._wp
+            self._sw16_probe = Probe(self.ir, self.float_model, self.scheme, self.widest, switchable=True, wide=True,
+                                     adaptive=sw.adaptive, observe=sw.observe, layer_inputs=self.rounding)
+        return self._sw16_probe
 
     def _units(self, plan: QuantPlan) -> dict[str, list[str]]:
         """Quantized tensor -> the ops to keep float so that it, and every tensor sharing its

@@ -32,7 +32,8 @@ import onnx_graphsurgeon as gs
 from edgec.errors import UserError
 from edgec.ir import IR, is_empty
 from edgec.pipeline import Pass, PassContext, PassResult, register
-from edgec.quant_plan import ActQuant, QuantPlan, bias_form, build_plan, dequantize, node_id, weight_arrays
+from edgec.quant_plan import (ActQuant, QuantPlan, bias_form, build_plan, dequantize, is_wide, node_id,
+                              qdq_domain, weight_arrays)
 from edgec.target import QuantScheme
 
 
@@ -107,7 +108,7 @@ def materialise(ir: IR, plan: QuantPlan, result: PassResult) -> None:
     counts = plan.summary()
     kinds = [a.dtype for a in plan.activations.values()]
     kind = "int8" if "int8" in kinds or "int16" in kinds else "uint8"
-    wide = sum(k in ("uint16", "int16") for k in kinds)
+    wide = sum(is_wide(k) for k in kinds)
     weight_types = sorted({w.kind for w in plan.weights.values() if w.kind != "int4"})
     result.note(f"{counts['layers_int8']} layers int8 ({', '.join(weight_types) or 'int8'} weights), "
                 f"{counts['layers_int4']} int4 (emulated in int8 storage), {written} activation tensors quantized "
@@ -121,7 +122,7 @@ def _qdq(ir: IR, t: gs.Tensor, aq: ActQuant) -> tuple[gs.Node, gs.Variable]:
     tensor (not yet read)."""
     name = t.name
     qdtype = np.dtype(aq.dtype).type
-    domain = "com.microsoft" if qdtype in (np.uint16, np.int16) and ir.opset < 21 else ""
+    domain = qdq_domain(aq.dtype, ir.opset)
     s_c = _scalar(ir, name + "_scale", np.array(aq.scale, dtype=np.float32))
     z_c = _scalar(ir, name + "_zero_point", np.array(aq.zero_point, dtype=qdtype))
     tq = ir.make_var(name + "_quantized", dtype=qdtype, shape=t.shape)
