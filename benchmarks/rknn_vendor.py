@@ -170,12 +170,18 @@ def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=(), edge
                 edgec.compile(src, td / "qdq_strict.onnx", target="rknn", input_shapes=shapes, quantize="int8",
                               calib=calib_dict, strict_int8=True)
                 extra["edgec qdq (strict int8)"] = td / "qdq_strict.onnx"
-            pick = None
+            pick, extra_notes = None, {}
             if edgec_simulator:  # --target-option simulator: edgec measures both int8s in the simulator and picks
+                t = time.perf_counter()
                 pick = edgec.compile(src, td / "pick.onnx", target="rknn", input_shapes=shapes, quantize="int8",
                                      calib=calib_dict, target_options={"simulator": str(vendor.ensure_venv("rknn"))})
                 chose = pick.report["quantization"]["simulator_check"]
-                extra[f"edgec pick ({chose['chosen']})"] = td / "pick.onnx"
+                label = f"edgec pick ({chose['chosen']})"
+                extra[label] = td / "pick.onnx"
+                d = chose.get("difference")
+                extra_notes[label] = ((f"check: RKNN - edgec {d['mean']:+.5f} (stderr {d['stderr']:.5f}) " if d else "")
+                                      + f"on {chose['samples']} held-out calibration samples; compile "
+                                        f"{time.perf_counter() - t:.0f}s, of which the check {chose['seconds']:.0f}s")
             for m in edgec_methods:  # more edgec QDQ variants: --calib-method m
                 edgec.compile(src, td / f"qdq_{m}.onnx", target="rknn", input_shapes=shapes, quantize="int8",
                               calib=calib_dict, calib_method=m)
@@ -223,7 +229,8 @@ def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=(), edge
                         for i in range(len(feeds))]
             cpu = [op for op, _ in res["cpu_ops"] if op not in ("InputOperator", "OutputOperator")]
             rows.append({"variant": job["label"], "cosine": mean_cosine(outs, refs), "metric": score(outs),
-                         "note": f"CPU: {','.join(sorted(set(cpu)))}" if cpu else ""})
+                         "note": "; ".join(filter(None, (extra_notes.get(job["label"]),
+                                                         f"CPU: {','.join(sorted(set(cpu)))}" if cpu else "")))})
     vend = [r for r in rows if r["variant"].startswith("rknn ") and "/" in r["variant"] and r["cosine"] is not None]
     if vend:
         best = max(vend, key=lambda r: r["cosine"])
