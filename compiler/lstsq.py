@@ -119,6 +119,9 @@ class LinearMap:
     b: np.ndarray
     fit_bias: bool
     kernel: tuple = ()
+    # fitted on the positions of the 4-D tensor a global average pool reads (see x_rows), not on
+    # the pooled rows: one row per position instead of one per sample
+    pooled: bool = False
 
     @property
     def groups(self) -> int:
@@ -184,8 +187,16 @@ class LinearMap:
 
     def x_rows(self, x: np.ndarray, y_shape: tuple, idx: np.ndarray) -> np.ndarray | None:
         """[R, groups, K] input rows (im2col patches for a Conv) giving the output rows ``idx`` of
-        an output of shape ``y_shape``; None when ``x`` does not fit the layer."""
+        an output of shape ``y_shape``; None when ``x`` does not fit the layer. A ``pooled`` map
+        reads ``x`` [N, K, H, W], the tensor before the pool, at flat positions ``idx`` over
+        (n, y, x) of ``y_shape`` (that tensor's shape)."""
         g, k = self.groups, self.W.shape[1]
+        if self.pooled:
+            if g != 1 or x.ndim != 4 or x.shape[1] != k or tuple(x.shape[2:]) != tuple(y_shape[2:]):
+                return None
+            n, rem = np.divmod(idx, x.shape[2] * x.shape[3])
+            oy, ox = np.divmod(rem, x.shape[3])
+            return x[n, :, oy, ox].reshape(len(idx), 1, k)
         if self.node.op == "Conv":
             if x.ndim != 4 or len(y_shape) != 4 or len(self.kernel) != 2 or x.shape[1] * int(np.prod(self.kernel)) != g * k:
                 return None
@@ -316,72 +327,96 @@ class NormalEquations:
 
     def fit(self, ridge: float, steps: tuple, bias: bool,
             prior: np.ndarray | None = None) -> tuple[float, float, int, tuple | None]:
+        """:meth:`fit_priors` with one prior (``prior``, or zero when None); returns its first
+        four values."""
+        return self.fit_priors(ridge, steps, bias, {"prior": prior})[:4]
+
+    def fit_priors(self, ridge: float, steps: tuple, bias: bool,
+                   priors: dict[str, np.ndarray | None]) -> tuple[float, float, int, tuple | None, str]:
         """Ridge fit with ``lambda = ridge * step * mean(diag(X'X))`` chosen among ``steps`` on the
-        held-out rows, trying the steps in increasing order until the held-out error rises (it is
-        taken as unimodal in lambda). Returns (held-out MSE of the best training fit, its ``ridge *
-        step``, solves made, a callable giving (W, b) solved on all rows, or None when there are
-        no held-out rows).
+        held-out rows, for each of ``priors`` (name -> the weights [groups, K, Nout] the ridge pulls
+        towards, zero when None), and the prior whose best step has the lowest held-out error
+        (the first one on a tie). Each prior tries the steps in increasing order until its
+        held-out error rises (it is taken as unimodal in lambda); the priors share each step's
+        factorisation (``A^-1 (B + lambda W0) = A^-1 B + lambda A^-1 W0``), so a second prior
+        costs right-hand sides, not factorisations. Returns (held-out MSE of the chosen training
+        fit, its ``ridge * step``, factorisations made, a callable giving (W, b) solved on all
+        rows or None when there are no held-out rows, the chosen prior's name).
 
         With :meth:`wide`, each factorisation also solves for the held-out rows ``X_h'`` (``P =
         A^-1 X_h'``), which gives three things without another factorisation: the sign of the
-        held-out error's derivative in lambda (``-2 <P R_h, W>``; when it is not negative the error
-        only rises beyond, so no larger step is solved), and the all-rows solution by the Woodbury
-        identity: ``(A + X_h'X_h)^-1 (B + X_h'Y_h) = W + P (I + X_h P)^-1 (Y_h - X_h W)``. The
-        steps and lambda are those of the training solves (``lambda`` from the training rows'
+        held-out error's derivative in lambda (``-2 <P R_h, W - W0>``; when it is not negative the
+        error only rises beyond, so that prior tries no larger step), and the all-rows solution by
+        the Woodbury identity: ``(A + X_h'X_h)^-1 (B + X_h'Y_h) = W + P (I + X_h P)^-1 (Y_h - X_h W)``.
+        The steps and lambda are those of the training solves (``lambda`` from the training rows'
         Gram matrix), so the same step is chosen; the all-rows fit then keeps that absolute
         lambda, a relative ridge 4/5 of the training one's, where :meth:`solve` on all rows takes
         ``lambda`` from the all-rows Gram matrix. (Taking it from there for the training solves
         too chose another step on one of all-MiniLM-L6-v2's layers, and its retrieval top-1 fell
         from 0.29 to 0.15 at 30%: these fits are that sensitive to the ridge.) Otherwise each step
-        is one solve on the training rows and the all-rows fit one more (:meth:`solve`)."""
+        is one batched solve on the training rows and the all-rows fit one more (:meth:`solve`)."""
         self._flush()
         held = self._held_out()
+        names = list(priors)
         if held is None:
-            return float("nan"), ridge * steps[0], 0, None
-        if not self.wide():
-            best, solves = None, 0
-            for step in steps:
-                W, b = self.solve(ridge * step, bias, train_only=True, prior=prior)
-                solves += 1
-                e = self.mse(W, b)
-                if best is not None and not e < best[0]:
-                    break
-                best = (e, ridge * step)
-            lam = best[1]
-            return best[0], lam, solves, lambda: self.solve(lam, bias, train_only=False, prior=prior)
+            return float("nan"), ridge * steps[0], 0, None, names[0]
         k, d = self.k, self.k + (1 if bias else 0)
-        x1, y1 = held
-        xh, yh = x1[0, :, :d], y1[0]
-        nout = yh.shape[1]
-        scale = float(np.mean(np.diagonal(self.G[0, :k, :k]))) if k else 0.0  # as the training solves' lambda
-        rhs = np.concatenate([self.B[0, :d], xh.T], axis=1)
-        W0 = np.zeros((d, nout)) if prior is None else np.concatenate([prior[0], np.zeros((d - k, nout))])
-        best, solves = None, 0
+        g, nout = self.G.shape[0], self.B.shape[2]
+        pads = {nm: None if p is None else np.concatenate([p, np.zeros((g, d - k, nout))], axis=1)
+                for nm, p in priors.items()}
+        extra = [nm for nm in names if pads[nm] is not None]
+        best: dict[str, tuple] = {}
+        active = set(names)
+        solves = 0
+        wide = self.wide()
+        if wide:
+            x1, y1 = held
+            xh, yh = x1[0, :, :d], y1[0]
+        scale = np.mean(np.diagonal(self.G[:, :k, :k], axis1=1, axis2=2), axis=1) if k else np.zeros(g)
         for step in steps:
-            A = self.G[0, :d, :d].copy()
-            lam_abs = ridge * step * scale + 1e-12
-            A[np.arange(k), np.arange(k)] += lam_abs
-            if prior is not None:
-                rhs[:k, :nout] = self.B[0, :k] + lam_abs * prior[0]
-            sol = np.linalg.solve(A, rhs)
+            if not active:
+                break
+            lam = ridge * step * scale + 1e-12  # [groups], as solve(train_only=True)
+            A = self.G[:, :d, :d].copy()
+            A[:, np.arange(k), np.arange(k)] += lam[:, None]
+            rhs = [self.B[:, :d]] + [pads[nm] for nm in extra] + ([xh.T[None]] if wide else [])
+            sol = np.linalg.solve(A, np.concatenate(rhs, axis=2))
             solves += 1
-            W, P = sol[:, :nout], sol[:, nout:]
-            R = xh @ W - yh
-            e = float(np.sum(np.square(R))) / R.size
-            if best is not None and not e < best[0]:
-                break
-            best = (e, ridge * step, W, P, R)
-            slope = -2.0 * float(np.sum((P @ R)[:k] * (W[:k] - W0[:k])))
-            if not slope < 0:
-                break
-        e, lam, W, P, R = best
+            base = sol[:, :, :nout]
+            P = sol[0, :, nout * (1 + len(extra)):] if wide else None
+            for nm in names:
+                if nm not in active:
+                    continue
+                W = base
+                if pads[nm] is not None:
+                    j = 1 + extra.index(nm)
+                    W = base + lam[:, None, None] * sol[:, :, nout * j:nout * (j + 1)]
+                if wide:
+                    R = xh @ W[0] - yh
+                    e = float(np.sum(np.square(R))) / R.size
+                else:
+                    e = self.mse(W[:, :k], W[:, k] if bias else np.zeros((g, nout)))
+                if nm in best and not e < best[nm][0]:
+                    active.discard(nm)
+                    continue
+                best[nm] = (e, ridge * step, W, P, R if wide else None)
+                if wide:
+                    W0 = pads[nm][0] if pads[nm] is not None else 0.0
+                    slope = -2.0 * float(np.sum((P @ R)[:k] * (W[0] - W0)[:k]))
+                    if not slope < 0:
+                        active.discard(nm)
+        chosen = min(names, key=lambda nm: (not best[nm][0] <= best[nm][0], best[nm][0], names.index(nm)))
+        e, lam_c, W, P, R = best[chosen]
+        if not wide:
+            prior = priors[chosen]
+            return e, lam_c, solves, lambda: self.solve(lam_c, bias, train_only=False, prior=prior), chosen
 
         def all_rows():
             S = xh @ P
             S[np.arange(len(S)), np.arange(len(S))] += 1.0
-            Wa = W - P @ np.linalg.solve(S, R)
+            Wa = W[0] - P @ np.linalg.solve(S, R)
             return Wa[None, :k], (Wa[None, k] if bias else np.zeros((1, nout)))
-        return e, lam, solves, all_rows
+        return e, lam_c, solves, all_rows, chosen
 
     def mse(self, W: np.ndarray, b: np.ndarray, split: int = 1) -> float:
         """Mean squared error of ``x @ W + b`` against ``y`` over a split's rows (nan when empty)."""

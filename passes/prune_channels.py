@@ -304,7 +304,7 @@ class PruneChannels(Pass):
 
     def __init__(self, ratio: float | None = None, *, mode: str = "uniform", macs_target: float | None = None,
                  importance: str = "l1", round_to: int = 1, max_layer_ratio: float = 0.9, steps: int = 1,
-                 reconstruct: bool = True, ridge: float = 1e-3, ridge_prior: str = "zero"):
+                 reconstruct: bool = True, ridge: float = 1e-3, ridge_prior: str = "auto"):
         super().__init__()
         if ratio is None and macs_target is None:
             ratio = 0.3
@@ -325,7 +325,7 @@ class PruneChannels(Pass):
         self.steps = steps
         self.reconstruct = bool(reconstruct)  # re-fit when calibration data is present
         self.ridge = ridge
-        self.ridge_prior = ridge_prior  # what the re-fit's ridge pulls towards: "zero" or "current" weights
+        self.ridge_prior = ridge_prior  # what the re-fit's ridge pulls towards: "zero", "current" or "auto" (per layer)
 
     def _as(self, importance: str, mode: str) -> "PruneChannels":
         """This pass with another importance and mode (the same ratio, target, rounding, steps, re-fit)."""

@@ -38,11 +38,22 @@ group's input channels.
   when the smallest ridge wins.
 * A layer with more than ``MAX_UNKNOWNS`` inputs per output (VGG's first fully connected layer)
   is left as pruned, with the reason: its K x K system would take gigabytes and minutes.
-* ``prior="current"`` pulls the weights towards the layer's current (pruned) weights instead of
-  zero (``(X'X + lambda I) W = X'Y + lambda W0``): a large ridge then keeps the trained weights
-  rather than shrinking them, which matters where rows are few for the unknowns. Not the
-  default: measured better on most builder models and on PP-OCRv4's recogniser and
-  all-MiniLM-L6-v2's embeddings, but not on everything (see the README's pruning section).
+* What the ridge pulls towards (``prior``): zero, or the layer's ``current`` (pruned) weights
+  (``(X'X + lambda I) W = X'Y + lambda W0``: a large ridge then keeps the trained weights
+  rather than shrinking them, which matters where rows are few for the unknowns). The default,
+  ``auto``, fits both and keeps, per layer, the one with the lower held-out error; the two
+  share each factorisation (:meth:`edgec.lstsq.NormalEquations.fit_priors`), so the choice
+  costs right-hand sides, not solves. Neither fixed prior was better everywhere: ``current``
+  helped PP-OCRv4's recogniser and all-MiniLM-L6-v2 and cost PP-OCRv4's detector (see the
+  README's pruning section).
+* A layer after a global average pool (an SE block's squeeze conv, a classifier head: a 1x1
+  conv or a Gemm/MatMul reading ``GlobalAveragePool(u)`` or a spatial ``ReduceMean``, through a
+  Flatten/Reshape/Squeeze) has one row per *sample*, often fewer than its unknowns. It is
+  fitted on the positions of ``u`` instead: its input rows are ``u``'s pixels in the pruned
+  model, its targets the unpruned layer applied to ``u``'s pixels in the unpruned model. The
+  layer is linear, so its pooled output is the mean of those per-pixel outputs, and the pooled
+  error is at most the mean per-pixel error (Jensen): the fit minimises a bound on what it
+  must match, from H*W times more rows (``pool_rows``; the entry's ``rows_of`` names ``u``).
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
 
 from edgec import runtime
 from edgec.ir import IR
@@ -60,7 +72,7 @@ from edgec.lstsq import LinearMap, NormalEquations, StagedRun
 from edgec.pipeline import Pass, PassContext, PassResult, register
 
 RIDGE_STEPS = (1, 10, 100, 1000)
-PRIORS = ("zero", "current")
+PRIORS = ("zero", "current", "auto")
 # a layer with more inputs per output than this is not re-fitted: its normal equations are a
 # K x K float64 system (8,192: 0.5 GB); VGG-19's first fully connected layer reads 25,088
 # inputs, about 17,600 after 30% pruning (2.5 GB a copy)
@@ -70,8 +82,9 @@ MAX_UNKNOWNS = 8192
 @dataclass
 class ReconstructionResult:
     """What the ``reconstruct`` pass did (the ``data`` of its PassResult): one dict per layer
-    considered (name, op, groups, rows, ridge, held-out errors before/after, the part of the
-    staged run it was fitted in, whether it was re-fitted)."""
+    considered (name, op, groups, rows, ridge, prior, held-out errors before/after, the part of the
+    staged run it was fitted in, whether it was re-fitted; ``rows_of`` for a layer fitted on
+    the positions before a global pool)."""
 
     layers: list[dict] = field(default_factory=list)
 
@@ -111,13 +124,72 @@ def _map(ir: IR, node: gs.Node) -> LinearMap | None:
     return LinearMap.of(node, ir.const_value(node.inputs[1]), bias, len(node.inputs))
 
 
+def _pooled_input(ir: IR, node: gs.Node, lm: LinearMap) -> gs.Tensor | None:
+    """The 4-D tensor ``u`` [N, C, H, W] when ``node`` reads ``GlobalAveragePool(u)`` (or a
+    ``ReduceMean`` over its spatial axes), possibly through a Flatten/Reshape/Squeeze to [N, C],
+    as a 1x1 convolution (stride 1, no padding) or a Gemm/MatMul: the layer is then linear in
+    ``u``'s positions, and its pooled output is the mean of its outputs there. Else None."""
+    if lm.groups != 1:
+        return None
+    if node.op == "Conv" and (any(v != 1 for v in lm.kernel) or any(node.attrs.get("pads", []))):
+        return None
+    t = node.inputs[0]
+    for _ in range(4):
+        p = ir.producer(t)
+        if p is None:
+            return None
+        if p.op in ("Flatten", "Reshape", "Squeeze"):
+            if p.op == "Flatten" and int(p.attrs.get("axis", 1)) != 1:
+                return None
+            shape = ir.static_shape(p.outputs[0])
+            if shape is None or len(shape) != 2:
+                return None
+            t = p.inputs[0]
+            continue
+        u = p.inputs[0] if p.inputs else None
+        if u is None:
+            return None
+        ushape = ir.static_shape(u)
+        if ushape is None or len(ushape) != 4 or ushape[1] != lm.W.shape[1]:
+            return None
+        if p.op == "ReduceMean":
+            axes = p.attrs.get("axes")
+            if axes is None and len(p.inputs) > 1:
+                axes = ir.const_value(p.inputs[1])
+            if axes is None or sorted(int(a) % 4 for a in np.asarray(axes).reshape(-1)) != [2, 3]:
+                return None
+        elif p.op != "GlobalAveragePool":
+            return None
+        vshape = ir.static_shape(t)
+        if vshape is None or int(np.prod(vshape)) != ushape[0] * ushape[1]:
+            return None
+        return u
+    return None
+
+
+def _original_map(original: onnx.ModelProto, name: str) -> LinearMap | None:
+    """The layer ``name``'s map in the unpruned model."""
+    inits = {t.name: t for t in original.graph.initializer}
+    for n in original.graph.node:
+        if n.name != name:
+            continue
+        vals = [numpy_helper.to_array(inits[x]) if x in inits else None for x in n.input]
+        if len(vals) < 2 or vals[1] is None:
+            return None
+        node = gs.Node(op=n.op_type, name=n.name, attrs={a.name: helper.get_attribute_value(a) for a in n.attribute})
+        return LinearMap.of(node, vals[1], vals[2] if len(vals) > 2 else None, len(vals))
+    return None
+
+
 def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict[str, tuple], *,
                 ridge: float = 1e-3, max_rows: int = 4096, seed: int = 0, grouped: bool = True,
-                prior: str = "zero") -> list[dict]:
+                prior: str = "auto", pool_rows: bool = True) -> list[dict]:
     """Re-fit the consumers of pruned channels in ``ir`` (in place). ``kept`` maps tensor names
     to (axis, surviving positions in the original tensor); ``grouped=False`` leaves grouped and
-    depthwise convs alone; ``prior``: what the ridge pulls the weights towards, ``zero`` or the
-    layer's ``current`` (pruned) weights. Returns one dict per layer."""
+    depthwise convs alone; ``prior``: what the ridge pulls the weights towards, ``zero``, the
+    layer's ``current`` (pruned) weights, or ``auto`` (per layer, whichever fits the held-out
+    rows better); ``pool_rows``: fit layers after a global average pool on the pool's input
+    positions. Returns one dict per layer."""
     if prior not in PRIORS:
         raise ValueError(f"unknown ridge prior '{prior}' ({', '.join(PRIORS)})")
     if not feeds:
@@ -142,15 +214,39 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
     if not maps:
         return [report[n.name] for n in layers]
     per_batch = max(1, math.ceil(max_rows / len(feeds)))
+    # layers after a global average pool: fitted on the pool's input positions (see _pooled_input)
+    pooled: dict[str, tuple[str, LinearMap]] = {}
+    for nm, lm in maps.items() if pool_rows else ():
+        u = _pooled_input(ir, lm.node, lm)
+        om = _original_map(original, nm) if u is not None and u.name in orig_names else None
+        out = lm.node.outputs[0].name
+        if om is None or om.groups != 1 or (out in kept and kept[out][0] % 2 != 1):
+            continue
+        lm.pooled = True
+        pooled[nm] = (u.name, om)
+    fit_inputs = {nm: pooled[nm][0] if nm in pooled else lm.node.inputs[0].name for nm, lm in maps.items()}
 
     # targets: one pass of the unpruned model; only the sampled rows of each layer are kept
     targets: dict[str, list] = {nm: [] for nm in maps}
-    outputs = {nm: lm.node.outputs[0].name for nm, lm in maps.items()}
+    outputs = {nm: pooled[nm][0] if nm in pooled else lm.node.outputs[0].name for nm, lm in maps.items()}
 
     def on_batch(values: dict) -> None:
         for li, (nm, lm) in enumerate(maps.items()):
             j = len(targets[nm])
             y = np.asarray(values[outputs[nm]])
+            if nm in pooled:  # the unpruned layer applied at each position of the pool's input
+                om = pooled[nm][1]
+                n_ = y.shape[0] * y.shape[2] * y.shape[3]
+                rng = np.random.default_rng((seed, li, j))
+                idx = rng.choice(n_, size=per_batch, replace=False) if per_batch < n_ else rng.permutation(n_)
+                n, rem = np.divmod(idx, y.shape[2] * y.shape[3])
+                oy, ox = np.divmod(rem, y.shape[3])
+                rows = y[n, :, oy, ox].astype(np.float64) @ om.W[0] + om.b[0]
+                out = lm.node.outputs[0].name
+                if out in kept:
+                    rows = rows[:, kept[out][1]]
+                targets[nm].append((y.shape, idx, rows[:, None, :]))
+                continue
             pos = None
             if outputs[nm] in kept:
                 axis, pos = kept[outputs[nm]]
@@ -166,12 +262,14 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
     runtime.capture(original, list(outputs.values()), feeds, on_batch)
 
     # inputs: the pruned model in parts, each layer fitted as soon as its input is final
-    staged = StagedRun(ir.to_onnx(), feeds, {nm: lm.node.inputs[0].name for nm, lm in maps.items()})
+    staged = StagedRun(ir.to_onnx(), feeds, fit_inputs)
     for ready in staged.waves():
         for nm in ready:
             lm = maps[nm]
-            entry = _fit(lm, staged.batches(lm.node.inputs[0].name), targets.pop(nm), ridge, prior == "current")
+            entry = _fit(lm, staged.batches(fit_inputs[nm]), targets.pop(nm), ridge, prior)
             entry["part"] = staged.parts
+            if nm in pooled:
+                entry["rows_of"] = f"the positions of {fit_inputs[nm]} (before the global pool)"
             report[nm] = entry
             if entry["refit"]:
                 W, b = entry.pop("solution")
@@ -189,7 +287,7 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
     return [report[n.name] for n in layers]
 
 
-def _fit(lm: LinearMap, xs: list, ys: list, ridge: float, to_current: bool = False) -> dict:
+def _fit(lm: LinearMap, xs: list, ys: list, ridge: float, prior: str = "zero") -> dict:
     """Accumulate the normal equations of ``lm`` over the batches and solve them; the entry's
     ``solution`` is (W, b) when the fit beats the current weights on the held-out rows."""
     node = lm.node
@@ -206,8 +304,9 @@ def _fit(lm: LinearMap, xs: list, ys: list, ridge: float, to_current: bool = Fal
         offset += len(X)
         ne.add(X, y[2], held_out)
     err0 = ne.mse(lm.W, lm.b)
-    err1, lam, solves, all_rows = ne.fit(ridge, RIDGE_STEPS, lm.fit_bias, prior=lm.W if to_current else None)
-    entry.update(rows=int(ne.rows.sum()), ridge=lam, solves=solves, val_mse_before=err0, val_mse_after=err1)
+    priors = {nm: (lm.W if nm == "current" else None) for nm in (("zero", "current") if prior == "auto" else (prior,))}
+    err1, lam, solves, all_rows, pr = ne.fit_priors(ridge, RIDGE_STEPS, lm.fit_bias, priors)
+    entry.update(rows=int(ne.rows.sum()), ridge=lam, prior=pr, solves=solves, val_mse_before=err0, val_mse_after=err1)
     if all_rows is not None and err1 < err0:
         entry["solution"] = all_rows()
         entry["refit"] = True
@@ -220,7 +319,7 @@ class Reconstruct(Pass):
     description = "least-squares re-fit of the layers reading pruned channels (needs the unpruned model)"
     lossless = False
 
-    def __init__(self, kept: dict[str, tuple] | None = None, ridge: float = 1e-3, prior: str = "zero"):
+    def __init__(self, kept: dict[str, tuple] | None = None, ridge: float = 1e-3, prior: str = "auto"):
         super().__init__()
         self.kept, self.ridge, self.prior = kept or {}, ridge, prior
 
