@@ -418,6 +418,12 @@ class NormalEquations:
             return Wa[None, :k], (Wa[None, k] if bias else np.zeros((1, nout)))
         return e, lam_c, solves, all_rows, chosen
 
+    def held_out_mean_square(self) -> float:
+        """Mean of the squared held-out targets (nan without held-out rows): what a held-out MSE
+        is relative to."""
+        held = self._held_out()
+        return float("nan") if held is None else float(np.mean(np.square(held[1])))
+
     def mse(self, W: np.ndarray, b: np.ndarray, split: int = 1) -> float:
         """Mean squared error of ``x @ W + b`` against ``y`` over a split's rows (nan when empty)."""
         self._flush()

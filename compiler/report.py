@@ -147,6 +147,17 @@ def compile_text(r: dict) -> str:
             lines.append(f"    pruned float model's output error (relative L2): {pe['rel_l2']:.4g} on {pe['samples']} "
                          f"calibration samples" + (f", {pe['held_out_rel_l2']:.4g} held out (auto's trial)"
                                                    if pe.get("held_out_rel_l2") is not None else ""))
+        rec = [e for e in pr.get("reconstruction") or [] if "val_mse_before" in e]
+        if rec:
+            refit = [e for e in rec if e.get("refit")]
+            pooled = sum(1 for e in refit if e.get("rows_of"))
+            priors = {p: sum(1 for e in refit if e.get("prior") == p) for p in ("zero", "current")}
+            worst = max((e for e in rec if e.get("val_rel_l2") is not None), key=lambda e: e["val_rel_l2"], default=None)
+            lines.append(f"    re-fitted {len(refit)} of {len(rec)} layers reading pruned channels"
+                         + (f" ({pooled} on the pixels before a global pool)" if pooled else "")
+                         + f"; ridge towards zero {priors['zero']}, towards the pruned weights {priors['current']}"
+                         + (f"; least recovered: {worst['layer']} (held-out relative L2 {worst['val_rel_l2']:.3g})"
+                            if worst else ""))
         for g in pruned[:12]:
             lines.append(f"    {g['id']:>5} {g['channels_before']:>5} -> {g['channels_after']:<5} "
                          f"{'-%.0f%%' % (100 * g['removed'] / max(g['channels_before'], 1)):>5}  {', '.join(g.get('origins', [])[:2])[:60]}")

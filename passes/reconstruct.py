@@ -82,7 +82,8 @@ MAX_UNKNOWNS = 8192
 @dataclass
 class ReconstructionResult:
     """What the ``reconstruct`` pass did (the ``data`` of its PassResult): one dict per layer
-    considered (name, op, groups, rows, ridge, prior, held-out errors before/after, the part of the
+    considered (name, op, groups, rows, ridge, prior, held-out errors before/after and, as kept,
+    relative to the layer's output (``val_rel_l2``), the part of the
     staged run it was fitted in, whether it was re-fitted; ``rows_of`` for a layer fitted on
     the positions before a global pool)."""
 
@@ -310,6 +311,9 @@ def _fit(lm: LinearMap, xs: list, ys: list, ridge: float, prior: str = "zero") -
     if all_rows is not None and err1 < err0:
         entry["solution"] = all_rows()
         entry["refit"] = True
+    ms = ne.held_out_mean_square()
+    if ms > 0:  # the layer's held-out error relative to its output, as kept
+        entry["val_rel_l2"] = math.sqrt(min(err0, err1) / ms) if entry["refit"] else math.sqrt(err0 / ms)
     return entry
 
 

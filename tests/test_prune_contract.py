@@ -93,7 +93,16 @@ def test_pruning_reports_its_output_error_and_warns_when_far(tmp_path, capsys):
     assert 0 < err["rel_l2"] < 0.5 and err["samples"] == 16
     held = err.get("held_out_rel_l2")
     assert held is None or held > 0
-    assert "pruned float model's output error" in report.compile_text(ok.report)
+    text = report.compile_text(ok.report)
+    assert "pruned float model's output error" in text
+    # the re-fit's line: how many layers, which prior each took, the least recovered one
+    rec = [e for e in ok.report["pruning"]["reconstruction"] if "val_mse_before" in e]
+    refit = [e for e in rec if e["refit"]]
+    worst = max(rec, key=lambda e: e["val_rel_l2"])
+    assert refit and all(e["prior"] in ("zero", "current") for e in refit)
+    assert all(0 <= e["val_rel_l2"] < 1 for e in rec)
+    assert f"re-fitted {len(refit)} of {len(rec)} layers reading pruned channels" in text
+    assert f"least recovered: {worst['layer']} (held-out relative L2 {worst['val_rel_l2']:.3g})" in text
     assert not any("far from the original" in n for n in ok.report["notes"])
     far = edgec.compile(src, out, prune=0.9, calib=calib, reconstruct=False, round_to=1)
     assert far.report["pruning"]["error"]["rel_l2"] > 0.5
