@@ -377,12 +377,17 @@ def test_fit_priors_is_the_better_of_the_single_prior_fits_at_no_more_factorisat
 
 
 # ---------------------------------------------------------------------------- layers after a global pool
-def _duplicated_channels_model(reshape: bool):
-    """conv (16 channels, 8..15 repeating 0..7) -> ReLU -> GAP -> Flatten/Reshape -> Gemm."""
+def _duplicated_channels_model(pool: str):
+    """conv (16 channels, 8..15 repeating 0..7) -> ReLU -> pool -> Gemm, the pool a GAP then
+    Flatten (``flatten``) or Reshape (``reshape``), or a ReduceMean over H, W without keepdims
+    (``reducemean``, as TensorFlow exports a global pool)."""
     b = GraphBuilder("dup", seed=5)
     x = b.input("input", [1, 3, 12, 12])
     y = b.relu(b.conv(x, 16, 3))
-    b.output(b.classifier(y, 10, reshape=reshape), "output")
+    if pool == "reducemean":
+        b.output(b.gemm(b.op("ReduceMean", [y], [1, 16], axes=[2, 3], keepdims=0), 10, gain=1.0), "output")
+    else:
+        b.output(b.classifier(y, 10, reshape=pool == "reshape"), "output")
     m = b.build()
     conv = next(n for n in m.graph.node if n.op_type == "Conv")
     for t in m.graph.initializer:
@@ -393,33 +398,34 @@ def _duplicated_channels_model(reshape: bool):
     return m
 
 
-@pytest.mark.parametrize("reshape", [False, True])
-def test_a_layer_after_a_global_pool_is_fitted_on_the_pools_input_positions(reshape):
+@pytest.mark.parametrize("pool", ["flatten", "reshape", "reducemean"])
+def test_a_layer_after_a_global_pool_is_fitted_on_the_pools_input_positions(pool):
     """Pruning the 8 repeated channels loses nothing a re-fit cannot restore (the Gemm's weights of
     a removed channel move to its twin). On 4 calibration samples the head has 4 pooled rows for
     9 unknowns per output, and the per-sample fit stays far off; fitted on the 12x12 positions
     before the pool (pool_rows, the default) it has 576 rows and restores the output, measured
     in ONNX Runtime on held-out inputs."""
-    m = _duplicated_channels_model(reshape)
+    m = _duplicated_channels_model(pool)
+    assert {"flatten": "Flatten", "reshape": "Reshape", "reducemean": "ReduceMean"}[pool] in {n.op_type for n in m.graph.node}
     calib = [verify.random_inputs(m, seed=s) for s in range(4)]
     held = [verify.random_inputs(m, seed=50 + s) for s in range(8)]
     errors = {}
-    for pool in (False, True):
+    for pixels in (False, True):
         ir = edgec.from_model(m)
         original = ir.to_onnx()
         groups = find_groups(ir)
         scores = {g.id: np.r_[np.ones(8), np.zeros(8)] for g in groups if g.prunable}
         kept = apply_pruning(ir, groups, select(groups, scores, ratio=0.5))
         plain = ir.to_onnx()
-        (entry,) = reconstruct(ir, original, calib, kept, pool_rows=pool)
+        (entry,) = reconstruct(ir, original, calib, kept, pool_rows=pixels)
         assert entry["op"] == "Gemm" and entry["refit"]
-        if pool:
+        if pixels:
             assert entry["rows"] == 4 * 12 * 12 and "before the global pool" in entry["rows_of"]
             assert entry["val_rel_l2"] < 1e-2  # on held-out pixels, relative to the layer's output
         else:
             assert entry["rows"] == 4 and "rows_of" not in entry
-        errors[pool] = _rel(original, ir.to_onnx(), held)
+        errors[pixels] = _rel(original, ir.to_onnx(), held)
     e_plain = _rel(original, plain, held)
-    print(f"\nreshape={reshape}: rel L2 pruned {e_plain:.4f}, per-sample fit {errors[False]:.4f}, "
+    print(f"\n{pool}: rel L2 pruned {e_plain:.4f}, per-sample fit {errors[False]:.4f}, "
           f"per-position fit {errors[True]:.6f}")
     assert errors[True] < 1e-3 < 0.05 < errors[False] < e_plain
