@@ -179,7 +179,10 @@ def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=(), edge
                 label = f"edgec pick ({chose['chosen']})"
                 extra[label] = td / "pick.onnx"
                 d = chose.get("difference")
+                strict = chose["cosine"].get("edgec QDQ all int8")
                 extra_notes[label] = ((f"check: RKNN - edgec {d['mean']:+.5f} (stderr {d['stderr']:.5f}) " if d else "")
+                                      + (f"[edgec with float ops {chose['cosine']['edgec QDQ']:.5f}, all int8 "
+                                         f"{strict:.5f}] " if strict is not None else "")
                                       + f"on {chose['samples']} held-out calibration samples; compile "
                                         f"{time.perf_counter() - t:.0f}s, of which the check {chose['seconds']:.0f}s")
             for m in edgec_methods:  # more edgec QDQ variants: --calib-method m

@@ -346,7 +346,14 @@ def _quantize(run: _Run) -> None:
         run.ir.infer_shapes()
         if simulate is not None:  # the target's own toolchain measures both int8s; the more faithful is written
             check = _simulator_check(run, simulate, float_ir)
-            if check["chosen"] == "vendor":
+            if check["chosen"] == "edgec strict":  # all int8 measured more faithful on the target
+                dropped = [f["node"] for f in (run.quant_report.get("fallback") or {}).get("float", [])]
+                run.ir = float_ir.copy()
+                run.quant_report = quantize_api.quantize_for_target(run.ir, tgt, replace(q, strict=True), run.calib,
+                                                                    max_error=run.options.verify.max_error, log=run.log)
+                run.ir.infer_shapes()
+                run.quant_report["simulator_dropped_float"] = dropped
+            elif check["chosen"] == "vendor":
                 edgec_int8 = {k: run.quant_report[k] for k in ("method", "error") if k in run.quant_report}
                 run.ir, run.handed_off = float_ir, True
                 run.quant_report = {"mode": "vendor", "placement": f"{tgt.name} toolchain",
@@ -392,21 +399,43 @@ def _prune_error(run: _Run) -> None:
 def _simulator_check(run: _Run, simulate, float_ir: IR) -> dict:
     """The target's simulator check (rknn's ``simulator`` option): edgec's int8 and the toolchain's
     own, each calibrated on 3/4 of the calibration samples, scored in the simulator on the held-out
-    quarter (every fourth sample); with fewer than 8 samples, both on all of them, scored on those."""
+    quarter (every fourth sample); with fewer than 8 samples, both on all of them, scored on those.
+    When edgec's fallback kept ops float, the same QDQ all int8 is a third candidate
+    (:func:`_strict_candidate`)."""
     from edgec.passes.prune_channels import split_feeds
 
     q, tgt = run.options.quant, run.target
     batches = list(run.calib)
     split = split_feeds(batches, 0.25, fixed_batch=tgt.static_shapes)
     if split is None:
-        check = simulate(tgt, float_ir, run.ir, batches, batches, q.method, run.log)
+        strict = _strict_candidate(run, float_ir, run.quant_report, batches)
+        check = simulate(tgt, float_ir, run.ir, batches, batches, q.method, run.log, strict_ir=strict)
         check["scored_on"] = "the calibration samples themselves (fewer than 8: none held out)"
         return check
     fit, held = split
     trial = float_ir.copy()
-    quantize_api.quantize_for_target(trial, tgt, q, fit, max_error=run.options.verify.max_error, log=lambda s: None)
+    rep = quantize_api.quantize_for_target(trial, tgt, q, fit, max_error=run.options.verify.max_error,
+                                           log=lambda s: None)
     trial.infer_shapes()
-    return simulate(tgt, float_ir, trial, fit, held, q.method, run.log)
+    strict = _strict_candidate(run, float_ir, rep, fit)
+    return simulate(tgt, float_ir, trial, fit, held, q.method, run.log, strict_ir=strict)
+
+
+def _strict_candidate(run: _Run, float_ir: IR, quant_report: dict, batches) -> IR | None:
+    """When the int8 in ``quant_report`` kept ops float (the fallback), the same quantization all
+    int8 (``--strict-int8``) on ``batches``, for the simulator to compare: None when nothing was
+    kept float or all int8 is refused (a collapse)."""
+    if run.options.quant.strict or not (quant_report.get("fallback") or {}).get("float"):
+        return None
+    strict = float_ir.copy()
+    try:
+        quantize_api.quantize_for_target(strict, run.target, replace(run.options.quant, strict=True), batches,
+                                         max_error=run.options.verify.max_error, log=lambda s: None)
+    except EdgecError as e:
+        run.log(f"rknn simulator: no all-int8 candidate ({e})")
+        return None
+    strict.infer_shapes()
+    return strict
 
 
 def _conformance(run: _Run) -> None:

@@ -20,6 +20,10 @@ def _change(a: float, b: float) -> str:
     return f"{(b - a) / a * 100:+.1f}%"
 
 
+WROTE = {"edgec": "edgec QDQ", "edgec strict": "edgec QDQ, all int8 (the fallback's float ops dropped)",
+         "vendor": "the float graph for RKNN own int8"}
+
+
 def compile_text(r: dict) -> str:
     b, a = r["before"], r["after"]
     lines = [f"edgec: {r.get('model') or 'model'} -> {r.get('output') or '(not written)'}  "
@@ -75,7 +79,7 @@ def compile_text(r: dict) -> str:
         if sim:
             scores = ", ".join(f"{k} {v:.5f}" if v is not None else f"{k} failed" for k, v in sim["cosine"].items())
             lines.append(f"    {sim['platform']} simulator ({sim['samples']} calibration samples, cosine to float): "
-                         f"{scores}: wrote {'edgec QDQ' if sim['chosen'] == 'edgec' else 'the float graph for RKNN own int8'}"
+                         f"{scores}: wrote {WROTE.get(sim['chosen'], sim['chosen'])}"
                          f" ({sim['why']})")
         why = (r.get("target_profile") or {}).get("int8", {}).get("reason")
         if why and q.get("mode") not in ("fp16", "vendor") and not sim:

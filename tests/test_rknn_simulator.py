@@ -268,3 +268,49 @@ def test_simulator_option_hands_off_a_clearly_worse_qdq(rknn, tmp_path):
     assert v > e + 2 * check["difference"]["stderr"] and "more faithful" in check["why"]
     assert q["edgec_int8"]["error"]["rel_l2"] > 0
     _written_matches(out, check)
+
+
+@pytest.mark.parametrize("vendor_allowed", [True, False])
+def test_simulator_option_measures_the_fallbacks_float_ops_against_all_int8(rknn, tmp_path, monkeypatch,
+                                                                            vendor_allowed):
+    """When edgec's int8 for rknn keeps ops float (the fallback does on this model, 24 samples), the
+    check also builds the same QDQ all int8: RKNN-Toolkit2 runs a QDQ model's float islands its own
+    way, so the one written is the more faithful in the simulator. The report gives the three
+    cosines; the choice follows the rule (all int8 only when above the fallback's by more than
+    1e-5, RKNN's own only when clearly above edgec's better one); an all-int8 pick writes a QDQ in
+    which every conv reads int8 weights and names the ops it no longer keeps float. (On this model
+    RKNN's own int8 wins; with the hand-off ruled out, ``vendor_allowed=False``, edgec's two
+    builds decide, which exercises the all-int8 write.)"""
+    from edgec import report
+    from edgec.backends import rknn as rknn_backend
+
+    if not vendor_allowed:
+        better = rknn_backend._clearly_better
+        monkeypatch.setattr(rknn_backend, "_clearly_better", lambda a, b, section: better(a, b, section) and False)
+
+    model, iname, calib = _photo_case("resnet_bottleneck", 32)
+    out = tmp_path / "m.onnx"
+    r = edgec.compile(model, out, target="rknn", input_shapes={iname: [1, 3, 64, 64]}, quantize="int8",
+                      calib={iname: calib},
+                      target_options={"simulator": str(vendor.python_of("rknn"))})
+    q = r.report["quantization"]
+    check = q["simulator_check"]
+    cos = check["cosine"]
+    assert set(cos) >= {"edgec QDQ", "edgec QDQ all int8"} and all(0.9 < v <= 1 for v in cos.values()), check
+    e, s = cos["edgec QDQ"], cos["edgec QDQ all int8"]
+    ours = "edgec strict" if s > e + 1e-5 else "edgec"
+    d = check["difference"]
+    clearly = d["mean"] > max(2 * d["stderr"], 1e-5)
+    assert check["chosen"] == ("vendor" if clearly and vendor_allowed else ours), check
+    _written_matches(out, check)
+    text = report.compile_text(r.report)
+    assert "edgec QDQ all int8" in text
+    if check["chosen"] == "edgec strict":
+        assert q["mode"] == "int8" and q["simulator_dropped_float"] and not (q.get("fallback") or {}).get("float")
+        m = onnx.load(out)
+        producers = {o: n.op_type for n in m.graph.node for o in n.output}
+        convs = [n for n in m.graph.node if n.op_type == "Conv"]
+        assert convs and all(producers.get(n.input[1]) == "DequantizeLinear" for n in convs)
+        assert "all int8 (the fallback's float ops dropped)" in text
+    elif check["chosen"] == "edgec":
+        assert (q.get("fallback") or {}).get("float")
