@@ -429,3 +429,28 @@ def test_a_layer_after_a_global_pool_is_fitted_on_the_pools_input_positions(pool
     print(f"\n{pool}: rel L2 pruned {e_plain:.4f}, per-sample fit {errors[False]:.4f}, "
           f"per-position fit {errors[True]:.6f}")
     assert errors[True] < 1e-3 < 0.05 < errors[False] < e_plain
+
+
+def test_two_heads_on_one_pool_of_a_refitted_conv():
+    """Two Gemm heads read the same pooled vector, pooled straight from a conv that is itself
+    re-fitted: both heads are fitted on that conv's pixels after its own re-fit (the staged run
+    orders them), and the pruned model's outputs get closer to the original's in ONNX Runtime."""
+    b = GraphBuilder("two_heads", seed=2)
+    x = b.input("input", [1, 3, 12, 12])
+    y = b.relu(b.conv(b.relu(b.conv(x, 16, 3)), 16, 3))
+    y = b.conv(y, 16, 1)
+    p = b.flatten(b.gap(y))
+    b.output(b.gemm(p, 10, gain=1.0), "out1")
+    b.output(b.gemm(p, 5, gain=1.0), "out2")
+    model = b.build()
+    calib = [verify.random_inputs(model, seed=s) for s in range(8)]
+    held = [verify.random_inputs(model, seed=40 + s) for s in range(8)]
+    original, ir, kept, plain = _pruned(model, 0.3)
+    report = {r["layer"]: r for r in reconstruct(ir, original, calib, kept)}
+    heads = [r for r in report.values() if r["op"] == "Gemm"]
+    assert len(heads) == 2 and all(r["refit"] and "before the global pool" in r["rows_of"] for r in heads), report
+    pool_in = next(n.inputs[0].name for n in ir.nodes if n.op == "GlobalAveragePool")
+    producer = next(n.name for n in ir.nodes if n.outputs[0].name == pool_in)
+    assert producer in report and all(r["part"] > report[producer]["part"] for r in heads)
+    assert all(pool_in in r["rows_of"] for r in heads)
+    assert _rel(original, ir.to_onnx(), held) < 0.5 * _rel(original, plain, held)
