@@ -348,11 +348,17 @@ def _quantize(run: _Run) -> None:
             check = _simulator_check(run, simulate, float_ir)
             if check["chosen"] == "edgec strict":  # all int8 measured more faithful on the target
                 dropped = [f["node"] for f in (run.quant_report.get("fallback") or {}).get("float", [])]
-                run.ir = float_ir.copy()
-                run.quant_report = quantize_api.quantize_for_target(run.ir, tgt, replace(q, strict=True), run.calib,
-                                                                    max_error=run.options.verify.max_error, log=run.log)
-                run.ir.infer_shapes()
-                run.quant_report["simulator_dropped_float"] = dropped
+                strict_ir = float_ir.copy()
+                try:
+                    strict_report = quantize_api.quantize_for_target(strict_ir, tgt, replace(q, strict=True), run.calib,
+                                                                     max_error=run.options.verify.max_error, log=run.log)
+                except EdgecError as e:  # all int8 refused on all the samples (it ran on 3/4): keep the fallback's
+                    check.update(chosen="edgec", why=check["why"] + f"; but all int8 on every sample was refused ({e}), "
+                                                                    "so the fallback's float ops stay")
+                else:
+                    strict_ir.infer_shapes()
+                    run.ir, run.quant_report = strict_ir, strict_report
+                    run.quant_report["simulator_dropped_float"] = dropped
             elif check["chosen"] == "vendor":
                 edgec_int8 = {k: run.quant_report[k] for k in ("method", "error") if k in run.quant_report}
                 run.ir, run.handed_off = float_ir, True

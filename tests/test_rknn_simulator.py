@@ -270,9 +270,9 @@ def test_simulator_option_hands_off_a_clearly_worse_qdq(rknn, tmp_path):
     _written_matches(out, check)
 
 
-@pytest.mark.parametrize("vendor_allowed", [True, False])
+@pytest.mark.parametrize("vendor_allowed,strict_refused", [(True, False), (False, False), (False, True)])
 def test_simulator_option_measures_the_fallbacks_float_ops_against_all_int8(rknn, tmp_path, monkeypatch,
-                                                                            vendor_allowed):
+                                                                            vendor_allowed, strict_refused):
     """When edgec's int8 for rknn keeps ops float (the fallback does on this model, 24 samples), the
     check also builds the same QDQ all int8: RKNN-Toolkit2 runs a QDQ model's float islands its own
     way, so the one written is the more faithful in the simulator. The report gives the three
@@ -280,13 +280,25 @@ def test_simulator_option_measures_the_fallbacks_float_ops_against_all_int8(rknn
     1e-5, RKNN's own only when clearly above edgec's better one); an all-int8 pick writes a QDQ in
     which every conv reads int8 weights and names the ops it no longer keeps float. (On this model
     RKNN's own int8 wins; with the hand-off ruled out, ``vendor_allowed=False``, edgec's two
-    builds decide, which exercises the all-int8 write.)"""
+    builds decide, which exercises the all-int8 write. ``strict_refused``: all int8 on every
+    sample is refused after the check chose it, and the fallback's QDQ is written, saying why.)"""
     from edgec import report
     from edgec.backends import rknn as rknn_backend
 
     if not vendor_allowed:
         better = rknn_backend._clearly_better
         monkeypatch.setattr(rknn_backend, "_clearly_better", lambda a, b, section: better(a, b, section) and False)
+    if strict_refused:
+        from edgec import api, quantize_api
+        from edgec.errors import UserError
+
+        real = quantize_api.quantize_for_target
+
+        def refuse_on_all(ir, tgt, q, batches, **kw):
+            if q.strict and sum(len(next(iter(b.values()))) for b in batches) == 32:
+                raise UserError("int8 collapsed (a test's refusal)")
+            return real(ir, tgt, q, batches, **kw)
+        monkeypatch.setattr(api.quantize_api, "quantize_for_target", refuse_on_all)
 
     model, iname, calib = _photo_case("resnet_bottleneck", 32)
     out = tmp_path / "m.onnx"
@@ -301,7 +313,11 @@ def test_simulator_option_measures_the_fallbacks_float_ops_against_all_int8(rknn
     ours = "edgec strict" if s > e + 1e-5 else "edgec"
     d = check["difference"]
     clearly = d["mean"] > max(2 * d["stderr"], 1e-5)
-    assert check["chosen"] == ("vendor" if clearly and vendor_allowed else ours), check
+    if strict_refused and ours == "edgec strict":
+        assert check["chosen"] == "edgec" and "all int8 on every sample was refused" in check["why"], check
+        assert (q.get("fallback") or {}).get("float") and "simulator_dropped_float" not in q
+    else:
+        assert check["chosen"] == ("vendor" if clearly and vendor_allowed else ours), check
     _written_matches(out, check)
     text = report.compile_text(r.report)
     assert "edgec QDQ all int8" in text
