@@ -57,13 +57,15 @@ Variants (one row each):
 * ``edgec int8 strict``: ``strict_int8=True``: everything int8, no fallback;
 * ``edgec latency``: ``goal="latency", max_error=0.05``; the report's chosen candidate;
 * ``edgec prune0.3``: ``prune=0.3`` with reconstruction on the calibration data (float), the
-  defaults (``importance="auto", prune_mode="auto"``: L1/uniform or wanda/sensitivity, whichever
-  measures the lower output error on a held-out quarter of the calibration samples; the note
-  names it);
+  defaults (``importance="auto", prune_mode="auto"``: L1/uniform, wanda/sensitivity or
+  obs/sensitivity, whichever measures the lowest output error on a held-out quarter of the
+  calibration samples; the note names it);
 * ``edgec prune0.3 l1``: the old default, ``importance="l1", prune_mode="uniform"`` (30% of every
   group);
 * ``edgec prune0.3 sens``: ``importance="l1", prune_mode="sensitivity"`` (per-group ratios from the
   measured output error, as many MACs removed as uniform);
+* ``edgec prune0.3 wanda``, ``edgec prune0.3 obs``: that importance with the sensitivity
+  allocation, named (auto's second and third candidates, fitted on all the samples);
 * ``ort <method> <pc|pt>``: ``quant_pre_process`` + ``quantize_static`` (QDQ, uint8
   activations, int8 weights, per-channel ``pc`` or per-tensor ``pt``, MinMax or Percentile);
   ``ort best`` is the best of those four by the task metric.
@@ -821,6 +823,8 @@ def evaluate(name: str, host: bool, log, only: list[str] | None = None) -> dict:
         ("edgec prune0.3", "edgec", dict(prune=0.3)),
         ("edgec prune0.3 l1", "edgec", dict(prune=0.3, importance="l1", prune_mode="uniform")),
         ("edgec prune0.3 sens", "edgec", dict(prune=0.3, importance="l1", prune_mode="sensitivity")),
+        ("edgec prune0.3 wanda", "edgec", dict(prune=0.3, importance="wanda", prune_mode="sensitivity")),
+        ("edgec prune0.3 obs", "edgec", dict(prune=0.3, importance="obs", prune_mode="sensitivity")),
         ("ort minmax pc", "ort", ("MinMax", True)),
         ("ort minmax pt", "ort", ("MinMax", False)),
         ("ort percentile pc", "ort", ("Percentile", True)),

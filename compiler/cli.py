@@ -76,15 +76,16 @@ def _parser() -> argparse.ArgumentParser:
     g = c.add_argument_group("pruning (dependency-aware structured channel pruning)")
     g.add_argument("--prune", type=float, metavar="RATIO", help="remove this fraction of channels (e.g. 0.3)")
     g.add_argument("--prune-macs", type=float, metavar="FRACTION", help="remove this fraction of MACs (solves for the ratio)")
-    g.add_argument("--importance", default="auto", choices=["auto", "l1", "l2", "bn", "activation", "fused", "wanda"],
-                   help="channel importance (default auto: with --calib, l1 or wanda, whichever --prune-mode auto "
-                        "measures better; without it l1; activation/fused/wanda use --calib; wanda: activation RMS "
-                        "x the norm of the weights that read the channel)")
+    g.add_argument("--importance", default="auto", choices=["auto", "l1", "l2", "bn", "activation", "fused", "wanda", "obs"],
+                   help="channel importance (default auto: with --calib, l1, wanda or obs, whichever --prune-mode "
+                        "auto measures best; without it l1; activation/fused/wanda/obs use --calib; wanda: activation "
+                        "RMS x the norm of the weights that read the channel; obs: the error the channel's removal "
+                        "leaves in the layers that read it after their least-squares re-fit)")
     g.add_argument("--prune-mode", default="auto", choices=["auto", "uniform", "global", "sensitivity"],
                    help="same ratio in every group, one global ranking, or per-group ratios from the output "
-                        "error measured on --calib; default auto: with --calib, l1/uniform and wanda/sensitivity "
-                        "each prune and re-fit on 3/4 of the samples and the lower output error on the other "
-                        "1/4 wins; without --calib, uniform")
+                        "error measured on --calib; default auto: with --calib, l1/uniform, wanda/sensitivity and "
+                        "obs/sensitivity each prune and re-fit on 3/4 of the samples and the lowest output error on "
+                        "the other 1/4 wins; without --calib, uniform")
     g.add_argument("--prune-steps", type=int, default=1, help="prune progressively in K steps, re-fitting after each")
     g.add_argument("--round-to", type=int, help="keep channel counts multiples of N (default: the target's)")
     g.add_argument("--max-layer-ratio", type=float, default=0.9, help="never remove more than this from a group (0.9)")

@@ -19,6 +19,19 @@ in the group:
   mean square of its channels on the calibration feeds times the L2 norm of the consumers'
   weights reading them (``weight.in`` slices, each consumer normalised to mean 1). Groups
   without such a consumer, or without a measured tensor, fall back to ``l2``.
+* ``obs``: the output error a unit's removal leaves in the layers that read it *after* their
+  weights are re-fitted by least squares, as reconstruction re-fits them (structured Optimal
+  Brain Surgeon on each consumer's channel Gram matrix ``G`` over the calibration feeds). For
+  one input channel ``c`` of a consumer with weight columns ``w_c``, that error is
+  ``|w_c|^2 / (G^-1)_cc``: ``1 / (G^-1)_cc`` is the part of the channel's energy the other
+  channels cannot explain. So it is ``wanda``'s score squared when channels are uncorrelated,
+  and near zero for a channel the others reproduce. Units are removed greedily (the weights and
+  ``G^-1`` are updated after each, so two copies of one channel do not both look redundant) and
+  scored by the error at their turn; each consumer's error is relative to its output energy.
+  Conv kernels are taken per tap over the channel Gram (the spatial correlation between taps is
+  not modelled); an attention head is a block of channels, removed together. Groups with a
+  reader it does not model (a grouped conv, a reader of more than ``OBS_MAX_FEATURES`` features)
+  fall back to ``wanda``.
 
 Scores are normalised per group to mean 1 ("relative importance"), which makes a global
 ranking across groups meaningful: a unit with score 0.2 is five times less important than
@@ -27,6 +40,7 @@ its group's average.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import numpy as np
@@ -35,7 +49,8 @@ from edgec import runtime
 from edgec.analysis.channels import ChannelGroup, GroupTensor, ParamSlice
 from edgec.ir import IR
 
-METHODS = ("l1", "l2", "bn", "activation", "fused", "wanda")
+METHODS = ("l1", "l2", "bn", "activation", "fused", "wanda", "obs")
+MEASURED = ("activation", "fused", "wanda", "obs")  # the ones that run the model on calibration feeds
 WEIGHT_ROLES = ("weight.out", "weight.in", "dw.weight")
 _CHAIN_OPS = {"BatchNormalization", "Relu", "LeakyRelu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid",
               "Tanh", "Elu", "Selu", "PRelu", "Identity", "Dropout", "Add"}
@@ -170,11 +185,12 @@ def compute(ir: IR, groups: list[ChannelGroup], method: str = "l1",
     if method in ("activation", "fused") and not feeds:
         if method == "activation":
             raise ValueError("importance 'activation' needs calibration feeds")
-    if method == "wanda" and not feeds:
-        raise ValueError("importance 'wanda' needs calibration feeds")
+    if method in ("wanda", "obs") and not feeds:
+        raise ValueError(f"importance '{method}' needs calibration feeds")
     act = activation_scores(ir, groups, feeds) if method in ("activation", "fused") and feeds else {}
-    if method == "wanda":
-        act = activation_scores(ir, groups, feeds, rms=True)
+    obs = obs_scores(ir, groups, feeds) if method == "obs" else {}
+    if method in ("wanda", "obs"):
+        act = activation_scores(ir, groups, feeds, rms=True) if method == "wanda" or len(obs) < len(groups) else {}
     out = {}
     for g in groups:
         if method in ("l1", "l2"):
@@ -187,7 +203,9 @@ def compute(ir: IR, groups: list[ChannelGroup], method: str = "l1",
             s = act.get(g.id)
             if s is None:
                 s = param_scores(ir, g, "l1")
-        elif method == "wanda":
+        elif method == "obs" and g.id in obs:
+            s = obs[g.id]
+        elif method in ("wanda", "obs"):
             a, w = act.get(g.id), param_scores(ir, g, "l2", roles=("weight.in",))
             s = a * w if a is not None and w is not None else param_scores(ir, g, "l2")
         else:
@@ -196,3 +214,165 @@ def compute(ir: IR, groups: list[ChannelGroup], method: str = "l1",
             s = np.mean(parts, axis=0) if parts else None
         out[g.id] = _normalise(s) if s is not None else np.ones(g.channels)
     return out
+
+
+# ---------------------------------------------------------------------- obs
+OBS_DAMP = 1e-2  # relative ridge on each channel Gram matrix (of its mean diagonal), as a re-fit's
+OBS_GREEDY_SHARE = 0.75  # of a group's units ranked greedily (pruning takes at most that); the rest by their cost then
+OBS_MAX_FEATURES = 4096  # a reader of more input features (a Gemm after Flatten of a large map) is not modelled
+OBS_UPDATES = 96  # matrix updates per group at most (units are still chosen one by one)
+
+
+def _consumers(ir: IR, g: ChannelGroup) -> list[tuple] | None:
+    """(consumer node, its input tensor name, channel axis of that tensor, weight matrix
+    [rows, channels], {unit: [channel positions]}) for every weight.in member of the group; None
+    when one of them is not one the OBS score models (plain Conv, ConvTranspose, Gemm and MatMul
+    reading channels, an element a channel or a block of them, such as an attention head): a
+    score from only some of the readers would mislead."""
+    out = []
+    for gm in g.members:
+        mb = gm.member
+        if not isinstance(mb, ParamSlice) or mb.role != "weight.in":
+            continue
+        node = mb.node
+        v = ir.const_value(node.inputs[mb.slot])
+        x = node.inputs[0]
+        rank = len(x.shape) if x.shape is not None else None
+        axis = 1 if node.op in ("Conv", "ConvTranspose", "Gemm") else (rank - 1 if rank else None)
+        if v is None or axis is None or node.op == "Conv" and int(node.attrs.get("group", 1)) != 1 \
+                or node.op == "Gemm" and int(node.attrs.get("transA", 0)) \
+                or v.shape[mb.axis] != len(mb.elems) * mb.block or v.shape[mb.axis] > OBS_MAX_FEATURES:
+            return None
+        v = np.asarray(v, dtype=np.float64)
+        rows = np.moveaxis(v, mb.axis, -1).reshape(-1, v.shape[mb.axis])  # [rows, channels]
+        units: dict[int, list[int]] = {}
+        for p, u in zip(gm.positions, gm.units):  # an element owns block consecutive channels (a head)
+            units.setdefault(int(u), []).extend(range(int(p) * mb.block, (int(p) + 1) * mb.block))
+        out.append((node, x.name, axis, rows, units))
+    return out
+
+
+def _grams(ir: IR, wanted: dict[str, int], feeds: Iterable[dict]) -> dict[str, np.ndarray]:
+    """Channel Gram matrix (sum over every other axis of x x') of each tensor, float64."""
+    grams: dict[str, np.ndarray] = {}
+
+    def on_batch(values: dict) -> None:
+        for n, ax in wanted.items():
+            v = np.moveaxis(np.asarray(values[n]), ax, 0)
+            v = v.reshape(v.shape[0], -1).astype(np.float64)
+            grams[n] = grams.get(n, 0) + v @ v.T
+
+    if wanted:
+        runtime.capture(ir.to_onnx(), sorted(wanted), feeds, on_batch)
+    return grams
+
+
+def _greedy(states: list[list], n: int) -> np.ndarray:
+    """Greedy OBS removal order over ``n`` units; ``states``: per tensor [Ginv, M, {unit: positions}]
+    (``M``: the consumers' weight rows, each consumer scaled to unit output energy). Returns each
+    unit's score: the running maximum of the error its removal added, at its turn.
+
+    Removing positions ``R`` updates ``Ginv -= Ginv[:, R] H`` and ``M -= M[:, R] H`` with ``H =
+    Ginv[R, R]^-1 Ginv[R, :]``, the same whether ``R`` goes at once or one by one. So units are
+    chosen one by one (each choice sees the ones before it), scored from the matrices of the
+    last update and the few positions chosen since (``Q = M'M`` stands for ``M``); the update
+    itself is made once per chunk of choices, as matrix products."""
+    score = np.zeros(n)
+    alive = np.ones(n, dtype=bool)
+    level = 0.0
+    work = []
+    for Ginv, M, upos in states:
+        pos = None
+        if all(len(ps) == 1 for ps in upos.values()):  # one channel per unit: vectorised scores
+            pos = np.full(n, -1)
+            for u, ps in upos.items():
+                pos[u] = ps[0]
+        work.append([Ginv.copy(), M.T @ M, upos, pos, []])
+    steps = min(n - 1, max(1, math.ceil(OBS_GREEDY_SHARE * n)))
+    chunk = max(1, math.ceil(steps / OBS_UPDATES)) if all(w[3] is not None for w in work) else 1
+
+    def costs() -> np.ndarray:
+        cost = np.zeros(n)
+        for Ginv, Q, upos, pos, R in work:
+            if pos is not None:
+                has = pos >= 0
+                j = pos[has]
+                dG, dQ = np.diagonal(Ginv)[j].copy(), np.diagonal(Q)[j].copy()
+                if R:
+                    H = np.linalg.solve(Ginv[np.ix_(R, R)], Ginv[R][:, j])
+                    dG -= np.sum(Ginv[R][:, j] * H, axis=0)
+                    dQ += np.sum(H * (Q[np.ix_(R, R)] @ H), axis=0) - 2.0 * np.sum(Q[R][:, j] * H, axis=0)
+                cost[has] += np.maximum(dQ, 0.0) / np.maximum(dG, 1e-300)
+            else:
+                for u, ps in upos.items():
+                    if alive[u]:
+                        ix = np.ix_(ps, ps)
+                        cost[u] += float(np.trace(np.linalg.solve(Ginv[ix], Q[ix])))
+        return cost
+
+    def update(w: list) -> None:
+        Ginv, Q, _, _, R = w
+        if not R:
+            return
+        H = np.linalg.solve(Ginv[np.ix_(R, R)], Ginv[R])  # [|R|, C]
+        QH = Q[:, R] @ H
+        Q += H.T @ (Q[np.ix_(R, R)] @ H) - QH - QH.T
+        Ginv -= Ginv[:, R] @ H
+        Ginv[R, :] = 0.0
+        Ginv[:, R] = 0.0
+        Ginv[R, R] = 1.0  # removed: no longer read
+        Q[R, :] = 0.0
+        Q[:, R] = 0.0
+        R.clear()
+
+    cost = np.zeros(n)
+    for step in range(steps):
+        cost = costs()
+        cand = np.where(alive)[0]
+        i = int(cand[np.argmin(cost[cand])])
+        level = max(level, float(cost[i]))
+        score[i] = level
+        alive[i] = False
+        for w in work:
+            w[4].extend(w[2].get(i, ()))
+            if (step + 1) % chunk == 0 or step == steps - 1:
+                update(w)
+    if alive.any():  # the last unit, or the rest past the greedy share: their costs then, above every removed one
+        cost = costs()
+        rest = np.where(alive)[0]
+        score[rest] = level + np.maximum(cost[rest], 0.0) + 1e-12 * (1.0 + level)
+    return score
+
+
+def obs_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict]) -> dict[str, np.ndarray]:
+    """OBS importance per unit, per group id (see the module docstring); groups with no consumer
+    it models are left out."""
+    cons = {g.id: _consumers(ir, g) or [] for g in groups}
+    wanted = {x: ax for lst in cons.values() for _, x, ax, _, _ in lst}
+    grams = _grams(ir, wanted, feeds)
+    res = {}
+    for g in groups:
+        per_tensor: dict[str, list] = {}
+        for node, x, ax, rows, upos in cons[g.id]:
+            G = grams.get(x)
+            if G is None or G.shape[0] != rows.shape[1] or not np.isfinite(G).all():
+                per_tensor = {}  # a reader it cannot measure: the group falls back, as when it cannot model one
+                break
+            energy = float(np.sum(rows * (rows @ G)))
+            if not energy > 0:
+                continue
+            st = per_tensor.setdefault(x, [[], {}])
+            st[0].append(rows / np.sqrt(energy))
+            for u, ps in upos.items():
+                st[1].setdefault(u, ps)
+        if not per_tensor:
+            continue
+        states = []
+        for x, (ms, upos) in per_tensor.items():
+            G = grams[x].copy()
+            damp = OBS_DAMP * float(np.mean(np.diagonal(G))) + 1e-12
+            G[np.arange(len(G)), np.arange(len(G))] += damp
+            states.append([np.linalg.inv(G), np.concatenate(ms, axis=0), upos])
+        s = _greedy(states, g.channels)
+        res[g.id] = s
+    return res

@@ -27,7 +27,7 @@ from .calibration import parse_method
 from .errors import UserError
 from .pipeline import Pass
 
-IMPORTANCES = ("auto", "l1", "l2", "bn", "activation", "fused", "wanda")
+IMPORTANCES = ("auto", "l1", "l2", "bn", "activation", "fused", "wanda", "obs")
 PRUNE_MODES = ("auto", "uniform", "global", "sensitivity")
 QUANTIZE_MODES = ("int8", "fp16", "mixed", "vendor")  # vendor: the target's toolchain quantizes
 ACTIVATIONS = ("asymmetric", "symmetric")
@@ -212,7 +212,7 @@ def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
         if o["quantize"] in ("int8", "mixed", "vendor") and calib is None:
             raise UserError(f"--quantize {o['quantize']} needs calibration data: --calib PATH "
                             f"(or --calib random, explicitly)")
-        if o["importance"] in ("activation", "wanda") and (o["prune"] is not None or o["prune_macs"] is not None) \
+        if o["importance"] in ("activation", "wanda", "obs") and (o["prune"] is not None or o["prune_macs"] is not None) \
                 and calib is None:
             raise UserError(f"--importance {o['importance']} needs calibration data (--calib PATH)")
         if o["prune_mode"] == "sensitivity" and (o["prune"] is not None or o["prune_macs"] is not None) and calib is None:

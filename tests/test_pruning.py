@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import edgec
-from edgec import importance, verify
+from edgec import importance, runtime, verify
 from edgec.analysis import costs
 from edgec.analysis.channels import ParamSlice, find_groups
 from edgec.builders import ALL_MODELS, GraphBuilder
@@ -251,7 +251,7 @@ def test_global_mode_and_steps():
     verify.run(ir.to_onnx(), verify.random_inputs(model))
 
 
-@pytest.mark.parametrize("method", ["l1", "l2", "bn", "activation", "fused", "wanda"])
+@pytest.mark.parametrize("method", ["l1", "l2", "bn", "activation", "fused", "wanda", "obs"])
 def test_importance_methods(method):
     model = ALL_MODELS["se_block"]()
     feeds = [verify.random_inputs(model, seed=s, batch=4) for s in range(2)]
@@ -275,9 +275,105 @@ def test_importance_finds_dead_channels():
             v[[0, 3]] = 0
             mb.node.inputs[mb.slot].values = v
     feeds = [verify.random_inputs(model, batch=4)]
-    for method in ("l1", "l2", "activation", "wanda"):
+    for method in ("l1", "l2", "activation", "wanda", "obs"):
         s = importance.compute(ir, groups, method, feeds)[g.id]
         assert set(np.argsort(s)[:2]) == {0, 3}, method
+
+
+def _obs_states(X, W, damp=1e-9):
+    G = X.T @ X + damp * np.eye(X.shape[1])
+    return [[np.linalg.inv(G), W.copy(), {u: [u] for u in range(X.shape[1])}]]
+
+
+@pytest.mark.parametrize("updates", [10 ** 6, 3])
+def test_obs_greedy_is_the_least_squares_greedy(monkeypatch, updates):
+    """``obs``'s ranking is greedy removal by the error a least-squares re-fit of the consumer is
+    left with: each unit's score is that error's increase at its turn (checked against
+    ``numpy.linalg.lstsq`` on the remaining columns), with the matrices updated once per unit or
+    once per chunk of units alike. A near copy of a channel goes first, and then its twin, now the
+    only carrier of that signal, is kept."""
+    rng = np.random.default_rng(0)
+    n, c, rows = 400, 16, 12
+    X = rng.standard_normal((n, c))
+    X[:, 5] = X[:, 3] + 0.01 * rng.standard_normal(n)
+    W = rng.standard_normal((rows, c))
+    Y = X @ W.T
+    monkeypatch.setattr(importance, "OBS_UPDATES", updates)
+    score = importance._greedy(_obs_states(X, W), c)
+
+    def refit_error(removed):
+        keep = [j for j in range(c) if j not in removed]
+        sol = np.linalg.lstsq(X[:, keep], Y, rcond=None)[0]
+        return float(np.sum(np.square(X[:, keep] @ sol - Y)))
+
+    order = list(np.argsort(score, kind="stable"))
+    assert order[0] in (3, 5) and ({3, 5} - {order[0]}).pop() not in order[:c // 2]
+    removed: list[int] = []
+    for u in order[:6]:
+        best = min((j for j in range(c) if j not in removed), key=lambda j: refit_error(removed + [j]))
+        assert u == best
+        gain = refit_error(removed + [u]) - refit_error(removed)
+        assert score[u] == pytest.approx(max(gain, max([score[r] for r in removed], default=0.0)), rel=1e-4)
+        removed.append(u)
+
+
+def test_obs_scores_attention_heads_as_blocks():
+    """An attention head is a block of channels of the output projection's input: ``obs`` scores
+    the head group from that projection (not the Wanda fallback), and the head whose columns of
+    the projection are zero (nothing reads it) ranks last."""
+    model = ALL_MODELS["transformer_encoder"](batch=2)
+    ir = edgec.from_model(model)
+    groups = find_groups(ir)
+    heads = [g for g in groups if g.prunable and any(
+        isinstance(gm.member, ParamSlice) and gm.member.role == "weight.in" and gm.member.block > 1 for gm in g.members)]
+    assert heads
+    g = heads[0]
+    gm = next(gm for gm in g.members if isinstance(gm.member, ParamSlice) and gm.member.role == "weight.in")
+    mb = gm.member
+    v = np.array(ir.const_value(mb.node.inputs[mb.slot]), copy=True)
+    dead = gm.units[1]
+    cols = np.arange(gm.positions[1] * mb.block, (gm.positions[1] + 1) * mb.block)
+    np.moveaxis(v, mb.axis, 0)[cols] = 0.0
+    mb.node.inputs[mb.slot].values = v
+    feeds = [verify.random_inputs(model, seed=s) for s in range(4)]
+    assert g.id in importance.obs_scores(ir, [g], feeds)
+    s = importance.compute(ir, groups, "obs", feeds)[g.id]
+    assert int(np.argmin(s)) == dead and s[dead] < 1e-6 * s.max()
+
+
+def test_obs_prunes_duplicate_channels_that_reconstruction_then_recovers():
+    """Half of a conv's output channels duplicate the other half. ``obs`` removes one of each
+    pair, and the re-fitted consumer reproduces the unpruned output up to the ridge's shrinkage
+    (ONNX Runtime, held-out inputs: relative L2 below 0.01). L1 and wanda score both copies alike
+    and remove both of some pairs (above 0.1)."""
+    b = GraphBuilder("dup", seed=0)
+    x = b.input("input", [1, 4, 8, 8])
+    y = b.relu(b.conv(x, 8, 3))
+    b.output(b.conv(y, 5, 1), "output")
+    model = b.build()
+    prod = next(t for t in model.graph.initializer if list(t.dims) == [8, 4, 3, 3])
+    bias = next(t for t in model.graph.initializer if list(t.dims) == [8])
+    w = onnx.numpy_helper.to_array(prod).copy()
+    w[4:] = w[[2, 0, 3, 1]]  # channel 4 copies 2, 5 copies 0, ...
+    bb = onnx.numpy_helper.to_array(bias).copy()
+    bb[4:] = bb[[2, 0, 3, 1]]
+    prod.CopyFrom(onnx.numpy_helper.from_array(w, prod.name))
+    bias.CopyFrom(onnx.numpy_helper.from_array(bb, bias.name))
+    rng = np.random.default_rng(1)
+    calib = [{"input": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(16)]
+    held = [{"input": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(8)]
+    pairs = [{0, 5}, {1, 7}, {2, 4}, {3, 6}]
+    ir = edgec.from_model(model)
+    groups = find_groups(ir)
+    g = next(g for g in groups if g.prunable and g.channels == 8)
+    for method in ("l1", "wanda", "obs"):
+        low = set(np.argsort(importance.compute(ir, groups, method, calib)[g.id], kind="stable")[:4].tolist())
+        assert (method == "obs") == all(len(low & pr) == 1 for pr in pairs), (method, low)
+    errs = {}
+    for method in ("obs", "l1", "wanda"):
+        pruned, _, _, _ = _prune(model, feeds=calib, ratio=0.5, importance=method, mode="uniform", round_to=1)
+        errs[method] = runtime.output_error(model, pruned.to_onnx(), held)["rel_l2"]
+    assert errs["obs"] < 0.01 and min(errs["l1"], errs["wanda"]) > 0.1, errs  # obs: the ridge's shrinkage only
 
 
 def test_wanda_weighs_consumer_weights_by_activation():
@@ -488,7 +584,7 @@ def test_auto_candidates():
     assert auto_candidates("auto", "auto", True) == list(AUTO_PAIRS)
     assert auto_candidates("auto", "auto", False) == [("l1", "uniform")]  # nothing to measure on
     assert auto_candidates("l2", "auto", True) == [("l2", "uniform"), ("l2", "sensitivity")]
-    assert auto_candidates("auto", "global", True) == [("l1", "global"), ("wanda", "global")]
+    assert auto_candidates("auto", "global", True) == [("l1", "global"), ("wanda", "global"), ("obs", "global")]
     assert auto_candidates("bn", "uniform", True) == [("bn", "uniform")]
 
 
@@ -519,7 +615,8 @@ def test_auto_pruning_keeps_the_candidate_that_measures_better(case):
     pr = auto.report["pruning"]
     ch = pr["choice"]
     errs = {(c["importance"], c["mode"]): c["held_out_rel_l2"] for c in ch["candidates"]}
-    assert set(errs) == {("l1", "uniform"), ("wanda", "sensitivity")} and all(e > 0 for e in errs.values())
+    assert set(errs) == {("l1", "uniform"), ("wanda", "sensitivity"), ("obs", "sensitivity")}
+    assert all(e > 0 for e in errs.values())
     best = min(errs, key=errs.get)
     assert (pr["importance"], pr["mode"]) == (ch["chosen"]["importance"], ch["chosen"]["mode"]) == best
     assert ch["held_out_samples"] >= 0.2 * (ch["held_out_samples"] + ch["fit_samples"])
@@ -540,7 +637,7 @@ def test_auto_pruning_without_enough_data_says_so():
     ch = r.report["pruning"]["choice"]
     assert (r.report["pruning"]["importance"], r.report["pruning"]["mode"]) == ("l1", "uniform")
     assert "too few" in ch["why"]
-    assert [c["said"] for c in ch["candidates"]] == ["(not measured)", "(not measured)"]
+    assert [c["said"] for c in ch["candidates"]] == ["(not measured)"] * 3
     blind = edgec.compile(model, None, prune=0.3, round_to=1).report["pruning"]  # no data: nothing to choose
     assert (blind["importance"], blind["mode"], blind["choice"]) == ("l1", "uniform", None)
 
@@ -560,7 +657,8 @@ def test_auto_pruning_survives_a_candidate_that_cannot_run(monkeypatch):
     calib = [verify.random_inputs(model, seed=s) for s in range(16)]
     r = edgec.compile(model, None, prune=0.3, calib=calib, round_to=1)
     pr = r.report["pruning"]
-    assert (pr["importance"], pr["mode"]) == ("l1", "uniform") and r.report["after"]["macs"] < r.report["before"]["macs"]
+    assert (pr["importance"], pr["mode"]) in [("l1", "uniform"), ("obs", "sensitivity")]
+    assert r.report["after"]["macs"] < r.report["before"]["macs"]
     said = {(c["importance"], c["mode"]): c["said"] for c in pr["choice"]["candidates"]}
     assert said[("wanda", "sensitivity")] == "(failed: ValueError: cannot score this graph)"
     assert "failed: ValueError" in compile_text(r.report)
