@@ -220,7 +220,7 @@ def compute(ir: IR, groups: list[ChannelGroup], method: str = "l1",
 OBS_DAMP = 1e-2  # relative ridge on each channel Gram matrix (of its mean diagonal), as a re-fit's
 OBS_GREEDY_SHARE = 0.75  # of a group's units ranked greedily (pruning takes at most that); the rest by their cost then
 OBS_MAX_FEATURES = 4096  # a reader of more input features (a Gemm after Flatten of a large map) is not modelled
-OBS_UPDATES = 96  # matrix updates per group at most (units are still chosen one by one)
+OBS_UPDATES = 12  # full matrix updates per group at most (units are still chosen one by one)
 
 
 def _consumers(ir: IR, g: ChannelGroup) -> list[tuple] | None:
@@ -267,81 +267,146 @@ def _grams(ir: IR, wanted: dict[str, int], feeds: Iterable[dict]) -> dict[str, n
     return grams
 
 
-def _greedy(states: list[list], n: int) -> np.ndarray:
+class _Single:
+    """One tensor's greedy state where every unit is one channel. Since the last full update
+    (``Ginv``, ``Q = M'M``, compacted to the channels left), each removal is a rank-1 downdate
+    kept as columns: ``Ginv_t = Ginv - U U'``, ``Q_t = Q - (A B' + B A')``; the diagonals the
+    scores read are updated in O(channels) per removal, the matrices once per chunk."""
+
+    def __init__(self, Ginv: np.ndarray, M: np.ndarray, upos: dict, n: int, chunk: int):
+        c = Ginv.shape[0]
+        self.G, self.Q = Ginv.copy(), M.T @ M
+        self.pos = np.full(n, -1)
+        for u, ps in upos.items():
+            self.pos[u] = ps[0]
+        self.where = np.arange(c)  # channel -> row now (-1: removed)
+        self.U, self.A, self.B = (np.zeros((c, chunk)) for _ in range(3))
+        self.t = 0
+        self.removed = np.zeros(c, dtype=bool)  # rows removed since the last full update
+        self._diagonals()
+
+    def _diagonals(self) -> None:
+        self.dG, self.dQ = np.diagonal(self.G).copy(), np.diagonal(self.Q).copy()
+
+    def add_costs(self, cost: np.ndarray, alive: np.ndarray) -> None:
+        has = (self.pos >= 0) & alive
+        j = self.where[self.pos[has]]
+        cost[has] += np.maximum(self.dQ[j], 0.0) / np.maximum(self.dG[j], 1e-300)
+
+    def remove(self, unit: int) -> None:
+        if self.pos[unit] < 0:
+            return
+        p, t = int(self.where[self.pos[unit]]), self.t
+        U, A, B = self.U[:, :t], self.A[:, :t], self.B[:, :t]
+        g = self.G[:, p] - U @ U[p]
+        q = self.Q[:, p] - A @ B[p] - B @ A[p]
+        gpp = max(float(g[p]), 1e-300)
+        h = g / gpp
+        bb = q - 0.5 * float(q[p]) * h
+        self.U[:, t], self.A[:, t], self.B[:, t] = g / np.sqrt(gpp), h, bb
+        self.dG -= self.U[:, t] ** 2
+        self.dQ -= 2.0 * h * bb
+        self.removed[p] = True
+        self.t += 1
+        if self.t == self.U.shape[1]:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.t:
+            return
+        U, A, B = self.U[:, :self.t], self.A[:, :self.t], self.B[:, :self.t]
+        self.G -= U @ U.T
+        AB = A @ B.T
+        self.Q -= AB
+        self.Q -= AB.T
+        keep = ~self.removed
+        self.G, self.Q = self.G[np.ix_(keep, keep)], self.Q[np.ix_(keep, keep)]
+        row = np.cumsum(keep) - 1
+        live = self.where >= 0
+        live[live] = keep[self.where[live]]
+        self.where = np.where(live, row[np.maximum(self.where, 0)], -1)
+        c = len(self.G)
+        self.U, self.A, self.B = (np.zeros((c, self.U.shape[1])) for _ in range(3))
+        self.removed = np.zeros(c, dtype=bool)
+        self.t = 0
+        self._diagonals()
+
+
+class _Blocks:
+    """One tensor's greedy state where a unit is several channels (an attention head): each
+    removal is a block downdate of the full matrices, made at once (such groups have few units)."""
+
+    def __init__(self, Ginv: np.ndarray, M: np.ndarray, upos: dict):
+        self.G, self.Q, self.upos = Ginv.copy(), M.T @ M, upos
+
+    def add_costs(self, cost: np.ndarray, alive: np.ndarray) -> None:
+        for u, ps in self.upos.items():
+            if alive[u]:
+                ix = np.ix_(ps, ps)
+                cost[u] += float(np.trace(np.linalg.solve(self.G[ix], self.Q[ix])))
+
+    def remove(self, unit: int) -> None:
+        R = self.upos.get(unit)
+        if not R:
+            return
+        H = np.linalg.solve(self.G[np.ix_(R, R)], self.G[R])  # [|R|, C]
+        QH = self.Q[:, R] @ H
+        self.Q += H.T @ (self.Q[np.ix_(R, R)] @ H) - QH - QH.T
+        self.G -= self.G[:, R] @ H
+        self.G[R, :] = 0.0
+        self.G[:, R] = 0.0
+        self.G[R, R] = 1.0  # removed: no longer read
+        self.Q[R, :] = 0.0
+        self.Q[:, R] = 0.0
+
+    def flush(self) -> None:
+        pass
+
+
+def _greedy(states: list[list], n: int) -> tuple[np.ndarray, list[int], np.ndarray]:
     """Greedy OBS removal order over ``n`` units; ``states``: per tensor [Ginv, M, {unit: positions}]
     (``M``: the consumers' weight rows, each consumer scaled to unit output energy). Returns each
-    unit's score: the running maximum of the error its removal added, at its turn.
+    unit's score: the running maximum of the error its removal added, at its turn (nudged up to
+    be strictly increasing, so that the k lowest scores are the k units removed first), the
+    units in the order removed, and the error each added.
 
-    Removing positions ``R`` updates ``Ginv -= Ginv[:, R] H`` and ``M -= M[:, R] H`` with ``H =
-    Ginv[R, R]^-1 Ginv[R, :]``, the same whether ``R`` goes at once or one by one. So units are
-    chosen one by one (each choice sees the ones before it), scored from the matrices of the
-    last update and the few positions chosen since (``Q = M'M`` stands for ``M``); the update
-    itself is made once per chunk of choices, as matrix products."""
+    Removing channel ``p`` (the OBS update) changes ``Ginv -= g g' / g_p`` (``g = Ginv[:, p]``)
+    and ``M -= M[:, p] g' / g_p``. Units are chosen one by one, each choice seeing the ones
+    before it; the matrices are brought up to date once per chunk of choices (``_Single``)."""
+    steps = min(n - 1, max(1, math.ceil(OBS_GREEDY_SHARE * n)))
+    chunk = max(1, math.ceil(steps / OBS_UPDATES))
+    work = [_Single(G, M, upos, n, chunk) if all(len(ps) == 1 for ps in upos.values()) else _Blocks(G, M, upos)
+            for G, M, upos in states]
     score = np.zeros(n)
     alive = np.ones(n, dtype=bool)
     level = 0.0
-    work = []
-    for Ginv, M, upos in states:
-        pos = None
-        if all(len(ps) == 1 for ps in upos.values()):  # one channel per unit: vectorised scores
-            pos = np.full(n, -1)
-            for u, ps in upos.items():
-                pos[u] = ps[0]
-        work.append([Ginv.copy(), M.T @ M, upos, pos, []])
-    steps = min(n - 1, max(1, math.ceil(OBS_GREEDY_SHARE * n)))
-    chunk = max(1, math.ceil(steps / OBS_UPDATES)) if all(w[3] is not None for w in work) else 1
+    order: list[int] = []
+    added: list[float] = []
 
     def costs() -> np.ndarray:
         cost = np.zeros(n)
-        for Ginv, Q, upos, pos, R in work:
-            if pos is not None:
-                has = pos >= 0
-                j = pos[has]
-                dG, dQ = np.diagonal(Ginv)[j].copy(), np.diagonal(Q)[j].copy()
-                if R:
-                    H = np.linalg.solve(Ginv[np.ix_(R, R)], Ginv[R][:, j])
-                    dG -= np.sum(Ginv[R][:, j] * H, axis=0)
-                    dQ += np.sum(H * (Q[np.ix_(R, R)] @ H), axis=0) - 2.0 * np.sum(Q[R][:, j] * H, axis=0)
-                cost[has] += np.maximum(dQ, 0.0) / np.maximum(dG, 1e-300)
-            else:
-                for u, ps in upos.items():
-                    if alive[u]:
-                        ix = np.ix_(ps, ps)
-                        cost[u] += float(np.trace(np.linalg.solve(Ginv[ix], Q[ix])))
+        for w in work:
+            w.add_costs(cost, alive)
         return cost
 
-    def update(w: list) -> None:
-        Ginv, Q, _, _, R = w
-        if not R:
-            return
-        H = np.linalg.solve(Ginv[np.ix_(R, R)], Ginv[R])  # [|R|, C]
-        QH = Q[:, R] @ H
-        Q += H.T @ (Q[np.ix_(R, R)] @ H) - QH - QH.T
-        Ginv -= Ginv[:, R] @ H
-        Ginv[R, :] = 0.0
-        Ginv[:, R] = 0.0
-        Ginv[R, R] = 1.0  # removed: no longer read
-        Q[R, :] = 0.0
-        Q[:, R] = 0.0
-        R.clear()
-
-    cost = np.zeros(n)
-    for step in range(steps):
+    for _ in range(steps):
         cost = costs()
         cand = np.where(alive)[0]
         i = int(cand[np.argmin(cost[cand])])
-        level = max(level, float(cost[i]))
+        # strictly increasing in the greedy order (also where a later removal costs less), by a
+        # relative step that survives the normalisation: the k lowest scores are the first k removed
+        level = max(float(cost[i]), level * (1.0 + 1e-9) + 1e-30)
         score[i] = level
         alive[i] = False
+        order.append(i)
+        added.append(float(cost[i]))
         for w in work:
-            w[4].extend(w[2].get(i, ()))
-            if (step + 1) % chunk == 0 or step == steps - 1:
-                update(w)
+            w.remove(i)
     if alive.any():  # the last unit, or the rest past the greedy share: their costs then, above every removed one
         cost = costs()
         rest = np.where(alive)[0]
         score[rest] = level + np.maximum(cost[rest], 0.0) + 1e-12 * (1.0 + level)
-    return score
+    return score, order, np.asarray(added)
 
 
 def obs_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict]) -> dict[str, np.ndarray]:
@@ -373,6 +438,5 @@ def obs_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict]) -> dic
             damp = OBS_DAMP * float(np.mean(np.diagonal(G))) + 1e-12
             G[np.arange(len(G)), np.arange(len(G))] += damp
             states.append([np.linalg.inv(G), np.concatenate(ms, axis=0), upos])
-        s = _greedy(states, g.channels)
-        res[g.id] = s
+        res[g.id] = _greedy(states, g.channels)[0]
     return res

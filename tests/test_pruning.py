@@ -299,7 +299,7 @@ def test_obs_greedy_is_the_least_squares_greedy(monkeypatch, updates):
     W = rng.standard_normal((rows, c))
     Y = X @ W.T
     monkeypatch.setattr(importance, "OBS_UPDATES", updates)
-    score = importance._greedy(_obs_states(X, W), c)
+    score, greedy_order, added = importance._greedy(_obs_states(X, W), c)
 
     def refit_error(removed):
         keep = [j for j in range(c) if j not in removed]
@@ -307,6 +307,7 @@ def test_obs_greedy_is_the_least_squares_greedy(monkeypatch, updates):
         return float(np.sum(np.square(X[:, keep] @ sol - Y)))
 
     order = list(np.argsort(score, kind="stable"))
+    assert len(set(score.tolist())) == c  # strictly increasing in the removal order: no ties to break
     assert order[0] in (3, 5) and ({3, 5} - {order[0]}).pop() not in order[:c // 2]
     removed: list[int] = []
     for u in order[:6]:
@@ -314,7 +315,11 @@ def test_obs_greedy_is_the_least_squares_greedy(monkeypatch, updates):
         assert u == best
         gain = refit_error(removed + [u]) - refit_error(removed)
         assert score[u] == pytest.approx(max(gain, max([score[r] for r in removed], default=0.0)), rel=1e-4)
+        assert added[len(removed)] == pytest.approx(gain, rel=1e-4)
         removed.append(u)
+    assert greedy_order[:6] == removed
+    for k in (1, 4, 8):  # the errors added sum to the re-fit error of the first k
+        assert np.cumsum(added)[k - 1] == pytest.approx(refit_error(greedy_order[:k]), rel=1e-4)
 
 
 def test_obs_scores_attention_heads_as_blocks():
