@@ -218,7 +218,7 @@ def compute(ir: IR, groups: list[ChannelGroup], method: str = "l1",
 
 # ---------------------------------------------------------------------- obs
 OBS_DAMP = 1e-2  # relative ridge on each channel Gram matrix (of its mean diagonal), as a re-fit's
-OBS_GREEDY_SHARE = 0.75  # of a group's units ranked greedily (pruning takes at most that); the rest by their cost then
+OBS_GREEDY_SHARE = 0.9  # of a group's units ranked greedily (the default max_layer_ratio: pruning takes at most that); the rest by their cost then
 OBS_MAX_FEATURES = 4096  # a reader of more input features (a Gemm after Flatten of a large map) is not modelled
 OBS_UPDATES = 12  # full matrix updates per group at most (units are still chosen one by one)
 
