@@ -30,8 +30,8 @@ in the group:
   scored by the error at their turn; each consumer's error is relative to its output energy.
   Conv kernels are taken per tap over the channel Gram (the spatial correlation between taps is
   not modelled); an attention head is a block of channels, removed together. Groups with a
-  reader it does not model (a grouped conv, a reader of more than ``OBS_MAX_FEATURES`` features)
-  fall back to ``wanda``.
+  reader it does not model (a grouped conv, a reader of more than ``OBS_MAX_FEATURES`` features,
+  or of blocks over more than ``OBS_MAX_BLOCK_FEATURES``) fall back to ``wanda``.
 
 Scores are normalised per group to mean 1 ("relative importance"), which makes a global
 ranking across groups meaningful: a unit with score 0.2 is five times less important than
@@ -220,6 +220,8 @@ def compute(ir: IR, groups: list[ChannelGroup], method: str = "l1",
 OBS_DAMP = 1e-2  # relative ridge on each channel Gram matrix (of its mean diagonal), as a re-fit's
 OBS_GREEDY_SHARE = 0.9  # of a group's units ranked greedily (the default max_layer_ratio: pruning takes at most that); the rest by their cost then
 OBS_MAX_FEATURES = 4096  # a reader of more input features (a Gemm after Flatten of a large map) is not modelled
+OBS_MAX_BLOCK_FEATURES = 1024  # ... nor one reading blocks of channels (heads, Flatten) over more: each block's
+# removal updates the whole matrices (64 blocks over 4,096 features took 1.6 s a block)
 OBS_UPDATES = 12  # full matrix updates per group at most (units are still chosen one by one)
 
 
@@ -241,7 +243,8 @@ def _consumers(ir: IR, g: ChannelGroup) -> list[tuple] | None:
         axis = 1 if node.op in ("Conv", "ConvTranspose", "Gemm") else (rank - 1 if rank else None)
         if v is None or axis is None or node.op == "Conv" and int(node.attrs.get("group", 1)) != 1 \
                 or node.op == "Gemm" and int(node.attrs.get("transA", 0)) \
-                or v.shape[mb.axis] != len(mb.elems) * mb.block or v.shape[mb.axis] > OBS_MAX_FEATURES:
+                or v.shape[mb.axis] != len(mb.elems) * mb.block or v.shape[mb.axis] > OBS_MAX_FEATURES \
+                or mb.block > 1 and v.shape[mb.axis] > OBS_MAX_BLOCK_FEATURES:
             return None
         v = np.asarray(v, dtype=np.float64)
         rows = np.moveaxis(v, mb.axis, -1).reshape(-1, v.shape[mb.axis])  # [rows, channels]

@@ -60,7 +60,7 @@ from edgec.analysis import costs as costs_mod
 from edgec.analysis.channels import ChannelGroup, ConstantEdits, ParamSlice, expand_positions, find_groups
 from edgec.calibdata import count_samples
 from edgec.errors import UserError
-from edgec.ir import IR
+from edgec.ir import IR, is_opaque
 from edgec.passes.reconstruct import reconstruct
 from edgec.pipeline import Pass, PassContext, PassResult, register
 from edgec.runtime import output_error, run_outputs
@@ -231,6 +231,7 @@ AUTO_IMPORTANCES = ("l1", "wanda", "obs")
 AUTO_MODES = ("uniform", "sensitivity")
 AUTO_HOLDOUT = 0.25  # of the calibration samples, held out to measure the candidates on
 AUTO_MIN_SAMPLES = 8  # fewer calibration samples than this: nothing to split, the first candidate
+SCORE_CACHE = 8  # graph states whose measured scores one run keeps
 AUTO_MARGIN = 0.02  # another candidate replaces the first only when its held-out error is this much lower
 AUTO_MACS = 0.9  # ... and removes at least this fraction of the MACs the first removes
 
@@ -440,19 +441,29 @@ class PruneChannels(Pass):
 
     def _scores(self, ir: IR, groups: list[ChannelGroup], feeds: list[dict] | None) -> dict[str, np.ndarray]:
         """Importance of every unit; measured ones (on the feeds) once per graph state, as the
-        MACs bisection asks for the same state's scores at every ratio it tries."""
+        MACs bisection asks for the same state's scores at every ratio it tries (and, with
+        progressive steps, for the states between). The cache lives for one :meth:`run` (the
+        feeds are the run's), keyed by the groups and a digest of every constant's values
+        (an opaque one, which the compiler never computes on nor loads, by its name, type and
+        shape)."""
         if self.importance not in imp.MEASURED or not feeds:
             return imp.compute(ir, groups, self.importance, feeds)
         h = hashlib.blake2b(digest_size=16)
         for t in sorted((t for t in ir.graph.tensors().values() if isinstance(t, gs.Constant)), key=lambda t: t.name):
-            v = np.ascontiguousarray(t.values)
             h.update(t.name.encode())
+            if is_opaque(t):
+                h.update(str((t.dtype, tuple(t.shape))).encode())
+                continue
+            v = np.ascontiguousarray(t.values)
             h.update(str((v.dtype, v.shape)).encode())
             h.update(v.tobytes())
         key = (h.hexdigest(), tuple((g.id, g.channels) for g in groups if g.prunable))
-        cache = self.__dict__.setdefault("_score_cache", {})
-        if key not in cache:
-            cache.clear()
+        cache = self._score_cache
+        if key in cache:
+            cache[key] = cache.pop(key)  # the most recently used last: the first is evicted
+        else:
+            if len(cache) >= SCORE_CACHE:
+                cache.pop(next(iter(cache)))
             cache[key] = imp.compute(ir, groups, self.importance, feeds)
         return cache[key]
 
@@ -539,7 +550,7 @@ class PruneChannels(Pass):
         refit = self.reconstruct and bool(feeds)
         if self.mode == "sensitivity" and not feeds:
             raise UserError("prune_channels: mode 'sensitivity' measures output errors: it needs calibration data")
-        self._log, self._curves = ctx.log, {}
+        self._log, self._curves, self._score_cache = ctx.log, {}, {}
         r0 = self.ratio if self.ratio is not None else 1.0 - math.sqrt(1.0 - self.macs_target)
         self._trial_ratio = 1.0 - (1.0 - r0) ** (1.0 / self.steps)
         result = PassResult(False)

@@ -322,6 +322,93 @@ def test_obs_greedy_is_the_least_squares_greedy(monkeypatch, updates):
         assert np.cumsum(added)[k - 1] == pytest.approx(refit_error(greedy_order[:k]), rel=1e-4)
 
 
+def test_obs_scores_strictly_increase_where_a_later_removal_costs_less():
+    """After a removal re-fits the others, a later unit can cost less than an earlier one; its
+    score still ranks it after it (the k lowest scores are the first k removed)."""
+    rng = np.random.default_rng(1)
+    n, c, rows = 400, 16, 12
+    X = rng.standard_normal((n, c)) @ (np.eye(c) + 0.5 * rng.standard_normal((c, c)))
+    W = rng.standard_normal((rows, c))
+    score, order, added = importance._greedy(_obs_states(X, W), c)
+    assert np.any(np.diff(added) < 0)  # the case this test is about
+    assert list(np.argsort(score, kind="stable")[:len(order)]) == order
+    assert np.all(np.diff(score[order]) > 0)
+
+
+def test_obs_blocks_and_several_tensors_follow_the_least_squares_greedy():
+    """Units of two channels each (as attention heads are), read through two tensors with their
+    own Gram matrices and readers, one unit read through one tensor only: the greedy order and
+    each unit's added error are those of re-fitting both readers by ``numpy.linalg.lstsq``."""
+    rng = np.random.default_rng(3)
+    n, units = 300, 6
+    X1 = rng.standard_normal((n, 2 * units)) @ (np.eye(2 * units) + 0.4 * rng.standard_normal((2 * units, 2 * units)))
+    X2 = rng.standard_normal((n, units)) @ (np.eye(units) + 0.4 * rng.standard_normal((units, units)))
+    W1, W2 = rng.standard_normal((5, 2 * units)), rng.standard_normal((4, units))
+    s1 = {u: [2 * u, 2 * u + 1] for u in range(units)}
+    s2 = {u: [u] for u in range(units) if u != 2}  # unit 2 is not read through the second tensor
+    states = [[np.linalg.inv(X1.T @ X1 + 1e-9 * np.eye(2 * units)), W1.copy(), s1],
+              [np.linalg.inv(X2.T @ X2 + 1e-9 * np.eye(units)), W2.copy(), s2]]
+    score, order, added = importance._greedy(states, units)
+
+    def refit_error(removed):
+        total = 0.0
+        for X, W, upos in ((X1, W1, s1), (X2, W2, s2)):
+            gone = {p for u in removed for p in upos.get(u, ())}
+            keep = [j for j in range(X.shape[1]) if j not in gone]
+            Y = X @ W.T
+            sol = np.linalg.lstsq(X[:, keep], Y, rcond=None)[0]
+            total += float(np.sum(np.square(X[:, keep] @ sol - Y)))
+        return total
+
+    removed: list[int] = []
+    for u in order:
+        best = min((j for j in range(units) if j not in removed), key=lambda j: refit_error(removed + [j]))
+        assert u == best
+        assert added[len(removed)] == pytest.approx(refit_error(removed + [u]) - refit_error(removed), rel=1e-4)
+        removed.append(u)
+
+
+def test_measured_scores_once_per_graph_state_and_run(monkeypatch):
+    """The MACs bisection prunes copies of the same graph at every ratio it tries: measured
+    scores are computed once for that state. A second run of the same pass on other calibration
+    data measures again (the cache is the run's). A model holding an INT4 constant, which the
+    compiler carries without loading, prunes as any other."""
+    real = importance.compute
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(a[2] if len(a) > 2 else k.get("method"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(importance, "compute", counting)
+    rng = np.random.default_rng(0)
+    w = lambda name, shape: onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+    int4 = onnx.helper.make_tensor("c", onnx.TensorProto.INT4, [2], [1, -2])
+    nodes = [onnx.helper.make_node("Conv", ["x", "W1"], ["h"]), onnx.helper.make_node("Relu", ["h"], ["r"]),
+             onnx.helper.make_node("Conv", ["r", "W2"], ["y0"]),
+             onnx.helper.make_node("Cast", ["c"], ["cf"], to=onnx.TensorProto.FLOAT),
+             onnx.helper.make_node("ReduceSum", ["cf"], ["cs"], keepdims=0),
+             onnx.helper.make_node("Add", ["y0", "cs"], ["y"])]
+    graph = onnx.helper.make_graph(nodes, "int4", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                      [1, 4, 5, 5])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 5, 5])],
+                                   [w("W1", [16, 4, 1, 1]), w("W2", [3, 16, 1, 1]), int4])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    feeds_a = [{"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32)} for _ in range(4)]
+    feeds_b = [{"x": (f["x"] * np.array([100, 0.01, 0.01, 0.01], np.float32)[None, :, None, None])} for f in feeds_a]
+    p = PruneChannels(macs_target=0.5, importance="obs", reconstruct=False)
+    kept = []
+    for feeds in (feeds_a, feeds_b):
+        calls.clear()
+        ir = edgec.from_model(model)
+        PassManager([p]).run(ir, PassContext(calib=feeds))
+        assert calls == ["obs"]
+        kept.append(ir.const_value(next(n for n in ir.nodes if n.op == "Conv").inputs[1]).copy())
+        verify.run(ir.to_onnx(), feeds[0])
+    assert kept[0].shape == kept[1].shape and not np.array_equal(kept[0], kept[1])
+
+
 def test_obs_scores_attention_heads_as_blocks():
     """An attention head is a block of channels of the output projection's input: ``obs`` scores
     the head group from that projection (not the Wanda fallback), and the head whose columns of
