@@ -189,8 +189,8 @@ def compute(ir: IR, groups: list[ChannelGroup], method: str = "l1",
         raise ValueError(f"importance '{method}' needs calibration feeds")
     act = activation_scores(ir, groups, feeds) if method in ("activation", "fused") and feeds else {}
     obs = obs_scores(ir, groups, feeds) if method == "obs" else {}
-    if method in ("wanda", "obs"):
-        act = activation_scores(ir, groups, feeds, rms=True) if method == "wanda" or len(obs) < len(groups) else {}
+    if method in ("wanda", "obs"):  # for obs, the groups it falls back on only
+        act = activation_scores(ir, [g for g in groups if g.id not in obs], feeds, rms=True)
     out = {}
     for g in groups:
         if method in ("l1", "l2"):
@@ -221,13 +221,13 @@ OBS_DAMP = 1e-2  # relative ridge on each channel Gram matrix (of its mean diago
 OBS_GREEDY_SHARE = 0.9  # of a group's units ranked greedily (the default max_layer_ratio: pruning takes at most that); the rest by their cost then
 OBS_MAX_FEATURES = 4096  # a reader of more input features (a Gemm after Flatten of a large map) is not modelled
 OBS_MAX_BLOCK_FEATURES = 1024  # ... nor one reading blocks of channels (heads, Flatten) over more: each block's
-# removal updates the whole matrices (64 blocks over 4,096 features took 1.6 s a block)
+# removal updates the whole matrices, at a cost growing with the square of the features
 OBS_UPDATES = 12  # full matrix updates per group at most (units are still chosen one by one)
 
 
 def _consumers(ir: IR, g: ChannelGroup) -> list[tuple] | None:
-    """(consumer node, its input tensor name, channel axis of that tensor, weight matrix
-    [rows, channels], {unit: [channel positions]}) for every weight.in member of the group; None
+    """(its input tensor name, channel axis of that tensor, weight matrix [rows, channels],
+    {unit: [channel positions]}) for every weight.in member of the group; None
     when one of them is not one the OBS score models (plain Conv, ConvTranspose, Gemm and MatMul
     reading channels, an element a channel or a block of them, such as an attention head): a
     score from only some of the readers would mislead."""
@@ -251,7 +251,7 @@ def _consumers(ir: IR, g: ChannelGroup) -> list[tuple] | None:
         units: dict[int, list[int]] = {}
         for p, u in zip(gm.positions, gm.units):  # an element owns block consecutive channels (a head)
             units.setdefault(int(u), []).extend(range(int(p) * mb.block, (int(p) + 1) * mb.block))
-        out.append((node, x.name, axis, rows, units))
+        out.append((x.name, axis, rows, units))
     return out
 
 
@@ -362,9 +362,6 @@ class _Blocks:
         self.Q[R, :] = 0.0
         self.Q[:, R] = 0.0
 
-    def flush(self) -> None:
-        pass
-
 
 def _greedy(states: list[list], n: int) -> tuple[np.ndarray, list[int], np.ndarray]:
     """Greedy OBS removal order over ``n`` units; ``states``: per tensor [Ginv, M, {unit: positions}]
@@ -416,12 +413,12 @@ def obs_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict]) -> dic
     """OBS importance per unit, per group id (see the module docstring); groups with no consumer
     it models are left out."""
     cons = {g.id: _consumers(ir, g) or [] for g in groups}
-    wanted = {x: ax for lst in cons.values() for _, x, ax, _, _ in lst}
+    wanted = {x: ax for lst in cons.values() for x, ax, _, _ in lst}
     grams = _grams(ir, wanted, feeds)
     res = {}
     for g in groups:
         per_tensor: dict[str, list] = {}
-        for node, x, ax, rows, upos in cons[g.id]:
+        for x, _, rows, upos in cons[g.id]:
             G = grams.get(x)
             if G is None or G.shape[0] != rows.shape[1] or not np.isfinite(G).all():
                 per_tensor = {}  # a reader it cannot measure: the group falls back, as when it cannot model one

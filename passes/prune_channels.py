@@ -224,16 +224,16 @@ AUTO = "auto"
 # and was worse on the digits example (-2.8 points against -1.1): neither is better everywhere, so
 # each compile measures both. OBS importance (what a unit's removal leaves after the re-fit) with
 # the sensitivity allocation kept the recogniser 8 points closer than Wanda (exact lines 0.859
-# against 0.781) and MiniLM's embeddings closer (cosine 0.963 against 0.944), and was a little
-# less faithful on the detector (held-out relative L2 0.101 against 0.091): a third candidate
+# against 0.781) and MiniLM's embeddings closer (cosine 0.970 against 0.944), and was a little
+# less faithful on the detector (held-out relative L2 0.098 against 0.091): a third candidate
 AUTO_PAIRS = (("l1", "uniform"), ("wanda", "sensitivity"), ("obs", "sensitivity"))
 AUTO_IMPORTANCES = ("l1", "wanda", "obs")
 AUTO_MODES = ("uniform", "sensitivity")
 AUTO_HOLDOUT = 0.25  # of the calibration samples, held out to measure the candidates on
 AUTO_MIN_SAMPLES = 8  # fewer calibration samples than this: nothing to split, the first candidate
-SCORE_CACHE = 8  # graph states whose measured scores one run keeps
 AUTO_MARGIN = 0.02  # another candidate replaces the first only when its held-out error is this much lower
 AUTO_MACS = 0.9  # ... and removes at least this fraction of the MACs the first removes
+SCORE_CACHE = 8  # graph states whose measured scores one run keeps
 
 
 def auto_candidates(importance: str, mode: str, has_feeds: bool) -> list[tuple[str, str]]:
