@@ -45,7 +45,9 @@ median of ``--r50-runs``), and its speed-up over the implementation before the s
 (commit 859006d: one export + session + full pass per layer), either run here once
 (``--old-recon``, it takes minutes) or the figure measured on the development machine; the
 relative L2 output error on 8 held-out inputs of the unpruned, plain-pruned and
-reconstructed models. Times depend on the machine's load, which is printed.
+reconstructed models; and the time of the channel scores alone (``importance.compute``) for
+l1, wanda and obs on the first 16 of those samples. Times depend on the machine's load, which
+is printed.
 
     python benchmarks/pruning.py
     python benchmarks/pruning.py --models digits,resnet --ratios 0.3 --repeat 500 --json out.json
@@ -295,6 +297,10 @@ def _pruned_ir(model: onnx.ModelProto, ratio: float):
     return original, ir, kept
 
 
+IMPORTANCE_TIMED = ("l1", "wanda", "obs")  # channel scores timed on the resnet50 model
+IMPORTANCE_SAMPLES = 16
+
+
 def measure_recon_speed(hw: int, n: int, ratio: float, runs: int, old: bool) -> dict:
     model = resnet50(hw)
     rng = np.random.default_rng(0)
@@ -304,6 +310,12 @@ def measure_recon_speed(hw: int, n: int, ratio: float, runs: int, old: bool) -> 
     ir0 = edgec.from_model(model)
     c = costs.compute(ir0)
     out.update(params=c.params, macs=c.macs)
+    groups0 = find_groups(ir0)
+    out["importance_seconds"] = {}
+    for method in IMPORTANCE_TIMED:  # the channel scores alone, on the first IMPORTANCE_SAMPLES samples
+        t0 = time.perf_counter()
+        importance.compute(ir0, groups0, method, calib[:IMPORTANCE_SAMPLES])
+        out["importance_seconds"][method] = round(time.perf_counter() - t0, 2)
     for rec in (False, True):
         t0 = time.perf_counter()
         res = edgec.compile(model, None, prune=ratio, calib=calib, reconstruct=rec, round_to=1, prune_mode="uniform",
@@ -354,6 +366,8 @@ def print_recon_speed(r: dict) -> None:
     print(f"  reconstruction step alone     {r['recon_seconds']:8.2f} s   (median of {len(r['recon_runs'])}: "
           f"{', '.join(f'{t:.1f}' for t in r['recon_runs'])}; {r['refit']}/{r['layers']} layers re-fitted "
           f"in {r['parts']} staged parts)")
+    print(f"  channel scores ({IMPORTANCE_SAMPLES} samples)   " + ", ".join(
+        f"{m} {t:.2f} s" for m, t in r["importance_seconds"].items()))
     print(f"  reconstruction CPU time       {r['recon_cpu_seconds']:8.2f} s   (all threads; {r['solves']} "
           f"factorisations choosing the ridge)")
     if "old_seconds" in r:
