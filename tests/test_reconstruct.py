@@ -12,6 +12,7 @@ import edgec
 from edgec import runtime, verify
 from edgec.analysis.channels import find_groups
 from edgec.builders import ALL_MODELS, GraphBuilder
+from edgec import lstsq
 from edgec.lstsq import LinearMap, NormalEquations, StagedRun, conv_patches, ridge_solve
 from edgec.passes.prune_channels import apply_pruning, select
 from edgec.passes.reconstruct import RIDGE_STEPS, reconstruct
@@ -148,6 +149,23 @@ def test_grouped_conv_rows_reproduce_the_conv():
     w = ir.const_value(node.inputs[1])
     assert np.array_equal(lm.tensors(lm.W, lm.b, w)[0], w)
     assert conv_patches(feeds["input"], node, w, (idx // 16, idx % 16 // 4, idx % 4)).shape == (20, 54)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_patches_equal_a_direct_im2col(batch):
+    """The im2col rows (gathered per channel plane) equal the patches read element by element,
+    with stride, dilation and uneven padding, for one sample and for a batch."""
+    import onnx_graphsurgeon as gs
+    node = gs.Node(op="Conv", attrs={"strides": [2, 1], "dilations": [1, 2], "pads": [1, 0, 2, 3]})
+    x = np.random.default_rng(1).standard_normal((batch, 5, 9, 8)).astype(np.float32)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 2), (0, 3)))
+    ho, wo = (9 + 3 - 3) // 2 + 1, (8 + 3 - 5) + 1
+    rng = np.random.default_rng(2)
+    idx = rng.choice(batch * ho * wo, size=17, replace=False)
+    n, rem = np.divmod(idx, ho * wo)
+    oy, ox = np.divmod(rem, wo)
+    want = np.stack([xp[a, :, b * 2:b * 2 + 3, c:c + 5:2].reshape(-1) for a, b, c in zip(n, oy, ox)])
+    np.testing.assert_array_equal(lstsq.patches(x, node, (3, 3), (n, oy, ox)), want)
 
 
 # ---------------------------------------------------------------------------- the staged run
