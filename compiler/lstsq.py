@@ -380,10 +380,17 @@ class NormalEquations:
             if not active:
                 break
             lam = ridge * step * scale + 1e-12  # [groups], as solve(train_only=True)
-            A = self.G[:, :d, :d].copy()
-            A[:, np.arange(k), np.arange(k)] += lam[:, None]
+            # the ridge goes on G's diagonal in place and the diagonal is put back, bit for bit:
+            # solve copies its operands anyway, and a second copy of a 3,000-wide G costs time
+            A = self.G[:, :d, :d]
             rhs = [self.B[:, :d]] + [pads[nm] for nm in extra] + ([xh.T[None]] if wide else [])
-            sol = np.linalg.solve(A, np.concatenate(rhs, axis=2))
+            rhs = np.concatenate(rhs, axis=2)
+            diag = A[:, np.arange(k), np.arange(k)]
+            A[:, np.arange(k), np.arange(k)] = diag + lam[:, None]
+            try:
+                sol = np.linalg.solve(A, rhs)
+            finally:
+                A[:, np.arange(k), np.arange(k)] = diag
             solves += 1
             base = sol[:, :, :nout]
             P = sol[0, :, nout * (1 + len(extra)):] if wide else None
