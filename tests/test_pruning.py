@@ -651,22 +651,29 @@ def test_sensitivity_needs_calibration_data():
 
 
 # ---------------------------------------------------------------------------- auto: measured choice
-def test_split_feeds_holds_out_every_fourth_sample():
-    from edgec.passes.prune_channels import split_feeds
+def test_split_feeds_holds_out_a_seeded_quarter():
+    """A quarter of the samples held out, the same ones on every call, rows of every input alike;
+    whole batches for a fixed batch size; and not every fourth sample: a set interleaved with
+    period four (each page at four rotations in turn) has every residue in the held-out part."""
+    from edgec.passes.prune_channels import held_out_positions, split_feeds
     one = [{"x": np.arange(32.0)[:, None], "m": np.arange(32)[:, None] * 10}]  # one dynamic batch: rows
     fit, held = split_feeds(one, 0.25, fixed_batch=False)
-    assert held[0]["x"][:, 0].tolist() == [3, 7, 11, 15, 19, 23, 27, 31] and len(fit[0]["x"]) == 24
-    assert held[0]["m"][:, 0].tolist() == [30, 70, 110, 150, 190, 230, 270, 310]  # every input alike
+    got = held[0]["x"][:, 0].astype(int).tolist()
+    assert got == held_out_positions(32, 0.25).tolist() and len(got) == 8 and len(fit[0]["x"]) == 24
+    assert sorted(got + fit[0]["x"][:, 0].astype(int).tolist()) == list(range(32))  # a partition
+    assert (held[0]["m"][:, 0] == held[0]["x"][:, 0] * 10).all()  # every input alike
+    assert {i % 4 for i in got} == {0, 1, 2, 3}  # no stride aliasing with a period of four
+    assert split_feeds(one, 0.25, fixed_batch=False)[1][0]["x"].tolist() == held[0]["x"].tolist()  # seeded
     two = [{"x": np.arange(10.0)[:, None]}, {"x": np.arange(10.0, 16.0)[:, None]}]  # unequal batches, one count
     fit, held = split_feeds(two, 0.25, fixed_batch=False)
-    assert np.concatenate([b["x"] for b in held])[:, 0].tolist() == [3, 7, 11, 15]
+    assert np.concatenate([b["x"] for b in held])[:, 0].astype(int).tolist() == held_out_positions(16, 0.25).tolist()
     assert sum(len(b["x"]) for b in fit) == 12
     batches = [{"x": np.full((1, 3), float(i))} for i in range(12)]  # static batch 1: whole batches
     fit, held = split_feeds(batches, 0.25, fixed_batch=True)
-    assert [b["x"][0, 0] for b in held] == [3, 7, 11] and len(fit) == 9
+    assert [int(b["x"][0, 0]) for b in held] == held_out_positions(12, 0.25).tolist() and len(fit) == 9
     fixed = [{"x": np.zeros((8, 1))}, {"x": np.zeros((8, 1))}, {"x": np.ones((8, 1))}]  # fewer batches than 4
     fit, held = split_feeds(fixed, 0.25, fixed_batch=True)
-    assert len(fit) == 2 and held[0]["x"][0, 0] == 1
+    assert len(fit) == 2 and len(held) == 1
     assert split_feeds([{"x": np.zeros((32, 1))}], 0.25, fixed_batch=True) is None  # cannot cut a fixed batch
     assert split_feeds([{"x": np.zeros((7, 1))}], 0.25, fixed_batch=False) is None  # too few samples
 
