@@ -199,6 +199,16 @@ def count_samples(batches) -> int:
     return int(sum(len(next(iter(b.values()))) for b in batches if b))
 
 
+def seeded_positions(total: int, count: int) -> np.ndarray:
+    """``count`` of ``total`` positions (all when ``count >= total``), drawn with a fixed seed,
+    sorted: a subset of calibration samples or batches that is neither the first ones (a folder
+    read in order is often grouped by class or source) nor every k-th (a set interleaved with a
+    period aliases with the stride), and the same on every run."""
+    if count >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(0).permutation(total)[:max(count, 0)])
+
+
 def _take(pending, n_pending, k):
     batch, rest = {}, {}
     for name, parts in pending.items():

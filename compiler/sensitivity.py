@@ -11,8 +11,10 @@ every trial: no export, no session per group.
 
 :func:`measure` returns, per group and trial, the squared relative output error
 ``sum ||y - y0||^2 / sum ||y0||^2`` (summed over the graph outputs and the batches, ``y0`` the
-unmasked model's outputs) on up to ``max_batches`` calibration batches. Squared errors of
-independent changes add, which is what :func:`allocate` assumes.
+unmasked model's outputs) on up to ``max_batches`` calibration batches, drawn with a fixed seed
+(:func:`edgec.calibdata.seeded_positions`: not the first ones, which a folder read in order fills
+with one class). Squared errors of independent changes add, which is what :func:`allocate`
+assumes.
 
 :func:`allocate` spreads a removal budget over the groups: greedily, one step of units at a time,
 to the group whose measured error grows least per unit of cost (channels for a channel ratio,
@@ -32,6 +34,7 @@ from onnx import TensorProto, helper
 
 from edgec import runtime
 from edgec.analysis.channels import ChannelGroup
+from edgec.calibdata import seeded_positions
 from edgec.importance import measured_tensors
 from edgec.ir import IR
 
@@ -112,7 +115,7 @@ def measure(ir: IR, groups: list[ChannelGroup], trials: dict[str, list[list[int]
     model, masks = _probe(ir, chosen)
     if not masks:
         return {}
-    batches = feeds[:max_batches]
+    batches = [feeds[i] for i in seeded_positions(len(feeds), max_batches)]
     sess = runtime.reference_session(model)
     names = [o.name for o in sess.get_outputs()]
     ones = {inp: np.ones(shape, dtype=np.float32) for inp, shape, _, _ in masks.values()}

