@@ -15,6 +15,8 @@ closed form.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
@@ -479,8 +481,11 @@ class StagedRun:
     never run.
     """
 
-    def __init__(self, model: onnx.ModelProto, feeds: list[dict], layers: dict[str, str]):
+    def __init__(self, model: onnx.ModelProto, feeds: list[dict], layers: dict[str, str],
+                 needs: dict[str, list[str]] | None = None):
+        """``needs``: per layer, more tensors that must be final (and kept) before it is ready."""
         self.model, self.feeds = model, feeds
+        needs = needs or {}
         self.nodes = list(model.graph.node)
         self.inits = {t.name: t for t in model.graph.initializer}
         self.graph_inputs = {v.name for v in model.graph.input} - set(self.inits)
@@ -504,9 +509,17 @@ class StagedRun:
                 if r in producer:
                     d |= self.deps[producer[r]]
             self.deps.append(d)
-        self.input_deps = {nm: (self.deps[producer[x]] if x in producer else 0) for nm, x in layers.items()}
+        self.layer_needs = {nm: [x] + [t for t in needs.get(nm, []) if t != x] for nm, x in layers.items()}
+        self.input_deps, self.own_deps = {}, {}
+        for nm, xs in self.layer_needs.items():
+            d = [self.deps[producer[x]] if x in producer else 0 for x in xs]
+            self.own_deps[nm] = d[0]
+            self.input_deps[nm] = functools.reduce(operator.or_, d)
+        # layers whose extra needs were given up: two layers each needing the other's result
+        # (both operands of one Add) cannot both wait; the first in order goes without
+        self.dropped: set[str] = set()
         # the nodes some layer input depends on
-        needed, stack = set(), [producer[x] for x in layers.values() if x in producer]
+        needed, stack = set(), [producer[x] for xs in self.layer_needs.values() for x in xs if x in producer]
         while stack:
             i = stack.pop()
             if i not in needed:
@@ -554,8 +567,12 @@ class StagedRun:
         remaining = list(self.layer_input)
         while remaining:
             ready = [nm for nm in remaining if self.input_deps[nm] & ~settled == 0]
-            if not ready:  # cannot happen in a DAG; never loop
-                raise RuntimeError("StagedRun: no layer is ready")
+            if not ready:  # extra needs waiting on each other: the first such layer goes without
+                ready = [nm for nm in remaining if self.own_deps[nm] & ~settled == 0][:1]
+                if not ready:  # cannot happen in a DAG; never loop
+                    raise RuntimeError("StagedRun: no layer is ready")
+                self.dropped.add(ready[0])
+                self.input_deps[ready[0]] = self.own_deps[ready[0]]
             part = [i for i in self.pending if self.deps[i] & ~settled == 0]
             taken = set(part)
             self.pending = [i for i in self.pending if i not in taken]
@@ -570,7 +587,7 @@ class StagedRun:
 
     def _live(self, layers: list[str]) -> set[str]:
         """Tensors still to be read: inputs of ``layers`` and of the nodes yet to run."""
-        live = {self.layer_input[nm] for nm in layers}
+        live = {x for nm in layers for x in self.layer_needs[nm]}
         for i in self.pending:
             live |= self.reads[i]
         return live

@@ -54,6 +54,15 @@ group's input channels.
   layer is linear, so its pooled output is the mean of those per-pixel outputs, and the pooled
   error is at most the mean per-pixel error (Jensen): the fit minimises a bound on what it
   must match, from H*W times more rows (``pool_rows``; the entry's ``rows_of`` names ``u``).
+* A layer whose output flows alone into a residual ``Add(y, r)`` (through per-channel affine
+  ops: an inference BatchNormalization, a bias Add, a constant Mul, whose scales ``s`` multiply)
+  is fitted to what makes the *sum* match (``residual``): ``y_o + (r_o - r_p) / s`` at its rows,
+  ``r_o`` the unpruned model's ``r`` and ``r_p`` the pruned one's with every layer upstream
+  re-fitted (:class:`edgec.lstsq.StagedRun` waits for ``r`` too). The error pruning left in the
+  stream is then absorbed block by block instead of accumulating: on all-MiniLM-L6-v2 at 30% the
+  held-out relative L2 fell from 0.246 to 0.237 (``benchmarks/real_models.py``). When both
+  operands of the Add are re-fitted layers (a projection shortcut), the one fitted first matches
+  its own output and the other the sum (the entry's ``residual`` names ``r``).
 """
 
 from __future__ import annotations
@@ -168,6 +177,58 @@ def _pooled_input(ir: IR, node: gs.Node, lm: LinearMap) -> gs.Tensor | None:
     return None
 
 
+def _residual_partner(ir: IR, node: gs.Node) -> tuple[str, np.ndarray] | None:
+    """The other operand ``r`` of the residual Add the layer's output flows into alone, through
+    per-channel affine ops (an inference BatchNormalization, an Add or Mul of a constant: a
+    MatMul's bias, a folded scale), when ``r`` has the same static shape; with the product ``s``
+    of those ops' scales per output channel (ones without any). The layer is then fitted to the
+    unpruned sum less the pruned model's ``r`` (divided by ``s``: ``_fit``'s targets), so it also
+    absorbs the error pruning left in ``r``. None otherwise."""
+    t = node.outputs[0]
+    shape = ir.static_shape(t)
+    if shape is None or len(shape) < 2:
+        return None
+    axis = 1 if node.op == "Conv" else len(shape) - 1
+    scale = np.ones(shape[axis])
+    for _ in range(6):
+        users = list(t.outputs)
+        if len(users) != 1 or ir.is_graph_output(t):
+            return None
+        u = users[0]
+        if u.op == "BatchNormalization" and len(u.inputs) == 5 and axis == 1 and \
+                not u.attrs.get("training_mode", 0) and not any(o.outputs for o in u.outputs[1:]):
+            g, v = ir.const_value(u.inputs[1]), ir.const_value(u.inputs[4])
+            if g is None or v is None or not ir.is_const(u.inputs[2]) or not ir.is_const(u.inputs[3]):
+                return None
+            scale = scale * np.asarray(g, np.float64) / np.sqrt(np.asarray(v, np.float64) + float(u.attrs.get("epsilon", 1e-5)))
+            t = u.outputs[0]
+            continue
+        if u.op not in ("Add", "Mul") or len(u.inputs) != 2:
+            return None
+        other = u.inputs[1] if u.inputs[0] is t else u.inputs[0]
+        if other is t:
+            return None
+        c = ir.const_value(other)
+        if c is not None:
+            c = np.asarray(c, np.float64)
+            per = c.reshape(-1) if c.size in (1, shape[axis]) else None
+            if per is None or (c.ndim and c.ndim > len(shape)):
+                return None
+            if c.size > 1 and (c.ndim == 0 or c.shape[axis - (len(shape) - c.ndim)] != shape[axis]
+                               if axis - (len(shape) - c.ndim) >= 0 else True):
+                return None
+            if u.op == "Mul":
+                scale = scale * per
+            t = u.outputs[0]
+            continue
+        if u.op != "Add" or ir.static_shape(other) != shape:
+            return None
+        if not np.all(np.isfinite(scale)) or np.min(np.abs(scale)) < 1e-6 * max(np.max(np.abs(scale)), 1e-30):
+            return None
+        return other.name, scale
+    return None
+
+
 def _original_map(original: onnx.ModelProto, name: str) -> LinearMap | None:
     """The layer ``name``'s map in the unpruned model."""
     inits = {t.name: t for t in original.graph.initializer}
@@ -184,13 +245,14 @@ def _original_map(original: onnx.ModelProto, name: str) -> LinearMap | None:
 
 def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict[str, tuple], *,
                 ridge: float = 1e-3, max_rows: int = 4096, seed: int = 0, grouped: bool = True,
-                prior: str = "auto", pool_rows: bool = True) -> list[dict]:
+                prior: str = "auto", pool_rows: bool = True, residual: bool = True) -> list[dict]:
     """Re-fit the consumers of pruned channels in ``ir`` (in place). ``kept`` maps tensor names
     to (axis, surviving positions in the original tensor); ``grouped=False`` leaves grouped and
     depthwise convs alone; ``prior``: what the ridge pulls the weights towards, ``zero``, the
     layer's ``current`` (pruned) weights, or ``auto`` (per layer, whichever fits the held-out
     rows better); ``pool_rows``: fit layers after a global average pool on the pool's input
-    positions. Returns one dict per layer."""
+    positions; ``residual``: fit a layer feeding a residual Add to the unpruned sum. Returns one
+    dict per layer."""
     if prior not in PRIORS:
         raise ValueError(f"unknown ridge prior '{prior}' ({', '.join(PRIORS)})")
     if not feeds:
@@ -226,6 +288,22 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
         lm.pooled = True
         pooled[nm] = (u.name, om)
     fit_inputs = {nm: pooled[nm][0] if nm in pooled else lm.node.inputs[0].name for nm, lm in maps.items()}
+    # layers feeding a residual Add alone: fitted to the unpruned sum less the pruned partner
+    partners: dict[str, str] = {}
+    partner_scale: dict[str, np.ndarray] = {}  # [groups, Nout]: the affine ops' scales between
+    for nm, lm in maps.items() if residual else ():
+        found = None if nm in pooled else _residual_partner(ir, lm.node)
+        if found is None or found[0] not in orig_names | {i.name for i in original.graph.input}:
+            continue
+        r, scale = found
+        out = lm.node.outputs[0].name
+        rank = len(ir.static_shape(lm.node.outputs[0]) or ())
+        channel_axis = 1 if lm.node.op == "Conv" else rank - 1
+        ok = all(kept[t][0] % max(rank, 1) == channel_axis for t in (r, out) if t in kept)
+        same = (r in kept) == (out in kept) and (r not in kept or np.array_equal(kept[r][1], kept[out][1]))
+        if ok and same and len(scale) == lm.groups * lm.W.shape[2]:
+            partners[nm] = r
+            partner_scale[nm] = scale.reshape(lm.groups, -1)
 
     # targets: one pass of the unpruned model; only the sampled rows of each layer are kept
     targets: dict[str, list] = {nm: [] for nm in maps}
@@ -260,14 +338,39 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
                                np.random.default_rng((seed, li, j)))
             targets[nm].append(None if idx is None else (shape, idx, lm.y_rows(y, idx, pos)))
 
-    runtime.capture(original, list(outputs.values()), feeds, on_batch)
+    partner_rows: dict[str, list] = {nm: [] for nm in partners}
+
+    def on_batch_partners(values: dict) -> None:
+        for nm, r in partners.items():
+            entry = targets[nm][len(partner_rows[nm])]
+            if entry is None:
+                partner_rows[nm].append(None)
+                continue
+            pos = kept[r][1] if r in kept else None
+            partner_rows[nm].append(maps[nm].y_rows(np.asarray(values[r]), entry[1], pos))
+
+    def on_both(values: dict) -> None:
+        on_batch(values)
+        on_batch_partners(values)
+
+    runtime.capture(original, sorted(set(outputs.values()) | set(partners.values())), feeds, on_both)
 
     # inputs: the pruned model in parts, each layer fitted as soon as its input is final
-    staged = StagedRun(ir.to_onnx(), feeds, fit_inputs)
+    staged = StagedRun(ir.to_onnx(), feeds, fit_inputs, {nm: [r] for nm, r in partners.items()})
     for ready in staged.waves():
         for nm in ready:
             lm = maps[nm]
-            entry = _fit(lm, staged.batches(fit_inputs[nm]), targets.pop(nm), ridge, prior)
+            ys = targets.pop(nm)
+            if nm in staged.dropped:  # its partner waits on it (both operands of one Add): fitted as it is
+                partners.pop(nm, None)
+            if nm in partners:  # target: the unpruned sum less the pruned partner, at the same rows
+                inv = 1.0 / partner_scale[nm]
+                ys = [None if y is None or ro is None else
+                      (y[0], y[1], (y[2] + (ro - lm.y_rows(np.asarray(rp), y[1])) * inv).astype(y[2].dtype))
+                      for y, ro, rp in zip(ys, partner_rows.pop(nm), staged.batches(partners[nm]))]
+            entry = _fit(lm, staged.batches(fit_inputs[nm]), ys, ridge, prior)
+            if nm in partners:
+                entry["residual"] = partners[nm]
             entry["part"] = staged.parts
             if nm in pooled:
                 entry["rows_of"] = f"the positions of {fit_inputs[nm]} (before the global pool)"
