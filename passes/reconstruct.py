@@ -55,7 +55,8 @@ group's input channels.
   error is at most the mean per-pixel error (Jensen): the fit minimises a bound on what it
   must match, from H*W times more rows (``pool_rows``; the entry's ``rows_of`` names ``u``).
 * A layer whose output flows alone into a residual ``Add(y, r)`` (through per-channel affine
-  ops: an inference BatchNormalization, a bias Add, a constant Mul, whose scales ``s`` multiply)
+  ops: an inference BatchNormalization, a bias Add, a constant Mul, whose scales ``s`` multiply;
+  and Transposes: ConvNeXt's channels-last MLP, ``r`` then read in the layer's layout)
   is fitted to what makes the *sum* match (``residual``): ``y_o + (r_o - r_p) / s`` at its rows,
   ``r_o`` the unpruned model's ``r`` and ``r_p`` the pruned one's with every layer upstream
   re-fitted (:class:`edgec.lstsq.StagedRun` waits for ``r`` too). The error pruning left in the
@@ -177,24 +178,44 @@ def _pooled_input(ir: IR, node: gs.Node, lm: LinearMap) -> gs.Tensor | None:
     return None
 
 
-def _residual_partner(ir: IR, node: gs.Node) -> tuple[str, np.ndarray] | None:
+def _per_channel(c: np.ndarray, shape: tuple, axis: int) -> np.ndarray | None:
+    """A constant operand of an elementwise op on a tensor of ``shape`` as one value per channel
+    on ``axis`` (a scalar: the same for every channel); None when it varies along another axis."""
+    if c.ndim > len(shape):
+        return None
+    full = (1,) * (len(shape) - c.ndim) + tuple(c.shape)
+    if any(d != 1 for k, d in enumerate(full) if k != axis) or full[axis] not in (1, shape[axis]):
+        return None
+    return np.broadcast_to(c.reshape(-1), (shape[axis],)).astype(np.float64)
+
+
+def _residual_partner(ir: IR, node: gs.Node) -> tuple[str, np.ndarray, tuple] | None:
     """The other operand ``r`` of the residual Add the layer's output flows into alone, through
-    per-channel affine ops (an inference BatchNormalization, an Add or Mul of a constant: a
-    MatMul's bias, a folded scale), when ``r`` has the same static shape; with the product ``s``
-    of those ops' scales per output channel (ones without any). The layer is then fitted to the
-    unpruned sum less the pruned model's ``r`` (divided by ``s``: ``_fit``'s targets), so it also
-    absorbs the error pruning left in ``r``. None otherwise."""
+    per-channel affine ops (an inference BatchNormalization, an Add or Mul of a per-channel
+    constant: a MatMul's bias, a layer scale) and Transposes (ConvNeXt's channels-last MLP),
+    when ``r`` has the Add's static shape. Returns ``r``, the product ``s`` of those ops' scales
+    per output channel, and ``perm``: ``r``'s layout is the layer output's transposed by it. The
+    layer is then fitted to the unpruned sum less the pruned model's ``r`` (in the layer's
+    layout, divided by ``s``: ``_fit``'s targets), so it also absorbs the error pruning left in
+    ``r``. None otherwise."""
     t = node.outputs[0]
     shape = ir.static_shape(t)
     if shape is None or len(shape) < 2:
         return None
     axis = 1 if node.op == "Conv" else len(shape) - 1
-    scale = np.ones(shape[axis])
-    for _ in range(6):
+    scale, perm = np.ones(shape[axis]), tuple(range(len(shape)))
+    for _ in range(8):
         users = list(t.outputs)
         if len(users) != 1 or ir.is_graph_output(t):
             return None
         u = users[0]
+        if u.op == "Transpose":
+            p = tuple(int(a) for a in u.attrs.get("perm", range(len(shape) - 1, -1, -1)))
+            if sorted(p) != list(range(len(shape))):
+                return None
+            perm, axis, shape = tuple(perm[k] for k in p), p.index(axis), tuple(shape[k] for k in p)
+            t = u.outputs[0]
+            continue
         if u.op == "BatchNormalization" and len(u.inputs) == 5 and axis == 1 and \
                 not u.attrs.get("training_mode", 0) and not any(o.outputs for o in u.outputs[1:]):
             g, v = ir.const_value(u.inputs[1]), ir.const_value(u.inputs[4])
@@ -210,12 +231,8 @@ def _residual_partner(ir: IR, node: gs.Node) -> tuple[str, np.ndarray] | None:
             return None
         c = ir.const_value(other)
         if c is not None:
-            c = np.asarray(c, np.float64)
-            per = c.reshape(-1) if c.size in (1, shape[axis]) else None
-            if per is None or (c.ndim and c.ndim > len(shape)):
-                return None
-            if c.size > 1 and (c.ndim == 0 or c.shape[axis - (len(shape) - c.ndim)] != shape[axis]
-                               if axis - (len(shape) - c.ndim) >= 0 else True):
+            per = _per_channel(np.asarray(c), shape, axis)
+            if per is None:
                 return None
             if u.op == "Mul":
                 scale = scale * per
@@ -225,7 +242,7 @@ def _residual_partner(ir: IR, node: gs.Node) -> tuple[str, np.ndarray] | None:
             return None
         if not np.all(np.isfinite(scale)) or np.min(np.abs(scale)) < 1e-6 * max(np.max(np.abs(scale)), 1e-30):
             return None
-        return other.name, scale
+        return other.name, scale, perm
     return None
 
 
@@ -291,19 +308,22 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
     # layers feeding a residual Add alone: fitted to the unpruned sum less the pruned partner
     partners: dict[str, str] = {}
     partner_scale: dict[str, np.ndarray] = {}  # [groups, Nout]: the affine ops' scales between
+    partner_perm: dict[str, tuple] = {}
     for nm, lm in maps.items() if residual else ():
         found = None if nm in pooled else _residual_partner(ir, lm.node)
         if found is None or found[0] not in orig_names | {i.name for i in original.graph.input}:
             continue
-        r, scale = found
+        r, scale, perm = found
         out = lm.node.outputs[0].name
-        rank = len(ir.static_shape(lm.node.outputs[0]) or ())
+        rank = len(perm)
         channel_axis = 1 if lm.node.op == "Conv" else rank - 1
-        ok = all(kept[t][0] % max(rank, 1) == channel_axis for t in (r, out) if t in kept)
+        ok = (out not in kept or kept[out][0] % rank == channel_axis) and \
+            (r not in kept or kept[r][0] % rank == perm.index(channel_axis))
         same = (r in kept) == (out in kept) and (r not in kept or np.array_equal(kept[r][1], kept[out][1]))
         if ok and same and len(scale) == lm.groups * lm.W.shape[2]:
             partners[nm] = r
             partner_scale[nm] = scale.reshape(lm.groups, -1)
+            partner_perm[nm] = tuple(int(k) for k in np.argsort(perm))  # r's layout -> the layer's
 
     # targets: one pass of the unpruned model; only the sampled rows of each layer are kept
     targets: dict[str, list] = {nm: [] for nm in maps}
@@ -347,7 +367,8 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
                 partner_rows[nm].append(None)
                 continue
             pos = kept[r][1] if r in kept else None
-            partner_rows[nm].append(maps[nm].y_rows(np.asarray(values[r]), entry[1], pos))
+            rv = np.transpose(np.asarray(values[r]), partner_perm[nm])
+            partner_rows[nm].append(maps[nm].y_rows(rv, entry[1], pos))
 
     def on_both(values: dict) -> None:
         on_batch(values)
@@ -366,7 +387,8 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
             if nm in partners:  # target: the unpruned sum less the pruned partner, at the same rows
                 inv = 1.0 / partner_scale[nm]
                 ys = [None if y is None or ro is None else
-                      (y[0], y[1], (y[2] + (ro - lm.y_rows(np.asarray(rp), y[1])) * inv).astype(y[2].dtype))
+                      (y[0], y[1], (y[2] + (ro - lm.y_rows(np.transpose(np.asarray(rp), partner_perm[nm]), y[1]))
+                                    * inv).astype(y[2].dtype))
                       for y, ro, rp in zip(ys, partner_rows.pop(nm), staged.batches(partners[nm]))]
             entry = _fit(lm, staged.batches(fit_inputs[nm]), ys, ridge, prior)
             if nm in partners:

@@ -254,28 +254,36 @@ def test_staged_run_waits_for_needed_tensors_and_breaks_a_mutual_wait():
     assert not staged.dropped
 
 
-def test_residual_partner_through_batchnorm_and_bias():
-    """The partner of a layer whose output flows alone into a residual Add (through an inference
-    BatchNormalization or a constant Add), with the BN's per-channel scale; none when the output
-    has another reader."""
+def test_residual_partner_through_batchnorm_bias_scale_and_transposes():
+    """The partner of a layer whose output flows alone into a residual Add: through an inference
+    BatchNormalization (its per-channel scale), a constant Add, and a channels-last MLP's
+    Transposes with a layer-scale Mul (ConvNeXt: the partner's layout is the layer's permuted);
+    none when the output has another reader or a constant varies along another axis."""
     b = GraphBuilder("partner", seed=0)
     x = b.input("input", [1, 4, 6, 6])
     y = b.add(b.bn(b.conv(x, 4, 3, bias=False)), x)
     z = b.conv(y, 4, 1)
-    b.output(b.add(b.add(z, np.full((1, 4, 1, 1), 0.5, np.float32)), y), "out1")
-    w = b.conv(y, 4, 1)
+    y2 = b.add(b.add(z, np.full((1, 4, 1, 1), 0.5, np.float32)), y)
+    m = b.linear(b.transpose(y2, [0, 2, 3, 1]), 4)  # MatMul + bias Add, channels last
+    layer_scale = np.arange(1, 5, dtype=np.float32).reshape(4, 1, 1)
+    y3 = b.add(b.mul(b.transpose(m, [0, 3, 1, 2]), layer_scale), y2)
+    b.output(b.add(b.mul(b.conv(y3, 4, 1), np.ones((1, 1, 6, 1), np.float32)), y3), "out1")  # varies on H
+    w = b.conv(y3, 4, 1)
     b.output(b.add(w, b.relu(w)), "out2")  # w is read twice: no partner
     model = b.build(value_info=True)
     ir = edgec.from_model(model)
     ir.infer_shapes()
     convs = [n for n in ir.nodes if n.op == "Conv"]
     bn = next(n for n in ir.nodes if n.op == "BatchNormalization")
-    r, scale = _residual_partner(ir, convs[0])
+    r, scale, perm = _residual_partner(ir, convs[0])
     g, v = (ir.const_value(bn.inputs[i]).astype(np.float64) for i in (1, 4))
-    assert r == "input" and np.allclose(scale, g / np.sqrt(v + bn.attrs["epsilon"]))
-    r, scale = _residual_partner(ir, convs[1])
+    assert r == "input" and np.allclose(scale, g / np.sqrt(v + bn.attrs["epsilon"])) and perm == (0, 1, 2, 3)
+    r, scale, perm = _residual_partner(ir, convs[1])
     assert r == convs[1].inputs[0].name and np.array_equal(scale, np.ones(4))
-    assert _residual_partner(ir, convs[2]) is None
+    matmul = next(n for n in ir.nodes if n.op == "MatMul")
+    r, scale, perm = _residual_partner(ir, matmul)
+    assert r == y2 and np.array_equal(scale, [1, 2, 3, 4]) and perm == (0, 3, 1, 2)
+    assert _residual_partner(ir, convs[2]) is None and _residual_partner(ir, convs[3]) is None
 
 
 def _residual_stack(blocks: int = 4):
@@ -325,6 +333,58 @@ def test_residual_targets_absorb_the_partners_error(seed, monkeypatch):
         want = o[y][n_, :, oy, ox] + o[r][n_, :, oy, ox] - p[r][n_, :, oy, ox]
         np.testing.assert_allclose(rows[:, 0], want, rtol=1e-5, atol=1e-5)
     print(f"\nseed {seed}: rel L2 fitted/held-out samples, plain {errs[False]}, residual targets {errs[True]}")
+    assert errs[True][0] < errs[False][0] and errs[True][1] < errs[False][1]
+
+
+def _channels_last_stack(blocks: int = 3):
+    """ConvNeXt-style blocks: ``x + scale * T(MatMul(relu(MatMul(T(x)))))``, the MLP channels
+    last between Transposes, a per-channel layer scale; the stream (the input's 8 channels) is
+    not pruned, the MLPs' 24 inner channels are."""
+    b = GraphBuilder("channels_last", seed=4)
+    x = b.input("input", [1, 8, 6, 6])
+    for k in range(blocks):
+        h = b.linear(b.relu(b.linear(b.transpose(x, [0, 2, 3, 1]), 24, gain=2.0)), 8)
+        x = b.add(x, b.mul(b.transpose(h, [0, 3, 1, 2]), np.linspace(0.5, 1.5, 8, dtype=np.float32).reshape(8, 1, 1)))
+    b.output(x, "output")
+    return b.build()
+
+
+def test_residual_targets_through_transposes_and_a_layer_scale(monkeypatch):
+    """Through the Transposes and the layer scale: each block's second MatMul is fitted to
+    ``y_o + T^-1(r_o - r_p) / s`` at its rows (checked against both models' tensors), and the
+    output ends closer to the unpruned one than with plain targets, on the fitted samples and
+    on others."""
+    model = _channels_last_stack()
+    feeds = [verify.random_inputs(model, seed=s) for s in range(12)]
+    held = [verify.random_inputs(model, seed=100 + s) for s in range(6)]
+    seen, errs = {}, {}
+    real_fit = reconstruct_mod._fit
+
+    def spy(lm, xs, ys, *a, **k):
+        seen[lm.node.name] = ys
+        return real_fit(lm, xs, ys, *a, **k)
+    monkeypatch.setattr(reconstruct_mod, "_fit", spy)
+    for residual in (False, True):
+        original, ir, kept, _ = _pruned(model, 0.5, seed=3)
+        rep = reconstruct(ir, original, feeds, kept, residual=residual)
+        errs[residual] = (_rel(original, ir.to_onnx(), feeds), _rel(original, ir.to_onnx(), held))
+        done = [r["layer"] for r in rep if r.get("residual")]
+        assert done == ([] if not residual else ["matmul_1", "matmul_3", "matmul_5"])  # the ones reading pruned channels
+    node = next(n for n in ir.nodes if n.name == done[1])  # the second block's
+    y = node.outputs[0].name
+    add = node.outputs[0].outputs[0]  # the bias Add, the Transpose, the Mul, the residual Add
+    tr = add.outputs[0].outputs[0]
+    mul = tr.outputs[0].outputs[0]
+    res = mul.outputs[0].outputs[0]
+    r = next(t.name for t in res.inputs if t is not mul.outputs[0])
+    s = np.linspace(0.5, 1.5, 8)
+    orig, final = runtime.augment(original, [y, r]), runtime.augment(ir.to_onnx(), [r])
+    for f, (shape, idx, rows) in zip(feeds, seen[done[1]]):
+        o, p = runtime.run_outputs(orig, [f]), runtime.run_outputs(final, [f])
+        d = (o[r] - p[r]).transpose(0, 2, 3, 1).reshape(-1, 8)[idx]
+        want = o[y].reshape(-1, 8)[idx] + d / s
+        np.testing.assert_allclose(rows[:, 0], want, rtol=1e-5, atol=1e-5)
+    print(f"\nchannels-last stack: rel L2 fitted/held-out, plain {errs[False]}, residual targets {errs[True]}")
     assert errs[True][0] < errs[False][0] and errs[True][1] < errs[False][1]
 
 
