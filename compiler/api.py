@@ -405,7 +405,8 @@ def _prune_error(run: _Run) -> None:
 def _simulator_check(run: _Run, simulate, float_ir: IR) -> dict:
     """The target's simulator check (rknn's ``simulator`` option): edgec's int8 and the toolchain's
     own, each calibrated on 3/4 of the calibration samples, scored in the simulator on the held-out
-    quarter (drawn by a fixed seed: :func:`edgec.passes.prune_channels.split_feeds`); with fewer than 8 samples, both on all of them, scored on those.
+    quarter (drawn by a fixed seed: :func:`edgec.passes.prune_channels.split_feeds`); with fewer
+    than 8 samples, both on all of them, scored on those.
     When edgec's fallback kept ops float, the same QDQ all int8 is a third candidate
     (:func:`_strict_candidate`)."""
     from edgec.passes.prune_channels import split_feeds

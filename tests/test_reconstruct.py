@@ -297,16 +297,12 @@ def _residual_stack(blocks: int = 4):
     return b.build()
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_residual_targets_absorb_the_partners_error(seed, monkeypatch):
-    """Each block's last conv is fitted to the unpruned sum less the pruned stream (the Add's
-    other operand): its targets are exactly ``y_o + r_o - r_p`` at its sampled rows, and the
-    pruned model's output error, on the fitted samples and on others, is below the plain fit's
-    (which only matches each conv's own output, so the stream's error accumulates)."""
-    model = _residual_stack()
-    feeds = [verify.random_inputs(model, seed=s) for s in range(16)]
-    held = [verify.random_inputs(model, seed=100 + s) for s in range(8)]
-    errs, seen = {}, {}
+def _fit_with_and_without_residual(model, feeds, held, seed, monkeypatch):
+    """Prune ``model`` by half (random scores, ``seed``) and reconstruct it twice, with plain and
+    with residual targets. Returns the relative output errors (fitted samples, held-out ones) per
+    setting, the layers given residual targets per setting, the targets each layer was fitted to
+    in the residual run (``_fit``'s ``ys``), the unpruned model and the residual run's IR."""
+    errs, done, seen = {}, {}, {}
     real_fit = reconstruct_mod._fit
 
     def spy(lm, xs, ys, *a, **k):
@@ -317,8 +313,21 @@ def test_residual_targets_absorb_the_partners_error(seed, monkeypatch):
         original, ir, kept, _ = _pruned(model, 0.5, seed=seed)
         rep = reconstruct(ir, original, feeds, kept, residual=residual)
         errs[residual] = (_rel(original, ir.to_onnx(), feeds), _rel(original, ir.to_onnx(), held))
-        assert [r["layer"] for r in rep if r.get("residual")] == ([] if not residual else
-                                                                    ["conv_1", "conv_3", "conv_5", "conv_7"])
+        done[residual] = [r["layer"] for r in rep if r.get("residual")]
+    return errs, done, seen, original, ir
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_residual_targets_absorb_the_partners_error(seed, monkeypatch):
+    """Each block's last conv is fitted to the unpruned sum less the pruned stream (the Add's
+    other operand): its targets are exactly ``y_o + r_o - r_p`` at its sampled rows, and the
+    pruned model's output error, on the fitted samples and on others, is below the plain fit's
+    (which only matches each conv's own output, so the stream's error accumulates)."""
+    model = _residual_stack()
+    feeds = [verify.random_inputs(model, seed=s) for s in range(16)]
+    held = [verify.random_inputs(model, seed=100 + s) for s in range(8)]
+    errs, done, seen, original, ir = _fit_with_and_without_residual(model, feeds, held, seed, monkeypatch)
+    assert done == {False: [], True: ["conv_1", "conv_3", "conv_5", "conv_7"]}
     # the targets of conv_3 (second block): its unpruned output plus the stream before it, less
     # the pruned stream there (block one's conv re-fitted), at the sampled rows
     node = next(n for n in ir.nodes if n.name == "conv_3")
@@ -357,20 +366,9 @@ def test_residual_targets_through_transposes_and_a_layer_scale(monkeypatch):
     model = _channels_last_stack()
     feeds = [verify.random_inputs(model, seed=s) for s in range(12)]
     held = [verify.random_inputs(model, seed=100 + s) for s in range(6)]
-    seen, errs = {}, {}
-    real_fit = reconstruct_mod._fit
-
-    def spy(lm, xs, ys, *a, **k):
-        seen[lm.node.name] = ys
-        return real_fit(lm, xs, ys, *a, **k)
-    monkeypatch.setattr(reconstruct_mod, "_fit", spy)
-    for residual in (False, True):
-        original, ir, kept, _ = _pruned(model, 0.5, seed=3)
-        rep = reconstruct(ir, original, feeds, kept, residual=residual)
-        errs[residual] = (_rel(original, ir.to_onnx(), feeds), _rel(original, ir.to_onnx(), held))
-        done = [r["layer"] for r in rep if r.get("residual")]
-        assert done == ([] if not residual else ["matmul_1", "matmul_3", "matmul_5"])  # the ones reading pruned channels
-    node = next(n for n in ir.nodes if n.name == done[1])  # the second block's
+    errs, done, seen, original, ir = _fit_with_and_without_residual(model, feeds, held, 3, monkeypatch)
+    assert done == {False: [], True: ["matmul_1", "matmul_3", "matmul_5"]}  # the ones reading pruned channels
+    node = next(n for n in ir.nodes if n.name == "matmul_3")  # the second block's
     y = node.outputs[0].name
     add = node.outputs[0].outputs[0]  # the bias Add, the Transpose, the Mul, the residual Add
     tr = add.outputs[0].outputs[0]
@@ -379,7 +377,7 @@ def test_residual_targets_through_transposes_and_a_layer_scale(monkeypatch):
     r = next(t.name for t in res.inputs if t is not mul.outputs[0])
     s = np.linspace(0.5, 1.5, 8)
     orig, final = runtime.augment(original, [y, r]), runtime.augment(ir.to_onnx(), [r])
-    for f, (shape, idx, rows) in zip(feeds, seen[done[1]]):
+    for f, (shape, idx, rows) in zip(feeds, seen["matmul_3"]):
         o, p = runtime.run_outputs(orig, [f]), runtime.run_outputs(final, [f])
         d = (o[r] - p[r]).transpose(0, 2, 3, 1).reshape(-1, 8)[idx]
         want = o[y].reshape(-1, 8)[idx] + d / s
