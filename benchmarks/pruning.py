@@ -329,6 +329,12 @@ def measure_recon_speed(hw: int, n: int, ratio: float, runs: int, old: bool) -> 
         report = reconstruct(ir, original, calib, kept)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
+    # the same step without the residual targets (each layer matching its own output), once:
+    # what fitting the blocks' sums costs
+    original, ir_plain, kept = _pruned_ir(model, ratio)
+    t0 = time.perf_counter()
+    reconstruct(ir_plain, original, calib, kept, residual=False)
+    out["recon_seconds_no_residual"] = round(time.perf_counter() - t0, 2)
     out["recon_seconds"] = round(statistics.median(times), 2)
     out["recon_runs"] = [round(t, 2) for t in times]
     # CPU seconds (all threads of this process): far less sensitive to other jobs than wall time
@@ -366,6 +372,7 @@ def print_recon_speed(r: dict) -> None:
     print(f"  reconstruction step alone     {r['recon_seconds']:8.2f} s   (median of {len(r['recon_runs'])}: "
           f"{', '.join(f'{t:.1f}' for t in r['recon_runs'])}; {r['refit']}/{r['layers']} layers re-fitted "
           f"in {r['parts']} staged parts)")
+    print(f"  without residual targets      {r['recon_seconds_no_residual']:8.2f} s   (one run, after the ones above)")
     print(f"  channel scores ({IMPORTANCE_SAMPLES} samples)   " + ", ".join(
         f"{m} {t:.2f} s" for m, t in r["importance_seconds"].items()))
     print(f"  reconstruction CPU time       {r['recon_cpu_seconds']:8.2f} s   (all threads; {r['solves']} "
