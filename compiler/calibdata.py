@@ -31,7 +31,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -206,7 +206,105 @@ def seeded_positions(total: int, count: int) -> np.ndarray:
     period aliases with the stride), and the same on every run."""
     if count >= total:
         return np.arange(total)
-    return np.sort(np.random.default_rng(0).permutation(total)[:max(count, 0)])
+    return np.sort(seeded_order(total)[:max(count, 0)])
+
+
+def seeded_order(total: int) -> np.ndarray:
+    """The positions ``0..total-1`` in one fixed-seed order: its prefixes are
+    :func:`seeded_positions`' draws, so a smaller draw is part of every larger one."""
+    return np.random.default_rng(0).permutation(total)
+
+
+MAX_KEPT_BYTES = 1 << 30  # a spread subset's input batches kept in memory up to this size (else re-read per use)
+
+
+@dataclass
+class Subset:
+    """Whole batches of the calibration stream, up to a number of samples, iterated again for
+    measuring runs. When the stream holds more, they are drawn at seeded positions spread over it
+    (:func:`spread`), not the first ones: a folder read in order is often grouped by class or
+    source, and a prefix would measure one of them. The subsets of one compile nest (each a prefix
+    of one seeded order of the batches), so calibration captures the float outputs of the largest
+    and every smaller one is part of it."""
+
+    batches: Iterable[dict]
+    positions: tuple[int, ...]  # the batches' indices in the stream, ascending
+    samples: int
+
+    @property
+    def count(self) -> int:
+        return len(self.positions)
+
+    def pick(self, parts: list, within: "Subset") -> list:
+        """This subset's entries of ``parts`` (one per batch of ``within``, which holds this one)."""
+        mine = set(self.positions)
+        return [p for p, i in zip(parts, within.positions) if i in mine]
+
+
+def spread(sizes: list[int], n: int) -> tuple[int, ...]:
+    """Batch indices, ascending: batches taken in a seeded order
+    (:func:`seeded_order`) while their samples stay within ``n`` (one at least).
+    All of them when they fit: the order of a set measured whole does not matter."""
+    if sum(sizes) <= n:
+        return tuple(range(len(sizes)))
+    chosen, seen = [], 0
+    for i in seeded_order(len(sizes)):
+        if chosen and seen + sizes[i] > n:
+            break
+        chosen.append(int(i))
+        seen += sizes[i]
+    return tuple(sorted(chosen))
+
+
+class _Selected:
+    """The batches of a calibration set at ``positions``, read by streaming the set up to the
+    last of them; kept in memory after the first whole read when they fit ``MAX_KEPT_BYTES``."""
+
+    def __init__(self, calib: CalibrationSet, positions: tuple[int, ...], samples: int):
+        self.calib, self.positions, self.num_samples = calib, positions, samples
+        self.kept: list[dict] | None = None
+
+    def __iter__(self):
+        if self.kept is not None:
+            yield from self.kept
+            return
+        want, last = set(self.positions), self.positions[-1]
+        got: list[dict] | None = []
+        size = 0
+        for i, b in enumerate(self.calib):
+            if i in want:
+                size += sum(v.nbytes for v in b.values())
+                if got is not None and size <= MAX_KEPT_BYTES:
+                    got.append(b)
+                else:
+                    got = None
+                yield b
+            if i >= last:
+                break
+        if got is not None and len(got) == len(self.positions):
+            self.kept = got
+
+
+def subset(calib, n: int) -> Subset:
+    """Up to ``n`` samples of ``calib`` (a :class:`CalibrationSet` or a list of batches) in whole
+    batches, spread over the set (:class:`Subset`). A set whose length is unknown before
+    reading (a folder of array files) gives its first batches."""
+    if isinstance(calib, CalibrationSet):
+        total, bs = calib.num_samples, calib.batch_size
+        if total is None:
+            m = max(bs, n - n % bs)
+            return Subset(calib.take(m), tuple(range(-(-m // bs))), m)
+        k = -(-total // bs)
+        sizes = [bs] * (k - 1) + [total - bs * (k - 1)]
+        positions = spread(sizes, n)
+        samples = sum(sizes[i] for i in positions)
+        if positions == tuple(range(len(positions))):  # the first batches (the whole set, say)
+            return Subset(calib.take(samples), positions, samples)
+        return Subset(_Selected(calib, positions, samples), positions, samples)
+    batches = calib if isinstance(calib, (list, tuple)) else list(calib)
+    sizes = [len(next(iter(b.values()))) if b else 0 for b in batches]
+    positions = spread(sizes, n)
+    return Subset([batches[i] for i in positions], positions, sum(sizes[i] for i in positions))
 
 
 def _take(pending, n_pending, k):

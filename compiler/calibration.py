@@ -435,7 +435,7 @@ class Progress:
 def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[dict], *,
             bins: int = DEFAULT_BINS, progress=False, total: int | None = None,
             on_batch: Callable[[int, dict], None] | None = None, histograms: bool = True,
-            capture: Iterable[str] = (), capture_batches: int = 0,
+            capture: Iterable[str] = (), capture_at: Iterable[int] = (),
             per_channel: dict[str, int] | None = None) -> dict[str, TensorStats]:
     """Run ``model`` on every batch and return :class:`TensorStats` for each of ``tensors``.
 
@@ -443,11 +443,13 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[di
     and Size nodes added to the model: exact, and only scalars come back); the values travel
     back only for histograms (``histograms=False`` keeps min/max/count, all minmax needs) or
     when a batch's min or max is not finite (statistics then cover the finite values).
-    ``on_batch(index, outputs)`` (optional) sees the graph outputs of every batch and, for the
-    first ``capture_batches`` batches, the values of ``capture`` too, before they are dropped.
+    ``on_batch(index, outputs)`` (optional) sees the graph outputs of every batch (of the batches
+    at the indices ``capture_at`` at least, when sharded) and, for those, the values of
+    ``capture`` too, before they are dropped.
     ``per_channel`` (tensor -> rank) adds per-channel min and max (axis 1) for those tensors.
     """
     tensors = list(dict.fromkeys(tensors))
+    capture_at = frozenset(int(i) for i in capture_at)
     per_channel = {t: r for t, r in (per_channel or {}).items() if t in tensors and r >= 2}
     stats_model = with_statistics(model, tensors, raw=histograms, per_channel=per_channel)
     graph_outputs = [o.name for o in model.graph.output]
@@ -459,12 +461,12 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[di
     ex = executor.current()
     if ex.distributed:
         spec = {"model": stats_model.SerializeToString(), "tensors": tensors, "base": base, "extra": extra,
-                "capture_batches": capture_batches, "bins": bins, "histograms": histograms}
+                "capture_at": sorted(capture_at), "bins": bins, "histograms": histograms}
         return _collect_sharded(ex, spec, batches, progress=progress, total=total, on_batch=on_batch)
     sess = reference_session(stats_model)
 
     def one(i: int, batch: dict) -> dict:
-        return _run_one(sess, tensors, base + extra if i < capture_batches else base, batch)
+        return _run_one(sess, tensors, base + extra if i in capture_at else base, batch)
 
     return accumulate(map_batches(one, batches), tensors, bins=bins, progress=progress, total=total,
                       on_batch=on_batch, histograms=histograms)
@@ -528,20 +530,20 @@ def _collect_sharded(ex, spec: dict, batches: Iterable[dict], *, progress, total
 
 def shard_statistics(item: tuple[int, list[dict]], shared) -> tuple[dict[str, TensorStats], list, int]:
     """One calibration shard (a task of :func:`_collect_sharded`): ``item`` is the index of its
-    first batch and its batches; returns its statistics, ``(index, outputs)`` of the batches
-    before ``capture_batches``, and its sample count."""
+    first batch and its batches; returns its statistics, ``(index, outputs)`` of the batches at
+    the indices ``capture_at``, and its sample count."""
     start, batches = item
     spec, token = executor.shared_value(shared), executor.shared_token(shared)
     sess = (executor.cached(token, "calibration", lambda: reference_session(spec["model"])) if token
             else reference_session(spec["model"]))
-    tensors, cap = spec["tensors"], spec["capture_batches"]
+    tensors, cap = spec["tensors"], frozenset(spec["capture_at"])
     stats = {t: TensorStats(bins=spec["bins"], histogram=spec["histograms"]) for t in tensors}
     captured, samples = [], 0
     for j, batch in enumerate(batches):
         i = start + j
-        outs = _run_one(sess, tensors, spec["base"] + spec["extra"] if i < cap else spec["base"], batch)
+        outs = _run_one(sess, tensors, spec["base"] + spec["extra"] if i in cap else spec["base"], batch)
         add_outputs(stats, tensors, outs)
-        if i < cap:
+        if i in cap:
             captured.append((i, outs))
         samples += len(next(iter(batch.values()))) if batch else 0
     return stats, captured, samples

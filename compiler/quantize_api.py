@@ -30,7 +30,7 @@ Stages (``int8`` and ``mixed``)
 ``fp16`` runs the ``convert_fp16`` pass (no calibration data needed).
 
 Error metric everywhere: ``rel_l2 = ||y_q - y_fp32|| / ||y_fp32||`` over (up to 512) calibration
-samples, worst graph output; also SQNR in dB and cosine. Every measurement runs in the
+samples (all of them, or whole batches spread over the set: :class:`Subset`), worst graph output; also SQNR in dB and cosine. Every measurement runs in the
 reference arithmetic of :mod:`edgec.runtime` (exact QDQ), so the output is the same on any host.
 """
 
@@ -50,7 +50,8 @@ from .errors import UserError, VerificationError
 from .ir import IR, plain_dtype
 from .options import QuantOptions
 from .pipeline import PassContext, PassManager
-from .calibdata import CalibrationSet, count_samples
+from . import calibdata
+from .calibdata import Subset, count_samples
 from .quant_plan import (QuantPlan, build_plan, clip_bounds, is_wide, node_id, node_key, scale_groups,
                          weighted_nodes, with_wide)
 from .quant_probe import PREFIX as PROBE_PREFIX
@@ -214,54 +215,32 @@ def concat_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return concat({n: [p[n] for p in parts] for n in (parts[0] if parts else {})})
 
 
-@dataclass
-class _Subset:
-    """The first whole batches of the calibration stream, up to a number of samples: iterated
-    again for measuring runs, and seen first by calibration, which keeps what it needs of them."""
-
-    batches: Iterable[dict]
-    count: int  # batches
-    samples: int
-
-
-def _subset(calib, n: int) -> _Subset:
-    if isinstance(calib, CalibrationSet):
-        total, bs = calib.num_samples, calib.batch_size
-        m = n if total is None or total > n else total
-        if total is None or m < total:  # a prefix of the stream: whole batches, at least one
-            m = max(bs, m - m % bs)
-            m = m if total is None else min(m, total)
-        return _Subset(calib.take(m), -(-m // bs), m)
-    batches = calib if isinstance(calib, (list, tuple)) else list(calib)
-    k, seen = 0, 0
-    for b in batches:
-        size = len(next(iter(b.values()))) if b else 0
-        if k and seen + size > n:
-            break
-        k, seen = k + 1, seen + size
-    return _Subset(list(batches[:k]), k, seen)
-
-
 class _FloatCapture:
     """What the float model computes on the measurement subsets, kept while calibration (or an
     equalised re-calibration) runs anyway: the graph outputs per batch on the error subset, and
     the per-channel means of the layer outputs bias correction compares with, on its subset."""
 
-    def __init__(self, outputs: list[str], layers: dict, error: _Subset, bias: _Subset):
+    def __init__(self, outputs: list[str], layers: dict, error: Subset, bias: Subset):
         self.outputs, self.error, self.bias = outputs, error, bias
-        self.parts: list[dict[str, np.ndarray]] = []
+        self.parts: dict[int, dict[str, np.ndarray]] = {}  # batch index -> graph outputs
         self.means = ChannelMeans(layers)
         self.divisors: dict[str, np.ndarray] = {}  # layer -> per-channel divisor (an equalised model's)
+        self._error, self._bias = set(error.positions), set(bias.positions)
+
+    @property
+    def positions(self) -> set[int]:
+        """The batches whose values calibration must hand over (``capture_at``)."""
+        return self._error | self._bias
 
     def __call__(self, i: int, values: dict) -> None:
-        if i < self.error.count:
-            self.parts.append({n: values[n] for n in self.outputs})
-        if i < self.bias.count:
+        if i in self._error:
+            self.parts[i] = {n: values[n] for n in self.outputs}
+        if i in self._bias:
             self.means.add(values)
 
-    def reference(self, subset: _Subset) -> dict[str, np.ndarray]:
-        """The float outputs on ``subset`` (the error subset or the bias subset, its prefix)."""
-        return concat({n: [p[n] for p in self.parts[:subset.count]] for n in self.outputs})
+    def reference(self, subset: Subset) -> dict[str, np.ndarray]:
+        """The float outputs on ``subset`` (the error subset or one it holds)."""
+        return concat({n: [self.parts[i][n] for i in subset.positions] for n in self.outputs})
 
     def layer_means(self) -> dict[str, np.ndarray]:
         means = self.means.result()
@@ -302,8 +281,8 @@ class _Quantizer:
         self.float_model = float_model
         self.tensors = calibration_tensors(ir)
         self.outputs = [o.name for o in float_model.graph.output]
-        self.error_set = _subset(self.calib, ERROR_SAMPLES)
-        self.bias_set = _subset(self.calib, min(BIAS_SAMPLES, ERROR_SAMPLES))
+        self.error_set = calibdata.subset(self.calib, ERROR_SAMPLES)
+        self.bias_set = calibdata.subset(self.calib, min(BIAS_SAMPLES, ERROR_SAMPLES))
         self.layers = {node_id(n): n for n in weighted_nodes(ir, table_for(scheme))
                        if n.op in ("Conv", "ConvTranspose", "Gemm")}
         capture = _FloatCapture(self.outputs, self.layers, self.error_set, self.bias_set)
@@ -319,8 +298,7 @@ class _Quantizer:
                                   total=getattr(self.calib, "num_samples", None), on_batch=capture,
                                   histograms=calib_mod.needs_histograms(self.method),
                                   capture=list(capture.means.tensors.values()),
-                                  capture_batches=max(self.error_set.count, self.bias_set.count),
-                                  per_channel=per_channel)
+                                  capture_at=capture.positions, per_channel=per_channel)
         self.stats = stats
         calib_seconds = time.perf_counter() - tc
         self.reference = capture.reference(self.error_set)
@@ -450,7 +428,7 @@ class _Quantizer:
             cle_stats = calib_mod.collect(_with_weights(self.float_model, updates), self.tensors, self.calib,
                                           on_batch=cle_capture, histograms=calib_mod.needs_histograms(self.method),
                                           capture=list(cle_capture.means.tensors.values()),
-                                          capture_batches=max(self.error_set.count, self.bias_set.count))
+                                          capture_at=cle_capture.positions)
         cle_ranges = self._ranges(cle_stats)
         errors, parts = [], []
         for r, w in ((ranges, None), (cle_ranges, updates)):
@@ -507,13 +485,13 @@ class _Quantizer:
         int8), then units go float in that order, each step measured, at most ``MAX_FALLBACK``
         of the quantized ops (beyond the first unit) and ``MAX_STEPS`` steps. With more than
         ``MAX_CANDIDATES`` candidates, the ones whose own quantization is noisiest (the trace)
-        are measured. Measurements run on the first ``FALLBACK_SAMPLES`` calibration samples.
+        are measured. Measurements run on ``FALLBACK_SAMPLES`` calibration samples (:class:`Subset`).
         Still above the budget, where the scheme has 16-bit activations, the last step gives the
         noisiest tensors 16 bits (:meth:`_widen`)."""
         ir = self.ir
         probe = self._switchable_probe()
-        subset = _subset(self.calib, min(FALLBACK_SAMPLES, self.bias_set.samples))  # a prefix of the bias subset
-        batches, ref = subset.batches, capture.reference(subset)
+        on = calibdata.subset(self.calib, min(FALLBACK_SAMPLES, self.bias_set.samples))  # part of the bias subset
+        batches, ref = on.batches, capture.reference(on)
         keep = list(self.keep_float)
 
         def error(extra: list[str]) -> float:
@@ -590,7 +568,7 @@ class _Quantizer:
         """The fallback's last step, where the scheme has 16-bit activations: with the ops in
         ``keep`` float, which activation tensors get 16 bits. Scale groups (a tensor with every
         tensor sharing its scale) are ranked: the ``MAX_WIDE_CANDIDATES`` noisiest (``noise``: the
-        trace's own-rounding error) are each measured on 16 bits alone (on the first
+        trace's own-rounding error) are each measured on 16 bits alone (on
         ``WIDE_RANK_SAMPLES`` calibration samples: a model whose fallback runs long is a big
         one), and those that lower the
         error go first, most first, then the rest, noisiest first. Prefixes of 1, 2, 4, ... groups
@@ -608,7 +586,7 @@ class _Quantizer:
             p = with_wide(base, tensors)
             return guarded_error(error_metrics(on[1], probe.outputs(p, on[0], weights=weights)))
 
-        rank = _subset(self.calib, min(WIDE_RANK_SAMPLES, self.bias_set.samples))
+        rank = calibdata.subset(self.calib, min(WIDE_RANK_SAMPLES, self.bias_set.samples))
         rank_on = (rank.batches, capture.reference(rank))
         rank_before = measure([], rank_on)
         gain = {}
@@ -713,7 +691,7 @@ class _Quantizer:
         sess = reference_session(augment(self.float_model, tensors))
         fetch = tensors + [PROBE_PREFIX + "dq." + t for t in tensors]
         acc = {t: np.zeros(3) for t in tensors}  # [sum float^2, sum (dq - float)^2, sum (dq - raw)^2]
-        batches = batches if batches is not None else _subset(self.calib, FALLBACK_SAMPLES).batches
+        batches = batches if batches is not None else calibdata.subset(self.calib, FALLBACK_SAMPLES).batches
         # a tensor whose Relu/Clip(0, c) is folded into its range: its dequantized copy is that
         # activation's output, so the float and raw values it is compared with get it too (else
         # the negatives the activation drops count as rounding noise: an SE squeeze conv read as 7 dB)
@@ -811,7 +789,7 @@ class _Quantizer:
         """``plan`` with its bias correction (when the scheme has it), and its outputs on the bias
         subset (None when not measured)."""
         if not self.bias_correction:
-            return plan, (concat_parts(known[:self.bias_set.count]) if known is not None else None)
+            return plan, (concat_parts(self.bias_set.pick(known, self.error_set)) if known is not None else None)
         plan, outs = self._bias_correction(plan, weights, capture, known)
         rep["bias_correction"] = {"layers": sorted(plan.weights[k].layer for k in plan.bias_shift)}
         return plan, outs
@@ -831,8 +809,8 @@ class _Quantizer:
 
         For each quantized Conv/ConvTranspose/Gemm, the per-channel mean of its output in the
         float model (kept while calibrating) minus that under the plan is added to its bias.
-        One adaptive pass on the probe (:meth:`edgec.quant_probe.Probe.adapt`, on the first
-        ``BIAS_SAMPLES`` calibration samples) corrects every layer batch by batch in graph order,
+        One adaptive pass on the probe (:meth:`edgec.quant_probe.Probe.adapt`, on
+        ``BIAS_SAMPLES`` calibration samples, :class:`Subset`) corrects every layer batch by batch in graph order,
         so each layer's shift is measured with the layers before it corrected (sequential
         correction, layer by layer), and averages the shifts; a second pass measures the
         corrected plan, which is kept only if the output error on those samples drops.
@@ -844,7 +822,7 @@ class _Quantizer:
         probe, batches = self.probe, self.bias_set.batches
         ref, fp_means = capture.reference(self.bias_set), capture.layer_means()
         shifts = probe.adapt(plan, batches, {k: fp_means[k] for k in cands if k in fp_means}, weights=weights)
-        base_outs = (concat_parts(known[:self.bias_set.count]) if known is not None
+        base_outs = (concat_parts(self.bias_set.pick(known, self.error_set)) if known is not None
                      else probe.outputs(plan, batches, weights=weights))
         if not shifts:
             return plan, base_outs

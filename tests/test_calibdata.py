@@ -186,3 +186,35 @@ def test_cli_flag_parsers():
     assert calibdata.parse_floats("0.485,0.456,0.406") == (0.485, 0.456, 0.406)
     with pytest.raises(UserError):
         calibdata.parse_size("big")
+
+
+def test_measuring_subsets_are_spread_over_a_sorted_set_and_nest(tmp_path):
+    """A folder read in order is often grouped by class: a measuring subset of it is whole
+    batches drawn at seeded positions over the whole set, not its first batches; smaller
+    subsets are part of larger ones (the float outputs captured once serve all), and a set
+    that fits is measured whole, in order."""
+    x = np.repeat(np.arange(40, dtype=np.float32), 8)[:, None, None, None] * np.ones((1, 3, 4, 4), np.float32)
+    np.savez(tmp_path / "sorted.npz", x=x)  # 320 samples, "class" k at rows 8k..8k+7
+    cs = calibdata.load_calibration(tmp_path / "sorted.npz", _model(), batch_size=8)
+    whole = list(cs)
+    big, small = calibdata.subset(cs, 128), calibdata.subset(cs, 32)
+    assert (big.count, big.samples, small.count, small.samples) == (16, 128, 4, 32)
+    assert set(small.positions) <= set(big.positions)
+    assert big.positions != tuple(range(16)) and max(big.positions) >= 32  # not the first 128 samples
+    classes = {int(b["x"][0, 0, 0, 0]) for b in big.batches}
+    assert classes == set(big.positions)  # the batches are the ones at those positions, in order
+    for i, b in zip(big.positions, big.batches):  # read again (kept in memory): the same arrays
+        np.testing.assert_array_equal(b["x"], whole[i]["x"])
+    assert small.pick(list(big.positions), big) == list(small.positions)
+    assert calibdata.subset(cs, 128).positions == big.positions  # seeded: the same on every run
+    everything = calibdata.subset(cs, 512)
+    assert everything.positions == tuple(range(40)) and everything.samples == 320
+    # a list of batches (the Python API's calibration data): the same draw
+    listed = calibdata.subset(whole, 128)
+    assert listed.positions == big.positions and all(b is whole[i] for i, b in zip(listed.positions, listed.batches))
+    # a set whose length is unknown before reading (a folder of .npy files): its first batches
+    for k in range(4):
+        np.save(tmp_path / f"s{k}.npy", x[k * 80:(k + 1) * 80])
+    folder = calibdata.load_calibration(tmp_path, _model(), batch_size=8)
+    first = calibdata.subset(folder, 32)
+    assert first.positions == (0, 1, 2, 3) and [int(b["x"][0, 0, 0, 0]) for b in first.batches] == [0, 1, 2, 3]

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgec
-from edgec import calibdata, quantize_api, report, runtime, verify
+from edgec import calibdata, executor, quantize_api, report, runtime, verify
 from edgec.builders import ALL_MODELS, GraphBuilder
 from edgec.errors import UserError
 from edgec.passes.quantize import QuantizeQDQ
@@ -498,6 +498,56 @@ def test_bias_correction_is_kept_only_when_it_lowers_the_error(digits):
         assert runtime.output_error(model, q1, test)["rel_l2"] < runtime.output_error(model, q0, test)["rel_l2"]
         changed = [i.name for i in q1.graph.initializer if i.name.endswith("_bias_quantized")]
         assert changed
+
+
+class _ShardedHere(executor.LocalExecutor):
+    """The sharded calibration path (a distributed executor's), run in this process."""
+
+    distributed = True
+
+    @property
+    def workers(self) -> int:
+        return 2
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_class_sorted_set_is_measured_on_batches_spread_over_it(digits, monkeypatch, sharded):
+    """Calibration data sorted by class (a folder read in order): the error, bias and fallback
+    subsets are whole batches spread over the set (``calibdata.subset``), and the float outputs
+    calibration captured for them are those batches' (sharded too): the reported error is the
+    quantized model's error on exactly those batches, which here differs from the first ones'."""
+    model, d = digits
+    order = np.argsort(_labels(model, d["calib_x"]), kind="stable")
+    calib = calibdata.load_calibration({"input": d["calib_x"][order]}, model, batch_size=8)
+    monkeypatch.setattr(quantize_api, "ERROR_SAMPLES", 96)
+    monkeypatch.setattr(quantize_api, "BIAS_SAMPLES", 48)
+    with executor.using(_ShardedHere() if sharded else executor.LocalExecutor()):
+        q, rep = _compile_int8(model, calib, mode="int8", bias_correction=True)
+    measured = calibdata.subset(calib, 96)
+    assert rep["error"]["samples"] == measured.samples == 96 and measured.positions != tuple(range(12))
+    on_spread = runtime.output_error(model, q, measured.batches)["rel_l2"]
+    on_first = runtime.output_error(model, q, list(calib.take(96)))["rel_l2"]
+    assert rep["error"]["rel_l2"] == pytest.approx(on_spread, rel=1e-4)
+    assert abs(on_first - on_spread) > 1e-3 * on_spread  # (so the check above can tell them apart)
+
+
+def test_float_capture_keeps_each_subsets_batches_by_position():
+    """The float outputs calibration hands over are kept by batch index: every measuring subset
+    (the bias and fallback ones sit inside the error one, not at its start) gets its own batches'."""
+    batches = [{"y": np.full((4, 2), float(i), np.float32)} for i in range(40)]
+    error, bias, fallback = (calibdata.subset(batches, n) for n in (64, 32, 8))
+    capture = quantize_api._FloatCapture(["y"], {}, error, bias)
+    assert capture.positions == set(error.positions)
+    for i, b in enumerate(batches):  # as calibration calls it, every batch in stream order
+        capture(i, b)
+    for sub in (error, bias, fallback):
+        got = capture.reference(sub)["y"][::4, 0]
+        assert list(got) == [float(i) for i in sub.positions] and sub.positions != tuple(range(sub.count))
+
+
+def _labels(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.argmax(sess.run(None, {"input": x})[0], axis=1)
 
 
 # ------------------------------------------------------------------ cross-layer equalisation
