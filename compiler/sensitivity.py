@@ -6,8 +6,14 @@ The probe is the model with a multiplier input after each tensor
 after each producer: what the group's consumers read). All multipliers at one give the model's own
 outputs; zeros at a group's units make those channels read as zero downstream, which is what
 removing them does to the consumers (without the least-squares re-fit, so a measured error is an
-upper bound of the reconstructed one). One reference session (:mod:`edgec.runtime`) then runs
-every trial: no export, no session per group.
+upper bound of the reconstructed one). With ``refit`` (reconstruction follows), a tensor whose
+channels, held at a constant, reach only layers the re-fit gives a bias (a Conv of one group, a
+Gemm) through ops that keep them constant (activations, BN, pools, a depthwise conv: see
+:func:`_bias_absorbs`) has its removed channels read as their mean over the batches instead: the
+re-fitted bias absorbs the mean, so that is the closer bound (zeros overstate the cost of
+removing a channel with a large mean, as a ReLU's output has). A MatMul has no bias to fit, and
+an SE gate or a LayerNorm mixes the constant with other values, so those tensors stay at zeros. One reference session (:mod:`edgec.runtime`) then runs every trial: no
+export, no session per group.
 
 :func:`measure` returns, per group and trial, the squared relative output error
 ``sum ||y - y0||^2 / sum ||y0||^2`` (summed over the graph outputs and the batches, ``y0`` the
@@ -71,8 +77,11 @@ def _probe(ir: IR, groups: list[ChannelGroup]) -> tuple[onnx.ModelProto, dict[st
     for name, (inp, shape, _, _) in masks.items():
         elem = dtypes.get(name, TensorProto.FLOAT)
         model.graph.input.append(helper.make_tensor_value_info(inp, elem, shape))
-        model.graph.node.append(helper.make_node("Mul", [name, inp], [renamed[name]],
+        model.graph.input.append(helper.make_tensor_value_info(inp + "_fill", elem, shape))
+        model.graph.node.append(helper.make_node("Mul", [name, inp], [renamed[name] + "_kept"],
                                                  name=f"{name}__edgec_mask_mul"))
+        model.graph.node.append(helper.make_node("Add", [renamed[name] + "_kept", inp + "_fill"], [renamed[name]],
+                                                 name=f"{name}__edgec_mask_fill"))
     # the Mul nodes were appended at the end: put the graph back in topological order
     _toposort(model.graph)
     return model, masks
@@ -105,21 +114,73 @@ def _toposort(graph: onnx.GraphProto) -> None:
     graph.node.extend(new)
 
 
+# ops a channel read as a constant stays a constant through (per channel, one data input; a
+# depthwise conv's zero padding changes it at the borders only)
+_PER_CHANNEL = {"Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Elu",
+                "Selu", "Softplus", "Gelu", "Identity", "Dropout", "BatchNormalization", "MaxPool", "AveragePool",
+                "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample", "Concat",
+                "Flatten", "Squeeze", "Unsqueeze", "Reshape"}  # (a Gemm's bias absorbs any constant features)
+_ARITH = {"Add", "Sub", "Mul", "Div"}
+
+
+def _bias_absorbs(ir: IR, name: str) -> bool:
+    """Whether a channel of tensor ``name`` held at a constant reaches only layers that
+    reconstruction re-fits with a bias (a Conv of one group, a Gemm, reading it as their data
+    input), through ops that keep it a constant: activations, BN, pools, Resize, Concat, reshapes,
+    a depthwise conv, arithmetic whose other operands are constants or constant too (a hard-swish
+    written as ``x * HardSigmoid(x)``). Then the re-fitted bias absorbs it. A MatMul (no bias to
+    fit), a LayerNorm, a product with another activation (an SE gate) or a graph output on the
+    way: not absorbed."""
+    held = {name}  # tensors whose channel is a constant when the tensor's is
+    for n in ir.nodes:  # graph order: every input is settled before its reader
+        ins = [x.name in held for x in n.inputs]
+        if not any(ins):
+            continue
+        w = ir.const_value(n.inputs[1]) if n.op in ("Conv", "Gemm") and len(n.inputs) > 1 else None
+        if w is not None and ins[0] and not any(ins[1:]):
+            group = int(n.attrs.get("group", 1))
+            if (n.op == "Gemm" and not n.attrs.get("transA", 0)) or (n.op == "Conv" and group == 1):
+                continue  # re-fitted, with a bias
+            if n.op == "Conv" and w.ndim == 4 and w.shape[1] == 1 and group == w.shape[0]:  # depthwise
+                held.update(o.name for o in n.outputs)
+                continue
+            return False
+        if n.op in _PER_CHANNEL and (n.op == "Concat" or (ins[0] and not any(ins[1:]))):
+            held.update(o.name for o in n.outputs)
+            continue
+        if n.op in _ARITH and all(h or ir.is_const(x) for h, x in zip(ins, n.inputs)):
+            held.update(o.name for o in n.outputs)
+            continue
+        return False
+    return not any(o.name in held for o in ir.graph.outputs)
+
+
 def measure(ir: IR, groups: list[ChannelGroup], trials: dict[str, list[list[int]]], feeds: list[dict], *,
-            max_batches: int = MAX_BATCHES, log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
-    """Squared relative output error of each trial (``trials[group id]``: lists of units to zero,
-    indices into ``group.units``), per group id, in the order given. A group with no measurable
-    tensor gets no entry."""
+            max_batches: int = MAX_BATCHES, log: Callable[[str], None] | None = None,
+            refit: bool = False) -> dict[str, list[float]]:
+    """Squared relative output error of each trial (``trials[group id]``: lists of units to
+    remove, indices into ``group.units``), per group id, in the order given. Removed units read
+    as zeros, or with ``refit`` as their mean where a re-fitted bias absorbs it (the module doc).
+    A group with no measurable tensor gets no entry."""
     by_id = {g.id: g for g in groups}
     chosen = [by_id[gid] for gid in trials if gid in by_id]
     model, masks = _probe(ir, chosen)
     if not masks:
         return {}
     batches = [feeds[i] for i in seeded_positions(len(feeds), max_batches)]
-    sess = runtime.reference_session(model)
-    names = [o.name for o in sess.get_outputs()]
+    names = [o.name for o in model.graph.output]
+    filled = [t for t in masks if refit and _bias_absorbs(ir, t)]
+    sess = runtime.reference_session(runtime.augment(model, filled))
     ones = {inp: np.ones(shape, dtype=np.float32) for inp, shape, _, _ in masks.values()}
-    y0 = [values for _, values in runtime.run_batches(sess, names, batches, fixed=ones)]
+    zeros = {inp + "_fill": np.zeros(shape, dtype=np.float32) for inp, shape, _, _ in masks.values()}
+    y0, sums, count = [], {t: 0.0 for t in filled}, {t: 0 for t in filled}
+    for _, values in runtime.run_batches(sess, names + filled, batches, fixed={**ones, **zeros}):
+        y0.append({n: values[n] for n in names})
+        for t in filled:
+            v, axis = np.asarray(values[t], dtype=np.float64), masks[t][2]
+            sums[t] = sums[t] + np.sum(v, axis=tuple(a for a in range(v.ndim) if a != axis))
+            count[t] += v.size // max(v.shape[axis], 1)
+    means = {t: (sums[t] / max(count[t], 1)).reshape(masks[t][1]).astype(np.float32) for t in filled}
     norm = sum(float(np.sum(np.square(np.asarray(v[n], dtype=np.float64)))) for v in y0 for n in names)
     norm = max(norm, 1e-30)
     out: dict[str, list[float]] = {}
@@ -131,7 +192,7 @@ def measure(ir: IR, groups: list[ChannelGroup], trials: dict[str, list[list[int]
             continue
         errs = []
         for units in trials[g.id]:
-            fixed = dict(ones)
+            fixed = {**ones, **zeros}
             dead = set(int(u) for u in units)
             for gt in parts:
                 inp, shape, axis, n = masks[gt.name]
@@ -140,6 +201,8 @@ def measure(ir: IR, groups: list[ChannelGroup], trials: dict[str, list[list[int]
                     if u in dead:
                         m[pos * gt.block:(pos + 1) * gt.block] = 0.0
                 fixed[inp] = (fixed[inp] * m.reshape(shape)).astype(np.float32)
+                if gt.name in means:
+                    fixed[inp + "_fill"] = ((1.0 - fixed[inp]) * means[gt.name]).astype(np.float32)
             sse = 0.0
             for k, (_, values) in enumerate(runtime.run_batches(sess, names, batches, fixed=fixed)):
                 for n_ in names:

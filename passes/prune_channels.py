@@ -502,7 +502,7 @@ class PruneChannels(Pass):
                         trials[g.id] = ts
                 self._log(f"prune_channels: measuring the sensitivity of {len(trials)} groups "
                           f"({sum(map(len, trials.values()))} trials)")
-                errs = sens.measure(ir, groups, trials, feeds, log=self._log)
+                errs = sens.measure(ir, groups, trials, feeds, log=self._log, refit=self.reconstruct)
                 curves = {gid: [(len(t), e) for t, e in zip(trials[gid], errs[gid])] for gid in errs}
             self._curves[key] = curves
         limits, first, step = {}, {}, {}

@@ -631,12 +631,124 @@ def test_sensitivity_measures_a_seeded_spread_of_batches():
     assert got != sens.measure(ir, groups, trials, feeds[:8], max_batches=8)
 
 
+def _offset_pair():
+    """conv1 (4 -> 8) -> Relu -> conv2 (8 -> 4, 1x1): conv1's channels 0-3 carry a large
+    constant (bias +4) over a small signal, channels 4-7 a zero-mean one."""
+    rng = np.random.default_rng(5)
+    w1 = (rng.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32)
+    w1[:4] *= 0.1
+    b1 = np.array([4, 4, 4, 4, 0, 0, 0, 0], np.float32)
+    w2 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
+    b2 = np.zeros(4, np.float32)
+    inits = [onnx.numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
+    nodes = [onnx.helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Relu", ["c1"], ["r1"]),
+             onnx.helper.make_node("Conv", ["r1", "w2", "b2"], ["y"])]
+    g = onnx.helper.make_graph(nodes, "offsets", [onnx.helper.make_tensor_value_info("x", 1, [2, 4, 8, 8])],
+                               [onnx.helper.make_tensor_value_info("y", 1, [2, 4, 8, 8])], inits)
+    return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)]), w2, b2
+
+
+def test_sensitivity_before_a_refit_reads_removed_channels_as_their_mean():
+    """With reconstruction to follow, a removed channel read by a re-fitted layer (which gets a
+    bias) reads as its mean, not zero: the measured error is exactly the model's with that channel
+    zeroed and its mean moved into conv2's bias (in ONNX Runtime), it bounds the least-squares
+    re-fit of conv2 from above, and a channel whose large mean is all it carries no longer looks
+    costly. Without a re-fit it stays zeros: what removing the channel does then."""
+    from edgec import sensitivity as sens
+    model, w2, b2 = _offset_pair()
+    feeds = [verify.random_inputs(model, seed=s) for s in range(4)]
+    ir = edgec.from_model(model)
+    (group,) = [g for g in find_groups(ir) if g.prunable]
+    (gt,) = importance.measured_tensors(ir, group)
+    unit = {int(pos): int(u) for pos, u in zip(gt.positions, gt.units)}  # channel -> unit
+    trials = {group.id: [[unit[0]], [unit[4]]]}
+    zero = sens.measure(ir, [group], trials, feeds)[group.id]
+    mean = sens.measure(ir, [group], trials, feeds, refit=True)[group.id]
+    r1 = np.concatenate([verify.run(runtime.augment(model, ["r1"]), f)["r1"] for f in feeds]).astype(np.float64)
+    y0 = np.concatenate([verify.run(model, f)["y"] for f in feeds]).astype(np.float64)
+    for k, c in enumerate((0, 4)):
+        mu = r1[:, c].mean()
+        moved = onnx.ModelProto()
+        moved.CopyFrom(model)
+        w, b = w2.copy(), (b2 + w2[:, c, 0, 0] * mu).astype(np.float32)
+        w[:, c] = 0.0
+        for init in moved.graph.initializer:
+            if init.name in ("w2", "b2"):
+                init.CopyFrom(onnx.numpy_helper.from_array(w if init.name == "w2" else b, init.name))
+        y1 = np.concatenate([verify.run(moved, f)["y"] for f in feeds]).astype(np.float64)
+        assert mean[k] == pytest.approx(np.sum((y1 - y0) ** 2) / np.sum(y0 ** 2), rel=1e-4)
+        # the least-squares re-fit of conv2 on the other channels (with a bias) does at least as well
+        X = np.concatenate([np.delete(r1, c, axis=1).transpose(0, 2, 3, 1).reshape(-1, 7),
+                            np.ones((r1.shape[0] * 64, 1))], axis=1)
+        Y = y0.transpose(0, 2, 3, 1).reshape(-1, 4)
+        fit = X @ np.linalg.lstsq(X, Y, rcond=None)[0]
+        assert np.sum((fit - Y) ** 2) / np.sum(Y ** 2) <= mean[k] * (1 + 1e-6)
+    assert zero[0] > 20 * mean[0]  # channel 0's cost was its mean
+    assert zero[1] == pytest.approx(mean[1], rel=0.5)  # a zero-mean-ish channel: about the same
+    assert zero[0] > zero[1] and mean[0] < mean[1]  # so the order of the two turns round
+
+
+@pytest.mark.parametrize("tail, absorbs", [
+    ("conv", True),  # read by a re-fitted conv
+    ("dw_conv", True),  # through a depthwise conv and its activation: still one constant per channel
+    ("pool_gemm", True),  # through a global pool to a Gemm
+    ("hardswish", True),  # x * HardSigmoid(x): both factors constant
+    ("se_conv", False),  # multiplied by an SE gate first: no longer a constant
+    ("matmul", False),  # a MatMul has no bias to fit
+    ("output", False),  # a graph output reads it
+])
+def test_which_tensors_a_refit_bias_absorbs(tail, absorbs):
+    from edgec.sensitivity import _bias_absorbs
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape):
+        return onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    inits = [init("w1", 8, 4, 3, 3)]
+    nodes = [h.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), h.make_node("Relu", ["c1"], ["r"])]
+    out = "r"
+    if tail == "conv":
+        inits.append(init("w2", 4, 8, 1, 1))
+        nodes.append(h.make_node("Conv", ["r", "w2"], ["y"]))
+    elif tail == "dw_conv":
+        inits += [init("wd", 8, 1, 3, 3), init("w2", 4, 8, 1, 1)]
+        nodes += [h.make_node("Conv", ["r", "wd"], ["d"], group=8, pads=[1, 1, 1, 1]),
+                  h.make_node("Relu", ["d"], ["dr"]), h.make_node("Conv", ["dr", "w2"], ["y"])]
+    elif tail == "pool_gemm":
+        inits.append(init("wf", 8, 4))
+        nodes += [h.make_node("GlobalAveragePool", ["r"], ["p"]), h.make_node("Flatten", ["p"], ["f"]),
+                  h.make_node("Gemm", ["f", "wf"], ["y"])]
+    elif tail == "hardswish":
+        inits.append(init("w2", 4, 8, 1, 1))
+        nodes += [h.make_node("HardSigmoid", ["r"], ["hs"]), h.make_node("Mul", ["r", "hs"], ["m"]),
+                  h.make_node("Conv", ["m", "w2"], ["y"])]
+    elif tail == "se_conv":
+        inits += [init("ws", 8, 8, 1, 1), init("w2", 4, 8, 1, 1)]
+        nodes += [h.make_node("GlobalAveragePool", ["r"], ["p"]), h.make_node("Conv", ["p", "ws"], ["s"]),
+                  h.make_node("Sigmoid", ["s"], ["gate"]), h.make_node("Mul", ["r", "gate"], ["m"]),
+                  h.make_node("Conv", ["m", "w2"], ["y"])]
+    elif tail == "matmul":
+        inits.append(init("wm", 8, 4))
+        nodes += [h.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 3, 1]), h.make_node("MatMul", ["t", "wm"], ["y"])]
+    else:
+        out = "r"
+    if tail != "output":
+        out = "y"
+    g = h.make_graph(nodes, "tail", [h.make_tensor_value_info("x", 1, [1, 4, 8, 8])],
+                     [h.make_empty_tensor_value_info(out)], inits)
+    ir = edgec.from_model(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
+    assert _bias_absorbs(ir, "r") is absorbs
+
+
 @pytest.mark.parametrize("name", ["resnet_bottleneck", "mobilenet_v2", "inception"])
 def test_sensitivity_keeps_the_macs_and_lowers_the_error(name):
     """As many MACs go as with uniform pruning at the same ratio (within 10% of what uniform
     removes); the output error without re-fit, in ONNX Runtime on held-out inputs, is lower.
-    With the re-fit the picture is mixed (printed, not asserted: the sensitivity is measured
-    before any re-fit)."""
+    With the re-fit it is no higher than uniform's (within 5%): the sensitivity then reads removed
+    channels as their means, which the re-fitted biases absorb (read as zeros, MobileNetV2's went
+    from uniform's 0.124 to 0.161)."""
     model = ALL_MODELS[name](batch=1)
     calib = [verify.random_inputs(model, seed=s) for s in range(32)]
     held = [verify.random_inputs(model, seed=100 + s) for s in range(8)]
@@ -651,6 +763,7 @@ def test_sensitivity_keeps_the_macs_and_lowers_the_error(name):
     print(f"\n{name} at 30%: rel L2 uniform/sensitivity without re-fit {errs[False][0]:.4f}/{errs[False][1]:.4f}, "
           f"with {errs[True][0]:.4f}/{errs[True][1]:.4f}")
     assert errs[False][1] < errs[False][0]
+    assert errs[True][1] <= 1.05 * errs[True][0]
 
 
 def test_sensitivity_meets_a_macs_target():
@@ -718,8 +831,9 @@ def test_auto_pruning_keeps_the_candidate_that_measures_better(case):
     error on held-out calibration samples is lowest, and the result is the same model as naming
     that candidate. On the trained digits example L1/uniform measures better (and keeps the
     accuracy: 0.9778 at 30% against wanda/sensitivity's 0.9611); on the ResNet bottleneck
-    builder (N(0,1) inputs) wanda/sensitivity does. Each choice is checked against the real
-    error of both candidates on other inputs."""
+    builder (N(0,1) inputs) obs/sensitivity does (wanda/sensitivity did while the sensitivity
+    read removed channels as zeros). Each choice is checked against the real error of every
+    candidate on other inputs."""
     if case == "digits":
         model = onnx.load(DIGITS / "model.onnx")
         data = digits_data()
@@ -743,7 +857,7 @@ def test_auto_pruning_keeps_the_candidate_that_measures_better(case):
     assert auto.model.SerializeToString() == named[best].SerializeToString()
     real = {pair: _held_out_error(model, m, held) for pair, m in named.items()}
     print(f"\n{case} 30%: held-out calibration error {errs}, other inputs {real}, chosen {best}")
-    assert best == (("l1", "uniform") if case == "digits" else ("wanda", "sensitivity"))
+    assert best == (("l1", "uniform") if case == "digits" else ("obs", "sensitivity"))
     assert real[best] == min(real.values())  # the calibration split picked what other inputs confirm
     assert f"auto chose {best[0]}/{best[1]}: held-out output error" in compile_text(auto.report)
 
