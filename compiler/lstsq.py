@@ -29,6 +29,28 @@ from onnx import helper, numpy_helper
 from . import runtime
 
 
+def bias_add(ir, node: gs.Node) -> tuple[gs.Node, int] | None:
+    """The Add that gives a MatMul with constant 2-D weights its bias, as exporters write
+    ``Linear``: the MatMul's output's only reader, adding a constant with one value per output
+    feature (shape ``[N]`` or ``[1, ..., N]``). (Add node, the constant's input slot) or None."""
+    if node.op != "MatMul" or len(node.inputs) != 2 or not node.outputs:
+        return None
+    out = node.outputs[0]
+    if any(o.name == out.name for o in ir.graph.outputs) or len(out.outputs) != 1:
+        return None
+    add = out.outputs[0]
+    if add.op != "Add" or len(add.inputs) != 2 or not add.name:
+        return None
+    slot = 1 if add.inputs[0].name == out.name else 0
+    if add.inputs[1 - slot].name != out.name:
+        return None
+    w, c = ir.const_value(node.inputs[1]), ir.const_value(add.inputs[slot])
+    if w is None or c is None or w.ndim != 2 or c.dtype.kind != "f" or c.size != w.shape[1] or \
+            (c.ndim and c.shape[-1] != w.shape[1]):
+        return None
+    return add, slot
+
+
 def run_tensors(model: onnx.ModelProto, names: list[str], feeds: list[dict]) -> list[list[np.ndarray]]:
     """Values of the tensors ``names`` for each feed batch, in reference arithmetic
     (:func:`edgec.runtime.capture`)."""

@@ -11,8 +11,9 @@ channels, held at a constant, reach only layers the re-fit gives a bias (a Conv 
 Gemm) through ops that keep them constant (activations, BN, pools, a depthwise conv: see
 :func:`_bias_absorbs`) has its removed channels read as their mean over the batches instead: the
 re-fitted bias absorbs the mean, so that is the closer bound (zeros overstate the cost of
-removing a channel with a large mean, as a ReLU's output has). A MatMul has no bias to fit, and
-an SE gate or a LayerNorm mixes the constant with other values, so those tensors stay at zeros. One reference session (:mod:`edgec.runtime`) then runs every trial: no
+removing a channel with a large mean, as a ReLU's output has). A MatMul without a bias Add has
+no bias to fit, and an SE gate or a LayerNorm mixes the constant with other values, so those
+tensors stay at zeros. One reference session (:mod:`edgec.runtime`) then runs every trial: no
 export, no session per group.
 
 :func:`measure` returns, per group and trial, the squared relative output error
@@ -42,6 +43,7 @@ from edgec import runtime
 from edgec.analysis.channels import ChannelGroup
 from edgec.calibdata import seeded_positions
 from edgec.importance import measured_tensors
+from edgec.lstsq import bias_add
 from edgec.ir import IR
 
 MAX_BATCHES = 8  # calibration batches a trial runs on
@@ -119,23 +121,26 @@ def _toposort(graph: onnx.GraphProto) -> None:
 _PER_CHANNEL = {"Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Elu",
                 "Selu", "Softplus", "Gelu", "Identity", "Dropout", "BatchNormalization", "MaxPool", "AveragePool",
                 "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample", "Concat",
-                "Flatten", "Squeeze", "Unsqueeze", "Reshape"}  # (a Gemm's bias absorbs any constant features)
+                "Flatten", "Squeeze", "Unsqueeze", "Reshape", "Transpose"}  # (a bias absorbs constant features)
 _ARITH = {"Add", "Sub", "Mul", "Div"}
 
 
 def _bias_absorbs(ir: IR, name: str) -> bool:
     """Whether a channel of tensor ``name`` held at a constant reaches only layers that
-    reconstruction re-fits with a bias (a Conv of one group, a Gemm, reading it as their data
-    input), through ops that keep it a constant: activations, BN, pools, Resize, Concat, reshapes,
+    reconstruction re-fits with a bias (a Conv of one group, a Gemm, a MatMul whose bias an Add
+    gives: :func:`edgec.lstsq.bias_add`; reading it as their data input), through ops that keep
+    it a constant: activations, BN, pools, Resize, Concat, reshapes,
     a depthwise conv, arithmetic whose other operands are constants or constant too (a hard-swish
-    written as ``x * HardSigmoid(x)``). Then the re-fitted bias absorbs it. A MatMul (no bias to
-    fit), a LayerNorm, a product with another activation (an SE gate) or a graph output on the
+    written as ``x * HardSigmoid(x)``). Then the re-fitted bias absorbs it. A MatMul with no bias
+    to fit, a LayerNorm, a product with another activation (an SE gate) or a graph output on the
     way: not absorbed."""
     held = {name}  # tensors whose channel is a constant when the tensor's is
     for n in ir.nodes:  # graph order: every input is settled before its reader
         ins = [x.name in held for x in n.inputs]
         if not any(ins):
             continue
+        if n.op == "MatMul" and ins == [True, False] and bias_add(ir, n) is not None:
+            continue  # re-fitted with the bias its Add gives
         w = ir.const_value(n.inputs[1]) if n.op in ("Conv", "Gemm") and len(n.inputs) > 1 else None
         if w is not None and ins[0] and not any(ins[1:]):
             group = int(n.attrs.get("group", 1))

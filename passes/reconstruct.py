@@ -78,7 +78,7 @@ from onnx import helper, numpy_helper
 
 from edgec import runtime
 from edgec.ir import IR
-from edgec.lstsq import LinearMap, NormalEquations, StagedRun
+from edgec.lstsq import LinearMap, NormalEquations, StagedRun, bias_add
 from edgec.pipeline import Pass, PassContext, PassResult, register
 
 RIDGE_STEPS = (1, 10, 100, 1000)
@@ -131,6 +131,14 @@ def _set(ir: IR, node: gs.Node, slot: int, value: np.ndarray) -> None:
 
 
 def _map(ir: IR, node: gs.Node) -> LinearMap | None:
+    """The layer's map; a MatMul whose bias an Add gives (:func:`edgec.lstsq.bias_add`) gets that
+    bias, fitted too (its targets are then the Add's output)."""
+    found = bias_add(ir, node)
+    if found is not None:
+        add, slot = found
+        w = np.asarray(ir.const_value(node.inputs[1]), np.float64)
+        b = np.asarray(ir.const_value(add.inputs[slot]), np.float64).reshape(1, -1)
+        return LinearMap(node, w[None], b.copy(), True)
     bias = ir.const_value(node.inputs[2]) if len(node.inputs) > 2 else None
     return LinearMap.of(node, ir.const_value(node.inputs[1]), bias, len(node.inputs))
 
@@ -293,6 +301,22 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
             maps[node.name] = lm
     if not maps:
         return [report[n.name] for n in layers]
+    # MatMuls whose bias an Add gives: the Add's output is the layer's (the same channels kept)
+    names = [n.name for n in ir.nodes]
+    bias_adds: dict[str, tuple[gs.Node, int]] = {}
+    for nm, lm in maps.items():
+        found = bias_add(ir, lm.node) if lm.node.op == "MatMul" else None
+        if found is None:
+            continue
+        mm, ad = lm.node.outputs[0].name, found[0].outputs[0].name
+        same = (mm in kept) == (ad in kept) and (mm not in kept or (
+            kept[mm][0] == kept[ad][0] and np.array_equal(kept[mm][1], kept[ad][1])))
+        if same and ad in orig_names and names.count(found[0].name) == 1:
+            bias_adds[nm] = found
+        else:  # fitted without the bias, as before
+            maps[nm] = LinearMap.of(lm.node, ir.const_value(lm.node.inputs[1]), None, 2)
+    layer_out = {nm: bias_adds[nm][0].outputs[0].name if nm in bias_adds else lm.node.outputs[0].name
+                 for nm, lm in maps.items()}
     per_batch = max(1, math.ceil(max_rows / len(feeds)))
     # layers after a global average pool: fitted on the pool's input positions (see _pooled_input)
     pooled: dict[str, tuple[str, LinearMap]] = {}
@@ -314,7 +338,7 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
         if found is None or found[0] not in known:
             continue
         r, scale, perm = found
-        out = lm.node.outputs[0].name
+        out = layer_out[nm]
         rank = len(perm)
         channel_axis = 1 if lm.node.op == "Conv" else rank - 1
         ok = (out not in kept or kept[out][0] % rank == channel_axis) and \
@@ -326,7 +350,7 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
 
     # targets: one pass of the unpruned model; only the sampled rows of each layer are kept
     targets: dict[str, list] = {nm: [] for nm in maps}
-    outputs = {nm: pooled[nm][0] if nm in pooled else lm.node.outputs[0].name for nm, lm in maps.items()}
+    outputs = {nm: pooled[nm][0] if nm in pooled else layer_out[nm] for nm in maps}
 
     def on_batch(values: dict) -> None:
         for li, (nm, lm) in enumerate(maps.items()):
@@ -390,7 +414,12 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
                 node = lm.node
                 like = ir.const_value(node.inputs[1])
                 w_new, b_new = lm.tensors(W, b, like)
-                consts = {1: w_new} if b_new is None else {1: w_new, 2: b_new}
+                consts = {1: w_new} if b_new is None or nm in bias_adds else {1: w_new, 2: b_new}
+                if nm in bias_adds:  # the bias goes back into the Add, in its constant's shape
+                    add, slot = bias_adds[nm]
+                    value = b_new.reshape(ir.const_value(add.inputs[slot]).shape)
+                    _set(ir, add, slot, value)
+                    staged.replace(add.name, {slot: value})
                 attrs = {"alpha": 1.0, "beta": 1.0} if node.op == "Gemm" else None
                 if attrs:
                     node.attrs.update(attrs)

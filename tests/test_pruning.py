@@ -695,7 +695,8 @@ def test_sensitivity_before_a_refit_reads_removed_channels_as_their_mean():
     ("pool_gemm", True),  # through a global pool to a Gemm
     ("hardswish", True),  # x * HardSigmoid(x): both factors constant
     ("se_conv", False),  # multiplied by an SE gate first: no longer a constant
-    ("matmul", False),  # a MatMul has no bias to fit
+    ("matmul", False),  # a MatMul with no bias Add has no bias to fit
+    ("matmul_bias", True),  # one with a bias Add (an exported Linear) gets it re-fitted
     ("output", False),  # a graph output reads it
 ])
 def test_which_tensors_a_refit_bias_absorbs(tail, absorbs):
@@ -732,6 +733,10 @@ def test_which_tensors_a_refit_bias_absorbs(tail, absorbs):
     elif tail == "matmul":
         inits.append(init("wm", 8, 4))
         nodes += [h.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 3, 1]), h.make_node("MatMul", ["t", "wm"], ["y"])]
+    elif tail == "matmul_bias":
+        inits += [init("wm", 8, 4), init("bm", 4)]
+        nodes += [h.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 3, 1]), h.make_node("MatMul", ["t", "wm"], ["mm"]),
+                  h.make_node("Add", ["bm", "mm"], ["y"], name="bias_add")]
     else:
         out = "r"
     if tail != "output":
