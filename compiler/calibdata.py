@@ -116,6 +116,12 @@ class CalibrationSet:
             s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 for s in specs)
 
     @property
+    def length_known(self) -> bool:
+        """Whether the source's sample count is known before reading (a folder of array files'
+        is not: ``num_samples`` is then ``max_samples``, an upper bound, or None)."""
+        return self._count is not None
+
+    @property
     def num_samples(self) -> int | None:
         """Number of samples a full iteration yields (None if unknown before reading)."""
         if self._count is None:
@@ -242,13 +248,15 @@ class Subset:
 
 
 def spread(sizes: list[int], n: int) -> tuple[int, ...]:
-    """Batch indices, ascending: batches taken in a seeded order
-    (:func:`seeded_order`) while their samples stay within ``n`` (one at least).
+    """Batch indices, ascending: batches taken in a seeded order (:func:`seeded_order`, the
+    full-size batches first) while their samples stay within ``n`` (one at least).
     All of them when they fit: the order of a set measured whole does not matter."""
     if sum(sizes) <= n:
         return tuple(range(len(sizes)))
     chosen, seen = [], 0
-    for i in seeded_order(len(sizes)):
+    # full batches first (a short last batch drawn first would leave no room for the others)
+    full = max(sizes)
+    for i in sorted(seeded_order(len(sizes)), key=lambda i: sizes[i] < full):
         if chosen and seen + sizes[i] > n:
             break
         chosen.append(int(i))
@@ -288,10 +296,11 @@ class _Selected:
 def subset(calib, n: int) -> Subset:
     """Up to ``n`` samples of ``calib`` (a :class:`CalibrationSet` or a list of batches) in whole
     batches, spread over the set (:class:`Subset`). A set whose length is unknown before
-    reading (a folder of array files) gives its first batches."""
+    reading (a folder of array files) gives its first batches (as many as it has: the positions
+    past its end are not read, and :class:`Subset` users skip them)."""
     if isinstance(calib, CalibrationSet):
         total, bs = calib.num_samples, calib.batch_size
-        if total is None:
+        if total is None or not calib.length_known:  # (positions past its end may not exist)
             m = max(bs, n - n % bs)
             return Subset(calib.take(m), tuple(range(-(-m // bs))), m)
         k = -(-total // bs)

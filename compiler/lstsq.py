@@ -29,6 +29,12 @@ from onnx import helper, numpy_helper
 from . import runtime
 
 
+# a layer with more inputs per output than this is not re-fitted: its normal equations are a
+# K x K float64 system (8,192: 0.5 GB); VGG-19's first fully connected layer reads 25,088
+# inputs, about 17,600 after 30% pruning (2.5 GB a copy)
+MAX_UNKNOWNS = 8192
+
+
 def bias_add(ir, node: gs.Node) -> tuple[gs.Node, int] | None:
     """The Add that gives a MatMul with constant 2-D weights its bias, as exporters write
     ``Linear``: the MatMul's output's only reader, adding a constant with one value per output

@@ -404,7 +404,7 @@ class Probe:
         return self.measure(plan, batches, weights=weights)[0]
 
     def output_parts(self, plan, batches, *, weights=None) -> list[dict[str, np.ndarray]]:
-        """The graph outputs batch by batch (a prefix of them is a shorter subset's outputs)."""
+        """The graph outputs batch by batch (``Subset.pick`` takes a smaller subset's from them)."""
         return [vals for _, vals in self.run(plan, batches, weights=weights)]
 
     def error(self, plan, batches, reference: dict[str, np.ndarray], *, weights=None) -> dict:

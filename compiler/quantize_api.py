@@ -239,8 +239,9 @@ class _FloatCapture:
             self.means.add(values)
 
     def reference(self, subset: Subset) -> dict[str, np.ndarray]:
-        """The float outputs on ``subset`` (the error subset or one it holds)."""
-        return concat({n: [self.parts[i][n] for i in subset.positions] for n in self.outputs})
+        """The float outputs on ``subset`` (the error subset or one it holds). Positions past the
+        end of a set whose length was unknown were never read, so they are not here either."""
+        return concat({n: [self.parts[i][n] for i in subset.positions if i in self.parts] for n in self.outputs})
 
     def layer_means(self) -> dict[str, np.ndarray]:
         means = self.means.result()

@@ -43,7 +43,7 @@ from edgec import runtime
 from edgec.analysis.channels import ChannelGroup
 from edgec.calibdata import seeded_positions
 from edgec.importance import measured_tensors
-from edgec.lstsq import bias_add
+from edgec.lstsq import MAX_UNKNOWNS, bias_add
 from edgec.ir import IR
 
 MAX_BATCHES = 8  # calibration batches a trial runs on
@@ -125,6 +125,26 @@ _PER_CHANNEL = {"Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish", "HardSigmoid"
 _ARITH = {"Add", "Sub", "Mul", "Div"}
 
 
+def _in_order(ir: IR) -> list:
+    """``ir``'s nodes, each after the producers of its inputs (a pass may have appended nodes)."""
+    producer = {o.name: n for n in ir.nodes for o in n.outputs}
+    order, done = [], set()
+    for start in ir.nodes:
+        stack = [(start, False)]
+        while stack:
+            n, ready = stack.pop()
+            if id(n) in done:
+                continue
+            if ready:
+                done.add(id(n))
+                order.append(n)
+                continue
+            stack.append((n, True))
+            stack.extend((producer[x.name], False) for x in n.inputs
+                         if x.name in producer and id(producer[x.name]) not in done)
+    return order
+
+
 def _bias_absorbs(ir: IR, name: str) -> bool:
     """Whether a channel of tensor ``name`` held at a constant reaches only layers that
     reconstruction re-fits with a bias (a Conv of one group, a Gemm, a MatMul whose bias an Add
@@ -135,16 +155,20 @@ def _bias_absorbs(ir: IR, name: str) -> bool:
     to fit, a LayerNorm, a product with another activation (an SE gate) or a graph output on the
     way: not absorbed."""
     held = {name}  # tensors whose channel is a constant when the tensor's is
-    for n in ir.nodes:  # graph order: every input is settled before its reader
+    for n in _in_order(ir):  # every input settled before its reader
         ins = [x.name in held for x in n.inputs]
         if not any(ins):
             continue
-        if n.op == "MatMul" and ins == [True, False] and bias_add(ir, n) is not None:
+        w = ir.const_value(n.inputs[1]) if n.op in ("Conv", "Gemm", "MatMul") and len(n.inputs) > 1 else None
+        # what reconstruction re-fits: not a layer too wide for its closed form, nor an auto_pad conv
+        k = None if w is None or w.ndim < 2 else (int(np.prod(w.shape[1:])) if n.op == "Conv" else
+                                                   w.shape[1] if n.op == "Gemm" and n.attrs.get("transB", 0) else w.shape[0])
+        fits = k is not None and k + 1 <= MAX_UNKNOWNS and n.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET")
+        if n.op == "MatMul" and ins == [True, False] and fits and bias_add(ir, n) is not None:
             continue  # re-fitted with the bias its Add gives
-        w = ir.const_value(n.inputs[1]) if n.op in ("Conv", "Gemm") and len(n.inputs) > 1 else None
-        if w is not None and ins[0] and not any(ins[1:]):
+        if n.op != "MatMul" and w is not None and ins[0] and not any(ins[1:]):
             group = int(n.attrs.get("group", 1))
-            if (n.op == "Gemm" and not n.attrs.get("transA", 0)) or (n.op == "Conv" and group == 1):
+            if fits and ((n.op == "Gemm" and not n.attrs.get("transA", 0)) or (n.op == "Conv" and group == 1)):
                 continue  # re-fitted, with a bias
             if n.op == "Conv" and w.ndim == 4 and w.shape[1] == 1 and group == w.shape[0]:  # depthwise
                 held.update(o.name for o in n.outputs)

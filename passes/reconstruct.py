@@ -78,15 +78,13 @@ from onnx import helper, numpy_helper
 
 from edgec import runtime
 from edgec.ir import IR
+from edgec import lstsq
 from edgec.lstsq import LinearMap, NormalEquations, StagedRun, bias_add
 from edgec.pipeline import Pass, PassContext, PassResult, register
 
 RIDGE_STEPS = (1, 10, 100, 1000)
 PRIORS = ("zero", "current", "auto")
-# a layer with more inputs per output than this is not re-fitted: its normal equations are a
-# K x K float64 system (8,192: 0.5 GB); VGG-19's first fully connected layer reads 25,088
-# inputs, about 17,600 after 30% pruning (2.5 GB a copy)
-MAX_UNKNOWNS = 8192
+MAX_UNKNOWNS = lstsq.MAX_UNKNOWNS  # a layer with more inputs per output is not re-fitted (see there)
 
 
 @dataclass
@@ -321,6 +319,8 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
     # layers after a global average pool: fitted on the pool's input positions (see _pooled_input)
     pooled: dict[str, tuple[str, LinearMap]] = {}
     for nm, lm in maps.items() if pool_rows else ():
+        if nm in bias_adds:  # (the unpruned map applied per position would leave out the Add's bias)
+            continue
         u = _pooled_input(ir, lm.node, lm)
         om = _original_map(original, nm) if u is not None and u.name in orig_names else None
         out = lm.node.outputs[0].name

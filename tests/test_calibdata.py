@@ -218,3 +218,10 @@ def test_measuring_subsets_are_spread_over_a_sorted_set_and_nest(tmp_path):
     folder = calibdata.load_calibration(tmp_path, _model(), batch_size=8)
     first = calibdata.subset(folder, 32)
     assert first.positions == (0, 1, 2, 3) and [int(b["x"][0, 0, 0, 0]) for b in first.batches] == [0, 1, 2, 3]
+    # ... with --calib-samples above its length: still its first batches, none past its end
+    capped = calibdata.subset(calibdata.load_calibration(tmp_path, _model(), batch_size=8, max_samples=5000), 128)
+    assert capped.positions == tuple(range(16)) and len(list(capped.batches)) == 16
+    # a short last batch drawn first does not crowd out the full ones
+    uneven = [{"x": np.zeros((32, 3, 4, 4), np.float32)}, {"x": np.ones((32, 3, 4, 4), np.float32)},
+              {"x": np.ones((1, 3, 4, 4), np.float32)}]
+    assert calibdata.subset(uneven, 32).samples == 32 and calibdata.subset(uneven, 8).samples == 32

@@ -691,6 +691,7 @@ def test_sensitivity_before_a_refit_reads_removed_channels_as_their_mean():
 
 @pytest.mark.parametrize("tail, absorbs", [
     ("conv", True),  # read by a re-fitted conv
+    ("conv_too_wide", False),  # one too wide for reconstruction's closed form is left as pruned
     ("dw_conv", True),  # through a depthwise conv and its activation: still one constant per channel
     ("pool_gemm", True),  # through a global pool to a Gemm
     ("hardswish", True),  # x * HardSigmoid(x): both factors constant
@@ -699,8 +700,11 @@ def test_sensitivity_before_a_refit_reads_removed_channels_as_their_mean():
     ("matmul_bias", True),  # one with a bias Add (an exported Linear) gets it re-fitted
     ("output", False),  # a graph output reads it
 ])
-def test_which_tensors_a_refit_bias_absorbs(tail, absorbs):
+def test_which_tensors_a_refit_bias_absorbs(tail, absorbs, monkeypatch):
+    from edgec import sensitivity
     from edgec.sensitivity import _bias_absorbs
+    if tail == "conv_too_wide":
+        monkeypatch.setattr(sensitivity, "MAX_UNKNOWNS", 4)  # conv2 reads 8 inputs per output
     h = onnx.helper
     rng = np.random.default_rng(0)
 
@@ -710,7 +714,7 @@ def test_which_tensors_a_refit_bias_absorbs(tail, absorbs):
     inits = [init("w1", 8, 4, 3, 3)]
     nodes = [h.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), h.make_node("Relu", ["c1"], ["r"])]
     out = "r"
-    if tail == "conv":
+    if tail in ("conv", "conv_too_wide"):
         inits.append(init("w2", 4, 8, 1, 1))
         nodes.append(h.make_node("Conv", ["r", "w2"], ["y"]))
     elif tail == "dw_conv":
@@ -744,6 +748,8 @@ def test_which_tensors_a_refit_bias_absorbs(tail, absorbs):
     g = h.make_graph(nodes, "tail", [h.make_tensor_value_info("x", 1, [1, 4, 8, 8])],
                      [h.make_empty_tensor_value_info(out)], inits)
     ir = edgec.from_model(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
+    assert _bias_absorbs(ir, "r") is absorbs
+    ir.graph.nodes.reverse()  # as a pass that appends nodes leaves them: the same answer
     assert _bias_absorbs(ir, "r") is absorbs
 
 

@@ -531,6 +531,18 @@ def test_a_class_sorted_set_is_measured_on_batches_spread_over_it(digits, monkey
     assert abs(on_first - on_spread) > 1e-3 * on_spread  # (so the check above can tell them apart)
 
 
+def test_a_folder_of_unknown_length_is_measured_on_what_it_has(digits, tmp_path):
+    """A folder of .npy batches has no length before reading: its measuring subsets are its first
+    batches, and a set shorter than a subset's nominal size is measured on all it has."""
+    model, d = digits
+    for k in range(2):
+        np.save(tmp_path / f"part{k}.npy", d["calib_x"][k * 40:(k + 1) * 40])
+    calib = calibdata.load_calibration(tmp_path, model, batch_size=32)
+    q, rep = _compile_int8(model, calib, mode="int8")
+    on_all = runtime.output_error(model, q, list(calib))["rel_l2"]
+    assert rep["error"]["rel_l2"] == pytest.approx(on_all, rel=1e-4)
+
+
 def test_float_capture_keeps_each_subsets_batches_by_position():
     """The float outputs calibration hands over are kept by batch index: every measuring subset
     (the bias and fallback ones sit inside the error one, not at its start) gets its own batches'."""

@@ -672,3 +672,30 @@ def test_a_matmul_refits_the_bias_its_add_gives(monkeypatch):
     print(f"\nFFN at 50%: rel L2 pruned {errs[True][2]:.4f}; re-fitted with the bias {errs[True][1]:.4f}, "
           f"without {errs[False][1]:.4f} (held out)")
     assert errs[True][0] < errs[False][0] and errs[True][1] < errs[False][1]
+
+
+def test_a_pooled_matmul_keeps_the_bias_its_add_gives():
+    """Conv -> ReLU -> global pool -> MatMul -> Add(bias): the MatMul is fitted on the pooled rows
+    with its bias (not on the pool's input positions, where the unpruned map would leave the bias
+    out), so the Add's large bias survives and the re-fit lowers the error."""
+    h = onnx.helper
+    rng = np.random.default_rng(3)
+    arrays = {"wc": rng.standard_normal((16, 3, 3, 3)) * 0.3, "bc": rng.standard_normal(16) * 0.1,
+              "wm": rng.standard_normal((16, 4)) * 0.3, "bm": np.array([5.0, -3.0, 2.0, 4.0])}
+    inits = [onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()]
+    nodes = [h.make_node("Conv", ["x", "wc", "bc"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             h.make_node("Relu", ["c"], ["r"], name="relu"), h.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+             h.make_node("Flatten", ["p"], ["f"], name="flat"), h.make_node("MatMul", ["f", "wm"], ["mm"], name="fc"),
+             h.make_node("Add", ["mm", "bm"], ["y"], name="fc_bias")]
+    g = h.make_graph(nodes, "pooled_linear", [h.make_tensor_value_info("x", 1, [2, 3, 8, 8])],
+                     [h.make_tensor_value_info("y", 1, [2, 4])], inits)
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    feeds = [verify.random_inputs(model, seed=s) for s in range(8)]
+    original, ir, kept, plain = _pruned(model, 0.25)
+    rep = {r["layer"]: r for r in reconstruct(ir, original, feeds, kept)}
+    assert rep["fc"]["refit"] and "rows_of" not in rep["fc"]
+    out = ir.to_onnx()
+    add = next(n for n in out.graph.node if n.name == "fc_bias")
+    bias = next(onnx.numpy_helper.to_array(i) for i in out.graph.initializer if i.name == add.input[1])
+    assert np.allclose(bias, arrays["bm"], atol=1.0)  # re-fitted near the original, not wiped out
+    assert _rel(original, out, feeds) < 0.5 * _rel(original, plain, feeds)
