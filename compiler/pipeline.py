@@ -47,6 +47,12 @@ class PassResult:
             self.notes.append(text)
 
 
+# calibration data the data-driven passes (pruning, reconstruction, 2:4 recovery) hold in memory:
+# at most this many samples and this many bytes of inputs, whole batches drawn over the set
+MAX_FEED_SAMPLES = 256
+MAX_FEED_BYTES = 256 << 20
+
+
 @dataclass
 class PassContext:
     """Inputs a pass may read besides the IR (all optional; a pass that needs one and finds it
@@ -67,11 +73,32 @@ class PassContext:
     _feeds: list | None = field(default=None, repr=False)
 
     def feeds(self) -> list[dict] | None:
-        """The calibration batches as a list (read once, shared by every pass that asks)."""
+        """The calibration batches as a list (read once, shared by every pass that asks). A set
+        larger than ``MAX_FEED_SAMPLES`` samples or ``MAX_FEED_BYTES`` of inputs gives whole
+        batches drawn with a fixed seed over it (:func:`edgec.calibdata.subset`), so a folder of
+        thousands of images does not all sit in memory, nor in every staged run, and the draw
+        is not one class of a sorted folder."""
         if self.calib is None:
             return None
         if self._feeds is None:
-            self._feeds = [self.calib] if isinstance(self.calib, dict) else list(self.calib)
+            if isinstance(self.calib, dict):
+                self._feeds = [self.calib]
+                return self._feeds
+            from .calibdata import count_samples, subset
+            first = next(iter(self.calib), None)
+            if not first:
+                self._feeds = list(self.calib)
+                return self._feeds
+            rows = max(1, len(next(iter(first.values()))))
+            per_sample = max(1, sum(v.nbytes for v in first.values()) // rows)
+            drawn = subset(self.calib, max(1, min(MAX_FEED_SAMPLES, MAX_FEED_BYTES // per_sample)))
+            self._feeds = list(drawn.batches)
+            known = getattr(self.calib, "length_known", True)  # (not counted by reading it all)
+            total = self.calib.num_samples if hasattr(self.calib, "num_samples") else count_samples(self.calib)
+            if known and total is not None and drawn.samples < total:
+                self.log(f"data-driven passes use {drawn.samples} of the {total} calibration samples, whole "
+                         f"batches drawn with a fixed seed over the set (at most {MAX_FEED_SAMPLES} samples and "
+                         f"{MAX_FEED_BYTES >> 20} MB of inputs)")
         return self._feeds
 
 

@@ -934,3 +934,25 @@ def test_auto_pruning_at_ratio_zero_runs_no_trials():
     calib = [verify.random_inputs(model, seed=s) for s in range(16)]
     ir, p, b, a = _prune(model, ratio=0.0, feeds=calib, mode="auto", importance="auto")
     assert p.choice is None and (p.importance, p.mode) == ("l1", "uniform") and a.macs == b.macs
+
+
+def test_data_driven_passes_hold_a_bounded_draw_of_a_large_calibration_set(monkeypatch):
+    """A calibration set beyond MAX_FEED_SAMPLES samples (or MAX_FEED_BYTES of inputs) gives the
+    data-driven passes whole batches drawn with a fixed seed over it, not all of it (memory) and
+    not its first batches (a sorted folder); the log says so. A set within both is used whole."""
+    from edgec import calibdata, pipeline
+    model = ALL_MODELS["resnet_basic"](batch=1)
+    batches = [verify.random_inputs(model, seed=s) for s in range(300)]
+    logged = []
+    ctx = PassContext(calib=batches, log=logged.append)
+    feeds = ctx.feeds()
+    drawn = calibdata.subset(batches, pipeline.MAX_FEED_SAMPLES)
+    assert len(feeds) == pipeline.MAX_FEED_SAMPLES == drawn.samples and ctx.feeds() is feeds
+    assert all(f is batches[i] for f, i in zip(feeds, drawn.positions)) and max(drawn.positions) >= 256
+    assert logged and "256 of the 300 calibration samples" in logged[0]
+    per_sample = sum(v.nbytes for v in batches[0].values())
+    monkeypatch.setattr(pipeline, "MAX_FEED_BYTES", 10 * per_sample)
+    assert len(PassContext(calib=batches).feeds()) == 10
+    monkeypatch.setattr(pipeline, "MAX_FEED_BYTES", 256 << 20)
+    few = batches[:20]
+    assert PassContext(calib=few).feeds() == few
