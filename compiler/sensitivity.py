@@ -89,10 +89,12 @@ def _probe(ir: IR, groups: list[ChannelGroup]) -> tuple[onnx.ModelProto, dict[st
     return model, masks
 
 
-def _toposort(graph: onnx.GraphProto) -> None:
-    produced = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-    order, state = [], [0] * len(graph.node)
-    for start in range(len(graph.node)):
+def _producers_first(inputs: list[list[str]], outputs: list[list[str]]) -> list[int]:
+    """Node indices ordered so that each comes after the producers of its inputs (depth first,
+    ``inputs``/``outputs``: each node's tensor names)."""
+    produced = {o: i for i, outs in enumerate(outputs) for o in outs if o}
+    order, state = [], [0] * len(inputs)
+    for start in range(len(inputs)):
         stack = [(start, False)]
         while stack:
             i, done = stack.pop()
@@ -104,10 +106,15 @@ def _toposort(graph: onnx.GraphProto) -> None:
                 continue
             state[i] = 1
             stack.append((i, True))
-            for x in graph.node[i].input:
+            for x in inputs[i]:
                 j = produced.get(x)
                 if j is not None and not state[j]:
                     stack.append((j, False))
+    return order
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    order = _producers_first([list(n.input) for n in graph.node], [list(n.output) for n in graph.node])
     nodes = [graph.node[i] for i in order]
     new = [onnx.NodeProto() for _ in nodes]
     for a, b in zip(new, nodes):
@@ -127,25 +134,12 @@ _ARITH = {"Add", "Sub", "Mul", "Div"}
 
 def _in_order(ir: IR) -> list:
     """``ir``'s nodes, each after the producers of its inputs (a pass may have appended nodes)."""
-    producer = {o.name: n for n in ir.nodes for o in n.outputs}
-    order, done = [], set()
-    for start in ir.nodes:
-        stack = [(start, False)]
-        while stack:
-            n, ready = stack.pop()
-            if id(n) in done:
-                continue
-            if ready:
-                done.add(id(n))
-                order.append(n)
-                continue
-            stack.append((n, True))
-            stack.extend((producer[x.name], False) for x in n.inputs
-                         if x.name in producer and id(producer[x.name]) not in done)
-    return order
+    nodes = list(ir.nodes)
+    order = _producers_first([[x.name for x in n.inputs] for n in nodes], [[o.name for o in n.outputs] for n in nodes])
+    return [nodes[i] for i in order]
 
 
-def _bias_absorbs(ir: IR, name: str) -> bool:
+def _bias_absorbs(ir: IR, name: str, order: list | None = None) -> bool:
     """Whether a channel of tensor ``name`` held at a constant reaches only layers that
     reconstruction re-fits with a bias (a Conv of one group, a Gemm, a MatMul whose bias an Add
     gives: :func:`edgec.lstsq.bias_add`; reading it as their data input), through ops that keep
@@ -153,9 +147,9 @@ def _bias_absorbs(ir: IR, name: str) -> bool:
     a depthwise conv, arithmetic whose other operands are constants or constant too (a hard-swish
     written as ``x * HardSigmoid(x)``). Then the re-fitted bias absorbs it. A MatMul with no bias
     to fit, a LayerNorm, a product with another activation (an SE gate) or a graph output on the
-    way: not absorbed."""
+    way: not absorbed. ``order``: :func:`_in_order`'s, when the caller asks for many tensors."""
     held = {name}  # tensors whose channel is a constant when the tensor's is
-    for n in _in_order(ir):  # every input settled before its reader
+    for n in order if order is not None else _in_order(ir):  # every input settled before its reader
         ins = [x.name in held for x in n.inputs]
         if not any(ins):
             continue
@@ -198,7 +192,8 @@ def measure(ir: IR, groups: list[ChannelGroup], trials: dict[str, list[list[int]
         return {}
     batches = [feeds[i] for i in seeded_positions(len(feeds), max_batches)]
     names = [o.name for o in model.graph.output]
-    filled = [t for t in masks if refit and _bias_absorbs(ir, t)]
+    order = _in_order(ir) if refit else None
+    filled = [t for t in masks if refit and _bias_absorbs(ir, t, order)]
     sess = runtime.reference_session(runtime.augment(model, filled))
     ones = {inp: np.ones(shape, dtype=np.float32) for inp, shape, _, _ in masks.values()}
     zeros = {inp + "_fill": np.zeros(shape, dtype=np.float32) for inp, shape, _, _ in masks.values()}
