@@ -69,7 +69,7 @@ group's input channels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -129,14 +129,6 @@ def _set(ir: IR, node: gs.Node, slot: int, value: np.ndarray) -> None:
 
 
 def _map(ir: IR, node: gs.Node) -> LinearMap | None:
-    """The layer's map; a MatMul whose bias an Add gives (:func:`edgec.lstsq.bias_add`) gets that
-    bias, fitted too (its targets are then the Add's output)."""
-    found = bias_add(ir, node)
-    if found is not None:
-        add, slot = found
-        w = np.asarray(ir.const_value(node.inputs[1]), np.float64)
-        b = np.asarray(ir.const_value(add.inputs[slot]), np.float64).reshape(1, -1)
-        return LinearMap(node, w[None], b.copy(), True)
     bias = ir.const_value(node.inputs[2]) if len(node.inputs) > 2 else None
     return LinearMap.of(node, ir.const_value(node.inputs[1]), bias, len(node.inputs))
 
@@ -286,8 +278,21 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
         return []
     report: dict[str, dict] = {}
     maps: dict[str, LinearMap] = {}
+    # MatMuls whose bias an Add gives (edgec.lstsq.bias_add): fitted with that bias, and the Add's
+    # output is the layer's, when it keeps the MatMul's channels and its name is unique
+    names = [n.name for n in ir.nodes]
+    bias_adds: dict[str, tuple[gs.Node, int]] = {}
     for node in layers:
         lm = _map(ir, node)
+        found = bias_add(ir, node) if lm is not None else None
+        if found is not None:
+            mm, ad = node.outputs[0].name, found[0].outputs[0].name
+            same = (mm in kept) == (ad in kept) and (mm not in kept or (
+                kept[mm][0] == kept[ad][0] and np.array_equal(kept[mm][1], kept[ad][1])))
+            if same and ad in orig_names and names.count(found[0].name) == 1:
+                bias_adds[node.name] = found
+                c = ir.const_value(found[0].inputs[found[1]])
+                lm = replace(lm, b=np.array(c, np.float64).reshape(1, -1), fit_bias=True)
         if lm is None:
             report[node.name] = {"layer": node.name, "op": node.op, "refit": False, "reason": "unsupported layer"}
         elif lm.W.shape[1] + lm.fit_bias > MAX_UNKNOWNS:
@@ -299,20 +304,6 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
             maps[node.name] = lm
     if not maps:
         return [report[n.name] for n in layers]
-    # MatMuls whose bias an Add gives: the Add's output is the layer's (the same channels kept)
-    names = [n.name for n in ir.nodes]
-    bias_adds: dict[str, tuple[gs.Node, int]] = {}
-    for nm, lm in maps.items():
-        found = bias_add(ir, lm.node) if lm.node.op == "MatMul" else None
-        if found is None:
-            continue
-        mm, ad = lm.node.outputs[0].name, found[0].outputs[0].name
-        same = (mm in kept) == (ad in kept) and (mm not in kept or (
-            kept[mm][0] == kept[ad][0] and np.array_equal(kept[mm][1], kept[ad][1])))
-        if same and ad in orig_names and names.count(found[0].name) == 1:
-            bias_adds[nm] = found
-        else:  # fitted without the bias, as before
-            maps[nm] = LinearMap.of(lm.node, ir.const_value(lm.node.inputs[1]), None, 2)
     layer_out = {nm: bias_adds[nm][0].outputs[0].name if nm in bias_adds else lm.node.outputs[0].name
                  for nm, lm in maps.items()}
     per_batch = max(1, math.ceil(max_rows / len(feeds)))
