@@ -203,10 +203,13 @@ def channel_axes(shape: tuple) -> list[int]:
     """The axes of an output whose slices are channels: axis 1 (NCHW, [batch, classes], [batch,
     steps, ...]), and the last axis when it is short (<= 256) and no longer than any other
     non-batch axis (channels last, [batch, anchors, 4 + classes]); never a spatial axis of a
-    one-channel map such as a text detector's probability map."""
-    axes = [1] if 1 < shape[1] <= MAX_CHANNELS else []
+    one-channel map such as a text detector's probability map. In ``[batch, anchors, channels]``
+    axis 1 is then positions, not channels: an anchor of background, all its scores near zero,
+    would be "a channel" whose relative error is its rounding noise over nothing."""
     last = len(shape) - 1
-    if last > 1 and 1 < shape[last] <= 256 and all(shape[last] <= d for d in shape[1:last]):
+    channels_last = last > 1 and 1 < shape[last] <= 256 and all(shape[last] <= d for d in shape[1:last])
+    axes = [1] if 1 < shape[1] <= MAX_CHANNELS and not (channels_last and last == 2) else []
+    if channels_last:
         axes.append(last)
     return axes
 

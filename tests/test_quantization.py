@@ -777,6 +777,29 @@ def _score_error(model, q, feeds):
     return float(np.abs(ref[..., :4] - got[..., :4]).max())
 
 
+def test_the_channel_error_judges_channels_not_anchors():
+    """A sigmoid score map [batch, anchors, classes] is judged per class, not per anchor: a
+    background anchor (every score near zero) with the same absolute noise as the rest is not
+    "a channel" 10x off. A class channel whose values are crushed beside pixel-scale boxes is
+    still seen, channels last and NCHW."""
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.0, 0.9, (2, 400, 10)).astype(np.float32)
+    scores[:, ::2] = 1e-3  # background anchors
+    noisy = scores + rng.normal(0, 0.01, scores.shape).astype(np.float32)
+    assert runtime.channel_axes(scores.shape) == [2]
+    err = runtime.error_metrics({"s": scores}, {"s": noisy})
+    assert err["worst_channel_rel_l2"] < 0.05 and err["rel_l2"] < 0.05, err
+    boxes = np.concatenate([rng.uniform(0, 600, (2, 400, 4)), scores], axis=-1).astype(np.float32)
+    crushed = boxes.copy()
+    crushed[..., 4:] = np.round(crushed[..., 4:] / 2.5) * 2.5  # one 600/255 step for everything
+    err = runtime.error_metrics({"y": boxes}, {"y": crushed})
+    assert err["rel_l2"] < 0.01 and err["worst_channel_rel_l2"] > 0.9, err
+    nchw = np.moveaxis(boxes, -1, 1).reshape(2, 14, 20, 20)
+    assert runtime.channel_axes(nchw.shape) == [1]
+    err = runtime.error_metrics({"y": nchw}, {"y": np.moveaxis(crushed, -1, 1).reshape(nchw.shape)})
+    assert err["worst_channel_rel_l2"] > 0.9, err
+
+
 def test_concat_of_scores_and_pixel_boxes_is_not_crushed_under_one_scale(monkeypatch):
     """A Concat whose inputs' ranges differ by orders of magnitude stays float, with a note (one
     shared scale would leave the scores 2 levels). When such a scale is shared anyway (and the
