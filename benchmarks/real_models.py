@@ -921,6 +921,9 @@ def edgec_variant(model: onnx.ModelProto, calib: dict, workdir: Path, **kw):
             nw = len((fb.get("sixteen_bit") or {}).get("tensors") or [])
             note += (f", fb {nf} float" + (f" + {nw} 16-bit" if nw else "")
                      + f", {'met' if fb.get('met') else 'MISS'} (before {fb.get('error_before', 0):.3f})")
+            cov = q.get("int8_coverage") or {}
+            if cov.get("weighted"):  # what the fallback left running int8 kernels
+                note += f", int8 {cov['weighted_int8']}/{cov['weighted']} weighted ops"
         rnd = q.get("rounding") or {}
         if "rel_l2_chosen" in rnd:
             note += (f", gptq {rnd['rel_l2_nearest']:.4f} -> {rnd['rel_l2_chosen']:.4f} "

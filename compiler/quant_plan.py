@@ -307,8 +307,10 @@ def bias_form(node: gs.Node, w: np.ndarray, b: np.ndarray | None, has_bias_input
     if ws.shape[0] != out_ch:  # per-channel axis that is not the output axis: per-tensor form
         ws = np.full(out_ch, float(np.max(ws)))
     b_scale = (np.float64(x_scale) * ws).astype(np.float32)
+    if np.any(b_scale <= 0):  # (an all-zero weight channel, or an input that is constant zero)
+        return BiasForm(value=b.astype(np.float32), note="zero scale")
     qb = np.round(b / b_scale.astype(np.float64))
-    if np.any(np.abs(qb) > 2**31 - 1) or np.any(b_scale <= 0):
+    if np.any(np.abs(qb) > 2**31 - 1):
         return BiasForm(value=b.astype(np.float32), note="int32 overflow")
     q = qb.astype(np.int32)
     return BiasForm(value=dequantize(q, b_scale, np.zeros(out_ch, dtype=np.int32), 0), q=q, scale=b_scale)

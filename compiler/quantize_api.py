@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable, Iterable
 
 import numpy as np
@@ -52,8 +53,8 @@ from .options import QuantOptions
 from .pipeline import PassContext, PassManager
 from . import calibdata
 from .calibdata import Subset, count_samples
-from .quant_plan import (QuantPlan, build_plan, clip_bounds, is_wide, node_id, node_key, scale_groups,
-                         weighted_nodes, with_wide)
+from .quant_plan import (QuantPlan, build_plan, clip_bounds, fake_quantized_weight, is_wide, node_id, node_key,
+                         scale_groups, weighted_nodes, with_wide)
 from .quant_probe import PREFIX as PROBE_PREFIX
 from .quant_probe import ChannelMeans, Probe, concat
 from .quant_rules import table_for
@@ -85,6 +86,9 @@ MAX_WIDE_MEASUREMENTS = 16
 # ones that lower the error go first (on PP-OCRv4's detector, noise order needed 24 tensors on 16
 # bits, the 23rd group giving most of the gain; measured order, 3)
 MAX_WIDE_CANDIDATES = 32
+# ... and when every activation on 16 bits still misses, the weighted ops measured kept float
+# (those whose int8 weights round most; 64 covers every op of a MobileNet-sized net)
+MAX_WEIGHT_CANDIDATES = 64
 WIDE_RANK_SAMPLES = 8  # calibration samples the ranking measures on (an order, not a verdict; a whole batch at least)
 # the budget also holds per output channel, this much looser: one collapsed channel (a detector's
 # class scores beside its box coordinates) fails it even when the output's overall error is small
@@ -125,6 +129,26 @@ def kept_steps(steps: list[dict], full: float, budget: float | None = None) -> l
     if budget is not None and steps[cut]["error_after"] > budget:
         cut = next((i for i in range(best + 1) if steps[i]["error_after"] <= budget), cut)
     return steps[:cut + 1]
+
+
+def weight_rounding(w: np.ndarray, fq: np.ndarray, axis: int | None) -> float:
+    """How much int8 rounding changes a weight ``w`` (``fq``: dequantized): the relative L2 of
+    the whole weight, or the median output channel's relative change of its kernel sum (its gain
+    on a flat input), whichever is larger. A kernel whose large taps cancel (a BN-folded
+    depthwise conv that finds edges) has a small relative weight error and a large gain error,
+    which on the flat regions of an image is the output's."""
+    w64, d = w.astype(np.float64), fq.astype(np.float64) - w.astype(np.float64)
+    rel = float(np.linalg.norm(d) / np.linalg.norm(w64))
+    if axis is None or w.ndim < 2:
+        return rel
+    other = tuple(a for a in range(w.ndim) if a != axis)
+    sums, drift, norms = np.sum(w64, axis=other), np.sum(d, axis=other), np.sqrt(np.sum(w64 * w64, axis=other))
+    live = norms > 0
+    if not live.any():
+        return rel
+    # (the kernel sum's floor keeps one summing to zero by chance finite; the median, rare)
+    gain = np.abs(drift[live]) / np.maximum(np.abs(sums[live]), norms[live] * 1e-4)
+    return max(rel, float(np.median(gain)))
 
 
 def guarded_error(metrics: dict) -> float:
@@ -549,6 +573,10 @@ class _Quantizer:
         if now > budget and self.sixteen_bit:
             wide, section["sixteen_bit"] = self._widen(ranges, weights, keep + floats, batches, ref, noise, budget, now,
                                                        capture)
+            weight_ops = [w["node"] for w in section["sixteen_bit"].get("float_weights", [])]
+            floats += weight_ops
+            section["float"] += [{"node": w["node"], "why": w["why"]}
+                                 for w in section["sixteen_bit"].get("float_weights", [])]
         if not floats and not wide:
             rep.update({"trace": trace, "fallback": {**section, "met": False}})
             return plan, rep
@@ -574,17 +602,19 @@ class _Quantizer:
         one), and those that lower the
         error go first, most first, then the rest, noisiest first. Prefixes of 1, 2, 4, ... groups
         of that order are measured until one meets ``budget``; the shortest prefix that meets it
-        is bisected for, within ``MAX_WIDE_MEASUREMENTS``. None meeting it, none is kept: the ops
-        around a 16-bit tensor run at float speed, which only a met budget pays for (on PP-OCRv4's
-        recogniser every tensor on 16 bits still missed, and would have left no int8 op). Returns
+        is bisected for, within ``MAX_WIDE_MEASUREMENTS`` (:meth:`_shortest_prefix`). When every
+        tensor on 16 bits still misses, the weights' rounding is what is left: :meth:`_weights_step`
+        keeps the weighted ops whose int8 weights matter float, and the groups are searched again
+        with them float (the report's ``float_weights``). None meeting it, none is kept: the ops
+        around a 16-bit tensor run at float speed, which only a met budget pays for. Returns
         (tensors, report)."""
         t0 = time.perf_counter()
         probe = self._wide_probe()
         base = build_plan(self.ir, self.scheme, ranges, keep_float=keep)
         groups = sorted(scale_groups(self.ir, base).values(), key=lambda g: -max(noise.get(t, 0.0) for t in g))
 
-        def measure(tensors, on=(batches, ref)) -> float:
-            p = with_wide(base, tensors)
+        def measure(tensors, on=(batches, ref), plan=None) -> float:
+            p = with_wide(plan or base, tensors)
             return guarded_error(error_metrics(on[1], probe.outputs(p, on[0], weights=weights)))
 
         rank = calibdata.subset(self.calib, min(WIDE_RANK_SAMPLES, self.bias_set.samples))
@@ -598,6 +628,43 @@ class _Quantizer:
         first = sorted((i for i in gain if gain[i] > 0), key=lambda i: -gain[i])
         groups = [groups[i] for i in first] + [g for i, g in enumerate(groups) if i not in set(first)]
         self.log(f"fallback: {len(first)} of the {len(gain)} noisiest scale groups lower the error on 16 bits alone")
+        chosen, measured = self._shortest_prefix(groups, measure, budget)
+        weight_ops: list[dict] = []
+        if not chosen and groups and measured.get(len(groups), 0.0) > budget:
+            # every activation on 16 bits misses: what is left is the weights' rounding
+            every = [t for g in groups for t in g]
+            found = self._weights_step(ranges, keep, every, rank_on, measure, budget)
+            if found:  # with those ops float, the 16-bit groups again: fewer may do
+                weight_ops = found
+                base = build_plan(self.ir, self.scheme, ranges, keep_float=keep + [w["node"] for w in found])
+                groups = [g for g in groups if set(g) & set(base.activations)]
+                measured = {0: measure([], plan=base)}
+                chosen = 0
+                if measured[0] > budget:
+                    chosen, measured = self._shortest_prefix(groups, partial(measure, plan=base), budget)
+        tensors = [t for g in groups[:chosen] for t in g]
+        lowest = min(measured.values(), default=before)
+        met = bool(chosen or weight_ops)
+        section = {"float_weights": weight_ops} if weight_ops else {}
+        section = {**section, "tensors": [{"tensor": t, "noise": round(noise.get(t, 0.0), 6)} for t in tensors
+                               if t not in base.folded],  # (a folded ReLU's output is its input's Q/DQ)
+                   "groups": len(groups), "ranked": len(gain), "error_before": round(before, 6),
+                   "error_after": round(measured[chosen], 6) if met else None,
+                   "measured": {str(j): round(e, 6) for j, e in sorted(measured.items())},
+                   "seconds": round(time.perf_counter() - t0, 3),
+                   "why": ("ONNX Runtime's CPU kernels run the ops reading or writing a 16-bit tensor in float "
+                           "between its Q/DQ (there are no fused 16-bit kernels): the weights stay int8"
+                           + (" but those of the float_weights ops" if weight_ops else "") + ", the speed is "
+                           "float's") if tensors else
+                          ("none needed with those weighted ops float") if weight_ops else
+                          (f"16-bit activations measured at best {lowest:.4g}, still above the budget {budget:g}: "
+                           f"none kept (the ops around them would run at float speed for a budget still missed)")}
+        return tensors, section
+
+    def _shortest_prefix(self, groups: list[list[str]], measure: Callable, budget: float) -> tuple[int, dict]:
+        """The fewest leading ``groups`` on 16 bits that meet ``budget``: prefixes of 1, 2, 4, ...
+        until one does, then bisected, within ``MAX_WIDE_MEASUREMENTS``. Returns (how many, 0 when
+        none meets it; the error measured per prefix length)."""
         measured: dict[int, float] = {}
 
         def error(k: int) -> float:
@@ -618,20 +685,53 @@ class _Quantizer:
                 mid = (lo + hi) // 2
                 lo, hi = (lo, mid) if error(mid) <= budget else (mid, hi)
             chosen = hi
-        tensors = [t for g in groups[:chosen] for t in g]
-        lowest = min(measured.values(), default=before)
-        section = {"tensors": [{"tensor": t, "noise": round(noise.get(t, 0.0), 6)} for t in tensors
-                               if t not in base.folded],  # (a folded ReLU's output is its input's Q/DQ)
-                   "groups": len(groups), "ranked": len(gain), "error_before": round(before, 6),
-                   "error_after": round(measured[chosen], 6) if chosen else None,
-                   "measured": {str(j): round(e, 6) for j, e in sorted(measured.items())},
-                   "seconds": round(time.perf_counter() - t0, 3),
-                   "why": ("ONNX Runtime's CPU kernels run the ops reading or writing a 16-bit tensor in float "
-                           "between its Q/DQ (there are no fused 16-bit kernels): the weights stay int8, the "
-                           "speed is float's") if tensors else
-                          (f"16-bit activations measured at best {lowest:.4g}, still above the budget {budget:g}: "
-                           f"none kept (the ops around them would run at float speed for a budget still missed)")}
-        return tensors, section
+        return chosen, measured
+
+    def _weights_step(self, ranges: dict, keep: list[str], every: list[str], rank_on, measure: Callable,
+                      budget: float) -> list[dict]:
+        """Every activation on 16 bits still misses ``budget``: what is left is the weights'
+        rounding, which the ops around a 16-bit tensor pay nothing to keep float (ONNX Runtime runs
+        them in float already). The weighted ops whose weights int8 rounds most
+        (:func:`weight_rounding`, the ``MAX_WEIGHT_CANDIDATES`` largest) are each measured kept float
+        with every activation on 16 bits (on the ranking samples); those that lower the error go
+        float in that order, in prefixes of 1, 2, 4, ... until one meets the budget on the
+        fallback's samples. (On PP-OCRv4's recogniser one depthwise conv, whose weights alone
+        moved the output by most of the budget, did not show kept float alone with the other
+        activations int8: their noise hid it.) Returns the ops kept float with why, or []."""
+        base = build_plan(self.ir, self.scheme, ranges, keep_float=keep)
+        nodes = {node_id(n): n for n in self.ir.nodes}
+        rounding = {}
+        for nid, wq in base.weights.items():
+            w = self.ir.const_value(nodes[nid].inputs[1]) if nid in nodes else None
+            if w is not None and np.any(w):
+                w = np.asarray(w, dtype=np.float32)
+                fq = fake_quantized_weight(w, wq, self.scheme.weight_format)
+                rounding[wq.layer] = weight_rounding(w, fq, wq.axis)
+        ops = sorted(rounding, key=lambda o: -rounding[o])[:MAX_WEIGHT_CANDIDATES]
+        if not ops:
+            return []
+
+        def with_float(extra: list[str], on=None) -> float:
+            plan = build_plan(self.ir, self.scheme, ranges, keep_float=keep + extra)
+            return measure(every, plan=plan) if on is None else measure(every, on, plan=plan)
+
+        start = with_float([], rank_on)
+        gain = {o: start - with_float([o], rank_on) for o in ops}
+        order = sorted((o for o in ops if gain[o] > 0), key=lambda o: -gain[o])
+        self.log(f"fallback: every activation on 16 bits, {len(order)} of the {len(ops)} weighted ops whose int8 "
+                 f"weights round most lower the error kept float")
+        k = 1
+        while k <= len(order):
+            err = with_float(order[:k])
+            self.log(f"fallback: every activation on 16 bits and {k} weighted ops float, error {err:.4g}")
+            if err <= budget:
+                return [{"node": o, "why": f"its int8 weights: kept float, the error with every activation on 16 "
+                                          f"bits fell by {gain[o]:.3g} (its weights' own rounding {rounding[o]:.3g})"}
+                        for o in order[:k]]
+            if k == len(order):
+                break
+            k = min(2 * k, len(order))
+        return []
 
     def _wide_probe(self) -> Probe:
         """A switchable probe whose Q/DQ pairs are 16-bit (8-bit tensors clipped to their span:

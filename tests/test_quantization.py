@@ -737,6 +737,62 @@ def test_sixteen_bit_activations_are_the_fallbacks_last_step(monkeypatch, opset)
         edgec.compile(model, target="rknn", quantize="int8", calib="random")
 
 
+def _cancelling_depthwise_model():
+    """conv1 -> a depthwise conv whose two large taps cancel (kernel sums 0.02-0.1 beside taps of
+    +-50) -> a 1x1 conv. On flat inputs the depthwise output is its kernel sum times the level,
+    which int8 weights (a step of 50/127) round away: 16-bit activations cannot help."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.3, (8, 4, 1, 1)).astype(np.float32)
+    wd = np.zeros((8, 1, 3, 3), np.float32)
+    wd[:, 0, 1, 0] = 50.0
+    wd[:, 0, 1, 1] = -50.0 + rng.uniform(0.02, 0.1, 8)
+    w3 = rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32)
+    g = helper.make_graph([
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("Conv", ["c1", "wd"], ["d"], group=8, name="dw"),
+        helper.make_node("Conv", ["d", "w3"], ["y"], name="conv3")],
+        "cancel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (wd, "wd"), (w3, "w3"))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _flat_inputs(n, seed):
+    rng = np.random.default_rng(seed)
+    return [{"x": (rng.uniform(0.5, 2.0, (1, 4, 1, 1)) + rng.normal(0, 1e-3, (1, 4, 8, 8))).astype(np.float32)}
+            for _ in range(n)]
+
+
+def test_weights_16_bits_cannot_save_go_float_when_every_activation_is_wide(monkeypatch):
+    """When every activation on 16 bits still misses the budget, what is left is the weights'
+    rounding: the fallback measures the weighted ops whose int8 weights round most kept float
+    (here with no float steps before it), finds the depthwise conv whose taps cancel, keeps it
+    float, and searches the 16-bit tensors again with it float (its input's rounding, which its
+    taps amplify, still needs them). The report says which op and why, and the written model
+    meets the budget on held-out flat inputs in ONNX Runtime."""
+    monkeypatch.setattr(quantize_api, "MAX_STEPS", 0)
+    model = _cancelling_depthwise_model()
+    w = numpy_helper.to_array(model.graph.initializer[1])
+    assert quantize_api.weight_rounding(w, np.round(w / (50 / 127)) * (50 / 127), 0) > 0.5  # the kernel sums
+    r = edgec.compile(model, quantize="int8", calib=_flat_inputs(16, 1))
+    fb = r.report["quantization"]["fallback"]
+    sb = fb["sixteen_bit"]
+    assert fb["met"] and [w["node"] for w in sb["float_weights"]] == ["dw"], sb
+    assert sb["error_before"] > quantize_api.DEFAULT_INT8_BUDGET >= sb["error_after"]
+    assert "c1" in {t["tensor"] for t in sb["tensors"]} and "weights" in sb["float_weights"][0]["why"]
+    assert [f["node"] for f in fb["float"]] == ["dw"]
+    producers = {o: n for n in r.model.graph.node for o in n.output}
+    convs = {n.name: n for n in r.model.graph.node if n.op_type == "Conv"}
+    assert convs["dw"].input[1] not in producers  # float weights
+    assert producers[convs["conv3"].input[1]].op_type == "DequantizeLinear"
+    held = _flat_inputs(8, 2)
+    err = runtime.error_metrics(*[{k: np.concatenate([verify.run(m, f)[k] for f in held]) for k in ("y",)}
+                                  for m in (model, r.model)])
+    assert err["rel_l2"] < quantize_api.DEFAULT_INT8_BUDGET, err
+
+
 def test_strict_int8_never_writes_a_collapsed_model(tmp_path, capsys):
     from edgec import cli
 
