@@ -737,9 +737,9 @@ class _Quantizer:
         """A switchable probe whose Q/DQ pairs are 16-bit (8-bit tensors clipped to their span:
         the same values), for plans mixing 8- and 16-bit activations."""
         if self._sw16_probe is None:
-            sw = self._switchable_probe()
             self._sw16_probe = Probe(self.ir, self.float_model, self.scheme, self.widest, switchable=True, wide=True,
-                                     adaptive=sw.adaptive, observe=sw.observe, layer_inputs=self.rounding)
+                                     adaptive=list(self.layers) if self.bias_correction else (),
+                                     layer_inputs=self.rounding)
         return self._sw16_probe
 
     def _units(self, plan: QuantPlan) -> dict[str, list[str]]:
@@ -766,14 +766,19 @@ class _Quantizer:
                 units[root] = ops
         return units
 
-    def _switchable_probe(self) -> Probe:
-        """A probe that measures any subset of the int8 plan (built once, when a fallback needs it),
-        with every activation and its dequantized copy as outputs (for the trace)."""
-        if self._sw_probe is None:
-            dq = [PROBE_PREFIX + "dq." + t for t in self.widest.activations]
-            self._sw_probe = Probe(self.ir, self.float_model, self.scheme, self.widest, switchable=True,
-                                   adaptive=list(self.layers) if self.bias_correction else (),
-                                   observe=self.tensors + dq, layer_inputs=self.rounding)
+    def _switchable_probe(self, observe: bool = False) -> Probe:
+        """A probe that measures any subset of the int8 plan (built once, when a fallback needs it).
+        ``observe``: a new one with every activation and its dequantized copy as outputs too, for
+        the trace, not kept: as outputs they all stay allocated through a run (on an 800x608
+        detector, gigabytes), which the measurements do not need."""
+        if self._sw_probe is None or observe:
+            dq = [PROBE_PREFIX + "dq." + t for t in self.widest.activations] if observe else []
+            probe = Probe(self.ir, self.float_model, self.scheme, self.widest, switchable=True,
+                          adaptive=list(self.layers) if self.bias_correction else (),
+                          observe=(self.tensors + dq) if observe else (), layer_inputs=self.rounding)
+            if observe:
+                return probe
+            self._sw_probe = probe
         return self._sw_probe
 
     def _trace(self, plan: QuantPlan, weights, batches=None) -> list[dict]:
@@ -783,7 +788,7 @@ class _Quantizer:
         dequantized copy against its value before Q; or its median channel's, when that is worse:
         a scale one large channel sets crushes the others, which the whole tensor's error hides).
         Where the error grows, int8 hurts."""
-        probe = self._switchable_probe()
+        probe = self._switchable_probe(observe=True)
         position = {o.name: i for i, n in enumerate(self.ir.nodes) for o in n.outputs}
         tensors = sorted((t for t in plan.activations if PROBE_PREFIX + "dq." + t in probe.observe and t in probe.observe),
                          key=lambda t: position.get(t, -1))
