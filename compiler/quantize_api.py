@@ -638,18 +638,21 @@ class _Quantizer:
                 weight_ops = found
                 base = build_plan(self.ir, self.scheme, ranges, keep_float=keep + [w["node"] for w in found])
                 groups = [g for g in groups if set(g) & set(base.activations)]
-                measured = {0: measure([], plan=base)}
-                chosen = 0
-                if measured[0] > budget:
-                    chosen, measured = self._shortest_prefix(groups, partial(measure, plan=base), budget)
+                none_wide = measure([], plan=base)
+                chosen, again = 0, {0: none_wide}
+                if none_wide > budget:
+                    chosen, again = self._shortest_prefix(groups, partial(measure, plan=base), budget)
+                    again[0] = none_wide
         tensors = [t for g in groups[:chosen] for t in g]
         lowest = min(measured.values(), default=before)
         met = bool(chosen or weight_ops)
-        section = {"float_weights": weight_ops} if weight_ops else {}
+        section = {"float_weights": weight_ops,  # the search again with them float: its errors by prefix length
+                   "measured_with_float_weights": {str(j): round(e, 6) for j, e in sorted(again.items())}} \
+            if weight_ops else {}
         section = {**section, "tensors": [{"tensor": t, "noise": round(noise.get(t, 0.0), 6)} for t in tensors
                                if t not in base.folded],  # (a folded ReLU's output is its input's Q/DQ)
                    "groups": len(groups), "ranked": len(gain), "error_before": round(before, 6),
-                   "error_after": round(measured[chosen], 6) if met else None,
+                   "error_after": round((again if weight_ops else measured)[chosen], 6) if met else None,
                    "measured": {str(j): round(e, 6) for j, e in sorted(measured.items())},
                    "seconds": round(time.perf_counter() - t0, 3),
                    "why": ("ONNX Runtime's CPU kernels run the ops reading or writing a 16-bit tensor in float "

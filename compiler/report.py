@@ -113,8 +113,13 @@ def compile_text(r: dict) -> str:
                          + (f"{done} -> {fb.get('error_after', fb['error_before']):.4g}"
                             + (" (budget met)" if fb.get("met") else " (budget NOT met)")
                             if done else "no op's fallback helped"))
-            for f in fb["float"][:8]:
+            weights_step = {w["node"] for w in (fb.get("sixteen_bit") or {}).get("float_weights") or []}
+            shown = [f for f in fb["float"] if f["node"] not in weights_step][:8]
+            shown += [f for f in fb["float"] if f["node"] in weights_step]  # (each with why, however many steps came first)
+            for f in shown:
                 lines.append(f"      float {f['node']}: {f['why']}")
+            if len(shown) < len(fb["float"]):
+                lines.append(f"      ... and {len(fb['float']) - len(shown)} more ops float (the report's fallback.float)")
             if wide:
                 lines.append(f"      16-bit: {', '.join(w['tensor'] for w in wide[:6])}"
                              + (f" and {len(wide) - 6} more" if len(wide) > 6 else "")

@@ -196,6 +196,7 @@ def run_outputs(model: onnx.ModelProto, batches: Iterable[dict], *, host: bool =
 
 # ---------------------------------------------------------------------- error metrics
 MAX_CHANNELS = 4096  # slices per axis the per-channel error looks at (axes longer than this are not channels)
+POSITIONS_RATIO = 8  # [batch, N, C]: N >= 8 C is anchors or tokens, not channels (channel_axes)
 QUIET_CHANNEL = 1e-8  # a channel below this share of the mean channel energy (1e-4 of its RMS) is not judged
 
 
@@ -205,10 +206,14 @@ def channel_axes(shape: tuple) -> list[int]:
     non-batch axis (channels last, [batch, anchors, 4 + classes]); never a spatial axis of a
     one-channel map such as a text detector's probability map. In ``[batch, anchors, channels]``
     axis 1 is then positions, not channels: an anchor of background, all its scores near zero,
-    would be "a channel" whose relative error is its rounding noise over nothing."""
+    would be "a channel" whose relative error is its rounding noise over nothing. The shape
+    alone cannot tell that from a 1-D conv's ``[batch, channels, length]``: axis 1 counts as
+    positions when it is at least ``POSITIONS_RATIO`` times the last axis (anchors outnumber
+    classes by far; a conv's channels seldom outnumber its positions so), else both are judged."""
     last = len(shape) - 1
     channels_last = last > 1 and 1 < shape[last] <= 256 and all(shape[last] <= d for d in shape[1:last])
-    axes = [1] if 1 < shape[1] <= MAX_CHANNELS and not (channels_last and last == 2) else []
+    positions = channels_last and last == 2 and shape[1] >= POSITIONS_RATIO * shape[last]
+    axes = [1] if 1 < shape[1] <= MAX_CHANNELS and not positions else []
     if channels_last:
         axes.append(last)
     return axes

@@ -854,6 +854,12 @@ def test_the_channel_error_judges_channels_not_anchors():
     assert runtime.channel_axes(nchw.shape) == [1]
     err = runtime.error_metrics({"y": nchw}, {"y": np.moveaxis(crushed, -1, 1).reshape(nchw.shape)})
     assert err["worst_channel_rel_l2"] > 0.9, err
+    # a 1-D conv's [batch, channels, length] with length <= channels: its channels are still judged
+    ncl = rng.normal(0, 1, (2, 64, 32)).astype(np.float32)
+    dead = ncl.copy()
+    dead[:, 5] = 0
+    assert 1 in runtime.channel_axes(ncl.shape)
+    assert runtime.error_metrics({"y": ncl}, {"y": dead})["worst_channel_rel_l2"] > 0.9
 
 
 def test_concat_of_scores_and_pixel_boxes_is_not_crushed_under_one_scale(monkeypatch):
