@@ -137,7 +137,8 @@ def weight_rounding(w: np.ndarray, fq: np.ndarray, axis: int | None) -> float:
     on a flat input), whichever is larger. A kernel whose large taps cancel (a BN-folded
     depthwise conv that finds edges) has a small relative weight error and a large gain error,
     which on the flat regions of an image is the output's."""
-    w64, d = w.astype(np.float64), fq.astype(np.float64) - w.astype(np.float64)
+    w64 = w.astype(np.float64)
+    d = fq.astype(np.float64) - w64
     rel = float(np.linalg.norm(d) / np.linalg.norm(w64))
     if axis is None or w.ndim < 2:
         return rel
@@ -377,9 +378,12 @@ class _Quantizer:
         report["measurements"] = self.probe.runs
         return report
 
-    def _new_probe(self, widest: QuantPlan) -> Probe:
-        return Probe(self.ir, self.float_model, self.scheme, widest, switchable=self.mode == "mixed",
-                     adaptive=list(self.layers) if self.bias_correction else (), layer_inputs=self.rounding)
+    def _new_probe(self, widest: QuantPlan, **kw) -> Probe:
+        """A probe of ``widest`` with this compile's bias-correction layers and layer inputs;
+        ``kw``: :class:`Probe`'s ``switchable`` (default: mixed mode's), ``wide``, ``observe``."""
+        kw.setdefault("switchable", self.mode == "mixed")
+        return Probe(self.ir, self.float_model, self.scheme, widest,
+                     adaptive=list(self.layers) if self.bias_correction else (), layer_inputs=self.rounding, **kw)
 
     def _choose_method(self, stats) -> tuple[dict, dict]:
         """``--calib-method auto``: the ranges of every method in ``AUTO_METHODS`` (one
@@ -573,10 +577,9 @@ class _Quantizer:
         if now > budget and self.sixteen_bit:
             wide, section["sixteen_bit"] = self._widen(ranges, weights, keep + floats, batches, ref, noise, budget, now,
                                                        capture)
-            weight_ops = [w["node"] for w in section["sixteen_bit"].get("float_weights", [])]
-            floats += weight_ops
-            section["float"] += [{"node": w["node"], "why": w["why"]}
-                                 for w in section["sixteen_bit"].get("float_weights", [])]
+            float_weights = section["sixteen_bit"].get("float_weights", [])
+            floats += [w["node"] for w in float_weights]
+            section["float"] += float_weights
         if not floats and not wide:
             rep.update({"trace": trace, "fallback": {**section, "met": False}})
             return plan, rep
@@ -614,7 +617,7 @@ class _Quantizer:
         groups = sorted(scale_groups(self.ir, base).values(), key=lambda g: -max(noise.get(t, 0.0) for t in g))
 
         def measure(tensors, on=(batches, ref), plan=None) -> float:
-            p = with_wide(plan or base, tensors)
+            p = with_wide(plan if plan is not None else base, tensors)
             return guarded_error(error_metrics(on[1], probe.outputs(p, on[0], weights=weights)))
 
         rank = calibdata.subset(self.calib, min(WIDE_RANK_SAMPLES, self.bias_set.samples))
@@ -714,12 +717,11 @@ class _Quantizer:
         if not ops:
             return []
 
-        def with_float(extra: list[str], on=None) -> float:
-            plan = build_plan(self.ir, self.scheme, ranges, keep_float=keep + extra)
-            return measure(every, plan=plan) if on is None else measure(every, on, plan=plan)
+        def with_float(extra: list[str], **on) -> float:
+            return measure(every, plan=build_plan(self.ir, self.scheme, ranges, keep_float=keep + extra), **on)
 
-        start = with_float([], rank_on)
-        gain = {o: start - with_float([o], rank_on) for o in ops}
+        start = with_float([], on=rank_on)
+        gain = {o: start - with_float([o], on=rank_on) for o in ops}
         order = sorted((o for o in ops if gain[o] > 0), key=lambda o: -gain[o])
         self.log(f"fallback: every activation on 16 bits, {len(order)} of the {len(ops)} weighted ops whose int8 "
                  f"weights round most lower the error kept float")
@@ -740,9 +742,7 @@ class _Quantizer:
         """A switchable probe whose Q/DQ pairs are 16-bit (8-bit tensors clipped to their span:
         the same values), for plans mixing 8- and 16-bit activations."""
         if self._sw16_probe is None:
-            self._sw16_probe = Probe(self.ir, self.float_model, self.scheme, self.widest, switchable=True, wide=True,
-                                     adaptive=list(self.layers) if self.bias_correction else (),
-                                     layer_inputs=self.rounding)
+            self._sw16_probe = self._new_probe(self.widest, switchable=True, wide=True)
         return self._sw16_probe
 
     def _units(self, plan: QuantPlan) -> dict[str, list[str]]:
@@ -769,19 +769,13 @@ class _Quantizer:
                 units[root] = ops
         return units
 
-    def _switchable_probe(self, observe: bool = False) -> Probe:
+    def _switchable_probe(self) -> Probe:
         """A probe that measures any subset of the int8 plan (built once, when a fallback needs it).
-        ``observe``: a new one with every activation and its dequantized copy as outputs too, for
-        the trace, not kept: as outputs they all stay allocated through a run (on an 800x608
-        detector, gigabytes), which the measurements do not need."""
-        if self._sw_probe is None or observe:
-            dq = [PROBE_PREFIX + "dq." + t for t in self.widest.activations] if observe else []
-            probe = Probe(self.ir, self.float_model, self.scheme, self.widest, switchable=True,
-                          adaptive=list(self.layers) if self.bias_correction else (),
-                          observe=(self.tensors + dq) if observe else (), layer_inputs=self.rounding)
-            if observe:
-                return probe
-            self._sw_probe = probe
+        It observes nothing: the trace builds its own probe, every activation and its dequantized
+        copy as outputs, and drops it (as outputs they all stay allocated through a run, on an
+        800x608 detector gigabytes, which the measurements do not need)."""
+        if self._sw_probe is None:
+            self._sw_probe = self._new_probe(self.widest, switchable=True)
         return self._sw_probe
 
     def _trace(self, plan: QuantPlan, weights, batches=None) -> list[dict]:
@@ -791,7 +785,8 @@ class _Quantizer:
         dequantized copy against its value before Q; or its median channel's, when that is worse:
         a scale one large channel sets crushes the others, which the whole tensor's error hides).
         Where the error grows, int8 hurts."""
-        probe = self._switchable_probe(observe=True)
+        probe = self._new_probe(self.widest, switchable=True, observe=self.tensors + [
+            PROBE_PREFIX + "dq." + t for t in self.widest.activations])
         position = {o.name: i for i, n in enumerate(self.ir.nodes) for o in n.outputs}
         tensors = sorted((t for t in plan.activations if PROBE_PREFIX + "dq." + t in probe.observe and t in probe.observe),
                          key=lambda t: position.get(t, -1))

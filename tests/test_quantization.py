@@ -23,6 +23,13 @@ from conftest import digits_data
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits"
 
 
+def _opset17(g: onnx.GraphProto) -> onnx.ModelProto:
+    """``g`` as an opset-17, IR-version-8 model (the hand-built graphs of this file)."""
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
 # ------------------------------------------------------------------ numpy references
 def np_quantize(x, scale, zp, qmin, qmax, axis=None):
     """ONNX QuantizeLinear: round half to even, saturate."""
@@ -81,9 +88,7 @@ def one_layer_model(op: str, *, trans_b: int = 1, group: int = 1, seed: int = 0)
             node = helper.make_node("MatMul", ["x", "w"], ["y"])
     inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(b, "b")] if node.op_type != "MatMul" else [])
     g = helper.make_graph([node], "one", [x], [y], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m, w, (b if node.op_type != "MatMul" else None)
+    return _opset17(g), w, (b if node.op_type != "MatMul" else None)
 
 
 def quantize_with_ranges(model, ranges, **kw) -> onnx.ModelProto:
@@ -659,9 +664,7 @@ def _collapsing_model():
         "collapse", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8, 8])],
         [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return _opset17(g)
 
 
 def test_int8_that_collapses_falls_back_by_measured_contribution():
@@ -754,9 +757,7 @@ def _cancelling_depthwise_model():
         "cancel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
         [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (wd, "wd"), (w3, "w3"))])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return _opset17(g)
 
 
 def _flat_inputs(n, seed):
@@ -823,9 +824,7 @@ def _detection_head_model():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                           [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (wc, "wc"), (wb, "wb"))]
                           + [numpy_helper.from_array(np.array(200.0, np.float32), "k")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return _opset17(g)
 
 
 def _score_error(model, q, feeds):
