@@ -81,8 +81,11 @@ class Probe:
     scales, weights and biases differ) wires the Q/DQ pairs as the materialiser will, folded
     ReLUs removed, with no switches: the probe then costs what the quantized model costs.
     ``switchable=True`` (mixed precision, where plans quantize subsets) puts a switch on every
-    reader edge. Every tensor of ``observe`` is also an output; with ``layer_inputs``, so is the
-    data input each layer reads (``layer_input[node id]``: its dequantized copy where quantized).
+    reader edge. Every tensor of ``observe`` is also an output; with ``layer_inputs``, so are the
+    data input each layer reads (``layer_input[node id]``: its dequantized copy where quantized)
+    and its output. Nothing else is: ONNX Runtime keeps every graph output of a run allocated until
+    the run ends, fetched or not, so on a high-resolution detector each one costs its whole map
+    for every batch in flight.
 
     ``wide=True`` (the int8 fallback's 16-bit step) makes every Q/DQ pair 16-bit followed by a
     ``Clip`` whose bounds are inputs too: an 8-bit tensor is quantized on its own scale and zero
@@ -239,7 +242,10 @@ class Probe:
         g.input.extend(new_inputs)
         g.initializer.extend(self._axes_inits)
         have = {o.name for o in g.output}
-        for t in self.observe + list(self.layer_input.values()) + [n.outputs[0].name for n in self.layers.values()] + [
+        # (a graph output stays allocated through a run, fetched or not: a weighted layer's output is
+        # one only where rounding reads it, beside the layer's input)
+        layer_outputs = [n.outputs[0].name for n in self.layers.values()] if self.with_layer_inputs else []
+        for t in self.observe + list(self.layer_input.values()) + layer_outputs + [
                 f"{PREFIX}{k}.{nid}" for nid in self.adaptive for k in ("delta", "n")]:
             if t not in have:
                 g.output.append(helper.make_empty_tensor_value_info(t))
@@ -390,6 +396,9 @@ class Probe:
     def measure(self, plan, batches, *, means_of: list[str] = (), weights=None) -> tuple[dict, dict]:
         """One pass under ``plan``: the graph outputs over all ``batches`` (concatenated) and the
         per-channel means of the ``means_of`` layers' outputs (see :class:`ChannelMeans`)."""
+        if means_of and not self.with_layer_inputs:
+            raise ValueError("Probe.measure(means_of=...) needs a probe built with layer_inputs=True "
+                             "(only then are the layers' outputs graph outputs)")
         means = ChannelMeans({i: self.layers[i] for i in means_of})
         fetch = list(dict.fromkeys(self.graph_outputs + list(means.tensors.values())))
         parts: dict[str, list] = {n: [] for n in self.graph_outputs}

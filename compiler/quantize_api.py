@@ -58,7 +58,7 @@ from .quant_plan import (QuantPlan, build_plan, clip_bounds, fake_quantized_weig
 from .quant_probe import PREFIX as PROBE_PREFIX
 from .quant_probe import ChannelMeans, Probe, concat
 from .quant_rules import table_for
-from .runtime import augment, error_metrics, output_error, reference_session, run_batches, sqnr_db
+from .runtime import augment, error_metrics, output_error, reference_session, run_batches, sqnr_db, workers
 from .target import QuantScheme
 
 from edgec.passes.convert_fp16 import ConvertFP16
@@ -78,6 +78,7 @@ MAX_STEPS = 8  # fallback steps, each measured
 # float the held-out box F1 fell from 0.957 to 0.943
 STEP_TOLERANCE = 0.02
 FALLBACK_SAMPLES = 32  # calibration samples the fallback's measurements run on (a whole batch at least)
+TRACE_MEMORY = 2 << 30  # bytes the per-layer trace's observed tensors may take at once, all batches in flight
 # the 16-bit step (schemes with wide_activations): scale groups go to 16 bits noisiest first, in
 # prefixes of 1, 2, 4, ... groups until one meets the budget, then bisected down; at most this
 # many measurements
@@ -238,6 +239,38 @@ def calibration_tensors(ir: IR) -> list[str]:
 
 def concat_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return concat({n: [p[n] for p in parts] for n in (parts[0] if parts else {})})
+
+
+def _tensor_bytes(ir: IR, names: list[str], sample: list[dict]) -> dict[str, int]:
+    """float32 bytes of each tensor for one batch, from the IR's shapes (a dynamic first axis
+    counted as the sample batch's size; a tensor of unknown shape as the largest known one)."""
+    batch = 1
+    for b in sample:
+        shapes = [np.shape(v) for v in b.values() if np.ndim(v)]
+        batch = max(batch, max((s_[0] for s_ in shapes), default=1))
+    known = ir.tensors()
+    out: dict[str, int] = {}
+    for n in names:
+        shape = known[n].shape if n in known else None
+        if shape is None:
+            continue
+        dims = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(shape)]
+        out[n] = 4 * int(np.prod(dims, dtype=np.int64))
+    largest = max(out.values(), default=4)
+    return {n: out.get(n, largest) for n in names}
+
+
+def _by_bytes(names: list[str], nbytes: dict[str, int], budget: float) -> list[list[str]]:
+    """``names`` in order, cut into runs whose bytes stay within ``budget`` (one at least)."""
+    chunks: list[list[str]] = []
+    size = 0.0
+    for n in names:
+        if not chunks or (size + nbytes[n] > budget and chunks[-1]):
+            chunks.append([])
+            size = 0.0
+        chunks[-1].append(n)
+        size += nbytes[n]
+    return chunks
 
 
 class _FloatCapture:
@@ -785,22 +818,46 @@ class _Quantizer:
         dequantized copy against its value before Q; or its median channel's, when that is worse:
         a scale one large channel sets crushes the others, which the whole tensor's error hides).
         Where the error grows, int8 hurts."""
-        probe = self._new_probe(self.widest, switchable=True, observe=self.tensors + [
-            PROBE_PREFIX + "dq." + t for t in self.widest.activations])
         position = {o.name: i for i, n in enumerate(self.ir.nodes) for o in n.outputs}
-        tensors = sorted((t for t in plan.activations if PROBE_PREFIX + "dq." + t in probe.observe and t in probe.observe),
+        observable, widest = set(self.tensors), set(self.widest.activations)
+        tensors = sorted((t for t in plan.activations if t in observable and t in widest),
                          key=lambda t: position.get(t, -1))
         if not tensors:
             return []
-        sess = reference_session(augment(self.float_model, tensors))
-        fetch = tensors + [PROBE_PREFIX + "dq." + t for t in tensors]
         acc = {t: np.zeros(3) for t in tensors}  # [sum float^2, sum (dq - float)^2, sum (dq - raw)^2]
-        batches = batches if batches is not None else calibdata.subset(self.calib, FALLBACK_SAMPLES).batches
+        batches = list(batches if batches is not None else calibdata.subset(self.calib, FALLBACK_SAMPLES).batches)
         # a tensor whose Relu/Clip(0, c) is folded into its range: its dequantized copy is that
         # activation's output, so the float and raw values it is compared with get it too (else
         # the negatives the activation drops count as rounding noise: an SE squeeze conv read as 7 dB)
         caps = _folded_caps(self.ir, plan)
         per_channel: dict[str, np.ndarray] = {}  # tensor -> [2, channels]: sum float^2, sum (dq - raw)^2
+        # observed in chunks: each tensor is held three times per batch (float, before Q, after DQ),
+        # for every batch in flight, so all of a high-resolution detector's at once take gigabytes
+        per_batch = TRACE_MEMORY / (3 * 2 * workers())
+        for chunk in _by_bytes(tensors, _tensor_bytes(self.ir, tensors, batches[:1]), per_batch):
+            self._trace_chunk(chunk, plan, weights, batches, caps, acc, per_channel)
+        producers = {o.name: n for n in self.ir.nodes for o in n.outputs}
+        rows = []
+        for t in tensors:
+            ff, total, own = acc[t]
+            rel = float(np.sqrt(total / ff)) if ff > 0 else 0.0
+            qrel = float(np.sqrt(own / ff)) if ff > 0 else 0.0
+            pc = per_channel.get(t)
+            if pc is not None and np.any(pc[0] > 0):  # the median channel's own rounding, when worse
+                qrel = max(qrel, float(np.median(np.sqrt(pc[1][pc[0] > 0] / pc[0][pc[0] > 0]))))
+            prod = producers.get(t)
+            rows.append({"tensor": t, "producer": node_key(prod) if prod is not None else None,
+                         "op": prod.op if prod is not None else "input", "sqnr_db": sqnr_db(rel),
+                         "rel_l2": round(rel, 6), "quant_sqnr_db": sqnr_db(qrel), "quant_rel_l2": round(qrel, 6)})
+        return rows
+
+    def _trace_chunk(self, tensors: list[str], plan: QuantPlan, weights, batches: list, caps: dict,
+                     acc: dict, per_channel: dict) -> None:
+        """:meth:`_trace`'s sums for ``tensors``, from a probe that observes them alone."""
+        probe = self._new_probe(self.widest, switchable=True, observe=tensors + [
+            PROBE_PREFIX + "dq." + t for t in tensors])
+        sess = reference_session(augment(self.float_model, tensors))
+        fetch = tensors + [PROBE_PREFIX + "dq." + t for t in tensors]
         for b, got in run_batches(probe.session, fetch, batches, fixed=probe.inputs_for(plan, weights)):
             want = dict(zip(tensors, sess.run(tensors, b)))
             for t in tensors:
@@ -819,20 +876,6 @@ class _Quantizer:
                         c = np.stack([np.sum(np.square(f.reshape(shape)), axis=other),
                                       np.sum(np.square((dq - raw).reshape(shape)), axis=other)])
                         per_channel[t] = per_channel[t] + c if t in per_channel and per_channel[t].shape == c.shape else c
-        producers = {o.name: n for n in self.ir.nodes for o in n.outputs}
-        rows = []
-        for t in tensors:
-            ff, total, own = acc[t]
-            rel = float(np.sqrt(total / ff)) if ff > 0 else 0.0
-            qrel = float(np.sqrt(own / ff)) if ff > 0 else 0.0
-            pc = per_channel.get(t)
-            if pc is not None and np.any(pc[0] > 0):  # the median channel's own rounding, when worse
-                qrel = max(qrel, float(np.median(np.sqrt(pc[1][pc[0] > 0] / pc[0][pc[0] > 0]))))
-            prod = producers.get(t)
-            rows.append({"tensor": t, "producer": node_key(prod) if prod is not None else None,
-                         "op": prod.op if prod is not None else "input", "sqnr_db": sqnr_db(rel),
-                         "rel_l2": round(rel, 6), "quant_sqnr_db": sqnr_db(qrel), "quant_rel_l2": round(qrel, 6)})
-        return rows
 
     def _ranges(self, stats) -> dict:
         return calib_mod.ranges_from_stats(self.float_model, stats, method=self.method, percentile=self.percentile,

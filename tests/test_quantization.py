@@ -1056,6 +1056,48 @@ def test_trace_compares_a_folded_relu_tensor_after_the_relu():
     assert q["error"]["sqnr_db"] > 25
 
 
+def test_the_trace_in_chunks_is_the_trace_and_probes_hold_only_what_they_are_asked(monkeypatch):
+    """The per-layer trace observes every activation, before Q and after DQ, beside the float
+    model's: on a high-resolution detector that is gigabytes per batch in flight, so it observes
+    them in chunks within ``TRACE_MEMORY``. Cut to one tensor a chunk, it reports the same rows.
+    A probe's graph outputs stay allocated through each run, fetched or not: the weighted layers'
+    outputs are among them only where rounding reads them (``layer_inputs``)."""
+    model = _collapsing_model()
+    x = np.random.default_rng(3).standard_normal((16, 4, 8, 8)).astype(np.float32)
+    calib = [{"x": x[i:i + 2]} for i in range(0, 16, 2)]  # (the model's batch is 2)
+
+    def trace():  # the fallback's (it collapses, strict or not, so the default falls back)
+        q = edgec.compile(model, quantize="int8", calib=calib).report["quantization"]
+        assert q["fallback"]["met"]
+        return q["trace"]
+
+    whole = trace()
+    cuts = []
+    real = quantize_api._by_bytes
+    monkeypatch.setattr(quantize_api, "_by_bytes", lambda names, nbytes, budget: cuts.append(
+        real(names, nbytes, budget)) or cuts[-1])
+    monkeypatch.setattr(quantize_api, "TRACE_MEMORY", 1)  # below any tensor: one a chunk
+    chunked = trace()
+    assert len(whole) >= 4 and cuts and all(len(c) == 1 for c in cuts[0]) and len(cuts[0]) == len(whole)
+    assert chunked == whole
+    # the bytes it counts: c1 is [2, 8, 8, 8] float32
+    ir = edgec.from_model(model)
+    ir.infer_shapes()
+    assert quantize_api._tensor_bytes(ir, ["c1"], calib[:1]) == {"c1": 2 * 8 * 8 * 8 * 4}
+    # the probe: no layer output among the graph outputs unless rounding reads layer inputs
+    from edgec import quant_plan
+    from edgec.quant_probe import Probe
+    from edgec.target import QuantScheme
+    ir = edgec.from_model(model)
+    scheme = QuantScheme(weight_type="int8")
+    plan = quant_plan.build_plan(ir, scheme, {t: (-4.0, 4.0) for t in ("x", "c1", "r1", "c2", "r2", "y")})
+    assert plan.weights
+    plain = Probe(ir, ir.to_onnx(), scheme, plan, switchable=True)
+    assert {o.name for o in plain.model.graph.output} == {"y"}
+    gptq = Probe(ir, ir.to_onnx(), scheme, plan, switchable=True, layer_inputs=True)
+    assert {"c1", "c2"} <= {o.name for o in gptq.model.graph.output}
+
+
 def test_fallback_keeps_the_fewest_steps_near_the_lowest_error():
     """PP-OCRv4's detector: one op removed 0.034 of 0.161 and seven more 0.001 between them;
     with all eight float its held-out box F1 fell from 0.957 to 0.943. Only steps that matter stay."""
