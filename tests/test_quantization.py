@@ -1096,6 +1096,9 @@ def test_the_trace_in_chunks_is_the_trace_and_probes_hold_only_what_they_are_ask
     assert {o.name for o in plain.model.graph.output} == {"y"}
     gptq = Probe(ir, ir.to_onnx(), scheme, plan, switchable=True, layer_inputs=True)
     assert {"c1", "c2"} <= {o.name for o in gptq.model.graph.output}
+    # and a measuring session does not keep the most it ever held between runs (ONNX Runtime's
+    # CPU arena would, until the session goes: gigabytes on a high-resolution detector's probes)
+    assert not runtime.reference_session(model).get_session_options().enable_cpu_mem_arena
 
 
 def test_fallback_keeps_the_fewest_steps_near_the_lowest_error():
