@@ -115,10 +115,34 @@ def run_batches(sess: ort.InferenceSession, names: list[str], batches: Iterable[
     return map_batches(one, batches)
 
 
+def in_flight_bytes() -> int:
+    """What the results of batches in flight may take at once (:func:`map_batches`): a sixth of
+    this machine's memory, 1 GiB at least."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        total = 8 << 30
+    return max(1 << 30, total // 6)
+
+
+def _nbytes(value) -> int:
+    """The bytes of the arrays in a result (a dict, list or tuple of them, or one)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
 def map_batches(fn: Callable[[int, dict], object], batches: Iterable[dict]) -> Iterator[tuple[dict, object]]:
     """``(batch, fn(index, batch))`` for each batch, in order, :func:`workers` at a time: ONNX
     Runtime releases the GIL while it runs, and each reference run is single-threaded, so the
-    values are those of a sequential run. At most two batches per worker are in flight."""
+    values are those of a sequential run. At most two batches per worker are in flight, and no
+    more than :func:`in_flight_bytes` of results: the first batch runs alone and its result's
+    size sets how many may follow it at once (a run that fetches every activation of a
+    high-resolution model returns gigabytes, on every core)."""
     n = workers()
     if n == 1:
         for i, b in enumerate(batches):
@@ -126,12 +150,16 @@ def map_batches(fn: Callable[[int, dict], object], batches: Iterable[dict]) -> I
         return
     pool = _pool(n)
     pending: deque = deque()
+    limit = 1  # until the first result says how large one is
     try:
         for i, b in enumerate(batches):
             pending.append((b, pool.submit(fn, i, b)))
-            if len(pending) >= 2 * n:
+            while len(pending) >= limit:
                 b0, f = pending.popleft()
-                yield b0, f.result()
+                value = f.result()
+                if i == 0 and limit == 1:
+                    limit = max(1, min(2 * n, in_flight_bytes() // max(_nbytes(value), 1)))
+                yield b0, value
         while pending:
             b0, f = pending.popleft()
             yield b0, f.result()

@@ -158,3 +158,34 @@ def test_edgec_threads_limits_the_batches_run_at_once(monkeypatch):
     assert runtime.workers() == cores
     monkeypatch.setenv(runtime.THREADS_ENV, "many")
     assert runtime.workers() == cores
+
+
+@pytest.mark.parametrize("result_mb, budget_mb, expected", [(1, 3, 3), (1, 0.5, 1), (1, 1000, 8)])
+def test_batches_in_flight_stay_within_the_memory_bound(monkeypatch, result_mb, budget_mb, expected):
+    """Runs that fetch every activation of a high-resolution model return gigabytes a batch,
+    and every core has two batches in flight: the first batch runs alone, and its result's size
+    sets how many may be in flight at once (within ``in_flight_bytes``; two per worker at most).
+    The results are those of a sequential run, in order."""
+    import threading
+    import time
+    from edgec import runtime
+
+    monkeypatch.setattr(runtime, "workers", lambda: 4)  # 8 in flight at most
+    monkeypatch.setattr(runtime, "in_flight_bytes", lambda: int(budget_mb * 2 ** 20))
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def fn(i, b):
+        with lock:
+            started.append(i)
+        time.sleep(0.002)
+        return {"v": np.full(int(result_mb * 2 ** 20) // 8, float(b["x"]))}
+
+    seen, widest = [], 0
+    for b, out in runtime.map_batches(fn, ({"x": k} for k in range(24))):
+        with lock:
+            widest = max(widest, max(started) - len(seen))  # batches started but not yet handed over
+        assert out["v"][0] == b["x"]
+        seen.append(b["x"])
+    assert seen == list(range(24))
+    assert min(expected, 4) <= widest + 1 <= expected  # (4 workers: at least that many run at once)
