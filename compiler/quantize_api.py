@@ -58,7 +58,8 @@ from .quant_plan import (QuantPlan, build_plan, clip_bounds, fake_quantized_weig
 from .quant_probe import PREFIX as PROBE_PREFIX
 from .quant_probe import ChannelMeans, Probe, concat
 from .quant_rules import table_for
-from .runtime import augment, error_metrics, output_error, reference_session, run_batches, sqnr_db, workers
+from . import runtime
+from .runtime import augment, error_metrics, output_error, reference_session, run_batches, sqnr_db
 from .target import QuantScheme
 
 from edgec.passes.convert_fp16 import ConvertFP16
@@ -241,23 +242,32 @@ def concat_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return concat({n: [p[n] for p in parts] for n in (parts[0] if parts else {})})
 
 
-def _tensor_bytes(ir: IR, names: list[str], sample: list[dict]) -> dict[str, int]:
-    """float32 bytes of each tensor for one batch, from the IR's shapes (a dynamic first axis
-    counted as the sample batch's size; a tensor of unknown shape as the largest known one)."""
-    batch = 1
-    for b in sample:
-        shapes = [np.shape(v) for v in b.values() if np.ndim(v)]
-        batch = max(batch, max((s_[0] for s_ in shapes), default=1))
-    known = ir.tensors()
-    out: dict[str, int] = {}
-    for n in names:
-        shape = known[n].shape if n in known else None
-        if shape is None:
-            continue
-        dims = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(shape)]
-        out[n] = 4 * int(np.prod(dims, dtype=np.int64))
-    largest = max(out.values(), default=4)
-    return {n: out.get(n, largest) for n in names}
+def _tensor_bytes(model: onnx.ModelProto, names: list[str], sample: dict) -> dict[str, int]:
+    """float32 bytes of each tensor for one batch: shapes inferred with the inputs fixed to the
+    ``sample`` batch's (so a dynamic batch, height or width counts as that batch's); a tensor
+    whose shape stays unknown counts as the largest known one."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i in m.graph.input:
+        if i.name in sample and i.type.HasField("tensor_type"):
+            shape = np.shape(sample[i.name])
+            dims = i.type.tensor_type.shape.dim
+            if len(dims) == len(shape):
+                for d, v in zip(dims, shape):
+                    d.ClearField("dim_param")
+                    d.dim_value = int(v)
+    del m.graph.value_info[:]
+    try:
+        m = onnx.shape_inference.infer_shapes(m)
+    except Exception:  # (a model onnx cannot infer: every tensor counts as unknown)
+        pass
+    known: dict[str, int] = {}
+    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
+        dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []
+        if vi.name in names and dims and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+            known[vi.name] = 4 * int(np.prod([d.dim_value for d in dims], dtype=np.int64))
+    largest = max(known.values(), default=4)
+    return {n: known.get(n, largest) for n in names}
 
 
 def _by_bytes(names: list[str], nbytes: dict[str, int], budget: float) -> list[list[str]]:
@@ -413,10 +423,12 @@ class _Quantizer:
 
     def _new_probe(self, widest: QuantPlan, **kw) -> Probe:
         """A probe of ``widest`` with this compile's bias-correction layers and layer inputs;
-        ``kw``: :class:`Probe`'s ``switchable`` (default: mixed mode's), ``wide``, ``observe``."""
+        ``kw``: :class:`Probe`'s ``switchable`` (default: mixed mode's), ``wide``, ``observe``,
+        ``layer_inputs`` (default: with GPTQ rounding, which reads them)."""
         kw.setdefault("switchable", self.mode == "mixed")
+        kw.setdefault("layer_inputs", self.rounding)
         return Probe(self.ir, self.float_model, self.scheme, widest,
-                     adaptive=list(self.layers) if self.bias_correction else (), layer_inputs=self.rounding, **kw)
+                     adaptive=list(self.layers) if self.bias_correction else (), **kw)
 
     def _choose_method(self, stats) -> tuple[dict, dict]:
         """``--calib-method auto``: the ranges of every method in ``AUTO_METHODS`` (one
@@ -804,9 +816,9 @@ class _Quantizer:
 
     def _switchable_probe(self) -> Probe:
         """A probe that measures any subset of the int8 plan (built once, when a fallback needs it).
-        It observes nothing: the trace builds its own probe, every activation and its dequantized
-        copy as outputs, and drops it (as outputs they all stay allocated through a run, on an
-        800x608 detector gigabytes, which the measurements do not need)."""
+        It observes nothing: the trace builds its own probes, one per chunk of the activations
+        with their dequantized copies as outputs, and drops each (as outputs they stay allocated
+        through a run, on an 800x608 detector gigabytes, which the measurements do not need)."""
         if self._sw_probe is None:
             self._sw_probe = self._new_probe(self.widest, switchable=True)
         return self._sw_probe
@@ -833,8 +845,10 @@ class _Quantizer:
         per_channel: dict[str, np.ndarray] = {}  # tensor -> [2, channels]: sum float^2, sum (dq - raw)^2
         # observed in chunks: each tensor is held three times per batch (float, before Q, after DQ),
         # for every batch in flight, so all of a high-resolution detector's at once take gigabytes
-        per_batch = TRACE_MEMORY / (3 * 2 * workers())
-        for chunk in _by_bytes(tensors, _tensor_bytes(self.ir, tensors, batches[:1]), per_batch):
+        n = runtime.workers()
+        in_flight = 1 if n == 1 else max(1, min(2 * n, len(batches)))  # (runtime.map_batches)
+        sizes = _tensor_bytes(self.float_model, tensors, batches[0]) if batches else {t: 4 for t in tensors}
+        for chunk in _by_bytes(tensors, sizes, TRACE_MEMORY / (3 * in_flight)):
             self._trace_chunk(chunk, plan, weights, batches, caps, acc, per_channel)
         producers = {o.name: n for n in self.ir.nodes for o in n.outputs}
         rows = []
@@ -854,7 +868,7 @@ class _Quantizer:
     def _trace_chunk(self, tensors: list[str], plan: QuantPlan, weights, batches: list, caps: dict,
                      acc: dict, per_channel: dict) -> None:
         """:meth:`_trace`'s sums for ``tensors``, from a probe that observes them alone."""
-        probe = self._new_probe(self.widest, switchable=True, observe=tensors + [
+        probe = self._new_probe(self.widest, switchable=True, layer_inputs=False, observe=tensors + [
             PROBE_PREFIX + "dq." + t for t in tensors])
         sess = reference_session(augment(self.float_model, tensors))
         fetch = tensors + [PROBE_PREFIX + "dq." + t for t in tensors]

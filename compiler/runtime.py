@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import os
 import platform
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
@@ -112,16 +113,35 @@ def run_batches(sess: ort.InferenceSession, names: list[str], batches: Iterable[
     def one(i, b):
         return dict(zip(names, sess.run(names, {**b, **fixed} if fixed else b)))
 
-    return map_batches(one, batches)
+    try:  # the result size of an earlier call with these outputs: no batch need run alone first
+        sizes = _RESULT_BYTES.setdefault(sess, {})
+    except TypeError:
+        sizes = {}
+    return map_batches(one, batches, sizes=sizes, key=tuple(names))
+
+
+_RESULT_BYTES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # session -> {outputs: bytes}
+
+
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
 def in_flight_bytes() -> int:
     """What the results of batches in flight may take at once (:func:`map_batches`): a sixth of
-    this machine's memory, 1 GiB at least."""
+    the memory this process may use (the machine's, or its container's limit when lower), 1 GiB
+    at least."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         total = 8 << 30
+    for path in _CGROUP_LIMITS:  # cgroup v2, v1 ("max" or a huge number: no limit)
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
     return max(1 << 30, total // 6)
 
 
@@ -136,13 +156,15 @@ def _nbytes(value) -> int:
     return 0
 
 
-def map_batches(fn: Callable[[int, dict], object], batches: Iterable[dict]) -> Iterator[tuple[dict, object]]:
+def map_batches(fn: Callable[[int, dict], object], batches: Iterable[dict], *, sizes: dict | None = None,
+                key=None) -> Iterator[tuple[dict, object]]:
     """``(batch, fn(index, batch))`` for each batch, in order, :func:`workers` at a time: ONNX
     Runtime releases the GIL while it runs, and each reference run is single-threaded, so the
-    values are those of a sequential run. At most two batches per worker are in flight, and no
-    more than :func:`in_flight_bytes` of results: the first batch runs alone and its result's
-    size sets how many may follow it at once (a run that fetches every activation of a
-    high-resolution model returns gigabytes, on every core)."""
+    values are those of a sequential run. At most two batches per worker are in flight, and
+    their results within :func:`in_flight_bytes`, as the largest result so far estimates them (a
+    run that fetches every activation of a high-resolution model returns gigabytes, on every
+    core): the first batch runs alone, unless ``sizes[key]`` remembers an earlier call's largest
+    result (it is updated)."""
     n = workers()
     if n == 1:
         for i, b in enumerate(batches):
@@ -150,19 +172,26 @@ def map_batches(fn: Callable[[int, dict], object], batches: Iterable[dict]) -> I
         return
     pool = _pool(n)
     pending: deque = deque()
-    limit = 1  # until the first result says how large one is
+    sizes = sizes if sizes is not None else {}
+    largest, budget = sizes.get(key), in_flight_bytes()
+
+    def limit() -> int:
+        return 1 if largest is None else max(1, min(2 * n, budget // max(largest, 1)))
+
     try:
         for i, b in enumerate(batches):
             pending.append((b, pool.submit(fn, i, b)))
-            while len(pending) >= limit:
+            while len(pending) >= limit():
                 b0, f = pending.popleft()
                 value = f.result()
-                if i == 0 and limit == 1:
-                    limit = max(1, min(2 * n, in_flight_bytes() // max(_nbytes(value), 1)))
+                largest = max(largest or 0, _nbytes(value))
+                sizes[key] = largest
                 yield b0, value
         while pending:
             b0, f = pending.popleft()
-            yield b0, f.result()
+            value = f.result()
+            sizes[key] = max(sizes.get(key) or 0, _nbytes(value))
+            yield b0, value
     finally:  # a consumer that stops early (or an error) leaves nothing running
         for _, f in pending:
             f.cancel()

@@ -189,3 +189,51 @@ def test_batches_in_flight_stay_within_the_memory_bound(monkeypatch, result_mb, 
         seen.append(b["x"])
     assert seen == list(range(24))
     assert min(expected, 4) <= widest + 1 <= expected  # (4 workers: at least that many run at once)
+
+
+def test_the_in_flight_bound_follows_the_largest_result_and_the_container(monkeypatch, tmp_path):
+    """A later, larger result lowers how many batches may be in flight (a calibration pass whose
+    captured batches are not the first); a run_batches call remembers its session's result size,
+    so a second call does not run its first batch alone; and the bound is a sixth of a
+    container's memory limit where that is below the machine's."""
+    import threading
+    import time
+    from edgec import runtime
+
+    monkeypatch.setattr(runtime, "workers", lambda: 4)
+    monkeypatch.setattr(runtime, "in_flight_bytes", lambda: 4 * 2 ** 20)
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def fn(i, b):
+        with lock:
+            started.append(i)
+        time.sleep(0.002)
+        return {"v": np.zeros((2 ** 20 if i >= 8 else 1024) // 8)}  # 1 KiB, then 1 MiB from batch 8 on
+
+    widest_after = 0
+    for k, (b, out) in enumerate(runtime.map_batches(fn, ({"x": k} for k in range(40)))):
+        with lock:
+            if k >= 12:  # (batches 8..11 may have been in flight before the first large result)
+                widest_after = max(widest_after, max(started) - k + 1)
+    assert widest_after <= 4  # 4 MiB / 1 MiB
+
+    sizes: dict = {}
+    list(runtime.map_batches(fn, ({"x": k} for k in range(10)), sizes=sizes, key="k"))
+    assert sizes["k"] == 2 ** 20
+    # remembered: the first batch no longer runs alone
+    started.clear()
+    first = None
+    for b, out in runtime.map_batches(fn, ({"x": k} for k in range(10)), sizes=sizes, key="k"):
+        if first is None:
+            with lock:
+                first = max(started)
+    assert first >= 1
+
+    monkeypatch.undo()
+    limit = tmp_path / "memory.max"
+    limit.write_text(str(12 * 2 ** 30))
+    monkeypatch.setattr(runtime, "_CGROUP_LIMITS", (str(limit),))
+    assert runtime.in_flight_bytes() == 2 * 2 ** 30
+    limit.write_text("max")
+    assert runtime.in_flight_bytes() >= 2 ** 30

@@ -1080,10 +1080,18 @@ def test_the_trace_in_chunks_is_the_trace_and_probes_hold_only_what_they_are_ask
     chunked = trace()
     assert len(whole) >= 4 and cuts and all(len(c) == 1 for c in cuts[0]) and len(cuts[0]) == len(whole)
     assert chunked == whole
-    # the bytes it counts: c1 is [2, 8, 8, 8] float32
-    ir = edgec.from_model(model)
-    ir.infer_shapes()
-    assert quantize_api._tensor_bytes(ir, ["c1"], calib[:1]) == {"c1": 2 * 8 * 8 * 8 * 4}
+    # the bytes it counts, from the sample batch's shapes (dynamic batch, height and width too):
+    # c1 is [3, 8, 10, 12] float32 for a [3, 4, 10, 12] batch; a tensor of unknown shape counts
+    # as the largest known one
+    dynamic = onnx.ModelProto()
+    dynamic.CopyFrom(model)
+    for d, name in zip(dynamic.graph.input[0].type.tensor_type.shape.dim, ("N", None, "H", "W")):
+        if name:
+            d.dim_param = name
+    del dynamic.graph.output[0].type.tensor_type.shape.dim[:]
+    sample = {"x": np.zeros((3, 4, 10, 12), np.float32)}
+    assert quantize_api._tensor_bytes(dynamic, ["c1", "r2", "nowhere"], sample) == {
+        "c1": 3 * 8 * 10 * 12 * 4, "r2": 3 * 4 * 10 * 12 * 4, "nowhere": 3 * 8 * 10 * 12 * 4}
     # the probe: no layer output among the graph outputs unless rounding reads layer inputs
     from edgec import quant_plan
     from edgec.quant_probe import Probe
