@@ -160,18 +160,11 @@ def test_edgec_threads_limits_the_batches_run_at_once(monkeypatch):
     assert runtime.workers() == cores
 
 
-@pytest.mark.parametrize("result_mb, budget_mb, expected", [(1, 3, 3), (1, 0.5, 1), (1, 1000, 8)])
-def test_batches_in_flight_stay_within_the_memory_bound(monkeypatch, result_mb, budget_mb, expected):
-    """Runs that fetch every activation of a high-resolution model return gigabytes a batch,
-    and every core has two batches in flight: the first batch runs alone, and its result's size
-    sets how many may be in flight at once (within ``in_flight_bytes``; two per worker at most).
-    The results are those of a sequential run, in order."""
+def _recording(value):
+    """A batch function returning ``{"v": value(i, batch)}`` after a short sleep, and the list of
+    the batch indices it started (with its lock)."""
     import threading
     import time
-    from edgec import runtime
-
-    monkeypatch.setattr(runtime, "workers", lambda: 4)  # 8 in flight at most
-    monkeypatch.setattr(runtime, "in_flight_bytes", lambda: int(budget_mb * 2 ** 20))
     started: list[int] = []
     lock = threading.Lock()
 
@@ -179,7 +172,22 @@ def test_batches_in_flight_stay_within_the_memory_bound(monkeypatch, result_mb, 
         with lock:
             started.append(i)
         time.sleep(0.002)
-        return {"v": np.full(int(result_mb * 2 ** 20) // 8, float(b["x"]))}
+        return {"v": value(i, b)}
+
+    return fn, started, lock
+
+
+@pytest.mark.parametrize("result_mb, budget_mb, expected", [(1, 3, 3), (1, 0.5, 1), (1, 1000, 8)])
+def test_batches_in_flight_stay_within_the_memory_bound(monkeypatch, result_mb, budget_mb, expected):
+    """Runs that fetch every activation of a high-resolution model return gigabytes a batch,
+    and every core has two batches in flight: the first batch runs alone, and its result's size
+    sets how many may be in flight at once (within ``in_flight_bytes``; two per worker at most).
+    The results are those of a sequential run, in order."""
+    from edgec import runtime
+
+    monkeypatch.setattr(runtime, "workers", lambda: 4)  # 8 in flight at most
+    monkeypatch.setattr(runtime, "in_flight_bytes", lambda: int(budget_mb * 2 ** 20))
+    fn, started, lock = _recording(lambda i, b: np.full(int(result_mb * 2 ** 20) // 8, float(b["x"])))
 
     seen, widest = [], 0
     for b, out in runtime.map_batches(fn, ({"x": k} for k in range(24))):
@@ -196,20 +204,11 @@ def test_the_in_flight_bound_follows_the_largest_result_and_the_container(monkey
     captured batches are not the first); a run_batches call remembers its session's result size,
     so a second call does not run its first batch alone; and the bound is a sixth of a
     container's memory limit where that is below the machine's."""
-    import threading
-    import time
     from edgec import runtime
 
     monkeypatch.setattr(runtime, "workers", lambda: 4)
     monkeypatch.setattr(runtime, "in_flight_bytes", lambda: 4 * 2 ** 20)
-    started: list[int] = []
-    lock = threading.Lock()
-
-    def fn(i, b):
-        with lock:
-            started.append(i)
-        time.sleep(0.002)
-        return {"v": np.zeros((2 ** 20 if i >= 8 else 1024) // 8)}  # 1 KiB, then 1 MiB from batch 8 on
+    fn, started, lock = _recording(lambda i, b: np.zeros((2 ** 20 if i >= 8 else 1024) // 8))  # 1 KiB, then 1 MiB
 
     widest_after = 0
     for k, (b, out) in enumerate(runtime.map_batches(fn, ({"x": k} for k in range(40)))):
