@@ -845,10 +845,8 @@ class _Quantizer:
         per_channel: dict[str, np.ndarray] = {}  # tensor -> [2, channels]: sum float^2, sum (dq - raw)^2
         # observed in chunks: each tensor is held three times per batch (float, before Q, after DQ),
         # for every batch in flight, so all of a high-resolution detector's at once take gigabytes
-        n = runtime.workers()
-        in_flight = 1 if n == 1 else max(1, min(2 * n, len(batches)))  # (runtime.map_batches)
         sizes = _tensor_bytes(self.float_model, tensors, batches[0]) if batches else {t: 4 for t in tensors}
-        for chunk in _by_bytes(tensors, sizes, TRACE_MEMORY / (3 * in_flight)):
+        for chunk in _by_bytes(tensors, sizes, TRACE_MEMORY / (3 * runtime.batches_in_flight(len(batches)))):
             self._trace_chunk(chunk, plan, weights, batches, caps, acc, per_channel)
         producers = {o.name: n for n in self.ir.nodes for o in n.outputs}
         rows = []

@@ -123,6 +123,13 @@ def run_batches(sess: ort.InferenceSession, names: list[str], batches: Iterable[
 _RESULT_BYTES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # session -> {outputs: bytes}
 
 
+def batches_in_flight(count: int | None = None) -> int:
+    """How many batches :func:`map_batches` runs or holds at once, by count alone: one with one
+    worker, else two per worker (and no more than ``count``, the batches there are)."""
+    n = workers()
+    return 1 if n == 1 else max(1, min(2 * n, count if count is not None else 2 * n))
+
+
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
@@ -173,25 +180,25 @@ def map_batches(fn: Callable[[int, dict], object], batches: Iterable[dict], *, s
     pool = _pool(n)
     pending: deque = deque()
     sizes = sizes if sizes is not None else {}
-    largest, budget = sizes.get(key), in_flight_bytes()
+    largest, budget, most = sizes.get(key), in_flight_bytes(), batches_in_flight()
 
     def limit() -> int:
-        return 1 if largest is None else max(1, min(2 * n, budget // max(largest, 1)))
+        return 1 if largest is None else max(1, min(most, budget // max(largest, 1)))
+
+    def take() -> tuple[dict, object]:
+        nonlocal largest
+        b0, f = pending.popleft()
+        value = f.result()
+        largest = sizes[key] = max(largest or 0, _nbytes(value))
+        return b0, value
 
     try:
         for i, b in enumerate(batches):
             pending.append((b, pool.submit(fn, i, b)))
             while len(pending) >= limit():
-                b0, f = pending.popleft()
-                value = f.result()
-                largest = max(largest or 0, _nbytes(value))
-                sizes[key] = largest
-                yield b0, value
+                yield take()
         while pending:
-            b0, f = pending.popleft()
-            value = f.result()
-            sizes[key] = max(sizes.get(key) or 0, _nbytes(value))
-            yield b0, value
+            yield take()
     finally:  # a consumer that stops early (or an error) leaves nothing running
         for _, f in pending:
             f.cancel()
