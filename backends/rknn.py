@@ -578,6 +578,10 @@ TARGET = Target(
                       # (adjust_tanh_sigmoid), and the fixed [0, 1] range measured less faithful in its
                       # simulator (EfficientNet-style SiLU/SE: cosine 0.9961 against 0.9970 calibrated)
                       fixed_ranges=False,
+                      # unclamped ranges: RKNN re-derives hard-swish parameters at optimization level 3
+                      # (adjust_hardswish), and a hard-swish input clamped at -3 measured less faithful
+                      # in its simulator (the MobileNetV3 builder: cosine 0.9958 against 0.9967)
+                      saturation=False,
                       reason="RKNN-Toolkit2 builds this QDQ as a pre-quantized (QAT) model (do_quantization=False; "
                              "optimization_level 2 unless the net has hard-swish/hard-sigmoid). In its rk3588 simulator "
                              "(benchmarks/rknn_vendor.py) it tied or led RKNN's own int8 on MobileNetV2/ReLU6, "

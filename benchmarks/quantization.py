@@ -52,11 +52,12 @@ sys.path.insert(0, str(ROOT))
 
 import edgec  # noqa: E402
 from edgec import calibdata, quantize_api, runtime  # noqa: E402
-from edgec.builders import ALL_MODELS  # noqa: E402
+from edgec.builders import ALL_MODELS, NPU_MODELS, STRUCTURE_MODELS, structure_inputs  # noqa: E402
 
 LOSSLESS = ["fold_constants", "eliminate_identity", "fold_batchnorm", "fold_conv_affine", "eliminate_dead"]
 EDGEC_VARIANTS = {
     "edgec-auto": dict(mode="int8", method="auto"),  # the default: each method measured, the lowest error kept
+    "edgec-auto-nosat": dict(mode="int8", method="auto", saturation=False),  # ranges not clamped to what readers tell apart
     "edgec-minmax": dict(mode="int8", method="minmax"),
     "edgec-gptq": dict(mode="int8", method="minmax", rounding="gptq"),
     "edgec-percentile": dict(mode="int8", method="percentile", percentile=99.99),
@@ -77,13 +78,22 @@ def load_case(name: str):
         d = {"test_x": e["input"], "test_y": e["labels"], "calib_x": c["input"]}
         model = onnx.load(str(ROOT / "examples" / "digits" / "model.onnx"))
         return model, {"input": d["calib_x"]}, {"input": d["test_x"]}, d["test_y"]
-    model = ALL_MODELS[name](batch=8)
+    if name in ALL_MODELS:
+        model = ALL_MODELS[name](batch=8)
+        spec = model.graph.input[0]
+        shape = [d.dim_value for d in spec.type.tensor_type.shape.dim]
+        rng = np.random.default_rng(0)
+        calib = rng.standard_normal([64] + shape[1:]).astype(np.float32)
+        test = np.random.default_rng(1).standard_normal([64] + shape[1:]).astype(np.float32)
+        return model, {spec.name: calib}, {spec.name: test}, None
+    # the structure and NPU builders (names prefixed "npu_" for the latter): trained-like weights
+    # and realistic inputs (smooth images, embeddings, sequences), at batch 1
+    npu = name.startswith("npu_")
+    model = (NPU_MODELS[name[4:]] if npu else STRUCTURE_MODELS[name])()
     spec = model.graph.input[0]
-    shape = [d.dim_value for d in spec.type.tensor_type.shape.dim]
-    rng = np.random.default_rng(0)
-    calib = rng.standard_normal([64] + shape[1:]).astype(np.float32)
-    test = np.random.default_rng(1).standard_normal([64] + shape[1:]).astype(np.float32)
-    return model, {spec.name: calib}, {spec.name: test}, None
+    kind = "mobilenet_v3" if npu else name  # structure_inputs picks the input kind by the builder's name
+    x = structure_inputs(kind, model, 128, seed=0).astype(np.float32)
+    return model, {spec.name: x[:64]}, {spec.name: x[64:]}, None
 
 
 def batches_of(data: dict, batch: int | None):
@@ -383,7 +393,10 @@ def fmt_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="digits," + ",".join(ALL_MODELS))
+    ap.add_argument("--models", default="digits," + ",".join(ALL_MODELS),
+                    help="digits, the builders (" + ",".join(ALL_MODELS) + "), the structure builders ("
+                    + ",".join(STRUCTURE_MODELS) + ") and the NPU builders (" + ",".join("npu_" + m for m in NPU_MODELS)
+                    + ")")
     ap.add_argument("--variants", default=",".join(list(ORT_VARIANTS) + list(EDGEC_VARIANTS)))
     ap.add_argument("--repeat", type=int, default=200, help="latency runs per model (median)")
     ap.add_argument("--scale", action="store_true", help="also measure memory vs calibration-set size")
@@ -410,7 +423,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown variant {unknown[0]}")
     rows = []
     for name in [m for m in args.models.split(",") if m]:
-        if name != "digits" and name not in ALL_MODELS:
+        if name != "digits" and name not in ALL_MODELS and name not in STRUCTURE_MODELS \
+                and not (name.startswith("npu_") and name[4:] in NPU_MODELS):
             ap.error(f"unknown model {name}")
         rows.extend(bench_model(name, variants, args.repeat))
         print(f"[done] {name}", file=sys.stderr)

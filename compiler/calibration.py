@@ -48,6 +48,7 @@ import onnx
 from onnx import helper
 
 from . import executor
+from .analysis.saturation import saturation_bounds
 from .errors import UserError
 from .runtime import augment, map_batches, reference_session
 
@@ -112,6 +113,30 @@ class TensorStats:
         lo, hi = self.channel_min / divisor, self.channel_max / divisor
         out = TensorStats(bins=self.bins, histogram=False)
         out.update_range(float(lo.min()), float(hi.max()), self.count)
+        return out
+
+    def clamped(self, a: float, b: float) -> "TensorStats":
+        """The statistics of this tensor's values clamped to ``[a, b]`` (``a <= b``; infinite
+        for no bound): min and max exactly, the histogram to its bins (each value beyond a bound
+        moves into the bin holding the bound)."""
+        out = TensorStats(bins=self.bins, histogram=False)
+        out.count, out.half_range = self.count, self.half_range
+        out.min, out.max = (float(np.clip(v, a, b)) if self.count else v for v in (self.min, self.max))
+        if self.channel_min is not None:
+            out.channel_min, out.channel_max = np.clip(self.channel_min, a, b), np.clip(self.channel_max, a, b)
+        if self.histogram:
+            h, w, r = self.hist.copy(), 2 * self.half_range / self.bins, self.half_range
+            top = self.at_top
+            if a > -r:
+                k = min(int(math.floor((a + r) / w)), self.bins - 1)
+                h[k] += h[:k].sum()
+                h[:k] = 0
+            if b < r:
+                k = max(int(math.floor((b + r) / w)), 0)
+                h[k] += h[k + 1:].sum()
+                h[k + 1:] = 0
+                top = 0
+            out.histogram, out.hist, out.at_top = True, h, top
         return out
 
     def update_range(self, lo: float, hi: float, count: int) -> None:
@@ -656,9 +681,16 @@ def needs_histograms(method: str | dict) -> bool:
 
 
 def ranges_from_stats(model: onnx.ModelProto, stats: dict[str, TensorStats], *, method: str | dict = "minmax",
-                      percentile: float = 99.99, symmetric: bool = False) -> dict[str, tuple[float, float]]:
+                      percentile: float = 99.99, symmetric: bool = False,
+                      saturation: bool = True) -> dict[str, tuple[float, float]]:
+    """Each tensor's range by its class's method. ``saturation``: a tensor's statistics are
+    first clamped to the interval its readers tell apart (:mod:`edgec.analysis.saturation`: the
+    -3 below which a hard-swish gives 0, a Clip's bounds), which changes no output of the float
+    model and leaves every level of the range to the values that matter."""
     classes = tensor_classes(model)
-    todo = [(name, st, method_for(method, classes.get(name, "unbounded"))) for name, st in stats.items()]
+    bounds = saturation_bounds(model) if saturation else {}
+    todo = [(name, st.clamped(*bounds[name]) if name in bounds else st, method_for(method, classes.get(name, "unbounded")))
+            for name, st in stats.items()]
 
     def one(_, item):
         name, st, m = item

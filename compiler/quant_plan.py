@@ -68,6 +68,19 @@ class ActQuant:
     zero_point: int
     dtype: str  # "uint8" | "int8" | "uint16" | "int16" (the fallback's 16-bit activations)
     readers: frozenset | None = None  # None: every reader; else {(node id, input slot)}
+    # the observed range of its scale group (min-max), which 16 bits cover whole: an 8-bit range
+    # clipped by percentile or MSE is widened to it (clipping error is not rounding error)
+    full: tuple[float, float] | None = None
+
+
+class Ranges(dict):
+    """Calibrated ranges (tensor -> (lo, hi)) with ``full``: each tensor's observed min-max range
+    (of the statistics the ranges came from), which :func:`widened` gives a 16-bit tensor.
+    A plain dict works too (16 bits then cover the 8-bit range)."""
+
+    def __init__(self, ranges=(), *, full: dict | None = None):
+        super().__init__(ranges)
+        self.full = full
 
 
 @dataclass(frozen=True)
@@ -215,14 +228,18 @@ def qdq_domain(dtype: str, opset: int) -> str:
 
 
 def widened(aq: ActQuant) -> ActQuant:
-    """``aq``'s range (the float values its 8-bit levels span) on 16 bits: 257 levels for each
+    """``aq``'s range (the float values its 8-bit levels span, extended to its group's observed
+    range ``aq.full`` where the 8-bit range clipped it) on 16 bits: at least 257 levels for each
     of the 8-bit ones; a 16-bit ``aq`` is returned as it is."""
     if aq.dtype not in WIDE:
         return aq
     s = float(aq.scale)
     if aq.dtype == "int8":  # symmetric: zero point 0, [-127, 127] -> [-32767, 32767]
-        return replace(aq, scale=np.float32(max(s * 127.0 / 32767.0, MIN_SCALE)), zero_point=0, dtype="int16")
+        t = max(s * 127.0, *(abs(v) for v in aq.full)) if aq.full is not None else s * 127.0
+        return replace(aq, scale=np.float32(max(t / 32767.0, MIN_SCALE)), zero_point=0, dtype="int16")
     lo, hi = (0 - aq.zero_point) * s, (255 - aq.zero_point) * s
+    if aq.full is not None:
+        lo, hi = min(lo, aq.full[0]), max(hi, aq.full[1])
     scale = max((hi - lo) / 65535.0, MIN_SCALE)
     zp = int(np.clip(np.round(-lo / scale), 0, 65535))
     return replace(aq, scale=np.float32(scale), zero_point=zp, dtype="uint16")
@@ -425,6 +442,7 @@ class _Planner:
         self.per_channel = weights == "per-channel"
         self.table = table_for(scheme)
         self.crushed: dict[str, str] = {}  # shared-scale ops kept float, and why
+        self.fold_caps: dict[str, tuple[str, float | None]] = {}  # folded Relu/Clip's tensors -> (its output, its cap)
 
     def rule(self, n: gs.Node) -> OpRule | None:
         return self.table.get(n.op) if _default_domain(n) else None
@@ -545,6 +563,25 @@ class _Planner:
             g = group_range.get(find(n.outputs[0].name))
             if g is not None and g[0] < 0:
                 g[0] = 0.0
+        group_full: dict[str, list[float]] = {}
+        full = getattr(self.ranges, "full", None)
+        if full is not None:  # the same groups over the observed ranges, with the same folds and fixed ranges
+            fixed = {name for name in override if name not in self.fold_caps}
+            for name in qtensors:
+                if name in fixed:
+                    lo, hi = override[name]
+                elif name in self.fold_caps:
+                    y, cap = self.fold_caps[name]
+                    hi = max(full.get(y, self.ranges[y])[1], 0.0)
+                    lo, hi = 0.0, (min(hi, cap) if cap is not None else hi)
+                else:
+                    lo, hi = full.get(name, rng(name) if name in self.ranges else (0.0, 0.0))
+                g = group_full.setdefault(find(name), [0.0, 0.0])
+                g[0], g[1] = min(g[0], lo), max(g[1], hi)
+            for n in folded.values():
+                g = group_full.get(find(n.outputs[0].name))
+                if g is not None and g[0] < 0:
+                    g[0] = 0.0
         dtype = "int8" if self.symmetric else "uint8"
         acts: dict[str, ActQuant] = {}
         for name, t in qtensors.items():
@@ -558,7 +595,8 @@ class _Planner:
                 if not readers:
                     continue
                 readers = frozenset(readers)
-            acts[name] = ActQuant(scale, zp, dtype, readers)
+            gf = group_full.get(find(name))
+            acts[name] = ActQuant(scale, zp, dtype, readers, None if gf is None else (float(gf[0]), float(gf[1])))
         wq = {}
         for n in weighted:
             w = ir.const_value(n.inputs[1])
@@ -614,6 +652,7 @@ class _Planner:
             hi = min(hi, hi_cap)
         override[x.name] = (0.0, hi)
         override[y.name] = (0.0, hi)
+        self.fold_caps[x.name] = self.fold_caps[y.name] = (y.name, hi_cap)
         folded[id(n)] = n
         qnodes.add(id(n))
         return True

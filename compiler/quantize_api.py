@@ -46,6 +46,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import calibration as calib_mod
+from .analysis.saturation import saturation_bounds
 from . import equalization, mixed_precision, rounding as rounding_mod
 from .errors import UserError, VerificationError
 from .ir import IR, plain_dtype
@@ -53,7 +54,7 @@ from .options import QuantOptions
 from .pipeline import PassContext, PassManager
 from . import calibdata
 from .calibdata import Subset, count_samples
-from .quant_plan import (QuantPlan, build_plan, clip_bounds, fake_quantized_weight, is_wide, node_id, node_key,
+from .quant_plan import (QuantPlan, Ranges, build_plan, clip_bounds, fake_quantized_weight, is_wide, node_id, node_key,
                          scale_groups, weighted_nodes, with_wide)
 from .quant_probe import PREFIX as PROBE_PREFIX
 from .quant_probe import ChannelMeans, Probe, concat
@@ -107,15 +108,19 @@ AUTO_MARGIN = 0.1
 ROUNDING_FLOOR = 0.2  # GPTQ rounding is tried when the int8 output error is at least this fraction of the budget
 
 
-def _folded_caps(ir: IR, plan: QuantPlan) -> dict[str, float]:
-    """Tensor -> the upper bound of the Relu (inf) or Clip(0, c) (c) folded into its range."""
-    folded, caps = set(plan.folded), {}
+def _trace_bounds(ir: IR, plan: QuantPlan, saturation: dict) -> dict[str, tuple[float, float]]:
+    """Tensor -> the interval its dequantized copy is clamped to besides rounding: a Relu (0, inf)
+    or Clip(0, c) (0, c) folded into its range, or the interval its readers tell apart
+    (:mod:`edgec.analysis.saturation`), which calibration clamped its range to."""
+    bounds = dict(saturation)
+    folded = set(plan.folded)
     for n in ir.nodes:
         if node_id(n) not in folded or not n.inputs:
             continue
         hi = clip_bounds(ir, n)[1] if n.op == "Clip" else None
-        caps[n.inputs[0].name] = float(hi) if hi is not None else np.inf
-    return caps
+        a, b = bounds.get(n.inputs[0].name, (-np.inf, np.inf))
+        bounds[n.inputs[0].name] = (max(a, 0.0), min(b, float(hi) if hi is not None else np.inf))
+    return bounds
 
 
 def kept_steps(steps: list[dict], full: float, budget: float | None = None) -> list[dict]:
@@ -186,7 +191,7 @@ def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8",
              weights: str | None = None, weight_type: str | None = None, keep_float: Iterable[str] = (),
              max_error: float | None = None, max_bytes: int | None = None, bias_correction: bool = True,
              equalize: bool | str = "auto", rounding: str = "nearest", progress=False, strict: bool = False,
-             sixteen_bit: bool = True,
+             sixteen_bit: bool = True, saturation: bool = True,
              log: Callable[[str], None] | None = None) -> dict:
     """Quantize ``ir`` in place under ``scheme`` (default: ONNX Runtime's fusable QDQ, uint8
     activations, per-channel uint8 weights); ``activations``, ``weights`` and ``weight_type``
@@ -195,7 +200,9 @@ def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8",
     ``equalize``: ``"auto"``, ``"always"`` or False (see the module doc). ``rounding``:
     ``"nearest"`` or ``"gptq"`` (int8: GPTQ levels where they lower the measured output error;
     float64 linear algebra, so the chosen levels can differ between BLAS builds and thread counts,
-    which is why it is not the default)."""
+    which is why it is not the default). ``saturation``: each activation's statistics are clamped to
+    the interval its readers tell apart before its range is chosen (:mod:`edgec.analysis.saturation`;
+    False only to measure what that gives)."""
     log = log or (lambda s: None)
     if mode not in MODES:
         raise UserError(f"unknown quantization mode '{mode}' (known: {', '.join(MODES)})")
@@ -216,7 +223,7 @@ def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8",
     report = _Quantizer(ir, calib, scheme, mode=mode, method=method, percentile=percentile,
                         keep_float=tuple(keep_float or ()), max_error=max_error, max_bytes=max_bytes,
                         bias_correction=bias_correction, equalize=equalize, rounding=rounding, progress=progress,
-                        strict=strict, sixteen_bit=sixteen_bit, log=log).run()
+                        strict=strict, sixteen_bit=sixteen_bit, saturation=saturation, log=log).run()
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report
 
@@ -328,7 +335,7 @@ class _Quantizer:
 
     def __init__(self, ir: IR, calib, scheme: QuantScheme, *, mode, method, percentile, keep_float, max_error,
                  max_bytes, bias_correction, equalize, progress, log, strict=False, rounding="nearest",
-                 sixteen_bit=True):
+                 sixteen_bit=True, saturation=True):
         self.ir, self.calib, self.scheme, self.mode = ir, calib, scheme, mode
         self.method, self.percentile, self.keep_float = method, percentile, keep_float
         self.max_error, self.max_bytes = max_error, max_bytes
@@ -336,6 +343,7 @@ class _Quantizer:
         self.equalize = equalize if scheme.rules == "ort-fusable" else False
         self.progress, self.log = progress, log
         self.strict = strict
+        self.saturation = saturation and scheme.saturation
         self.sixteen_bit = sixteen_bit and scheme.wide_activations
         self.rounding = rounding == "gptq" and mode == "int8"
         self._known_parts = None
@@ -389,6 +397,10 @@ class _Quantizer:
             report["weight_type"] = scheme.weight_type
         report["calibration"] = {"samples": count_samples(self.calib), "tensors": len(self.tensors),
                                  "seconds": round(calib_seconds, 3)}
+        if self.saturation:  # tensors whose observed values reach where every reader is flat
+            bounds = saturation_bounds(float_model)
+            report["calibration"]["clamped"] = sum(
+                1 for t, (a, b) in bounds.items() if t in stats and stats[t].count and (stats[t].min < a or stats[t].max > b))
         if _uses_percentile(self.method):
             report["percentile"] = self.percentile
 
@@ -840,8 +852,9 @@ class _Quantizer:
         batches = list(batches if batches is not None else calibdata.subset(self.calib, FALLBACK_SAMPLES).batches)
         # a tensor whose Relu/Clip(0, c) is folded into its range: its dequantized copy is that
         # activation's output, so the float and raw values it is compared with get it too (else
-        # the negatives the activation drops count as rounding noise: an SE squeeze conv read as 7 dB)
-        caps = _folded_caps(self.ir, plan)
+        # the negatives the activation drops count as rounding noise: an SE squeeze conv read as 7 dB);
+        # so does one whose range calibration clamped to what its readers tell apart (a hard-swish's -3)
+        caps = _trace_bounds(self.ir, plan, saturation_bounds(self.float_model) if self.saturation else {})
         per_channel: dict[str, np.ndarray] = {}  # tensor -> [2, channels]: sum float^2, sum (dq - raw)^2
         # observed in chunks: each tensor is held three times per batch (float, before Q, after DQ),
         # for every batch in flight, so all of a high-resolution detector's at once take gigabytes
@@ -876,7 +889,7 @@ class _Quantizer:
                 f = want[t].astype(np.float64).ravel()
                 raw, dq = got[t].astype(np.float64).ravel(), got[PROBE_PREFIX + "dq." + t].astype(np.float64).ravel()
                 if t in caps:
-                    f, raw = np.clip(f, 0.0, caps[t]), np.clip(raw, 0.0, caps[t])
+                    f, raw = np.clip(f, *caps[t]), np.clip(raw, *caps[t])
                 if f.shape == dq.shape == raw.shape:
                     acc[t] += [np.sum(f * f), np.sum((dq - f) ** 2), np.sum((dq - raw) ** 2)]
                     shape = got[t].shape
@@ -890,8 +903,13 @@ class _Quantizer:
                         per_channel[t] = per_channel[t] + c if t in per_channel and per_channel[t].shape == c.shape else c
 
     def _ranges(self, stats) -> dict:
-        return calib_mod.ranges_from_stats(self.float_model, stats, method=self.method, percentile=self.percentile,
-                                           symmetric=self.scheme.activations == "symmetric")
+        symmetric = self.scheme.activations == "symmetric"
+        ranges = calib_mod.ranges_from_stats(self.float_model, stats, method=self.method, percentile=self.percentile,
+                                             symmetric=symmetric, saturation=self.saturation)
+        # what a 16-bit tensor covers: the observed range, clamped where its readers saturate (so a
+        # folded ReLU's floor holds), not a clipped 8-bit one
+        full = calib_mod.ranges_from_stats(self.float_model, stats, method="minmax", symmetric=symmetric)
+        return Ranges(ranges, full=full)
 
     def _refine(self, ranges: dict, weights, capture: _FloatCapture) -> tuple[QuantPlan, dict]:
         """The plan for ``ranges`` (and equalised ``weights``, or None), refined by measurement:

@@ -33,6 +33,9 @@ class QuantScheme:
     # the int8 fallback's last step may give activations 16 bits (uint16/int16 Q/DQ, which ONNX
     # Runtime runs; the toolchains of jetson and rknn take 8-bit Q/DQ only)
     wide_activations: bool = False
+    # a tensor's statistics are clamped to what its readers tell apart before its range is chosen
+    # (edgec.analysis.saturation: a hard-swish's input below -3 is all one value)
+    saturation: bool = True
     reason: str = ""                 # why this scheme, for the report
 
 

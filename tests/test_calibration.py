@@ -249,3 +249,151 @@ def test_progress_flag_prints_one_updating_line(capsys):
     cal.collect(_mlp_model(), ["h"], _batches(3), progress=True, total=192)
     err = capsys.readouterr().err
     assert "calibrating: 192/192 samples" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- saturation-aware ranges
+def _saturating_model() -> onnx.ModelProto:
+    """Conv outputs read by each saturating reader edgec knows (and two it must not clip)."""
+    from edgec.builders import GraphBuilder
+    b = GraphBuilder("saturating", seed=3)
+    x = b.input("input", (1, 3, 12, 12))
+    c1 = b.conv(x, 8, k=3)
+    h1 = b.hardswish(c1)                                               # HardSwish: [-3, inf)
+    c2 = b.conv(h1, 8, k=1)
+    hs = b.op("HardSigmoid", [c2], b.shape(c2), alpha=1.0 / 6, beta=0.5)  # x * HardSigmoid(x)
+    h2 = b.mul(c2, hs)
+    c3 = b.conv(h2, 8, k=1)
+    t = b.add(c3, 3.0)                                                 # x * Clip(x + 3, 0, 6) / 6
+    h3 = b.div(b.mul(c3, b.clip(t, 0.0, 6.0)), 6.0)
+    c4 = b.conv(h3, 8, k=1)
+    p = b.maxpool(b.reshape(c4, (1, 8, 12, 12)), k=2)                  # moved, then a ReLU6
+    r6 = b.clip(p, 0.0, 6.0)
+    c5 = b.conv(r6, 8, k=1)
+    g = b.op("HardSigmoid", [c5], b.shape(c5), alpha=0.2, beta=0.5)    # [-2.5, 2.5]
+    c6 = b.conv(b.mul(g, r6), 8, k=1)
+    both = b.add(b.relu(c6), c6)                                       # a reader that does not saturate
+    both = b.add(b.sigmoid(b.conv(both, 8, k=1)), b.silu(b.conv(both, 8, k=1)))  # smooth: never clipped
+    b.output(b.hardswish(b.conv(both, 4, k=1)))
+    b.output(b.conv(both, 4, k=1))
+    return b.build()
+
+
+def test_saturation_bounds_find_each_saturating_reader():
+    from edgec.analysis.saturation import saturation_bounds
+    m = _saturating_model()
+    bounds = saturation_bounds(m)
+    by_op: dict[str, list] = {}
+    convs = [n.output[0] for n in m.graph.node if n.op_type == "Conv"]
+    for c in convs:
+        by_op.setdefault(c, bounds.get(c))
+    inf = float("inf")
+    approx = pytest.approx  # the attributes are float32 (alpha 1/6)
+    assert by_op[convs[0]] == (-3.0, inf)                  # HardSwish
+    assert by_op[convs[1]] == approx((-3.0, inf), 1e-6)    # x * HardSigmoid(x): the Mul's -3 spans the HardSigmoid's [-3, 3]
+    assert by_op[convs[2]] == (-3.0, inf)                  # x * Clip(x + 3, 0, 6) / 6
+    assert by_op[convs[3]] == (0.0, 6.0)                   # through Reshape and MaxPool into Clip(0, 6)
+    assert by_op[convs[4]] == approx((-2.5, 2.5), 1e-6)    # HardSigmoid(alpha 0.2, beta 0.5)
+    assert by_op[convs[5]] is None               # read by Relu and by Add
+    assert by_op[convs[6]] is None and by_op[convs[7]] is None  # Sigmoid, SiLU: never flat
+    graph_outputs = {o.name for o in m.graph.output}
+    assert not graph_outputs & set(bounds)       # a graph output is never clipped
+
+
+def _with_clamps(m: onnx.ModelProto, bounds: dict) -> onnx.ModelProto:
+    """``m`` with every tensor of ``bounds`` clamped to its interval by a Clip after its producer."""
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    g = out.graph
+    nodes = []
+    for n in m.graph.node:
+        n = onnx.NodeProto.FromString(n.SerializeToString())
+        n.input[:] = [f"{i}.sat" if i in bounds else i for i in n.input]
+        nodes.append(n)
+        for o in n.output:
+            if o in bounds:
+                a, b = bounds[o]
+                g.initializer.extend([onnx.numpy_helper.from_array(np.array(max(a, -3e38), np.float32), o + ".lo"),
+                                      onnx.numpy_helper.from_array(np.array(min(b, 3e38), np.float32), o + ".hi")])
+                nodes.append(helper.make_node("Clip", [o, o + ".lo", o + ".hi"], [o + ".sat"]))
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.checker.check_model(out)
+    return out
+
+
+def test_clamping_to_the_saturation_bounds_changes_no_output_of_the_float_model():
+    """The property the clip rests on, in ONNX Runtime: every bounded tensor clamped to its
+    interval at once, the model's outputs are the same (float rounding aside), while the
+    clamps do bite on these inputs."""
+    import onnxruntime as ort
+    from edgec import builders
+    from edgec.analysis.saturation import saturation_bounds
+    from edgec.runtime import augment
+    for m in (_saturating_model(), builders.mobilenet_v3(), builders.npu_mobilenet_v3()):
+        bounds = saturation_bounds(m)
+        assert bounds
+        inp = m.graph.input[0]
+        shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        x = 4.0 * np.random.default_rng(1).normal(size=[8] + shape[1:]).astype(np.float32)
+        s0 = ort.InferenceSession(augment(m, list(bounds)).SerializeToString(), providers=["CPUExecutionProvider"])
+        s1 = ort.InferenceSession(_with_clamps(m, bounds).SerializeToString(), providers=["CPUExecutionProvider"])
+        outs = [o.name for o in m.graph.output]
+        bit = 0
+        for i in range(len(x)):
+            feed = {inp.name: x[i:i + 1]}
+            want = s0.run(outs + list(bounds), feed)
+            for got, ref in zip(s1.run(outs, feed), want):
+                np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+            bit += sum(int(np.any((v < bounds[t][0]) | (v > bounds[t][1]))) for t, v in zip(bounds, want[len(outs):]))
+        assert bit > len(x)  # beyond their intervals, several tensors per input
+
+
+def test_clamped_statistics_are_the_statistics_of_the_clamped_values():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.0, 5.0, 100_000)
+    for a, b in ((-3.0, np.inf), (-3.0, 3.0), (0.0, 6.0), (-np.inf, 2.0)):
+        st, want = cal.TensorStats(), cal.TensorStats()
+        st.update(x)
+        want.update(np.clip(x, a, b))
+        got = st.clamped(a, b)
+        assert (got.min, got.max, got.count) == (want.min, want.max, want.count)
+        w = 2 * st.half_range / st.bins
+        for method in ("minmax", "percentile", "mse", "entropy"):
+            for sym in (False, True):
+                r_got = cal.compute_range(got, method, symmetric=sym)
+                r_want = cal.compute_range(want, method, symmetric=sym)
+                # same up to the histogram's bins (want's may be half as wide: its range is smaller)
+                tol = 4 * w if method != "minmax" else 0.0
+                assert abs(r_got[0] - r_want[0]) <= tol + 0.02 * abs(r_want[0]) * (method == "entropy")
+                assert abs(r_got[1] - r_want[1]) <= tol + 0.02 * abs(r_want[1]) * (method == "entropy")
+
+
+def test_a_hard_swish_input_is_quantized_over_what_the_hard_swish_tells_apart():
+    """mobilenet_v3's convs before a hard-swish (or the hard-sigmoid of an SE gate): the range
+    starts at -3, not at their most negative pre-activation (min-max; every method reads the
+    same clamped statistics)."""
+    from edgec import builders
+    from edgec.analysis.saturation import saturation_bounds
+    m = builders.mobilenet_v3()
+    x = builders.structure_inputs("mobilenet_v3", m, 48, seed=0).astype(np.float32)
+    name = m.graph.input[0].name
+    bounds = saturation_bounds(m)
+    _, stats = cal.calibrate(m, list(bounds), [{name: x[i:i + 1]} for i in range(32)])
+    ranges = cal.ranges_from_stats(m, stats)
+    plain = cal.ranges_from_stats(m, stats, saturation=False)
+    hs = [t for t, (a, _) in bounds.items() if abs(a + 3.0) < 1e-6 and plain[t][0] < -3.0]
+    assert hs, "no hard-swish input reaches below -3 on these inputs"
+    for t in hs:
+        assert ranges[t] == (bounds[t][0], min(plain[t][1], bounds[t][1]))
+
+
+def test_the_report_counts_the_clamped_ranges(tmp_path):
+    import edgec
+    from edgec import builders
+    from edgec.report import compile_text
+    m = builders.mobilenet_v3()
+    x = builders.structure_inputs("mobilenet_v3", m, 32, seed=0).astype(np.float32)
+    r = edgec.compile(m, tmp_path / "q.onnx", quantize="int8", calib={m.graph.input[0].name: x})
+    n = r.report["quantization"]["calibration"]["clamped"]
+    assert n > 0
+    assert f"ranges: {n} tensors clamped to what their readers tell apart" in compile_text(r.report)

@@ -903,8 +903,12 @@ def test_the_probe_computes_what_the_materialised_model_computes(name, kind):
     ir.infer_shapes()
     float_model = ir.to_onnx()
     calib = list(calibdata.load_calibration("random", model, max_samples=16, seed=1))
-    ranges, _ = calibration.calibrate(float_model, quantize_api.calibration_tensors(ir), calib,
-                                      symmetric=kind in ("tensorrt", "int8-wide"))
+    sym = kind in ("tensorrt", "int8-wide")
+    ranges, stats = calibration.calibrate(float_model, quantize_api.calibration_tensors(ir), calib, symmetric=sym,
+                                          method="percentile" if kind.endswith("-wide") else "minmax",
+                                          percentile=99.0)
+    if kind.endswith("-wide"):  # clipped 8-bit ranges: the 16-bit tensors cover the observed (min-max) range
+        ranges = quant_plan.Ranges(ranges, full=calibration.ranges_from_stats(float_model, stats, symmetric=sym))
     scheme = {"uint8": QuantScheme(weight_type="uint8"), "int8-mixed": QuantScheme(weight_type="int8"),
               "uint8-wide": QuantScheme(weight_type="uint8", wide_activations=True),
               "int8-wide": QuantScheme(activations="symmetric", weight_type="int8", wide_activations=True),
@@ -918,9 +922,16 @@ def test_the_probe_computes_what_the_materialised_model_computes(name, kind):
     plan = quant_plan.build_plan(ir, scheme, ranges, precisions=precisions)
     if kind.endswith("-wide"):
         groups = list(quant_plan.scale_groups(ir, plan).values())
+        narrow = plan
         plan = quant_plan.with_wide(plan, [t for g in groups[::2] for t in g])
         base = kind.split("-")[0]
         assert {a.dtype for a in plan.activations.values()} == {base, quant_plan.WIDE[base]}
+        levels = {"uint8": 255, "int8": 127, "uint16": 65535, "int16": 32767}
+        spans = [(levels[w.dtype] * float(w.scale), levels[a.dtype] * float(a.scale))
+                 for t, (a, w) in ((t, (narrow.activations[t], plan.activations[t])) for t in plan.activations)
+                 if w.dtype != a.dtype]
+        assert all(wide >= eight * (1 - 1e-6) for wide, eight in spans)
+        assert any(wide > 1.01 * eight for wide, eight in spans)  # somewhere beyond the clipped range
     rng = np.random.default_rng(0)
     shifts = {quant_plan.node_id(n): rng.normal(0, 0.01, quant_plan.out_channels(n, ir.const_value(n.inputs[1])))
               for n in layers if n.op != "MatMul" and quant_plan.node_id(n) in plan.weights}
@@ -1123,3 +1134,38 @@ def test_fallback_keeps_the_fewest_steps_near_the_lowest_error():
     met = steps(0.101, 0.0995)
     assert [s["candidate"] for s in quantize_api.kept_steps(met, 0.2, budget=0.1)] == ["c0", "c1"]
     assert [s["candidate"] for s in quantize_api.kept_steps(met, 0.2)] == ["c0"]
+
+
+def test_sixteen_bits_cover_the_observed_range_and_keep_a_folded_relus_floor():
+    """A 16-bit tensor covers its group's observed (min-max) range, not a clipped 8-bit one
+    (clipping error does not shrink with more levels); a folded ReLU's group keeps its floor at
+    0 even when the range it is given reaches below (its zero point stays 0: the Q is the ReLU)."""
+    from edgec import calibration, quant_plan
+    from edgec.target import QuantScheme
+    model = ALL_MODELS["resnet_basic"]()
+    ir = edgec.from_model(model)
+    edgec.run_passes(ir, ["fold_constants", "fold_batchnorm", "eliminate_dead"])
+    ir.infer_shapes()
+    float_model = ir.to_onnx()
+    calib = list(calibdata.load_calibration("random", model, max_samples=16, seed=1))
+    clipped, stats = calibration.calibrate(float_model, quantize_api.calibration_tensors(ir), calib,
+                                           method="percentile", percentile=99.0)
+    # min-max of unclamped statistics: a ReLU's input reaches below 0 there
+    full = calibration.ranges_from_stats(float_model, stats, saturation=False)
+    scheme = QuantScheme(weight_type="uint8", wide_activations=True)
+    plan = quant_plan.build_plan(ir, scheme, quant_plan.Ranges(clipped, full=full))
+    assert plan.folded
+    every = list(plan.activations)
+    wide = quant_plan.with_wide(plan, every)
+    folded_inputs = {n.inputs[0].name for n in ir.nodes if quant_plan.node_id(n) in plan.folded}
+    assert folded_inputs
+    for t in every:
+        a = wide.activations[t]
+        lo, hi = -a.zero_point * float(a.scale), (65535 - a.zero_point) * float(a.scale)
+        if t in folded_inputs:
+            assert a.zero_point == 0
+        else:
+            assert lo <= min(full[t][0], 0.0) + float(a.scale) and hi >= full[t][1] - float(a.scale)
+    # a plain dict of ranges: 16 bits span the 8-bit range, as before
+    plain = quant_plan.with_wide(quant_plan.build_plan(ir, scheme, clipped), every)
+    assert any(plain.activations[t].scale < wide.activations[t].scale for t in every)
