@@ -124,7 +124,9 @@ class TensorStats:
         out.min, out.max = (float(np.clip(v, a, b)) if self.count else v for v in (self.min, self.max))
         if self.channel_min is not None:
             out.channel_min, out.channel_max = np.clip(self.channel_min, a, b), np.clip(self.channel_max, a, b)
-        if self.histogram:
+        if self.histogram and self.half_range == 0.0:  # no values yet: nothing to move
+            out.histogram, out.hist, out.at_top = True, self.hist.copy(), self.at_top
+        elif self.histogram:
             h, w, r = self.hist.copy(), 2 * self.half_range / self.bins, self.half_range
             top = self.at_top
             if a > -r:

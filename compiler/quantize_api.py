@@ -888,8 +888,8 @@ class _Quantizer:
             for t in tensors:
                 f = want[t].astype(np.float64).ravel()
                 raw, dq = got[t].astype(np.float64).ravel(), got[PROBE_PREFIX + "dq." + t].astype(np.float64).ravel()
-                if t in caps:
-                    f, raw = np.clip(f, *caps[t]), np.clip(raw, *caps[t])
+                if t in caps:  # (dq too: a scale group wider than this tensor's interval reaches beyond it)
+                    f, raw, dq = np.clip(f, *caps[t]), np.clip(raw, *caps[t]), np.clip(dq, *caps[t])
                 if f.shape == dq.shape == raw.shape:
                     acc[t] += [np.sum(f * f), np.sum((dq - f) ** 2), np.sum((dq - raw) ** 2)]
                     shape = got[t].shape
@@ -906,9 +906,10 @@ class _Quantizer:
         symmetric = self.scheme.activations == "symmetric"
         ranges = calib_mod.ranges_from_stats(self.float_model, stats, method=self.method, percentile=self.percentile,
                                              symmetric=symmetric, saturation=self.saturation)
-        # what a 16-bit tensor covers: the observed range, clamped where its readers saturate (so a
-        # folded ReLU's floor holds), not a clipped 8-bit one
-        full = calib_mod.ranges_from_stats(self.float_model, stats, method="minmax", symmetric=symmetric)
+        # what a 16-bit tensor covers: the observed range (clamped as the 8-bit ranges are), not a
+        # clipped 8-bit one; the planner keeps a folded ReLU's floor
+        full = calib_mod.ranges_from_stats(self.float_model, stats, method="minmax", symmetric=symmetric,
+                                           saturation=self.saturation)
         return Ranges(ranges, full=full)
 
     def _refine(self, ranges: dict, weights, capture: _FloatCapture) -> tuple[QuantPlan, dict]:

@@ -91,7 +91,7 @@ def compile_text(r: dict) -> str:
             lines.append("    precision plan: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         if q.get("calibration", {}).get("clamped"):
             lines.append(f"    ranges: {q['calibration']['clamped']} tensors clamped to what their readers tell apart "
-                         "(a hard-swish's input below -3, a Clip's bounds, a sigmoid's flat tails)")
+                         "(a hard-swish's input below -3, a hard-sigmoid's outside [-3, 3], a Clip's bounds)")
         mc = q.get("method_choice")
         if mc:
             lines.append(f"    calibration method: auto chose {mc['chosen']} (int8 relative L2 before bias correction: "

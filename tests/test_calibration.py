@@ -397,3 +397,52 @@ def test_the_report_counts_the_clamped_ranges(tmp_path):
     n = r.report["quantization"]["calibration"]["clamped"]
     assert n > 0
     assert f"ranges: {n} tensors clamped to what their readers tell apart" in compile_text(r.report)
+
+
+def test_a_tensor_a_subgraph_reads_is_never_clamped():
+    """An If branch may read any outer tensor (here a HardSwish's input): the analysis cannot see
+    what it does with it, so that tensor keeps its whole range."""
+    from edgec.analysis.saturation import saturation_bounds
+    then = helper.make_graph([helper.make_node("Identity", ["c"], ["t_out"])], "then", [],
+                             [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [1, 4])])
+    other = helper.make_graph([helper.make_node("Identity", ["h"], ["e_out"])], "else", [],
+                              [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [1, 4])])
+    g = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["c"]), helper.make_node("HardSwish", ["c"], ["h"]),
+         helper.make_node("Neg", ["x"], ["d"]), helper.make_node("HardSwish", ["d"], ["h2"]),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
+        "sub", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("h2", TensorProto.FLOAT, [1, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    bounds = saturation_bounds(m)
+    assert "c" not in bounds and "d" in bounds
+
+
+def test_clamped_statistics_of_a_tensor_that_never_held_a_value():
+    """A tensor with no elements on the calibration data (boxes after an NMS that found none):
+    its clamped statistics are empty too, and every method gives (0, 0)."""
+    st = cal.TensorStats()
+    st.update(np.zeros(0, np.float32))
+    got = st.clamped(0.1, 1.0)
+    assert got.count == 0
+    for method in cal.METHODS:
+        assert cal.compute_range(got, method) == (0.0, 0.0)
+
+
+def test_a_clip_whose_upper_bound_is_negative_is_not_zero_below():
+    """``x * Clip(x + 3, 0, m)`` is 0 below -3 only when the Clip can output 0 (m >= 0)."""
+    from edgec.analysis.saturation import saturation_bounds
+    def model(m):
+        g = helper.make_graph(
+            [helper.make_node("Neg", ["x"], ["t"]), helper.make_node("Add", ["t", "three"], ["u"]),
+             helper.make_node("Clip", ["u", "zero", "m"], ["c"]), helper.make_node("Mul", ["t", "c"], ["y"])],
+            "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+            [onnx.numpy_helper.from_array(np.array(v, np.float32), n)
+             for n, v in (("three", 3.0), ("zero", 0.0), ("m", m))])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert saturation_bounds(model(6.0)).get("t") == (-3.0, float("inf"))
+    assert "t" not in saturation_bounds(model(-1.0))

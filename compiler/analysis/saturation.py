@@ -66,7 +66,8 @@ def saturation_bounds(model: onnx.ModelProto) -> dict[str, Interval]:
                 readers.setdefault(x, []).append((n, i))
         for o in n.output:
             producer[o] = n
-    outputs = {o.name for o in g.output}
+    # a subgraph (If/Loop/Scan) may read any outer tensor: those are never clamped
+    outputs = {o.name for o in g.output} | _subgraph_reads(g)
     scalar_cache: dict[str, float | None] = {}
 
     def scalar(name: str) -> float | None:
@@ -95,6 +96,20 @@ def saturation_bounds(model: onnx.ModelProto) -> dict[str, Interval]:
         if i.name not in consts and i.name in readers and i.name not in outputs:
             sat[i.name] = _span([_reader(r, k, i.name, of, scalar, producer) for r, k in readers[i.name]])
     return {t: ab for t, ab in sat.items() if ab != EVERYTHING}
+
+
+def _subgraph_reads(g: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node's subgraph attribute reads, at any depth."""
+    names: set[str] = set()
+    for n in g.node:
+        for a in n.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for sg in subs:
+                for m in sg.node:
+                    names.update(x for x in m.input if x)
+                names.update(o.name for o in sg.output)
+                names |= _subgraph_reads(sg)
+    return names
 
 
 def _span(intervals: list[Interval]) -> Interval:
@@ -187,7 +202,8 @@ def _zero_below(t: str, x: str, producer, scalar, depth: int = 0) -> float | Non
     if n.op_type == "HardSigmoid" and n.input[0] == x:
         alpha, beta = float(_attr(n, "alpha", 0.2)), float(_attr(n, "beta", 0.5))
         return -beta / alpha if alpha > 0 else None
-    if n.op_type == "Relu" or (n.op_type == "Clip" and (_clip_limits(n, scalar) or (None,))[0] == 0.0):
+    lims = _clip_limits(n, scalar) if n.op_type == "Clip" else None
+    if n.op_type == "Relu" or (lims is not None and lims[0] == 0.0 and lims[1] >= 0.0):
         return _root(n.input[0], x, producer, scalar)
     if n.op_type in ("Mul", "Div") and len(n.input) == 2 and scalar(n.input[1]) not in (None, 0.0):
         return _zero_below(n.input[0], x, producer, scalar, depth + 1)
