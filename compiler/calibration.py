@@ -684,13 +684,14 @@ def needs_histograms(method: str | dict) -> bool:
 
 def ranges_from_stats(model: onnx.ModelProto, stats: dict[str, TensorStats], *, method: str | dict = "minmax",
                       percentile: float = 99.99, symmetric: bool = False,
-                      saturation: bool = True) -> dict[str, tuple[float, float]]:
+                      saturation: bool = True, bounds: dict | None = None) -> dict[str, tuple[float, float]]:
     """Each tensor's range by its class's method. ``saturation``: a tensor's statistics are
     first clamped to the interval its readers tell apart (:mod:`edgec.analysis.saturation`: the
     -3 below which a hard-swish gives 0, a Clip's bounds), which changes no output of the float
-    model and leaves every level of the range to the values that matter."""
+    model and leaves every level of the range to the values that matter; ``bounds``: those
+    intervals, when the caller has them already (``saturation_bounds(model)``)."""
     classes = tensor_classes(model)
-    bounds = saturation_bounds(model) if saturation else {}
+    bounds = (bounds if bounds is not None else saturation_bounds(model)) if saturation else {}
     todo = [(name, st.clamped(*bounds[name]) if name in bounds else st, method_for(method, classes.get(name, "unbounded")))
             for name, st in stats.items()]
 

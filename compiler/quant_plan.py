@@ -554,34 +554,33 @@ class _Planner:
                 if len(signs) == 1 or self.symmetric:
                     for x in names[1:]:
                         union(names[0], x)
-        group_range: dict[str, list[float]] = {}
-        for name in qtensors:
-            lo, hi = rng(name) if (name in self.ranges or name in override) else (0.0, 0.0)
-            g = group_range.setdefault(find(name), [0.0, 0.0])
-            g[0], g[1] = min(g[0], lo), max(g[1], hi)
-        for n in folded.values():  # a folded activation's range keeps its zero floor
-            g = group_range.get(find(n.outputs[0].name))
-            if g is not None and g[0] < 0:
-                g[0] = 0.0
-        group_full: dict[str, list[float]] = {}
-        full = getattr(self.ranges, "full", None)
-        if full is not None:  # the same groups over the observed ranges, with the same folds and fixed ranges
-            fixed = {name for name in override if name not in self.fold_caps}
+
+        def group_spans(range_of) -> dict[str, list[float]]:
+            """Each scale group's [lo, hi] over its tensors' ranges; a folded activation's keeps its zero floor."""
+            spans: dict[str, list[float]] = {}
             for name in qtensors:
-                if name in fixed:
-                    lo, hi = override[name]
-                elif name in self.fold_caps:
-                    y, cap = self.fold_caps[name]
-                    hi = max(full.get(y, self.ranges[y])[1], 0.0)
-                    lo, hi = 0.0, (min(hi, cap) if cap is not None else hi)
-                else:
-                    lo, hi = full.get(name, rng(name) if name in self.ranges else (0.0, 0.0))
-                g = group_full.setdefault(find(name), [0.0, 0.0])
+                lo, hi = range_of(name)
+                g = spans.setdefault(find(name), [0.0, 0.0])
                 g[0], g[1] = min(g[0], lo), max(g[1], hi)
             for n in folded.values():
-                g = group_full.get(find(n.outputs[0].name))
+                g = spans.get(find(n.outputs[0].name))
                 if g is not None and g[0] < 0:
                     g[0] = 0.0
+            return spans
+
+        group_range = group_spans(lambda name: rng(name) if (name in self.ranges or name in override) else (0.0, 0.0))
+        full = getattr(self.ranges, "full", None)
+
+        def full_range(name):  # the observed range, with the same folds and fixed ranges
+            if name in self.fold_caps:
+                y, cap = self.fold_caps[name]
+                hi = max(full.get(y, self.ranges[y])[1], 0.0)
+                return 0.0, (min(hi, cap) if cap is not None else hi)
+            if name in override:  # a fixed range
+                return override[name]
+            return full.get(name, self.ranges[name]) if name in self.ranges else (0.0, 0.0)
+
+        group_full = group_spans(full_range) if full is not None else {}
         dtype = "int8" if self.symmetric else "uint8"
         acts: dict[str, ActQuant] = {}
         for name, t in qtensors.items():

@@ -356,6 +356,8 @@ class _Quantizer:
         ir.infer_shapes()
         float_model = ir.to_onnx()  # the one measuring copy: calibration and the probe are built from it
         self.float_model = float_model
+        # tensor -> the interval its readers tell apart: what calibration clamps to (computed once)
+        self.bounds = saturation_bounds(float_model) if self.saturation else {}
         self.tensors = calibration_tensors(ir)
         self.outputs = [o.name for o in float_model.graph.output]
         self.error_set = calibdata.subset(self.calib, ERROR_SAMPLES)
@@ -398,9 +400,9 @@ class _Quantizer:
         report["calibration"] = {"samples": count_samples(self.calib), "tensors": len(self.tensors),
                                  "seconds": round(calib_seconds, 3)}
         if self.saturation:  # tensors whose observed values reach where every reader is flat
-            bounds = saturation_bounds(float_model)
             report["calibration"]["clamped"] = sum(
-                1 for t, (a, b) in bounds.items() if t in stats and stats[t].count and (stats[t].min < a or stats[t].max > b))
+                1 for t, (a, b) in self.bounds.items()
+                if t in stats and stats[t].count and (stats[t].min < a or stats[t].max > b))
         if _uses_percentile(self.method):
             report["percentile"] = self.percentile
 
@@ -854,7 +856,7 @@ class _Quantizer:
         # activation's output, so the float and raw values it is compared with get it too (else
         # the negatives the activation drops count as rounding noise: an SE squeeze conv read as 7 dB);
         # so does one whose range calibration clamped to what its readers tell apart (a hard-swish's -3)
-        caps = _trace_bounds(self.ir, plan, saturation_bounds(self.float_model) if self.saturation else {})
+        caps = _trace_bounds(self.ir, plan, self.bounds)
         per_channel: dict[str, np.ndarray] = {}  # tensor -> [2, channels]: sum float^2, sum (dq - raw)^2
         # observed in chunks: each tensor is held three times per batch (float, before Q, after DQ),
         # for every batch in flight, so all of a high-resolution detector's at once take gigabytes
@@ -905,11 +907,11 @@ class _Quantizer:
     def _ranges(self, stats) -> dict:
         symmetric = self.scheme.activations == "symmetric"
         ranges = calib_mod.ranges_from_stats(self.float_model, stats, method=self.method, percentile=self.percentile,
-                                             symmetric=symmetric, saturation=self.saturation)
+                                             symmetric=symmetric, saturation=self.saturation, bounds=self.bounds)
         # what a 16-bit tensor covers: the observed range (clamped as the 8-bit ranges are), not a
         # clipped 8-bit one; the planner keeps a folded ReLU's floor
         full = calib_mod.ranges_from_stats(self.float_model, stats, method="minmax", symmetric=symmetric,
-                                           saturation=self.saturation)
+                                           saturation=self.saturation, bounds=self.bounds)
         return Ranges(ranges, full=full)
 
     def _refine(self, ranges: dict, weights, capture: _FloatCapture) -> tuple[QuantPlan, dict]:
