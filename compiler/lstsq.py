@@ -240,6 +240,15 @@ class LinearMap:
             return None
         return x.reshape(-1, k)[idx].reshape(len(idx), 1, k)
 
+    def samples(self, y_shape: tuple, idx: np.ndarray) -> np.ndarray:
+        """The batch index (the leading axis) of each flat output position ``idx`` of an output of
+        shape ``y_shape`` (a ``pooled`` map's: the pooled tensor's shape)."""
+        if self.node.op == "Conv" or self.pooled:
+            per = int(np.prod(y_shape[2:]))
+        else:
+            per = int(np.prod(y_shape[1:-1])) if len(y_shape) > 1 else 1
+        return np.asarray(idx) // max(per, 1)
+
     # ------------------------------------------------------------------ back to the node
     def tensors(self, W: np.ndarray, b: np.ndarray, like: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(weight, bias) in the node's layout and ``like``'s dtype, for Gemm with alpha = beta = 1;

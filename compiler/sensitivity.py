@@ -13,7 +13,15 @@ Gemm) through ops that keep them constant (activations, BN, pools, a depthwise c
 re-fitted bias absorbs the mean, so that is the closer bound (zeros overstate the cost of
 removing a channel with a large mean, as a ReLU's output has). A MatMul without a bias Add has
 no bias to fit, and an SE gate or a LayerNorm mixes the constant with other values, so those
-tensors stay at zeros. One reference session (:mod:`edgec.runtime`) then runs every trial: no
+tensors stay at zeros. Where the re-fitted layers could also mix the tensor's channels (they read
+it through data movement, Concat, average pools or Resize only: no activation, BN or depthwise
+conv between), a removed channel reads as its least-squares affine prediction from the kept
+channels at the same position, ``x_r ~ A x_k + c`` from the tensor's channel covariance on the
+same batches: for a 1x1 conv, a Gemm or a MatMul that is what its re-fit does on those batches,
+up to a small ridge (a kxk conv's can also use neighbouring pixels, so it stays a bound; a tensor
+of more than ``PREDICT_MAX_CHANNELS`` channels keeps the mean). The probe adds that channel mix
+(a 1x1 Conv, or a MatMul for channels last, from a ``_pred`` input, zero unless a trial sets it)
+after those tensors. One reference session (:mod:`edgec.runtime`) then runs every trial: no
 export, no session per group.
 
 :func:`measure` returns, per group and trial, the squared relative output error
@@ -49,9 +57,12 @@ from edgec.ir import IR
 MAX_BATCHES = 8  # calibration batches a trial runs on
 
 
-def _probe(ir: IR, groups: list[ChannelGroup]) -> tuple[onnx.ModelProto, dict[str, tuple]]:
-    """The model with a multiplier input on each measured tensor: (model, {tensor: (input name,
-    mask shape, axis, channels)})."""
+def _probe(ir: IR, groups: list[ChannelGroup], predicted: Callable[[str, int, int, int], bool] | None = None
+           ) -> tuple[onnx.ModelProto, dict[str, tuple], set[str]]:
+    """The model with a multiplier input on each measured tensor ``x`` and a fill added after it:
+    ``x * mask + fill`` (and ``+ P x``, a channel mix from a ``_pred`` matrix input, for the
+    tensors ``predicted(name, rank, axis, channels)`` accepts). Returns (model, {tensor: (input name, mask
+    shape, axis, channels)}, the tensors with a prediction)."""
     model = ir.to_onnx()
     tensors = ir.tensors()
     outputs = {o.name for o in model.graph.output}
@@ -68,7 +79,7 @@ def _probe(ir: IR, groups: list[ChannelGroup]) -> tuple[onnx.ModelProto, dict[st
             shape[axis] = n
             masks[gt.name] = (f"{gt.name}__edgec_mask", shape, axis, n)
     if not masks:
-        return model, masks
+        return model, masks, set()
     renamed = {name: f"{name}__edgec_masked" for name in masks}
     for node in model.graph.node:
         for i, x in enumerate(node.input):
@@ -76,17 +87,32 @@ def _probe(ir: IR, groups: list[ChannelGroup]) -> tuple[onnx.ModelProto, dict[st
                 node.input[i] = renamed[x]
     dtypes = {vi.name: vi.type.tensor_type.elem_type for vi in
               list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
-    for name, (inp, shape, _, _) in masks.items():
+    pred: set[str] = set()
+    for name, (inp, shape, axis, n) in masks.items():
         elem = dtypes.get(name, TensorProto.FLOAT)
         model.graph.input.append(helper.make_tensor_value_info(inp, elem, shape))
         model.graph.input.append(helper.make_tensor_value_info(inp + "_fill", elem, shape))
         model.graph.node.append(helper.make_node("Mul", [name, inp], [renamed[name] + "_kept"],
                                                  name=f"{name}__edgec_mask_mul"))
-        model.graph.node.append(helper.make_node("Add", [renamed[name] + "_kept", inp + "_fill"], [renamed[name]],
+        kept = renamed[name] + "_kept"
+        if predicted is not None and elem == TensorProto.FLOAT and predicted(name, len(shape), axis, n):
+            pred.add(name)
+            if axis == len(shape) - 1:  # channels last: x @ P' (P' = P transposed, [C, C])
+                model.graph.input.append(helper.make_tensor_value_info(inp + "_pred", elem, [n, n]))
+                model.graph.node.append(helper.make_node("MatMul", [name, inp + "_pred"], [name + "__edgec_pred"],
+                                                         name=f"{name}__edgec_pred"))
+            else:  # channels at axis 1: a 1x1 convolution with weight P [C, C, 1, ...]
+                model.graph.input.append(helper.make_tensor_value_info(inp + "_pred", elem, [n, n] + [1] * (len(shape) - 2)))
+                model.graph.node.append(helper.make_node("Conv", [name, inp + "_pred"], [name + "__edgec_pred"],
+                                                         name=f"{name}__edgec_pred"))
+            model.graph.node.append(helper.make_node("Add", [kept, name + "__edgec_pred"], [kept + "_pred"],
+                                                     name=f"{name}__edgec_pred_add"))
+            kept += "_pred"
+        model.graph.node.append(helper.make_node("Add", [kept, inp + "_fill"], [renamed[name]],
                                                  name=f"{name}__edgec_mask_fill"))
     # the Mul nodes were appended at the end: put the graph back in topological order
     _toposort(model.graph)
-    return model, masks
+    return model, masks, pred
 
 
 def _producers_first(inputs: list[list[str]], outputs: list[list[str]]) -> list[int]:
@@ -130,6 +156,9 @@ _PER_CHANNEL = {"Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish", "HardSigmoid"
                 "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample", "Concat",
                 "Flatten", "Squeeze", "Unsqueeze", "Reshape", "Transpose"}  # (a bias absorbs constant features)
 _ARITH = {"Add", "Sub", "Mul", "Div"}
+# linear ops that keep a channel mix a channel mix (``_bias_absorbs(linear=True)``)
+_MIXABLE = {"Identity", "Dropout", "AveragePool", "GlobalAveragePool", "Resize", "Upsample", "Concat",
+            "Flatten", "Squeeze", "Unsqueeze", "Reshape", "Transpose"}
 
 
 def _in_order(ir: IR) -> list:
@@ -139,7 +168,7 @@ def _in_order(ir: IR) -> list:
     return [nodes[i] for i in order]
 
 
-def _bias_absorbs(ir: IR, name: str, order: list | None = None) -> bool:
+def _bias_absorbs(ir: IR, name: str, order: list | None = None, linear: bool = False) -> bool:
     """Whether a channel of tensor ``name`` held at a constant reaches only layers that
     reconstruction re-fits with a bias (a Conv of one group, a Gemm, a MatMul whose bias an Add
     gives: :func:`edgec.lstsq.bias_add`; reading it as their data input), through ops that keep
@@ -147,7 +176,12 @@ def _bias_absorbs(ir: IR, name: str, order: list | None = None) -> bool:
     a depthwise conv, arithmetic whose other operands are constants or constant too (a hard-swish
     written as ``x * HardSigmoid(x)``). Then the re-fitted bias absorbs it. A MatMul with no bias
     to fit, a LayerNorm, a product with another activation (an SE gate) or a graph output on the
-    way: not absorbed. ``order``: :func:`_in_order`'s, when the caller asks for many tensors."""
+    way: not absorbed. ``order``: :func:`_in_order`'s, when the caller asks for many tensors.
+
+    ``linear``: whether the re-fit can also replace a channel by any affine function of the
+    tensor's other channels at the same position: the tensor reaches only those re-fitted layers,
+    through ops that commute with mixing its channels (data movement, Concat, average pools,
+    Resize); no activation, BN or depthwise conv on the way."""
     held = {name}  # tensors whose channel is a constant when the tensor's is
     for n in order if order is not None else _in_order(ir):  # every input settled before its reader
         ins = [x.name in held for x in n.inputs]
@@ -164,14 +198,14 @@ def _bias_absorbs(ir: IR, name: str, order: list | None = None) -> bool:
             group = int(n.attrs.get("group", 1))
             if fits and ((n.op == "Gemm" and not n.attrs.get("transA", 0)) or (n.op == "Conv" and group == 1)):
                 continue  # re-fitted, with a bias
-            if n.op == "Conv" and w.ndim == 4 and w.shape[1] == 1 and group == w.shape[0]:  # depthwise
+            if not linear and n.op == "Conv" and w.ndim == 4 and w.shape[1] == 1 and group == w.shape[0]:  # depthwise
                 held.update(o.name for o in n.outputs)
                 continue
             return False
-        if n.op in _PER_CHANNEL and (n.op == "Concat" or (ins[0] and not any(ins[1:]))):
+        if n.op in (_MIXABLE if linear else _PER_CHANNEL) and (n.op == "Concat" or (ins[0] and not any(ins[1:]))):
             held.update(o.name for o in n.outputs)
             continue
-        if n.op in _ARITH and all(h or ir.is_const(x) for h, x in zip(ins, n.inputs)):
+        if not linear and n.op in _ARITH and all(h or ir.is_const(x) for h, x in zip(ins, n.inputs)):
             held.update(o.name for o in n.outputs)
             continue
         return False
@@ -180,31 +214,43 @@ def _bias_absorbs(ir: IR, name: str, order: list | None = None) -> bool:
 
 def measure(ir: IR, groups: list[ChannelGroup], trials: dict[str, list[list[int]]], feeds: list[dict], *,
             max_batches: int = MAX_BATCHES, log: Callable[[str], None] | None = None,
-            refit: bool = False) -> dict[str, list[float]]:
+            refit: bool = False, predict: bool = True) -> dict[str, list[float]]:
     """Squared relative output error of each trial (``trials[group id]``: lists of units to
     remove, indices into ``group.units``), per group id, in the order given. Removed units read
-    as zeros, or with ``refit`` as their mean where a re-fitted bias absorbs it (the module doc).
-    A group with no measurable tensor gets no entry."""
+    as zeros, or with ``refit`` as what the re-fit can make of them (the module doc): their mean
+    where a re-fitted bias absorbs it, and with ``predict`` their least-squares prediction from
+    the tensor's kept channels where the re-fitted layers can mix channels
+    (``_bias_absorbs(linear=True)``). A group with no measurable tensor gets no entry."""
     by_id = {g.id: g for g in groups}
     chosen = [by_id[gid] for gid in trials if gid in by_id]
-    model, masks = _probe(ir, chosen)
+    order = _in_order(ir) if refit else None
+    mixable = (lambda name, rank, axis, n: n <= PREDICT_MAX_CHANNELS and (axis == rank - 1 or (axis == 1 and rank >= 3))
+               and _bias_absorbs(ir, name, order, linear=True)) if refit and predict else None
+    model, masks, predicted = _probe(ir, chosen, mixable)
     if not masks:
         return {}
     batches = [feeds[i] for i in seeded_positions(len(feeds), max_batches)]
     names = [o.name for o in model.graph.output]
-    order = _in_order(ir) if refit else None
-    filled = [t for t in masks if refit and _bias_absorbs(ir, t, order)]
+    filled = [t for t in masks if refit and (t in predicted or _bias_absorbs(ir, t, order))]
     sess = runtime.reference_session(runtime.augment(model, filled))
     ones = {inp: np.ones(shape, dtype=np.float32) for inp, shape, _, _ in masks.values()}
     zeros = {inp + "_fill": np.zeros(shape, dtype=np.float32) for inp, shape, _, _ in masks.values()}
+    for t in predicted:
+        inp, shape, axis, n = masks[t]
+        zeros[inp + "_pred"] = np.zeros([n, n] + ([] if axis == len(shape) - 1 else [1] * (len(shape) - 2)), np.float32)
     y0, sums, count = [], {t: 0.0 for t in filled}, {t: 0 for t in filled}
+    grams = {t: 0.0 for t in predicted}  # sum of x x' over positions, per predicted tensor
     for _, values in runtime.run_batches(sess, names + filled, batches, fixed={**ones, **zeros}):
         y0.append({n: values[n] for n in names})
         for t in filled:
             v, axis = np.asarray(values[t], dtype=np.float64), masks[t][2]
             sums[t] = sums[t] + np.sum(v, axis=tuple(a for a in range(v.ndim) if a != axis))
             count[t] += v.size // max(v.shape[axis], 1)
+            if t in predicted:
+                rows = np.moveaxis(v, axis, -1).reshape(-1, v.shape[axis])
+                grams[t] = grams[t] + rows.T @ rows
     means = {t: (sums[t] / max(count[t], 1)).reshape(masks[t][1]).astype(np.float32) for t in filled}
+    covs = {t: grams[t] / max(count[t], 1) - np.outer(sums[t], sums[t]) / max(count[t], 1) ** 2 for t in predicted}
     norm = sum(float(np.sum(np.square(np.asarray(v[n], dtype=np.float64)))) for v in y0 for n in names)
     norm = max(norm, 1e-30)
     out: dict[str, list[float]] = {}
@@ -225,7 +271,12 @@ def measure(ir: IR, groups: list[ChannelGroup], trials: dict[str, list[list[int]
                     if u in dead:
                         m[pos * gt.block:(pos + 1) * gt.block] = 0.0
                 fixed[inp] = (fixed[inp] * m.reshape(shape)).astype(np.float32)
-                if gt.name in means:
+                if gt.name in predicted:
+                    fixed[inp + "_pred"], fill = _prediction(covs[gt.name], sums[gt.name] / max(count[gt.name], 1),
+                                                            fixed[inp].reshape(-1) > 0.5, zeros[inp + "_pred"].shape,
+                                                            axis == len(shape) - 1)
+                    fixed[inp + "_fill"] = fill.reshape(shape).astype(np.float32)
+                elif gt.name in means:
                     fixed[inp + "_fill"] = ((1.0 - fixed[inp]) * means[gt.name]).astype(np.float32)
             sse = 0.0
             for k, (_, values) in enumerate(runtime.run_batches(sess, names, batches, fixed=fixed)):
@@ -238,6 +289,31 @@ def measure(ir: IR, groups: list[ChannelGroup], trials: dict[str, list[list[int]
         if log is not None:
             log(f"  sensitivity: {done}/{total} trials ({len(out)}/{len(chosen)} groups)")
     return out
+
+
+PREDICT_RIDGE = 1e-3  # of the kept channels' mean variance, on the diagonal of their covariance
+PREDICT_MAX_CHANNELS = 2048  # a wider tensor keeps the mean (its covariance: 32 MB, a solve per trial)
+
+
+def _prediction(cov: np.ndarray, mean: np.ndarray, kept: np.ndarray, shape: tuple, last: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The removed channels' (``~kept``) least-squares affine prediction from the kept ones:
+    ``x_r ~ A x_k + c``, ``A = C_rk (C_kk + lambda I)^-1``. Returns the probe's channel mix (``P``,
+    rows of removed channels ``A`` and zero elsewhere, in the ``_pred`` input's ``shape``;
+    transposed for a channels-last MatMul) and the fill (``c`` at removed channels, 0 at kept)."""
+    n = len(mean)
+    P, fill = np.zeros((n, n)), np.zeros(n)
+    r, k = np.flatnonzero(~kept), np.flatnonzero(kept)
+    if len(r):
+        fill[r] = mean[r]
+    if len(r) and len(k):
+        ckk = cov[np.ix_(k, k)]
+        lam = PREDICT_RIDGE * max(float(np.mean(np.diag(ckk))), 1e-30)
+        A = np.linalg.solve(ckk + lam * np.eye(len(k)), cov[np.ix_(k, r)]).T  # [r, k]
+        P[np.ix_(r, k)] = A
+        fill[r] = mean[r] - A @ mean[k]
+    P = P.T if last else P
+    return P.reshape(shape).astype(np.float32), fill
 
 
 def allocate(curves: dict[str, list[tuple[int, float]]], limits: dict[str, int], step: dict[str, int],

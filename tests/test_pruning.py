@@ -664,7 +664,7 @@ def test_sensitivity_before_a_refit_reads_removed_channels_as_their_mean():
     unit = {int(pos): int(u) for pos, u in zip(gt.positions, gt.units)}  # channel -> unit
     trials = {group.id: [[unit[0]], [unit[4]]]}
     zero = sens.measure(ir, [group], trials, feeds)[group.id]
-    mean = sens.measure(ir, [group], trials, feeds, refit=True)[group.id]
+    mean = sens.measure(ir, [group], trials, feeds, refit=True, predict=False)[group.id]
     r1 = np.concatenate([verify.run(runtime.augment(model, ["r1"]), f)["r1"] for f in feeds]).astype(np.float64)
     y0 = np.concatenate([verify.run(model, f)["y"] for f in feeds]).astype(np.float64)
     for k, c in enumerate((0, 4)):
@@ -687,6 +687,35 @@ def test_sensitivity_before_a_refit_reads_removed_channels_as_their_mean():
     assert zero[0] > 20 * mean[0]  # channel 0's cost was its mean
     assert zero[1] == pytest.approx(mean[1], rel=0.5)  # a zero-mean-ish channel: about the same
     assert zero[0] > zero[1] and mean[0] < mean[1]  # so the order of the two turns round
+
+
+def test_sensitivity_before_a_refit_predicts_removed_channels_from_the_kept_ones():
+    """Where the re-fitted layers can mix the tensor's channels (conv2 is a 1x1 conv), a removed
+    channel reads as its least-squares affine prediction from the kept channels at the same
+    position. For a 1x1 conv that is what its re-fit does, so the measured error equals the
+    least-squares re-fit's own (numpy's lstsq on the same batches; the small ridge aside), and is
+    no larger than the mean's."""
+    from edgec import sensitivity as sens
+    model, _, _ = _offset_pair()
+    feeds = [verify.random_inputs(model, seed=s) for s in range(4)]
+    ir = edgec.from_model(model)
+    (group,) = [g for g in find_groups(ir) if g.prunable]
+    (gt,) = importance.measured_tensors(ir, group)
+    unit = {int(pos): int(u) for pos, u in zip(gt.positions, gt.units)}
+    trials = {group.id: [[unit[0]], [unit[4]], [unit[1], unit[5], unit[6]]]}
+    pred = sens.measure(ir, [group], trials, feeds, refit=True)[group.id]
+    mean = sens.measure(ir, [group], trials, feeds, refit=True, predict=False)[group.id]
+    r1 = np.concatenate([verify.run(runtime.augment(model, ["r1"]), f)["r1"] for f in feeds]).astype(np.float64)
+    y0 = np.concatenate([verify.run(model, f)["y"] for f in feeds]).astype(np.float64)
+    Y = y0.transpose(0, 2, 3, 1).reshape(-1, 4)
+    for k, chans in enumerate(([0], [4], [1, 5, 6])):
+        X = np.concatenate([np.delete(r1, chans, axis=1).transpose(0, 2, 3, 1).reshape(-1, 8 - len(chans)),
+                            np.ones((len(Y), 1))], axis=1)
+        fit = X @ np.linalg.lstsq(X, Y, rcond=None)[0]
+        refit = np.sum((fit - Y) ** 2) / np.sum(Y ** 2)
+        assert pred[k] == pytest.approx(refit, rel=2e-2)
+        assert pred[k] <= mean[k] * (1 + 1e-3)
+    assert pred[2] < mean[2]  # three channels: the kept ones carry some of them
 
 
 @pytest.mark.parametrize("tail, absorbs", [
@@ -852,7 +881,7 @@ def test_auto_pruning_keeps_the_candidate_that_measures_better(case):
         calib, held = {name: data["calib_x"]}, data["test_x"]
     else:
         model = ALL_MODELS[case](batch=1)
-        calib = [verify.random_inputs(model, seed=s) for s in range(16)]
+        calib = [verify.random_inputs(model, seed=s) for s in range(32)]
         held = np.concatenate([list(verify.random_inputs(model, seed=100 + s).values())[0] for s in range(8)])
     auto = edgec.compile(model, None, prune=0.3, calib=calib, round_to=1)
     pr = auto.report["pruning"]
@@ -870,8 +899,10 @@ def test_auto_pruning_keeps_the_candidate_that_measures_better(case):
     print(f"\n{case} 30%: held-out calibration error {errs}, other inputs {real}, chosen {best}")
     assert best == (("l1", "uniform") if case == "digits" else ("obs", "sensitivity"))
     # the calibration split picked what other inputs confirm, up to candidates within its noise (on
-    # resnet_bottleneck obs/sensitivity and obs/balanced measure 0.0027 and 0.0031 on the split,
-    # 0.0038 and 0.0034 on other inputs; L1/uniform is 0.024 there)
+    # resnet_bottleneck, 32 samples, obs/sensitivity and obs/balanced measure 0.0033 and 0.0040 on
+    # the split, 0.0033 and 0.0037 on other inputs; L1/uniform is 0.023 there. With 16 samples the
+    # split's four held out put obs/sensitivity first, 0.0027 against 0.0031, where other inputs
+    # measure 0.0041 against 0.0032)
     assert real[best] <= 1.15 * min(real.values())
     assert f"auto chose {best[0]}/{best[1]}: held-out output error" in compile_text(auto.report)
 

@@ -699,3 +699,39 @@ def test_a_pooled_matmul_keeps_the_bias_its_add_gives():
     bias = next(onnx.numpy_helper.to_array(i) for i in out.graph.initializer if i.name == add.input[1])
     assert np.allclose(bias, arrays["bm"], atol=1.0)  # re-fitted near the original, not wiped out
     assert _rel(original, out, feeds) < 0.5 * _rel(original, plain, feeds)
+
+
+@pytest.mark.parametrize("layer, samples", [("conv", 12), ("matmul", 12), ("pooled", 12), ("conv", 6)])
+def test_held_out_rows_are_whole_samples(layer, samples, monkeypatch):
+    """The rows that pick the ridge and decide whether a re-fit is kept are whole samples (every
+    fifth), not every fifth row: the pixels of one image are not independent of each other, so a
+    fit that learnt that image's rows would pass a test on its other rows. With fewer than
+    ``HOLDOUT_MIN_SAMPLES`` samples it falls back to every fifth row."""
+    b = GraphBuilder("holdout", seed=0)
+    x = b.input("input", [1, 5, 6] if layer == "matmul" else [1, 4, 6, 6])
+    if layer == "matmul":
+        b.output(b.linear(b.relu(b.linear(x, 6)), 3), "output")
+    else:
+        h = b.relu(b.conv(x, 6, 3))
+        b.output(b.conv(b.gap(h), 3, 1) if layer == "pooled" else b.conv(h, 3, 3), "output")
+    model = b.build()
+    original, ir, kept, _ = _pruned(model, 0.5)
+    seen = []
+    add = NormalEquations.add
+
+    def spy(self, X, Y, held_out):
+        seen.append((len(X), np.asarray(held_out, bool).copy()))
+        return add(self, X, Y, held_out)
+
+    monkeypatch.setattr(NormalEquations, "add", spy)
+    feeds = [verify.random_inputs(model, seed=s) for s in range(samples)]
+    layers = reconstruct(ir, original, feeds, kept)
+    assert [r for r in layers if r.get("rows")] and seen
+    held = [h for _, h in seen]
+    if samples >= reconstruct_mod.HOLDOUT_MIN_SAMPLES:  # batch j is sample j: held out when j % 5 == 0
+        for j, h in enumerate(held[:samples]):
+            assert h.all() if j % 5 == 0 else not h.any(), (j, h)
+    else:
+        rows = np.concatenate(held[:samples])
+        assert rows.any() and not rows.all()
+        assert np.array_equal(rows, np.arange(len(rows)) % 5 == 0)
