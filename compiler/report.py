@@ -151,7 +151,7 @@ def compile_text(r: dict) -> str:
             lines.append(f"    auto: kept {ch['chosen']['importance']}/{ch['chosen']['mode']} without measuring: {ch['why']}")
         elif ch:
             lines.append(f"    auto chose {ch['chosen']['importance']}/{ch['chosen']['mode']}: held-out output error "
-                         "(relative L2) "
+                         "(the typical sample's relative L2) "
                          + ", ".join(f"{c['importance']}/{c['mode']} {c['said']}" for c in ch["candidates"])
                          + f" on {ch['held_out_samples']} held-out calibration samples ({ch['seconds']:.1f} s)")
         pe = pr.get("error")

@@ -19,9 +19,10 @@ Rules
     The candidates (:func:`auto_candidates`: ``AUTO_PAIRS``, L1 importance with the uniform
     allocation, Wanda and OBS importance with the sensitivity allocation and OBS with the balanced
     one; or the values of whichever of the two is ``auto``) each prune a copy of the graph, re-fitted on three quarters of the calibration
-    samples; the output error (worst output's relative L2 against the unpruned graph) is
-    measured on a held-out quarter (drawn by a fixed seed, :func:`split_feeds`), and the lowest
-    wins, the first candidate unless another is ``AUTO_MARGIN`` lower. The winner then prunes the graph on all the samples. Without
+    samples; the output error is
+    measured on a held-out quarter (drawn by a fixed seed, :func:`split_feeds`) as the typical
+    sample's: the geometric mean over those samples of each one's relative L2 against the unpruned
+    graph (the worst output's, :func:`typical_error`), and the lowest wins, the first candidate unless another is ``AUTO_MARGIN`` lower. The winner then prunes the graph on all the samples. Without
     calibration data, or with fewer than ``AUTO_MIN_SAMPLES`` samples to split, the first
     candidate is used (the result's note says so);
   * ``macs_target``: the ratio is solved by bisection (on copies of the IR) so that MACs drop by
@@ -63,7 +64,8 @@ from edgec.errors import UserError
 from edgec.ir import IR, is_opaque
 from edgec.passes.reconstruct import reconstruct
 from edgec.pipeline import Pass, PassContext, PassResult, register
-from edgec.runtime import output_error, run_outputs
+from edgec import runtime
+from edgec.runtime import error_metrics
 
 
 @dataclass
@@ -256,6 +258,44 @@ def auto_candidates(importance: str, mode: str, has_feeds: bool) -> list[tuple[s
     return [(importance, mode)]
 
 
+def _outputs(model, batches: list[dict]) -> list[dict[str, np.ndarray]]:
+    """The graph outputs of ``model`` for each batch (reference arithmetic)."""
+    sess = runtime.reference_session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return [{n: np.asarray(v[n]) for n in names} for _, v in runtime.run_batches(sess, names, batches)]
+
+
+def sample_errors(reference: list[dict], got: list[dict]) -> np.ndarray:
+    """Relative L2 error of each sample, the worst output's: a batch's outputs are split into samples
+    along their leading axis when every output has the batch's size there, else the batch counts as
+    one sample. A sample whose reference output is all zeros is measured against the mean square
+    of all of them."""
+    sq: dict[str, list] = {}  # per output: (squared error, squared reference) of each sample
+    for ref, out in zip(reference, got):
+        sizes = {np.shape(v)[0] if np.ndim(v) else None for v in ref.values()}
+        n = sizes.pop() if len(sizes) == 1 and None not in sizes else None
+        for name, r in ref.items():
+            r = np.asarray(r, np.float64)
+            d = np.asarray(out[name], np.float64) - r
+            rows = (len(r), -1) if n else (1, -1)
+            sq.setdefault(name, []).append((np.sum(np.square(d).reshape(rows), 1), np.sum(np.square(r).reshape(rows), 1)))
+    worst = None
+    for parts in sq.values():
+        e, z = (np.concatenate(p) for p in zip(*parts))
+        e = e / np.where(z > 0, z, max(float(np.mean(z)), 1e-30))
+        worst = e if worst is None else np.maximum(worst, e)
+    return np.sqrt(worst) if worst is not None else np.zeros(0)
+
+
+def typical_error(reference: list[dict], got: list[dict]) -> float:
+    """The geometric mean over the samples of each one's relative L2 error (:func:`sample_errors`):
+    what auto pruning compares candidates by. Each sample counts alike whatever its scale, and one
+    sample a candidate happens to hurt does not outweigh all the others, as it can in a relative L2
+    over all of them (a mean of squares) on the few samples held out."""
+    e = sample_errors(reference, got)
+    return float(np.exp(np.mean(np.log(np.maximum(e, 1e-12))))) if len(e) else float("nan")
+
+
 def held_out_positions(total: int, fraction: float) -> np.ndarray:
     """Which of ``total`` samples to hold out: ``round(total * fraction)`` of them (at least one),
     drawn by :func:`edgec.calibdata.seeded_positions`. (Every fourth sample, as before, aliased
@@ -365,7 +405,7 @@ class PruneChannels(Pass):
         if fixed is None:
             fixed = any(t.shape and isinstance(t.shape[0], int) and t.shape[0] > 0 for t in ir.graph.inputs)
         split = split_feeds(feeds, AUTO_HOLDOUT, fixed) if len(candidates) > 1 else None
-        why, errors, macs, failed, nothing = None, {}, {}, {}, set()
+        why, errors, rel_l2, macs, failed, nothing = None, {}, {}, {}, {}, set()
         # samples as given (a fixed-batch model's last batch is padded by repeating samples)
         count = count_samples(feeds or [])
         given = min(getattr(ctx.calib, "num_samples", None) or count, count)
@@ -378,7 +418,7 @@ class PruneChannels(Pass):
         elif split is not None:
             fit, held = split
             original = ir.to_onnx()
-            reference = run_outputs(original, held)
+            reference = _outputs(original, held)
             n_fit = count_samples(fit)
             n_held = min(count_samples(held), max(given - n_fit, 1))
             for i, (importance, mode) in enumerate(candidates):
@@ -395,9 +435,12 @@ class PruneChannels(Pass):
                 if not res.changed:  # it pruned nothing: not a candidate (it would win with no error)
                     nothing.add((importance, mode))
                     continue
-                errors[(importance, mode)] = output_error(original, trial.to_onnx(), held, reference)["rel_l2"]
+                got = _outputs(trial.to_onnx(), held)
+                errors[(importance, mode)] = typical_error(reference, got)
+                rel_l2[(importance, mode)] = error_metrics(*(
+                    {n: np.concatenate([b[n] for b in outs]) for n in outs[0]} for outs in (reference, got)))["rel_l2"]
                 ctx.log(f"prune_channels: auto: {importance}/{mode} held-out output error "
-                        f"{errors[(importance, mode)]:.4g}")
+                        f"{errors[(importance, mode)]:.4g} (relative L2 of all {rel_l2[(importance, mode)]:.4g})")
             if not errors:
                 why = "no candidate pruned anything" if not failed else "; ".join(
                     f"{i}/{m} {said}" for (i, m), said in failed.items())
@@ -423,14 +466,15 @@ class PruneChannels(Pass):
         result = self._as(*chosen).run(ir, ctx)
         data = result.data
         if len(candidates) > 1:
-            data.choice = {"candidates": [{"importance": i, "mode": m, "held_out_rel_l2": errors.get((i, m)),
+            data.choice = {"candidates": [{"importance": i, "mode": m, "held_out_error": errors.get((i, m)),
+                                           "held_out_rel_l2": rel_l2.get((i, m)),
                                            "macs": macs.get((i, m)), "eligible": (i, m) in eligible,
                                            "said": said((i, m))} for i, m in candidates],
                            "chosen": {"importance": chosen[0], "mode": chosen[1]}, "margin": AUTO_MARGIN,
                            "seconds": round(time.perf_counter() - t0, 3)}
             if errors:
                 data.choice.update(fit_samples=n_fit, held_out_samples=n_held)
-                result.note(f"auto chose {chosen[0]}/{chosen[1]}: held-out output error (relative L2) "
+                result.note(f"auto chose {chosen[0]}/{chosen[1]}: held-out output error (typical sample's relative L2) "
                             + ", ".join(f"{i}/{m} {said((i, m))}" for i, m in candidates)
                             + f" on {n_held} of the calibration samples (the others fitted)")
             else:

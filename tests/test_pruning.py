@@ -868,11 +868,11 @@ def _held_out_error(model, pruned, x) -> float:
 @pytest.mark.parametrize("case", ["digits", "resnet_bottleneck"])
 def test_auto_pruning_keeps_the_candidate_that_measures_better(case):
     """The compile default (importance and mode ``auto``) prunes with the candidate whose output
-    error on held-out calibration samples is lowest, and the result is the same model as naming
-    that candidate. On the trained digits example L1/uniform measures better (and keeps the
-    accuracy: 0.9778 at 30% against wanda/sensitivity's 0.9611); on the ResNet bottleneck
-    builder (N(0,1) inputs) obs/sensitivity does (wanda/sensitivity did while the sensitivity
-    read removed channels as zeros). Each choice is checked against the real error of every
+    error on held-out calibration samples (the typical sample's) is lowest, and the result is the
+    same model as naming that candidate. On the trained digits example obs/sensitivity measures
+    2% below L1/uniform there, and lower on the test digits too, where it keeps the accuracy within
+    two points of the unpruned model's; on the ResNet bottleneck builder (N(0,1) inputs)
+    obs/sensitivity measures lowest. Each choice is checked against the real error of every
     candidate on other inputs."""
     if case == "digits":
         model = onnx.load(DIGITS / "model.onnx")
@@ -886,7 +886,7 @@ def test_auto_pruning_keeps_the_candidate_that_measures_better(case):
     auto = edgec.compile(model, None, prune=0.3, calib=calib, round_to=1)
     pr = auto.report["pruning"]
     ch = pr["choice"]
-    errs = {(c["importance"], c["mode"]): c["held_out_rel_l2"] for c in ch["candidates"]}
+    errs = {(c["importance"], c["mode"]): c["held_out_error"] for c in ch["candidates"]}
     assert set(errs) == {("l1", "uniform"), ("wanda", "sensitivity"), ("obs", "sensitivity"), ("obs", "balanced")}
     assert all(e > 0 for e in errs.values())
     best = min(errs, key=errs.get)
@@ -897,7 +897,12 @@ def test_auto_pruning_keeps_the_candidate_that_measures_better(case):
     assert auto.model.SerializeToString() == named[best].SerializeToString()
     real = {pair: _held_out_error(model, m, held) for pair, m in named.items()}
     print(f"\n{case} 30%: held-out calibration error {errs}, other inputs {real}, chosen {best}")
-    assert best == (("l1", "uniform") if case == "digits" else ("obs", "sensitivity"))
+    assert best == ("obs", "sensitivity")
+    if case == "digits":
+        def accuracy(m):
+            return float(np.mean(np.argmax(list(verify.run(m, {name: held}).values())[0], -1) == data["test_y"]))
+        print(f"digits accuracy: unpruned {accuracy(model):.4f}, auto {accuracy(auto.model):.4f}")
+        assert accuracy(auto.model) >= accuracy(model) - 0.02  # the issue's bar for 30%: two points
     # the calibration split picked what other inputs confirm, up to candidates within its noise (on
     # resnet_bottleneck, 32 samples, obs/sensitivity and obs/balanced measure 0.0033 and 0.0040 on
     # the split, 0.0033 and 0.0037 on other inputs; L1/uniform is 0.023 there. With 16 samples the
@@ -990,3 +995,35 @@ def test_data_driven_passes_hold_a_bounded_draw_of_a_large_calibration_set(monke
     monkeypatch.setattr(pipeline, "MAX_FEED_BYTES", 256 << 20)
     few = batches[:20]
     assert PassContext(calib=few).feeds() == few
+
+
+def test_typical_error_is_the_geometric_mean_of_each_samples_error():
+    """Auto pruning compares candidates by each held-out sample's relative L2 (the worst
+    output's), combined as a geometric mean: a batch of several samples is split along the
+    outputs' leading axis, a sample with an all-zero reference is measured against the others'
+    scale, and one sample a candidate breaks does not outweigh the rest as in a relative L2 over
+    all of them."""
+    from edgec.passes.prune_channels import sample_errors, typical_error
+    rng = np.random.default_rng(0)
+    ref = [{"a": rng.standard_normal((2, 5)), "b": rng.standard_normal((2, 3))},
+           {"a": rng.standard_normal((1, 5)), "b": np.zeros((1, 3))}]
+    scale = [np.array([0.1, 0.2])[:, None], np.array([0.3])[:, None]]
+    got = [{"a": r["a"] * (1 + s), "b": r["b"]} for r, s in zip(ref, scale)]
+    got[1]["b"] = got[1]["b"] + 0.5  # the zero reference: measured against the mean square of b's
+    e = sample_errors(ref, got)
+    zb = np.mean(np.sum(np.square(np.concatenate([r["b"] for r in ref])), 1))
+    assert e[:2] == pytest.approx([0.1, 0.2])
+    assert e[2] == pytest.approx(max(0.3, np.sqrt(3 * 0.25 / zb)))
+    assert typical_error(ref, got) == pytest.approx(float(np.exp(np.mean(np.log(e)))))
+    # a batch whose outputs do not all lead with its size is one sample
+    one = sample_errors([{"a": ref[0]["a"], "c": np.ones(4)}], [{"a": got[0]["a"], "c": np.ones(4)}])
+    assert one == pytest.approx([np.linalg.norm(got[0]["a"] - ref[0]["a"]) / np.linalg.norm(ref[0]["a"])])
+    # one broken sample: a candidate better on the other seven wins on the typical error
+    base = [{"y": np.ones((1, 4))} for _ in range(8)]
+    a = [{"y": b["y"] * 1.1} for b in base]  # 0.1 on every sample
+    c = [{"y": b["y"] * (1.05 if i else 2.0)} for i, b in enumerate(base)]  # 0.05, one at 1.0
+    assert typical_error(base, c) < typical_error(base, a)
+    assert runtime.error_metrics({"y": np.concatenate([b["y"] for b in base])},
+                                 {"y": np.concatenate([b["y"] for b in c])})["rel_l2"] > \
+        runtime.error_metrics({"y": np.concatenate([b["y"] for b in base])},
+                              {"y": np.concatenate([b["y"] for b in a])})["rel_l2"]
