@@ -32,7 +32,10 @@ Rules
   channels of each layer feeding it, and at least one unit of every tensor slice (a Split
   output or Concat input is never emptied).
 - ``steps > 1`` prunes progressively: each step removes ``1 - (1 - ratio) ** (1 / steps)`` of the
-  remaining units, then re-analyses and re-scores (and reconstructs, when enabled).
+  remaining units, then re-analyses and re-scores (and reconstructs, when enabled). With a MACs
+  goal (``macs_target``, or the sensitivity modes' uniform-equivalent one) and an allocation that
+  reads the graph (not ``uniform``), each step instead solves its own ratio on the graph as the
+  step before left it (re-fitted), for the same fraction of the MACs left at every step.
 - With calibration data in the :class:`~edgec.pipeline.PassContext` (``ctx.feeds()``) and
   ``reconstruct=True`` (the default), the consumers of pruned channels are re-fitted by least
   squares against the unpruned model (the graph as this pass found it) after every step
@@ -570,31 +573,33 @@ class PruneChannels(Pass):
         budget = sum((g.channels - _keep_target(g.channels, ratio, rt, mlr)) * cost[g.id] for g in prunable)
         return sens.allocate(curves, limits, step, cost, budget, first=first), curves
 
-    def _macs_after(self, ir: IR, ratio: float, feeds: list[dict] | None, mode: str | None = None) -> int:
+    def _macs_after(self, ir: IR, ratio: float, feeds: list[dict] | None, mode: str | None = None,
+                    steps: int | None = None) -> int:
         """MACs after pruning at ``ratio`` with the same progressive schedule ``run`` uses
-        (per-step rounding makes K steps differ from one)."""
+        (per-step rounding makes K steps differ from one); ``steps``: that many instead."""
         trial = ir.copy()
-        per_step = 1.0 - (1.0 - ratio) ** (1.0 / self.steps)
-        for _ in range(self.steps):
+        steps = steps or self.steps
+        per_step = 1.0 - (1.0 - ratio) ** (1.0 / steps)
+        for _ in range(steps):
             if not self._step(trial, per_step, feeds, mode=mode):
                 break
         return costs_mod.compute(trial).macs
 
     def _solve_ratio(self, ir: IR, feeds: list[dict] | None, result: PassResult, target: float,
-                     closest: bool = False) -> float:
+                     closest: bool = False, steps: int | None = None) -> float:
         """The ratio whose pruning leaves at most ``1 - target`` of the MACs (``closest``: the
-        bisection's end, either side, nearest to it)."""
+        bisection's end, either side, nearest to it; ``steps``: in that many steps instead)."""
         base = costs_mod.compute(ir).macs
         goal = base * (1.0 - target)
         lo, hi = 0.0, self.max_layer_ratio
-        if self._macs_after(ir, hi, feeds) > goal:
+        if self._macs_after(ir, hi, feeds, steps=steps) > goal:
             result.note(f"MACs target {target:.0%} not reachable within max_layer_ratio "
                         f"{self.max_layer_ratio}: pruning at ratio {hi}")
             return hi
         m_lo, m_hi = base, None
         for _ in range(10):
             mid = (lo + hi) / 2
-            m = self._macs_after(ir, mid, feeds)
+            m = self._macs_after(ir, mid, feeds, steps=steps)
             if m <= goal:
                 hi, m_hi = mid, m
             else:
@@ -623,15 +628,31 @@ class PruneChannels(Pass):
             # gone against uniform's 74%), so the ratio is solved for that, as for --prune-macs
             target = 1.0 - self._macs_after(ir, self.ratio, feeds, mode="uniform") / macs_before
             target = target if target > 0 else None
-        ratio = (self._solve_ratio(ir, feeds, result, target, closest=self.macs_target is None)
-                 if target is not None else self.ratio)
+        # with progressive steps and an allocation that reads the graph (a measured sensitivity, global
+        # scores), a step prunes the graph the step before left re-fitted, which a simulation of all
+        # the steps on a copy cannot know: each step is solved on the graph as it is, for its share
+        # of the MACs (the same fraction of what is left at every step)
+        per_step_solve = self.steps > 1 and target is not None and self.mode != "uniform"
+        closest = self.macs_target is None
+        ratio = (self._solve_ratio(ir, feeds, result, target, closest=closest)
+                 if target is not None and not per_step_solve else self.ratio)
         data = result.data = PruneResult(ratio=ratio, importance=self.importance, mode=self.mode)
-        if ratio <= 0:
+        if (ratio or 0) <= 0 and not per_step_solve:
             return result
-        per_step = 1.0 - (1.0 - ratio) ** (1.0 / self.steps)
+        per_step = None if per_step_solve else 1.0 - (1.0 - ratio) ** (1.0 / self.steps)
         cumulative: dict[str, tuple] = {}
-        for _ in range(self.steps):
-            kept = self._step(ir, per_step, feeds, data.groups)
+        left = 1.0
+        for k in range(self.steps):
+            r = per_step
+            if per_step_solve:
+                cur = costs_mod.compute(ir).macs
+                goal = macs_before * (1.0 - target) ** ((k + 1) / self.steps)
+                if cur <= 0 or goal >= cur:
+                    continue
+                r = self._solve_ratio(ir, feeds, result, 1.0 - goal / cur, closest=closest, steps=1)
+                left *= 1.0 - r
+                data.ratio = 1.0 - left
+            kept = self._step(ir, r, feeds, data.groups)
             if not kept:
                 break
             result.changed = True
@@ -647,7 +668,7 @@ class PruneChannels(Pass):
             macs_after = costs_mod.compute(ir).macs
             n_groups = sum(1 for s in data.groups if s["removed"])
             n_units = sum(s["removed"] for s in data.groups)
-            result.note(f"pruned {n_units} channels in {n_groups} groups (ratio {ratio:.3f}, {self.mode}, "
+            result.note(f"pruned {n_units} channels in {n_groups} groups (ratio {data.ratio:.3f}, {self.mode}, "
                         f"importance {self.importance}); MACs {macs_before} -> {macs_after}")
             for s in data.groups:
                 if not s["prunable"]:

@@ -1027,3 +1027,24 @@ def test_typical_error_is_the_geometric_mean_of_each_samples_error():
                                  {"y": np.concatenate([b["y"] for b in c])})["rel_l2"] > \
         runtime.error_metrics({"y": np.concatenate([b["y"] for b in base])},
                               {"y": np.concatenate([b["y"] for b in a])})["rel_l2"]
+
+
+def test_progressive_sensitivity_steps_remove_the_macs_uniform_removes():
+    """With progressive steps, the sensitivity allocation measures each step on the graph the
+    step before left re-fitted; each step solves its ratio there, so the MACs removed match the
+    goal (uniform's at the ratio, same steps) instead of drifting with what a simulation of all
+    the steps on an un-re-fitted copy predicted: on the digits example at 30% in 3 steps, 26.8%
+    of the MACs went instead of uniform's 29.9% before (within 7% now: these layers have few
+    channels, a step of the allocation is a few percent of the MACs)."""
+    model = onnx.load(DIGITS / "model.onnx")
+    calib = {model.graph.input[0].name: digits_data()["calib_x"]}
+    before = edgec.compile(model, None).report["after"]["macs"]
+    for steps in (1, 3):
+        uni = edgec.compile(model, None, prune=0.3, calib=calib, round_to=1, importance="l1", prune_mode="uniform",
+                            prune_steps=steps)
+        goal = before - uni.report["after"]["macs"]
+        r = edgec.compile(model, None, prune=0.3, calib=calib, round_to=1, importance="l1",
+                          prune_mode="sensitivity", prune_steps=steps)
+        removed = before - r.report["after"]["macs"]
+        print(f"steps {steps}: removed {removed / before:.3f} of the MACs, uniform {goal / before:.3f}")
+        assert removed == pytest.approx(goal, rel=0.07)
