@@ -407,17 +407,39 @@ class NormalEquations:
         pads = {nm: None if p is None else np.concatenate([p, np.zeros((g, d - k, nout))], axis=1)
                 for nm, p in priors.items()}
         extra = [nm for nm in names if pads[nm] is not None]
-        best: dict[str, tuple] = {}
-        active = set(names)
+        # per prior, the steps tried: index -> (held-out MSE, ridge * step, W, P, R, slope)
+        tried: dict[str, dict[int, tuple]] = {nm: {} for nm in names}
         solves = 0
         wide = self.wide()
         if wide:
             x1, y1 = held
             xh, yh = x1[0, :, :d], y1[0]
         scale = np.mean(np.diagonal(self.G[:, :k, :k], axis1=1, axis2=2), axis=1) if k else np.zeros(g)
-        for step in steps:
-            if not active:
+
+        def best_of(nm: str) -> int:
+            t = tried[nm]
+            return min(t, key=lambda i: (not t[i][0] <= t[i][0], t[i][0], i))
+
+        def wanted(nm: str) -> int | None:
+            """The next step this prior needs: without the slope, the next larger one while the
+            last one tried is the best; with it, the neighbour of the best one it points to."""
+            t = tried[nm]
+            if not t:
+                return 1 if wide and len(steps) > 1 else 0
+            b = best_of(nm)
+            if wide:
+                sl = t[b][5]
+                j = b + 1 if sl < 0 else b - 1 if sl > 0 else None
+            else:
+                j = b + 1 if b == max(t) else None
+            return j if j is not None and 0 <= j < len(steps) and j not in t else None
+
+        while True:
+            need = [j for j in map(wanted, names) if j is not None]
+            if not need:
                 break
+            idx = min(need)
+            step = steps[idx]
             lam = ridge * step * scale + 1e-12  # [groups], as solve(train_only=True)
             # the ridge goes on G's diagonal in place and the diagonal is put back, bit for bit:
             # solve copies its operands anyway, and a second copy of a 3,000-wide G costs time
@@ -434,26 +456,24 @@ class NormalEquations:
             base = sol[:, :, :nout]
             P = sol[0, :, nout * (1 + len(extra)):] if wide else None
             for nm in names:
-                if nm not in active:
+                if idx in tried[nm]:
                     continue
                 W = base
                 if pads[nm] is not None:
                     j = 1 + extra.index(nm)
                     W = base + lam[:, None, None] * sol[:, :, nout * j:nout * (j + 1)]
+                slope, R = None, None
                 if wide:
                     R = xh @ W[0] - yh
                     e = float(np.sum(np.square(R))) / R.size
+                    W0 = pads[nm][0] if pads[nm] is not None else 0.0
+                    slope = -2.0 * float(np.sum((P @ R)[:k] * (W[0] - W0)[:k]))  # d(held-out SSE)/d(lambda)
+                    if not np.isfinite(slope):
+                        slope = 0.0
                 else:
                     e = self.mse(W[:, :k], W[:, k] if bias else np.zeros((g, nout)))
-                if nm in best and not e < best[nm][0]:
-                    active.discard(nm)
-                    continue
-                best[nm] = (e, ridge * step, W, P, R if wide else None)
-                if wide:
-                    W0 = pads[nm][0] if pads[nm] is not None else 0.0
-                    slope = -2.0 * float(np.sum((P @ R)[:k] * (W[0] - W0)[:k]))
-                    if not slope < 0:
-                        active.discard(nm)
+                tried[nm][idx] = (e, ridge * step, W, P, R, slope)
+        best = {nm: tried[nm][best_of(nm)][:5] for nm in names}
         chosen = min(names, key=lambda nm: (not best[nm][0] <= best[nm][0], best[nm][0], names.index(nm)))
         e, lam_c, W, P, R = best[chosen]
         if not wide:
