@@ -18,8 +18,10 @@ it through data movement, Concat, average pools or Resize only: no activation, B
 conv between), a removed channel reads as its least-squares affine prediction from the kept
 channels at the same position, ``x_r ~ A x_k + c`` from the tensor's channel covariance on the
 same batches: for a 1x1 conv, a Gemm or a MatMul that is what its re-fit does on those batches,
-up to a small ridge (a kxk conv's can also use neighbouring pixels, so it stays a bound; a tensor
-of more than ``PREDICT_MAX_CHANNELS`` channels keeps the mean). The probe adds that channel mix
+up to a small ridge (a kxk conv's can also use neighbouring pixels, so it stays a bound). A
+tensor of more than ``PREDICT_MAX_CHANNELS`` channels, or with fewer than
+``PREDICT_ROWS_PER_CHANNEL`` rows per channel over the trial batches (a classifier's features on
+a few samples, which a prediction would fit exactly), keeps the mean. The probe adds that channel mix
 (a 1x1 Conv, or a MatMul for channels last, from a ``_pred`` input, zero unless a trial sets it)
 after those tensors. One reference session (:mod:`edgec.runtime`) then runs every trial: no
 export, no session per group.
@@ -191,7 +193,8 @@ def _bias_absorbs(ir: IR, name: str, order: list | None = None, linear: bool = F
         # what reconstruction re-fits: not a layer too wide for its closed form, nor an auto_pad conv
         k = None if w is None or w.ndim < 2 else (int(np.prod(w.shape[1:])) if n.op == "Conv" else
                                                    w.shape[1] if n.op == "Gemm" and n.attrs.get("transB", 0) else w.shape[0])
-        fits = k is not None and k + 1 <= MAX_UNKNOWNS and n.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET")
+        fits = k is not None and k + 1 <= MAX_UNKNOWNS and n.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET") \
+            and (n.op != "Conv" or w.ndim == 4)  # reconstruction re-fits 2-D convolutions only
         if n.op == "MatMul" and ins == [True, False] and fits and bias_add(ir, n) is not None:
             continue  # re-fitted with the bias its Add gives
         if n.op != "MatMul" and w is not None and ins[0] and not any(ins[1:]):
@@ -250,6 +253,9 @@ def measure(ir: IR, groups: list[ChannelGroup], trials: dict[str, list[list[int]
                 rows = np.moveaxis(v, axis, -1).reshape(-1, v.shape[axis])
                 grams[t] = grams[t] + rows.T @ rows
     means = {t: (sums[t] / max(count[t], 1)).reshape(masks[t][1]).astype(np.float32) for t in filled}
+    # a prediction fitted and scored on the same rows is only fair with many rows per channel (with
+    # fewer it fits them exactly and every removal looks free): otherwise the tensor keeps the mean
+    predicted = {t for t in predicted if count[t] >= PREDICT_ROWS_PER_CHANNEL * masks[t][3]}
     covs = {t: grams[t] / max(count[t], 1) - np.outer(sums[t], sums[t]) / max(count[t], 1) ** 2 for t in predicted}
     norm = sum(float(np.sum(np.square(np.asarray(v[n], dtype=np.float64)))) for v in y0 for n in names)
     norm = max(norm, 1e-30)
@@ -293,6 +299,7 @@ def measure(ir: IR, groups: list[ChannelGroup], trials: dict[str, list[list[int]
 
 PREDICT_RIDGE = 1e-3  # of the kept channels' mean variance, on the diagonal of their covariance
 PREDICT_MAX_CHANNELS = 2048  # a wider tensor keeps the mean (its covariance: 32 MB, a solve per trial)
+PREDICT_ROWS_PER_CHANNEL = 10  # fewer rows (positions over the trial batches) per channel: the mean
 
 
 def _prediction(cov: np.ndarray, mean: np.ndarray, kept: np.ndarray, shape: tuple, last: bool

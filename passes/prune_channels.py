@@ -268,35 +268,46 @@ def _outputs(model, batches: list[dict]) -> list[dict[str, np.ndarray]]:
     return [{n: np.asarray(v[n]) for n in names} for _, v in runtime.run_batches(sess, names, batches)]
 
 
-def sample_errors(reference: list[dict], got: list[dict]) -> np.ndarray:
-    """Relative L2 error of each sample, the worst output's: a batch's outputs are split into samples
-    along their leading axis when every output has the batch's size there, else the batch counts as
-    one sample. A sample whose reference output is all zeros is measured against the mean square
-    of all of them."""
+def sample_errors(reference: list[dict], got: list[dict], sizes: list[int] | None = None) -> np.ndarray:
+    """Relative L2 error of each sample, the worst output's. ``sizes``: each batch's sample count
+    (its inputs' leading size); a batch of several is split into samples along its outputs'
+    leading axis when every output has that size there, else it counts as one sample (so does
+    any batch when ``sizes`` is not given). A sample whose reference output is all zeros is
+    measured against the mean square of that output over all the samples; an output that is zero
+    on every sample has no relative error and is left out (unless every output is, then the error
+    is absolute). A non-finite error counts as infinite."""
     sq: dict[str, list] = {}  # per output: (squared error, squared reference) of each sample
-    for ref, out in zip(reference, got):
-        sizes = {np.shape(v)[0] if np.ndim(v) else None for v in ref.values()}
-        n = sizes.pop() if len(sizes) == 1 and None not in sizes else None
+    for i, (ref, out) in enumerate(zip(reference, got)):
+        n = sizes[i] if sizes is not None and i < len(sizes) else 1
+        split = n > 1 and all(np.ndim(v) and np.shape(v)[0] == n for v in ref.values())
         for name, r in ref.items():
             r = np.asarray(r, np.float64)
             d = np.asarray(out[name], np.float64) - r
-            rows = (len(r), -1) if n else (1, -1)
+            rows = (len(r), -1) if split else (1, -1)
             sq.setdefault(name, []).append((np.sum(np.square(d).reshape(rows), 1), np.sum(np.square(r).reshape(rows), 1)))
-    worst = None
+    worst, absolute = None, None
     for parts in sq.values():
         e, z = (np.concatenate(p) for p in zip(*parts))
-        e = e / np.where(z > 0, z, max(float(np.mean(z)), 1e-30))
+        absolute = e if absolute is None else np.maximum(absolute, e)
+        if not np.any(z > 0):
+            continue
+        e = e / np.where(z > 0, z, float(np.mean(z)))
         worst = e if worst is None else np.maximum(worst, e)
-    return np.sqrt(worst) if worst is not None else np.zeros(0)
+    worst = worst if worst is not None else absolute
+    if worst is None:
+        return np.zeros(0)
+    return np.sqrt(np.where(np.isfinite(worst), worst, np.inf))
 
 
-def typical_error(reference: list[dict], got: list[dict]) -> float:
+def typical_error(reference: list[dict], got: list[dict], sizes: list[int] | None = None) -> float:
     """The geometric mean over the samples of each one's relative L2 error (:func:`sample_errors`):
     what auto pruning compares candidates by. Each sample counts alike whatever its scale, and one
     sample a candidate happens to hurt does not outweigh all the others, as it can in a relative L2
     over all of them (a mean of squares) on the few samples held out."""
-    e = sample_errors(reference, got)
-    return float(np.exp(np.mean(np.log(np.maximum(e, 1e-12))))) if len(e) else float("nan")
+    e = sample_errors(reference, got, sizes)
+    if not len(e):
+        return float("nan")
+    return float(np.exp(np.mean(np.log(np.maximum(e, 1e-12))))) if np.all(np.isfinite(e)) else float("inf")
 
 
 def held_out_positions(total: int, fraction: float) -> np.ndarray:
@@ -422,6 +433,8 @@ class PruneChannels(Pass):
             fit, held = split
             original = ir.to_onnx()
             reference = _outputs(original, held)
+            sizes = [int(np.shape(next(iter(b.values())))[0]) if b and np.ndim(next(iter(b.values()))) else 1
+                     for b in held]
             n_fit = count_samples(fit)
             n_held = min(count_samples(held), max(given - n_fit, 1))
             for i, (importance, mode) in enumerate(candidates):
@@ -439,7 +452,7 @@ class PruneChannels(Pass):
                     nothing.add((importance, mode))
                     continue
                 got = _outputs(trial.to_onnx(), held)
-                errors[(importance, mode)] = typical_error(reference, got)
+                errors[(importance, mode)] = typical_error(reference, got, sizes)
                 rel_l2[(importance, mode)] = error_metrics(*(
                     {n: np.concatenate([b[n] for b in outs]) for n in outs[0]} for outs in (reference, got)))["rel_l2"]
                 ctx.log(f"prune_channels: auto: {importance}/{mode} held-out output error "
@@ -585,16 +598,18 @@ class PruneChannels(Pass):
                 break
         return costs_mod.compute(trial).macs
 
-    def _solve_ratio(self, ir: IR, feeds: list[dict] | None, result: PassResult, target: float,
+    def _solve_ratio(self, ir: IR, feeds: list[dict] | None, result: PassResult | None, target: float,
                      closest: bool = False, steps: int | None = None) -> float:
         """The ratio whose pruning leaves at most ``1 - target`` of the MACs (``closest``: the
-        bisection's end, either side, nearest to it; ``steps``: in that many steps instead)."""
+        bisection's end, either side, nearest to it; ``steps``: in that many steps instead; an
+        unreachable target is noted in ``result`` when given)."""
         base = costs_mod.compute(ir).macs
         goal = base * (1.0 - target)
         lo, hi = 0.0, self.max_layer_ratio
         if self._macs_after(ir, hi, feeds, steps=steps) > goal:
-            result.note(f"MACs target {target:.0%} not reachable within max_layer_ratio "
-                        f"{self.max_layer_ratio}: pruning at ratio {hi}")
+            if result is not None:
+                result.note(f"MACs target {target:.0%} not reachable within max_layer_ratio "
+                            f"{self.max_layer_ratio}: pruning at ratio {hi}")
             return hi
         m_lo, m_hi = base, None
         for _ in range(10):
@@ -642,28 +657,37 @@ class PruneChannels(Pass):
         per_step = None if per_step_solve else 1.0 - (1.0 - ratio) ** (1.0 / self.steps)
         cumulative: dict[str, tuple] = {}
         left = 1.0
-        for k in range(self.steps):
-            r = per_step
-            if per_step_solve:
-                cur = costs_mod.compute(ir).macs
-                goal = macs_before * (1.0 - target) ** ((k + 1) / self.steps)
-                if cur <= 0 or goal >= cur:
-                    continue
-                r = self._solve_ratio(ir, feeds, result, 1.0 - goal / cur, closest=closest, steps=1)
-                left *= 1.0 - r
-                data.ratio = 1.0 - left
-            kept = self._step(ir, r, feeds, data.groups)
-            if not kept:
-                break
-            result.changed = True
-            for name, (axis, pos) in kept.items():
-                if name in cumulative:
-                    cumulative[name] = (axis, cumulative[name][1][pos])
-                else:
-                    cumulative[name] = (axis, pos)
-            if refit:
-                data.reconstruction = reconstruct(ir, original, feeds, cumulative, ridge=self.ridge,
-                                                  prior=self.ridge_prior)
+        mlr = self.max_layer_ratio
+        if per_step_solve:  # no layer loses more than max_layer_ratio over all the steps
+            self.max_layer_ratio = 1.0 - (1.0 - mlr) ** (1.0 / self.steps)
+        try:
+            for k in range(self.steps):
+                r = per_step
+                if per_step_solve:
+                    cur = costs_mod.compute(ir).macs
+                    goal = macs_before * (1.0 - target) ** ((k + 1) / self.steps)
+                    if cur <= 0 or goal >= cur:
+                        continue
+                    r = self._solve_ratio(ir, feeds, None, 1.0 - goal / cur, closest=closest, steps=1)
+                    left *= 1.0 - r
+                    data.ratio = 1.0 - left
+                kept = self._step(ir, r, feeds, data.groups)
+                if not kept:
+                    break
+                result.changed = True
+                for name, (axis, pos) in kept.items():
+                    if name in cumulative:
+                        cumulative[name] = (axis, cumulative[name][1][pos])
+                    else:
+                        cumulative[name] = (axis, pos)
+                if refit:
+                    data.reconstruction = reconstruct(ir, original, feeds, cumulative, ridge=self.ridge,
+                                                      prior=self.ridge_prior)
+        finally:
+            self.max_layer_ratio = mlr
+        if per_step_solve and costs_mod.compute(ir).macs > macs_before * (1.0 - target) * 1.01:
+            result.note(f"MACs target {target:.0%} not reachable within max_layer_ratio {mlr} in {self.steps} "
+                        f"steps: {1.0 - costs_mod.compute(ir).macs / macs_before:.0%} of the MACs removed")
         if result.changed:
             macs_after = costs_mod.compute(ir).macs
             n_groups = sum(1 for s in data.groups if s["removed"])

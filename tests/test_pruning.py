@@ -718,18 +718,22 @@ def test_sensitivity_before_a_refit_predicts_removed_channels_from_the_kept_ones
     assert pred[2] < mean[2]  # three channels: the kept ones carry some of them
 
 
-@pytest.mark.parametrize("tail, absorbs", [
-    ("conv", True),  # read by a re-fitted conv
-    ("conv_too_wide", False),  # one too wide for reconstruction's closed form is left as pruned
-    ("dw_conv", True),  # through a depthwise conv and its activation: still one constant per channel
-    ("pool_gemm", True),  # through a global pool to a Gemm
-    ("hardswish", True),  # x * HardSigmoid(x): both factors constant
-    ("se_conv", False),  # multiplied by an SE gate first: no longer a constant
-    ("matmul", False),  # a MatMul with no bias Add has no bias to fit
-    ("matmul_bias", True),  # one with a bias Add (an exported Linear) gets it re-fitted
-    ("output", False),  # a graph output reads it
+@pytest.mark.parametrize("tail, absorbs, mixes", [
+    ("conv", True, True),  # read by a re-fitted conv
+    ("conv_too_wide", False, False),  # one too wide for reconstruction's closed form is left as pruned
+    ("dw_conv", True, False),  # through a depthwise conv and its activation: still one constant per channel
+    ("pool_gemm", True, True),  # through a global pool to a Gemm
+    ("hardswish", True, False),  # x * HardSigmoid(x): both factors constant, but not linear
+    ("se_conv", False, False),  # multiplied by an SE gate first: no longer a constant
+    ("matmul", False, False),  # a MatMul with no bias Add has no bias to fit
+    ("matmul_bias", True, True),  # one with a bias Add (an exported Linear) gets it re-fitted
+    ("conv1d", False, False),  # a 1-D conv: reconstruction re-fits 2-D convolutions only
+    ("output", False, False),  # a graph output reads it
 ])
-def test_which_tensors_a_refit_bias_absorbs(tail, absorbs, monkeypatch):
+def test_which_tensors_a_refit_bias_absorbs(tail, absorbs, mixes, monkeypatch):
+    """Which measured tensors a re-fitted bias absorbs a constant channel of (read as the mean),
+    and which the re-fitted layers could also rebuild from the other channels (``linear``: read
+    as the prediction)."""
     from edgec import sensitivity
     from edgec.sensitivity import _bias_absorbs
     if tail == "conv_too_wide":
@@ -766,6 +770,9 @@ def test_which_tensors_a_refit_bias_absorbs(tail, absorbs, monkeypatch):
     elif tail == "matmul":
         inits.append(init("wm", 8, 4))
         nodes += [h.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 3, 1]), h.make_node("MatMul", ["t", "wm"], ["y"])]
+    elif tail == "conv1d":
+        inits += [onnx.numpy_helper.from_array(np.array([1, 8, 64], np.int64), "s3"), init("w2", 4, 8, 1)]
+        nodes += [h.make_node("Reshape", ["r", "s3"], ["r3"]), h.make_node("Conv", ["r3", "w2"], ["y"])]
     elif tail == "matmul_bias":
         inits += [init("wm", 8, 4), init("bm", 4)]
         nodes += [h.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 3, 1]), h.make_node("MatMul", ["t", "wm"], ["mm"]),
@@ -778,8 +785,10 @@ def test_which_tensors_a_refit_bias_absorbs(tail, absorbs, monkeypatch):
                      [h.make_empty_tensor_value_info(out)], inits)
     ir = edgec.from_model(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
     assert _bias_absorbs(ir, "r") is absorbs
+    assert _bias_absorbs(ir, "r", linear=True) is mixes
     ir.graph.nodes.reverse()  # as a pass that appends nodes leaves them: the same answer
     assert _bias_absorbs(ir, "r") is absorbs
+    assert _bias_absorbs(ir, "r", linear=True) is mixes
 
 
 @pytest.mark.parametrize("name", ["resnet_bottleneck", "mobilenet_v2", "inception"])
@@ -1000,9 +1009,10 @@ def test_data_driven_passes_hold_a_bounded_draw_of_a_large_calibration_set(monke
 def test_typical_error_is_the_geometric_mean_of_each_samples_error():
     """Auto pruning compares candidates by each held-out sample's relative L2 (the worst
     output's), combined as a geometric mean: a batch of several samples is split along the
-    outputs' leading axis, a sample with an all-zero reference is measured against the others'
-    scale, and one sample a candidate breaks does not outweigh the rest as in a relative L2 over
-    all of them."""
+    outputs' leading axis (when they all lead with its size), a sample with an all-zero reference
+    is measured against the others' scale, an output that is zero everywhere is left out, a NaN
+    counts as infinite, and one sample a candidate breaks does not outweigh the rest as in a
+    relative L2 over all of them."""
     from edgec.passes.prune_channels import sample_errors, typical_error
     rng = np.random.default_rng(0)
     ref = [{"a": rng.standard_normal((2, 5)), "b": rng.standard_normal((2, 3))},
@@ -1010,14 +1020,23 @@ def test_typical_error_is_the_geometric_mean_of_each_samples_error():
     scale = [np.array([0.1, 0.2])[:, None], np.array([0.3])[:, None]]
     got = [{"a": r["a"] * (1 + s), "b": r["b"]} for r, s in zip(ref, scale)]
     got[1]["b"] = got[1]["b"] + 0.5  # the zero reference: measured against the mean square of b's
-    e = sample_errors(ref, got)
+    e = sample_errors(ref, got, [2, 1])
     zb = np.mean(np.sum(np.square(np.concatenate([r["b"] for r in ref])), 1))
     assert e[:2] == pytest.approx([0.1, 0.2])
     assert e[2] == pytest.approx(max(0.3, np.sqrt(3 * 0.25 / zb)))
-    assert typical_error(ref, got) == pytest.approx(float(np.exp(np.mean(np.log(e)))))
-    # a batch whose outputs do not all lead with its size is one sample
-    one = sample_errors([{"a": ref[0]["a"], "c": np.ones(4)}], [{"a": got[0]["a"], "c": np.ones(4)}])
+    assert typical_error(ref, got, [2, 1]) == pytest.approx(float(np.exp(np.mean(np.log(e)))))
+    # a batch whose outputs do not all lead with its size is one sample; so is a batch of one
+    # whose output leads with another size (a [40, 5] output of a batch-1 model)
+    one = sample_errors([{"a": ref[0]["a"], "c": np.ones(4)}], [{"a": got[0]["a"], "c": np.ones(4)}], [2])
     assert one == pytest.approx([np.linalg.norm(got[0]["a"] - ref[0]["a"]) / np.linalg.norm(ref[0]["a"])])
+    seq = [{"s": rng.standard_normal((40, 5))} for _ in range(2)]
+    assert len(sample_errors(seq, [{"s": q["s"] * 1.1} for q in seq], [1, 1])) == 2
+    # an output that is zero on every sample has no relative error: noise on it does not decide
+    logits = [{"y": rng.standard_normal((1, 4)), "z": np.zeros((1, 2))} for _ in range(4)]
+    worse = [{"y": q["y"] * 1.5, "z": q["z"]} for q in logits]
+    noisy = [{"y": q["y"] * 1.01, "z": q["z"] + 1e-9} for q in logits]
+    assert typical_error(logits, noisy, [1] * 4) < typical_error(logits, worse, [1] * 4)
+    assert typical_error(logits, [{"y": q["y"] * np.nan, "z": q["z"]} for q in logits], [1] * 4) == np.inf
     # one broken sample: a candidate better on the other seven wins on the typical error
     base = [{"y": np.ones((1, 4))} for _ in range(8)]
     a = [{"y": b["y"] * 1.1} for b in base]  # 0.1 on every sample
@@ -1048,3 +1067,53 @@ def test_progressive_sensitivity_steps_remove_the_macs_uniform_removes():
         removed = before - r.report["after"]["macs"]
         print(f"steps {steps}: removed {removed / before:.3f} of the MACs, uniform {goal / before:.3f}")
         assert removed == pytest.approx(goal, rel=0.07)
+
+
+def test_sensitivity_predicts_only_with_many_rows_per_channel():
+    """A prediction fitted and scored on the same rows fits them exactly when they are few for the
+    channels (a classifier's 64 features on 8 trial samples): every removal would look free. Such a
+    tensor keeps the mean: the measured errors equal the mean's."""
+    from edgec import sensitivity as sens
+    h = onnx.helper
+    rng = np.random.default_rng(2)
+    c = 64
+    inits = [onnx.numpy_helper.from_array(a.astype(np.float32), n) for a, n in (
+        (rng.standard_normal((16, c)) / 4, "w1"), (np.zeros(c), "b1"), (rng.standard_normal((c, 10)) / 8, "w2"),
+        (np.zeros(10), "b2"))]
+    nodes = [h.make_node("Gemm", ["x", "w1", "b1"], ["h"]), h.make_node("Relu", ["h"], ["r"]),
+             h.make_node("Gemm", ["r", "w2", "b2"], ["y"])]
+    g = h.make_graph(nodes, "mlp", [h.make_tensor_value_info("x", 1, [1, 16])],
+                     [h.make_tensor_value_info("y", 1, [1, 10])], inits)
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    feeds = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(64)]
+    ir = edgec.from_model(model)
+    (group,) = [gr for gr in find_groups(ir) if gr.prunable]
+    (gt,) = importance.measured_tensors(ir, group)
+    unit = {int(p): int(u) for p, u in zip(gt.positions, gt.units)}
+    trials = {group.id: [[unit[k] for k in range(n)] for n in (8, 32)]}
+    pred = sens.measure(ir, [group], trials, feeds, refit=True)[group.id]
+    mean = sens.measure(ir, [group], trials, feeds, refit=True, predict=False)[group.id]
+    assert pred == mean and min(pred) > 0.01
+
+
+def test_progressive_steps_keep_max_layer_ratio_over_all_the_steps():
+    """Each step solving its own share of a MACs target may not take a layer beyond
+    max_layer_ratio over all the steps together; a target out of reach says so, once."""
+    from edgec.analysis import costs
+    from edgec.passes.prune_channels import PruneChannels
+    from edgec.pipeline import PassContext, PassManager
+    model = ALL_MODELS["resnet_basic"]()
+    for target in (0.6, 0.8):
+        ir = edgec.from_model(model)
+        before = costs.compute(ir).macs
+        (rec,) = PassManager([PruneChannels(mode="global", macs_target=target, max_layer_ratio=0.5, steps=3,
+                                            reconstruct=False)]).run(ir, PassContext(calib=None))
+        worst = max(s["removed"] / s["channels_before"] for s in rec.data.groups if s["prunable"])
+        removed = 1 - costs.compute(ir).macs / before
+        notes = [n for n in rec.notes if "not reachable" in n]
+        print(f"target {target}: removed {removed:.3f} of the MACs, worst layer {worst:.3f}, notes {notes}")
+        assert 0 < worst <= 0.5
+        if removed < target * 0.99:
+            assert len(notes) == 1 and "in 3 steps" in notes[0]
+        else:
+            assert not notes
