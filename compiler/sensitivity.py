@@ -236,8 +236,10 @@ def measure(ir: IR, groups: list[ChannelGroup], trials: dict[str, list[list[int]
     names = [o.name for o in model.graph.output]
     filled = [t for t in masks if refit and (t in predicted or _bias_absorbs(ir, t, order))]
     sess = runtime.reference_session(runtime.augment(model, filled))
-    ones = {inp: np.ones(shape, dtype=np.float32) for inp, shape, _, _ in masks.values()}
-    zeros = {inp + "_fill": np.zeros(shape, dtype=np.float32) for inp, shape, _, _ in masks.values()}
+    # the mask inputs in their tensors' type (a float16 model's masks are float16)
+    dt = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
+    ones = {inp: np.ones(shape, dtype=dt[inp]) for inp, shape, _, _ in masks.values()}
+    zeros = {inp + "_fill": np.zeros(shape, dtype=dt[inp]) for inp, shape, _, _ in masks.values()}
     for t in predicted:
         inp, shape, axis, n = masks[t]
         zeros[inp + "_pred"] = np.zeros([n, n] + ([] if axis == len(shape) - 1 else [1] * (len(shape) - 2)), np.float32)
@@ -276,14 +278,14 @@ def measure(ir: IR, groups: list[ChannelGroup], trials: dict[str, list[list[int]
                 for pos, u in zip(gt.positions, gt.units):
                     if u in dead:
                         m[pos * gt.block:(pos + 1) * gt.block] = 0.0
-                fixed[inp] = (fixed[inp] * m.reshape(shape)).astype(np.float32)
+                fixed[inp] = (fixed[inp] * m.reshape(shape)).astype(dt[inp])
                 if gt.name in predicted:
                     fixed[inp + "_pred"], fill = _prediction(covs[gt.name], sums[gt.name] / max(count[gt.name], 1),
                                                             fixed[inp].reshape(-1) > 0.5, zeros[inp + "_pred"].shape,
                                                             axis == len(shape) - 1)
-                    fixed[inp + "_fill"] = fill.reshape(shape).astype(np.float32)
+                    fixed[inp + "_fill"] = fill.reshape(shape).astype(dt[inp])
                 elif gt.name in means:
-                    fixed[inp + "_fill"] = ((1.0 - fixed[inp]) * means[gt.name]).astype(np.float32)
+                    fixed[inp + "_fill"] = ((1.0 - fixed[inp]) * means[gt.name]).astype(dt[inp])
             sse = 0.0
             for k, (_, values) in enumerate(runtime.run_batches(sess, names, batches, fixed=fixed)):
                 for n_ in names:

@@ -1117,3 +1117,27 @@ def test_progressive_steps_keep_max_layer_ratio_over_all_the_steps():
             assert len(notes) == 1 and "in 3 steps" in notes[0]
         else:
             assert not notes
+
+
+def test_sensitivity_on_a_float16_model():
+    """A float16 model's probe takes float16 masks and fills (ONNX Runtime refuses float32 ones):
+    the trials run, with and without a re-fit to follow, and removing a channel costs something."""
+    from edgec import sensitivity as sens
+    h, TP = onnx.helper, onnx.TensorProto
+    rng = np.random.default_rng(5)
+    arrays = {"w1": rng.standard_normal((8, 4, 3, 3)) * 0.3, "b1": np.ones(8), "w2": rng.standard_normal((4, 8, 1, 1)),
+              "b2": np.zeros(4)}
+    inits = [onnx.numpy_helper.from_array(a.astype(np.float16), n) for n, a in arrays.items()]
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), h.make_node("Relu", ["c1"], ["r1"]),
+             h.make_node("Conv", ["r1", "w2", "b2"], ["y"])]
+    g = h.make_graph(nodes, "f16", [h.make_tensor_value_info("x", TP.FLOAT16, [2, 4, 8, 8])],
+                     [h.make_tensor_value_info("y", TP.FLOAT16, [2, 4, 8, 8])], inits)
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    feeds = [{"x": rng.standard_normal((2, 4, 8, 8)).astype(np.float16)} for _ in range(4)]
+    ir = edgec.from_model(model)
+    (group,) = [gr for gr in find_groups(ir) if gr.prunable]
+    (gt,) = importance.measured_tensors(ir, group)
+    trials = {group.id: [[int(gt.units[0])]]}
+    for refit in (False, True):
+        (err,) = sens.measure(ir, [group], trials, feeds, refit=refit)[group.id]
+        assert 0 < err < 1
