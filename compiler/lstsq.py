@@ -378,8 +378,10 @@ class NormalEquations:
         """Ridge fit with ``lambda = ridge * step * mean(diag(X'X))`` chosen among ``steps`` on the
         held-out rows, for each of ``priors`` (name -> the weights [groups, K, Nout] the ridge pulls
         towards, zero when None), and the prior whose best step has the lowest held-out error
-        (the first one on a tie). Each prior tries the steps in increasing order until its
-        held-out error rises (it is taken as unimodal in lambda); the priors share each step's
+        (the first one on a tie). Without :meth:`wide`, each prior tries the steps in increasing
+        order until its held-out error rises (it is taken as unimodal in lambda); with it, each
+        starts at the second step and moves the way the held-out error's slope points, until the
+        error rises. The priors share each step's
         factorisation (``A^-1 (B + lambda W0) = A^-1 B + lambda A^-1 W0``), so a second prior
         costs right-hand sides, not factorisations. Returns (held-out MSE of the chosen training
         fit, its ``ridge * step``, factorisations made, a callable giving (W, b) solved on all
@@ -387,8 +389,8 @@ class NormalEquations:
 
         With :meth:`wide`, each factorisation also solves for the held-out rows ``X_h'`` (``P =
         A^-1 X_h'``), which gives three things without another factorisation: the sign of the
-        held-out error's derivative in lambda (``-2 <P R_h, W - W0>``; when it is not negative the
-        error only rises beyond, so that prior tries no larger step), and the all-rows solution by
+        held-out error's derivative in lambda (``-2 <P R_h, W - W0>``: the next step tried is the
+        larger one when it is negative, the smaller one when positive), and the all-rows solution by
         the Woodbury identity: ``(A + X_h'X_h)^-1 (B + X_h'Y_h) = W + P (I + X_h P)^-1 (Y_h - X_h W)``.
         The steps and lambda are those of the training solves (``lambda`` from the training rows'
         Gram matrix), so the same step is chosen; the all-rows fit then keeps that absolute

@@ -433,8 +433,7 @@ class PruneChannels(Pass):
             fit, held = split
             original = ir.to_onnx()
             reference = _outputs(original, held)
-            sizes = [int(np.shape(next(iter(b.values())))[0]) if b and np.ndim(next(iter(b.values()))) else 1
-                     for b in held]
+            sizes = [count_samples([b]) for b in held]
             n_fit = count_samples(fit)
             n_held = min(count_samples(held), max(given - n_fit, 1))
             for i, (importance, mode) in enumerate(candidates):
@@ -685,11 +684,11 @@ class PruneChannels(Pass):
                                                       prior=self.ridge_prior)
         finally:
             self.max_layer_ratio = mlr
-        if per_step_solve and costs_mod.compute(ir).macs > macs_before * (1.0 - target) * 1.01:
+        macs_after = costs_mod.compute(ir).macs
+        if per_step_solve and macs_after > macs_before * (1.0 - target) * 1.01:
             result.note(f"MACs target {target:.0%} not reachable within max_layer_ratio {mlr} in {self.steps} "
-                        f"steps: {1.0 - costs_mod.compute(ir).macs / macs_before:.0%} of the MACs removed")
+                        f"steps: {1.0 - macs_after / macs_before:.0%} of the MACs removed")
         if result.changed:
-            macs_after = costs_mod.compute(ir).macs
             n_groups = sum(1 for s in data.groups if s["removed"])
             n_units = sum(s["removed"] for s in data.groups)
             result.note(f"pruned {n_units} channels in {n_groups} groups (ratio {data.ratio:.3f}, {self.mode}, "

@@ -29,7 +29,8 @@ group's input channels.
   are held out (and kept): whole samples, since the pixels of one image are not independent of
   each other, and a fit that learnt an image's rows passes a test on its other rows (with fewer
   than ``HOLDOUT_MIN_SAMPLES`` samples: every fifth row). ``lambda`` is picked among ``ridge * (1, 10, 100, 1000)`` on those rows, trying
-  them in increasing order until the held-out error rises; the best fit is kept only if it
+  them in increasing order until the held-out error rises (a wide layer, below, starts at the
+  second and follows the error's slope); the best fit is kept only if it
   beats the current weights there, and then solved again on all rows. (Skipping that re-solve
   saved a third of the solving time, but cost PP-OCRv4's detector half a point of F1 at 30%.)
   Where there are fewer held-out rows than unknowns (the wide layers, which take most of the
@@ -85,8 +86,7 @@ from edgec.lstsq import LinearMap, NormalEquations, StagedRun, bias_add
 from edgec.pipeline import Pass, PassContext, PassResult, register
 
 RIDGE_STEPS = (1, 10, 100, 1000)
-HOLDOUT = "samples"
-HOLDOUT_MIN_SAMPLES = 10
+HOLDOUT_MIN_SAMPLES = 10  # fewer calibration samples: every fifth row is held out, not every fifth sample
 PRIORS = ("zero", "current", "auto")
 MAX_UNKNOWNS = lstsq.MAX_UNKNOWNS  # a layer with more inputs per output is not re-fitted (see there)
 
@@ -397,7 +397,7 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
                       (y[0], y[1], (y[2] + (ro - lm.y_rows(np.transpose(np.asarray(rp), back), y[1])) * inv)
                        .astype(y[2].dtype))
                       for y, ro, rp in zip(ys, partner_rows.pop(nm), staged.batches(r))]
-            entry = _fit(lm, staged.batches(fit_inputs[nm]), ys, ridge, prior, HOLDOUT)
+            entry = _fit(lm, staged.batches(fit_inputs[nm]), ys, ridge, prior)
             if nm in partners:
                 entry["residual"] = partners[nm][0]
             entry["part"] = staged.parts
@@ -425,7 +425,7 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
     return [report[n.name] for n in layers]
 
 
-def _fit(lm: LinearMap, xs: list, ys: list, ridge: float, prior: str = "zero", holdout: str = "samples") -> dict:
+def _fit(lm: LinearMap, xs: list, ys: list, ridge: float, prior: str = "zero") -> dict:
     """Accumulate the normal equations of ``lm`` over the batches and solve them; the entry's
     ``solution`` is (W, b) when the fit beats the current weights on the held-out rows."""
     node = lm.node
@@ -433,7 +433,7 @@ def _fit(lm: LinearMap, xs: list, ys: list, ridge: float, prior: str = "zero", h
     entry = {"layer": node.name, "op": node.op, "groups": g, "refit": False}
     ne = NormalEquations(g, k, no)
     samples = sum(y[0][0] for y in ys if y is not None and len(y[0]))
-    by_sample = holdout == "samples" and samples >= HOLDOUT_MIN_SAMPLES
+    by_sample = samples >= HOLDOUT_MIN_SAMPLES
     offset = 0
     for x, y in zip(xs, ys):
         X = None if y is None else lm.x_rows(np.asarray(x), y[0], y[1])
