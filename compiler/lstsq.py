@@ -209,6 +209,11 @@ class LinearMap:
         """[R, groups, Nout] rows of the output ``y`` at flat positions ``idx``; ``channels``: only
         those channels of ``y`` (on the layer's channel axis) are the layer's outputs."""
         if self.node.op == "Conv":
+            if y.shape[0] == 1:  # (a batch of one: two takes, several times faster than the fancy index)
+                r = np.take(y.reshape(y.shape[1], -1), idx, axis=1)
+                if channels is not None:
+                    r = np.take(r, channels, axis=0)
+                return np.ascontiguousarray(r.T).reshape(len(idx), self.groups, -1)
             n, rem = np.divmod(idx, y.shape[2] * y.shape[3])
             oy, ox = np.divmod(rem, y.shape[3])
             r = y[n, :, oy, ox]
