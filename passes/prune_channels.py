@@ -627,6 +627,9 @@ class PruneChannels(Pass):
             return self._run_auto(ir, ctx)
         feeds = ctx.feeds()
         refit = self.reconstruct and bool(feeds)
+        # the samples as given: a fixed-batch model's last batch is padded with copies of them
+        count = count_samples(feeds or [])
+        n_samples = min(getattr(ctx.calib, "num_samples", None) or count, count)
         if self.mode in SENSITIVE and not feeds:
             raise UserError(f"prune_channels: mode '{self.mode}' measures output errors: it needs calibration data")
         self._log, self._curves, self._score_cache = ctx.log, {}, {}
@@ -681,7 +684,7 @@ class PruneChannels(Pass):
                         cumulative[name] = (axis, pos)
                 if refit:
                     data.reconstruction = reconstruct(ir, original, feeds, cumulative, ridge=self.ridge,
-                                                      prior=self.ridge_prior)
+                                                      prior=self.ridge_prior, n_samples=n_samples)
         finally:
             self.max_layer_ratio = mlr
         macs_after = costs_mod.compute(ir).macs

@@ -284,15 +284,16 @@ def _original_map(original: onnx.ModelProto, name: str) -> LinearMap | None:
 def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict[str, tuple], *,
                 ridge: float = 1e-3, max_rows: int = 4096, seed: int = 0, grouped: bool = True,
                 prior: str = "auto", pool_rows: bool = True, residual: bool = True,
-                downstream: bool = True) -> list[dict]:
+                downstream: bool = True, n_samples: int | None = None) -> list[dict]:
     """Re-fit the consumers of pruned channels in ``ir`` (in place). ``kept`` maps tensor names
     to (axis, surviving positions in the original tensor); ``grouped=False`` leaves grouped and
     depthwise convs alone; ``prior``: what the ridge pulls the weights towards, ``zero``, the
     layer's ``current`` (pruned) weights, or ``auto`` (per layer, whichever fits the held-out
     rows better); ``pool_rows``: fit layers after a global average pool on the pool's input
     positions; ``residual``: fit a layer feeding a residual Add to the unpruned sum;
-    ``downstream``: also fit the layers that read a tensor pruning changed but did not prune.
-    Returns one dict per layer."""
+    ``downstream``: also fit the layers that read a tensor pruning changed but did not prune;
+    ``n_samples``: the calibration samples given, when a fixed-batch model's last batch is padded
+    with copies of them (their rows are left out). Returns one dict per layer."""
     if prior not in PRIORS:
         raise ValueError(f"unknown ridge prior '{prior}' ({', '.join(PRIORS)})")
     if not feeds:
@@ -418,7 +419,7 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
                       (y[0], y[1], (y[2] + (ro - lm.y_rows(np.transpose(np.asarray(rp), back), y[1])) * inv)
                        .astype(y[2].dtype))
                       for y, ro, rp in zip(ys, partner_rows.pop(nm), staged.batches(r))]
-            entry = _fit(lm, staged.batches(fit_inputs[nm]), ys, ridge, prior)
+            entry = _fit(lm, staged.batches(fit_inputs[nm]), ys, ridge, prior, n_samples)
             if nm in partners:
                 entry["residual"] = partners[nm][0]
             entry["part"] = staged.parts
@@ -446,28 +447,40 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
     return [report[n.name] for n in layers]
 
 
-def _fit(lm: LinearMap, xs: list, ys: list, ridge: float, prior: str = "zero") -> dict:
+def _fit(lm: LinearMap, xs: list, ys: list, ridge: float, prior: str = "zero",
+         n_samples: int | None = None) -> dict:
     """Accumulate the normal equations of ``lm`` over the batches and solve them; the entry's
-    ``solution`` is (W, b) when the fit beats the current weights on the held-out rows."""
+    ``solution`` is (W, b) when the fit beats the current weights on the held-out rows. Rows of
+    samples past the first ``n_samples`` (the copies padding a fixed-batch model's last batch)
+    are left out: a copy of a held-out sample among the training rows would pass the test."""
     node = lm.node
     g, k, no = lm.W.shape
     entry = {"layer": node.name, "op": node.op, "groups": g, "refit": False}
     ne = NormalEquations(g, k, no)
     samples = sum(y[0][0] for y in ys if y is not None and len(y[0]))
+    if n_samples is not None:
+        samples = min(samples, n_samples)
     by_sample = samples >= HOLDOUT_MIN_SAMPLES
-    offset = 0
+    offset = rows = 0
     for x, y in zip(xs, ys):
         X = None if y is None else lm.x_rows(np.asarray(x), y[0], y[1])
         if X is None:
             entry["reason"] = "unsupported layout"
             return entry
+        sample = lm.samples(y[0], y[1]) + offset
+        offset += y[0][0]
+        Y = y[2]
+        if sample.size and sample.max() >= samples:
+            real = sample < samples
+            X, Y, sample = X[real], Y[real], sample[real]
+            if not len(X):
+                continue
         if by_sample:  # whole samples held out: rows of one image are not independent
-            held_out = (lm.samples(y[0], y[1]) + offset) % 5 == 0
-            offset += y[0][0]
+            held_out = sample % 5 == 0
         else:
-            held_out = (np.arange(len(X)) + offset) % 5 == 0
-            offset += len(X)
-        ne.add(X, y[2], held_out)
+            held_out = (np.arange(len(X)) + rows) % 5 == 0
+        rows += len(X)
+        ne.add(X, Y, held_out)
     err0 = ne.mse(lm.W, lm.b)
     priors = {nm: (lm.W if nm == "current" else None) for nm in (("zero", "current") if prior == "auto" else (prior,))}
     err1, lam, solves, all_rows, pr = ne.fit_priors(ridge, RIDGE_STEPS, lm.fit_bias, priors)

@@ -777,3 +777,45 @@ def test_layers_downstream_of_the_pruning_are_refitted_too(seed):
     print(f"\nseed {seed}: held-out rel L2, conv_1 alone {errs[False]:.4f}, downstream too {errs[True]:.4f}")
     assert layers == {False: ["conv_1"], True: ["conv_1", "conv_2", "conv_3"]}
     assert errs[True] < errs[False]
+
+
+@pytest.mark.parametrize("via", ["reconstruct", "compile"])
+def test_padding_copies_of_a_fixed_batch_are_left_out_of_the_fit(via, monkeypatch):
+    """A fixed-batch model's last calibration batch is padded with copies of its samples. Those
+    copies are left out of the re-fit (``n_samples``; ``compile`` passes the count it was
+    given): a copy of a held-out sample among the training rows would let a fit that learnt the
+    sample pass the held-out test. With a 4x4 output every position is a row, so a copy's rows
+    are the held-out sample's rows exactly; with the count left out they do leak."""
+    b = GraphBuilder("fixed_batch", seed=1)
+    x = b.input("input", [4, 3, 4, 4])
+    b.output(b.conv(b.relu(b.conv(x, 8, 3)), 3, 3), "output")
+    model = b.build()
+    data = np.random.default_rng(0).standard_normal((22, 3, 4, 4)).astype(np.float32)
+    padded = np.concatenate([data, data[20:22]])  # the last batch: samples 20, 21 and their copies
+    feeds = [{"input": padded[i:i + 4]} for i in range(0, 24, 4)]
+    seen = []
+    add = NormalEquations.add
+
+    def spy(self, X, Y, held_out):
+        seen.append((np.asarray(X).copy(), np.asarray(held_out, bool).copy()))
+        return add(self, X, Y, held_out)
+
+    monkeypatch.setattr(NormalEquations, "add", spy)
+
+    def leaked() -> bool:
+        train = {r.tobytes() for X, h in seen for r in X[~h]}
+        held = [r.tobytes() for X, h in seen for r in X[h]]
+        assert held and train
+        return any(r in train for r in held)
+
+    if via == "compile":
+        edgec.compile(model, None, prune=0.5, calib={"input": data}, prune_mode="uniform", importance="l1",
+                      round_to=1)
+        assert not leaked()
+        return
+    for n_samples, leaks in ((None, True), (22, False)):
+        seen.clear()
+        original, ir, kept, _ = _pruned(model, 0.5)
+        layers = reconstruct(ir, original, feeds, kept, n_samples=n_samples)
+        assert [r for r in layers if r.get("rows")]
+        assert leaked() == leaks
