@@ -45,7 +45,7 @@ def bias_add(ir, node: gs.Node) -> tuple[gs.Node, int] | None:
     if any(o.name == out.name for o in ir.graph.outputs) or len(out.outputs) != 1:
         return None
     add = out.outputs[0]
-    if add.op != "Add" or len(add.inputs) != 2 or not add.name:
+    if add.op != "Add" or len(add.inputs) != 2:
         return None
     slot = 1 if add.inputs[0].name == out.name else 0
     if add.inputs[1 - slot].name != out.name:

@@ -77,6 +77,7 @@ theirs: 1,280 rows from 32 text lines.)
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -267,11 +268,21 @@ def _residual_partner(ir: IR, node: gs.Node) -> tuple[str, np.ndarray, tuple] | 
     return None
 
 
-def _original_map(original: onnx.ModelProto, name: str) -> LinearMap | None:
-    """The layer ``name``'s map in the unpruned model."""
+def _name_uniquely(ir: IR, node: gs.Node, names: Counter) -> None:
+    """Give ``node`` a name no other node has, when it has none or shares it (``names``: the
+    graph's node names, counted; kept up to date)."""
+    if node.name and names[node.name] == 1:
+        return
+    names[node.name] -= 1
+    node.name = ir.unique_name(f"{node.op}_{node.outputs[0].name}")
+    names[node.name] += 1
+
+
+def _original_map(original: onnx.ModelProto, output: str) -> LinearMap | None:
+    """The map of the layer writing ``output`` in the unpruned model."""
     inits = {t.name: t for t in original.graph.initializer}
     for n in original.graph.node:
-        if n.name != name:
+        if not n.output or n.output[0] != output:
             continue
         vals = [numpy_helper.to_array(inits[x]) if x in inits else None for x in n.input]
         if len(vals) < 2 or vals[1] is None:
@@ -302,11 +313,13 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
     layers = [n for n in _layers(ir, kept, grouped, downstream) if n.outputs[0].name in orig_names]
     if not layers:
         return []
+    names = Counter(n.name for n in ir.nodes)
+    for node in layers:  # the staged run finds the layers by name (exporters may leave them unnamed)
+        _name_uniquely(ir, node, names)
     report: dict[str, dict] = {}
     maps: dict[str, LinearMap] = {}
     # MatMuls whose bias an Add gives (edgec.lstsq.bias_add): fitted with that bias, and the Add's
-    # output is the layer's, when it keeps the MatMul's channels and its name is unique
-    names = [n.name for n in ir.nodes]
+    # output is the layer's, when it keeps the MatMul's channels
     bias_adds: dict[str, tuple[gs.Node, int]] = {}
     for node in layers:
         lm = _map(ir, node)
@@ -315,7 +328,8 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
             mm, ad = node.outputs[0].name, found[0].outputs[0].name
             same = (mm in kept) == (ad in kept) and (mm not in kept or (
                 kept[mm][0] == kept[ad][0] and np.array_equal(kept[mm][1], kept[ad][1])))
-            if same and ad in orig_names and names.count(found[0].name) == 1:
+            if same and ad in orig_names:
+                _name_uniquely(ir, found[0], names)
                 bias_adds[node.name] = found
                 c = ir.const_value(found[0].inputs[found[1]])
                 lm = replace(lm, b=np.array(c, np.float64).reshape(1, -1), fit_bias=True)
@@ -339,7 +353,7 @@ def reconstruct(ir: IR, original: onnx.ModelProto, feeds: list[dict], kept: dict
         if nm in bias_adds:  # (the unpruned map applied per position would leave out the Add's bias)
             continue
         u = _pooled_input(ir, lm.node, lm)
-        om = _original_map(original, nm) if u is not None and u.name in orig_names else None
+        om = _original_map(original, lm.node.outputs[0].name) if u is not None and u.name in orig_names else None
         out = lm.node.outputs[0].name
         if om is None or om.groups != 1 or (out in kept and kept[out][0] % 2 != 1):
             continue

@@ -819,3 +819,32 @@ def test_padding_copies_of_a_fixed_batch_are_left_out_of_the_fit(via, monkeypatc
         layers = reconstruct(ir, original, feeds, kept, n_samples=n_samples)
         assert [r for r in layers if r.get("rows")]
         assert leaked() == leaks
+
+
+@pytest.mark.parametrize("build", ["chain", "ffn", "pooled"])
+def test_unnamed_layers_are_refitted_as_named_ones(build):
+    """Exporters may leave nodes unnamed (or share a name), and the staged run finds the layers by
+    name: such layers (and a MatMul's bias Add) are given unique names, and the re-fit is the one
+    the same model with named nodes gets, weight for weight. (Before, pruning such a model with
+    calibration data failed: "StagedRun: each layer needs a unique node name".)"""
+    model = {"chain": _deep_chain, "ffn": _linear_ffn, "pooled": lambda: _duplicated_channels_model("flatten")}[build]()
+    unnamed = onnx.ModelProto()
+    unnamed.CopyFrom(model)
+    for n in unnamed.graph.node:
+        n.name = ""
+    feeds = [verify.random_inputs(model, seed=s) for s in range(12)]
+    fitted = {}
+    for key, m in (("named", model), ("unnamed", unnamed)):
+        original, ir, kept, _ = _pruned(m, 0.5)
+        rep = reconstruct(ir, original, feeds, kept)
+        out = ir.to_onnx()
+        layers = [r["layer"] for r in rep]
+        assert all(layers) and all([n.name for n in out.graph.node].count(nm) == 1 for nm in layers)
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+        fitted[key] = ([r["refit"] for r in rep],
+                       [inits[x] for n in out.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "Add")
+                        for x in n.input if x in inits])
+    assert any(fitted["named"][0]) and fitted["unnamed"][0] == fitted["named"][0]
+    assert len(fitted["unnamed"][1]) == len(fitted["named"][1])
+    for a, b in zip(*(fitted[k][1] for k in ("named", "unnamed"))):
+        np.testing.assert_array_equal(a, b)
