@@ -496,8 +496,17 @@ def _verify(run: _Run) -> None:
                 f"(rtol {v.rtol}, atol {v.atol}); nothing was written")
     if v.bench:
         bench_feeds = verify_mod.random_inputs(result_model)
-        run.latency_ms = {"before": verify_mod.latency_ms(run.original, bench_feeds),
-                          "after": verify_mod.latency_ms(result_model, bench_feeds)}
+        try:
+            before = verify_mod.latency_ms(run.original, bench_feeds)
+        except Exception as e:  # a float64 model, an op with no kernel here: the model's, not a failed rewrite
+            raise UserError(f"--bench: ONNX Runtime cannot run the original model on this host: "
+                            f"{str(e).strip().splitlines()[0][:300]}") from None
+        try:
+            after = verify_mod.latency_ms(result_model, bench_feeds)
+        except Exception as e:
+            raise InternalError(f"--bench: the compiled model fails in ONNX Runtime where the original runs: "
+                                f"{str(e).strip().splitlines()[0][:300]}") from None
+        run.latency_ms = {"before": before, "after": after}
     if run.evaluation is not None:
         x, labels = run.evaluation
         run.accuracy = {"samples": int(len(labels)), "before": _accuracy(run.original, x, labels),

@@ -242,16 +242,42 @@ def validate_model(model: onnx.ModelProto, where: str = "model", *, owned: bool 
             raise UserError(f"{where}: tensor '{t.name}' is stored as external data that is not loaded; give the "
                             f"model's path (or onnx.load it with its external data)")
     order = _check_graph(model.graph, where, outer=set())
-    if order is not None:  # acyclic but listed out of order: sort (a copy, unless the model is ours)
-        if not owned:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            model = copy
+    names = [n.name for n in model.graph.node]
+    unnamed = not all(names) or len(set(names)) < len(names)
+    if (order is not None or unnamed) and not owned:  # the changes below go to a copy: the caller's model stays
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+    if order is not None:  # acyclic but listed out of order: sort
         nodes = list(model.graph.node)
         del model.graph.node[:]
         model.graph.node.extend(nodes[i] for i in order)
+    if unnamed:
+        name_nodes(model.graph)
     _run_checker(model, where)
     return model
+
+
+def name_nodes(g: onnx.GraphProto) -> int:
+    """Give every node of ``g`` (not of its subgraphs) without a name, or sharing one, a name of
+    its own, ``<op>_<first output>``: ONNX Runtime refuses a graph whose nodes share a name, and
+    edgec's passes tell layers apart by name. Returns how many were named."""
+    taken = {n.name for n in g.node} | {o for n in g.node for o in n.output} | {i.name for i in g.input} | \
+        {t.name for t in g.initializer}
+    seen: set[str] = set()
+    done = 0
+    for n in g.node:
+        if n.name and n.name not in seen:  # the first node of a shared name keeps it
+            seen.add(n.name)
+            continue
+        base = f"{n.op_type}_{next((o for o in n.output if o), 'node')}"
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        n.name = name
+        done += 1
+    return done
 
 
 def _check_graph(g: onnx.GraphProto, where: str, outer: set[str]) -> list[int] | None:

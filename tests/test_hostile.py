@@ -669,3 +669,76 @@ def test_the_contract_holds_on_mutated_models_and_options(tmp_path_factory, name
 
 def test_every_user_error_class_is_an_edgec_error():
     assert issubclass(UserError, EdgecError) and not issubclass(UserError, (ValueError, TypeError, SystemExit))
+
+
+# ------------------------------------------------------------- node names, float64, float16
+@pytest.mark.parametrize("names", ["shared", "empty"])
+def test_unnamed_or_shared_node_names_are_named_on_load(names, tmp_path):
+    """The onnx checker accepts nodes that share a name, ONNX Runtime refuses them ("two nodes with
+    same node name"), and edgec's passes tell layers apart by name. Found by the session-28
+    sweep: a plain compile wrote a model ONNX Runtime cannot load, calibration blamed the user's
+    data, and with empty names pruning gave every layer the last one's MACs. Now such nodes are
+    named on load (the first of a shared name keeps it), the caller's proto stays as it was, and
+    pruning picks what it picks for the named model."""
+    import onnxruntime as ort
+    m = plain_cnn()
+    for n in m.graph.node:
+        n.name = "n" if names == "shared" else ""
+    before = m.SerializeToString()
+    out = tmp_path / "out.onnx"
+    r = edgec.compile(m, out, verify=True)
+    assert r.report["verify"]["passed"] and m.SerializeToString() == before
+    got = [n.name for n in onnx.load(out).graph.node]
+    assert all(got) and len(set(got)) == len(got)
+    ort.InferenceSession(str(out))
+    kw = dict(calib={"input": X}, prune=0.3, prune_mode="sensitivity", importance="l1", round_to=1)
+    named = edgec.compile(plain_cnn(), None, **kw).report
+    renamed = edgec.compile(m, None, **kw).report
+    assert renamed["after"]["macs"] == named["after"]["macs"] < named["before"]["macs"]
+    assert [g["channels_after"] for g in renamed["pruning"]["groups"]] == \
+        [g["channels_after"] for g in named["pruning"]["groups"]]
+
+
+def test_name_nodes_keeps_the_first_of_a_shared_name_and_avoids_every_other_name():
+    from edgec.loader import name_nodes
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["Relu_y"], name="a"),
+                           helper.make_node("Relu", ["Relu_y"], ["y"], name="a"),
+                           helper.make_node("Relu", ["y"], ["z"]),
+                           helper.make_node("Relu", ["z"], ["w"], name="Relu_y")], "g",
+                          [helper.make_tensor_value_info("x", T.FLOAT, [1])],
+                          [helper.make_tensor_value_info("w", T.FLOAT, [1])])
+    assert name_nodes(g) == 2
+    assert [n.name for n in g.node] == ["a", "Relu_y_1", "Relu_z", "Relu_y"]
+
+
+def test_bench_of_a_model_onnx_runtime_cannot_run_here_is_a_user_error():
+    """A float64 export has no ONNX Runtime Conv kernel: --bench said so with ONNX Runtime's own
+    exception (a traceback in Python, "internal error" in the CLI); verification already said it
+    in one line."""
+    m = plain_cnn()
+    for t in m.graph.initializer:
+        if t.data_type == T.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+    for v in list(m.graph.input) + list(m.graph.output):
+        v.type.tensor_type.elem_type = T.DOUBLE
+    with pytest.raises(UserError, match="--bench: ONNX Runtime cannot run the original model"):
+        edgec.compile(m, None, bench=True)
+
+
+def test_a_float16_model_verifies_within_its_own_precision():
+    """Folding BN into a conv in float16 rounds once where the original rounds twice: one ulp
+    (9.8e-4) was a failed --verify at the float32 tolerances. float16 outputs are compared within
+    10 of their ulps, which a real difference still fails."""
+    from edgec import verify
+    m = plain_cnn()
+    for t in m.graph.initializer:
+        if t.data_type == T.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in list(m.graph.input) + list(m.graph.output):
+        v.type.tensor_type.elem_type = T.FLOAT16
+    r = edgec.compile(m, None, verify=True)
+    assert r.report["verify"]["passed"]
+    ref = np.linspace(-4, 4, 64, dtype=np.float16)
+    assert verify.compare({"y": ref}, {"y": ref + np.float16(0.01)}).allclose
+    assert not verify.compare({"y": ref}, {"y": (ref * np.float16(1.05))}).allclose
+    assert not verify.compare({"y": ref.astype(np.float32)}, {"y": ref.astype(np.float32) + 0.01}).allclose
