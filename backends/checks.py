@@ -32,7 +32,9 @@ def label(node: gs.Node) -> str:
 
 def check_opset(target, ir: IR) -> list[str]:
     if not target.min_opset <= ir.opset <= target.max_opset:
-        return [f"opset {ir.opset} is outside what {target.description} reads ({target.min_opset}-{target.max_opset})"]
+        why = next((n for n in getattr(ir.info, "notes", None) or [] if n.startswith(f"opset {ir.opset} kept")), "")
+        return [f"opset {ir.opset} is outside what {target.description} reads ({target.min_opset}-{target.max_opset})"
+                + (f": {why}" if why else "")]
     return []
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import onnx
+from onnx import version_converter
 
 from edgec.backends import get_target
 from edgec.passes import FixInputShapes
@@ -321,6 +322,9 @@ def _load_data(run: _Run) -> None:
 def _run_pipeline(run: _Run) -> None:
     """The IR of the (opset-normalised) model, run through the pipeline."""
     normalized, notes = loader.normalize_opset(run.original)
+    if loader.check_opset(normalized) > run.target.max_opset:
+        normalized, lowered = _lower_opset(normalized, run.target)
+        notes = notes + lowered
     run.ir = IR.from_onnx(normalized, info=loader.ModelInfo(
         source_opset=run.source_opset, notes=notes, source_path=str(run.src_path) if run.src_path else None))
     run.before = costs_mod.compute(run.ir)
@@ -328,6 +332,31 @@ def _run_pipeline(run: _Run) -> None:
         _require_static(run.target, run.ir, run.options.input_shapes or {})
     ctx = PassContext(calib=run.calib, reference=normalized, target=run.target, log=run.log)
     run.records = PassManager(run.pipeline).run(run.ir, ctx)
+
+
+def _lower_opset(model: onnx.ModelProto, tgt) -> tuple[onnx.ModelProto, list[str]]:
+    """A model newer than the target reads (PyTorch's exporters write opset 18 and later,
+    TensorRT 8.x reads up to 17), taken down to the target's newest opset with onnx's version
+    converter, when the converted model passes onnx's checker and gives the same outputs in ONNX
+    Runtime on generated inputs (rtol 1e-4, atol 1e-5). Otherwise the model is kept, with a note
+    saying why, and the target's opset check refuses it."""
+    opset, goal = loader.check_opset(model), tgt.max_opset
+    try:
+        converted = version_converter.convert_version(model, goal)
+        onnx.checker.check_model(converted)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        return model, [f"opset {opset} kept: onnx's version converter cannot take this model down to {goal} ({first})"]
+    try:
+        feeds = verify_mod.random_inputs(model)
+        same = verify_mod.compare(verify_mod.run(model, feeds), verify_mod.run(converted, feeds)).allclose
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        return model, [f"opset {opset} kept: the model converted to {goal} could not be checked in ONNX Runtime ({first})"]
+    if not same:
+        return model, [f"opset {opset} kept: onnx's version converter changed the outputs taking it down to {goal}"]
+    return converted, [f"opset {opset} converted down to {goal}, the newest {tgt.description} reads (same outputs "
+                       f"in ONNX Runtime)"]
 
 
 def _quantize(run: _Run) -> None:

@@ -134,21 +134,23 @@ def test_every_target_accepts_the_builder_models():
 
 
 @pytest.mark.parametrize("target,opts,model,message", [
-    ("rknn", {}, lambda: make([helper.make_node("Relu", ["x"], ["y"])], [f32("x", [1, 3])], [f32("y", [1, 3])], opset=21),
+    # (Gelu is new in opset 20 and Mish in 18: onnx's converter cannot take them below, so the model
+    # keeps its opset; a Relu model is converted down, test_a_newer_opset_is_taken_down_...)
+    ("rknn", {}, lambda: make([helper.make_node("Gelu", ["x"], ["y"])], [f32("x", [1, 3])], [f32("y", [1, 3])], opset=21),
      "opset 21 is outside"),
     ("rknn", {}, lambda: onnx.load(EXAMPLE / "model.onnx"), "needs static input shapes: input 'input'"),
-    ("rknn", {}, custom_op_model, "com.acme::Frob 'y': custom domain 'com.acme'"),
+    ("rknn", {}, custom_op_model, "com.acme::Frob 'Frob_y': custom domain 'com.acme'"),
     ("rknn", {}, lambda: make([helper.make_node("Cos", ["x"], ["c"]), helper.make_node("Erf", ["c"], ["d"]),
                                helper.make_node("Trilu", ["d"], ["y"])], [f32("x", [1, 3, 3])], [f32("y", [1, 3, 3])]),
-     "Trilu 'y': not supported by RKNN-Toolkit2"),
-    ("jetson", {"trt": "8.5"}, lambda: make([helper.make_node("Relu", ["x"], ["y"])], [f32("x", [1, 3])],
+     "Trilu 'Trilu_y': not supported by RKNN-Toolkit2"),
+    ("jetson", {"trt": "8.5"}, lambda: make([helper.make_node("Mish", ["x"], ["y"])], [f32("x", [1, 3])],
                                             [f32("y", [1, 3])], opset=19), "opset 19 is outside"),
     ("jetson", {"trt": "10"}, custom_op_model, "the TensorRT 10 parser needs a plugin"),
     ("jetson", {"trt": "10"}, lambda: make([helper.make_node("Col2Im", ["x", "s", "k"], ["y"])],
                                            [f32("x", [1, 4, 4])], [f32("y", None)],
                                            [numpy_helper.from_array(np.array([3, 3], np.int64), "s"),
                                             numpy_helper.from_array(np.array([2, 2], np.int64), "k")], opset=18),
-     "Col2Im 'y': not supported by the TensorRT 10 ONNX parser"),
+     "Col2Im 'Col2Im_y': not supported by the TensorRT 10 ONNX parser"),
 ])
 def test_bad_input_per_target(target, opts, model, message):
     with pytest.raises(UserError) as e:
@@ -315,3 +317,28 @@ def test_rknn_simulator_option_without_int8_says_it_simulated_nothing(tmp_path):
         edgec.compile(src, tmp_path / "o2.onnx", target="rknn", quantize="int8", calib="random",
                       target_options={"simulator": str(fake)})
     assert not (tmp_path / "o2.onnx").exists()
+
+
+@pytest.mark.parametrize("opset", [18, 19])
+def test_a_newer_opset_is_taken_down_to_what_the_target_reads(opset, tmp_path):
+    """PyTorch's exporters write opset 18 and later; TensorRT 8.5 reads up to 17. The model is
+    converted down with onnx's version converter when the result gives the same outputs in ONNX
+    Runtime, and the report says so; --verify then compares the compiled model with the
+    original (opset ``opset``) model."""
+    model = onnx.version_converter.convert_version(resnet_basic(), opset)
+    out = tmp_path / "m.onnx"
+    r = edgec.compile(model, out, target="jetson", verify=True)
+    assert r.report["verify"]["passed"]
+    assert any(n.startswith(f"opset {opset} converted down to 17") for n in r.report["notes"])
+    assert max(o.version for o in onnx.load(out).opset_import if o.domain in ("", "ai.onnx")) == 17
+
+
+def test_an_opset_the_converter_cannot_take_down_is_refused_with_the_reason():
+    """Mish is new in opset 18, and onnx's converter has no way down for it: the target's opset
+    check refuses the model in one line and says why it was kept."""
+    g = helper.make_graph([helper.make_node("Mish", ["x"], ["y"])], "mish",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(UserError, match=r"opset 18 is outside what TensorRT 8.5 .* \(7-17\): opset 18 kept"):
+        edgec.compile(model, None, target="jetson")
