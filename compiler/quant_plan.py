@@ -447,6 +447,11 @@ class _Planner:
     def rule(self, n: gs.Node) -> OpRule | None:
         return self.table.get(n.op) if _default_domain(n) else None
 
+    def _precision(self, n: gs.Node) -> str:
+        """A layer's precision in the plan, named by its node name or its output (the loader names
+        unnamed nodes ``<op>_<output>``, and a plan may name them by the output)."""
+        return self.precisions.get(node_key(n), self.precisions.get(node_id(n), "int8"))
+
     def run(self) -> QuantPlan:
         ir = self.ir
         ir.toposort()
@@ -454,7 +459,7 @@ class _Planner:
         weighted = []
         for n in weighted_nodes(ir, self.table):
             key = node_key(n)
-            if self.precisions.get(key, "int8") not in INT_PRECISIONS:
+            if self._precision(n) not in INT_PRECISIONS:
                 continue
             if kept_float(n, self.keep):
                 floats.append((key, "keep_float"))
@@ -599,7 +604,7 @@ class _Planner:
         wq = {}
         for n in weighted:
             w = ir.const_value(n.inputs[1])
-            prec = self.precisions.get(node_key(n), "int8")
+            prec = self._precision(n)
             if prec == "int4":
                 kind = "int4"
             elif self.scheme.weight_type != "int8" and is_depthwise(n, w):
