@@ -342,7 +342,7 @@ def _lower_opset(model: onnx.ModelProto, tgt) -> tuple[onnx.ModelProto, list[str
     saying why, and the target's opset check refuses it."""
     opset, goal = loader.check_opset(model), tgt.max_opset
     try:
-        converted = version_converter.convert_version(model, goal)
+        converted = version_converter.convert_version(_without_default_attributes(model, opset), goal)
         onnx.checker.check_model(converted)
     except Exception as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
@@ -357,6 +357,38 @@ def _lower_opset(model: onnx.ModelProto, tgt) -> tuple[onnx.ModelProto, list[str
         return model, [f"opset {opset} kept: onnx's version converter changed the outputs taking it down to {goal}"]
     return converted, [f"opset {opset} converted down to {goal}, the newest {tgt.description} reads (same outputs "
                        f"in ONNX Runtime)"]
+
+
+def _without_default_attributes(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """A copy of ``model`` without the default-domain attributes that hold their schema's default
+    value (the same model): PyTorch's dynamo exporter writes ``noop_with_empty_axes=0`` on
+    ReduceMean, which onnx's converter cannot take below opset 18 although the default needs no
+    attribute there."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+
+    def strip(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            for a in node.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    strip(sub)
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            try:
+                schema = onnx.defs.get_schema(node.op_type, opset, "")
+            except Exception:  # not a known op at this opset: the converter will say so
+                continue
+            keep = []
+            for a in node.attribute:
+                d = schema.attributes[a.name].default_value if a.name in schema.attributes else None
+                if d is None or d.type == onnx.AttributeProto.UNDEFINED or a.type != d.type or \
+                        onnx.helper.get_attribute_value(a) != onnx.helper.get_attribute_value(d):
+                    keep.append(a)
+            if len(keep) < len(node.attribute):
+                del node.attribute[:]
+                node.attribute.extend(keep)
+    strip(copy.graph)
+    return copy
 
 
 def _quantize(run: _Run) -> None:

@@ -342,3 +342,23 @@ def test_an_opset_the_converter_cannot_take_down_is_refused_with_the_reason():
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
     with pytest.raises(UserError, match=r"opset 18 is outside what TensorRT 8.5 .* \(7-17\): opset 18 kept"):
         edgec.compile(model, None, target="jetson")
+
+
+def test_default_valued_attributes_do_not_stop_the_conversion_down():
+    """PyTorch's dynamo exporter (opset 18+) writes ReduceMean's ``noop_with_empty_axes=0``, its
+    default, and onnx's converter keeps it below 18, where it is invalid: a torchvision ResNet-18
+    exported so was refused for jetson. Attributes holding their default are dropped before the
+    conversion (the same model); the result verifies against the original."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8, 1, 1)).astype(np.float32), "w")
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                           helper.make_node("ReduceMean", ["c", "axes"], ["y"], keepdims=1, noop_with_empty_axes=0,
+                                            name="gap")],
+                          "g", [f32("x", [1, 8, 4, 4])], [f32("y", [1, 8, 1, 1])], [axes, w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+    with pytest.raises(Exception, match="noop_with_empty_axes"):  # the converter keeps it: invalid at 17
+        onnx.checker.check_model(onnx.version_converter.convert_version(model, 17))
+    r = edgec.compile(model, None, target="jetson", verify=True)
+    assert r.report["verify"]["passed"]
+    assert any(n.startswith("opset 20 converted down to 17") for n in r.report["notes"])
