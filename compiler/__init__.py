@@ -34,6 +34,8 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
+        if _LAZY[name] == "pipeline":  # the pass registry holds the built-in passes once they are imported
+            importlib.import_module(".passes", __name__)
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value

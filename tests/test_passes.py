@@ -329,3 +329,23 @@ def test_shape_ops_of_generated_constants_stay_generated():
     assert ops(out) == ["ConstantOfShape", "Mul"]
     assert out.ByteSize() < 2048
     assert_same_outputs(m, out)
+
+
+def test_run_passes_by_name_in_a_fresh_process(tmp_path):
+    """The Python API's example (README, ``edgec.__doc__``): ``edgec.load`` then
+    ``edgec.run_passes(ir, ["fold_batchnorm", "eliminate_dead"])`` in a process that has imported
+    nothing else. ``import edgec`` is lazy, and the pass registry was empty until something
+    imported ``edgec.passes``: "unknown pass 'fold_batchnorm' (known: )" (found by the session-28
+    sweep)."""
+    import subprocess
+    import sys
+    from edgec.builders import resnet_basic
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(resnet_basic(), src)
+    code = (f"import edgec\nir = edgec.load({str(src)!r})\n"
+            f"recs = edgec.run_passes(ir, ['fold_batchnorm', 'eliminate_dead'])\n"
+            f"edgec.save(ir, {str(out)!r})\nprint([r.name for r in recs], any(r.changed for r in recs))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "['fold_batchnorm', 'eliminate_dead'] True"
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(out).graph.node}
