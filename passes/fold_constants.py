@@ -34,6 +34,7 @@ from edgec.pipeline import Pass, PassContext, PassResult, register
 from ._util import NONDETERMINISTIC, QUANT_OPS, has_subgraph, is_default_domain
 
 SMALL_BYTES = 1024
+SUBGRAPH_MAX_BYTES = 1 << 20  # the largest tensor folding inside a subgraph may write
 SHAPE_ONLY = ("Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand")
 # Ops whose every output holds at most as many elements as all their inputs together: an output
 # of unknown shape still has a size bound before evaluation (8 bytes per input element).
@@ -72,7 +73,41 @@ class FoldConstants(Pass):
     def run(self, ir: IR, ctx: PassContext) -> PassResult:
         result = PassResult(self._reshape_generated(ir))
         result.changed = self._fold(ir, result) or result.changed
+        result.changed = self._fold_subgraphs(ir, result) or result.changed
         return result
+
+    @staticmethod
+    def _fold_subgraphs(ir: IR, result: PassResult) -> bool:
+        """Constants inside If/Loop/Scan bodies, folded by onnx-graphsurgeon (ONNX Runtime
+        evaluates them, as above): a detector's post-processing computes a Slice's axes from
+        constants in an If branch, which TensorRT's parser needs as an initializer. The same
+        exclusions as in the main graph (other domains, random ops, Q/DQ), no inlining of
+        branches, and no folded tensor over ``SUBGRAPH_MAX_BYTES``."""
+        bodies = [v for node in ir.nodes for v in node.attrs.values() if isinstance(v, gs.Graph)]
+        if not bodies:
+            return False
+
+        def exclude(node: gs.Node) -> bool:
+            return not is_default_domain(node) or node.op in NONDETERMINISTIC or node.op in QUANT_OPS
+
+        folded = 0
+        ort.set_default_logger_severity(4)  # (graphsurgeon's own session): failures are skipped, not logged
+        try:
+            for body in bodies:
+                before = len(body.nodes)
+                try:
+                    body.fold_constants(recurse_subgraphs=True, error_ok=True, flatten_subgraphs=False,
+                                        size_threshold=SUBGRAPH_MAX_BYTES, should_exclude_node=exclude)
+                    body.cleanup()
+                except Exception as e:  # leave the body as it was found wanting
+                    result.note(f"fold_constants: a subgraph was not folded ({type(e).__name__})")
+                    continue
+                folded += max(0, before - len(body.nodes))
+        finally:
+            ort.set_default_logger_severity(2)
+        if folded:
+            result.note(f"fold_constants: {folded} nodes folded inside If/Loop/Scan bodies")
+        return folded > 0
 
     def _reshape_generated(self, ir: IR) -> bool:
         changed = False

@@ -362,3 +362,26 @@ def test_default_valued_attributes_do_not_stop_the_conversion_down():
     r = edgec.compile(model, None, target="jetson", verify=True)
     assert r.report["verify"]["passed"]
     assert any(n.startswith("opset 20 converted down to 17") for n in r.report["notes"])
+
+
+def test_constants_inside_an_if_body_are_folded_for_tensorrt():
+    """A detector's post-processing (torchvision's SSDLite, classic exporter) computes a Slice's
+    axes inside an If branch, Unsqueeze(Constant): TensorRT's parser needs them as an
+    initializer, and jetson refused the model. Constants inside If/Loop/Scan bodies are now
+    folded, and the compiled model verifies against the original."""
+    def branch(name, start):
+        c = lambda n, v: helper.make_node("Constant", [], [n], value=numpy_helper.from_array(np.array(v, np.int64)))
+        nodes = [c(f"{name}_st", [start]), c(f"{name}_en", [start + 2]), c(f"{name}_ax0", 1),
+                 helper.make_node("Unsqueeze", [f"{name}_ax0", "zero"], [f"{name}_ax"]),
+                 helper.make_node("Slice", ["x", f"{name}_st", f"{name}_en", f"{name}_ax"], [f"{name}_y"])]
+        return helper.make_graph(nodes, name, [], [f32(f"{name}_y", ["a", "b", "c"])])
+    zero = numpy_helper.from_array(np.array([0], np.int64), "zero")
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "thr"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", 0), else_branch=branch("else", 2))]
+    g = helper.make_graph(nodes, "if_slice", [f32("x", [1, 4, 4])], [f32("y", ["a", "b", "c"])],
+                          [zero, numpy_helper.from_array(np.array(0.0, np.float32), "thr")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    r = edgec.compile(model, None, target="jetson", verify=True)
+    assert r.report["verify"]["passed"]
