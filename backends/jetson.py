@@ -141,7 +141,10 @@ def _given_profile(t: Target) -> dict[str, list[list[int]]]:
 
 
 def _check(t: Target, ir: IR) -> list[str]:
-    problems = checks.check_opset(t, ir) + checks.check_ops(ir, _verdict(t, ir))
+    opset = checks.check_opset(t, ir)
+    if opset and str(t.options["trt"]) != "10" and ir.opset <= 20:  # JetPack 6.1+ reads it as it is
+        opset = [opset[0] + "; TensorRT 10 reads opsets up to 20 (--target-option trt=10)"]
+    problems = opset + checks.check_ops(ir, _verdict(t, ir))
     for name, (lo, opt, hi) in _profile(t, ir).items():
         if not t.options["profile"] or name not in t.options["profile"]:
             problems.append(f"warning: input '{name}' is dynamic: TensorRT needs an optimisation profile; using "

@@ -340,7 +340,8 @@ def test_an_opset_the_converter_cannot_take_down_is_refused_with_the_reason():
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    with pytest.raises(UserError, match=r"opset 18 is outside what TensorRT 8.5 .* \(7-17\): opset 18 kept"):
+    with pytest.raises(UserError, match=r"opset 18 is outside what TensorRT 8.5 .* \(7-17\): opset 18 kept.*"
+                                        r"TensorRT 10 reads opsets up to 20 \(--target-option trt=10\)"):
         edgec.compile(model, None, target="jetson")
 
 
