@@ -386,3 +386,25 @@ def test_constants_inside_an_if_body_are_folded_for_tensorrt():
     onnx.checker.check_model(model)
     r = edgec.compile(model, None, target="jetson", verify=True)
     assert r.report["verify"]["passed"]
+
+
+@pytest.mark.parametrize("channels", [6, 5])
+def test_an_opset_18_split_is_taken_down_with_its_sizes_as_an_input(channels):
+    """PyTorch's dynamo exporter writes ShuffleNetV2's channel split as opset 18's
+    ``Split(num_outputs=2)``, and onnx's converter has no way down for it. The Split gets its
+    sizes as a constant input (ONNX's rule for an uneven split: chunks of ceil(n / k), the last
+    smaller; 5 channels give 3 and 2) and the model goes down to 17, its outputs the same."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((channels, 3, 1, 1)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Split", ["c"], ["a", "b"], axis=1, num_outputs=2, name="split"),
+             helper.make_node("Relu", ["a"], ["ra"], name="relu"),
+             helper.make_node("Concat", ["b", "ra"], ["y"], axis=1, name="cat")]
+    g = helper.make_graph(nodes, "split18", [f32("x", [1, 3, 4, 4])], [f32("y", [1, channels, 4, 4])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(Exception, match="Split"):
+        onnx.version_converter.convert_version(model, 17)
+    r = edgec.compile(model, None, target="jetson", verify=True)
+    assert r.report["verify"]["passed"]
+    assert any(n.startswith("opset 18 converted down to 17") for n in r.report["notes"])
