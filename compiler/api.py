@@ -402,9 +402,14 @@ def _hold_splits(model: onnx.ModelProto, goal: int) -> list[str]:
         else:
             plan.append((n, None))
     held = []
+    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output} | \
+        {i.name for i in model.graph.input}
     for n, sizes in plan:
         if sizes is not None:
-            name = f"{n.output[0]}__split_sizes"
+            name, k = f"{n.output[0]}__split_sizes", 1
+            while name in taken:
+                name, k = f"{n.output[0]}__split_sizes_{k}", k + 1
+            taken.add(name)
             model.graph.initializer.append(onnx.numpy_helper.from_array(sizes, name))
             del n.input[1:]
             n.input.append(name)

@@ -242,8 +242,8 @@ def validate_model(model: onnx.ModelProto, where: str = "model", *, owned: bool 
             raise UserError(f"{where}: tensor '{t.name}' is stored as external data that is not loaded; give the "
                             f"model's path (or onnx.load it with its external data)")
     order = _check_graph(model.graph, where, outer=set())
-    names = [n.name for n in model.graph.node]
-    unnamed = not all(names) or len(set(names)) < len(names)
+    unnamed = any(not all(names) or len(set(names)) < len(names)
+                  for names in ([n.name for n in g.node] for g in _all_graphs(model.graph)))
     if (order is not None or unnamed) and not owned:  # the changes below go to a copy: the caller's model stays
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
@@ -253,15 +253,26 @@ def validate_model(model: onnx.ModelProto, where: str = "model", *, owned: bool 
         del model.graph.node[:]
         model.graph.node.extend(nodes[i] for i in order)
     if unnamed:
-        name_nodes(model.graph)
+        for g in _all_graphs(model.graph):
+            name_nodes(g)
     _run_checker(model, where)
     return model
 
 
+def _all_graphs(g: onnx.GraphProto):
+    """``g`` and every If/Loop/Scan body in it, at any depth."""
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _all_graphs(sub)
+
+
 def name_nodes(g: onnx.GraphProto) -> int:
-    """Give every node of ``g`` (not of its subgraphs) without a name, or sharing one, a name of
-    its own, ``<op>_<first output>``: ONNX Runtime refuses a graph whose nodes share a name, and
-    edgec's passes tell layers apart by name. Returns how many were named."""
+    """Give every node of ``g`` (not of its subgraphs: :func:`validate_model` names each graph)
+    without a name, or sharing one, a name of its own, ``<op>_<first output>``: ONNX Runtime
+    refuses a graph whose nodes share a name, in a subgraph too, and edgec's passes tell layers
+    apart by name. Returns how many were named."""
     taken = {n.name for n in g.node} | {o for n in g.node for o in n.output} | {i.name for i in g.input} | \
         {t.name for t in g.initializer}
     seen: set[str] = set()

@@ -21,7 +21,10 @@ Post-condition: outputs of the graph are unchanged bit for bit (same kernels com
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 
 import numpy as np
 import onnx
@@ -91,8 +94,7 @@ class FoldConstants(Pass):
             return not is_default_domain(node) or node.op in NONDETERMINISTIC or node.op in QUANT_OPS
 
         folded = 0
-        ort.set_default_logger_severity(4)  # (graphsurgeon's own session): failures are skipped, not logged
-        try:
+        with _quiet_stderr():  # graphsurgeon's own ONNX Runtime session logs warnings there
             for body in bodies:
                 before = len(body.nodes)
                 try:
@@ -103,8 +105,6 @@ class FoldConstants(Pass):
                     result.note(f"fold_constants: a subgraph was not folded ({type(e).__name__})")
                     continue
                 folded += max(0, before - len(body.nodes))
-        finally:
-            ort.set_default_logger_severity(2)
         if folded:
             result.note(f"fold_constants: {folded} nodes folded inside If/Loop/Scan bodies")
         return folded > 0
@@ -206,6 +206,26 @@ class FoldConstants(Pass):
             except Exception:
                 result.note(f"could not evaluate {node.op} '{node.name}'; left as is")
         return values
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 on /dev/null for the block: ONNX Runtime's C++ log writes there, and its
+    level is process-wide with no getter, so setting it would change the caller's. (Python's
+    sys.stderr is flushed first; what the block itself raises still propagates.)"""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _run_subgraph(ir: IR, nodes: list[gs.Node], wanted: set[str],

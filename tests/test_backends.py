@@ -408,3 +408,26 @@ def test_an_opset_18_split_is_taken_down_with_its_sizes_as_an_input(channels):
     r = edgec.compile(model, None, target="jetson", verify=True)
     assert r.report["verify"]["passed"]
     assert any(n.startswith("opset 18 converted down to 17") for n in r.report["notes"])
+
+
+def test_folding_subgraphs_leaves_onnx_runtimes_log_level_alone(monkeypatch):
+    """ONNX Runtime's log level is process-wide with no getter: folding inside an If body used to
+    set it to 4 and back to 2, whatever the caller had set (session-28 review)."""
+    import onnxruntime as ort
+    calls = []
+    monkeypatch.setattr(ort, "set_default_logger_severity", lambda level: calls.append(level))
+    test_constants_inside_an_if_body_are_folded_for_tensorrt()
+    assert calls == []
+
+
+def test_the_split_sizes_constant_takes_a_free_name():
+    """The sizes given to an opset-18 Split on the way down take a name no tensor has: a model
+    that already had ``a__split_sizes`` was refused with a type error (session-28 review)."""
+    g = helper.make_graph([helper.make_node("Split", ["x"], ["a", "b"], axis=1, num_outputs=2),
+                           helper.make_node("Add", ["a", "a__split_sizes"], ["y"])], "g",
+                          [f32("x", [1, 4])], [f32("y", [1, 2]), f32("b", [1, 2])],
+                          [numpy_helper.from_array(np.array([[5, 7]], np.float32), "a__split_sizes")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    r = edgec.compile(model, None, target="jetson", verify=True)
+    assert r.report["verify"]["passed"]
+    assert any(n.startswith("opset 18 converted down to 17") for n in r.report["notes"])

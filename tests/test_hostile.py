@@ -742,3 +742,24 @@ def test_a_float16_model_verifies_within_its_own_precision():
     assert verify.compare({"y": ref}, {"y": ref + np.float16(0.01)}).allclose
     assert not verify.compare({"y": ref}, {"y": (ref * np.float16(1.05))}).allclose
     assert not verify.compare({"y": ref.astype(np.float32)}, {"y": ref.astype(np.float32) + 0.01}).allclose
+
+
+def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
+    """ONNX Runtime checks node names inside subgraphs as well: an If branch with two nodes named
+    "dup" compiled to a model it could not load (session-28 review)."""
+    import onnxruntime as ort
+    def branch(name, op):
+        nodes = [helper.make_node(op, ["x"], [f"{name}_a"], name="dup"),
+                 helper.make_node("Neg", [f"{name}_a"], [f"{name}_y"], name="dup")]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_y", T.FLOAT, [1, 4])])
+    g = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+                           helper.make_node("Greater", ["s", "z"], ["c"]),
+                           helper.make_node("If", ["c"], ["y"], then_branch=branch("t", "Relu"),
+                                            else_branch=branch("e", "Abs"))], "g",
+                          [helper.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 4])],
+                          [numpy_helper.from_array(np.array(0, np.float32), "z")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    out = tmp_path / "out.onnx"
+    assert edgec.compile(m, out, verify=True).report["verify"]["passed"]
+    ort.InferenceSession(str(out))
