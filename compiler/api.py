@@ -16,7 +16,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import onnx
-from onnx import version_converter
 
 from edgec.backends import get_target
 from edgec.passes import FixInputShapes
@@ -342,129 +341,20 @@ def _lower_opset(model: onnx.ModelProto, tgt) -> tuple[onnx.ModelProto, list[str
     saying why, and the target's opset check refuses it."""
     opset, goal = loader.check_opset(model), tgt.max_opset
     try:
-        stripped = _without_default_attributes(model, opset)
-        held = _hold_splits(stripped, goal)  # opset 18's Split has no way down in the converter
-        converted = version_converter.convert_version(stripped, goal)
-        _release_splits(converted, held)
-        onnx.checker.check_model(converted)
+        converted = loader.lower_opset(model, goal)
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        return model, [f"opset {opset} kept: onnx's version converter cannot take this model down to {goal} ({first})"]
+        return model, [f"opset {opset} kept: onnx's version converter cannot take this model down to {goal} "
+                       f"({loader.one_line(e)[:160]})"]
     try:
         feeds = verify_mod.random_inputs(model)
         same = verify_mod.compare(verify_mod.run(model, feeds), verify_mod.run(converted, feeds)).allclose
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        return model, [f"opset {opset} kept: the model converted to {goal} could not be checked in ONNX Runtime ({first})"]
+        return model, [f"opset {opset} kept: the model converted to {goal} could not be checked in ONNX Runtime "
+                       f"({loader.one_line(e)[:160]})"]
     if not same:
         return model, [f"opset {opset} kept: onnx's version converter changed the outputs taking it down to {goal}"]
     return converted, [f"opset {opset} converted down to {goal}, the newest {tgt.description} reads (same outputs "
                        f"in ONNX Runtime)"]
-
-
-HOLD_DOMAIN = "edgec.held"  # a default-domain op the converter cannot take down, held out of its way
-
-
-def _hold_splits(model: onnx.ModelProto, goal: int) -> list[str]:
-    """Opset 18 gave Split ``num_outputs`` (PyTorch's dynamo exporter writes it for a channel
-    split); below 18 the sizes are an input. onnx's converter has no way down for it, although
-    a Split with its sizes as an input means the same at 13 and 18. So, in ``model`` (a copy),
-    each main-graph Split gets its sizes as a constant input (from the inferred shape; ONNX's
-    rule: chunks of ceil(n / k), the last one smaller) and moves to ``HOLD_DOMAIN`` for the
-    conversion; :func:`_release_splits` moves them back. Returns the held nodes' outputs; none
-    when ``goal`` is 18 or more, or a Split's size along its axis is unknown."""
-    if goal >= 18 or loader.check_opset(model) < 18:
-        return []
-    splits = [n for n in model.graph.node if n.op_type == "Split" and n.domain in ("", "ai.onnx")]
-    if not splits:
-        return []
-    shapes = {}
-    inferred = onnx.shape_inference.infer_shapes(model)
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    plan = []
-    for n in splits:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        if "num_outputs" in attrs:
-            shape = shapes.get(n.input[0])
-            axis = int(attrs.get("axis", 0))
-            if not shape or not -len(shape) <= axis < len(shape) or shape[axis] is None:
-                return []
-            dim, k = shape[axis], int(attrs["num_outputs"])
-            chunk = -(-dim // k)
-            sizes = [chunk] * (k - 1) + [dim - chunk * (k - 1)]
-            if min(sizes) < 0:
-                return []
-            plan.append((n, np.array(sizes, np.int64)))
-        elif len(n.input) < 2 or not n.input[1]:
-            return []  # (opset 18 Split without either: even chunks by output count, as at 13)
-        else:
-            plan.append((n, None))
-    held = []
-    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output} | \
-        {i.name for i in model.graph.input}
-    for n, sizes in plan:
-        if sizes is not None:
-            name, k = f"{n.output[0]}__split_sizes", 1
-            while name in taken:
-                name, k = f"{n.output[0]}__split_sizes_{k}", k + 1
-            taken.add(name)
-            model.graph.initializer.append(onnx.numpy_helper.from_array(sizes, name))
-            del n.input[1:]
-            n.input.append(name)
-            keep = [a for a in n.attribute if a.name != "num_outputs"]
-            del n.attribute[:]
-            n.attribute.extend(keep)
-        n.domain = HOLD_DOMAIN
-        held.append(n.output[0])
-    model.opset_import.append(onnx.helper.make_opsetid(HOLD_DOMAIN, 1))
-    return held
-
-
-def _release_splits(model: onnx.ModelProto, held: list[str]) -> None:
-    """Undo :func:`_hold_splits` in the converted ``model``."""
-    if not held:
-        return
-    outs = set(held)
-    for n in model.graph.node:
-        if n.domain == HOLD_DOMAIN and n.output and n.output[0] in outs:
-            n.domain = ""
-    keep = [o for o in model.opset_import if o.domain != HOLD_DOMAIN]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
-
-
-def _without_default_attributes(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """A copy of ``model`` without the default-domain attributes that hold their schema's default
-    value (the same model): PyTorch's dynamo exporter writes ``noop_with_empty_axes=0`` on
-    ReduceMean, which onnx's converter cannot take below opset 18 although the default needs no
-    attribute there."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-
-    def strip(g: onnx.GraphProto) -> None:
-        for node in g.node:
-            for a in node.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    strip(sub)
-            if node.domain not in ("", "ai.onnx"):
-                continue
-            try:
-                schema = onnx.defs.get_schema(node.op_type, opset, "")
-            except Exception:  # not a known op at this opset: the converter will say so
-                continue
-            keep = []
-            for a in node.attribute:
-                d = schema.attributes[a.name].default_value if a.name in schema.attributes else None
-                if d is None or d.type == onnx.AttributeProto.UNDEFINED or a.type != d.type or \
-                        onnx.helper.get_attribute_value(a) != onnx.helper.get_attribute_value(d):
-                    keep.append(a)
-            if len(keep) < len(node.attribute):
-                del node.attribute[:]
-                node.attribute.extend(keep)
-    strip(copy.graph)
-    return copy
 
 
 def _quantize(run: _Run) -> None:

@@ -17,9 +17,10 @@ import os
 from collections import deque
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import version_converter
+from onnx import numpy_helper, version_converter
 
 from . import datafiles, outputs
 from .errors import InternalError, UserError
@@ -77,7 +78,7 @@ def load_model(path: str | os.PathLike, *, external_files: list | None = None) -
         except FileNotFoundError as e:
             raise UserError(f"{p}: external data file not found next to the model ({Path(e.filename or '').name or e})") from None
         except Exception as e:  # path outside the model folder, short file, ...
-            raise UserError(f"{p}: cannot load its external data: {_one_line(e)}") from None
+            raise UserError(f"{p}: cannot load its external data: {one_line(e)}") from None
     return validate_model(model, str(p), owned=True)
 
 
@@ -121,8 +122,120 @@ def normalize_opset(model: onnx.ModelProto, target: int = CANONICAL_OPSET) -> tu
         onnx.checker.check_model(converted)
     except Exception as e:
         return model, [f"opset {opset} kept: onnx's version converter cannot take this model to "
-                       f"{target} ({_one_line(e)[:160]})"]
+                       f"{target} ({one_line(e)[:160]})"]
     return converted, [f"opset {opset} converted to {target}"]
+
+
+def lower_opset(model: onnx.ModelProto, goal: int) -> onnx.ModelProto:
+    """``model`` converted down to opset ``goal`` with onnx's version converter, checked by onnx's
+    checker (raises when either fails). Attributes holding their default are dropped first, and
+    opset 18's Splits are held out of the converter's way (see the helpers below). The caller
+    proves the outputs the same (``edgec.api``: in ONNX Runtime)."""
+    stripped = _without_default_attributes(model, check_opset(model))
+    held = _hold_splits(stripped, goal)
+    converted = version_converter.convert_version(stripped, goal)
+    _release_splits(converted, held)
+    onnx.checker.check_model(converted)
+    return converted
+
+
+HOLD_DOMAIN = "edgec.held"  # a default-domain op the converter cannot take down, held out of its way
+
+
+def _hold_splits(model: onnx.ModelProto, goal: int) -> list[str]:
+    """Opset 18 gave Split ``num_outputs`` (PyTorch's dynamo exporter writes it for a channel
+    split); below 18 the sizes are an input. onnx's converter has no way down for it, although
+    a Split with its sizes as an input means the same at 13 and 18. So, in ``model`` (a copy),
+    each main-graph Split gets its sizes as a constant input (from the inferred shape; ONNX's
+    rule: chunks of ceil(n / k), the last one smaller) and moves to ``HOLD_DOMAIN`` for the
+    conversion; :func:`_release_splits` moves them back. Returns the held nodes' outputs; none
+    when ``goal`` is 18 or more, or a Split's size along its axis is unknown."""
+    if goal >= 18 or check_opset(model) < 18:
+        return []
+    splits = [n for n in model.graph.node if n.op_type == "Split" and n.domain in ("", "ai.onnx")]
+    if not splits:
+        return []
+    shapes = {}
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    plan = []
+    for n in splits:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if "num_outputs" in attrs:
+            shape = shapes.get(n.input[0])
+            axis = int(attrs.get("axis", 0))
+            if not shape or not -len(shape) <= axis < len(shape) or shape[axis] is None:
+                return []
+            dim, k = shape[axis], int(attrs["num_outputs"])
+            chunk = -(-dim // k)
+            sizes = [chunk] * (k - 1) + [dim - chunk * (k - 1)]
+            if min(sizes) < 0:
+                return []
+            plan.append((n, np.array(sizes, np.int64)))
+        elif len(n.input) < 2 or not n.input[1]:
+            return []  # (opset 18 Split without either: even chunks by output count, as at 13)
+        else:
+            plan.append((n, None))
+    held = []
+    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output} | \
+        {i.name for i in model.graph.input}
+    for n, sizes in plan:
+        if sizes is not None:
+            name, k = f"{n.output[0]}__split_sizes", 1
+            while name in taken:
+                name, k = f"{n.output[0]}__split_sizes_{k}", k + 1
+            taken.add(name)
+            model.graph.initializer.append(numpy_helper.from_array(sizes, name))
+            del n.input[1:]
+            n.input.append(name)
+            keep = [a for a in n.attribute if a.name != "num_outputs"]
+            del n.attribute[:]
+            n.attribute.extend(keep)
+        n.domain = HOLD_DOMAIN
+        held.append(n.output[0])
+    model.opset_import.append(onnx.helper.make_opsetid(HOLD_DOMAIN, 1))
+    return held
+
+
+def _release_splits(model: onnx.ModelProto, held: list[str]) -> None:
+    """Undo :func:`_hold_splits` in the converted ``model``."""
+    if not held:
+        return
+    outs = set(held)
+    for n in model.graph.node:
+        if n.domain == HOLD_DOMAIN and n.output and n.output[0] in outs:
+            n.domain = ""
+    keep = [o for o in model.opset_import if o.domain != HOLD_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def _without_default_attributes(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """A copy of ``model`` without the default-domain attributes that hold their schema's default
+    value (the same model): PyTorch's dynamo exporter writes ``noop_with_empty_axes=0`` on
+    ReduceMean, which onnx's converter cannot take below opset 18 although the default needs no
+    attribute there."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in _all_node_protos(copy.graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset, "")
+        except Exception:  # not a known op at this opset: the converter will say so
+            continue
+        keep = []
+        for a in node.attribute:
+            d = schema.attributes[a.name].default_value if a.name in schema.attributes else None
+            if d is None or d.type == onnx.AttributeProto.UNDEFINED or a.type != d.type or \
+                    onnx.helper.get_attribute_value(a) != onnx.helper.get_attribute_value(d):
+                keep.append(a)
+        if len(keep) < len(node.attribute):
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return copy
 
 
 def load(path: str | os.PathLike, *, normalize: bool = True) -> IR:
@@ -138,7 +251,7 @@ def load(path: str | os.PathLike, *, normalize: bool = True) -> IR:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{path}: the graph cannot be read: {_one_line(e)}") from None
+        raise UserError(f"{path}: the graph cannot be read: {one_line(e)}") from None
 
 
 def from_model(model: onnx.ModelProto, *, normalize: bool = True) -> IR:
@@ -166,9 +279,9 @@ def check_model(model: onnx.ModelProto) -> None:
                 return
             except onnx.checker.ValidationError:
                 pass
-        raise InternalError(f"the rewritten model fails onnx.checker: {_one_line(e)}") from None
+        raise InternalError(f"the rewritten model fails onnx.checker: {one_line(e)}") from None
     except onnx.shape_inference.InferenceError as e:
-        raise InternalError(f"the rewritten model fails shape inference: {_one_line(e)}") from None
+        raise InternalError(f"the rewritten model fails shape inference: {one_line(e)}") from None
 
 
 def check_output_path(out: str | os.PathLike, inp: str | os.PathLike | None = None) -> Path:
@@ -199,9 +312,11 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
                for t in onnx.external_data_helper._get_all_tensors(model))
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's text (its class name when it has none)."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
 
 
 # ====================================================================== validation of user models
@@ -515,8 +630,5 @@ def _checker_message(e: BaseException) -> str:
 
 
 def _all_node_protos(g: onnx.GraphProto):
-    for n in g.node:
-        yield n
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
-                yield from _all_node_protos(sub)
+    for sub in _all_graphs(g):
+        yield from sub.node

@@ -268,6 +268,13 @@ def _outputs(model, batches: list[dict]) -> list[dict[str, np.ndarray]]:
     return [{n: np.asarray(v[n]) for n in names} for _, v in runtime.run_batches(sess, names, batches)]
 
 
+def _samples_given(ctx: PassContext, feeds: list[dict] | None) -> int:
+    """The calibration samples as given: a fixed-batch model's last batch is padded with copies
+    of them, which the batches' sizes count."""
+    count = count_samples(feeds or [])
+    return min(getattr(ctx.calib, "num_samples", None) or count, count)
+
+
 def sample_errors(reference: list[dict], got: list[dict], sizes: list[int] | None = None) -> np.ndarray:
     """Relative L2 error of each sample, the worst output's. ``sizes``: each batch's sample count
     (its inputs' leading size); a batch of several is split into samples along its outputs'
@@ -420,9 +427,7 @@ class PruneChannels(Pass):
             fixed = any(t.shape and isinstance(t.shape[0], int) and t.shape[0] > 0 for t in ir.graph.inputs)
         split = split_feeds(feeds, AUTO_HOLDOUT, fixed) if len(candidates) > 1 else None
         why, errors, rel_l2, macs, failed, nothing = None, {}, {}, {}, {}, set()
-        # samples as given (a fixed-batch model's last batch is padded by repeating samples)
-        count = count_samples(feeds or [])
-        given = min(getattr(ctx.calib, "num_samples", None) or count, count)
+        given = _samples_given(ctx, feeds)
         if len(candidates) > 1 and split is None:
             if fixed and len(feeds) < 2 and given >= AUTO_MIN_SAMPLES:
                 why = (f"the model's fixed batch size puts all {given} calibration samples in one batch, which cannot "
@@ -627,9 +632,7 @@ class PruneChannels(Pass):
             return self._run_auto(ir, ctx)
         feeds = ctx.feeds()
         refit = self.reconstruct and bool(feeds)
-        # the samples as given: a fixed-batch model's last batch is padded with copies of them
-        count = count_samples(feeds or [])
-        n_samples = min(getattr(ctx.calib, "num_samples", None) or count, count)
+        n_samples = _samples_given(ctx, feeds)
         if self.mode in SENSITIVE and not feeds:
             raise UserError(f"prune_channels: mode '{self.mode}' measures output errors: it needs calibration data")
         self._log, self._curves, self._score_cache = ctx.log, {}, {}

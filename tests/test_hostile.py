@@ -711,16 +711,23 @@ def test_name_nodes_keeps_the_first_of_a_shared_name_and_avoids_every_other_name
     assert [n.name for n in g.node] == ["a", "Relu_y_1", "Relu_z", "Relu_y"]
 
 
+def _plain_cnn_in(dtype, elem_type) -> onnx.ModelProto:
+    """plain_cnn with its float weights, inputs and outputs in another float type, as an export
+    in that precision writes it."""
+    m = plain_cnn()
+    for t in m.graph.initializer:
+        if t.data_type == T.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(dtype), t.name))
+    for v in list(m.graph.input) + list(m.graph.output):
+        v.type.tensor_type.elem_type = elem_type
+    return m
+
+
 def test_bench_of_a_model_onnx_runtime_cannot_run_here_is_a_user_error():
     """A float64 export has no ONNX Runtime Conv kernel: --bench said so with ONNX Runtime's own
     exception (a traceback in Python, "internal error" in the CLI); verification already said it
     in one line."""
-    m = plain_cnn()
-    for t in m.graph.initializer:
-        if t.data_type == T.FLOAT:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
-    for v in list(m.graph.input) + list(m.graph.output):
-        v.type.tensor_type.elem_type = T.DOUBLE
+    m = _plain_cnn_in(np.float64, T.DOUBLE)
     with pytest.raises(UserError, match="--bench: ONNX Runtime cannot run the original model"):
         edgec.compile(m, None, bench=True)
 
@@ -730,12 +737,7 @@ def test_a_float16_model_verifies_within_its_own_precision():
     (9.8e-4) was a failed --verify at the float32 tolerances. float16 outputs are compared within
     10 of their ulps, which a real difference still fails."""
     from edgec import verify
-    m = plain_cnn()
-    for t in m.graph.initializer:
-        if t.data_type == T.FLOAT:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
-    for v in list(m.graph.input) + list(m.graph.output):
-        v.type.tensor_type.elem_type = T.FLOAT16
+    m = _plain_cnn_in(np.float16, T.FLOAT16)
     r = edgec.compile(m, None, verify=True)
     assert r.report["verify"]["passed"]
     ref = np.linspace(-4, 4, 64, dtype=np.float16)
