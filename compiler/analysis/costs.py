@@ -88,6 +88,13 @@ def is_param_dtype(dtype) -> bool:
 
 
 
+def _static(shape) -> tuple | None:
+    """``shape`` when every dimension is a known positive integer, else None."""
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
 def _nbytes(n: int, dtype) -> int:
     return (n * dtype_bits(dtype) + 7) // 8
 
@@ -124,7 +131,9 @@ def node_macs(ir: IR, node: gs.Node) -> int:
         return _numel(out_shape) * _numel([node.inputs[0].shape[-1]])
     if op in ("LSTM", "GRU", "RNN") and node.inputs[0].shape is not None and len(node.inputs) > 2:
         # every step multiplies the input by W and the hidden state by R (all gates, all directions)
-        w, r = _const_shape(ir, node.inputs[1]), _const_shape(ir, node.inputs[2])
+        # (the weights' shapes, constant or not: exporters may compute them from initializers)
+        w = _const_shape(ir, node.inputs[1]) or _static(node.inputs[1].shape)
+        r = _const_shape(ir, node.inputs[2]) or _static(node.inputs[2].shape)
         if w and r:
             x = node.inputs[0].shape
             return _numel(x[:2]) * (_numel(w) + _numel(r))
