@@ -7,6 +7,7 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from edgec import loader
 from edgec.ir import IR, plain_dtype
 from edgec.ir import dtype_name as _elem_name
 
@@ -32,7 +33,7 @@ def label(node: gs.Node) -> str:
 
 def check_opset(target, ir: IR) -> list[str]:
     if not target.min_opset <= ir.opset <= target.max_opset:
-        why = next((n for n in getattr(ir.info, "notes", None) or [] if n.startswith(f"opset {ir.opset} kept")), "")
+        why = next((n for n in getattr(ir.info, "notes", None) or [] if isinstance(n, loader.OpsetKept)), "")
         return [f"opset {ir.opset} is outside what {target.description} reads ({target.min_opset}-{target.max_opset})"
                 + (f": {why}" if why else "")]
     return []

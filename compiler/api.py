@@ -343,16 +343,17 @@ def _lower_opset(model: onnx.ModelProto, tgt) -> tuple[onnx.ModelProto, list[str
     try:
         converted = loader.lower_opset(model, goal)
     except Exception as e:
-        return model, [f"opset {opset} kept: onnx's version converter cannot take this model down to {goal} "
-                       f"({loader.one_line(e)[:160]})"]
+        return model, [loader.OpsetKept(f"opset {opset} kept: onnx's version converter cannot take this model down "
+                                        f"to {goal} ({loader.one_line(e)[:160]})")]
     try:
         feeds = verify_mod.random_inputs(model)
         same = verify_mod.compare(verify_mod.run(model, feeds), verify_mod.run(converted, feeds)).allclose
     except Exception as e:
-        return model, [f"opset {opset} kept: the model converted to {goal} could not be checked in ONNX Runtime "
-                       f"({loader.one_line(e)[:160]})"]
+        return model, [loader.OpsetKept(f"opset {opset} kept: the model converted to {goal} could not be checked in "
+                                        f"ONNX Runtime ({loader.one_line(e)[:160]})")]
     if not same:
-        return model, [f"opset {opset} kept: onnx's version converter changed the outputs taking it down to {goal}"]
+        return model, [loader.OpsetKept(f"opset {opset} kept: onnx's version converter changed the outputs taking it "
+                                        f"down to {goal}")]
     return converted, [f"opset {opset} converted down to {goal}, the newest {tgt.description} reads (same outputs "
                        f"in ONNX Runtime)"]
 

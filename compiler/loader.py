@@ -112,6 +112,12 @@ def check_opset(model: onnx.ModelProto, where: str = "model") -> int:
     return opset
 
 
+class OpsetKept(str):
+    """A note saying why the model's opset was kept where a conversion was wanted (onnx's
+    converter could not, or changed the outputs); a target that cannot read that opset quotes it
+    (``backends.checks.check_opset``)."""
+
+
 def normalize_opset(model: onnx.ModelProto, target: int = CANONICAL_OPSET) -> tuple[onnx.ModelProto, list[str]]:
     """Upgrade the default-domain opset to ``target`` where onnx's converter can."""
     opset = check_opset(model)
@@ -121,8 +127,8 @@ def normalize_opset(model: onnx.ModelProto, target: int = CANONICAL_OPSET) -> tu
         converted = version_converter.convert_version(model, target)
         onnx.checker.check_model(converted)
     except Exception as e:
-        return model, [f"opset {opset} kept: onnx's version converter cannot take this model to "
-                       f"{target} ({one_line(e)[:160]})"]
+        return model, [OpsetKept(f"opset {opset} kept: onnx's version converter cannot take this model to "
+                                 f"{target} ({one_line(e)[:160]})")]
     return converted, [f"opset {opset} converted to {target}"]
 
 
