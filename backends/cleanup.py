@@ -20,3 +20,13 @@ def lossless_pipeline(extra: list | tuple = ()) -> list:
         DedupInitializers(),
         EliminateDead(),
     ]
+
+
+def prune_cleanup() -> list:
+    """The exact clean-up channel pruning reads its graph after: shapes and constants folded,
+    identities and dead nodes removed, everything else (BatchNorm, transposes, reshapes) as the
+    exporter wrote it. PyTorch's exporter writes an initializer equal to an earlier one as an
+    ``Identity`` of it; read through that Identity, the layer's bias or scale looks computed and
+    its channel group unprunable."""
+    return [EliminateDead(), InferShapes(), FixedPoint([FoldShapes(), FoldConstants(), EliminateIdentity()]),
+            EliminateDead()]

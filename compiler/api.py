@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from edgec.backends import get_target
+from edgec.backends.cleanup import prune_cleanup
 from edgec.passes import FixInputShapes
 from edgec.passes.prune_channels import PruneChannels, PruneResult
 from edgec.passes.sparsify_24 import SparsityResult
@@ -289,7 +290,7 @@ def _build_pipeline(run: _Run) -> None:
                                                               for p in o.passes]
     if o.prune.enabled:
         run.prune_pass = _prune_pass(o.prune, run.target, has_calib=o.calib is not None)
-        pipeline = [run.prune_pass] + pipeline
+        pipeline = prune_cleanup() + [run.prune_pass] + pipeline
     if o.input_shapes:
         pipeline = [FixInputShapes(o.input_shapes)] + pipeline
     run.pipeline = pipeline

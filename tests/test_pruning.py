@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import helper, numpy_helper
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -503,6 +504,37 @@ def test_unprunable_groups_untouched():
     ir, p, _, _ = _prune(b.build(), ratio=0.5)
     blocked = [s for s in p.groups if not s["prunable"]]
     assert blocked and "Softmax" in blocked[0]["reason"] and blocked[0]["channels_after"] == 6
+
+
+def test_compile_prunes_through_an_exporters_identity_of_an_initializer():
+    """PyTorch's exporter writes an initializer equal to an earlier one (a zero bias, an untrained
+    layer scale) as an ``Identity`` of it. Pruning read the graph before any clean-up, saw the
+    second conv's bias as computed, and left its group whole. It now reads the graph after the
+    exact clean-up. The channels pruned here are dead (zero weights), so the pruned model's
+    outputs equal the original's in ONNX Runtime."""
+    b = GraphBuilder("ident", seed=0)
+    x = b.input("input", [1, 3, 8, 8])
+    y = b.conv(b.relu(b.conv(b.relu(b.conv(x, 8, 3, bias=True)), 8, 3, bias=True)), 4, 1, bias=True)
+    b.output(y, "output")
+    m = b.build()
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    inits = {t.name: t for t in m.graph.initializer}
+    zero = np.zeros(8, np.float32)
+    for c in convs[:2]:  # the hidden convs: zero biases, channels 4..7 dead (least L1: pruned first)
+        w = numpy_helper.to_array(inits[c.input[1]]).copy()
+        w[4:] = 0.0
+        inits[c.input[1]].CopyFrom(numpy_helper.from_array(w, c.input[1]))
+        inits[c.input[2]].CopyFrom(numpy_helper.from_array(zero, c.input[2]))
+    second = convs[1].input[2]  # the second conv's (equal) bias becomes an Identity of the first's
+    m.graph.initializer.remove(inits[second])
+    m.graph.node.insert(0, helper.make_node("Identity", [convs[0].input[2]], [second], name="dedup"))
+    onnx.checker.check_model(m)
+    res = edgec.compile(m, None, prune=0.5, importance="l1", prune_mode="uniform", round_to=1)
+    hidden = [g for g in res.report["pruning"]["groups"] if g["channels_before"] == 8]
+    assert len(hidden) == 2 and all(g["prunable"] and g["channels_after"] == 4 for g in hidden), [g.get("reason") for g in hidden]
+    feeds = {"input": np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(verify.run(res.model, feeds)["output"], verify.run(m, feeds)["output"],
+                               rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- reconstruction
