@@ -880,8 +880,10 @@ def inspect(model: str | os.PathLike | onnx.ModelProto, *, top: int = 10, groups
         "outputs": [_tensor_info(t) for t in ir.outputs],
         **c.as_dict(top=top),
     }
-    if groups:
-        found = find_groups(ir)
+    if groups:  # on the graph pruning reads: after its exact clean-up
+        cleaned = ir.copy()
+        PassManager(prune_cleanup()).run(cleaned, PassContext())
+        found = find_groups(cleaned)
         info["groups"] = [{"id": g.id, "channels": g.channels, "units": g.units, "prunable": g.prunable,
                            "reason": g.reason, "origins": list(g.origins)} for g in found]
         info["groups_text"] = format_groups(found)

@@ -532,6 +532,8 @@ def test_compile_prunes_through_an_exporters_identity_of_an_initializer():
     res = edgec.compile(m, None, prune=0.5, importance="l1", prune_mode="uniform", round_to=1)
     hidden = [g for g in res.report["pruning"]["groups"] if g["channels_before"] == 8]
     assert len(hidden) == 2 and all(g["prunable"] and g["channels_after"] == 4 for g in hidden), [g.get("reason") for g in hidden]
+    listed = edgec.inspect(m, groups=True)["groups"]  # inspect lists the groups pruning reads
+    assert [g["prunable"] for g in listed if g["channels"] == 8] == [True, True]
     feeds = {"input": np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)}
     np.testing.assert_allclose(verify.run(res.model, feeds)["output"], verify.run(m, feeds)["output"],
                                rtol=1e-5, atol=1e-6)
