@@ -137,8 +137,10 @@ def register(cls: type[Pass]) -> type[Pass]:
 
 
 def registry() -> dict[str, type[Pass]]:
-    """Every registered pass by name (importing ``edgec`` imports ``edgec.passes``, which
-    registers them all)."""
+    """Every registered pass by name: the built-in ones (``edgec.passes``, imported here, since
+    ``import edgec`` is lazy) and any a caller registered."""
+    import edgec.passes  # noqa: F401  (registers the built-in passes)
+
     return dict(_REGISTRY)
 
 

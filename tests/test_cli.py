@@ -216,6 +216,15 @@ def test_console_script_runs_the_example(tmp_path):
     assert "accuracy" in proc.stdout and out.exists()
 
 
+def test_passes_command_lists_the_built_in_passes_in_a_fresh_process():
+    """`edgec passes` in its own process: the registry fills when the passes are imported, and
+    this command path imported none (an internal error on an empty registry; `--json` printed [])."""
+    for extra in ([], ["--json"]):
+        proc = subprocess.run([sys.executable, "-m", "edgec.cli", "passes", *extra], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert "fold_batchnorm" in proc.stdout and "prune_channels" in proc.stdout, proc.stdout
+
+
 def test_calibration_from_an_image_folder_with_preprocessing(capsys, tmp_path):
     """What edge teams have: a folder of images plus the model's preprocessing (here the digits'
     8-bit grayscale PGMs, /255 then (x - mean) / std)."""
