@@ -178,3 +178,34 @@ def test_light_models_analyse(path):
     assert text.count("group g") == len(groups)
     if "resnet50" in path or "squeezenet" in path or "vgg19" in path:
         assert sum(g.prunable for g in groups) >= len(groups) - 1
+
+
+def test_squeeze_with_known_axes_and_a_symbolic_batch():
+    """tf2onnx's classifier head with a dynamic batch: GlobalAveragePool -> Squeeze(axes 2, 3)
+    -> MatMul. The squeezed axes are known, so the rank is enough; the rule asked for the whole
+    static shape and called the conv's group unprunable ("shape unknown"). Pruning its dead
+    half keeps the outputs (ONNX Runtime, batch 3)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w[4:] = 0.0  # channels 4..7 dead: least L1, pruned first, and exact to remove
+    fc = rng.standard_normal((8, 5)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Squeeze", ["p", "axes"], ["s"]),
+             helper.make_node("MatMul", ["s", "fc"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc"),
+                           numpy_helper.from_array(np.array([2, 3], np.int64), "axes")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    groups = find_groups(edgec.from_model(m))
+    conv = [gr for gr in groups if gr.channels == 8]
+    assert len(conv) == 1 and conv[0].prunable, format_groups(groups)
+    res = edgec.compile(m, None, prune=0.5, importance="l1", prune_mode="uniform", round_to=1)
+    assert [gr["channels_after"] for gr in res.report["pruning"]["groups"] if gr["channels_before"] == 8] == [4]
+    x = {"x": rng.standard_normal((3, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(edgec.verify.run(res.model, x)["y"], edgec.verify.run(m, x)["y"], rtol=1e-5, atol=1e-6)

@@ -602,12 +602,15 @@ def r_squeeze(a: ChannelAnalysis, node) -> None:
     m = a.get(node.inputs[0])
     if m is None:
         return
-    xs = a.shape(node.inputs[0])
-    axes = _axes_of(a, node)
-    if xs is None:
-        a.block(m.elems, f"{_name(node)}: shape unknown")
-        return
-    axes = [k for k, d in enumerate(xs) if d == 1] if axes is None else [_norm_axis(x, len(xs)) for x in axes]
+    axes, rank = _axes_of(a, node), _rank(node.inputs[0])
+    if axes is not None and rank is not None:  # the rank is enough (a symbolic batch is not squeezed)
+        axes = [_norm_axis(x, rank) for x in axes]
+    else:
+        xs = a.shape(node.inputs[0])
+        if xs is None:
+            a.block(m.elems, f"{_name(node)}: shape unknown")
+            return
+        axes = [k for k, d in enumerate(xs) if d == 1]
     if m.axis in axes:
         a.block(m.elems, f"{_name(node)} squeezes the channel axis")
         return
