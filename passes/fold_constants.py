@@ -70,7 +70,9 @@ def _const_bytes(t: gs.Constant) -> int:
 class FoldConstants(Pass):
     name = "fold_constants"
     description = "evaluate nodes whose inputs are all constants (size-capped: never grows the model)"
-    preserves_shapes = True
+    # False: a shape input it makes constant lets shape inference know more downstream (a
+    # Reshape's output), and the next Shape there folds only once that is inferred
+    preserves_shapes = False
     requires = ("shapes", "order")
 
     def run(self, ir: IR, ctx: PassContext) -> PassResult:

@@ -20,7 +20,9 @@ from edgec.pipeline import Pass, PassContext, PassResult, register
 class FoldShapes(Pass):
     name = "fold_shapes"
     description = "replace Shape/Size of statically shaped tensors with constants"
-    preserves_shapes = True
+    # False: a shape input it makes constant lets shape inference know more downstream (a
+    # Reshape's output), and the next Shape there folds only once that is inferred
+    preserves_shapes = False
     requires = ("shapes",)
 
     def run(self, ir: IR, ctx: PassContext) -> PassResult:

@@ -266,6 +266,34 @@ def test_symbolic_shapes_are_not_folded():
     assert not rec["fold_shapes"].changed
 
 
+def test_shape_arithmetic_folds_to_the_end_in_one_compile():
+    """tf2onnx writes a Reshape's target as shape arithmetic (Shape, Gather, ReduceProd, Concat),
+    and the next one reads the Shape of that Reshape's output. Its shape is known only once the
+    first target is folded and shapes are inferred again; fold_constants declared it kept every
+    shape, so inference did not re-run and the second Shape stayed: RKNN refused the ReduceProd
+    left in a fully static graph. One compile now folds it all."""
+    def shape_of(src, dims, name):  # Concat(Shape(src)[0], ReduceProd(Shape(src)[dims])): flatten
+        return [helper.make_node("Shape", [src], [f"{name}_s"]),
+                helper.make_node("Gather", [f"{name}_s", "i0"], [f"{name}_n"]),
+                helper.make_node("Gather", [f"{name}_s", dims], [f"{name}_d"]),
+                helper.make_node("ReduceProd", [f"{name}_d"], [f"{name}_p"], keepdims=1),
+                helper.make_node("Concat", [f"{name}_n", f"{name}_p"], [name], axis=0)]
+
+    nodes = shape_of("x", "i12", "t1") + [helper.make_node("Reshape", ["x", "t1"], ["y"]),
+                                           helper.make_node("Relu", ["y"], ["r"])]
+    nodes += shape_of("r", "i1", "t2") + [helper.make_node("Reshape", ["r", "t2"], ["out"])]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "i0"),
+             numpy_helper.from_array(np.array([1, 2], np.int64), "i12"),
+             numpy_helper.from_array(np.array([1], np.int64), "i1")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 12])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    out = edgec.compile(m, None).model
+    assert ops(out) == ["Reshape", "Relu"], ops(out)  # (the second Reshape, [2, 12] to itself, goes too)
+    assert_same_outputs(m, out)
+    assert edgec.compile(m, None, target="rknn").model is not None  # refused before: ReduceProd
+
+
 def test_fold_constants_respects_size_cap():
     """A ConstantOfShape that makes a 64 KiB tensor from a 4-element shape is not materialised."""
     cos = helper.make_node("ConstantOfShape", ["shp"], ["big"],
