@@ -64,13 +64,16 @@ HOST_KERNELS_ENV = "EDGEC_HOST_KERNELS"  # "off": host sessions run unoptimised 
 
 
 # ---------------------------------------------------------------------- sessions
-def session(model: onnx.ModelProto | bytes | str, *, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
+def session(model: onnx.ModelProto | bytes | str, *, optimize: bool | str = False,
+            threads: int = 0) -> ort.InferenceSession:
     """An ONNX Runtime CPU session; ``optimize=False`` is the reference executor, without ONNX
     Runtime's CPU memory arena: the arena keeps the most a session ever held until the session
     goes, and edgec's measuring sessions (a probe with every Q/DQ pair, runs on every core at
-    once) would keep gigabytes of a high-resolution model's activations between their runs."""
+    once) would keep gigabytes of a high-resolution model's activations between their runs.
+    ``optimize="basic"``: ONNX Runtime's basic level only (provider-independent rewrites)."""
     so = ort.SessionOptions()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize == "basic"
+                                   else ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.enable_cpu_mem_arena = bool(optimize)
     so.log_severity_level = 4  # failures surface as exceptions, reported by edgec in one line

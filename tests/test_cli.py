@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -204,6 +205,7 @@ def test_verification_failure_exits_1_and_writes_nothing(capsys, tmp_path, model
     out = tmp_path / "o.onnx"
     code, _, err = edgec_main(capsys, "compile", model_path, "-o", out, "--verify")
     assert code == 1 and "differs from the original" in err
+    assert re.search(r"output '[^']+' at \[[0-9, ]+\] is \S+ against \S+ \(allowed difference", err), err
     assert not out.exists()
 
 

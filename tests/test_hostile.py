@@ -746,6 +746,44 @@ def test_a_float16_model_verifies_within_its_own_precision():
     assert not verify.compare({"y": ref.astype(np.float32)}, {"y": ref.astype(np.float32) + 0.01}).allclose
 
 
+def _badly_conditioned_bn():
+    """Conv -> BatchNormalization with a scale of 300 and means near the conv's outputs: outputs
+    near zero computed from terms in the hundreds of thousands, as in random-weight exports."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((16, 3, 3, 3)) * 30).astype(np.float32)
+    s, var, beta = np.full(16, 300.0, np.float32), np.ones(16, np.float32), np.zeros(16, np.float32)
+    mean = (rng.standard_normal(16) * 100).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 16, 8, 8])],
+                          [numpy_helper.from_array(a, n) for a, n in
+                           ((w, "w"), (s, "s"), (beta, "b"), (mean, "m"), (var, "v"))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_exact_bn_folding_verifies_on_a_badly_conditioned_float32_model():
+    """paddle2onnx's ResNet-18 and MobileNetV3 (random weights, BN kept) failed --verify after
+    nothing but BN folding: an output near zero beside outputs in the hundreds moved by more than
+    atol 1e-5, as ONNX Runtime's own Conv+BN fusion moves it. The float floor (ONNX Runtime's
+    basic optimisations against the reference run) is measured when the plain check fails, and 4
+    times it is allowed; a difference of 10 times it still fails, and the message names the
+    element."""
+    from edgec import verify
+    m = _badly_conditioned_bn()
+    r = edgec.compile(m, None, verify=True)
+    v = r.report["verify"]
+    assert v["passed"] and v["outputs"]["y"]["float_floor"] > 1e-3, v
+    feeds = verify.random_inputs(m)
+    ref, got = verify.run(m, feeds), verify.run(r.model, feeds)
+    assert not verify.compare(ref, got).allclose  # what failed before
+    floor = verify.float_floor(m, feeds, ref)
+    assert verify.compare(ref, got, floor=floor).allclose
+    worse = {"y": got["y"] + np.float32(10 * floor["y"])}
+    c = verify.compare(ref, worse, floor=floor)
+    assert not c.allclose and c.per_output["y"]["worst"]["allowed"] >= 4 * floor["y"]
+
+
 def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
     """ONNX Runtime checks node names inside subgraphs as well: an If branch with two nodes named
     "dup" compiled to a model it could not load (session-28 review)."""
