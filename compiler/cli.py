@@ -255,6 +255,8 @@ def _inspect(args, log=None) -> int:
 
 
 def _passes(args, log=None) -> int:
+    import edgec.passes  # noqa: F401  (registers the built-in passes: `import edgec` is lazy)
+
     from .pipeline import registry
 
     reg = registry()

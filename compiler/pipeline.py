@@ -137,10 +137,8 @@ def register(cls: type[Pass]) -> type[Pass]:
 
 
 def registry() -> dict[str, type[Pass]]:
-    """Every registered pass by name: the built-in ones (``edgec.passes``, imported here, since
-    ``import edgec`` is lazy) and any a caller registered."""
-    import edgec.passes  # noqa: F401  (registers the built-in passes)
-
+    """Every registered pass by name once ``edgec.passes`` is imported (``import edgec`` is
+    lazy: its pipeline names import the passes; the CLI's passes command imports them)."""
     return dict(_REGISTRY)
 
 
