@@ -705,7 +705,24 @@ class PruneChannels(Pass):
             if data.reconstruction:
                 fitted = [r for r in data.reconstruction if r.get("refit")]
                 result.note(f"least-squares reconstruction re-fitted {len(fitted)} layers")
+        hint = _symbolic_shapes_hint(ir, data.groups)
+        if hint:
+            result.note(hint)
         return result
+
+
+def _symbolic_shapes_hint(ir: IR, groups: list[dict]) -> str | None:
+    """A note when groups are unprunable for want of shapes that symbolic input dims leave
+    unknown (an exporter's dynamic batch: a Reshape target computed from ``Shape``): fixed
+    input shapes let those shapes fold."""
+    symbolic = [f"{t.name}{list(t.shape)}" for t in ir.inputs
+                if t.shape is not None and any(not isinstance(d, (int, np.integer)) or d <= 0 for d in t.shape)]
+    unknown = [s["id"] for s in groups if not s["prunable"] and "unknown" in (s.get("reason") or "")]
+    if not symbolic or not unknown:
+        return None
+    return (f"{len(unknown)} group(s) ({', '.join(unknown[:8])}{', ...' if len(unknown) > 8 else ''}) are unprunable "
+            f"because shapes are unknown, and the inputs have symbolic dims ({', '.join(symbolic[:4])}): fixing them "
+            f"(--input-shape, or input_shapes= in Python) lets edgec fold those shapes")
 
 
 def _record(summary: list[dict], groups: list[ChannelGroup], scores: dict[str, np.ndarray],

@@ -539,6 +539,34 @@ def test_compile_prunes_through_an_exporters_identity_of_an_initializer():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_groups_blocked_by_symbolic_shapes_come_with_a_hint():
+    """tf2onnx and PyTorch write a dynamic batch's flatten as Reshape(x, Concat(Shape(x)[:1], -1)):
+    the shapes stay unknown and the group is unprunable. The pruning notes say that fixed input
+    shapes let them fold; with them the group is pruned."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Shape", ["r"], ["s"]),
+             helper.make_node("Slice", ["s", "zero", "one"], ["n"]),
+             helper.make_node("Concat", ["n", "flat"], ["t"], axis=0),
+             helper.make_node("Reshape", ["r", "t"], ["f"]), helper.make_node("MatMul", ["f", "w2"], ["y"])]
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((16 * 4 * 4, 5)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([-1], np.int64), "flat")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    res = edgec.compile(m, None, prune=0.5, importance="l1", prune_mode="uniform", round_to=1)
+    hidden = [gr for gr in res.report["pruning"]["groups"] if gr["channels_before"] == 16]
+    assert hidden and not hidden[0]["prunable"] and "unknown" in hidden[0]["reason"]
+    notes = next(p["notes"] for p in res.report["passes"] if p["name"] == "prune_channels")
+    assert any("symbolic dims" in n and "--input-shape" in n for n in notes), notes
+    fixed = edgec.compile(m, None, prune=0.5, importance="l1", prune_mode="uniform", round_to=1,
+                          input_shapes={"x": [1, 3, 4, 4]})
+    assert [gr["channels_after"] for gr in fixed.report["pruning"]["groups"] if gr["channels_before"] == 16] == [8]
+
+
 # ---------------------------------------------------------------------------- reconstruction
 def _output_error(original, pruned, feeds) -> float:
     errs = []
