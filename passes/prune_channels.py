@@ -699,15 +699,17 @@ class PruneChannels(Pass):
             n_units = sum(s["removed"] for s in data.groups)
             result.note(f"pruned {n_units} channels in {n_groups} groups (ratio {data.ratio:.3f}, {self.mode}, "
                         f"importance {self.importance}); MACs {macs_before} -> {macs_after}")
+            hint = _symbolic_shapes_hint(ir, data.groups)  # (before the groups' notes: the report shows 8)
+            if hint:
+                result.note(hint)
             for s in data.groups:
                 if not s["prunable"]:
                     result.note(f"group {s['id']} ({', '.join(s['origins'])}) not pruned: {s['reason']}")
             if data.reconstruction:
                 fitted = [r for r in data.reconstruction if r.get("refit")]
                 result.note(f"least-squares reconstruction re-fitted {len(fitted)} layers")
-        hint = _symbolic_shapes_hint(ir, data.groups)
-        if hint:
-            result.note(hint)
+        elif _symbolic_shapes_hint(ir, data.groups):
+            result.note(_symbolic_shapes_hint(ir, data.groups))
         return result
 
 
