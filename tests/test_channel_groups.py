@@ -209,3 +209,41 @@ def test_squeeze_with_known_axes_and_a_symbolic_batch():
     assert [gr["channels_after"] for gr in res.report["pruning"]["groups"] if gr["channels_before"] == 8] == [4]
     x = {"x": rng.standard_normal((3, 3, 8, 8)).astype(np.float32)}
     np.testing.assert_allclose(edgec.verify.run(res.model, x)["y"], edgec.verify.run(m, x)["y"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("along", ["tokens", "channels"])
+def test_concat_with_a_constant(along):
+    """A constant concatenated with tracked channels. Along another axis (ViT's class token,
+    which folds to a constant at a fixed batch) it holds the same channels and is sliced with
+    them; along the channel axis its channels are its own and kept. The rule used the missing
+    map of a constant: an AttributeError from inspect and from every --prune of a ViT. Dead
+    channels (zero weights, zero in the constant) are pruned and the outputs stay the same in
+    ONNX Runtime."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 16)).astype(np.float32)
+    w1[:, 8:] = 0.0  # channels 8..15 dead: least L1, pruned first
+    if along == "tokens":
+        const = rng.standard_normal((1, 1, 16)).astype(np.float32)
+        const[..., 8:] = 0.0
+        cat, width, tokens = helper.make_node("Concat", ["cls", "a"], ["c"], axis=1), 16, 5
+    else:
+        const = rng.standard_normal((1, 4, 4)).astype(np.float32)
+        cat, width, tokens = helper.make_node("Concat", ["a", "cls"], ["c"], axis=2), 20, 4
+    w2 = rng.standard_normal((width, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), cat, helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, 3])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                           numpy_helper.from_array(const, "cls")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    groups = find_groups(edgec.from_model(m))
+    hidden = [gr for gr in groups if gr.channels == 16]
+    assert len(hidden) == 1 and hidden[0].prunable, format_groups(groups)
+    res = edgec.compile(m, None, prune=0.5, importance="l1", prune_mode="uniform", round_to=1)
+    assert [gr["channels_after"] for gr in res.report["pruning"]["groups"] if gr["channels_before"] == 16] == [8]
+    x = {"x": rng.standard_normal((1, 4, 8)).astype(np.float32)}
+    np.testing.assert_allclose(edgec.verify.run(res.model, x)["y"], edgec.verify.run(m, x)["y"], rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 from edgec.ir import is_empty
 
 from .members import GroupAttr, ParamSlice, ShapeEntry, SliceWindow, SplitSize
-from .model import TMap
+from .model import Origin, TMap
 
 if TYPE_CHECKING:  # annotations only (the engine imports this module)
     from .engine import ChannelAnalysis
@@ -340,7 +340,14 @@ def r_concat(a: ChannelAnalysis, node) -> None:
                     return
                 if d == 0:
                     continue
-                m = a.ensure(t, axis, d // blk, f"'{t.name}' (not produced by a prunable layer) is concatenated at {_name(node)}")
+                why = f"'{t.name}' (not produced by a prunable layer) is concatenated at {_name(node)}"
+                if isinstance(t, gs.Constant):  # its channels are its own: kept, and the others' stay free
+                    own = a.new_elems(d // blk)
+                    a.origins.append(Origin(t, None, own))
+                    a.block(own, why)
+                    elems.extend(own)
+                    continue
+                m = a.ensure(t, axis, d // blk, why)
                 m.block = blk
             elems.extend(m.elems)
         a.set(y, TMap(axis, elems, blk))
@@ -350,7 +357,15 @@ def r_concat(a: ChannelAnalysis, node) -> None:
     if any(m.axis != first.axis or len(m.elems) != len(first.elems) or m.block != first.block for m in known):
         a.block_inputs(node, f"{_name(node)} along axis {axis} of inputs with different channel layouts")
         return
-    for t, m in zip(node.inputs, maps):
+    for slot, (t, m) in enumerate(zip(node.inputs, maps)):
+        if m is None and isinstance(t, gs.Constant):  # (ViT's class token, folded at a fixed batch)
+            v = a.ir.const_value(t)
+            if v is None or v.ndim <= first.axis or v.shape[first.axis] != len(first.elems) * first.block:
+                a.block(first.elems, f"{_name(node)}: constant '{t.name}' does not hold the tracked channels")
+                return
+            a.add(ParamSlice(node=node, slot=slot, axis=first.axis, elems=first.elems, block=first.block,
+                             role="concat const"))
+            continue
         if m is None:
             m = a.ensure(t, first.axis, len(first.elems), f"'{t.name}' is concatenated with tracked channels at {_name(node)}")
         a.tie(first.elems, m.elems)
