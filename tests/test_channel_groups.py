@@ -247,3 +247,40 @@ def test_concat_with_a_constant(along):
     assert [gr["channels_after"] for gr in res.report["pruning"]["groups"] if gr["channels_before"] == 16] == [8]
     x = {"x": rng.standard_normal((1, 4, 8)).astype(np.float32)}
     np.testing.assert_allclose(edgec.verify.run(res.model, x)["y"], edgec.verify.run(m, x)["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_heads_pass_through_where_isnan_after_the_softmax():
+    """PyTorch's classic exporter writes scaled_dot_product_attention with a mask as
+    Where(IsNaN(p), 0, p) after the softmax (BERT, DistilBERT, GPT-2 by default). Where had no
+    channel rule, so every such model's heads were unprunable. Where (and the comparisons) are
+    elementwise now: the groups are those of the same model without it, and pruning both gives
+    the same outputs in ONNX Runtime."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgec.builders import transformer_encoder
+
+    plain = transformer_encoder()
+    m = onnx.ModelProto()
+    m.CopyFrom(plain)
+    sm = next(n for n in m.graph.node if n.op_type == "Softmax")
+    p = sm.output[0]
+    for n in m.graph.node:  # the softmax's readers read Where(IsNaN(p), 0, p) instead
+        n.input[:] = ["p_safe" if i == p else i for i in n.input]
+    at = list(m.graph.node).index(sm) + 1
+    m.graph.node.insert(at, helper.make_node("Where", ["p_nan", "zero", p], ["p_safe"], name="where"))
+    m.graph.node.insert(at, helper.make_node("IsNaN", [p], ["p_nan"], name="isnan"))
+    m.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+    onnx.checker.check_model(m)
+
+    def summary(model):
+        return [(g.channels, g.unit_sizes(), g.prunable) for g in find_groups(edgec.from_model(model))]
+    assert summary(m) == summary(plain)
+    assert (4, [8, 8, 8, 8], True) in summary(m)  # the heads
+    kw = dict(prune=0.5, importance="l1", prune_mode="uniform", round_to=1)
+    a, b = edgec.compile(m, None, **kw), edgec.compile(plain, None, **kw)
+    after = [[g["channels_after"] for g in r.report["pruning"]["groups"]] for r in (a, b)]
+    assert after[0] == after[1] and a.report["after"]["macs"] < a.report["before"]["macs"]
+    x = {"input": np.random.default_rng(1).standard_normal((1, 8, 32)).astype(np.float32)}
+    np.testing.assert_allclose(edgec.verify.run(a.model, x)["output"], edgec.verify.run(b.model, x)["output"],
+                               rtol=1e-5, atol=1e-5)

@@ -814,7 +814,10 @@ RULES: dict[str, Callable[[ChannelAnalysis, gs.Node], None]] = {
     "Resize": r_resize,
     "Upsample": r_blocker("(deprecated Upsample) is not supported"),
     # elementwise: ties the inputs' channels, slices per-channel constants
-    **{op: r_elementwise for op in ("Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Pow", "PRelu")},
+    **{op: r_elementwise for op in ("Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Pow", "PRelu",
+                                    # (PyTorch's SDPA export: Where(IsNaN(p), 0, p) after the softmax)
+                                    "Where", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual",
+                                    "And", "Or", "Xor", "Mod")},
     # layout
     "Concat": r_concat,
     "Split": r_split,
