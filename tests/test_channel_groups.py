@@ -284,3 +284,36 @@ def test_heads_pass_through_where_isnan_after_the_softmax():
     x = {"input": np.random.default_rng(1).standard_normal((1, 8, 32)).astype(np.float32)}
     np.testing.assert_allclose(edgec.verify.run(a.model, x)["output"], edgec.verify.run(b.model, x)["output"],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_reshape_allowzero_without_a_zero_entry_passes_channels():
+    """PyTorch's dynamo exporter writes every Reshape with allowzero=1, which changes nothing
+    when the target has no 0 entry; the rule refused it anyway, so no head group of a dynamo
+    export (and on GPT-2 no group at all) was prunable. A 0 entry is still refused."""
+    import numpy as np
+    from onnx import helper
+
+    from edgec.builders import transformer_encoder
+
+    plain = transformer_encoder()
+    m = onnx.ModelProto()
+    m.CopyFrom(plain)
+    for n in m.graph.node:
+        if n.op_type == "Reshape":
+            n.attribute.append(helper.make_attribute("allowzero", 1))
+
+    def summary(model):
+        return [(g.channels, g.unit_sizes(), g.prunable) for g in find_groups(edgec.from_model(model))]
+    assert summary(m) == summary(plain) and (4, [8, 8, 8, 8], True) in summary(m)
+    kw = dict(prune=0.5, importance="l1", prune_mode="uniform", round_to=1)
+    a, b = edgec.compile(m, None, **kw), edgec.compile(plain, None, **kw)
+    x = {"input": np.random.default_rng(1).standard_normal((1, 8, 32)).astype(np.float32)}
+    np.testing.assert_allclose(edgec.verify.run(a.model, x)["output"], edgec.verify.run(b.model, x)["output"],
+                               rtol=1e-5, atol=1e-5)
+    zero = onnx.ModelProto()  # a 0 entry (copy that dim from the input) with allowzero=1: refused
+    zero.CopyFrom(m)
+    shape = next(t for t in zero.graph.initializer if t.name == next(
+        n for n in zero.graph.node if n.op_type == "Reshape").input[1])
+    vals = list(onnx.numpy_helper.to_array(shape))
+    shape.CopyFrom(onnx.numpy_helper.from_array(np.array([0] + vals[1:], np.int64), shape.name))
+    assert any("allowzero=1 with a zero" in (g.reason or "") for g in find_groups(edgec.from_model(zero)))

@@ -552,9 +552,11 @@ def r_reshape(a: ChannelAnalysis, node) -> None:
     if m is None:
         return
     x, y = node.inputs[0], node.outputs[0]
-    if node.attrs.get("allowzero", 0):
-        a.block(m.elems, f"{_name(node)}: allowzero=1")
-        return
+    if node.attrs.get("allowzero", 0):  # (PyTorch's dynamo exporter writes it: it matters only for a 0 entry)
+        target = _const_ints(a, node.inputs[1])
+        if target is None or 0 in target:
+            a.block(m.elems, f"{_name(node)}: allowzero=1 with a zero (or unknown) shape entry")
+            return
     xs, ys = a.shape(x), a.shape(y)
     if xs is not None and ys is not None:
         if _shuffle(a, node, m, list(xs), list(ys)):
