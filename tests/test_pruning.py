@@ -567,6 +567,19 @@ def test_groups_blocked_by_symbolic_shapes_come_with_a_hint():
     assert [gr["channels_after"] for gr in fixed.report["pruning"]["groups"] if gr["channels_before"] == 16] == [8]
 
 
+def test_round_to_counts_channels_not_heads():
+    """round_to (the target's vector width, 8 on cpu and jetson) is a channel multiple. It was
+    applied to units, and an attention head is one unit of dh channels: an encoder with 4 heads
+    never lost one. Heads of dh = 8 now go in ones; plain channels still keep multiples of 8."""
+    model = ALL_MODELS["transformer_encoder"]()  # 4 heads of 8, FFN 64
+    res = edgec.compile(model, None, prune=0.5, importance="l1", prune_mode="uniform")  # cpu: round_to 8
+    after = {g["channels_before"]: g["channels_after"] for g in res.report["pruning"]["groups"] if g["prunable"]}
+    assert after == {4: 2, 64: 32}, after
+    odd = edgec.compile(model, None, prune=0.3, importance="l1", prune_mode="uniform", round_to=16)
+    heads = [g["channels_after"] for g in odd.report["pruning"]["groups"] if g["channels_before"] == 4]
+    assert heads == [4], heads  # 16 channels = 2 heads: 4 heads keep a multiple of 2, and 30% of 4 rounds up to 4
+
+
 # ---------------------------------------------------------------------------- reconstruction
 def _output_error(original, pruned, feeds) -> float:
     errs = []
