@@ -692,7 +692,9 @@ def _compare(original, result_model, feeds, *, rtol, atol, generated: bool):
     Generated inputs retry other sizes for symbolic non-batch dims (a UNet with dynamic H/W
     cannot run at 1x1); a model that never runs is the user's to feed (--inputs), a compiled
     model that fails where the original ran is edgec's bug."""
-    tries = SYMBOLIC_FILLS if generated else (None,)
+    symbolic = generated and any(not isinstance(d, int) or d <= 0 for spec in verify_mod.input_specs(result_model)
+                                 for d in spec.shape[1:])
+    tries = SYMBOLIC_FILLS if symbolic else (None,)
     last = None
     for fill in tries:
         if fill is not None:
@@ -715,9 +717,9 @@ def _compare(original, result_model, feeds, *, rtol, atol, generated: bool):
                 c = verify_mod.compare(reference, actual, rtol=rtol, atol=atol, floor=floor)
         return c, reference, feeds
     first = str(last).strip().splitlines()[0][:200] if last else ""
-    raise UserError("the original model does not run in ONNX Runtime on generated inputs"
-                    + (" (symbolic dims tried as " + ", ".join(map(str, tries)) + ")" if generated else "")
-                    + f": pass real inputs with --inputs F.npz ({first})")
+    raise UserError(f"the original model does not run in ONNX Runtime on {'generated' if generated else 'these'} "
+                    f"inputs" + (" (symbolic dims tried as " + ", ".join(map(str, tries)) + ")" if symbolic else "")
+                    + (": pass real inputs with --inputs F.npz" if generated else "") + f" ({first})")
 
 
 def _scheme_notes(tgt, quantize, target_options) -> list[str]:

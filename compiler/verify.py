@@ -84,20 +84,59 @@ def random_inputs(model: onnx.ModelProto, *, seed: int = 0, batch: int = 1, fill
         if total > MAX_GENERATED_BYTES:
             raise UserError(f"input '{spec.name}' {shapes[spec.name]} would need {total / 2**30:.3g} GB of random "
                             f"values to verify or benchmark; give real inputs (--inputs) or a smaller --input-shape")
+    bounds = index_bounds(model)
     for spec in specs:
-        feeds[spec.name] = random_array(rng, shapes[spec.name], spec.dtype)
+        feeds[spec.name] = random_array(rng, shapes[spec.name], spec.dtype, high=min(4, bounds.get(spec.name, 4)))
     return feeds
 
 
-def random_array(rng: np.random.Generator, shape, dtype: np.dtype) -> np.ndarray:
-    """N(0,1) floats, 0/1 bools, small non-negative ints (valid as indices of small tables)."""
+# ops that carry an integer input's values through unchanged (on the way to a Gather's indices)
+_INDEX_CARRIERS = {"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Transpose"}
+
+
+def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Per integer graph input that (through ops in ``_INDEX_CARRIERS``) indexes a constant
+    table with Gather: the smallest such table's length. BERT's token-type table has 2 rows,
+    and random ids up to 3 made the original model fail."""
+    tables = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            tables[n.output[0]] = tuple(n.attribute[0].t.dims)
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    out: dict[str, int] = {}
+    for vi in model.graph.input:
+        if vi.name in tables:
+            continue
+        todo, seen = [vi.name], set()
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            for n in readers.get(t, []):
+                if n.op_type in _INDEX_CARRIERS and n.input and n.input[0] == t:
+                    todo.extend(n.output)
+                elif n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == t and n.input[0] in tables:
+                    shape = tables[n.input[0]]
+                    axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+                    if shape and -len(shape) <= axis < len(shape) and shape[axis] > 0:
+                        out[vi.name] = min(out.get(vi.name, shape[axis]), int(shape[axis]))
+    return out
+
+
+def random_array(rng: np.random.Generator, shape, dtype: np.dtype, high: int = 4) -> np.ndarray:
+    """N(0,1) floats, 0/1 bools, small non-negative ints below ``high`` (valid as indices of small
+    tables: :func:`index_bounds`)."""
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)
     if dtype.kind == "b":
         return rng.integers(0, 2, shape).astype(bool)
     if dtype.kind in "OUS":  # strings
         return rng.integers(0, 4, shape).astype(str).astype(object)
-    return rng.integers(0, 4, shape).astype(dtype)
+    return rng.integers(0, max(1, high), shape).astype(dtype)
 
 
 def load_inputs(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -784,6 +784,36 @@ def test_exact_bn_folding_verifies_on_a_badly_conditioned_float32_model():
     assert not c.allclose and c.per_output["y"]["worst"]["allowed"] >= 4 * floor["y"]
 
 
+def test_generated_ids_stay_inside_the_tables_they_index():
+    """BERT's token-type embedding has 2 rows, and --verify drew random ids up to 3: the
+    original model failed in ONNX Runtime, and the message spoke of symbolic dims the model does
+    not have. Random integer inputs that (through casts and reshapes) index a constant table
+    with Gather now stay below its length; a model that still cannot run on generated inputs
+    says so without the symbolic-dims clause when it has none."""
+    from edgec import verify
+    table = numpy_helper.from_array(np.arange(8, dtype=np.float32).reshape(2, 4), "types")
+    words = numpy_helper.from_array(np.ones((50, 4), np.float32), "words")
+    nodes = [helper.make_node("Cast", ["tt"], ["tt64"], to=T.INT64),
+             helper.make_node("Gather", ["types", "tt64"], ["e1"]),
+             helper.make_node("Gather", ["words", "ids"], ["e2"]),
+             helper.make_node("Add", ["e1", "e2"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", T.INT64, [1, 8]),
+                                       helper.make_tensor_value_info("tt", T.INT32, [1, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 8, 4])], [table, words])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert verify.index_bounds(m) == {"ids": 50, "tt": 2}
+    for seed in range(5):
+        assert verify.random_inputs(m, seed=seed)["tt"].max() <= 1
+    assert edgec.compile(m, None, verify=True).report["verify"]["passed"]
+    bad = onnx.ModelProto()  # a model no generated input can run: its table is empty along axis 0
+    bad.CopyFrom(m)
+    bad.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros((0, 4), np.float32), "types"))
+    with pytest.raises(UserError) as e:
+        edgec.compile(bad, None, verify=True)
+    assert "on generated inputs: pass real inputs with --inputs" in str(e.value)
+    assert "symbolic" not in str(e.value)
+
+
 def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
     """ONNX Runtime checks node names inside subgraphs as well: an If branch with two nodes named
     "dup" compiled to a model it could not load (session-28 review)."""
