@@ -317,3 +317,35 @@ def test_reshape_allowzero_without_a_zero_entry_passes_channels():
     vals = list(onnx.numpy_helper.to_array(shape))
     shape.CopyFrom(onnx.numpy_helper.from_array(np.array([0] + vals[1:], np.int64), shape.name))
     assert any("allowzero=1 with a zero" in (g.reason or "") for g in find_groups(edgec.from_model(zero)))
+
+
+def test_split_by_num_outputs_prunes_its_chunks():
+    """Opset 18's Split(num_outputs=k), as PyTorch's dynamo exporter writes a fused QKV: the
+    rule wanted constant sizes and refused the group (GPT-2's heads). The even chunks are now
+    known from the channel count, and a pruned Split gets its sizes as an input. Dead channels
+    are pruned; the outputs stay the same in ONNX Runtime."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 24)).astype(np.float32)
+    for c in range(3):  # channels 4..7 of each chunk dead
+        w[:, c * 8 + 4:c * 8 + 8] = 0.0
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Split", ["h"], ["q", "k", "v"], axis=-1, num_outputs=3),
+             helper.make_node("Add", ["q", "k"], ["s"]), helper.make_node("Mul", ["s", "v"], ["t"]),
+             helper.make_node("MatMul", ["t", "w2"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5])],
+                          [numpy_helper.from_array(w, "w"),
+                           numpy_helper.from_array(rng.standard_normal((8, 5)).astype(np.float32), "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    groups = find_groups(edgec.from_model(m))
+    assert [(gr.channels, gr.prunable) for gr in groups if gr.channels == 8] == [(8, True)], format_groups(groups)
+    res = edgec.compile(m, None, prune=0.5, importance="l1", prune_mode="uniform", round_to=1)
+    split = next(n for n in res.model.graph.node if n.op_type == "Split")
+    sizes = next(t for t in res.model.graph.initializer if t.name == split.input[1])
+    assert onnx.numpy_helper.to_array(sizes).tolist() == [4, 4, 4]
+    assert not any(a.name == "num_outputs" for a in split.attribute)
+    x = {"x": rng.standard_normal((1, 4, 8)).astype(np.float32)}
+    np.testing.assert_allclose(edgec.verify.run(res.model, x)["y"], edgec.verify.run(m, x)["y"], rtol=1e-5, atol=1e-5)

@@ -184,14 +184,18 @@ class ShapeEntry(Member):
 
 @dataclass(eq=False, kw_only=True)
 class SplitSize(Member):
-    """Split size ``index`` (of the sizes input ``slot``, or of the ``split`` attribute when
-    ``slot`` is -1) becomes ``kept * block``."""
+    """Split size ``index`` (of the sizes input ``slot``, of the ``split`` attribute when
+    ``slot`` is -1, or of the even chunks opset 18's ``num_outputs`` makes when ``slot`` is -2:
+    ``sizes`` then holds them, and the Split gets them as an input) becomes ``kept * block``."""
 
     kind: ClassVar[str] = "split"
     slot: int
     index: int
+    sizes: tuple = ()
 
     def label(self) -> str:
+        if self.slot == -2:
+            return f"{self.node.op} '{self.node.name}' num_outputs chunk {self.index}"
         if self.slot < 0:
             return f"{self.node.op} '{self.node.name}' attr split[{self.index}]"
         t = self.node.inputs[self.slot]
@@ -199,7 +203,14 @@ class SplitSize(Member):
 
     def apply(self, edits: ConstantEdits, keep: list[int]) -> None:
         value = self.count(keep)
-        if self.slot < 0:
+        if self.slot == -2:  # num_outputs: the chunks become a sizes input (the same split at opset 18)
+            node = self.node
+            if "num_outputs" in node.attrs:
+                del node.attrs["num_outputs"]
+                node.inputs.append(edits.ir.make_const(f"{node.outputs[0].name}_split_sizes",
+                                                       np.asarray(self.sizes, dtype=np.int64)))
+            edits.set_entry(node, 1, self.index, value)
+        elif self.slot < 0:
             split = list(self.node.attrs["split"])
             split[self.index] = value
             self.node.attrs["split"] = split

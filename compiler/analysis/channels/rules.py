@@ -386,6 +386,10 @@ def r_split(a: ChannelAnalysis, node) -> None:
         sizes, slot = _const_ints(a, node.inputs[1]), 1
     elif "split" in node.attrs:
         sizes, slot = [int(s) for s in node.attrs["split"]], -1
+    elif "num_outputs" in node.attrs:  # opset 18: even chunks of ceil(n / k), the last one smaller
+        n, k = len(m.elems) * m.block, int(node.attrs["num_outputs"])
+        chunk = -(-n // k) if k > 0 else 0
+        sizes, slot = ([chunk] * (k - 1) + [n - chunk * (k - 1)] if k > 0 and n - chunk * (k - 1) >= 0 else None), -2
     else:
         sizes, slot = None, None
     if sizes is None or any(s % m.block for s in sizes) or sum(sizes) != len(m.elems) * m.block:
@@ -397,7 +401,8 @@ def r_split(a: ChannelAnalysis, node) -> None:
         om = TMap(m.axis, m.elems[pos:pos + n], m.block)
         pos += n
         a.set(o, om)
-        a.add(SplitSize(node=node, slot=slot, index=k, elems=om.elems, block=m.block))
+        a.add(SplitSize(node=node, slot=slot, index=k, elems=om.elems, block=m.block,
+                        sizes=tuple(sizes) if slot == -2 else ()))
 
 
 def r_slice(a: ChannelAnalysis, node) -> None:
