@@ -7,15 +7,18 @@ from edgec.passes import (CollapseReshapes, DedupInitializers, EliminateDead, El
 from edgec.pipeline import FixedPoint
 
 
-def lossless_pipeline(extra: list | tuple = ()) -> list:
+def lossless_pipeline(extra: list | tuple = (), fold_bytes: int | None = None) -> list:
     """The clean-up every target starts from: exact rewrites, repeated to a fixed point.
 
     ``extra`` passes (a target's own rewrites) join the fixed-point group, after the clean-up.
+    ``fold_bytes``: how large a tensor computed from constants may fold even where it is larger
+    than its inputs (``FoldConstants(small_bytes=...)``; default 1 KiB).
     """
+    fold = FoldConstants() if fold_bytes is None else FoldConstants(small_bytes=fold_bytes)
     return [
         EliminateDead(),
         InferShapes(),
-        FixedPoint([FoldShapes(), FoldConstants(), EliminateIdentity(), FuseTransposes(), CollapseReshapes(),
+        FixedPoint([FoldShapes(), fold, EliminateIdentity(), FuseTransposes(), CollapseReshapes(),
                     FoldBatchNorm(), FoldConvAffine(), *extra]),
         DedupInitializers(),
         EliminateDead(),

@@ -66,6 +66,7 @@ BATCH1_OPS = {op for op, why in op_tables.RKNN_RESTRICTED.items() if "batch size
 # required product no larger than 8192!", airockchip/rknn-toolkit2#490; older releases said 16384).
 # rv1106/rv1103 have no CPU Transpose at all: such a model fails at rknn_init (#145, #316).
 TRANSPOSE_HW_LIMIT = 8192
+FOLD_BYTES = 1 << 20  # a tensor computed from constants folds up to this size (see _pipeline)
 
 
 def _floats(t: Target, key: str, positive: bool = False) -> list[float]:
@@ -169,7 +170,10 @@ class BatchNormToConv(Pass):
 
 
 def _pipeline(t: Target) -> list:
-    steps = lossless_pipeline(extra=[DecomposeOps(ops=DECOMPOSE), GemmToConv(), ShuffleTo4D()])
+    # constants computed in the graph fold up to 1 MiB: such a tensor is an op the NPU may lack (T5's
+    # relative-position buckets compute an int64 Abs), and RKNN refuses the model for it
+    steps = lossless_pipeline(extra=[DecomposeOps(ops=DECOMPOSE), GemmToConv(), ShuffleTo4D()],
+                              fold_bytes=FOLD_BYTES)
     # after the fixed point, so that every BN that can fold into its producer has
     steps.insert(len(steps) - 2, BatchNormToConv())
     return steps

@@ -5,7 +5,8 @@ Rules
   in the default domain, deterministic, has no subgraph, and is not a Q/DQ node (those carry
   a quantized model's intent).
 - Size cap, checked before anything is evaluated: an output becomes a constant only if it is
-  at most ``max(1 KiB, bytes of the node's inputs)``. A node whose inferred output is larger
+  at most ``max(small_bytes, bytes of the node's inputs)`` (``small_bytes`` 1 KiB; the rknn
+  target's pipeline raises it to 1 MiB). A node whose inferred output is larger
   (e.g. ``ConstantOfShape`` making a big weight from a 4-element shape) is not evaluated at
   all, and neither is a node whose output size is unknown unless the op cannot make more
   elements than its inputs hold (``SIZE_BOUNDED``). Folding therefore never bloats the model
@@ -74,6 +75,14 @@ class FoldConstants(Pass):
     # Reshape's output), and the next Shape there folds only once that is inferred
     preserves_shapes = False
     requires = ("shapes", "order")
+
+    def __init__(self, small_bytes: int = SMALL_BYTES):
+        """``small_bytes``: an output up to this size folds even when it is larger than its
+        inputs (the model grows by at most that much per node). An NPU target raises it: a
+        tensor computed from constants is an op the NPU may lack (T5's relative-position
+        buckets: an int64 Abs, which RKNN refused)."""
+        super().__init__()
+        self.small_bytes = int(small_bytes)
 
     def run(self, ir: IR, ctx: PassContext) -> PassResult:
         result = PassResult(self._reshape_generated(ir))
@@ -158,7 +167,7 @@ class FoldConstants(Pass):
                     break
             if not ok:
                 continue
-            cap = max(SMALL_BYTES, in_bytes)
+            cap = max(self.small_bytes, in_bytes)
             sizes = [_nbytes_of_shape(o) for o in node.outputs]
             if any(s is not None and s > cap for s in sizes):
                 continue
@@ -182,7 +191,7 @@ class FoldConstants(Pass):
                            for t in node.inputs if not (isinstance(t, gs.Variable) and t.is_empty()))
             for o in node.outputs:
                 v = values.get(o.name)
-                if v is None or v.nbytes > max(SMALL_BYTES, in_bytes) or not o.outputs:
+                if v is None or v.nbytes > max(self.small_bytes, in_bytes) or not o.outputs:
                     continue
                 if ir.is_graph_output(o):
                     continue

@@ -431,3 +431,25 @@ def test_the_split_sizes_constant_takes_a_free_name():
     r = edgec.compile(model, None, target="jetson", verify=True)
     assert r.report["verify"]["passed"]
     assert any(n.startswith("opset 18 converted down to 17") for n in r.report["notes"])
+
+
+def test_rknn_folds_a_constant_computation_larger_than_its_inputs():
+    """T5's relative-position buckets, exported with a dynamic sequence and then given fixed
+    shapes: |k_pos - q_pos| over constant positions, an int64 [32, 32] made from two 256-byte
+    inputs. The default fold cap (an output no larger than max(1 KiB, its inputs)) left it, and
+    rknn refused the int64 Abs. The rknn pipeline folds such tensors up to 1 MiB; cpu keeps the
+    default cap."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    q = numpy_helper.from_array(np.arange(32, dtype=np.int64).reshape(32, 1), "q_pos")
+    k = numpy_helper.from_array(np.arange(32, dtype=np.int64).reshape(1, 32), "k_pos")
+    nodes = [helper.make_node("Sub", ["k_pos", "q_pos"], ["rel"]), helper.make_node("Abs", ["rel"], ["absrel"]),
+             helper.make_node("Cast", ["absrel"], ["relf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "relf"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 32, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 32, 32])], [q, k])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    r = edgec.compile(m, None, target="rknn", verify=True)
+    assert r.report["verify"]["passed"] and [n.op_type for n in r.model.graph.node] == ["Add"]
+    assert "Abs" in [n.op_type for n in edgec.compile(m, None).model.graph.node]  # cpu: the default cap
