@@ -353,10 +353,15 @@ def validate_model(model: onnx.ModelProto, where: str = "model", *, owned: bool 
         raise UserError(f"{where}: not an ONNX model (no IR version, graph or opset import)")
     if not model.graph.output:
         raise UserError(f"{where}: the model's graph has no outputs")
-    domains = [o.domain if o.domain != "ai.onnx" else "" for o in model.opset_import]
-    dup = next((d for d in domains if domains.count(d) > 1), None)
+    versions: dict[str, set] = {}
+    for o in model.opset_import:
+        versions.setdefault(o.domain if o.domain != "ai.onnx" else "", set()).add(o.version)
+    dup = next((d for d, v in versions.items() if len(v) > 1), None)
     if dup is not None:
-        raise UserError(f"{where}: the opset of domain '{dup or 'ai.onnx'}' is declared more than once")
+        raise UserError(f"{where}: the opset of domain '{dup or 'ai.onnx'}' is declared more than once, with "
+                        f"different versions ({', '.join(map(str, sorted(versions[dup])))})")
+    # the same version twice (skl2onnx 1.20 writes it; onnx's checker and ONNX Runtime accept it): once, in a copy
+    repeated = len(model.opset_import) > len(versions)
     check_opset(model, where)
     for t in onnx.external_data_helper._get_all_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -365,10 +370,17 @@ def validate_model(model: onnx.ModelProto, where: str = "model", *, owned: bool 
     order = _check_graph(model.graph, where, outer=set())
     unnamed = any(not all(names) or len(set(names)) < len(names)
                   for names in ([n.name for n in g.node] for g in _all_graphs(model.graph)))
-    if (order is not None or unnamed) and not owned:  # the changes below go to a copy: the caller's model stays
+    if (order is not None or unnamed or repeated) and not owned:  # the changes below go to a copy: the caller's stays
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         model = copy
+    if repeated:
+        first = {}
+        for o in model.opset_import:
+            first.setdefault(o.domain if o.domain != "ai.onnx" else "", o)
+        kept = [onnx.helper.make_opsetid(o.domain, o.version) for o in first.values()]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
     if order is not None:  # acyclic but listed out of order: sort
         nodes = list(model.graph.node)
         del model.graph.node[:]

@@ -78,8 +78,8 @@ def random_inputs(model: onnx.ModelProto, *, seed: int = 0, batch: int = 1, fill
     total = 0
     for spec in specs:
         _feedable(spec)
-        shapes[spec.name] = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else fill)
-                             for i, d in enumerate(spec.shape)]
+        shapes[spec.name] = [d if isinstance(d, int) and d >= 0 else (batch if i == 0 else fill)
+                             for i, d in enumerate(spec.shape)]  # (a static 0 stays 0: ONNX Runtime runs it)
         total += int(np.prod(shapes[spec.name], dtype=np.float64)) * max(spec.dtype.itemsize, 1)
         if total > MAX_GENERATED_BYTES:
             raise UserError(f"input '{spec.name}' {shapes[spec.name]} would need {total / 2**30:.3g} GB of random "
@@ -202,7 +202,7 @@ def _static_batch(sess, feeds) -> int | None:
     for inp in sess.get_inputs():
         dim0 = inp.shape[0] if inp.shape else None
         data = feeds.get(inp.name)
-        if isinstance(dim0, int) and data is not None and data.ndim and len(data) != dim0:
+        if isinstance(dim0, int) and dim0 > 0 and data is not None and data.ndim and len(data) != dim0:
             if len(data) % dim0:
                 return None  # let ONNX Runtime report the mismatch
             chunk = dim0

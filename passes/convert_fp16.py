@@ -78,7 +78,7 @@ class ConvertFP16(Pass):
 
     def run(self, ir: IR, ctx: PassContext) -> PassResult:
         ir.infer_shapes()
-        result = PassResult(False)
+        result = PassResult(False, data=FP16Result())  # (nothing to convert: an int-only or float16 model)
         extra: set[str] = set()
         if self.check_with_ort:
             for _ in range(8):

@@ -42,6 +42,8 @@ class GemmToConv(Pass):
         b = ir.const_value(gemm.inputs[1])
         if b is None or b.ndim != 2 or gemm.attrs.get("transA", 0) or a.shape is None or len(a.shape) != 2:
             return False
+        if b.dtype not in (np.float32, np.float16):  # (ONNX Runtime has no float64 Conv: the model would not load)
+            return False
         n, k = a.shape
         if not isinstance(k, (int, np.integer)):
             return False

@@ -814,6 +814,73 @@ def test_generated_ids_stay_inside_the_tables_they_index():
     assert "symbolic" not in str(e.value)
 
 
+@pytest.mark.parametrize("op, opset, attrs", [("Resize", 10, {"mode": "linear"}),
+                                              ("Upsample", 9, {"mode": "linear"}),
+                                              ("Hardmax", 11, {"axis": 1})])
+def test_an_opset_upgrade_that_changes_outputs_is_not_kept(op, opset, attrs):
+    """onnx's version converter takes Resize-10 and Upsample-9 'linear' and Hardmax-11 to 17
+    with other outputs (by up to 1.6), and onnx's checker passes the result: a plain compile
+    wrote a model computing something else and exited 0. The upgrade is now checked in ONNX
+    Runtime and, where the outputs move, the original opset is kept with a note."""
+    from edgec import verify
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc")
+    node = helper.make_node(op, ["x", "sc"] if op != "Hardmax" else ["x"], ["y"], **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 6, 6])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, None)], [scales] if op != "Hardmax" else [])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    r = edgec.compile(m, None, verify=True)
+    assert r.report["verify"]["passed"] and r.model.opset_import[0].version == opset
+    assert any("kept" in n and "changed the outputs" in n for n in r.report["notes"]), r.report["notes"]
+    feeds = verify.random_inputs(m, seed=3)
+    np.testing.assert_array_equal(verify.run(r.model, feeds)["y"], verify.run(m, feeds)["y"])
+
+
+def test_a_float64_matmul_stays_a_matmul_for_rknn():
+    """gemm_to_conv turned a float64 MatMul into a float64 Conv, which ONNX Runtime has no
+    kernel for: -t rknn wrote a model it could not load."""
+    w = numpy_helper.from_array(np.ones((4, 3), np.float64), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", T.DOUBLE, [1, 4])],
+                          [helper.make_tensor_value_info("y", T.DOUBLE, [1, 3])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    r = edgec.compile(m, None, target="rknn", verify=True)
+    assert r.report["verify"]["passed"] and [n.op_type for n in r.model.graph.node] == ["MatMul"]
+
+
+def test_the_same_opset_declared_twice_is_read_once():
+    """skl2onnx 1.20 declares the default-domain opset twice with the same version; onnx's
+    checker and ONNX Runtime accept it, edgec refused it. It is read once now (in a copy: the
+    caller's model keeps both); two different versions are still refused."""
+    m = _plain_cnn_in(np.float32, T.FLOAT)
+    m.opset_import.append(helper.make_opsetid("", m.opset_import[0].version))
+    r = edgec.compile(m, None, verify=True)
+    assert r.report["verify"]["passed"] and len(m.opset_import) == 2
+    assert [o.domain for o in r.model.opset_import].count("") <= 1
+    m.opset_import[-1].version = m.opset_import[0].version - 1
+    with pytest.raises(UserError, match="declared more than once, with different versions"):
+        edgec.compile(m, None)
+
+
+def test_a_static_zero_dim_verifies():
+    """A static 0 dim became 1 in the generated inputs and then a modulo by zero: the original
+    model 'did not run', though ONNX Runtime runs it."""
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", T.FLOAT, [0, 4])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [0, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert edgec.compile(m, None, verify=True).report["verify"]["passed"]
+
+
+def test_fp16_with_nothing_to_convert_is_not_an_error():
+    """--quantize fp16 on a model with no float32 compute raised an AttributeError."""
+    g = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", T.INT64, [1, 4])],
+                          [helper.make_tensor_value_info("y", T.INT64, [1, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    r = edgec.compile(m, None, quantize="fp16")
+    assert r.report["quantization"]["nodes_fp16"] == 0
+
+
 def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
     """ONNX Runtime checks node names inside subgraphs as well: an If branch with two nodes named
     "dup" compiled to a model it could not load (session-28 review)."""
