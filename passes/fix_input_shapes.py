@@ -8,6 +8,8 @@ static dim the model already declares (a UserError otherwise).
 
 from __future__ import annotations
 
+import onnx
+
 from edgec.errors import UserError
 from edgec.ir import IR
 from edgec.pipeline import Pass, PassContext, PassResult, register
@@ -43,7 +45,23 @@ class FixInputShapes(Pass):
                 changed = True
         if changed:
             inputs = {id(t) for t in ir.inputs}
+            outputs = {id(t) for t in ir.outputs}
             for t in ir.graph.tensors().values():  # forget inferred shapes: they are re-derived
                 if id(t) not in inputs and not hasattr(t, "values"):
-                    t.shape = None
+                    # (a graph output keeps its rank: an op onnx cannot infer, ai.onnx.ml's or
+                    # com.microsoft's, leaves it there, and an output needs a shape field)
+                    t.shape = [None] * len(t.shape) if id(t) in outputs and t.shape is not None else None
+            self._check(ir)
         return PassResult(changed)
+
+    def _check(self, ir: IR) -> None:
+        """Shapes the model cannot take are the user's to fix: onnx's strict shape inference
+        names the op (a Flatten -> Gemm fixed at 128 features, given 12x12 pixels)."""
+        given = ", ".join(f"{n}={','.join(map(str, s))}" for n, s in self.shapes.items())
+        try:
+            onnx.shape_inference.infer_shapes(ir._skeleton(), check_type=False, strict_mode=True, data_prop=True)
+        except onnx.shape_inference.InferenceError as e:
+            why = " ".join(str(e).split())
+            raise UserError(f"--input-shape {given}: the model cannot take these shapes ({why[:300]})") from None
+        except Exception:  # (inference itself failing is not the user's shapes: the pipeline goes on)
+            pass

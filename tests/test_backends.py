@@ -453,3 +453,33 @@ def test_rknn_folds_a_constant_computation_larger_than_its_inputs():
     r = edgec.compile(m, None, target="rknn", verify=True)
     assert r.report["verify"]["passed"] and [n.op_type for n in r.model.graph.node] == ["Add"]
     assert "Abs" in [n.op_type for n in edgec.compile(m, None).model.graph.node]  # cpu: the default cap
+
+
+def test_input_shapes_the_model_cannot_take_are_a_user_error():
+    """Symbolic H/W before a Flatten -> Gemm fixed at 128 features: --input-shape 12x12 gave an
+    internal error (onnx's checker on the written model; on rknn, gemm_to_conv's reshape). onnx's
+    strict shape inference now names the op in one line; 8x8 compiles."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, "H", "W"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+                          [numpy_helper.from_array(np.ones((5, 128), np.float32), "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    for target in ("cpu", "rknn"):
+        with pytest.raises(UserError, match=r"--input-shape x=1,2,12,12: the model cannot take these shapes .*Gemm"):
+            edgec.compile(m, None, target=target, input_shapes={"x": [1, 2, 12, 12]})
+        assert edgec.compile(m, None, target=target, input_shapes={"x": [1, 2, 8, 8]}, verify=True).report["verify"]["passed"]
+
+
+def test_input_shapes_before_an_op_onnx_cannot_infer():
+    """An output computed by an op onnx's shape inference does not know (com.microsoft's, or
+    ai.onnx.ml's) lost its shape field when --input-shape forgot the inferred shapes: an
+    internal error from onnx's checker. The output keeps its rank now."""
+    g = helper.make_graph([helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    r = edgec.compile(m, None, input_shapes={"x": [1, 4]}, verify=True)
+    assert r.report["verify"]["passed"]
