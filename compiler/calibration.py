@@ -479,7 +479,7 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[di
     capture_at = frozenset(int(i) for i in capture_at)
     per_channel = {t: r for t, r in (per_channel or {}).items() if t in tensors and r >= 2}
     stats_model = with_statistics(model, tensors, raw=histograms, per_channel=per_channel)
-    graph_outputs = [o.name for o in model.graph.output]
+    graph_outputs = list(dict.fromkeys(o.name for o in model.graph.output))  # (a name listed twice: once)
     reduced = [f"{STAT}{k}.{t}" for t in tensors for k in ("min", "max", "n")] + [
         f"{STAT}{k}.{t}" for t in per_channel for k in ("cmin", "cmax")]
     base = list(dict.fromkeys(graph_outputs + reduced + (tensors if histograms else [])))

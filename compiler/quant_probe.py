@@ -46,7 +46,8 @@ def _has_bias(node: gs.Node) -> bool:
 
 
 def concat(parts: dict[str, list]) -> dict[str, np.ndarray]:
-    return {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}
+    """Each output's batches joined along the batch axis (a rank-0 output: one value per batch)."""
+    return {n: np.concatenate([np.atleast_1d(a) for a in v]) if v else np.zeros(0) for n, v in parts.items()}
 
 
 class ChannelMeans:
@@ -115,7 +116,7 @@ class Probe:
         self._axes_inits: list = []
         self.model = self._build(float_model)
         self.session = reference_session(self.model)
-        self.graph_outputs = [o.name for o in float_model.graph.output]
+        self.graph_outputs = list(dict.fromkeys(o.name for o in float_model.graph.output))
         self.runs = 0
 
     # ------------------------------------------------------------------ building

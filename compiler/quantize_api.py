@@ -359,7 +359,7 @@ class _Quantizer:
         # tensor -> the interval its readers tell apart: what calibration clamps to (computed once)
         self.bounds = saturation_bounds(float_model) if self.saturation else {}
         self.tensors = calibration_tensors(ir)
-        self.outputs = [o.name for o in float_model.graph.output]
+        self.outputs = list(dict.fromkeys(o.name for o in float_model.graph.output))  # (a name listed twice: once)
         self.error_set = calibdata.subset(self.calib, ERROR_SAMPLES)
         self.bias_set = calibdata.subset(self.calib, min(BIAS_SAMPLES, ERROR_SAMPLES))
         self.layers = {node_id(n): n for n in weighted_nodes(ir, table_for(scheme))

@@ -243,7 +243,7 @@ def capture(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[di
     """Run ``model`` (reference arithmetic) on each batch; ``on_batch`` sees the values of
     ``tensors`` and of the graph outputs, batch by batch (constant memory)."""
     sess = reference_session(augment(model, tensors))
-    names = [o.name for o in sess.get_outputs()]
+    names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
     for _, values in run_batches(sess, names, batches):
         on_batch(values)
 
@@ -252,17 +252,17 @@ def run_outputs(model: onnx.ModelProto, batches: Iterable[dict], *, host: bool =
     """Every graph output over all ``batches``, concatenated (for small evaluation sets)."""
     if host:  # this host's kernels, as deployed: one run at a time, every core on it
         sess = host_session(model)
-        names = [o.name for o in sess.get_outputs()]
+        names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
         runs = ((b, dict(zip(names, sess.run(names, b)))) for b in batches)
     else:
         sess = reference_session(model)
-        names = [o.name for o in sess.get_outputs()]
+        names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
         runs = run_batches(sess, names, batches)
     parts: dict[str, list] = {n: [] for n in names}
     for _, values in runs:
         for n in names:
             parts[n].append(np.asarray(values[n]))
-    return {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}
+    return {n: np.concatenate([np.atleast_1d(a) for a in v]) if v else np.zeros(0) for n, v in parts.items()}
 
 
 # ---------------------------------------------------------------------- error metrics

@@ -188,13 +188,13 @@ def run(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray], *, host: b
     ``host=True``). When the model's batch dim is a fixed size smaller than the data's
     (``--input-shape`` batch 1, say), the data runs in chunks of that size."""
     sess = runtime.host_session(model) if host else runtime.reference_session(model, threads=0)  # one run: every core
-    names = [o.name for o in sess.get_outputs()]
+    names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
     chunk = _static_batch(sess, feeds)
     if chunk is None:
         return dict(zip(names, sess.run(names, feeds)))
     n = len(next(iter(feeds.values())))
     parts = [sess.run(names, {k: v[i:i + chunk] for k, v in feeds.items()}) for i in range(0, n, chunk)]
-    return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(names)}
+    return {name: np.concatenate([np.atleast_1d(p[j]) for p in parts]) for j, name in enumerate(names)}
 
 
 def _static_batch(sess, feeds) -> int | None:
@@ -228,14 +228,14 @@ def float_floor(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray],
     ``atol``. Empty when the optimised session cannot run (nothing is widened then)."""
     try:
         sess = runtime.session(model, optimize="basic")
-        names = [o.name for o in sess.get_outputs()]
+        names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
         chunk = _static_batch(sess, feeds)
         if chunk is None:
             got = dict(zip(names, sess.run(names, feeds)))
         else:
             n = len(next(iter(feeds.values())))
             parts = [sess.run(names, {k: v[i:i + chunk] for k, v in feeds.items()}) for i in range(0, n, chunk)]
-            got = {nm: np.concatenate([p[j] for p in parts]) for j, nm in enumerate(names)}
+            got = {nm: np.concatenate([np.atleast_1d(p[j]) for p in parts]) for j, nm in enumerate(names)}
     except Exception:
         return {}
     out = {}
@@ -317,7 +317,7 @@ def latency_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, runs: in
     """Median ONNX Runtime latency on this host's kernels (all graph optimisations on, as
     deployed here), milliseconds."""
     sess = runtime.host_session(model)
-    names = [o.name for o in sess.get_outputs()]
+    names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
     for _ in range(warmup):
         sess.run(names, feeds)
     times = []

@@ -881,6 +881,27 @@ def test_fp16_with_nothing_to_convert_is_not_an_error():
     assert r.report["quantization"]["nodes_fp16"] == 0
 
 
+@pytest.mark.parametrize("kind", ["listed twice", "rank 0"])
+def test_int8_with_an_output_listed_twice_or_of_rank_0(kind):
+    """Valid outputs the int8 measurements could not take: a tensor listed twice as a graph
+    output (its batches were gathered twice: a broadcast error) and a rank-0 output (numpy
+    cannot concatenate 0-d arrays). Both compile now, verified on the calibration inputs."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32), "W")
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])]
+    outs = [helper.make_tensor_value_info("y", T.FLOAT, [1, 8, 8, 8])]
+    if kind == "listed twice":
+        outs = outs * 2
+    else:
+        nodes.append(helper.make_node("ReduceMean", ["y"], ["s"], keepdims=0))
+        outs.append(helper.make_tensor_value_info("s", T.FLOAT, []))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])], outs, [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    calib = {"x": rng.normal(0, 1, (16, 4, 8, 8)).astype(np.float32)}
+    r = edgec.compile(m, None, quantize="int8", calib=calib, verify=True)
+    assert r.report["verify"]["passed"] and len(r.model.graph.output) == len(outs)
+
+
 def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
     """ONNX Runtime checks node names inside subgraphs as well: an If branch with two nodes named
     "dup" compiled to a model it could not load (session-28 review)."""
