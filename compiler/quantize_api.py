@@ -186,6 +186,11 @@ def quantize_for_target(ir: IR, target, options: QuantOptions, calib, *, max_err
                     strict=options.strict, rounding=options.rounding, sixteen_bit=options.sixteen_bit, log=log)
 
 
+PRE_QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearConcat",
+                 "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearLeakyRelu", "QLinearSoftmax"}
+
+
 def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8", scheme: QuantScheme | None = None,
              method: str | dict = "auto", percentile: float = 99.99, activations: str | None = None,
              weights: str | None = None, weight_type: str | None = None, keep_float: Iterable[str] = (),
@@ -220,11 +225,18 @@ def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8",
                  if v is not None}
     scheme = replace(scheme, **overrides)
     method = calib_mod.parse_method(method) if isinstance(method, str) else method
+    # an already-quantized input (ONNX Runtime's QDQ or QOperator output): its quantized ops are
+    # kept as they are, and the report must not read as if edgec had quantized them
+    already = sorted({n.op for n in ir.nodes if n.op in PRE_QUANTIZED})
     report = _Quantizer(ir, calib, scheme, mode=mode, method=method, percentile=percentile,
                         keep_float=tuple(keep_float or ()), max_error=max_error, max_bytes=max_bytes,
                         bias_correction=bias_correction, equalize=equalize, rounding=rounding, progress=progress,
                         strict=strict, sixteen_bit=sixteen_bit, saturation=saturation, log=log).run()
     report["seconds"] = round(time.perf_counter() - t0, 3)
+    if already:
+        report.setdefault("notes", []).insert(0, (
+            f"the input model is already quantized ({', '.join(already)}): those ops were kept as they are, not "
+            f"re-quantized; the error above is only what edgec's own quantization added"))
     return report
 
 

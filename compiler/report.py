@@ -76,6 +76,9 @@ def compile_text(r: dict) -> str:
                      + (f" {q['weight_type']}" if q.get("weight_type") else "")
                      + ")" + (f": calibration-set error rel L2 {err['rel_l2']:.4g}, SQNR {err.get('sqnr_db')} dB"
                               if err.get("rel_l2") is not None else ""))
+        for n in q.get("notes") or []:
+            if n.startswith("the input model is already quantized"):
+                lines.append(f"    note: {n}")
         sim = q.get("simulator_check")
         if sim:
             scores = ", ".join(f"{k} {v:.5f}" if v is not None else f"{k} failed" for k, v in sim["cosine"].items())

@@ -902,6 +902,26 @@ def test_int8_with_an_output_listed_twice_or_of_rank_0(kind):
     assert r.report["verify"]["passed"] and len(r.model.graph.output) == len(outs)
 
 
+def test_int8_of_an_already_quantized_model_says_so():
+    """An ONNX Runtime QDQ model given to --quantize int8: its Q/DQ ops are kept, and the report
+    read 'int8 ... error 0, SQNR inf' as if edgec had quantized it. It now says the input was
+    already quantized and that those ops were kept."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int16), "z"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32), "W")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("Conv", ["xd", "W"], ["y"], pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 8, 8, 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    r = edgec.compile(m, None, quantize="int8", calib={"x": rng.normal(0, 1, (8, 4, 8, 8)).astype(np.float32)})
+    notes = r.report["quantization"]["notes"]
+    assert notes and notes[0].startswith("the input model is already quantized (DequantizeLinear, QuantizeLinear)")
+    from edgec.report import compile_text
+    assert "already quantized" in compile_text(r.report)
+
+
 def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
     """ONNX Runtime checks node names inside subgraphs as well: an If branch with two nodes named
     "dup" compiled to a model it could not load (session-28 review)."""
