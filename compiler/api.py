@@ -336,6 +336,17 @@ def _run_pipeline(run: _Run) -> None:
     run.records = PassManager(run.pipeline).run(run.ir, ctx)
 
 
+def _wide_qdq_types(model: onnx.ModelProto) -> str | None:
+    """The zero-point types of Q/DQ nodes that opsets below 21 do not have (16-bit, 4-bit), named."""
+    consts = {t.name: t.data_type for t in model.graph.initializer}
+    names = {onnx.TensorProto.INT16: "int16", onnx.TensorProto.UINT16: "uint16", onnx.TensorProto.INT4: "int4",
+             onnx.TensorProto.UINT4: "uint4"}
+    found = sorted({names[consts[n.input[2]]] for n in model.graph.node
+                    if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2
+                    and consts.get(n.input[2]) in names})
+    return " and ".join(found) + " zero points" if found else None
+
+
 def _prove_upgrade(original: onnx.ModelProto, converted: onnx.ModelProto,
                    notes: list[str]) -> tuple[onnx.ModelProto, list[str]]:
     """An old model converted up by onnx's version converter, kept only if ONNX Runtime gives the
@@ -369,8 +380,11 @@ def _lower_opset(model: onnx.ModelProto, tgt) -> tuple[onnx.ModelProto, list[str
     try:
         converted = loader.lower_opset(model, goal)
     except Exception as e:
+        wide = _wide_qdq_types(model)  # (the converter's own words: an assertion in its C++ source)
+        why = (f"its QuantizeLinear/DequantizeLinear use {wide}, which need opset 21" if wide and goal < 21
+               else loader.one_line(e)[:160])
         return model, [loader.OpsetKept(f"opset {opset} kept: onnx's version converter cannot take this model down "
-                                        f"to {goal} ({loader.one_line(e)[:160]})")]
+                                        f"to {goal} ({why})")]
     try:
         feeds = verify_mod.random_inputs(model)
         same = verify_mod.compare(verify_mod.run(model, feeds), verify_mod.run(converted, feeds)).allclose

@@ -922,6 +922,19 @@ def test_int8_of_an_already_quantized_model_says_so():
     assert "already quantized" in compile_text(r.report)
 
 
+def test_a_16bit_qdq_model_refused_by_a_target_says_why():
+    """A 16-bit QDQ model (opset 21) for rknn, which reads up to 19: the refusal quoted the
+    converter's C++ assertion (type_restriction.h: isUnallowed ...). It names the types now."""
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint16), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    with pytest.raises(UserError, match="QuantizeLinear/DequantizeLinear use uint16 zero points, which need opset 21"):
+        edgec.compile(m, None, target="rknn")
+
+
 def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
     """ONNX Runtime checks node names inside subgraphs as well: an If branch with two nodes named
     "dup" compiled to a model it could not load (session-28 review)."""
