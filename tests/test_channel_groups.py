@@ -180,6 +180,20 @@ def test_light_models_analyse(path):
         assert sum(g.prunable for g in groups) >= len(groups) - 1
 
 
+def _prunes_dead_half(m, channels: int, x: dict, out: str, atol: float = 1e-5) -> None:
+    """``m`` has one prunable group of ``channels`` whose second half is dead: L1 uniform pruning
+    at 50% removes exactly that half, and the outputs stay the same in ONNX Runtime."""
+    import numpy as np
+
+    groups = find_groups(edgec.from_model(m))
+    found = [gr for gr in groups if gr.channels == channels]
+    assert len(found) == 1 and found[0].prunable, format_groups(groups)
+    res = edgec.compile(m, None, prune=0.5, importance="l1", prune_mode="uniform", round_to=1)
+    after = [gr["channels_after"] for gr in res.report["pruning"]["groups"] if gr["channels_before"] == channels]
+    assert after == [channels // 2], after
+    np.testing.assert_allclose(edgec.verify.run(res.model, x)[out], edgec.verify.run(m, x)[out], rtol=1e-5, atol=atol)
+
+
 def test_squeeze_with_known_axes_and_a_symbolic_batch():
     """tf2onnx's classifier head with a dynamic batch: GlobalAveragePool -> Squeeze(axes 2, 3)
     -> MatMul. The squeezed axes are known, so the rank is enough; the rule asked for the whole
@@ -202,13 +216,7 @@ def test_squeeze_with_known_axes_and_a_symbolic_batch():
                           [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc"),
                            numpy_helper.from_array(np.array([2, 3], np.int64), "axes")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    groups = find_groups(edgec.from_model(m))
-    conv = [gr for gr in groups if gr.channels == 8]
-    assert len(conv) == 1 and conv[0].prunable, format_groups(groups)
-    res = edgec.compile(m, None, prune=0.5, importance="l1", prune_mode="uniform", round_to=1)
-    assert [gr["channels_after"] for gr in res.report["pruning"]["groups"] if gr["channels_before"] == 8] == [4]
-    x = {"x": rng.standard_normal((3, 3, 8, 8)).astype(np.float32)}
-    np.testing.assert_allclose(edgec.verify.run(res.model, x)["y"], edgec.verify.run(m, x)["y"], rtol=1e-5, atol=1e-6)
+    _prunes_dead_half(m, 8, {"x": rng.standard_normal((3, 3, 8, 8)).astype(np.float32)}, "y", atol=1e-6)
 
 
 @pytest.mark.parametrize("along", ["tokens", "channels"])
@@ -240,13 +248,7 @@ def test_concat_with_a_constant(along):
                           [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
                            numpy_helper.from_array(const, "cls")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    groups = find_groups(edgec.from_model(m))
-    hidden = [gr for gr in groups if gr.channels == 16]
-    assert len(hidden) == 1 and hidden[0].prunable, format_groups(groups)
-    res = edgec.compile(m, None, prune=0.5, importance="l1", prune_mode="uniform", round_to=1)
-    assert [gr["channels_after"] for gr in res.report["pruning"]["groups"] if gr["channels_before"] == 16] == [8]
-    x = {"x": rng.standard_normal((1, 4, 8)).astype(np.float32)}
-    np.testing.assert_allclose(edgec.verify.run(res.model, x)["y"], edgec.verify.run(m, x)["y"], rtol=1e-5, atol=1e-5)
+    _prunes_dead_half(m, 16, {"x": rng.standard_normal((1, 4, 8)).astype(np.float32)}, "y")
 
 
 def test_heads_pass_through_where_isnan_after_the_softmax():
