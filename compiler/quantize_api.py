@@ -240,11 +240,17 @@ def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8",
     return report
 
 
+# ops whose outputs are sequences or optionals, not tensors: no range to calibrate (ONNX Runtime
+# refuses the statistics ops on them)
+NOT_TENSORS = {"SequenceConstruct", "SequenceInsert", "SequenceErase", "SequenceEmpty", "SplitToSequence",
+               "SequenceMap", "Optional"}
+
+
 def calibration_tensors(ir: IR) -> list[str]:
     """Every float activation a plan may need a range for (graph inputs + node outputs)."""
     names = [t.name for t in ir.inputs]
     for n in ir.nodes:
-        if n.op in ("QuantizeLinear", "DequantizeLinear", "Shape", "Constant"):
+        if n.op in ("QuantizeLinear", "DequantizeLinear", "Shape", "Constant") or n.op in NOT_TENSORS:
             continue
         names.extend(o.name for o in n.outputs if o.name)
     tensors = ir.tensors()

@@ -935,6 +935,28 @@ def test_a_16bit_qdq_model_refused_by_a_target_says_why():
         edgec.compile(m, None, target="rknn")
 
 
+@pytest.mark.parametrize("kind", ["sequence", "optional"])
+def test_int8_with_a_sequence_or_optional_inside(kind):
+    """Calibration added min/max/Size statistics to every value, a sequence (SequenceConstruct)
+    or an optional (Optional) too, and ONNX Runtime refused the statistics model: an internal
+    error. Those values have no range to calibrate and are left out."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32), "W")
+    conv = helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1])
+    if kind == "sequence":
+        nodes = [conv, helper.make_node("Relu", ["c"], ["r"]), helper.make_node("SequenceConstruct", ["c", "r"], ["sq"]),
+                 helper.make_node("ConcatFromSequence", ["sq"], ["y"], axis=1)]
+        out, opset = [1, 16, 8, 8], 17
+    else:
+        nodes = [conv, helper.make_node("Optional", ["c"], ["opt"]), helper.make_node("OptionalGetElement", ["opt"], ["y"])]
+        out, opset = [1, 8, 8, 8], 18
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, out)], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    calib = {"x": rng.normal(0, 1, (16, 4, 8, 8)).astype(np.float32)}
+    assert edgec.compile(m, None, quantize="int8", calib=calib, verify=True).report["verify"]["passed"]
+
+
 def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
     """ONNX Runtime checks node names inside subgraphs as well: an If branch with two nodes named
     "dup" compiled to a model it could not load (session-28 review)."""
