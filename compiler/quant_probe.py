@@ -33,6 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
+from . import runtime
 from .ir import IR, is_empty, onnx_elem_type
 from .quant_plan import QRANGE, WIDE, QuantPlan, qdq_domain, bias_form, fake_quantized_weight, node_id, out_channels, weight_arrays, weighted_nodes
 from .quant_rules import table_for
@@ -47,7 +48,13 @@ def _has_bias(node: gs.Node) -> bool:
 
 def concat(parts: dict[str, list]) -> dict[str, np.ndarray]:
     """Each output's batches joined along the batch axis (a rank-0 output: one value per batch)."""
-    return {n: np.concatenate([np.atleast_1d(a) for a in v]) if v else np.zeros(0) for n, v in parts.items()}
+    out = {}
+    for n, v in parts.items():
+        arrays = [np.atleast_1d(a) for a in v]
+        if len({a.shape[1:] for a in arrays}) > 1:  # (NonZero: its count changes from batch to batch)
+            raise runtime.DataDependentOutput(n, arrays[0].shape, next(a.shape for a in arrays if a.shape[1:] != arrays[0].shape[1:]))
+        out[n] = np.concatenate(arrays) if arrays else np.zeros(0)
+    return out
 
 
 class ChannelMeans:

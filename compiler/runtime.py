@@ -60,6 +60,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from .errors import UserError
+
 HOST_KERNELS_ENV = "EDGEC_HOST_KERNELS"  # "off": host sessions run unoptimised too (tests, debugging)
 
 
@@ -266,6 +268,16 @@ def run_outputs(model: onnx.ModelProto, batches: Iterable[dict], *, host: bool =
 
 
 # ---------------------------------------------------------------------- error metrics
+class DataDependentOutput(UserError):
+    """An output whose shape depends on the values (NonZero, a threshold's survivors): the
+    reference and the rewritten model give different shapes, so no error can be measured on it."""
+
+    def __init__(self, name: str, a, b):
+        super().__init__(f"output '{name}' has a shape that depends on the data (here {tuple(a)} against "
+                         f"{tuple(b)}): edgec cannot measure a lossy compile's error on it; compile a model that ends "
+                         f"before the data-dependent op (NonZero, NonMaxSuppression, ...)")
+
+
 MAX_CHANNELS = 4096  # slices per axis the per-channel error looks at (axes longer than this are not channels)
 POSITIONS_RATIO = 8  # [batch, N, C]: N >= 8 C is anchors or tokens, not channels (channel_axes)
 QUIET_CHANNEL = 1e-8  # a channel below this share of the mean channel energy (1e-4 of its RMS) is not judged
@@ -304,6 +316,8 @@ class ErrorAccumulator:
         for name, r in ref.items():
             r = np.asarray(r, dtype=np.float64)
             g = np.asarray(got[name], dtype=np.float64)
+            if r.shape != g.shape:
+                raise DataDependentOutput(name, r.shape, g.shape)
             r64, g64 = r.ravel(), g.ravel()
             d = g64 - r64
             v = np.array([np.sum(r64 * r64), np.sum(g64 * g64), np.sum(d * d), np.sum(r64 * g64)])

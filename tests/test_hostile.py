@@ -957,6 +957,24 @@ def test_int8_with_a_sequence_or_optional_inside(kind):
     assert edgec.compile(m, None, quantize="int8", calib=calib, verify=True).report["verify"]["passed"]
 
 
+def test_int8_with_a_data_dependent_output_is_a_user_error():
+    """An output whose shape depends on the values (NonZero's count changes from batch to
+    batch, and between the float and the int8 model): numpy's concatenation or broadcasting
+    failed inside the error measurement, an internal error. It is now a one-line user error
+    naming the output."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32), "W")
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("NonZero", ["c"], ["nz"]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 8, 8, 8]),
+                           helper.make_tensor_value_info("nz", T.INT64, [4, None])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    calib = {"x": rng.normal(0, 1, (16, 4, 8, 8)).astype(np.float32)}
+    with pytest.raises(UserError, match="output 'nz' has a shape that depends on the data"):
+        edgec.compile(m, None, quantize="int8", calib=calib)
+
+
 def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
     """ONNX Runtime checks node names inside subgraphs as well: an If branch with two nodes named
     "dup" compiled to a model it could not load (session-28 review)."""
