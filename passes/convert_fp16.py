@@ -101,6 +101,10 @@ class ConvertFP16(Pass):
             return False
         if self.keep_float and (n.name in self.keep_float or any(o.name in self.keep_float for o in n.outputs)):
             return False
+        # an input of unknown type (a custom-domain op's output, ONNX Runtime's FusedMatMul, say) would get no
+        # Cast, and a float32 value would meet float16 ones: such a node stays float32
+        if any(isinstance(t, gs.Variable) and not t.is_empty() and t.dtype is None for t in n.inputs):
+            return False
         return any(_is_f32(t) for t in list(n.inputs) + list(n.outputs))
 
     def _convert(self, ir: IR, extra: set[str], result: PassResult | None) -> bool:

@@ -975,6 +975,25 @@ def test_int8_with_a_data_dependent_output_is_a_user_error():
         edgec.compile(m, None, quantize="int8", calib=calib)
 
 
+def test_fp16_leaves_a_node_reading_a_custom_ops_output_in_float32():
+    """ONNX Runtime's FusedMatMul (com.microsoft) feeding an Add with a float input: the Add
+    went to float16, the custom op's output (of a type onnx cannot infer) got no Cast, and the
+    written model mixed float and float16: ONNX Runtime refused it, after an exit 0. A node
+    reading a value of unknown type now stays float32."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (8, 8)).astype(np.float32), "W")
+    nodes = [helper.make_node("FusedMatMul", ["x", "W"], ["m"], domain="com.microsoft"),
+             helper.make_node("Add", ["m", "mask"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [2, 8]),
+                                       helper.make_tensor_value_info("mask", T.FLOAT, [2, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [2, 8])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    r = edgec.compile(m, None, quantize="fp16", verify=True)
+    assert r.report["verify"]["passed"]
+    import onnxruntime as ort
+    ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
 def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
     """ONNX Runtime checks node names inside subgraphs as well: an If branch with two nodes named
     "dup" compiled to a model it could not load (session-28 review)."""
