@@ -63,6 +63,27 @@ class FP16Result:
         return asdict(self)
 
 
+def _captured(ir: IR) -> set[str]:
+    """Names If/Loop/Scan bodies read from the graph around them (cached per graph state)."""
+    key = ("fp16_captured", ir.version)
+    got = ir.analysis_cache.get(key)
+    if got is None:
+        got = set()
+
+        def walk(graph) -> None:
+            for node in graph.nodes:
+                for v in node.attrs.values():
+                    for sub in (v if isinstance(v, list) else [v]):
+                        if isinstance(sub, gs.Graph):
+                            made = {t.name for b in sub.nodes for t in b.outputs} | {t.name for t in sub.inputs}
+                            got.update(t.name for b in sub.nodes for t in b.inputs
+                                       if t.name not in made and not isinstance(t, gs.Constant))
+                            walk(sub)
+        walk(ir.graph)
+        ir.analysis_cache[key] = got
+    return got
+
+
 @register
 class ConvertFP16(Pass):
     name = "convert_fp16"
@@ -98,6 +119,8 @@ class ConvertFP16(Pass):
     # ------------------------------------------------------------------
     def _fp16_node(self, ir: IR, n: gs.Node, extra: set[str]) -> bool:
         if not is_default_domain(n) or has_subgraph(n) or n.op in self.block or n.op in extra:
+            return False
+        if any(o.name in _captured(ir) for o in n.outputs):  # an If/Loop body reads it as float32
             return False
         if self.keep_float and (n.name in self.keep_float or any(o.name in self.keep_float for o in n.outputs)):
             return False

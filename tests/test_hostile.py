@@ -994,6 +994,26 @@ def test_fp16_leaves_a_node_reading_a_custom_ops_output_in_float32():
     ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+def test_fp16_keeps_a_value_an_if_body_reads_in_float32():
+    """An If whose branches read a conv's output from the main graph: fp16 made that output
+    float16 and left the branches adding it to a float32 constant (an internal error from
+    shape inference). Values a subgraph reads stay float32."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.ones((1, 4, 1, 1), np.float32), "B4")]
+
+    def branch(name, op):
+        return helper.make_graph([helper.make_node(op, ["c", "B4"], [f"{name}_y"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", T.FLOAT, [1, 4, 8, 8])])
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=branch("t", "Add"), else_branch=branch("e", "Sub"))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8]),
+                                       helper.make_tensor_value_info("cond", T.BOOL, [])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 8, 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert edgec.compile(m, None, quantize="fp16", verify=True).report["verify"]["passed"]
+
+
 def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
     """ONNX Runtime checks node names inside subgraphs as well: an If branch with two nodes named
     "dup" compiled to a model it could not load (session-28 review)."""
