@@ -45,7 +45,9 @@ OVERFLOW_PRONE = {"Exp", "Pow", "Log", "Softmax", "LogSoftmax", "ReduceSum", "Re
                   "LayerNormalization", "InstanceNormalization", "GroupNormalization", "LpNormalization"}
 TYPED = {"Cast", "CastLike", "ConstantOfShape", "EyeLike", "RandomNormal", "RandomNormalLike", "RandomUniform",
          "RandomUniformLike", "Multinomial", "Bernoulli", "Resize", "Upsample", "Range", "TopK",
-         "NonMaxSuppression", "RoiAlign", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+         "NonMaxSuppression", "RoiAlign", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+         # QOperator ops: their float scales are float32 by definition (a float16 one is an invalid model)
+         "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
 FP16_MAX = 65504.0
 
 

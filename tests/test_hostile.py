@@ -1014,6 +1014,24 @@ def test_fp16_keeps_a_value_an_if_body_reads_in_float32():
     assert edgec.compile(m, None, quantize="fp16", verify=True).report["verify"]["passed"]
 
 
+def test_fp16_leaves_qoperator_ops_alone():
+    """ONNX Runtime's QOperator output (QLinearConv) given to --quantize fp16: its float scales
+    became float16, an invalid model (an internal error from shape inference)."""
+    rng = np.random.default_rng(0)
+    c = lambda v, n: numpy_helper.from_array(v, n)  # noqa: E731
+    inits = [c(np.array(0.05, np.float32), "xs"), c(np.array(128, np.uint8), "xz"),
+             c(rng.integers(-20, 20, (4, 3, 3, 3)).astype(np.int8), "w"), c(np.array(0.01, np.float32), "ws"),
+             c(np.array(0, np.int8), "wz"), c(np.array(0.1, np.float32), "ys"), c(np.array(128, np.uint8), "yz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("QLinearConv", ["xq", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["yq"], pads=[1, 1, 1, 1]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["d"]), helper.make_node("Relu", ["d"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 8, 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    r = edgec.compile(m, None, quantize="fp16", verify=True)
+    assert r.report["verify"]["passed"]
+
+
 def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
     """ONNX Runtime checks node names inside subgraphs as well: an If branch with two nodes named
     "dup" compiled to a model it could not load (session-28 review)."""
