@@ -188,6 +188,11 @@ def run(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray], *, host: b
     ``host=True``). When the model's batch dim is a fixed size smaller than the data's
     (``--input-shape`` batch 1, say), the data runs in chunks of that size."""
     sess = runtime.host_session(model) if host else runtime.reference_session(model, threads=0)  # one run: every core
+    return _run_session(sess, feeds)
+
+
+def _run_session(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of ``sess`` on ``feeds``, in chunks of a fixed batch smaller than the data's."""
     names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
     chunk = _static_batch(sess, feeds)
     if chunk is None:
@@ -227,15 +232,7 @@ def float_floor(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray],
     near zero beside outputs in the hundreds), those exact rewrites move it by more than a fixed
     ``atol``. Empty when the optimised session cannot run (nothing is widened then)."""
     try:
-        sess = runtime.session(model, optimize="basic")
-        names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
-        chunk = _static_batch(sess, feeds)
-        if chunk is None:
-            got = dict(zip(names, sess.run(names, feeds)))
-        else:
-            n = len(next(iter(feeds.values())))
-            parts = [sess.run(names, {k: v[i:i + chunk] for k, v in feeds.items()}) for i in range(0, n, chunk)]
-            got = {nm: np.concatenate([np.atleast_1d(p[j]) for p in parts]) for j, nm in enumerate(names)}
+        got = _run_session(runtime.session(model, optimize="basic"), feeds)
     except Exception:
         return {}
     out = {}
