@@ -30,8 +30,8 @@ Rules
 - Constraints: every group keeps a multiple of ``round_to`` channels per layer (in units: an
   attention head of dh channels is one unit, so any head count keeps a multiple of 8 channels
   when dh is a multiple of 8; groups with no more than that many units are not pruned), at
-  least ``ceil(n * (1 - max_layer_ratio))`` of the channels of each layer feeding it, and at least one unit of every tensor slice (a Split
-  output or Concat input is never emptied).
+  least ``ceil(n * (1 - max_layer_ratio))`` of the channels of each layer feeding it, and at
+  least one unit of every tensor slice (a Split output or Concat input is never emptied).
 - ``steps > 1`` prunes progressively: each step removes ``1 - (1 - ratio) ** (1 / steps)`` of the
   remaining units, then re-analyses and re-scores (and reconstructs, when enabled). With a MACs
   goal (``macs_target``, or the sensitivity modes' uniform-equivalent one) and an allocation that
