@@ -366,6 +366,10 @@ def load_calibration(source, model: onnx.ModelProto, *, max_samples: int | None 
     specs = input_specs(model)
     if not specs:
         raise UserError("the model has no inputs to calibrate with")
+    scalars = [s.name for s in specs if len(s.shape) == 0]
+    if scalars:  # (calibration batches samples along a leading axis, which a rank-0 input has none of)
+        raise UserError(f"input '{scalars[0]}' is a scalar (rank 0): edgec calibrates only inputs with a batch axis; "
+                        f"give the model that input as a 1-D tensor, or compile it without calibration data")
     if max_samples is not None and max_samples <= 0:
         raise UserError(f"the number of calibration samples must be positive, got {max_samples}")
     if isinstance(source, dict):

@@ -1032,6 +1032,19 @@ def test_fp16_leaves_qoperator_ops_alone():
     assert r.report["verify"]["passed"]
 
 
+def test_calibrating_a_scalar_input_says_what_is_unsupported():
+    """A rank-0 input with calibration data: every form of the data was refused with 'has shape
+    [1], the model expects []', a message no data could satisfy. It now says that scalar inputs
+    cannot be calibrated."""
+    g = helper.make_graph([helper.make_node("Mul", ["x", "s"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", T.FLOAT, [1, 4]), helper.make_tensor_value_info("s", T.FLOAT, [])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    data = {"x": np.ones((4, 4), np.float32), "s": np.ones(4, np.float32)}
+    with pytest.raises(UserError, match="input 's' is a scalar \\(rank 0\\): edgec calibrates only inputs with a batch axis"):
+        edgec.compile(m, None, quantize="int8", calib=data)
+
+
 def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
     """ONNX Runtime checks node names inside subgraphs as well: an If branch with two nodes named
     "dup" compiled to a model it could not load (session-28 review)."""
