@@ -361,7 +361,11 @@ def _prove_upgrade(original: onnx.ModelProto, converted: onnx.ModelProto,
     except Exception:
         return converted, notes
     try:
-        same = verify_mod.compare(ref, verify_mod.run(converted, feeds)).allclose
+        got = verify_mod.run(converted, feeds)
+        same = set(got) == set(ref) and all(  # (NaN where the original has NaN too: random inputs to a Log)
+            got[k].shape == ref[k].shape and (ref[k].dtype.kind not in "fc" or np.allclose(
+                got[k], ref[k], rtol=1e-4, atol=1e-5, equal_nan=True)) and (ref[k].dtype.kind in "fc" or np.array_equal(
+                got[k], ref[k])) for k in ref)
     except Exception:
         same = False
     if same:
