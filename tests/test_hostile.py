@@ -1056,6 +1056,25 @@ def test_calibrating_a_scalar_input_says_what_is_unsupported():
         edgec.compile(m, None, quantize="int8", calib=data)
 
 
+def test_a_lossless_compile_the_host_cannot_run_is_not_written(tmp_path, monkeypatch):
+    """onnx's affine_grid node tests compiled to models that ONNX Runtime loads with its
+    optimisations off but not at its defaults (a folded If condition exposes a rank-1 value
+    where Range needs a scalar): --verify's host line reported it and the model was written
+    with exit 0. A lossless compile that the host cannot run where it runs the original now
+    fails and writes nothing; when the host cannot run the original either, it is only
+    reported, as before. (Simulated here: which graphs ONNX Runtime refuses is its own.)"""
+    from edgec import api
+    from edgec.errors import VerificationError
+    m = _plain_cnn_in(np.float32, T.FLOAT)
+    monkeypatch.setattr(api, "_host_check", lambda *a, **k: {"error": "Range wants scalars"})
+    out = tmp_path / "o.onnx"
+    with pytest.raises(VerificationError, match="runs the original model at its default settings but not the compiled"):
+        edgec.compile(m, out, verify=True)
+    assert not out.exists()
+    monkeypatch.setattr(api, "_host_runs", lambda *a, **k: False)
+    assert edgec.compile(m, out, verify=True).report["verify"]["passed"] and out.exists()
+
+
 def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
     """ONNX Runtime checks node names inside subgraphs as well: an If branch with two nodes named
     "dup" compiled to a model it could not load (session-28 review)."""
