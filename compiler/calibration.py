@@ -50,7 +50,7 @@ from onnx import helper
 from . import executor
 from .analysis.saturation import saturation_bounds
 from .errors import UserError
-from .runtime import augment, map_batches, reference_session
+from .runtime import augment, map_batches, output_names, reference_session
 
 DEFAULT_BINS = 4096  # must be a multiple of 4 (exact pair merging keeps 0 on a bin edge)
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -479,7 +479,7 @@ def collect(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[di
     capture_at = frozenset(int(i) for i in capture_at)
     per_channel = {t: r for t, r in (per_channel or {}).items() if t in tensors and r >= 2}
     stats_model = with_statistics(model, tensors, raw=histograms, per_channel=per_channel)
-    graph_outputs = list(dict.fromkeys(o.name for o in model.graph.output))  # (a name listed twice: once)
+    graph_outputs = output_names(model)
     reduced = [f"{STAT}{k}.{t}" for t in tensors for k in ("min", "max", "n")] + [
         f"{STAT}{k}.{t}" for t in per_channel for k in ("cmin", "cmax")]
     base = list(dict.fromkeys(graph_outputs + reduced + (tensors if histograms else [])))

@@ -31,9 +31,9 @@ from . import executor
 from .errors import UserError
 from .ir import IR
 from .quant_plan import build_plan, kept_float, node_key, weighted_nodes
-from .quant_probe import Probe, concat
+from .quant_probe import Probe
 from .quant_rules import table_for
-from .runtime import error_metrics, reference_session
+from .runtime import error_metrics, join_batches, reference_session
 
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 DEFAULT_MAX_ERROR = 0.02
@@ -96,7 +96,7 @@ def plan_error(delta: dict, shared) -> float:
     for b in spec["batches"]:
         for n, v in zip(names, sess.run(names, {**b, **fixed})):
             parts[n].append(v)
-    return error_metrics(spec["reference"], concat(parts))["rel_l2"]
+    return error_metrics(spec["reference"], join_batches(parts))["rel_l2"]
 
 
 def choose_plan(ir: IR, probe: Probe, scheme, ranges: dict, batches: Iterable[dict], reference: dict, *,

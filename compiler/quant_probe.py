@@ -46,17 +46,6 @@ def _has_bias(node: gs.Node) -> bool:
     return len(node.inputs) > 2 and not is_empty(node.inputs[2])
 
 
-def concat(parts: dict[str, list]) -> dict[str, np.ndarray]:
-    """Each output's batches joined along the batch axis (a rank-0 output: one value per batch)."""
-    out = {}
-    for n, v in parts.items():
-        arrays = [np.atleast_1d(a) for a in v]
-        if len({a.shape[1:] for a in arrays}) > 1:  # (NonZero: its count changes from batch to batch)
-            raise runtime.DataDependentOutput(n, arrays[0].shape, next(a.shape for a in arrays if a.shape[1:] != arrays[0].shape[1:]))
-        out[n] = np.concatenate(arrays) if arrays else np.zeros(0)
-    return out
-
-
 class ChannelMeans:
     """Per-channel means of layers' outputs over batches (channel axis 1; Gemm's last)."""
 
@@ -123,7 +112,7 @@ class Probe:
         self._axes_inits: list = []
         self.model = self._build(float_model)
         self.session = reference_session(self.model)
-        self.graph_outputs = list(dict.fromkeys(o.name for o in float_model.graph.output))
+        self.graph_outputs = runtime.output_names(float_model)
         self.runs = 0
 
     # ------------------------------------------------------------------ building
@@ -414,7 +403,7 @@ class Probe:
             for n in self.graph_outputs:
                 parts[n].append(vals[n])
             means.add(vals)
-        return concat(parts), means.result()
+        return runtime.join_batches(parts), means.result()
 
     def outputs(self, plan, batches, *, weights=None) -> dict[str, np.ndarray]:
         """The graph outputs over all ``batches``, concatenated."""

@@ -57,10 +57,10 @@ from .calibdata import Subset, count_samples
 from .quant_plan import (QuantPlan, Ranges, build_plan, clip_bounds, fake_quantized_weight, is_wide, node_id, node_key,
                          scale_groups, weighted_nodes, with_wide)
 from .quant_probe import PREFIX as PROBE_PREFIX
-from .quant_probe import ChannelMeans, Probe, concat
+from .quant_probe import ChannelMeans, Probe
 from .quant_rules import table_for
 from . import runtime
-from .runtime import augment, error_metrics, output_error, reference_session, run_batches, sqnr_db
+from .runtime import augment, error_metrics, join_batches, output_error, reference_session, run_batches, sqnr_db
 from .target import QuantScheme
 
 from edgec.passes.convert_fp16 import ConvertFP16
@@ -264,7 +264,7 @@ def calibration_tensors(ir: IR) -> list[str]:
 
 
 def concat_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return concat({n: [p[n] for p in parts] for n in (parts[0] if parts else {})})
+    return join_batches({n: [p[n] for p in parts] for n in (parts[0] if parts else {})})
 
 
 def _tensor_bytes(model: onnx.ModelProto, names: list[str], sample: dict) -> dict[str, int]:
@@ -334,7 +334,7 @@ class _FloatCapture:
     def reference(self, subset: Subset) -> dict[str, np.ndarray]:
         """The float outputs on ``subset`` (the error subset or one it holds). Positions past the
         end of a set whose length was unknown were never read, so they are not here either."""
-        return concat({n: [self.parts[i][n] for i in subset.positions if i in self.parts] for n in self.outputs})
+        return join_batches({n: [self.parts[i][n] for i in subset.positions if i in self.parts] for n in self.outputs})
 
     def layer_means(self) -> dict[str, np.ndarray]:
         means = self.means.result()
@@ -377,7 +377,7 @@ class _Quantizer:
         # tensor -> the interval its readers tell apart: what calibration clamps to (computed once)
         self.bounds = saturation_bounds(float_model) if self.saturation else {}
         self.tensors = calibration_tensors(ir)
-        self.outputs = list(dict.fromkeys(o.name for o in float_model.graph.output))  # (a name listed twice: once)
+        self.outputs = runtime.output_names(float_model)
         self.error_set = calibdata.subset(self.calib, ERROR_SAMPLES)
         self.bias_set = calibdata.subset(self.calib, min(BIAS_SAMPLES, ERROR_SAMPLES))
         self.layers = {node_id(n): n for n in weighted_nodes(ir, table_for(scheme))

@@ -66,6 +66,13 @@ HOST_KERNELS_ENV = "EDGEC_HOST_KERNELS"  # "off": host sessions run unoptimised 
 
 
 # ---------------------------------------------------------------------- sessions
+def output_names(source) -> list[str]:
+    """The output names of an ONNX Runtime session or of a ModelProto, each once: a tensor listed
+    twice as a graph output is fetched, joined and measured once."""
+    outs = source.get_outputs() if hasattr(source, "get_outputs") else source.graph.output
+    return list(dict.fromkeys(o.name for o in outs))
+
+
 def session(model: onnx.ModelProto | bytes | str, *, optimize: bool | str = False,
             threads: int = 0) -> ort.InferenceSession:
     """An ONNX Runtime CPU session; ``optimize=False`` is the reference executor, without ONNX
@@ -245,7 +252,7 @@ def capture(model: onnx.ModelProto, tensors: Iterable[str], batches: Iterable[di
     """Run ``model`` (reference arithmetic) on each batch; ``on_batch`` sees the values of
     ``tensors`` and of the graph outputs, batch by batch (constant memory)."""
     sess = reference_session(augment(model, tensors))
-    names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
+    names = output_names(sess)
     for _, values in run_batches(sess, names, batches):
         on_batch(values)
 
@@ -254,17 +261,31 @@ def run_outputs(model: onnx.ModelProto, batches: Iterable[dict], *, host: bool =
     """Every graph output over all ``batches``, concatenated (for small evaluation sets)."""
     if host:  # this host's kernels, as deployed: one run at a time, every core on it
         sess = host_session(model)
-        names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
+        names = output_names(sess)
         runs = ((b, dict(zip(names, sess.run(names, b)))) for b in batches)
     else:
         sess = reference_session(model)
-        names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
+        names = output_names(sess)
         runs = run_batches(sess, names, batches)
     parts: dict[str, list] = {n: [] for n in names}
     for _, values in runs:
         for n in names:
             parts[n].append(np.asarray(values[n]))
-    return {n: np.concatenate([np.atleast_1d(a) for a in v]) if v else np.zeros(0) for n, v in parts.items()}
+    return join_batches(parts)
+
+
+def join_batches(parts: dict[str, list]) -> dict[str, np.ndarray]:
+    """Each output's batches joined along the batch axis (a rank-0 output: one value per batch).
+    An output whose other dims change from batch to batch (NonZero's count) is a
+    :class:`DataDependentOutput`."""
+    out = {}
+    for n, v in parts.items():
+        arrays = [np.atleast_1d(a) for a in v]
+        other = next((a.shape for a in arrays if a.shape[1:] != arrays[0].shape[1:]), None)
+        if other is not None:
+            raise DataDependentOutput(n, arrays[0].shape, other)
+        out[n] = np.concatenate(arrays) if arrays else np.zeros(0)
+    return out
 
 
 # ---------------------------------------------------------------------- error metrics

@@ -233,7 +233,7 @@ def measure(ir: IR, groups: list[ChannelGroup], trials: dict[str, list[list[int]
     if not masks:
         return {}
     batches = [feeds[i] for i in seeded_positions(len(feeds), max_batches)]
-    names = list(dict.fromkeys(o.name for o in model.graph.output))  # (a name listed twice: once)
+    names = runtime.output_names(model)
     filled = [t for t in masks if refit and (t in predicted or _bias_absorbs(ir, t, order))]
     sess = runtime.reference_session(runtime.augment(model, filled))
     # the mask inputs in their tensors' type (a float16 model's masks are float16)

@@ -193,13 +193,13 @@ def run(model: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray], *, host: b
 
 def _run_session(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every output of ``sess`` on ``feeds``, in chunks of a fixed batch smaller than the data's."""
-    names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
+    names = runtime.output_names(sess)
     chunk = _static_batch(sess, feeds)
     if chunk is None:
         return dict(zip(names, sess.run(names, feeds)))
     n = len(next(iter(feeds.values())))
     parts = [sess.run(names, {k: v[i:i + chunk] for k, v in feeds.items()}) for i in range(0, n, chunk)]
-    return {name: np.concatenate([np.atleast_1d(p[j]) for p in parts]) for j, name in enumerate(names)}
+    return runtime.join_batches({name: [p[j] for p in parts] for j, name in enumerate(names)})
 
 
 def _static_batch(sess, feeds) -> int | None:
@@ -314,7 +314,7 @@ def latency_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, runs: in
     """Median ONNX Runtime latency on this host's kernels (all graph optimisations on, as
     deployed here), milliseconds."""
     sess = runtime.host_session(model)
-    names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
+    names = runtime.output_names(sess)
     for _ in range(warmup):
         sess.run(names, feeds)
     times = []

@@ -262,5 +262,5 @@ def _run_subgraph(ir: IR, nodes: list[gs.Node], wanted: set[str],
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 4  # a node ORT cannot fold is noted, not logged to stderr
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
+    names = [o.name for o in sess.get_outputs()]  # (a model of folded values: each name once)
     return dict(zip(names, sess.run(names, {})))

@@ -276,7 +276,7 @@ def auto_candidates(importance: str, mode: str, has_feeds: bool) -> list[tuple[s
 def _outputs(model, batches: list[dict]) -> list[dict[str, np.ndarray]]:
     """The graph outputs of ``model`` for each batch (reference arithmetic)."""
     sess = runtime.reference_session(model)
-    names = list(dict.fromkeys(o.name for o in sess.get_outputs()))
+    names = runtime.output_names(sess)
     return [{n: np.asarray(v[n]) for n in names} for _, v in runtime.run_batches(sess, names, batches)]
 
 
