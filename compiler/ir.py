@@ -516,6 +516,16 @@ def _copy_info(info: ModelInfo) -> ModelInfo:
     return ModelInfo(**{**info.__dict__, "metadata": dict(info.metadata), "notes": list(info.notes)})
 
 
+def subgraphs(node: gs.Node) -> Iterator[gs.Graph]:
+    """Every If/Loop/Scan body inside ``node``, at any depth."""
+    for v in node.attrs.values():
+        for g in (v if isinstance(v, list) else [v]):
+            if isinstance(g, gs.Graph):
+                yield g
+                for inner in g.nodes:
+                    yield from subgraphs(inner)
+
+
 def is_empty(t) -> bool:
     """An absent optional input: None, or graphsurgeon's empty Variable."""
     return t is None or (isinstance(t, gs.Variable) and t.is_empty())

@@ -33,7 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from edgec.ir import IR, plain_dtype
+from edgec.ir import IR, plain_dtype, subgraphs
 from edgec.pipeline import Pass, PassContext, PassResult, register
 
 from edgec.verify import session
@@ -66,23 +66,15 @@ class FP16Result:
 
 
 def _captured(ir: IR) -> set[str]:
-    """Names If/Loop/Scan bodies read from the graph around them (cached per graph state)."""
-    key = ("fp16_captured", ir.version)
-    got = ir.analysis_cache.get(key)
+    """Names If/Loop/Scan bodies read from the graph around them (cached until the graph changes)."""
+    got = ir.analysis_cache.get("fp16_captured")
     if got is None:
         got = set()
-
-        def walk(graph) -> None:
-            for node in graph.nodes:
-                for v in node.attrs.values():
-                    for sub in (v if isinstance(v, list) else [v]):
-                        if isinstance(sub, gs.Graph):
-                            made = {t.name for b in sub.nodes for t in b.outputs} | {t.name for t in sub.inputs}
-                            got.update(t.name for b in sub.nodes for t in b.inputs
-                                       if t.name not in made and not isinstance(t, gs.Constant))
-                            walk(sub)
-        walk(ir.graph)
-        ir.analysis_cache[key] = got
+        for sub in (g for node in ir.nodes for g in subgraphs(node)):
+            made = {t.name for b in sub.nodes for t in b.outputs} | {t.name for t in sub.inputs}
+            got.update(t.name for b in sub.nodes for t in b.inputs
+                       if t.name not in made and not isinstance(t, gs.Constant))
+        ir.analysis_cache["fp16_captured"] = got
     return got
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgec.ir import IR, dtype_bits, plain_dtype
+from edgec.ir import IR, dtype_bits, plain_dtype, subgraphs
 
 ELEMENTWISE = {
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Relu", "LeakyRelu", "PRelu",
@@ -179,7 +179,7 @@ def compute(ir: IR) -> Costs:
                 nbytes = _nbytes(_numel(stored.shape), stored.dtype) if stored.shape is not None else 0
                 costs.bytes += int(nbytes)
                 nc.weight_bytes += int(nbytes)
-        for sub in _subgraphs(node):  # weights inside If/Loop/Scan bodies are the model's too
+        for sub in subgraphs(node):  # weights inside If/Loop/Scan bodies are the model's too
             for t in sub.tensors().values():
                 if isinstance(t, gs.Constant) and id(t) not in seen_consts:
                     seen_consts.add(id(t))
@@ -197,15 +197,6 @@ def compute(ir: IR) -> Costs:
     costs.peak_activation_bytes, costs.symbolic_dims = _peak_memory(ir)
     ir.analysis_cache["costs"] = costs
     return costs
-
-
-def _subgraphs(node: gs.Node):
-    for v in node.attrs.values():
-        for g in (v if isinstance(v, list) else [v]):
-            if isinstance(g, gs.Graph):
-                yield g
-                for inner in g.nodes:
-                    yield from _subgraphs(inner)
 
 
 def _tensor_bytes(t: gs.Tensor) -> tuple[int, bool]:
