@@ -657,10 +657,17 @@ def flatten_gemm_head(batch: int = 1, in_ch: int = 3, hw: int = 16, width: int =
 
 
 def transformer_encoder(batch: int = 1, seq: int = 8, d_model: int = 32, heads: int = 4, d_ff: int = 64,
-                        seed: int = 0) -> onnx.ModelProto:
-    """Post-LN encoder layer: Q/K/V MatMul+bias, head Reshape/Transpose, scaled Softmax attention, LayerNorm, Erf-GELU FFN: head coupling."""
+                        seed: int = 0, qkv: str = "separate") -> onnx.ModelProto:
+    """Post-LN encoder layer: Q/K/V MatMul+bias, head Reshape/Transpose, scaled Softmax attention, LayerNorm, Erf-GELU FFN: head coupling.
+
+    ``qkv``: ``separate`` (three projections, BERT-style); or one fused projection reshaped to
+    ``[B, T, 3, heads, dh]``, transposed to ``[3, B, heads, T, dh]`` and taken apart by ``slice``
+    (Slice + Squeeze, paddle2onnx's SVTR), ``gather`` (Gather of a scalar index) or ``split``
+    (Split + Squeeze, PyTorch's ``unbind``): timm's ViT and PP-OCR's recognisers."""
     if d_model % heads:
         raise ValueError("d_model must be divisible by heads")
+    if qkv not in ("separate", "slice", "gather", "split"):
+        raise ValueError(f"qkv must be separate, slice, gather or split, not {qkv!r}")
     dh = d_model // heads
     b = GraphBuilder("transformer_encoder", seed)
     x = b.input("input", [batch, seq, d_model])
@@ -668,9 +675,27 @@ def transformer_encoder(batch: int = 1, seq: int = 8, d_model: int = 32, heads: 
     def heads_view(t: str, perm: list[int]) -> str:
         return b.transpose(b.reshape(t, [batch, seq, heads, dh]), perm)
 
-    q = heads_view(b.linear(x, d_model), [0, 2, 1, 3])          # [B, h, T, dh]
-    k = heads_view(b.linear(x, d_model), [0, 2, 3, 1])          # [B, h, dh, T]
-    v = heads_view(b.linear(x, d_model), [0, 2, 1, 3])          # [B, h, T, dh]
+    if qkv == "separate":
+        q = heads_view(b.linear(x, d_model), [0, 2, 1, 3])          # [B, h, T, dh]
+        k = heads_view(b.linear(x, d_model), [0, 2, 3, 1])          # [B, h, dh, T]
+        v = heads_view(b.linear(x, d_model), [0, 2, 1, 3])          # [B, h, T, dh]
+    else:
+        f = b.transpose(b.reshape(b.linear(x, 3 * d_model), [0, seq, 3, heads, dh]), [2, 0, 3, 1, 4])
+        part = [batch, heads, seq, dh]
+        if qkv == "slice":
+            parts = []
+            for i in range(3):
+                se = [b.const(np.asarray([v_], dtype=np.int64), "slice", dtype=np.int64) for v_ in (i, i + 1, 0)]
+                sl = b.op("Slice", [f, *se], [1, *part])
+                parts.append(b.op("Squeeze", [sl, b.const(np.asarray([0], dtype=np.int64), "axes", dtype=np.int64)], part))
+        elif qkv == "gather":
+            parts = [b.op("Gather", [f, b.const(np.asarray(i, dtype=np.int64), "index", dtype=np.int64)], part, axis=0)
+                     for i in range(3)]
+        else:
+            axes = b.const(np.asarray([0], dtype=np.int64), "axes", dtype=np.int64)
+            parts = [b.op("Squeeze", [t, axes], part) for t in b.split(f, [1, 1, 1], axis=0)]
+        q, v = parts[0], parts[2]
+        k = b.transpose(parts[1], [0, 1, 3, 2])                     # [B, h, dh, T]
     att = b.mul(b.matmul(q, k), np.float32(1.0 / math.sqrt(dh)))
     att = b.softmax(att, axis=-1)
     ctx = b.matmul(att, v)                                       # [B, h, T, dh]

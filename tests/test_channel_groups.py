@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import onnx
+import numpy as np
 import pytest
 
 import edgec
@@ -95,6 +96,34 @@ def test_attention_heads_are_units():
     assert not residual.prunable and "LayerNormalization" in residual.reason
     ffn = _by_origin(groups, "matmul_6_out")
     assert ffn.prunable and ffn.channels == 64
+
+
+@pytest.mark.parametrize("qkv", ["slice", "gather", "split"])
+def test_fused_qkv_heads_are_units(qkv):
+    """One QKV projection reshaped to [B, T, 3, heads, dh] and taken apart on the 3 axis
+    (paddle2onnx's Slice + Squeeze, a Gather, PyTorch's unbind as Split + Squeeze). The reshape
+    was read with the 3 slices as the units, so Q, K and V would go whole, and the Squeeze of
+    that axis blocked the group: PP-OCR's recogniser lost no head. The heads, tied across the
+    three slices, are the units now: a head is 3 x dh columns of the projection."""
+    g = _by_origin(_groups(ALL_MODELS["transformer_encoder"](qkv=qkv)), "matmul_0_out")
+    assert g.prunable and g.channels == 4 and g.unit_sizes() == [24] * 4, (g.reason, g.unit_sizes())
+    cols = next(gm for gm in g.members if gm.member.node.name == "matmul_0" and gm.member.role == "weight.out")
+    per_unit = {u: sorted(p for p, v in zip(cols.positions, cols.units) if v == u) for u in range(4)}
+    assert per_unit[1] == [*range(8, 16), *range(40, 48), *range(72, 80)]  # head 1 of q, k and v
+
+
+def test_gather_moves_the_channel_axis_and_blocks_on_it():
+    def build(b, x):
+        y = b.transpose(b.conv_bn(x, 8, 3), [0, 2, 3, 1])  # [1, 8, 8, C]
+        i = b.const(np.asarray(0, dtype=np.int64), "index", dtype=np.int64)
+        row = b.op("Gather", [y, i], [1, 8, 8], axis=1)  # [1, 8, C]: the channels move to axis 2
+        b.output(b.linear(row, 4), "out")
+        col = b.op("Gather", [b.conv_bn(x, 6, 3), i], [1, 8, 8], axis=1)  # along the channels
+        b.output(col, "col")
+    groups = _groups(_tiny(build))
+    assert _by_origin(groups, "conv_0_out").prunable
+    g = _by_origin(groups, "conv_1_out")
+    assert not g.prunable and "gathers along the channel axis" in g.reason
 
 
 def _tiny(build):

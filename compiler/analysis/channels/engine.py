@@ -17,8 +17,12 @@ class ChannelAnalysis:
     every tracked tensor, the members to rewrite, the origin spaces and why elements are
     blocked."""
 
-    def __init__(self, ir: IR):
+    def __init__(self, ir: IR, prefer: frozenset = frozenset()):
         self.ir = ir
+        # reshapes that split the channels into [d, heads, ..] (fused QKV): node id -> elements
+        # read; ``prefer``: those whose heads (not their d slices) are the units
+        self.ambiguous: dict[int, list[int]] = {}
+        self.prefer = prefer
         self.parent: list[int] = []
         self.reasons: dict[int, list[str]] = {}
         self.maps: dict[str, TMap] = {}
@@ -129,9 +133,31 @@ class ChannelAnalysis:
 
 
 def analyse(ir: IR) -> ChannelAnalysis:
+    """The channel analysis of ``ir``. A reshape that splits channels into ``[d, heads, ..]``
+    (a fused QKV projection reshaped to ``[.., 3, heads, dh]``) is read with its d slices as the
+    units; where that leaves its channels unprunable (the slices are taken apart and squeezed),
+    its heads tied across the slices are tried as the units instead, and kept if more units can
+    then be pruned."""
     a = ChannelAnalysis(ir)
     a.run()
-    return a
+    if not a.ambiguous:
+        return a
+    groups = find_groups(ir, a)
+    stuck = _blocked_roots(a, groups)
+    flip = frozenset(k for k, elems in a.ambiguous.items() if any(a.find(e) in stuck for e in elems))
+    if not flip:
+        return a
+    b = ChannelAnalysis(ir, flip)
+    b.run()
+    return b if _prunable_units(find_groups(ir, b)) > _prunable_units(groups) else a
+
+
+def _blocked_roots(a: ChannelAnalysis, groups: list[ChannelGroup]) -> set[int]:
+    return {u for g in groups if not g.prunable for u in g.units}
+
+
+def _prunable_units(groups: list[ChannelGroup]) -> int:
+    return sum(g.channels for g in groups if g.prunable)
 
 
 def _split_by_group(elems: list[int], a: ChannelAnalysis, unit_index: dict[int, tuple]) -> dict[int, tuple]:

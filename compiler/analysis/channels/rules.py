@@ -443,6 +443,25 @@ def r_slice(a: ChannelAnalysis, node) -> None:
     a.set(node.outputs[0], TMap(m.axis, m.elems[st // m.block:en // m.block], m.block))
 
 
+def r_gather(a: ChannelAnalysis, node) -> None:
+    """Gather along another axis than the channels' (``qkv[0]`` of a fused QKV): the channel axis
+    moves by the indices' rank; along the channel axis it blocks."""
+    if len(node.inputs) > 1 and a.get(node.inputs[1]) is not None:
+        a.block(a.get(node.inputs[1]).elems, f"{_name(node)} reads the channels as indices")
+    m = a.get(node.inputs[0])
+    if m is None:
+        return
+    r, q = _rank(node.inputs[0]), _rank(node.inputs[1]) if len(node.inputs) > 1 else None
+    if r is None or q is None:
+        a.block(m.elems, f"{_name(node)}: unknown ranks")
+        return
+    axis = _norm_axis(int(node.attrs.get("axis", 0)), r)
+    if axis == m.axis:
+        a.block(m.elems, f"{_name(node)} gathers along the channel axis")
+        return
+    a.set(node.outputs[0], TMap(m.axis if m.axis < axis else m.axis + q - 1, m.elems, m.block))
+
+
 def r_transpose(a: ChannelAnalysis, node) -> None:
     m = a.get(node.inputs[0])
     if m is None:
@@ -532,16 +551,28 @@ def _reshape_like(a: ChannelAnalysis, node, m: TMap, xs, ys, shape_slot: int | N
         a.set(y, TMap(j, m.elems, m.block * r))
         return
     if cb % d == 0 and j + 1 < len(ys) and (cb // d) % m.block == 0:  # split into (d, cb/d): heads
-        chunk = (cb // d) // m.block
+        # [.., 3, heads, dh, ..] (a fused QKV): the units are either the first factor's d slices
+        # or, taking the next axis as the channel axis, its heads tied across the d slices. The
+        # first is tried first; the engine takes the second where it prunes more (``a.prefer``).
+        d1 = ys[j + 1]
+        alt = d > 1 and d1 > 1 and (cb // d) % d1 == 0 and (cb // d // d1) % m.block == 0
+        if alt:
+            a.ambiguous[id(node)] = m.elems
+        k, stack = (j + 1, d) if alt and id(node) in a.prefer else (j, 1)
+        n = ys[k]
+        chunk = (cb // stack // n) // m.block  # elements of one unit in one slice
         e = m.elems
-        for h in range(d):
-            for i in range(1, chunk):
-                a.union(e[h * chunk], e[h * chunk + i])
-        om = TMap(j, [e[h * chunk] for h in range(d)], 1)
-        if shape is not None and shape[j] > 0:
-            a.add(ShapeEntry(node=node, slot=shape_slot, entry=j, elems=om.elems))
-        elif shape is not None and shape[j] != -1:
-            a.block(m.elems, f"{_name(node)}: shape entry {j} cannot be rewritten")
+        for h in range(n):
+            first_e = e[h * chunk]
+            for s_ in range(stack):
+                base = s_ * n * chunk + h * chunk
+                for i in range(chunk):
+                    a.union(first_e, e[base + i])
+        om = TMap(k, [e[h * chunk] for h in range(n)], 1)
+        if shape is not None and shape[k] > 0:
+            a.add(ShapeEntry(node=node, slot=shape_slot, entry=k, elems=om.elems))
+        elif shape is not None and shape[k] != -1:
+            a.block(m.elems, f"{_name(node)}: shape entry {k} cannot be rewritten")
             return
         a.set(y, om)
         return
@@ -843,5 +874,6 @@ RULES: dict[str, Callable[[ChannelAnalysis, gs.Node], None]] = {
     "Shape": r_blocker("reads the tensor's shape (depends on the channel count)"),
     "Size": r_blocker("reads the tensor's size (depends on the channel count)"),
     "Slice": r_slice,
+    "Gather": r_gather,
 }
 
