@@ -167,11 +167,15 @@ def _constraints(groups: list[ChannelGroup], max_layer_ratio: float) -> dict[str
 def _round_units(g: ChannelGroup, round_to: int) -> int:
     """``round_to`` (a channel multiple) in ``g``'s units: a unit of an attention head holds
     dh channels, so any count of heads keeps a multiple of 8 channels when dh is one of 8. (It
-    was applied to units: a model with 8 heads or fewer never lost one on cpu or jetson.)"""
+    was applied to units: a model with 8 heads or fewer never lost one on cpu or jetson.)
+    A unit of at least ``round_to`` channels goes alone: rounding could keep whole units to save
+    a partial vector of fewer channels (PP-OCR's 8 heads of 15 kept all 8 on cpu)."""
     sizes = set(g.unit_sizes())
     if len(sizes) != 1:
         return round_to
     size = sizes.pop()
+    if size >= round_to:
+        return 1
     return round_to // math.gcd(round_to, size) if size > 0 else round_to
 
 

@@ -87,6 +87,13 @@ def test_exact_after_fold_batchnorm(name):
     assert prune_dead_and_compare(ALL_MODELS[name](), fold=True) > 0
 
 
+@pytest.mark.parametrize("qkv", ["slice", "gather", "split"])
+def test_exact_when_fused_qkv_heads_are_dead(qkv):
+    """Heads of a fused QKV projection ([B, T, 3, heads, dh]) go as 3 x dh columns of it, the
+    reshape's head count and dh rows of the output projection: exact when those rows are zero."""
+    assert prune_dead_and_compare(ALL_MODELS["transformer_encoder"](qkv=qkv), ratio=0.5) > 0
+
+
 def test_exact_on_digits_example():
     model = onnx.load(DIGITS / "model.onnx")
     x = digits_data()["test_x"][:16]
@@ -578,6 +585,16 @@ def test_round_to_counts_channels_not_heads():
     odd = edgec.compile(model, None, prune=0.3, importance="l1", prune_mode="uniform", round_to=16)
     heads = [g["channels_after"] for g in odd.report["pruning"]["groups"] if g["channels_before"] == 4]
     assert heads == [4], heads  # 16 channels = 2 heads: 4 heads keep a multiple of 2, and 30% of 4 rounds up to 4
+
+
+def test_round_to_lets_heads_of_a_vector_or_more_go_alone():
+    """Heads of 10 channels (30 columns of a fused QKV) with the cpu's round_to 8: rounding the
+    head count to a multiple of 8 channels kept all 4 heads, to save a partial vector of fewer
+    channels than one head holds (PP-OCR's 8 heads of 15 were never pruned). They go alone now."""
+    model = ALL_MODELS["transformer_encoder"](d_model=40, heads=4, qkv="slice")
+    res = edgec.compile(model, None, prune=0.5, importance="l1", prune_mode="uniform")  # cpu: round_to 8
+    heads = [g["channels_after"] for g in res.report["pruning"]["groups"] if g["channels_before"] == 4]
+    assert heads == [2], res.report["pruning"]["groups"]
 
 
 # ---------------------------------------------------------------------------- reconstruction
