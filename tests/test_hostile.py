@@ -846,6 +846,18 @@ def test_an_opset_upgrade_is_kept_when_both_give_nan_in_the_same_places():
     assert r.model.opset_import[0].version == 17 and "opset 11 converted to 17" in r.report["notes"]
 
 
+def test_an_opset_downgrade_is_kept_when_both_give_nan_in_the_same_places():
+    """The twin of the upgrade's proof: taking an opset-18 model down to TensorRT 8.x's 17
+    compared outputs with NaN unequal to NaN, so a Log of generated negative inputs kept opset
+    18, and -t jetson refused a model the converter takes down exactly."""
+    g = helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 8])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    r = edgec.compile(m, None, target="jetson")
+    assert r.model.opset_import[0].version == 17
+    assert any("converted down to 17" in n for n in r.report["notes"]), r.report["notes"]
+
+
 def test_a_float64_matmul_stays_a_matmul_for_rknn():
     """gemm_to_conv turned a float64 MatMul into a float64 Conv, which ONNX Runtime has no
     kernel for: -t rknn wrote a model it could not load."""
