@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgec import loader
-from edgec.ir import IR, plain_dtype
+from edgec.ir import IR, plain_dtype, subgraphs
 from edgec.ir import dtype_name as _elem_name
 
 TYPE_NAMES = {"float32": "FP32", "float16": "FP16", "float64": "DOUBLE", "int32": "INT32", "int64": "INT64",
@@ -16,14 +16,11 @@ TYPE_NAMES = {"float32": "FP32", "float16": "FP16", "float64": "DOUBLE", "int32"
 
 
 def all_nodes(graph: gs.Graph) -> Iterable[gs.Node]:
-    """Nodes of the graph and of every subgraph inside it."""
+    """Nodes of the graph and of every subgraph inside it (a node, then its bodies' nodes)."""
     for node in graph.nodes:
         yield node
-        for v in node.attrs.values():
-            subs = v if isinstance(v, list) else [v]
-            for s in subs:
-                if isinstance(s, gs.Graph):
-                    yield from all_nodes(s)
+        for body in subgraphs(node):
+            yield from body.nodes
 
 
 def label(node: gs.Node) -> str:

@@ -483,3 +483,23 @@ def test_input_shapes_before_an_op_onnx_cannot_infer():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     r = edgec.compile(m, None, input_shapes={"x": [1, 4]}, verify=True)
     assert r.report["verify"]["passed"]
+
+
+def test_target_checks_read_nodes_inside_nested_bodies():
+    """checks.all_nodes walks If/Loop/Scan bodies at any depth (through ir.subgraphs): an op a
+    target refuses, two bodies deep, is named by the target's check."""
+    from edgec.backends import checks
+
+    def body(name, inner):
+        node = (helper.make_node("If", ["c"], [f"{name}_y"], then_branch=inner("t"), else_branch=inner("e"))
+                if callable(inner) else helper.make_node(inner, ["x"], [f"{name}_y"], name=f"{name}_op"))
+        return helper.make_graph([node], name, [], [f32(f"{name}_y", [1, 4])])
+
+    leaf = lambda name: body(name, "Relu")
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=body("a", leaf), else_branch=leaf("b"))],
+                          "nested", [helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []), f32("x", [1, 4])],
+                          [f32("y", [1, 4])])
+    ir = edgec.from_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert sorted(n.name for n in checks.all_nodes(ir.graph) if n.op == "Relu") == ["b_op", "e_op", "t_op"]
+    problems = checks.check_ops(ir, lambda n: "refused here" if n.name == "e_op" else None)
+    assert len(problems) == 1 and "e_op" in problems[0], problems
