@@ -23,7 +23,7 @@ from edgec.passes import FixInputShapes
 from edgec.passes.prune_channels import PruneChannels, PruneResult
 from edgec.passes.sparsify_24 import SparsityResult
 
-from . import datafiles, loader, quantize_api, runtime, strategy, verify as verify_mod
+from . import data_tail, datafiles, loader, quantize_api, runtime, strategy, verify as verify_mod
 from . import executor as executor_mod
 from .analysis import costs as costs_mod
 from .analysis.channels import find_groups, format_groups
@@ -425,33 +425,69 @@ def _quantize(run: _Run) -> None:
         run.quant_report = {"mode": "vendor", "placement": f"{run.target.name} toolchain",
                             **run.target.extras.vendor_quantizer(run.target, q)}
     elif q.mode is not None:
-        tgt = run.target
-        simulate = getattr(tgt.extras, "simulate", None) if q.mode == "int8" and tgt.options.get("simulator") else None
-        float_ir = run.ir.copy() if simulate is not None else None
-        run.quant_report = quantize_api.quantize_for_target(run.ir, tgt, q, run.calib,
-                                                            max_error=run.options.verify.max_error, log=run.log)
-        run.ir.infer_shapes()
-        if simulate is not None:  # the target's own toolchain measures both int8s; the more faithful is written
-            check = _simulator_check(run, simulate, float_ir)
-            if check["chosen"] == "edgec strict":  # all int8 measured more faithful on the target
-                dropped = [f["node"] for f in (run.quant_report.get("fallback") or {}).get("float", [])]
-                strict_ir = float_ir.copy()
-                try:
-                    strict_report = quantize_api.quantize_for_target(strict_ir, tgt, replace(q, strict=True), run.calib,
-                                                                     max_error=run.options.verify.max_error, log=run.log)
-                except EdgecError as e:  # all int8 refused on all the samples (it ran on 3/4): keep the fallback's
-                    check.update(chosen="edgec", why=check["why"] + f"; but all int8 on every sample was refused ({e}), "
-                                                                    "so the fallback's float ops stay")
-                else:
-                    strict_ir.infer_shapes()
-                    run.ir, run.quant_report = strict_ir, strict_report
-                    run.quant_report["simulator_dropped_float"] = dropped
-            elif check["chosen"] == "vendor":
-                edgec_int8 = {k: run.quant_report[k] for k in ("method", "error") if k in run.quant_report}
-                run.ir, run.handed_off = float_ir, True
-                run.quant_report = {"mode": "vendor", "placement": f"{tgt.name} toolchain",
-                                    **tgt.extras.vendor_quantizer(tgt, q), "edgec_int8": edgec_int8}
-            run.quant_report["simulator_check"] = check
+        tail = _detach_tail(run)
+        try:
+            _quantize_measured(run, q)
+        finally:
+            if tail is not None:
+                run.ir = _attach_tail(run.ir, tail)
+        if tail is not None:
+            run.quant_report["measured_before_tail"] = {"ops": tail.ops, "tensors": tail.cut}
+            run.quant_report.setdefault("notes", []).append(
+                f"the error is measured on {', '.join(tail.cut)}, what {', '.join(tail.ops)} reads: its outputs change "
+                f"shape with the data; it and everything after it stay as they were")
+
+
+def _detach_tail(run: _Run) -> data_tail.Tail | None:
+    """Take a data-dependent tail (NonMaxSuppression and after) off ``run.ir``: the lossy stage
+    measures what it reads (:mod:`edgec.data_tail`)."""
+    if not data_tail.has_tail((n.op, n.domain) for n in run.ir.nodes):
+        return None
+    found = data_tail.cut(run.ir.to_onnx())
+    if found is None:
+        return None
+    head, tail = found
+    run.ir = IR.from_onnx(head, info=run.ir.info)
+    run.ir.reserved = set(tail.names)
+    return tail
+
+
+def _attach_tail(head: IR, tail: data_tail.Tail) -> IR:
+    ir = IR.from_onnx(data_tail.join(head.to_onnx(), tail), info=head.info)
+    ir.infer_shapes()
+    return ir
+
+
+def _quantize_measured(run: _Run, q) -> None:
+    """Quantize ``run.ir`` (whose outputs can be measured) for the target, with the simulator's
+    check where asked."""
+    tgt = run.target
+    simulate = getattr(tgt.extras, "simulate", None) if q.mode == "int8" and tgt.options.get("simulator") else None
+    float_ir = run.ir.copy() if simulate is not None else None
+    run.quant_report = quantize_api.quantize_for_target(run.ir, tgt, q, run.calib,
+                                                        max_error=run.options.verify.max_error, log=run.log)
+    run.ir.infer_shapes()
+    if simulate is not None:  # the target's own toolchain measures both int8s; the more faithful is written
+        check = _simulator_check(run, simulate, float_ir)
+        if check["chosen"] == "edgec strict":  # all int8 measured more faithful on the target
+            dropped = [f["node"] for f in (run.quant_report.get("fallback") or {}).get("float", [])]
+            strict_ir = float_ir.copy()
+            try:
+                strict_report = quantize_api.quantize_for_target(strict_ir, tgt, replace(q, strict=True), run.calib,
+                                                                 max_error=run.options.verify.max_error, log=run.log)
+            except EdgecError as e:  # all int8 refused on all the samples (it ran on 3/4): keep the fallback's
+                check.update(chosen="edgec", why=check["why"] + f"; but all int8 on every sample was refused ({e}), "
+                                                                "so the fallback's float ops stay")
+            else:
+                strict_ir.infer_shapes()
+                run.ir, run.quant_report = strict_ir, strict_report
+                run.quant_report["simulator_dropped_float"] = dropped
+        elif check["chosen"] == "vendor":
+            edgec_int8 = {k: run.quant_report[k] for k in ("method", "error") if k in run.quant_report}
+            run.ir, run.handed_off = float_ir, True
+            run.quant_report = {"mode": "vendor", "placement": f"{tgt.name} toolchain",
+                                **tgt.extras.vendor_quantizer(tgt, q), "edgec_int8": edgec_int8}
+        run.quant_report["simulator_check"] = check
 
 
 PRUNE_ERROR_SAMPLES = 64  # calibration samples the pruned model's output error is measured on
@@ -564,13 +600,18 @@ def _verify(run: _Run) -> None:
         else:  # random inputs from the compiled signature (input shapes may be fixed now)
             feeds = verify_mod.random_inputs(result_model)
     if feeds is not None:
-        comparison, ref_outputs, feeds = _compare(run.original, result_model, feeds, rtol=v.rtol, atol=v.atol,
+        original, compared, measured = run.original, result_model, None
+        if lossy and data_tail.has_tail((n.op_type, n.domain) for n in run.original.graph.node):
+            original, compared, measured = _measurable_heads(run.original, result_model)
+        comparison, ref_outputs, feeds = _compare(original, compared, feeds, rtol=v.rtol, atol=v.atol,
                                                   generated=source == "random")
         passed = comparison.allclose if not lossy else (v.max_error is None or comparison.rel_l2 <= v.max_error)
         run.verified = {**comparison.as_dict(), "inputs": source, "lossy": lossy, "passed": passed,
                         "max_error": v.max_error, "arithmetic": "reference"}
+        if measured:
+            run.verified["measured_before_tail"] = measured
         if v.verify:
-            run.verified["host"] = _host_check(ref_outputs, result_model, feeds, comparison, run.target)
+            run.verified["host"] = _host_check(ref_outputs, compared, feeds, comparison, run.target)
             if not lossy and "error" in run.verified["host"] and _host_runs(run.original, feeds):
                 # a lossless compile ONNX Runtime cannot run at its default settings where it runs the
                 # original (onnx's affine_grid node tests: a folded If condition exposed a rank-1 value
@@ -747,6 +788,24 @@ def _floor_said(c: "verify_mod.Comparison") -> str:
     floors = [o["float_floor"] for o in c.per_output.values() if "float_floor" in o]
     return (f"; float rounding alone moves the outputs by up to {max(floors):.3g}, and {verify_mod.FLOOR_FACTOR} "
             f"times that is allowed" if floors else "")
+
+
+def _measurable_heads(original: onnx.ModelProto, result: onnx.ModelProto):
+    """Both models without their data-dependent tails, ending at the tensors both tails read
+    (a detector's boxes and scores before NMS): ``(original, result, those names)``."""
+    heads = data_tail.head_of(original), data_tail.head_of(result)
+    if heads[0] is None or heads[1] is None:
+        raise UserError("the model's outputs change shape with the data (NonMaxSuppression, NonZero, ...) and edgec "
+                        "cannot find what they are computed from to measure the compiled model's error on")
+    common = [o.name for o in heads[0].graph.output if o.name in {r.name for r in heads[1].graph.output}]
+    if not common:
+        raise UserError("the model's outputs change shape with the data (NonMaxSuppression, NonZero, ...) and the "
+                        "tensors they are computed from have other names in the compiled model: nothing to measure on")
+    for h in heads:
+        keep = [o for o in h.graph.output if o.name in common]
+        del h.graph.output[:]
+        h.graph.output.extend(keep)
+    return heads[0], heads[1], common
 
 
 def _compare(original, result_model, feeds, *, rtol, atol, generated: bool):

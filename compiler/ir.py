@@ -69,6 +69,7 @@ class IR:
         self.version = 0  # bumped by every change; analyses cache on it
         self._shapes_version = -1
         self.analysis_cache: dict = {}
+        self.reserved: set[str] = set()  # names unique_name never gives (a detached tail's: data_tail)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -124,6 +125,7 @@ class IR:
             if isinstance(t, gs.Variable) and isinstance(t.shape, list):
                 t.shape = list(t.shape)
         ir = IR(graph, self.opsets, info=_copy_info(self.info))
+        ir.reserved = set(self.reserved)
         if self.shapes_current():
             ir.shapes_still_valid()
         return ir
@@ -244,6 +246,7 @@ class IR:
         if self._names is None:
             self._names = set(self.graph.tensors().keys())
             self._names.update(n.name for n in self.graph.nodes if n.name)
+            self._names.update(self.reserved)
         base = hint or "t"
         name = base
         while name in self._names:

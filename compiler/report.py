@@ -77,7 +77,7 @@ def compile_text(r: dict) -> str:
                      + ")" + (f": calibration-set error rel L2 {err['rel_l2']:.4g}, SQNR {err.get('sqnr_db')} dB"
                               if err.get("rel_l2") is not None else ""))
         for n in q.get("notes") or []:
-            if n.startswith("the input model is already quantized"):
+            if n.startswith(("the input model is already quantized", "the error is measured on")):
                 lines.append(f"    note: {n}")
         sim = q.get("simulator_check")
         if sim:

@@ -980,11 +980,11 @@ def test_int8_with_a_sequence_or_optional_inside(kind):
     assert edgec.compile(m, None, quantize="int8", calib=calib, verify=True).report["verify"]["passed"]
 
 
-def test_int8_with_a_data_dependent_output_is_a_user_error():
+def test_int8_measures_what_a_nonzero_reads():
     """An output whose shape depends on the values (NonZero's count changes from batch to
-    batch, and between the float and the int8 model): numpy's concatenation or broadcasting
-    failed inside the error measurement, an internal error. It is now a one-line user error
-    naming the output."""
+    batch, and between the float and the int8 model) failed inside numpy, then became a user
+    error naming it. The error is now measured on what NonZero reads (the conv's output), and
+    the NonZero stays as it was."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32), "W")
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("NonZero", ["c"], ["nz"]),
@@ -994,7 +994,31 @@ def test_int8_with_a_data_dependent_output_is_a_user_error():
                            helper.make_tensor_value_info("nz", T.INT64, [4, None])], [w])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     calib = {"x": rng.normal(0, 1, (16, 4, 8, 8)).astype(np.float32)}
-    with pytest.raises(UserError, match="output 'nz' has a shape that depends on the data"):
+    r = edgec.compile(m, None, quantize="int8", calib=calib, verify=True)
+    assert r.report["quantization"]["measured_before_tail"]["tensors"] == ["c"]
+    assert r.report["verify"]["passed"] and [o.name for o in r.model.graph.output] == ["y", "nz"]
+    assert "NonZero" in [n.op_type for n in r.model.graph.node]
+
+
+def test_int8_with_another_data_dependent_output_is_a_user_error():
+    """A length computed from the values (a Slice whose end is data) is no op edgec knows starts a
+    data-dependent tail: a one-line user error names the output."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32), "W")
+    c = lambda n, v: numpy_helper.from_array(np.asarray(v), n)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["c", "flat"], ["f"]),
+             helper.make_node("ReduceMax", ["f"], ["mx"], keepdims=1),
+             helper.make_node("Mul", ["mx", "ten"], ["mx10"]),
+             helper.make_node("Cast", ["mx10"], ["end"], to=T.INT64),
+             helper.make_node("Slice", ["f", "zero", "end"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [None])],
+                          [w, c("flat", np.asarray([-1], np.int64)), c("ten", np.float32(100.0)),
+                           c("zero", np.asarray([0], np.int64))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    calib = {"x": rng.normal(0, 1, (16, 4, 8, 8)).astype(np.float32)}
+    with pytest.raises(UserError, match="output 'y' has a shape that depends on the data"):
         edgec.compile(m, None, quantize="int8", calib=calib)
 
 

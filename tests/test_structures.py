@@ -329,3 +329,62 @@ def test_structure_models_are_valid_and_deterministic(name):
     assert np.all(np.isfinite(x)) and x.std() > 0.1
     outs = verify.run(model, {model.graph.input[0].name: x})
     assert all(np.all(np.isfinite(v)) and v.std() > 0 for v in outs.values())
+
+
+def _detector_with_nms(score_threshold: float = 0.3):
+    """A small anchor-free detector ending in NonMaxSuppression and a Gather of the kept boxes:
+    outputs [K, 3] indices and [K, 4] pixel boxes, K depending on the scores."""
+    b = builders.GraphBuilder("nms_detector", seed=0)
+    x = b.input("input", [1, 3, 32, 32])
+    y = b.conv_bn(b.conv_bn(x, 16, 3, stride=2), 16, 3, stride=2)       # [1, 16, 8, 8]
+    head = b.conv(y, 6, 1, bias=True)                                    # 4 box + 2 class channels
+    flat = b.reshape(head, [1, 6, 64])
+    box, cls = b.split(flat, [4, 2], axis=1)
+    boxes = b.mul(b.transpose(b.sigmoid(box), [0, 2, 1]), np.float32(32.0))  # [1, 64, 4] pixels
+    scores = b.sigmoid(cls)                                              # [1, 2, 64]
+    consts = [b.const(np.asarray([v], dtype=dt), n, dtype=dt) for v, n, dt in
+              ((10, "max_boxes", np.int64), (0.5, "iou", np.float32), (score_threshold, "score", np.float32))]
+    sel = b.op("NonMaxSuppression", [boxes, scores, *consts], [-1, 3])
+    col = b.op("Gather", [sel, b.const(np.asarray(2, dtype=np.int64), "col", dtype=np.int64)], [-1], axis=1)
+    flat_boxes = b.reshape(boxes, [64, 4])
+    kept = b.op("Gather", [flat_boxes, col], [-1, 4], axis=0)
+    b.output(sel, "selected")
+    b.output(kept, "boxes")
+    m = b.build("detector with NMS")
+    del m.graph.value_info[:]  # (the builder types every value float)
+    m.graph.output[0].type.tensor_type.elem_type = TensorProto.INT64
+    for vi in m.graph.output:  # the builder's -1: a symbolic count
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value") and d.dim_value < 0:
+                d.dim_param = "K"
+    onnx.checker.check_model(m, full_check=True)
+    return m, [boxes, scores, flat_boxes]
+
+
+def test_int8_of_a_detector_with_nms_is_measured_on_what_nms_reads():
+    """NonMaxSuppression's outputs change shape with the scores, so int8 of a detector exported
+    with its NMS was refused ("has a shape that depends on the data"). The error is now measured,
+    and the fallback decided, on the boxes and scores NMS reads; NMS and the Gather after it stay
+    as they were, and the outputs keep their names and order."""
+    model, measured = _detector_with_nms()  # NMS reads boxes and scores, the Gather the boxes reshaped
+    calib = {"input": builders.smooth_images(32, [3, 32, 32], seed=1)}
+    r = edgec.compile(model, None, quantize="int8", calib=calib, verify=True)
+    q, v = r.report["quantization"], r.report["verify"]
+    assert q["measured_before_tail"]["tensors"] == measured, q["measured_before_tail"]
+    assert "NonMaxSuppression" in q["measured_before_tail"]["ops"][0]
+    assert v["passed"] and v["measured_before_tail"] == measured and v["rel_l2"] < 0.1, v
+    assert [o.name for o in r.model.graph.output] == ["selected", "boxes"]
+    ops = [n.op_type for n in r.model.graph.node]
+    assert "NonMaxSuppression" in ops and ops.count("QuantizeLinear") > 0
+    assert any("measured on" in n for n in q["notes"])
+    # the int8 model runs whole, NMS and all: each class's best box is the float model's
+    held_out = builders.smooth_images(8, [3, 32, 32], seed=7)
+    same = 0
+    for i in range(len(held_out)):
+        f = {"input": held_out[i:i + 1]}
+        ref, got = verify.run(model, f), verify.run(r.model, f)
+        assert got["selected"].shape[1] == 3 and got["boxes"].shape[1] == 4
+        for c in (0, 1):
+            first = [s[s[:, 1] == c][:1, 2].tolist() for s in (ref["selected"], got["selected"])]
+            same += first[0] == first[1]
+    assert same >= 14, same  # of 16
