@@ -425,37 +425,17 @@ def _quantize(run: _Run) -> None:
         run.quant_report = {"mode": "vendor", "placement": f"{run.target.name} toolchain",
                             **run.target.extras.vendor_quantizer(run.target, q)}
     elif q.mode is not None:
-        tail = _detach_tail(run)
+        tail = data_tail.detach(run.ir)  # a model ending in NMS: what NMS reads is measured
         try:
             _quantize_measured(run, q)
         finally:
             if tail is not None:
-                run.ir = _attach_tail(run.ir, tail)
+                data_tail.attach(run.ir, tail)
         if tail is not None:
             run.quant_report["measured_before_tail"] = {"ops": tail.ops, "tensors": tail.cut}
             run.quant_report.setdefault("notes", []).append(
                 f"the error is measured on {', '.join(tail.cut)}, what {', '.join(tail.ops)} reads: its outputs change "
                 f"shape with the data; it and everything after it stay as they were")
-
-
-def _detach_tail(run: _Run) -> data_tail.Tail | None:
-    """Take a data-dependent tail (NonMaxSuppression and after) off ``run.ir``: the lossy stage
-    measures what it reads (:mod:`edgec.data_tail`)."""
-    if not data_tail.has_tail((n.op, n.domain) for n in run.ir.nodes):
-        return None
-    found = data_tail.cut(run.ir.to_onnx())
-    if found is None:
-        return None
-    head, tail = found
-    run.ir = IR.from_onnx(head, info=run.ir.info)
-    run.ir.reserved = set(tail.names)
-    return tail
-
-
-def _attach_tail(head: IR, tail: data_tail.Tail) -> IR:
-    ir = IR.from_onnx(data_tail.join(head.to_onnx(), tail), info=head.info)
-    ir.infer_shapes()
-    return ir
 
 
 def _quantize_measured(run: _Run, q) -> None:
@@ -508,7 +488,10 @@ def _prune_error(run: _Run) -> None:
     if not any(g.get("removed") for g in pruned.groups):
         return
     batches = list(calibdata.subset(run.calib, PRUNE_ERROR_SAMPLES).batches)  # as the model takes them (a fixed batch size stays)
-    err = runtime.output_error(run.original, run.ir.to_onnx(), batches)
+    original, pruned_model = run.original, run.ir.to_onnx()
+    if data_tail.has_tail((n.op_type, n.domain) for n in original.graph.node):  # what NMS reads
+        original, pruned_model, _ = _measurable_heads(original, pruned_model)
+    err = runtime.output_error(original, pruned_model, batches)
     n = sum(int(len(next(iter(b.values())))) for b in batches)
     run.prune_error = {"rel_l2": err["rel_l2"], "sqnr_db": err.get("sqnr_db"), "cosine": err.get("cosine"),
                        "samples": n, "on": "calibration samples (the ones reconstruction fitted on)"}

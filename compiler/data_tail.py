@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from .ir import IR
+
 DATA_DEPENDENT_OPS = frozenset({"NonMaxSuppression", "NonZero", "Unique", "Compress"})
 _DEFAULT = ("", "ai.onnx", None)
 
@@ -127,3 +129,26 @@ def head_of(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """The measurable part of ``model`` (:func:`cut`'s head), or None without a tail."""
     found = cut(model)
     return None if found is None else found[0]
+
+
+def detach(ir: IR) -> Tail | None:
+    """Take ``ir``'s data-dependent tail off, in place (the same IR object now holds the head,
+    whose outputs can be measured); the tail, or None if there is none to take."""
+    if not has_tail((n.op, n.domain) for n in ir.nodes):
+        return None
+    found = cut(ir.to_onnx())
+    if found is None:
+        return None
+    head, tail = found
+    ir.graph = IR.from_onnx(head, info=ir.info).graph
+    ir.reserved |= tail.names
+    ir.changed()
+    return tail
+
+
+def attach(ir: IR, tail: Tail) -> None:
+    """Put ``tail`` back on ``ir`` (in place), reading the names it read."""
+    ir.graph = IR.from_onnx(join(ir.to_onnx(), tail), info=ir.info).graph
+    ir.reserved -= tail.names
+    ir.changed()
+    ir.infer_shapes()

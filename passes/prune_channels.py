@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from edgec import data_tail
 from edgec import importance as imp
 from edgec import sensitivity as sens
 from edgec.analysis import costs as costs_mod
@@ -646,6 +647,14 @@ class PruneChannels(Pass):
         return hi
 
     def run(self, ir: IR, ctx: PassContext) -> PassResult:
+        tail = data_tail.detach(ir)  # a model ending in NMS: trials measure what NMS reads
+        try:
+            return self._run(ir, ctx)
+        finally:
+            if tail is not None:
+                data_tail.attach(ir, tail)
+
+    def _run(self, ir: IR, ctx: PassContext) -> PassResult:
         if AUTO in (self.importance, self.mode):
             return self._run_auto(ir, ctx)
         feeds = ctx.feeds()
