@@ -40,6 +40,7 @@ __all__ = [
     "flatten_gemm_head",
     "transformer_encoder",
     "plain_cnn",
+    "conv_attention",
     "ALL_MODELS",
     "NPU_MODELS",
     "efficientnet",
@@ -663,11 +664,13 @@ def transformer_encoder(batch: int = 1, seq: int = 8, d_model: int = 32, heads: 
     ``qkv``: ``separate`` (three projections, BERT-style); or one fused projection reshaped to
     ``[B, T, 3, heads, dh]``, transposed to ``[3, B, heads, T, dh]`` and taken apart by ``slice``
     (Slice + Squeeze, paddle2onnx's SVTR), ``gather`` (Gather of a scalar index) or ``split``
-    (Split + Squeeze, PyTorch's ``unbind``): timm's ViT and PP-OCR's recognisers."""
+    (Split + Squeeze, PyTorch's ``unbind``): timm's ViT and PP-OCR's recognisers; ``kv``: Q
+    projected alone, K and V by one projection reshaped to ``[B, T, 2, heads, dh]`` (SegFormer's
+    attention, PyTorch's cross-attention)."""
     if d_model % heads:
         raise ValueError("d_model must be divisible by heads")
-    if qkv not in ("separate", "slice", "gather", "split"):
-        raise ValueError(f"qkv must be separate, slice, gather or split, not {qkv!r}")
+    if qkv not in ("separate", "slice", "gather", "split", "kv"):
+        raise ValueError(f"qkv must be separate, slice, gather, split or kv, not {qkv!r}")
     dh = d_model // heads
     b = GraphBuilder("transformer_encoder", seed)
     x = b.input("input", [batch, seq, d_model])
@@ -675,7 +678,13 @@ def transformer_encoder(batch: int = 1, seq: int = 8, d_model: int = 32, heads: 
     def heads_view(t: str, perm: list[int]) -> str:
         return b.transpose(b.reshape(t, [batch, seq, heads, dh]), perm)
 
-    if qkv == "separate":
+    if qkv == "kv":
+        q = heads_view(b.linear(x, d_model), [0, 2, 1, 3])          # [B, h, T, dh]
+        f = b.transpose(b.reshape(b.linear(x, 2 * d_model), [0, seq, 2, heads, dh]), [2, 0, 3, 1, 4])
+        k, v = (b.op("Gather", [f, b.const(np.asarray(i, dtype=np.int64), "index", dtype=np.int64)],
+                     [batch, heads, seq, dh], axis=0) for i in range(2))
+        k = b.transpose(k, [0, 1, 3, 2])                             # [B, h, dh, T]
+    elif qkv == "separate":
         q = heads_view(b.linear(x, d_model), [0, 2, 1, 3])          # [B, h, T, dh]
         k = heads_view(b.linear(x, d_model), [0, 2, 3, 1])          # [B, h, dh, T]
         v = heads_view(b.linear(x, d_model), [0, 2, 1, 3])          # [B, h, T, dh]
@@ -705,6 +714,21 @@ def transformer_encoder(batch: int = 1, seq: int = 8, d_model: int = 32, heads: 
     y = b.layernorm(b.add(y, f))
     b.output(y, "output")
     return b.build(transformer_encoder.__doc__)
+
+
+def conv_attention(heads: int = 2, dh: int = 8, hw: int = 4) -> onnx.ModelProto:
+    """Attention on an NCHW map with 1x1 convs: one conv makes Q, K and V ([B, 3, heads, dh, HW],
+    taken apart by Gather), the heads go back to [B, heads * dh, H, W] for a 1x1 projection."""
+    b = GraphBuilder("conv_attention", seed=0)
+    c = heads * dh
+    x = b.input("input", [1, c, hw, hw])
+    f = b.reshape(b.conv(x, 3 * c, 1), [1, 3, heads, dh, hw * hw])
+    q, k, v = (b.op("Gather", [f, b.const(np.asarray(i, dtype=np.int64), "index", dtype=np.int64)],
+                    [1, heads, dh, hw * hw], axis=1) for i in range(3))
+    att = b.softmax(b.matmul(b.transpose(q, [0, 1, 3, 2]), k), axis=-1)  # [1, heads, HW, HW]
+    y = b.reshape(b.matmul(v, b.transpose(att, [0, 1, 3, 2])), [1, c, hw, hw])
+    b.output(b.add(x, b.conv(y, c, 1)), "output")
+    return b.build()
 
 
 def plain_cnn(batch: int = 1, in_ch: int = 3, hw: int = 16, width: int = 8,

@@ -12,6 +12,7 @@ import pytest
 
 import edgec
 from edgec.analysis.channels import RULES, GroupAttr, ParamSlice, find_groups, format_groups
+from edgec import builders
 from edgec.builders import ALL_MODELS, GraphBuilder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,6 +111,42 @@ def test_fused_qkv_heads_are_units(qkv):
     cols = next(gm for gm in g.members if gm.member.node.name == "matmul_0" and gm.member.role == "weight.out")
     per_unit = {u: sorted(p for p, v in zip(cols.positions, cols.units) if v == u) for u in range(4)}
     assert per_unit[1] == [*range(8, 16), *range(40, 48), *range(72, 80)]  # head 1 of q, k and v
+
+
+def test_fused_kv_heads_are_tied_to_the_separate_qs_heads():
+    """SegFormer's attention (and PyTorch's cross-attention): Q alone, K and V fused as [B, T, 2,
+    heads, dh]. Read as heads, the K/V heads went into a group of their own, because Q's head
+    reshape was read the other way too and MatMul did not tie Q's untracked head axis: pruning
+    wrote a model that failed in ONNX Runtime. Only a reshape whose slices are taken one by one
+    is read the other way now, and a MatMul operand holding channels on another axis blocks the
+    batch axis: Q's, K's and V's heads are one group."""
+    groups = _groups(ALL_MODELS["transformer_encoder"](qkv="kv"))
+    g = _by_origin(groups, "matmul_0_out")
+    assert g.prunable and g.channels == 4, g.reason
+    assert {o.tensor for o in g.origins} == {"matmul_0_out", "matmul_1_out"}
+
+
+def test_a_matmul_operand_with_channels_on_another_axis_blocks_the_batch_axis():
+    """A MatMul whose A holds its channels on the contracted axis (blocked there) and whose B
+    carries channels on a batch axis: A's batch axis is not tracked, so B's channels there
+    cannot shrink alone."""
+    b = GraphBuilder("mm", seed=0)
+    x = b.input("input", [1, 8, 4])
+    heads = b.transpose(b.reshape(b.linear(x, 8), [1, 8, 2, 4]), [0, 2, 3, 1])  # B: [1, 2 heads, 4, 8]
+    a_ = b.linear(b.input("other", [1, 2, 4, 4]), 4)  # A: [1, 2, 4, 4], its channels on the contracted axis
+    b.output(b.matmul(a_, heads), "out")  # [1, 2, 4, 8]
+    groups = _groups(b.build())
+    g = _by_origin(groups, "matmul_0_out")
+    assert g.channels == 2 and not g.prunable and "untracked axis" in g.reason, (g.channels, g.reason)
+
+
+def test_heads_merged_back_into_nchw_reach_a_1x1_conv():
+    """The heads merged back into NCHW are a block of dh input channels per head of the 1x1
+    projection, which Conv refused (any block): MatMul read such blocks already."""
+    g = _by_origin(_groups(builders.conv_attention()), "conv_0_out")
+    assert g.prunable and g.channels == 2 and g.unit_sizes() == [24, 24], g.reason
+    roles = {(gm.member.node.name, gm.member.role) for gm in g.members if isinstance(gm.member, ParamSlice)}
+    assert ("conv_1", "weight.in") in roles
 
 
 def test_gather_moves_the_channel_axis_and_blocks_on_it():

@@ -87,11 +87,17 @@ def test_exact_after_fold_batchnorm(name):
     assert prune_dead_and_compare(ALL_MODELS[name](), fold=True) > 0
 
 
-@pytest.mark.parametrize("qkv", ["slice", "gather", "split"])
+@pytest.mark.parametrize("qkv", ["slice", "gather", "split", "kv"])
 def test_exact_when_fused_qkv_heads_are_dead(qkv):
     """Heads of a fused QKV projection ([B, T, 3, heads, dh]) go as 3 x dh columns of it, the
     reshape's head count and dh rows of the output projection: exact when those rows are zero."""
     assert prune_dead_and_compare(ALL_MODELS["transformer_encoder"](qkv=qkv), ratio=0.5) > 0
+
+
+def test_exact_when_conv_attention_heads_are_dead():
+    from edgec.builders import conv_attention
+
+    assert prune_dead_and_compare(conv_attention(), ratio=0.5) > 0
 
 
 def test_exact_on_digits_example():

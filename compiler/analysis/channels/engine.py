@@ -23,6 +23,7 @@ class ChannelAnalysis:
         # read; ``prefer``: those whose heads (not their d slices) are the units
         self.ambiguous: dict[int, list[int]] = {}
         self.prefer = prefer
+        self.indexed: set[int] = set()  # elements taken one by one off their axis (Squeeze, Gather of an index)
         self.parent: list[int] = []
         self.reasons: dict[int, list[str]] = {}
         self.maps: dict[str, TMap] = {}
@@ -142,18 +143,16 @@ def analyse(ir: IR) -> ChannelAnalysis:
     a.run()
     if not a.ambiguous:
         return a
-    groups = find_groups(ir, a)
-    stuck = _blocked_roots(a, groups)
-    flip = frozenset(k for k, elems in a.ambiguous.items() if any(a.find(e) in stuck for e in elems))
+    # only a reshape whose slices are then taken one by one (Slice + Squeeze, Gather of an index,
+    # Split + Squeeze) is read the other way: there its first factor is not a channel axis
+    indexed = {a.find(e) for e in a.indexed}
+    flip = frozenset(k for k, elems in a.ambiguous.items() if any(a.find(e) in indexed for e in elems))
     if not flip:
         return a
     b = ChannelAnalysis(ir, flip)
     b.run()
-    return b if _prunable_units(find_groups(ir, b)) > _prunable_units(groups) else a
-
-
-def _blocked_roots(a: ChannelAnalysis, groups: list[ChannelGroup]) -> set[int]:
-    return {u for g in groups if not g.prunable for u in g.units}
+    # (a tie keeps the heads' reading: its reasons name what really blocks, not the squeezed slices)
+    return b if _prunable_units(find_groups(ir, b)) >= _prunable_units(find_groups(ir, a)) else a
 
 
 def _prunable_units(groups: list[ChannelGroup]) -> int:

@@ -98,10 +98,10 @@ def r_conv(a: ChannelAnalysis, node) -> None:
     group = int(node.attrs.get("group", 1))
     cout, cin_g = int(w.shape[0]), int(w.shape[1])
     cin = cin_g * group
-    if m is not None and (m.axis != 1 or m.block != 1):
+    if m is not None and (m.axis != 1 or (m.block != 1 and group != 1)):
         a.block(m.elems, f"{_name(node)} reads channels on axis {m.axis} (block {m.block})")
         m = None
-    if group == 1:
+    if group == 1:  # (a block of input channels per element: heads merged back into NCHW, as MatMul reads them)
         out = a.origin(y, node, 1, cout)
         _add_param(a, node, 1, 0, out, "weight.out")
         if not _optional_param(a, node, 2, out, 0, "bias", cout):
@@ -214,7 +214,7 @@ def r_matmul(a: ChannelAnalysis, node) -> None:
         return
     # Two activations (attention): batch axes are tied/passed, the row axis of A and the
     # column axis of B pass through, the contracted axes block.
-    outm = None
+    outm, carried = None, []
     for t, m, r, kind in ((A, ma, ra, "A"), (B, mb, rb, "B")):
         if m is None:
             continue
@@ -229,16 +229,21 @@ def r_matmul(a: ChannelAnalysis, node) -> None:
             a.tie(outm.elems, m.elems)
         else:
             outm = TMap(oax, m.elems, m.block)
+        carried.append(kind)
     if outm is None:
         return
     if outm.axis < ry - 2:  # a batch axis: the other operand must have it too (or broadcast 1)
-        for t, m, r in ((A, ma, ra), (B, mb, rb)):
-            if m is not None:
+        for t, m, r, kind in ((A, ma, ra, "A"), (B, mb, rb, "B")):
+            if kind in carried:
                 continue
             ax = outm.axis - (ry - r)
-            if ax >= 0 and _dim(t, ax) != 1:
-                m2 = a.ensure(t, ax, len(outm.elems), f"{_name(node)} operand '{t.name}' is not tracked")
-                a.tie(outm.elems, m2.elems)
+            if ax < 0 or _dim(t, ax) == 1:
+                continue
+            if m is not None:  # its channels are on another axis: this one is not tracked, so it cannot shrink
+                a.block(outm.elems, f"{_name(node)}: operand '{t.name}' holds these channels on an untracked axis")
+                continue
+            m2 = a.ensure(t, ax, len(outm.elems), f"{_name(node)} operand '{t.name}' is not tracked")
+            a.tie(outm.elems, m2.elems)
     a.set(y, outm)
 
 
@@ -458,6 +463,8 @@ def r_gather(a: ChannelAnalysis, node) -> None:
     axis = _norm_axis(int(node.attrs.get("axis", 0)), r)
     if axis == m.axis:
         a.block(m.elems, f"{_name(node)} gathers along the channel axis")
+        if q == 0:  # one index: a single unit taken off the axis
+            a.indexed.update(m.elems)
         return
     a.set(node.outputs[0], TMap(m.axis if m.axis < axis else m.axis + q - 1, m.elems, m.block))
 
@@ -666,6 +673,7 @@ def r_squeeze(a: ChannelAnalysis, node) -> None:
         axes = [k for k, d in enumerate(xs) if d == 1]
     if m.axis in axes:
         a.block(m.elems, f"{_name(node)} squeezes the channel axis")
+        a.indexed.update(m.elems)
         return
     a.set(node.outputs[0], TMap(m.axis - sum(1 for x in axes if x < m.axis), m.elems, m.block))
 
