@@ -149,7 +149,9 @@ def compile_text(r: dict) -> str:
             how = f"MACs target -{pr['macs_target']:.0%} (solved {how})"
         lines.append(f"  pruning: {how}, importance {pr['importance']}, {pr['mode']}, {pr['steps']} step(s), "
                      f"round to {pr['round_to']}, reconstruct {'on' if pr['reconstruct'] else 'off'}: "
-                     f"{len(pruned)} of {len(groups)} groups pruned, {len(blocked)} unprunable")
+                     f"{len(pruned)} of {len(groups)} groups pruned, {len(blocked)} unprunable"
+                     + (f", {len(groups) - len(pruned) - len(blocked)} kept whole (rounding, the per-group cap or "
+                        f"the allocation)" if len(groups) - len(pruned) - len(blocked) else ""))
         ch = pr.get("choice")
         if ch and ch.get("why"):
             lines.append(f"    auto: kept {ch['chosen']['importance']}/{ch['chosen']['mode']} without measuring: {ch['why']}")

@@ -1239,3 +1239,15 @@ def test_sensitivity_on_a_float16_model():
     for refit in (False, True):
         (err,) = sens.measure(ir, [group], trials, feeds, refit=refit)[group.id]
         assert 0 < err < 1
+
+
+def test_the_text_report_counts_groups_kept_whole():
+    """Groups that could lose units but kept them all (3 heads at 30%: 0.9 of a head rounds to
+    none) were in no count of the text report's pruning line: 'N of M groups pruned, K
+    unprunable' did not add up."""
+    model = ALL_MODELS["transformer_encoder"](d_model=24, heads=3, qkv="slice")
+    res = edgec.compile(model, None, prune=0.3, importance="l1", prune_mode="uniform", round_to=1)
+    groups = res.report["pruning"]["groups"]
+    whole = [g for g in groups if g["prunable"] and not g["removed"]]
+    assert whole and any(g["channels_before"] == 3 for g in whole), groups
+    assert f"{len(whole)} kept whole" in compile_text(res.report)
