@@ -503,3 +503,23 @@ def test_target_checks_read_nodes_inside_nested_bodies():
     assert sorted(n.name for n in checks.all_nodes(ir.graph) if n.op == "Relu") == ["b_op", "e_op", "t_op"]
     problems = checks.check_ops(ir, lambda n: "refused here" if n.name == "e_op" else None)
     assert len(problems) == 1 and "e_op" in problems[0], problems
+
+
+def _sequence_first(t: int = 20):
+    """[T, B, C] (PyTorch's sequence-first layout): MatMul, Softmax and Slice on a first dim of T."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((64, 64)) * 0.1).astype(np.float32), "w")
+    c = lambda n, v: numpy_helper.from_array(np.asarray(v, np.int64), n)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Softmax", ["h"], ["s"], axis=-1),
+             helper.make_node("Slice", ["s", "st", "en", "ax"], ["y"])]
+    g = helper.make_graph(nodes, "seq_first", [f32("x", [t, 1, 64])], [f32("y", [t, 1, 32])],
+                          [w, c("st", [8]), c("en", [40]), c("ax", [2])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_rknn_warns_not_refuses_softmax_on_a_first_dim_above_one():
+    """A sequence-first model ([T, B, C]) was refused for rknn: 'Softmax with batch size 1 only
+    (batch is 20)', the input's first dim read as a batch. RKNN-Toolkit2's simulator builds and
+    runs it (tests/test_rknn_simulator.py); the op list's remark is now a warning."""
+    r = edgec.compile(_sequence_first(), None, target="rknn")
+    assert any("batch size 1" in n and "Softmax" in n for n in r.report["notes"]), r.report["notes"]

@@ -93,6 +93,16 @@ def test_float_builds_match_onnxruntime(rknn, tmp_path):
     _check(jobs, rknn.run_jobs("rknn", jobs), refs, min_cos=0.9999)
 
 
+def test_softmax_and_slice_on_a_first_dim_above_one_build_and_match(rknn, tmp_path):
+    """RKNN-Toolkit2's op list gives Softmax and Slice for batch size 1 only; its simulator
+    builds and runs them on a sequence-first [20, 1, 64] tensor, matching ONNX Runtime, which is
+    why edgec warns there instead of refusing (tests/test_backends.py)."""
+    from test_backends import _sequence_first
+
+    jobs, refs = _compile_jobs(tmp_path, {"seq_first": _sequence_first()}, quantize=False)
+    _check(jobs, rknn.run_jobs("rknn", jobs), refs, min_cos=0.9999)
+
+
 def test_example_float_and_int8_from_edgec_dataset(rknn, tmp_path):
     model = onnx.load(EXAMPLE / "model.onnx")
     with np.load(EXAMPLE / "calib.npz") as z:
