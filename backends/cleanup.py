@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgec.passes import (CollapseReshapes, DedupInitializers, EliminateDead, EliminateIdentity, FoldBatchNorm,
-                          FoldConstants, FoldConvAffine, FoldShapes, FuseTransposes, InferShapes)
+                          FoldConstants, FoldConvAffine, FoldShapes, FuseTransposes, InferShapes, InlineIf)
 from edgec.pipeline import FixedPoint
 
 
@@ -18,7 +18,7 @@ def lossless_pipeline(extra: list | tuple = (), fold_bytes: int | None = None) -
     return [
         EliminateDead(),
         InferShapes(),
-        FixedPoint([FoldShapes(), fold, EliminateIdentity(), FuseTransposes(), CollapseReshapes(),
+        FixedPoint([FoldShapes(), fold, InlineIf(), EliminateIdentity(), FuseTransposes(), CollapseReshapes(),
                     FoldBatchNorm(), FoldConvAffine(), *extra]),
         DedupInitializers(),
         EliminateDead(),
@@ -31,5 +31,5 @@ def prune_cleanup() -> list:
     exporter wrote it. PyTorch's exporter writes an initializer equal to an earlier one as an
     ``Identity`` of it; read through that Identity, the layer's bias or scale looks computed and
     its channel group unprunable."""
-    return [EliminateDead(), InferShapes(), FixedPoint([FoldShapes(), FoldConstants(), EliminateIdentity()]),
+    return [EliminateDead(), InferShapes(), FixedPoint([FoldShapes(), FoldConstants(), InlineIf(), EliminateIdentity()]),
             EliminateDead()]

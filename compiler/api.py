@@ -559,6 +559,7 @@ def _conformance(run: _Run) -> None:
     run.after = costs_mod.compute(run.ir)
     run.result_model = run.ir.to_onnx()
     loader.check_model(run.result_model)
+    _require_loadable(run)
     found = tgt.conformance(run.ir)
     run.warnings += [p[len("warning:"):].strip() for p in found if p.startswith("warning:")]
     problems = [p for p in found if not p.startswith("warning:")]
@@ -566,6 +567,33 @@ def _conformance(run: _Run) -> None:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UserError(f"the model does not fit target {tgt.name} ({tgt.description}): "
                         + "; ".join(problems[:3]) + more)
+
+
+LOAD_CHECK_BYTES = 1 << 30  # a larger model is not loaded again for the check (its session would cost GBs)
+
+
+def _require_loadable(run: _Run) -> None:
+    """The compiled model loads in ONNX Runtime wherever the original does. onnx's checker passes
+    models ONNX Runtime refuses: an If's branch that is never taken must still type-check, and
+    fixed input shapes can make an exporter's other branch ill-typed (silero-vad's 8 kHz branch at
+    16 kHz shapes). Such a model was written with exit 0."""
+    model = run.result_model
+    if model.ByteSize() > LOAD_CHECK_BYTES:
+        return
+    try:
+        runtime.reference_session(model)
+        return
+    except Exception as e:
+        why = loader.one_line(e)[:300]
+    try:
+        runtime.reference_session(run.original)
+    except Exception:  # the original does not load either (a custom op ...): not something edgec made
+        return
+    if run.options.input_shapes:
+        raise UserError(f"ONNX Runtime cannot load the model with the input shapes given (--input-shape), though it "
+                        f"loads the original ({why}); nothing was written")
+    raise InternalError(f"ONNX Runtime cannot load the compiled model, though it loads the original ({why}); "
+                        f"nothing was written")
 
 
 def _verify(run: _Run) -> None:

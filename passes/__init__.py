@@ -16,6 +16,7 @@ from . import (  # noqa: F401
     fuse_transposes,
     gemm_to_conv,
     infer_shapes,
+    inline_if,
     narrow_int64,
     prune_channels,
     quantize,
@@ -39,6 +40,7 @@ from .fold_shapes import FoldShapes
 from .fuse_transposes import FuseTransposes
 from .gemm_to_conv import GemmToConv
 from .infer_shapes import InferShapes
+from .inline_if import InlineIf
 from .narrow_int64 import NarrowInt64
 from .prune_channels import PruneChannels
 from .quantize import QuantizeQDQ
@@ -48,4 +50,4 @@ from .sparsify_24 import Sparsify24
 
 __all__ = ["CollapseReshapes", "ConvertFP16", "DecomposeOps", "DedupInitializers", "EliminateDead", "EqualizeLayers", "EliminateIdentity",
            "FixInputShapes", "FoldBatchNorm", "FoldConstants", "FoldConvAffine", "FoldShapes", "FuseTransposes",
-           "GemmToConv", "InferShapes", "NarrowInt64", "PruneChannels", "QuantizeQDQ", "Reconstruct", "ShuffleTo4D", "Sparsify24"]
+           "GemmToConv", "InferShapes", "InlineIf", "NarrowInt64", "PruneChannels", "QuantizeQDQ", "Reconstruct", "ShuffleTo4D", "Sparsify24"]

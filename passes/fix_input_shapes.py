@@ -61,7 +61,31 @@ class FixInputShapes(Pass):
         try:
             onnx.shape_inference.infer_shapes(ir._skeleton(), check_type=False, strict_mode=True, data_prop=True)
         except onnx.shape_inference.InferenceError as e:
+            if self._fine_once_inlined(ir):  # the failure is in an If branch that is never taken
+                return
             why = " ".join(str(e).split())
             raise UserError(f"--input-shape {given}: the model cannot take these shapes ({why[:300]})") from None
         except Exception:  # (inference itself failing is not the user's shapes: the pipeline goes on)
             pass
+
+    @staticmethod
+    def _fine_once_inlined(ir: IR) -> bool:
+        """Strict inference passes once constants fold and Ifs with a constant condition are
+        inlined (on a copy): an exporter's branch for another sample rate or mode may not
+        type-check at the given shapes, and the clean-up drops it (inline_if)."""
+        from .fold_constants import FoldConstants
+        from .inline_if import InlineIf
+
+        if not any(n.op == "If" for n in ir.nodes):
+            return False
+        trial = ir.copy()
+        ctx = PassContext()
+        try:
+            trial.infer_shapes(force=True)  # (best effort: what folding needs, the condition's shape)
+            FoldConstants().run(trial, ctx)
+            if not InlineIf().run(trial, ctx).changed:
+                return False
+            onnx.shape_inference.infer_shapes(trial._skeleton(), check_type=False, strict_mode=True, data_prop=True)
+        except Exception:
+            return False
+        return True

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto as T, helper, numpy_helper
 
 import edgec
-from edgec import cli
+from edgec import cli, runtime
 from edgec.builders import plain_cnn, resnet_basic
 from edgec.errors import EdgecError, UserError
 
@@ -1130,3 +1130,79 @@ def test_nodes_sharing_a_name_inside_an_if_body_are_named_too(tmp_path):
     out = tmp_path / "out.onnx"
     assert edgec.compile(m, out, verify=True).report["verify"]["passed"]
     ort.InferenceSession(str(out))
+
+
+def _if_model(cond_nodes, cond_inits):
+    """x [1, n] -> If(cond): then Relu(x), else Squeeze(x, axis 1) then Unsqueeze back. With n
+    fixed to 4 the else branch no longer type-checks (a dim of 4 squeezed), as silero-vad's 8 kHz
+    branch does at 16 kHz shapes."""
+    ax = numpy_helper.from_array(np.asarray([1], np.int64), "ax")
+    then = helper.make_graph([helper.make_node("Relu", ["x"], ["t_y"])], "then", [],
+                             [helper.make_tensor_value_info("t_y", T.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Squeeze", ["x", "ax"], ["e_s"]),
+                               helper.make_node("Unsqueeze", ["e_s", "ax"], ["e_y"])], "else", [],
+                              [helper.make_tensor_value_info("e_y", T.FLOAT, None)])
+    nodes = cond_nodes + [helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, "n"])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, "n"])], [ax] + cond_inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_if_with_a_constant_condition_is_inlined():
+    """An exporter's If on a value that is constant (silero-vad's sample rate, once fixed): the
+    branch never taken was kept, and with static input shapes it no longer type-checked, so
+    ONNX Runtime refused the written model after an exit 0. The taken branch is inlined now."""
+    sr = [numpy_helper.from_array(np.asarray(16000, np.int64), n) for n in ("sr", "want")]
+    m = _if_model([helper.make_node("Equal", ["sr", "want"], ["cond"])], sr)
+    r = edgec.compile(m, None, input_shapes={"x": [1, 4]}, verify=True)
+    assert r.report["verify"]["passed"] and "If" not in [n.op_type for n in r.model.graph.node]
+    runtime.reference_session(r.model)  # loads
+    notes = next(p["notes"] for p in r.report["passes"] if p["name"] == "inline_if")
+    assert any("takes its then branch" in n for n in notes), notes
+
+
+def _nested_if(n):
+    """If(sum(x) > 0): Relu(x), else If(...) whose else squeezes axis 1 of x [1, n]: at n = 4 ONNX
+    Runtime refuses the model, while onnx's checker and strict inference pass it (they do not
+    look into the nested branch), as with silero-vad at fixed shapes."""
+    ax = numpy_helper.from_array(np.asarray([1], np.int64), "ax")
+    zero = numpy_helper.from_array(np.asarray(0.0, np.float32), "zero")
+    vi = lambda name: helper.make_tensor_value_info(name, T.FLOAT, None)
+    inner = [helper.make_graph([helper.make_node("Relu", ["x"], ["it"])], "it", [], [vi("it")]),
+             helper.make_graph([helper.make_node("Squeeze", ["x", "ax"], ["s1"]),
+                                helper.make_node("Unsqueeze", ["s1", "ax"], ["ie"])], "ie", [], [vi("ie")])]
+    then = helper.make_graph([helper.make_node("Relu", ["x"], ["t"])], "then", [], [vi("t")])
+    other = helper.make_graph([helper.make_node("If", ["c"], ["e"], then_branch=inner[0], else_branch=inner[1])],
+                              "else", [], [vi("e")])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, n])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, n])], [ax, zero])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_compiled_model_onnx_runtime_cannot_load_is_not_written():
+    """silero-vad with fixed shapes compiled to a model onnx's checker passes and ONNX Runtime
+    refuses (an If branch never taken no longer type-checks), and edgec exited 0. The compiled
+    model must load wherever the original does: a one-line error otherwise, naming the input
+    shapes when they were given."""
+    from types import SimpleNamespace
+
+    from edgec import api
+    from edgec.errors import InternalError
+
+    original, fixed = _nested_if("n"), _nested_if(4)
+    onnx.checker.check_model(fixed, full_check=True)
+    runtime.reference_session(original)
+    with pytest.raises(Exception):
+        runtime.reference_session(fixed)
+    run = lambda shapes: SimpleNamespace(result_model=fixed, original=original,
+                                         options=SimpleNamespace(input_shapes=shapes))
+    with pytest.raises(UserError, match="cannot load the model with the input shapes given"):
+        api._require_loadable(run({"x": [1, 4]}))
+    with pytest.raises(InternalError, match="cannot load the compiled model, though it loads the original"):
+        api._require_loadable(run(None))
+    api._require_loadable(SimpleNamespace(result_model=original, original=original,
+                                          options=SimpleNamespace(input_shapes=None)))  # loads: nothing said
+    api._require_loadable(SimpleNamespace(result_model=fixed, original=fixed,
+                                          options=SimpleNamespace(input_shapes=None)))  # neither loads: not edgec's
