@@ -802,21 +802,37 @@ def _floor_said(c: "verify_mod.Comparison") -> str:
 
 
 def _measurable_heads(original: onnx.ModelProto, result: onnx.ModelProto):
-    """Both models without their data-dependent tails, ending at the tensors both tails read
-    (a detector's boxes and scores before NMS): ``(original, result, those names)``."""
-    heads = data_tail.head_of(original), data_tail.head_of(result)
-    if heads[0] is None or heads[1] is None:
+    """Both models without their data-dependent tails, ending at what the tails read (a detector's
+    boxes and scores before NMS): ``(original, result, the original's names of those)``. The
+    clean-up may rename them (a Cast before NMS removed): the tails read them in the same order,
+    so they pair by position when both read as many, of the same types; else by name."""
+    cuts = data_tail.cut(original), data_tail.cut(result)
+    if cuts[0] is None or cuts[1] is None:
         raise UserError("the model's outputs change shape with the data (NonMaxSuppression, NonZero, ...) and edgec "
                         "cannot find what they are computed from to measure the compiled model's error on")
-    common = [o.name for o in heads[0].graph.output if o.name in {r.name for r in heads[1].graph.output}]
-    if not common:
+    (h0, t0), (h1, t1) = cuts
+    types = [{o.name: o.type.tensor_type.elem_type for o in h.graph.output} for h in (h0, h1)]
+    plain = [o.name for o in h0.graph.output if o.name not in t0.cut and o.name in types[1]]
+    if len(t0.cut) == len(t1.cut) and all(types[0][a] == types[1][b] for a, b in zip(t0.cut, t1.cut)):
+        pairs = list(zip(t0.cut, t1.cut))
+    else:
+        pairs = [(n, n) for n in t0.cut if n in t1.cut]
+    pairs = [(n, n) for n in plain] + pairs
+    if not pairs:
         raise UserError("the model's outputs change shape with the data (NonMaxSuppression, NonZero, ...) and the "
                         "tensors they are computed from have other names in the compiled model: nothing to measure on")
-    for h in heads:
-        keep = [o for o in h.graph.output if o.name in common]
+    for h, side in ((h0, 0), (h1, 1)):
+        outs = {o.name: o for o in h.graph.output}
         del h.graph.output[:]
-        h.graph.output.extend(keep)
-    return heads[0], heads[1], common
+        for k, (a, b) in enumerate(pairs):  # a renamed pair is read under one new name in both
+            name, key = (a, b)[side], a if a == b else f"edgec_measured_{k}"
+            if name != key:
+                h.graph.node.append(onnx.helper.make_node("Identity", [name], [key], name=f"{key}_identity"))
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(outs[name])
+            vi.name = key
+            h.graph.output.append(vi)
+    return h0, h1, [a for a, _ in pairs]
 
 
 def _compare(original, result_model, feeds, *, rtol, atol, generated: bool):

@@ -51,25 +51,44 @@ def _reads(node: onnx.NodeProto) -> list[str]:
     return out
 
 
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                         onnx.TensorProto.BFLOAT16})
+
+
 def cut(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Tail] | None:
     """``(head, tail)``: the model without its data-dependent tail, whose outputs are the graph's
     outputs made before the tail and the tensors the tail reads; None if it has no tail, or if a
-    tensor the tail reads has no known type (it could not be an output)."""
+    tensor the tail reads has no known type (it could not be an output).
+
+    The tail reaches back over what only it reads and that holds no float values (a score
+    threshold's mask, ArgMax's labels, constants): a mask flips where a score crosses the
+    threshold, so measured in its place a few flips outweighed every float error, and the
+    float scores it compares are measured instead."""
     g = model.graph
+    nodes = list(g.node)
     in_tail: list[bool] = []
     made_by_tail: set[str] = set()
-    for node in g.node:
+    for node in nodes:
         t = (node.op_type in DATA_DEPENDENT_OPS and node.domain in _DEFAULT) or any(r in made_by_tail for r in _reads(node))
         in_tail.append(t)
         if t:
             made_by_tail.update(o for o in node.output if o)
     if not any(in_tail):
         return None
-    head_made = {o for node, t in zip(g.node, in_tail) if not t for o in node.output if o}
+    infos = _typed(g)
+    if any(o not in infos for n in nodes for o in n.output if o):  # (an original model may carry no value_info)
+        try:
+            inferred = _typed(onnx.shape_inference.infer_shapes(model).graph)
+            infos = {**inferred, **infos}
+        except Exception:  # inference is best effort
+            pass
+    _reach_back(nodes, in_tail, {o.name for o in g.output}, infos)
+    made_by_tail = {o for node, t in zip(nodes, in_tail) if t for o in node.output if o}
+    head_made = {o for node, t in zip(nodes, in_tail) if not t for o in node.output if o}
     inits = {i.name: i for i in g.initializer}
     cut_names: list[str] = []
     tail_inits: dict[str, onnx.TensorProto] = {}
-    for node, t in zip(g.node, in_tail):
+    for node, t in zip(nodes, in_tail):
         if not t:
             continue
         for r in _reads(node):
@@ -77,24 +96,18 @@ def cut(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Tail] | None:
                 cut_names.append(r)
             elif r in inits:
                 tail_inits[r] = inits[r]
-    infos = _typed(g)
-    if any(n not in infos for n in cut_names):  # (an original model may carry no value_info)
-        try:
-            infos.update(_typed(onnx.shape_inference.infer_shapes(model).graph))
-        except Exception:  # inference is best effort
-            pass
     if any(n not in infos for n in cut_names):
         return None
-    tail = Tail(nodes=[n for n, t in zip(g.node, in_tail) if t],
-                ops=[f"{n.op_type} '{n.name or n.output[0]}'" for n, t in zip(g.node, in_tail)
+    tail = Tail(nodes=[n for n, t in zip(nodes, in_tail) if t],
+                ops=[f"{n.op_type} '{n.name or n.output[0]}'" for n, t in zip(nodes, in_tail)
                      if t and n.op_type in DATA_DEPENDENT_OPS],
                 cut=cut_names, initializers=list(tail_inits.values()), outputs=list(g.output),
-                names=made_by_tail | {n.name for n, t in zip(g.node, in_tail) if t and n.name})
+                names=made_by_tail | {n.name for n, t in zip(nodes, in_tail) if t and n.name})
     head = onnx.ModelProto()
     head.CopyFrom(model)
     hg = head.graph
     del hg.node[:]
-    hg.node.extend(n for n, t in zip(g.node, in_tail) if not t)
+    hg.node.extend(n for n, t in zip(nodes, in_tail) if not t)
     del hg.output[:]
     hg.output.extend(o for o in g.output if o.name not in made_by_tail)
     listed = {o.name for o in hg.output}
@@ -104,6 +117,28 @@ def cut(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Tail] | None:
     del hg.initializer[:]
     hg.initializer.extend(kept)
     return head, tail
+
+
+def _reach_back(nodes: list, in_tail: list[bool], graph_outputs: set[str], infos: dict) -> None:
+    """Nodes read only by the tail whose outputs hold no float values (Constant nodes too) join
+    it, repeatedly: their float inputs are what gets measured."""
+    changed = True
+    while changed:
+        changed = False
+        readers: dict[str, list[int]] = {}
+        for i, n in enumerate(nodes):
+            for r in _reads(n):
+                readers.setdefault(r, []).append(i)
+        for i, n in enumerate(nodes):
+            outs = [o for o in n.output if o]
+            if in_tail[i] or not outs or any(o in graph_outputs for o in outs):
+                continue
+            read_by = [j for o in outs for j in readers.get(o, [])]
+            if not read_by or not all(in_tail[j] for j in read_by):
+                continue
+            types = [infos[o].type.tensor_type.elem_type if o in infos else None for o in outs]
+            if n.op_type == "Constant" or all(t is not None and t not in FLOAT_TYPES for t in types):
+                in_tail[i] = changed = True
 
 
 def _typed(g: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:

@@ -331,7 +331,7 @@ def test_structure_models_are_valid_and_deterministic(name):
     assert all(np.all(np.isfinite(v)) and v.std() > 0 for v in outs.values())
 
 
-def _detector_with_nms(score_threshold: float = 0.3):
+def _detector_with_nms(score_threshold: float = 0.3, casts: bool = False):
     """A small anchor-free detector ending in NonMaxSuppression and a Gather of the kept boxes:
     outputs [K, 3] indices and [K, 4] pixel boxes, K depending on the scores."""
     b = builders.GraphBuilder("nms_detector", seed=0)
@@ -344,6 +344,8 @@ def _detector_with_nms(score_threshold: float = 0.3):
     scores = b.sigmoid(cls)                                              # [1, 2, 64]
     consts = [b.const(np.asarray([v], dtype=dt), n, dtype=dt) for v, n, dt in
               ((10, "max_boxes", np.int64), (0.5, "iou", np.float32), (score_threshold, "score", np.float32))]
+    if casts:  # PyTorch's export of torchvision.ops.nms: float -> float Casts, which the clean-up removes
+        boxes, scores = (b.op("Cast", [t], b.shape(t), to=TensorProto.FLOAT) for t in (boxes, scores))
     sel = b.op("NonMaxSuppression", [boxes, scores, *consts], [-1, 3])
     col = b.op("Gather", [sel, b.const(np.asarray(2, dtype=np.int64), "col", dtype=np.int64)], [-1], axis=1)
     flat_boxes = b.reshape(boxes, [64, 4])
@@ -404,3 +406,35 @@ def test_pruning_a_detector_with_nms_measures_what_nms_reads():
     assert "NonMaxSuppression" in [n.op_type for n in r.model.graph.node]
     got = verify.run(r.model, {"input": calib["input"][:1]})
     assert got["selected"].shape[1] == 3 and got["boxes"].shape[1] == 4
+
+
+
+def test_nms_inputs_renamed_by_the_clean_up_are_still_measured():
+    """PyTorch's export puts float-to-float Casts before NonMaxSuppression; the clean-up removes
+    them, so what NMS reads has other names in the compiled model. --verify and pruning's error
+    matched the two models' measured tensors by name, found none, and refused the compile. They
+    pair by position now (the tails read them in the same order)."""
+    model, measured = _detector_with_nms(casts=True)
+    calib = {"input": builders.smooth_images(32, [3, 32, 32], seed=1)}
+    r = edgec.compile(model, None, quantize="int8", calib=calib, verify=True)
+    assert r.report["verify"]["passed"] and len(r.report["verify"]["measured_before_tail"]) == 3
+    p = edgec.compile(model, None, calib=calib, prune=0.3, round_to=1)
+    assert p.report["pruning"]["error"]["rel_l2"] < 1.0
+
+
+def test_a_score_mask_before_nonzero_is_not_measured_its_scores_are():
+    """A score threshold's boolean mask read only by NonZero flips where a score crosses the
+    threshold; measured in its place, a few flips outweighed every float error. The tail now
+    reaches back over what holds no float values, and the scores the mask compares are measured."""
+    b = builders.GraphBuilder("masked", seed=0)
+    x = b.input("input", [1, 3, 16, 16])
+    scores = b.sigmoid(b.conv(b.conv_bn(x, 8, 3), 4, 1))
+    mask = b.op("Greater", [scores, b.const(np.float32(0.5), "thr")], b.shape(scores))
+    b.op("NonZero", [mask], [4, 16], out_name="idx")
+    m = b.build()
+    m.graph.output.append(helper.make_tensor_value_info("idx", TensorProto.INT64, [4, "k"]))
+    del m.graph.value_info[:]
+    calib = {"input": builders.smooth_images(16, [3, 16, 16], seed=1)}
+    r = edgec.compile(m, None, quantize="int8", calib=calib, verify=True)
+    assert r.report["quantization"]["measured_before_tail"]["tensors"] == [scores]
+    assert r.report["verify"]["passed"]
