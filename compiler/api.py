@@ -434,8 +434,13 @@ def _quantize(run: _Run) -> None:
         if tail is not None:
             run.quant_report["measured_before_tail"] = {"ops": tail.ops, "tensors": tail.cut}
             run.quant_report.setdefault("notes", []).append(
-                f"the error is measured on {', '.join(tail.cut)}, what {', '.join(tail.ops)} reads: its outputs change "
+                f"the error is measured on {_some(tail.cut)}, what {_some(tail.ops)} reads: its outputs change "
                 f"shape with the data; it and everything after it stay as they were")
+
+
+def _some(names: list[str], n: int = 4) -> str:
+    """The first ``n`` names, and how many more (SSDlite's tail reads 95 tensors after 180 ops)."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _quantize_measured(run: _Run, q) -> None:

@@ -438,3 +438,11 @@ def test_a_score_mask_before_nonzero_is_not_measured_its_scores_are():
     r = edgec.compile(m, None, quantize="int8", calib=calib, verify=True)
     assert r.report["quantization"]["measured_before_tail"]["tensors"] == [scores]
     assert r.report["verify"]["passed"]
+
+
+def test_the_tail_note_names_a_few_and_counts_the_rest():
+    """SSDlite's tail reads 95 tensors after 180 ops: the note named every one (10 KB)."""
+    from edgec import api
+
+    assert api._some(["a", "b", "c", "d", "e", "f"]) == "a, b, c, d and 2 more"
+    assert api._some(["a", "b"]) == "a, b"
