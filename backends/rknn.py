@@ -583,6 +583,10 @@ TARGET = Target(
     static_shapes=True,
     float_precision="fp16",
     quant=QuantScheme(activations="asymmetric", weights="per-channel", bias="int32",
+                      # (on the PP-PicoDet layout detector edgec's int8 collapses, and so does RKNN's
+                      # default normal/channel, while its kl_divergence/channel holds: benchmarks/rknn_vendor.py)
+                      alternatives="--quantize vendor (RKNN-Toolkit2 quantizes; try --target-option "
+                                   "quantized_algorithm=kl_divergence), or no --quantize (the NPU runs FP16)",
                       pointwise=("Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "LeakyRelu"),
                       # calibrated Sigmoid/HardSigmoid ranges: RKNN re-derives them on import
                       # (adjust_tanh_sigmoid), and the fixed [0, 1] range measured less faithful in its

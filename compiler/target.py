@@ -37,6 +37,8 @@ class QuantScheme:
     # (edgec.analysis.saturation: a hard-swish's input below -3 is all one value)
     saturation: bool = True
     reason: str = ""                 # why this scheme, for the report
+    # what else to try when int8 collapses (a refusal names it): the options this target takes
+    alternatives: str = "--quantize mixed, or --quantize fp16"
 
 
 @dataclass

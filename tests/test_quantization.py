@@ -1183,3 +1183,16 @@ def test_integer_outputs_beside_float_ones_are_not_measured():
     e = runtime.error_metrics({"y": y, "label": labels}, {"y": y * 1.01, "label": flipped})
     assert e["rel_l2"] == pytest.approx(0.01, rel=1e-3)
     assert runtime.error_metrics({"label": labels}, {"label": flipped})["rel_l2"] > 0.5
+
+
+@pytest.mark.parametrize("target,said", [("cpu", "--quantize mixed"), ("rknn", "--quantize vendor"),
+                                         ("jetson", "no --quantize (TensorRT builds")])
+def test_a_collapse_refusal_names_what_the_target_takes(target, said):
+    """The refusal offered --quantize mixed on every target, which jetson and rknn refuse. It
+    names the target's own ways out: RKNN-Toolkit2's quantizer (on the PP-PicoDet layout
+    detector RKNN's kl_divergence held where edgec's int8 and RKNN's default collapsed), or the
+    float model the device runs in FP16."""
+    with pytest.raises(edgec.VerificationError, match="int8 collapses") as e:
+        edgec.compile(_collapsing_model(), None, target=target, quantize="int8", calib=_flat_inputs(16, 1),
+                      strict_int8=True)
+    assert said in str(e.value), str(e.value)
