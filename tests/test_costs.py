@@ -4,6 +4,7 @@ can be counted by hand."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import edgec
@@ -90,3 +91,41 @@ def test_pass_records_add_up_to_the_cost_totals():
     removed_params = sum(p["params_removed"] for p in r["passes"])
     assert removed_nodes == r["before"]["nodes"] - r["after"]["nodes"]
     assert removed_params == r["before"]["params"] - r["after"]["params"]
+
+
+def test_the_before_column_counts_at_the_input_shapes_given():
+    """With symbolic input dims counted as 1, the report's "before" of a model compiled with
+    --input-shape was a per-pixel count: a captcha recogniser read +2720% MACs after a lossless
+    compile. "before" is counted at the shapes given now, as the static model's is."""
+    import edgec
+    from edgec.builders import plain_cnn
+
+    static = plain_cnn()
+    dynamic = onnx.ModelProto()
+    dynamic.CopyFrom(static)
+    for k, d in enumerate(dynamic.graph.input[0].type.tensor_type.shape.dim):
+        if k >= 2:
+            d.dim_param = "hw"
+    shape = [d.dim_value for d in static.graph.input[0].type.tensor_type.shape.dim]
+    a = edgec.compile(static, None).report["before"]
+    b = edgec.compile(dynamic, None, input_shapes={static.graph.input[0].name: shape}).report["before"]
+    assert b["macs"] == a["macs"] and b["params"] == a["params"], (a, b)
+
+
+def test_weights_held_as_constant_nodes_inside_an_if_are_counted():
+    """silero-vad keeps its weights as Constant nodes inside If branches: "before" read 0
+    parameters, and the report called every weight new."""
+    w = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    branch = lambda name: onnx.helper.make_graph(
+        [onnx.helper.make_node("Constant", [], [f"{name}_w"], value=w),
+         onnx.helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_y"])], name, [],
+        [onnx.helper.make_tensor_value_info(f"{name}_y", onnx.TensorProto.FLOAT, [1, 4])])
+    g = onnx.helper.make_graph([onnx.helper.make_node("If", ["c"], ["y"], then_branch=branch("t"), else_branch=branch("e"))],
+                               "g", [onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+                                     onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    import edgec
+
+    c = costs.compute(edgec.from_model(m))
+    assert c.params == 32, c.params  # both branches' weights

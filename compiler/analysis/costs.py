@@ -146,6 +146,21 @@ def node_macs(ir: IR, node: gs.Node) -> int:
     return 0
 
 
+def _body_macs(ir: IR, body: gs.Graph) -> int:
+    """MACs of an If branch, with the shapes its tensors carry (an If inside it: its costlier branch)."""
+    total = 0
+    for n in body.nodes:
+        if n.op == "If":
+            total += max((_body_macs(ir, b) for b in (n.attrs.get("then_branch"), n.attrs.get("else_branch"))
+                          if isinstance(b, gs.Graph)), default=0)
+        else:
+            try:
+                total += node_macs(ir, n)
+            except Exception:  # (a body's shapes may be partial: it counts what it can)
+                pass
+    return total
+
+
 def compute(ir: IR) -> Costs:
     """Costs of ``ir`` (cached until the graph changes)."""
     cached = ir.analysis_cache.get("costs")
@@ -180,7 +195,9 @@ def compute(ir: IR) -> Costs:
                 costs.bytes += int(nbytes)
                 nc.weight_bytes += int(nbytes)
         for sub in subgraphs(node):  # weights inside If/Loop/Scan bodies are the model's too
-            for t in sub.tensors().values():
+            # (held as initializers, or as Constant nodes: exporters write both inside bodies)
+            held = [*sub.tensors().values(), *(n.attrs.get("value") for n in sub.nodes if n.op == "Constant")]
+            for t in held:
                 if isinstance(t, gs.Constant) and id(t) not in seen_consts:
                     seen_consts.add(id(t))
                     n = _numel(t.shape)
@@ -191,6 +208,9 @@ def compute(ir: IR) -> Costs:
                     costs.bytes += int(nbytes)
                     nc.weight_bytes += int(nbytes)
         nc.macs = node_macs(ir, node)
+        if node.op == "If":  # the costlier branch (the other is not run); Loop/Scan bodies run an unknown count
+            nc.macs = max((_body_macs(ir, body) for body in (node.attrs.get("then_branch"), node.attrs.get("else_branch"))
+                           if isinstance(body, gs.Graph)), default=0)
         costs.macs += nc.macs
         costs.per_node.append(nc)
     costs.op_histogram = dict(hist.most_common())
