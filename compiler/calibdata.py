@@ -137,7 +137,7 @@ class CalibrationSet:
         for chunk in self._samples_fn():
             n = {len(v) for v in chunk.values()}
             if len(n) != 1:
-                raise UserError(f"{self.where}: inputs have different sample counts {sorted(n)}")
+                raise _different_counts(self.where, {k: len(v) for k, v in chunk.items()})
             k = n.pop()
             if limit is not None:
                 k = min(k, limit - yielded - pending_n)
@@ -449,10 +449,20 @@ def _rekey(data: dict, specs: list[InputSpec], where: str) -> dict:
     return {s.name: _as_batch(np.asarray(data[s.name]), s, where) for s in specs}
 
 
+def _different_counts(where: str, counts: dict[str, int]) -> UserError:
+    """The error for inputs whose first axes disagree, naming each input's count: edgec reads
+    samples along every input's first axis, which a recurrent state laid out [layers, batch,
+    hidden] (silero-vad's) does not hold."""
+    said = ", ".join(f"'{k}' {v}" for k, v in counts.items())
+    return UserError(f"{where}: inputs have different sample counts along their first axis ({said}); edgec reads "
+                     f"calibration samples along each input's first axis, so an input whose batch is on another "
+                     f"axis (a recurrent state [layers, batch, hidden]) needs the model to take it batch-first")
+
+
 def _count(data: dict, where: str) -> int:
     n = {len(v) for v in data.values()}
     if len(n) != 1:
-        raise UserError(f"{where}: inputs have different sample counts {sorted(n)}")
+        raise _different_counts(where, {k: len(v) for k, v in data.items()})
     return n.pop()
 
 
@@ -491,19 +501,19 @@ def _npz_refs(refs: dict, specs, path) -> dict:
 
 def _ref_count(refs: dict, specs, where: str) -> int:
     """Samples per input from the arrays' headers (a sample without a batch axis counts 1)."""
-    counts = set()
+    counts: dict[str, int] = {}
     for s in specs:
         ref = refs[s.name]
         rank = len(s.shape)
         if len(ref.shape) == rank - 1 and rank >= 1:
-            counts.add(1)
+            counts[s.name] = 1
         elif len(ref.shape) == rank:
-            counts.add(len(ref))
+            counts[s.name] = len(ref)
         else:
             raise UserError(f"{ref.where}: input '{s.name}' has shape {list(ref.shape)}, the model expects {_expected(s)}")
-    if len(counts) != 1:
-        raise UserError(f"{where}: inputs have different sample counts {sorted(counts)}")
-    n = counts.pop()
+    if len(set(counts.values())) != 1:
+        raise _different_counts(where, counts)
+    n = next(iter(counts.values()))
     if n == 0:
         raise UserError(f"{where}: the calibration data holds no samples")
     return n

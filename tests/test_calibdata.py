@@ -225,3 +225,17 @@ def test_measuring_subsets_are_spread_over_a_sorted_set_and_nest(tmp_path):
     uneven = [{"x": np.zeros((32, 3, 4, 4), np.float32)}, {"x": np.ones((32, 3, 4, 4), np.float32)},
               {"x": np.ones((1, 3, 4, 4), np.float32)}]
     assert calibdata.subset(uneven, 32).samples == 32 and calibdata.subset(uneven, 8).samples == 32
+
+
+def test_inputs_whose_first_axes_disagree_are_named_with_their_counts(tmp_path):
+    """A recurrent state laid out [layers, batch, hidden] (silero-vad's [2, 1, 128]) beside a
+    batch-first input: 'different sample counts [1, 2]' named neither input nor the reason. Each
+    input's count is named now, and why edgec needs the batch first."""
+    m = _model(inputs=("a", "b"))
+    np.savez(tmp_path / "c.npz", a=np.zeros((4, 3, 4, 4), np.float32), b=np.ones((2, 3, 4, 4), np.float32))
+    with pytest.raises(UserError, match=r"along their first axis \('a' 4, 'b' 2\).*batch-first"):
+        list(calibdata.load_calibration(tmp_path / "c.npz", m))
+    (tmp_path / "d").mkdir()
+    np.savez(tmp_path / "d" / "s0.npz", a=np.zeros((1, 3, 4, 4), np.float32), b=np.ones((2, 3, 4, 4), np.float32))
+    with pytest.raises(UserError, match=r"\('a' 1, 'b' 2\)"):
+        list(calibdata.load_calibration(tmp_path / "d", m))
