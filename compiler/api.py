@@ -824,20 +824,27 @@ def _floor_said(c: "verify_mod.Comparison") -> str:
 def _measurable_heads(original: onnx.ModelProto, result: onnx.ModelProto):
     """Both models without their data-dependent tails, ending at what the tails read (a detector's
     boxes and scores before NMS): ``(original, result, the original's names of those)``. The
-    clean-up may rename them (a Cast before NMS removed): the tails read them in the same order,
-    so they pair by position when both read as many, of the same types; else by name."""
+    clean-up may rename them (a Cast before NMS removed) and reorder the nodes: they pair by where
+    the tails read them (the reading node's output and the input slot), else by name."""
     cuts = data_tail.cut(original), data_tail.cut(result)
     if cuts[0] is None or cuts[1] is None:
         raise UserError("the model's outputs change shape with the data (NonMaxSuppression, NonZero, ...) and edgec "
                         "cannot find what they are computed from to measure the compiled model's error on")
     (h0, t0), (h1, t1) = cuts
-    types = [{o.name: o.type.tensor_type.elem_type for o in h.graph.output} for h in (h0, h1)]
-    plain = [o.name for o in h0.graph.output if o.name not in t0.cut and o.name in types[1]]
-    if len(t0.cut) == len(t1.cut) and all(types[0][a] == types[1][b] for a, b in zip(t0.cut, t1.cut)):
-        pairs = list(zip(t0.cut, t1.cut))
-    else:
-        pairs = [(n, n) for n in t0.cut if n in t1.cut]
-    pairs = [(n, n) for n in plain] + pairs
+    outs = [{o.name: o.type.tensor_type for o in h.graph.output} for h in (h0, h1)]
+
+    def same_kind(a: str, b: str) -> bool:  # the same element type, and the same shape where both are static
+        ta, tb = outs[0][a], outs[1][b]
+        da = [d.dim_value if d.HasField("dim_value") else None for d in ta.shape.dim]
+        db = [d.dim_value if d.HasField("dim_value") else None for d in tb.shape.dim]
+        return ta.elem_type == tb.elem_type and (None in da or None in db or da == db)
+
+    by_reader = {t1.where[n]: n for n in t1.cut if n in t1.where}
+    pairs = [(n, n) for n in outs[0] if n not in t0.cut and n in outs[1] and n not in t1.cut and same_kind(n, n)]
+    for a in t0.cut:  # by where the tails read them (the reader's output and slot survive the clean-up)
+        b = by_reader.get(t0.where.get(a)) or (a if a in t1.cut else None)
+        if b is not None and same_kind(a, b):
+            pairs.append((a, b))
     if not pairs:
         raise UserError("the model's outputs change shape with the data (NonMaxSuppression, NonZero, ...) and the "
                         "tensors they are computed from have other names in the compiled model: nothing to measure on")

@@ -32,6 +32,7 @@ class Tail:
     initializers: list[onnx.TensorProto]
     outputs: list[onnx.ValueInfoProto]
     names: set[str] = field(default_factory=set)  # every name the tail defines (kept free in the head)
+    where: dict = field(default_factory=dict)  # cut tensor -> (its first tail reader's first output, input slot)
 
 
 def has_tail(ops) -> bool:
@@ -58,14 +59,21 @@ FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.
 def cut(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Tail] | None:
     """``(head, tail)``: the model without its data-dependent tail, whose outputs are the graph's
     outputs made before the tail and the tensors the tail reads; None if it has no tail, or if a
-    tensor the tail reads has no known type (it could not be an output).
+    tensor the tail reads has no known type (it could not be an output). ``model`` is not
+    changed (the tail's nodes are copies).
 
-    The tail reaches back over what only it reads and that holds no float values (a score
-    threshold's mask, ArgMax's labels, constants): a mask flips where a score crosses the
-    threshold, so measured in its place a few flips outweighed every float error, and the
-    float scores it compares are measured instead."""
+    The tail reaches back over what holds no float values (a score threshold's mask, ArgMax's
+    labels, constants): a mask flips where a score crosses the threshold, so measured in its
+    place a few flips outweighed every float error; the float scores it compares are measured
+    instead. A node the head reads too is copied into the tail. The tail owns the initializers
+    it reads (a copy under a new name where the head reads one too), so nothing the lossy stage
+    does to the head's constants reaches it."""
     g = model.graph
-    nodes = list(g.node)
+    nodes = []
+    for n in g.node:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        nodes.append(c)
     in_tail: list[bool] = []
     made_by_tail: set[str] = set()
     for node in nodes:
@@ -82,19 +90,39 @@ def cut(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Tail] | None:
             infos = {**inferred, **infos}
         except Exception:  # inference is best effort
             pass
-    _reach_back(nodes, in_tail, {o.name for o in g.output}, infos)
+    taken = _all_names(model)
+    _reach_back(nodes, in_tail, {o.name for o in g.output}, infos, taken)
     made_by_tail = {o for node, t in zip(nodes, in_tail) if t for o in node.output if o}
     head_made = {o for node, t in zip(nodes, in_tail) if not t for o in node.output if o}
+    head_reads = {r for node, t in zip(nodes, in_tail) if not t for r in _reads(node)} | {o.name for o in g.output}
     inits = {i.name: i for i in g.initializer}
     cut_names: list[str] = []
+    where: dict[str, tuple] = {}  # cut tensor -> (its first tail reader's first output, input slot)
     tail_inits: dict[str, onnx.TensorProto] = {}
     for node, t in zip(nodes, in_tail):
         if not t:
             continue
-        for r in _reads(node):
+        for slot, r in enumerate(node.input):
+            if r in inits and r in head_reads:  # shared with the head: the tail reads its own copy
+                own = _fresh(f"{r}__tail", taken)
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[r])
+                copy.name = own
+                inits[own] = copy
+                for other, o_t in zip(nodes, in_tail):
+                    if o_t:
+                        _rename_reads(other, r, own)
+                r = own
             if r in head_made and r not in cut_names:
                 cut_names.append(r)
+                where[r] = (node.output[0] if node.output else node.name, slot)
             elif r in inits:
+                tail_inits[r] = inits[r]
+        for r in _reads(node):  # names its bodies read from outside
+            if r in head_made and r not in cut_names:
+                cut_names.append(r)
+                where[r] = (node.output[0] if node.output else node.name, -1)
+            elif r in inits and r not in head_reads:
                 tail_inits[r] = inits[r]
     if any(n not in infos for n in cut_names):
         return None
@@ -102,7 +130,8 @@ def cut(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Tail] | None:
                 ops=[f"{n.op_type} '{n.name or n.output[0]}'" for n, t in zip(nodes, in_tail)
                      if t and n.op_type in DATA_DEPENDENT_OPS],
                 cut=cut_names, initializers=list(tail_inits.values()), outputs=list(g.output),
-                names=made_by_tail | {n.name for n, t in zip(nodes, in_tail) if t and n.name})
+                names=made_by_tail | set(tail_inits) | {n.name for n, t in zip(nodes, in_tail) if t and n.name},
+                where=where)
     head = onnx.ModelProto()
     head.CopyFrom(model)
     hg = head.graph
@@ -119,9 +148,46 @@ def cut(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Tail] | None:
     return head, tail
 
 
-def _reach_back(nodes: list, in_tail: list[bool], graph_outputs: set[str], infos: dict) -> None:
-    """Nodes read only by the tail whose outputs hold no float values (Constant nodes too) join
-    it, repeatedly: their float inputs are what gets measured."""
+def _all_names(model: onnx.ModelProto) -> set[str]:
+    names = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
+
+    def walk(g):
+        for n in g.node:
+            names.update(n.output)
+            if n.name:
+                names.add(n.name)
+            for a in n.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    names.update(i.name for i in sub.initializer)
+                    walk(sub)
+    walk(model.graph)
+    return names
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}{k}"
+    taken.add(name)
+    return name
+
+
+def _rename_reads(node: onnx.NodeProto, old: str, new: str) -> None:
+    """``node`` (and its bodies) read ``new`` where they read ``old``."""
+    for i, x in enumerate(node.input):
+        if x == old:
+            node.input[i] = new
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for inner in sub.node:
+                _rename_reads(inner, old, new)
+
+
+def _reach_back(nodes: list, in_tail: list[bool], graph_outputs: set[str], infos: dict, taken: set[str]) -> None:
+    """Nodes the tail reads whose outputs hold no float values (Constant nodes too) join it:
+    their float inputs are what gets measured. One the head reads too is copied into the tail
+    under new output names."""
     changed = True
     while changed:
         changed = False
@@ -134,11 +200,34 @@ def _reach_back(nodes: list, in_tail: list[bool], graph_outputs: set[str], infos
             if in_tail[i] or not outs or any(o in graph_outputs for o in outs):
                 continue
             read_by = [j for o in outs for j in readers.get(o, [])]
-            if not read_by or not all(in_tail[j] for j in read_by):
+            if not any(in_tail[j] for j in read_by):
                 continue
             types = [infos[o].type.tensor_type.elem_type if o in infos else None for o in outs]
-            if n.op_type == "Constant" or all(t is not None and t not in FLOAT_TYPES for t in types):
+            if not (n.op_type == "Constant" or all(t is not None and t not in FLOAT_TYPES for t in types)):
+                continue
+            if all(in_tail[j] for j in read_by):
                 in_tail[i] = changed = True
+                break
+            copy = onnx.NodeProto()  # the head reads it too: the tail gets its own
+            copy.CopyFrom(n)
+            if copy.name:
+                copy.name = _fresh(f"{copy.name}__tail", taken)
+            for k, o in enumerate(copy.output):
+                if o:
+                    new = _fresh(f"{o}__tail", taken)
+                    copy.output[k] = new
+                    if o in infos:
+                        vi = onnx.ValueInfoProto()
+                        vi.CopyFrom(infos[o])
+                        vi.name = new
+                        infos[new] = vi
+                    for j in set(read_by):
+                        if in_tail[j]:
+                            _rename_reads(nodes[j], o, new)
+            nodes.insert(i + 1, copy)
+            in_tail.insert(i + 1, True)
+            changed = True
+            break
 
 
 def _typed(g: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:

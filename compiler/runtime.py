@@ -334,13 +334,7 @@ class ErrorAccumulator:
         self.channels: dict[tuple[str, int], np.ndarray] = {}  # (output, axis) -> [2, n]: sum r^2, sum d^2
 
     def add(self, ref: dict, got: dict) -> None:
-        # integer and boolean outputs (labels, masks) beside float ones are not measured: a label
-        # flips where two scores tie and a mask where a score crosses its threshold, so a few
-        # flips would outweigh every float error (a detector's ArgMax labels beside its scores)
-        floats = {n for n, r in ref.items() if np.asarray(r).dtype.kind in "fc"}
         for name, r in ref.items():
-            if floats and name not in floats:
-                continue
             r = np.asarray(r, dtype=np.float64)
             g = np.asarray(got[name], dtype=np.float64)
             if r.shape != g.shape:

@@ -446,3 +446,61 @@ def test_the_tail_note_names_a_few_and_counts_the_rest():
 
     assert api._some(["a", "b", "c", "d", "e", "f"]) == "a, b, c, d and 2 more"
     assert api._some(["a", "b"]) == "a, b"
+
+
+def _tail_model(extra_nodes, extra_inits, outputs):
+    """A conv 'detector': boxes [1, 64, 4] through three convs, scores [1, 4, 64] through one,
+    NonMaxSuppression, then ``extra_nodes``."""
+    rng = np.random.default_rng(0)
+    init = lambda n, a: numpy_helper.from_array(np.asarray(a), n)
+    inits = [init("W1", rng.normal(0, .3, (8, 4, 3, 3)).astype(np.float32)),
+             init("W2", rng.normal(0, .3, (8, 8, 3, 3)).astype(np.float32)),
+             init("W3", rng.normal(0, .3, (4, 8, 1, 1)).astype(np.float32)),
+             init("Ws", rng.normal(0, .3, (4, 4, 1, 1)).astype(np.float32)),
+             init("shp", np.array([1, 4, 64], np.int64)), init("mo", np.array([5], np.int64)),
+             init("iou", np.array([0.5], np.float32)), init("two", np.array([2], np.int64))] + extra_inits
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2"], ["c2"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "W3"], ["c3"]), helper.make_node("Reshape", ["c3", "shp"], ["b4"]),
+             helper.make_node("Transpose", ["b4"], ["boxes"], perm=[0, 2, 1]),
+             helper.make_node("Conv", ["x", "Ws"], ["cs"]), helper.make_node("Reshape", ["cs", "shp"], ["s4"]),
+             helper.make_node("Sigmoid", ["s4"], ["scores"]),
+             helper.make_node("NonMaxSuppression", ["boxes", "scores", "mo", "iou"], ["sel"]),
+             helper.make_node("Gather", ["sel", "two"], ["boxidx"], axis=1), helper.make_node("Squeeze", ["boxidx"], ["bi"]),
+             *extra_nodes]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])], outputs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m, full_check=True)
+    return m, {"x": np.random.default_rng(1).normal(0, 1, (16, 4, 8, 8)).astype(np.float32)}
+
+
+def test_the_tail_keeps_its_own_constants():
+    """The tail's constants were left out of the names kept free while it was off, so int8
+    could name its own scale after one ('s4_scale'), and the tail read int8's 0.0187 where it
+    had 640: outputs off by 30,000x, and --verify passed, measuring the head only. The tail owns
+    its constants now (copied where the head reads them too)."""
+    scale = numpy_helper.from_array(np.array(640.0, np.float32), "s4_scale")
+    m, calib = _tail_model([helper.make_node("Gather", ["boxes", "bi"], ["bsel"], axis=1),
+                            helper.make_node("Mul", ["bsel", "s4_scale"], ["out"])], [scale],
+                           [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, None, 4])])
+    r = edgec.compile(m, None, quantize="int8", calib=calib, verify=True)
+    x = {"x": calib["x"][:1]}
+    a, b = verify.run(m, x)["out"], verify.run(r.model, x)["out"]
+    ratio = float(np.linalg.norm(b) / np.linalg.norm(a))  # (NMS may keep another box or two: not elementwise)
+    assert 0.8 < ratio < 1.25, (ratio, a[0, :2], b[0, :2])
+
+
+def test_measured_tensors_pair_by_where_the_tail_reads_them():
+    """A tail that starts at two nodes (NMS, and the labels' ArgMax it reaches back to) reads its
+    tensors in another order once the compiled graph is re-sorted: pairing by order compared
+    boxes with scores (an AssertionError on their shapes). They pair by the reading node and
+    input slot now."""
+    m, calib = _tail_model([helper.make_node("Sigmoid", ["s4"], ["scores2"]),
+                            helper.make_node("ArgMax", ["scores2"], ["labels"], axis=1, keepdims=0),
+                            helper.make_node("Gather", ["labels", "bi"], ["lab"], axis=1)], [],
+                           [helper.make_tensor_value_info("sel", TensorProto.INT64, [None, 3]),
+                            helper.make_tensor_value_info("lab", TensorProto.INT64, [1, None])])
+    for kw in (dict(quantize="int8"), dict(prune=0.3, round_to=1)):
+        r = edgec.compile(m, None, calib=calib, verify=True, **kw)
+        assert r.report["verify"]["passed"] and set(r.report["verify"]["measured_before_tail"]) == {
+            "boxes", "scores", "scores2"}, r.report["verify"]
