@@ -215,7 +215,7 @@ def _check(t: Target, ir: IR) -> list[str]:
         return None
 
     problems += checks.check_ops(ir, verdict)
-    batch1 = sorted({n.op for n in ir.nodes if n.op in BATCH1_OPS})
+    batch1 = sorted({n.op for n in checks.all_nodes(ir.graph) if n.op in BATCH1_OPS})
     if batch1 and batch > 1:
         # RKNN-Toolkit2's op list says batch size 1 for these, but its 2.5.0 simulator builds and runs
         # Softmax and Slice on a first dim of 4 and 20, and a sequence-first transformer ([T, B, C],

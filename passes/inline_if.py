@@ -14,10 +14,12 @@ Post-condition: outputs unchanged bit for bit (the same nodes compute them).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgec.ir import IR
+from edgec.ir import IR, subgraphs
 from edgec.pipeline import Pass, PassContext, PassResult, register
 
 from ._util import is_default_domain
@@ -55,12 +57,31 @@ class InlineIf(Pass):
     def _inline(ir: IR, node: gs.Node, body: gs.Graph) -> None:
         outer = {name: t for name, t in ir.tensors().items()}
         used = set(outer) | {n.name for n in ir.nodes if n.name}
-        for t in body.tensors().values():  # names the branch defines that the graph uses: renamed
+        for other in ir.nodes:  # names defined in the other bodies too: sibling bodies may share one
+            if other is node:
+                continue
+            for sub in subgraphs(other):
+                used.update(sub.tensors())
+                used.update(n.name for n in sub.nodes if n.name)
+        for sub in subgraphs(node):  # (and the other branch of this If, and bodies inside this one)
+            if sub is not body:
+                used.update(sub.tensors())
+        fresh = itertools.count()
+
+        def rename(name: str) -> str:
+            new = f"{name}__inlined"
+            while new in used:
+                new = f"{name}__inlined{next(fresh)}"
+            used.add(new)
+            return new
+
+        for t in body.tensors().values():  # names the branch defines that are used elsewhere: renamed
             if t.name in used and outer.get(t.name) is not t:
-                t.name = ir.unique_name(t.name)
+                t.name = rename(t.name)
         for n in body.nodes:
             if n.name and n.name in used:
-                n.name = ir.unique_name(n.name)
+                n.name = rename(n.name)
+        ir.reserved |= used  # (unique_name sees the top level only)
         outs = list(node.outputs)
         sources = list(body.outputs)
         node.outputs.clear()

@@ -1206,3 +1206,25 @@ def test_a_compiled_model_onnx_runtime_cannot_load_is_not_written():
                                           options=SimpleNamespace(input_shapes=None)))  # loads: nothing said
     api._require_loadable(SimpleNamespace(result_model=fixed, original=fixed,
                                           options=SimpleNamespace(input_shapes=None)))  # neither loads: not edgec's
+
+
+def test_an_inlined_branch_does_not_clash_with_a_sibling_bodys_names():
+    """Two If bodies may define the same name ('t'); inlining one made it shadow the other's, and a
+    plain lossless compile failed ('t' used as output name twice). The inlined names are kept
+    apart from every body's."""
+    vi = lambda n: helper.make_tensor_value_info(n, T.FLOAT, None)
+    then1 = helper.make_graph([helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Neg", ["t"], ["u"])], "then1", [],
+                              [vi("u")])
+    else1 = helper.make_graph([helper.make_node("Neg", ["x"], ["e1"])], "else1", [], [vi("e1")])
+    then2 = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["t"])], "then2", [], [vi("t")])
+    else2 = helper.make_graph([helper.make_node("Neg", ["x"], ["e2"])], "else2", [], [vi("e2")])
+    nodes = [helper.make_node("Constant", [], ["c1"], value=numpy_helper.from_array(np.array(True))),
+             helper.make_node("If", ["c1"], ["y1"], then_branch=then1, else_branch=else1),
+             helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "zero"], ["c2"]),
+             helper.make_node("If", ["c2"], ["y2"], then_branch=then2, else_branch=else2)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y1", T.FLOAT, [1, 4]), helper.make_tensor_value_info("y2", T.FLOAT, [1, 4])],
+                          [numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    r = edgec.compile(m, None, verify=True)
+    assert r.report["verify"]["passed"] and [n.op_type for n in r.model.graph.node].count("If") == 1
