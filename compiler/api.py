@@ -336,6 +336,9 @@ def _run_pipeline(run: _Run) -> None:
     run.records = PassManager(run.pipeline).run(run.ir, ctx)
 
 
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN", "Einsum")
+
+
 def _costs_before(ir: IR, input_shapes: dict | None) -> "costs_mod.Costs":
     """The input model's costs, at the input shapes given (with symbolic dims counted as 1 the
     "before" of a model compiled with --input-shape was a per-pixel count, and the report's
@@ -343,12 +346,17 @@ def _costs_before(ir: IR, input_shapes: dict | None) -> "costs_mod.Costs":
     a Shape computes leaves every layer after it without a shape, so SSDlite's head counted no
     MACs before and hundreds of millions after (the folding is exact; ``edgec inspect`` counts
     the same way)."""
-    fixed = ir.copy()
     try:
         if input_shapes:
+            fixed = ir.copy()
             FixInputShapes(input_shapes).run(fixed, PassContext())
-        fixed.infer_shapes(force=True)
+            fixed.infer_shapes(force=True)
+        else:  # the IR itself: its shapes are inferred once, here, and the pipeline reuses them
+            fixed = ir
         raw = costs_mod.compute(fixed)  # nodes, parameters and bytes: the model as given
+        if all(IR.static_shape(n.outputs[0]) is not None for n in fixed.nodes
+               if n.op in WEIGHTED_OPS and n.outputs):  # every layer's shape known: nothing to fold for
+            return raw
         folded = fixed.copy()
         PassManager([InferShapes(), FixedPoint([FoldShapes(), FoldConstants()])]).run(folded, PassContext())
     except EdgecError:  # (the pipeline's own passes say so, with their messages)

@@ -142,14 +142,19 @@ def test_the_before_column_counts_layers_after_a_computed_resize():
     w2 = numpy_helper.from_array(rng.normal(0, .3, (4, 4, 3, 3)).astype(np.float32), "w2")
     c = lambda n, v: numpy_helper.from_array(np.asarray(v, np.int64), n)
     nodes = [helper.make_node("Conv", ["x", "w1"], ["y"], pads=[1, 1, 1, 1]), helper.make_node("Shape", ["y"], ["s"]),
-             helper.make_node("Slice", ["s", "two", "four"], ["hw"]), helper.make_node("Mul", ["hw", "k"], ["hw2"]),
+             helper.make_node("Slice", ["s", "two", "four"], ["hw"]),  # sizes as torchvision writes them:
+             helper.make_node("Cast", ["hw"], ["hwf"], to=TensorProto.FLOAT),  # floor(hw * 2.0), which onnx's
+             helper.make_node("Mul", ["hwf", "kf"], ["hwk"]), helper.make_node("Floor", ["hwk"], ["hwfl"]),  # data
+             helper.make_node("Cast", ["hwfl"], ["hw2"], to=TensorProto.INT64),  # propagation does not follow
              helper.make_node("Concat", ["nc", "hw2"], ["sizes"], axis=0),
              helper.make_node("Resize", ["y", "", "", "sizes"], ["r"], mode="nearest"),
              helper.make_node("Conv", ["r", "w2"], ["z"], pads=[1, 1, 1, 1])]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                           [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
-                          [w1, w2, c("two", [2]), c("four", [4]), c("k", [2]), c("nc", [1, 4])])
+                          [w1, w2, c("two", [2]), c("four", [4]), c("nc", [1, 4]),
+                           numpy_helper.from_array(np.asarray([2.0], np.float32), "kf")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     r = edgec.compile(m, None)
-    assert r.report["before"]["macs"] == r.report["after"]["macs"] == 8 * 8 * 4 * 27 + 16 * 16 * 4 * 36, r.report["before"]
+    convs = 8 * 8 * 4 * 27 + 16 * 16 * 4 * 36
+    assert r.report["before"]["macs"] == r.report["after"]["macs"] == convs, r.report["before"]
     assert edgec.inspect(m)["macs"] == r.report["before"]["macs"]
