@@ -455,12 +455,8 @@ def _quantize(run: _Run) -> None:
         run.quant_report = {"mode": "vendor", "placement": f"{run.target.name} toolchain",
                             **run.target.extras.vendor_quantizer(run.target, q)}
     elif q.mode is not None:
-        tail = data_tail.detach(run.ir)  # a model ending in NMS: what NMS reads is measured
-        try:
+        with data_tail.detached(run.ir) as tail:  # a model ending in NMS: what NMS reads is measured
             _quantize_measured(run, q)
-        finally:
-            if tail is not None:
-                data_tail.attach(run.ir, tail)
         if tail is not None:
             run.quant_report["measured_before_tail"] = {"ops": tail.ops, "tensors": tail.cut}
             run.quant_report.setdefault("notes", []).append(
@@ -523,9 +519,7 @@ def _prune_error(run: _Run) -> None:
     if not any(g.get("removed") for g in pruned.groups):
         return
     batches = list(calibdata.subset(run.calib, PRUNE_ERROR_SAMPLES).batches)  # as the model takes them (a fixed batch size stays)
-    original, pruned_model = run.original, run.ir.to_onnx()
-    if data_tail.has_tail((n.op_type, n.domain) for n in original.graph.node):  # what NMS reads
-        original, pruned_model, _ = _measurable_heads(original, pruned_model)
+    original, pruned_model, _ = _measurable_heads(run.original, run.ir.to_onnx())
     err = runtime.output_error(original, pruned_model, batches)
     n = sum(int(len(next(iter(b.values())))) for b in batches)
     run.prune_error = {"rel_l2": err["rel_l2"], "sqnr_db": err.get("sqnr_db"), "cosine": err.get("cosine"),
@@ -646,9 +640,8 @@ def _verify(run: _Run) -> None:
         else:  # random inputs from the compiled signature (input shapes may be fixed now)
             feeds = verify_mod.random_inputs(result_model)
     if feeds is not None:
-        original, compared, measured = run.original, result_model, None
-        if lossy and data_tail.has_tail((n.op_type, n.domain) for n in run.original.graph.node):
-            original, compared, measured = _measurable_heads(run.original, result_model)
+        original, compared, measured = (_measurable_heads(run.original, result_model) if lossy
+                                        else (run.original, result_model, None))
         comparison, ref_outputs, feeds = _compare(original, compared, feeds, rtol=v.rtol, atol=v.atol,
                                                   generated=source == "random")
         passed = comparison.allclose if not lossy else (v.max_error is None or comparison.rel_l2 <= v.max_error)
@@ -838,9 +831,12 @@ def _floor_said(c: "verify_mod.Comparison") -> str:
 
 def _measurable_heads(original: onnx.ModelProto, result: onnx.ModelProto):
     """Both models without their data-dependent tails, ending at what the tails read (a detector's
-    boxes and scores before NMS): ``(original, result, the original's names of those)``. The
-    clean-up may rename them (a Cast before NMS removed) and reorder the nodes: they pair by where
-    the tails read them (the reading node's output and the input slot), else by name."""
+    boxes and scores before NMS): ``(original, result, the original's names of those)``; both as
+    they are, and None, when the original has no tail. The clean-up may rename those tensors (a
+    Cast before NMS removed) and reorder the nodes: they pair by where the tails read them (the
+    reading node's output and the input slot), else by name."""
+    if not data_tail.has_tail((n.op_type, n.domain) for n in original.graph.node):
+        return original, result, None
     cuts = data_tail.cut(original), data_tail.cut(result)
     if cuts[0] is None or cuts[1] is None:
         raise UserError("the model's outputs change shape with the data (NonMaxSuppression, NonZero, ...) and edgec "

@@ -10,14 +10,15 @@ tail back, reading the same names. The tail itself stays as it was (float, integ
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import onnx
 
-from .ir import IR
+from .ir import DEFAULT_DOMAINS, IR, proto_bodies
 
 DATA_DEPENDENT_OPS = frozenset({"NonMaxSuppression", "NonZero", "Unique", "Compress"})
-_DEFAULT = ("", "ai.onnx", None)
 
 
 @dataclass
@@ -35,20 +36,22 @@ class Tail:
     where: dict = field(default_factory=dict)  # cut tensor -> (its first tail reader's first output, input slot)
 
 
+def _starts_tail(op: str, domain: str | None) -> bool:
+    return op in DATA_DEPENDENT_OPS and domain in DEFAULT_DOMAINS
+
+
 def has_tail(ops) -> bool:
     """Whether any of the (top-level) ``ops`` (type, domain) starts a data-dependent tail."""
-    return any(op in DATA_DEPENDENT_OPS and domain in _DEFAULT for op, domain in ops)
+    return any(_starts_tail(op, domain) for op, domain in ops)
 
 
 def _reads(node: onnx.NodeProto) -> list[str]:
     """Names ``node`` reads, with those its If/Loop/Scan bodies read from outside (a superset:
     names a body defines itself are not produced outside, so they never match)."""
     out = [n for n in node.input if n]
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            for inner in g.node:
-                out.extend(_reads(inner))
+    for g in proto_bodies(node):
+        for inner in g.node:
+            out.extend(_reads(inner))
     return out
 
 
@@ -77,7 +80,7 @@ def cut(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Tail] | None:
     in_tail: list[bool] = []
     made_by_tail: set[str] = set()
     for node in nodes:
-        t = (node.op_type in DATA_DEPENDENT_OPS and node.domain in _DEFAULT) or any(r in made_by_tail for r in _reads(node))
+        t = _starts_tail(node.op_type, node.domain) or any(r in made_by_tail for r in _reads(node))
         in_tail.append(t)
         if t:
             made_by_tail.update(o for o in node.output if o)
@@ -128,7 +131,7 @@ def cut(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Tail] | None:
         return None
     tail = Tail(nodes=[n for n, t in zip(nodes, in_tail) if t],
                 ops=[f"{n.op_type} '{n.name or n.output[0]}'" for n, t in zip(nodes, in_tail)
-                     if t and n.op_type in DATA_DEPENDENT_OPS],
+                     if t and _starts_tail(n.op_type, n.domain)],
                 cut=cut_names, initializers=list(tail_inits.values()), outputs=list(g.output),
                 names=made_by_tail | set(tail_inits) | {n.name for n, t in zip(nodes, in_tail) if t and n.name},
                 where=where)
@@ -156,10 +159,9 @@ def _all_names(model: onnx.ModelProto) -> set[str]:
             names.update(n.output)
             if n.name:
                 names.add(n.name)
-            for a in n.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    names.update(i.name for i in sub.initializer)
-                    walk(sub)
+            for sub in proto_bodies(n):
+                names.update(i.name for i in sub.initializer)
+                walk(sub)
     walk(model.graph)
     return names
 
@@ -178,10 +180,9 @@ def _rename_reads(node: onnx.NodeProto, old: str, new: str) -> None:
     for i, x in enumerate(node.input):
         if x == old:
             node.input[i] = new
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for inner in sub.node:
-                _rename_reads(inner, old, new)
+    for sub in proto_bodies(node):
+        for inner in sub.node:
+            _rename_reads(inner, old, new)
 
 
 def _reach_back(nodes: list, in_tail: list[bool], graph_outputs: set[str], infos: dict, taken: set[str]) -> None:
@@ -249,12 +250,6 @@ def join(head: onnx.ModelProto, tail: Tail) -> onnx.ModelProto:
     return model
 
 
-def head_of(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """The measurable part of ``model`` (:func:`cut`'s head), or None without a tail."""
-    found = cut(model)
-    return None if found is None else found[0]
-
-
 def detach(ir: IR) -> Tail | None:
     """Take ``ir``'s data-dependent tail off, in place (the same IR object now holds the head,
     whose outputs can be measured); the tail, or None if there is none to take."""
@@ -276,3 +271,15 @@ def attach(ir: IR, tail: Tail) -> None:
     ir.reserved -= tail.names
     ir.changed()
     ir.infer_shapes()
+
+
+@contextmanager
+def detached(ir: IR) -> Iterator[Tail | None]:
+    """``ir`` without its data-dependent tail while the block runs (the tail, or None, is
+    yielded), and with it again after, whatever the block raised."""
+    tail = detach(ir)
+    try:
+        yield tail
+    finally:
+        if tail is not None:
+            attach(ir, tail)

@@ -565,12 +565,17 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     return None
 
 
+def proto_bodies(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The If/Loop/Scan bodies held in ``node``'s attributes (one level: not the bodies inside them)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
 def _all_nodes_proto(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
     for node in graph.node:
         yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes_proto(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_nodes_proto(g)
+        for g in proto_bodies(node):
+            yield from _all_nodes_proto(g)

@@ -647,12 +647,8 @@ class PruneChannels(Pass):
         return hi
 
     def run(self, ir: IR, ctx: PassContext) -> PassResult:
-        tail = data_tail.detach(ir)  # a model ending in NMS: trials measure what NMS reads
-        try:
+        with data_tail.detached(ir):  # a model ending in NMS: trials measure what NMS reads
             return self._run(ir, ctx)
-        finally:
-            if tail is not None:
-                data_tail.attach(ir, tail)
 
     def _run(self, ir: IR, ctx: PassContext) -> PassResult:
         if AUTO in (self.importance, self.mode):
