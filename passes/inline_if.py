@@ -22,7 +22,6 @@ import onnx_graphsurgeon as gs
 from edgec.ir import IR, subgraphs
 from edgec.pipeline import Pass, PassContext, PassResult, register
 
-from ._util import is_default_domain
 
 
 @register
@@ -34,8 +33,8 @@ class InlineIf(Pass):
 
     def run(self, ir: IR, ctx: PassContext) -> PassResult:
         result = PassResult(False)
-        for node in list(ir.nodes):
-            if node.op != "If" or not is_default_domain(node) or not node.inputs:
+        for node in ir.find("If"):
+            if not node.inputs:
                 continue
             cond = ir.const_value(node.inputs[0])
             if cond is None or cond.size != 1:

@@ -146,19 +146,18 @@ def node_macs(ir: IR, node: gs.Node) -> int:
     return 0
 
 
-def _body_macs(ir: IR, body: gs.Graph) -> int:
-    """MACs of an If branch, with the shapes its tensors carry (an If inside it: its costlier branch)."""
-    total = 0
-    for n in body.nodes:
+def _if_macs(ir: IR, node: gs.Node) -> int:
+    """An If's MACs: its costlier branch's (the other is not run), each node counted with the
+    shapes its tensors carry (an If inside: the same way; partial shapes count what they can)."""
+    def one(n: gs.Node) -> int:
         if n.op == "If":
-            total += max((_body_macs(ir, b) for b in (n.attrs.get("then_branch"), n.attrs.get("else_branch"))
-                          if isinstance(b, gs.Graph)), default=0)
-        else:
-            try:
-                total += node_macs(ir, n)
-            except Exception:  # (a body's shapes may be partial: it counts what it can)
-                pass
-    return total
+            return _if_macs(ir, n)
+        try:
+            return node_macs(ir, n)
+        except Exception:  # (a body's shapes may be partial)
+            return 0
+    branches = (node.attrs.get("then_branch"), node.attrs.get("else_branch"))
+    return max((sum(one(n) for n in b.nodes) for b in branches if isinstance(b, gs.Graph)), default=0)
 
 
 def compute(ir: IR) -> Costs:
@@ -207,10 +206,8 @@ def compute(ir: IR) -> Costs:
                     nbytes = _nbytes(n, t.dtype)
                     costs.bytes += int(nbytes)
                     nc.weight_bytes += int(nbytes)
-        nc.macs = node_macs(ir, node)
-        if node.op == "If":  # the costlier branch (the other is not run); Loop/Scan bodies run an unknown count
-            nc.macs = max((_body_macs(ir, body) for body in (node.attrs.get("then_branch"), node.attrs.get("else_branch"))
-                           if isinstance(body, gs.Graph)), default=0)
+        # (Loop/Scan bodies run an unknown number of times: not counted)
+        nc.macs = _if_macs(ir, node) if node.op == "If" else node_macs(ir, node)
         costs.macs += nc.macs
         costs.per_node.append(nc)
     costs.op_histogram = dict(hist.most_common())
