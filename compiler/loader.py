@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper, version_converter
 
 from . import datafiles, outputs
+from .ir import proto_bodies
 from .errors import InternalError, UserError
 from .ir import IR, ModelInfo
 
@@ -396,9 +397,8 @@ def _all_graphs(g: onnx.GraphProto):
     """``g`` and every If/Loop/Scan body in it, at any depth."""
     yield g
     for n in g.node:
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                yield from _all_graphs(sub)
+        for sub in proto_bodies(n):
+            yield from _all_graphs(sub)
 
 
 def name_nodes(g: onnx.GraphProto) -> int:
@@ -480,11 +480,9 @@ def _check_graph(g: onnx.GraphProto, where: str, outer: set[str]) -> list[int] |
     for i, n in enumerate(g.node):
         what = f"node '{n.name}' ({n.op_type})" if n.name else f"node #{i} ({n.op_type})"
         reads = [x for x in n.input if x]
-        for a in n.attribute:  # names a subgraph captures from this scope are dependencies too
-            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
-            for sub in subs:
-                _check_graph(sub, where, outer | known)
-                reads.extend(_captured(sub))
+        for sub in proto_bodies(n):  # names a subgraph captures from this scope are dependencies too
+            _check_graph(sub, where, outer | known)
+            reads.extend(_captured(sub))
         d = set()
         for x in n.input:
             if x and x not in known and x not in outer:
@@ -508,9 +506,8 @@ def _captured(g: onnx.GraphProto) -> set[str]:
     for n in g.node:
         reads.update(x for x in n.input if x)
         defined.update(o for o in n.output if o)
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
-                reads.update(_captured(sub))
+        for sub in proto_bodies(n):
+            reads.update(_captured(sub))
     reads.update(o.name for o in g.output)
     return reads - defined
 

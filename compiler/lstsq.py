@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
 from . import runtime
+from .ir import proto_bodies
 
 
 # a layer with more inputs per output than this is not re-fitted: its normal equations are a
@@ -521,14 +522,13 @@ class NormalEquations:
 def _reads(node: onnx.NodeProto) -> set[str]:
     """Names a node reads: its inputs and what its subgraphs capture from the outer scope."""
     out = {x for x in node.input if x}
-    for a in node.attribute:
-        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs if a.type == onnx.AttributeProto.GRAPHS else []):
-            defined = {v.name for v in g.input} | {t.name for t in g.initializer}
-            inner: set[str] = set()
-            for n in g.node:
-                inner |= _reads(n) - defined
-                defined.update(o for o in n.output if o)
-            out |= inner | ({o.name for o in g.output} - defined)
+    for g in proto_bodies(node):
+        defined = {v.name for v in g.input} | {t.name for t in g.initializer}
+        inner: set[str] = set()
+        for n in g.node:
+            inner |= _reads(n) - defined
+            defined.update(o for o in n.output if o)
+        out |= inner | ({o.name for o in g.output} - defined)
     return out
 
 
