@@ -80,9 +80,11 @@ def compile(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLik
     Lossy steps: ``prune`` (channel ratio) or ``prune_macs`` (fraction of MACs to remove) runs
     dependency-aware channel pruning first, with ``importance`` (auto, l1, l2, bn, activation,
     fused, wanda, obs), ``prune_mode`` (``uniform``, ``global``, ``sensitivity``: per-group ratios from the
-    output error measured on ``calib``; ``balanced``: the same, no group beyond 1.5x the ratio; or ``auto``,
-    the default with ``importance="auto"``: L1/uniform, Wanda/sensitivity, OBS/sensitivity and OBS/balanced
-    each prune and re-fit on three quarters of ``calib`` and the
+    output error measured on ``calib``; ``balanced``: the same, no group beyond 1.5x the ratio; ``local``:
+    per-group ratios from the error each removal leaves after the re-fit of the layers reading the
+    group (OBS), no group beyond 1.5x; or ``auto``,
+    the default with ``importance="auto"``: L1/uniform, Wanda/sensitivity, OBS/sensitivity, OBS/balanced
+    and OBS/local each prune and re-fit on three quarters of ``calib`` and the
     lowest output error on the held-out quarter wins; without ``calib``, L1/uniform), ``prune_steps`` progressive steps, channel counts rounded to ``round_to`` (default:
     the target's channel multiple) and at most ``max_layer_ratio`` of any group removed; with
     ``calib`` data (a path, ``"random"``, or arrays) each consumer layer is re-fitted by least

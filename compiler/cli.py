@@ -81,11 +81,13 @@ def _parser() -> argparse.ArgumentParser:
                         "auto measures best; without it l1; activation/fused/wanda/obs use --calib; wanda: activation "
                         "RMS x the norm of the weights that read the channel; obs: the error the channel's removal "
                         "leaves in the layers that read it after their least-squares re-fit)")
-    g.add_argument("--prune-mode", default="auto", choices=["auto", "uniform", "global", "sensitivity", "balanced"],
+    g.add_argument("--prune-mode", default="auto", choices=["auto", "uniform", "global", "sensitivity", "balanced", "local"],
                    help="same ratio in every group, one global ranking, or per-group ratios from the output "
-                        "error measured on --calib (balanced: no group beyond 1.5x the ratio; sensitivity: 2x); "
-                        "default auto: with --calib, l1/uniform, wanda/sensitivity, obs/sensitivity and "
-                        "obs/balanced each prune and re-fit on 3/4 of the samples and the lowest output error on "
+                        "error measured on --calib (balanced: no group beyond 1.5x the ratio; sensitivity: 2x), or "
+                        "from the error each group's removal leaves after the re-fit of the layers reading it "
+                        "(local, OBS; no group beyond 1.5x); default auto: with --calib, l1/uniform, "
+                        "wanda/sensitivity, obs/sensitivity, obs/balanced and obs/local each prune and re-fit on 3/4 "
+                        "of the samples and the lowest output error on "
                         "the other 1/4 wins; without --calib, uniform")
     g.add_argument("--prune-steps", type=int, default=1, help="prune progressively in K steps, re-fitting after each")
     g.add_argument("--round-to", type=int, help="keep channel counts multiples of N (default: the target's)")

@@ -177,8 +177,10 @@ def activation_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict],
 
 
 def compute(ir: IR, groups: list[ChannelGroup], method: str = "l1",
-            feeds: list[dict] | None = None) -> dict[str, np.ndarray]:
-    """Normalised importance (mean 1 per group) of every unit of every prunable group."""
+            feeds: list[dict] | None = None, curves: dict | None = None) -> dict[str, np.ndarray]:
+    """Normalised importance (mean 1 per group) of every unit of every prunable group. With
+    ``obs``, ``curves`` (when given) receives each modelled group's error curve (see
+    :func:`obs_scores`)."""
     if method not in METHODS:
         raise ValueError(f"unknown importance method '{method}' (known: {', '.join(METHODS)})")
     groups = [g for g in groups if g.prunable]
@@ -188,7 +190,7 @@ def compute(ir: IR, groups: list[ChannelGroup], method: str = "l1",
     if method in ("wanda", "obs") and not feeds:
         raise ValueError(f"importance '{method}' needs calibration feeds")
     act = activation_scores(ir, groups, feeds) if method in ("activation", "fused") and feeds else {}
-    obs = obs_scores(ir, groups, feeds) if method == "obs" else {}
+    obs = obs_scores(ir, groups, feeds, curves) if method == "obs" else {}
     if method in ("wanda", "obs"):  # for obs, the groups it falls back on only
         act = activation_scores(ir, [g for g in groups if g.id not in obs], feeds, rms=True)
     out = {}
@@ -409,9 +411,13 @@ def _greedy(states: list[list], n: int) -> tuple[np.ndarray, list[int], np.ndarr
     return score, order, np.asarray(added)
 
 
-def obs_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict]) -> dict[str, np.ndarray]:
+def obs_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict],
+               curves: dict | None = None) -> dict[str, np.ndarray]:
     """OBS importance per unit, per group id (see the module docstring); groups with no consumer
-    it models are left out."""
+    it models are left out. ``curves`` (when given) receives, per group, ``[(k, error)]`` for
+    k = 1, 2, ... units removed in the greedy order: the error left in the layers that read the
+    group after their re-fit, summed over them, each relative to its output energy (what
+    ``prune_channels``' ``local`` allocation compares across groups)."""
     cons = {g.id: _consumers(ir, g) or [] for g in groups}
     wanted = {x: ax for lst in cons.values() for x, ax, _, _ in lst}
     grams = _grams(ir, wanted, feeds)
@@ -438,5 +444,8 @@ def obs_scores(ir: IR, groups: list[ChannelGroup], feeds: Iterable[dict]) -> dic
             damp = OBS_DAMP * float(np.mean(np.diagonal(G))) + 1e-12
             G[np.arange(len(G)), np.arange(len(G))] += damp
             states.append([np.linalg.inv(G), np.concatenate(ms, axis=0), upos])
-        res[g.id] = _greedy(states, g.channels)[0]
+        score, _, added = _greedy(states, g.channels)
+        res[g.id] = score
+        if curves is not None:
+            curves[g.id] = [(k + 1, float(e)) for k, e in enumerate(np.cumsum(added))]
     return res

@@ -28,7 +28,7 @@ from .errors import UserError
 from .pipeline import Pass
 
 IMPORTANCES = ("auto", "l1", "l2", "bn", "activation", "fused", "wanda", "obs")
-PRUNE_MODES = ("auto", "uniform", "global", "sensitivity", "balanced")
+PRUNE_MODES = ("auto", "uniform", "global", "sensitivity", "balanced", "local")
 QUANTIZE_MODES = ("int8", "fp16", "mixed", "vendor")  # vendor: the target's toolchain quantizes
 ACTIVATIONS = ("asymmetric", "symmetric")
 WEIGHTS = ("per-channel", "per-tensor")
@@ -215,7 +215,7 @@ def check_compile_options(o: dict[str, Any]) -> dict[str, Any]:
         if o["importance"] in ("activation", "wanda", "obs") and (o["prune"] is not None or o["prune_macs"] is not None) \
                 and calib is None:
             raise UserError(f"--importance {o['importance']} needs calibration data (--calib PATH)")
-        if o["prune_mode"] in ("sensitivity", "balanced") and (o["prune"] is not None or o["prune_macs"] is not None) and calib is None:
+        if o["prune_mode"] in ("sensitivity", "balanced", "local") and (o["prune"] is not None or o["prune_macs"] is not None) and calib is None:
             raise UserError(f"--prune-mode {o['prune_mode']} measures output errors: it needs calibration data (--calib PATH)")
     else:
         for key in ("prune", "prune_macs", "quantize"):

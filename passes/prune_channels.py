@@ -15,10 +15,14 @@ Rules
     no group beyond its largest trial; the ratio is then solved by bisection so that as many MACs
     go as uniform pruning removes at ``ratio`` (or as ``macs_target`` asks). The measurement is
     taken before any re-fit;
+  * ``mode="local"`` (needs calibration data): the same spreading of the MACs, by the error each
+    unit's removal leaves *after* the re-fit in the layers that read its group, relative to
+    their output energy (OBS's greedy curves, :func:`edgec.importance.obs_scores`: no trials, so
+    no propagation to the output is measured), no group beyond 1.5 times the ratio;
   * ``mode="auto"`` and/or ``importance="auto"`` (the compile defaults): measured, not guessed.
     The candidates (:func:`auto_candidates`: ``AUTO_PAIRS``, L1 importance with the uniform
-    allocation, Wanda and OBS importance with the sensitivity allocation and OBS with the balanced
-    one; or the values of whichever of the two is ``auto``) each prune a copy of the graph, re-fitted on three quarters of the calibration
+    allocation, Wanda and OBS importance with the sensitivity allocation, OBS with the balanced
+    one and OBS with the local one; or the values of whichever of the two is ``auto``) each prune a copy of the graph, re-fitted on three quarters of the calibration
     samples; the output error is
     measured on a held-out quarter (drawn by a fixed seed, :func:`split_feeds`) as the typical
     sample's: the geometric mean over those samples of each one's relative L2 against the unpruned
@@ -45,7 +49,8 @@ Rules
   (:mod:`edgec.analysis.channels.members`).
 - The result's ``data`` is a :class:`PruneResult`: the ratio used, one dict per group (id,
   prunable, reason, channels before/after, removed units, its ratio, importance of removed/kept
-  units, and with ``sensitivity`` the measured (units zeroed, squared relative error) per step)
+  units, and with ``sensitivity``/``balanced`` the measured (units zeroed, squared relative error) per
+  step, with ``local`` the OBS error at the units removed, ``local_error``)
   and the per-layer fit errors of the reconstruction.
 """
 
@@ -237,11 +242,17 @@ def select(groups: list[ChannelGroup], scores: dict[str, np.ndarray], *, ratio: 
 
 
 # ====================================================================== sensitivity allocation
-MODES = ("uniform", "global", "sensitivity", "balanced", "auto")
+MODES = ("uniform", "global", "sensitivity", "balanced", "local", "auto")
 # the sensitivity allocations: how far beyond the ratio a group's largest trial goes (no group is
 # pruned beyond it). "balanced" reaches 1.5x: the trials are measured before the re-fit, and on
 # PP-OCRv4's recogniser groups taken to 2x what uniform takes lost more than the re-fit won back
 SENSITIVE = {"sensitivity": 2.0, "balanced": 1.5}
+# "local": per-group counts from the error each unit's removal leaves after the re-fit in the layers
+# that read the group (OBS: importance.obs_scores' curves), relative to their output energy, so
+# comparable across groups; no group beyond this times the ratio. On CTC recognisers the errors of
+# many groups each pruned a little add up (README, pruning, session 31)
+LOCAL_REACH = 1.5
+ALLOCATED = (*SENSITIVE, "local")  # modes that spread the MACs uniform pruning removes over the groups
 AUTO = "auto"
 # (importance, mode) pairs that importance="auto", mode="auto" chooses between, the default first.
 # Measured on the trained models (README, pruning): Wanda importance with the sensitivity allocation
@@ -254,9 +265,12 @@ AUTO = "auto"
 # less faithful on the detector (held-out relative L2 0.098 against 0.091): a third candidate.
 # OBS with the balanced allocation (no group beyond 1.5x the ratio) measured closer on the
 # recogniser (held-out 0.133 against 0.166; exact lines 0.984 against 0.922) and MiniLM: a fourth
-AUTO_PAIRS = (("l1", "uniform"), ("wanda", "sensitivity"), ("obs", "sensitivity"), ("obs", "balanced"))
+# OBS with the local allocation (its own re-fit errors, no measured trials) measured closer on the
+# PP-OCRv4 detector and read more of ddddocr's captchas than the others (README, session 31): a fifth
+AUTO_PAIRS = (("l1", "uniform"), ("wanda", "sensitivity"), ("obs", "sensitivity"), ("obs", "balanced"),
+              ("obs", "local"))
 AUTO_IMPORTANCES = ("l1", "wanda", "obs")
-AUTO_MODES = ("uniform", "sensitivity", "balanced")
+AUTO_MODES = ("uniform", "sensitivity", "balanced")  # and "local" with OBS importance (its curves order the units)
 AUTO_HOLDOUT = 0.25  # of the calibration samples, held out to measure the candidates on
 AUTO_MIN_SAMPLES = 8  # fewer calibration samples than this: nothing to split, the first candidate
 AUTO_MARGIN = 0.02  # another candidate replaces the first only when its held-out error is this much lower
@@ -274,7 +288,7 @@ def auto_candidates(importance: str, mode: str, has_feeds: bool) -> list[tuple[s
     if importance == AUTO:
         return [(i, mode) for i in AUTO_IMPORTANCES]
     if mode == AUTO:
-        return [(importance, m) for m in AUTO_MODES]
+        return [(importance, m) for m in AUTO_MODES + (("local",) if importance == "obs" else ())]
     return [(importance, mode)]
 
 
@@ -529,21 +543,29 @@ class PruneChannels(Pass):
         counts, curves = None, None
         if mode in SENSITIVE:
             counts, curves = self._allocate(ir, groups, scores, ratio, feeds, SENSITIVE[mode])
+        elif mode == "local":
+            counts, curves = self._allocate(ir, groups, scores, ratio, feeds, LOCAL_REACH, local=True)
         remove = select(groups, scores, ratio=ratio, mode="global" if mode == "global" else "uniform",
                         round_to=self.round_to, max_layer_ratio=self.max_layer_ratio, counts=counts)
         if summary is not None:
-            _record(summary, groups, scores, remove, curves)
+            _record(summary, groups, scores, remove, curves, local=mode == "local")
         return apply_pruning(ir, groups, remove)
 
-    def _scores(self, ir: IR, groups: list[ChannelGroup], feeds: list[dict] | None) -> dict[str, np.ndarray]:
-        """Importance of every unit; measured ones (on the feeds) once per graph state, as the
-        MACs bisection asks for the same state's scores at every ratio it tries (and, with
-        progressive steps, for the states between). The cache lives for one :meth:`run` (the
-        feeds are the run's), keyed by the groups and a digest of every constant's values
-        (an opaque one, which the compiler never computes on nor loads, by its name, type and
-        shape)."""
-        if self.importance not in imp.MEASURED or not feeds:
-            return imp.compute(ir, groups, self.importance, feeds)
+    def _scores(self, ir: IR, groups: list[ChannelGroup], feeds: list[dict] | None,
+                method: str | None = None) -> dict[str, np.ndarray]:
+        """Importance of every unit (by ``method``, default the pass's); measured ones (on the
+        feeds) once per graph state, as the MACs bisection asks for the same state's scores at
+        every ratio it tries (and, with progressive steps, for the states between). The cache
+        lives for one :meth:`run` (the feeds are the run's), keyed by the method, the groups and a
+        digest of every constant's values (an opaque one, which the compiler never computes on
+        nor loads, by its name, type and shape)."""
+        return self._measured(ir, groups, feeds, method or self.importance)[0]
+
+    def _measured(self, ir: IR, groups: list[ChannelGroup], feeds: list[dict] | None,
+                  method: str) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+        """(scores, OBS error curves: empty but for ``obs``) of :meth:`_scores`."""
+        if method not in imp.MEASURED or not feeds:
+            return imp.compute(ir, groups, method, feeds), {}
         h = hashlib.blake2b(digest_size=16)
         for t in sorted((t for t in ir.graph.tensors().values() if isinstance(t, gs.Constant)), key=lambda t: t.name):
             h.update(t.name.encode())
@@ -553,27 +575,39 @@ class PruneChannels(Pass):
             v = np.ascontiguousarray(t.values)
             h.update(str((v.dtype, v.shape)).encode())
             h.update(v.tobytes())
-        key = (h.hexdigest(), tuple((g.id, g.channels) for g in groups if g.prunable))
+        key = (method, h.hexdigest(), tuple((g.id, g.channels) for g in groups if g.prunable))
         cache = self._score_cache
         if key in cache:
             cache[key] = cache.pop(key)  # the most recently used last: the first is evicted
         else:
             if len(cache) >= SCORE_CACHE:
                 cache.pop(next(iter(cache)))
-            cache[key] = imp.compute(ir, groups, self.importance, feeds)
+            curves: dict[str, list] = {}
+            cache[key] = (imp.compute(ir, groups, method, feeds, curves=curves), curves)
         return cache[key]
 
     def _allocate(self, ir: IR, groups: list[ChannelGroup], scores: dict[str, np.ndarray], ratio: float,
-                  feeds: list[dict] | None, reach: float = 2.0) -> tuple[dict[str, int], dict[str, list]]:
+                  feeds: list[dict] | None, reach: float = 2.0,
+                  local: bool = False) -> tuple[dict[str, int], dict[str, list]]:
         """Units each prunable group loses under the sensitivity allocation at ``ratio`` (trials at
         the per-step ratio and at ``reach`` times it; no group beyond the larger): as many
         MACs (by the linear count: each unit's share of the layers it touches) as uniform pruning at
         ``ratio`` removes, spread by the measured output error (:mod:`edgec.sensitivity`). The
-        measurement is made once per graph state (the MACs bisection asks many ratios)."""
+        measurement is made once per graph state (the MACs bisection asks many ratios).
+        ``local``: spread by the OBS curves instead (each group's error after the re-fit of the
+        layers reading it, :func:`edgec.importance.obs_scores`), up to ``reach`` times the ratio;
+        the counts come from them, which units go from the pass's importance (OBS's greedy order
+        when that is ``obs``)."""
         prunable = [g for g in groups if g.prunable and g.id in scores]
         rt, mlr = self.round_to, self.max_layer_ratio
-        key = (reach,) + tuple((g.id, g.channels, tuple(o.tensor for o in g.origins)) for g in prunable)
+        key = (reach, local) + tuple((g.id, g.channels, tuple(o.tensor for o in g.origins)) for g in prunable)
         curves = self._curves.get(key)
+        cap = {g.id: g.channels - _keep_target(g.channels, min(reach * self._trial_ratio, mlr), _round_units(g, rt),
+                                            mlr) for g in prunable} if local else {}
+        if curves is None and local:  # OBS's curves up to reach x the ratio (a group with none: spent last)
+            found = self._measured(ir, groups, feeds, "obs")[1] if feeds else {}
+            curves = {gid: [p for p in pts if p[0] <= cap[gid]] for gid, pts in found.items() if gid in cap}
+            curves = self._curves[key] = {gid: pts for gid, pts in curves.items() if pts}
         if curves is None:
             curves = {}
             if feeds:
@@ -600,6 +634,8 @@ class PruneChannels(Pass):
             limits[g.id] = n - _keep_target(n, mlr, grt, mlr)
             if curves.get(g.id):  # never beyond the largest trial: the error is measured, not extrapolated
                 limits[g.id] = min(limits[g.id], max(u for u, _ in curves[g.id]))
+            if local:  # nor beyond reach x the ratio, with a curve or without
+                limits[g.id] = min(limits[g.id], cap[g.id])
             first[g.id] = (n % grt) or grt  # keep stays a multiple of round_to
             step[g.id] = grt
         # cost in MACs for a ratio too: counted in channels, the allocation would meet the ratio with
@@ -656,7 +692,7 @@ class PruneChannels(Pass):
         feeds = ctx.feeds()
         refit = self.reconstruct and bool(feeds)
         n_samples = _samples_given(ctx, feeds)
-        if self.mode in SENSITIVE and not feeds:
+        if self.mode in ALLOCATED and not feeds:
             raise UserError(f"prune_channels: mode '{self.mode}' measures output errors: it needs calibration data")
         self._log, self._curves, self._score_cache = ctx.log, {}, {}
         r0 = self.ratio if self.ratio is not None else 1.0 - math.sqrt(1.0 - self.macs_target)
@@ -665,7 +701,7 @@ class PruneChannels(Pass):
         original = ir.to_onnx() if refit else None  # the unpruned model, as this pass found it
         macs_before = costs_mod.compute(ir).macs
         target = self.macs_target
-        if self.mode in SENSITIVE and target is None and self.ratio > 0 and macs_before > 0:
+        if self.mode in ALLOCATED and target is None and self.ratio > 0 and macs_before > 0:
             # as many MACs as uniform pruning at the ratio removes: the allocation's linear count
             # drifts from the real one at high ratios (the digits example at 50%: 86% of the MACs
             # gone against uniform's 74%), so the ratio is solved for that, as for --prune-macs
@@ -751,7 +787,7 @@ def _symbolic_shapes_hint(ir: IR, groups: list[dict]) -> str | None:
 
 
 def _record(summary: list[dict], groups: list[ChannelGroup], scores: dict[str, np.ndarray],
-            remove: dict[str, list[int]], curves: dict[str, list] | None = None) -> None:
+            remove: dict[str, list[int]], curves: dict[str, list] | None = None, local: bool = False) -> None:
     """Add one step to ``summary`` (one dict per group, matched over steps by its origins)."""
     first = not summary
     by_key = {s["group"]: s for s in summary}
@@ -770,7 +806,11 @@ def _record(summary: list[dict], groups: list[ChannelGroup], scores: dict[str, n
         entry["channels_after"] = g.channels - len(rem)
         entry["removed"] += len(rem)
         entry["ratio"] = round(entry["removed"] / entry["channels_before"], 4) if entry["channels_before"] else 0.0
-        if curves is not None and g.id in curves:  # measured (units zeroed, squared relative error)
+        if curves is not None and g.id in curves and local:  # OBS's error where this step stopped
+            pts = [e for u, e in curves[g.id] if u == len(rem)]
+            if pts:
+                entry.setdefault("local_error", []).append(float(f"{pts[0]:.4g}"))
+        elif curves is not None and g.id in curves:  # measured (units zeroed, squared relative error)
             entry.setdefault("sensitivity", []).append([[int(u), float(f"{e:.4g}")] for u, e in curves[g.id]])
         if s is not None and len(s):
             entry["importance_removed"] = round(float(np.mean(s[rem])), 4) if rem else None

@@ -710,6 +710,63 @@ def test_sensitivity_prunes_less_where_removal_hurts():
     assert e_sen < 0.5 * e_uni
 
 
+def _redundant_branch():
+    """Two parallel conv-ReLU-conv branches (16 channels each, both loud), summed; branch A's 16
+    channels are 8 distinct ones, each twice. After the re-fit of the conv reading them, removing
+    a twin costs nothing; every channel of B carries its own information."""
+    m = _two_branches(quiet=1.0)
+    first = [n for n in m.graph.node if n.op_type == "Conv"][0]  # branch A's 16-channel conv
+    for init in m.graph.initializer:
+        if init.name in first.input[1:]:
+            v = onnx.numpy_helper.to_array(init).copy()
+            v[8:] = v[:8]
+            init.CopyFrom(onnx.numpy_helper.from_array(v, init.name))
+    return m, first.output[0]
+
+
+def test_local_allocation_prunes_where_the_refit_recovers():
+    """``mode="local"`` spreads the MACs uniform pruning removes by OBS's error after the re-fit:
+    the duplicated branch loses more channels than the other (at most 1.5x the ratio), the report
+    carries that error per group, and the re-fitted model's output error (ONNX Runtime, held-out
+    inputs) is lower than uniform's with the same importance and re-fit."""
+    model, a_out = _redundant_branch()
+    calib = [verify.random_inputs(model, seed=s) for s in range(16)]
+    held = [verify.random_inputs(model, seed=100 + s) for s in range(4)]
+    uni, pu, b0, au = _prune(model, ratio=0.3, feeds=calib, importance="obs")
+    loc, pl, _, al = _prune(model, ratio=0.3, feeds=calib, importance="obs", mode="local")
+    wide = {s["origins"][0]: s for s in pl.groups if s["prunable"] and s["channels_before"] == 16}
+    a = wide.pop(a_out)
+    (b,) = wide.values()
+    assert b["removed"] < a["removed"] <= int(16 * 0.45), (a, b)
+    assert a["local_error"][0] < b["local_error"][0], (a, b)  # 7 twins cost less than one channel of B
+    assert al.macs <= au.macs * 1.02  # the MACs uniform removes
+    e_uni, e_loc = _rel(model, uni.to_onnx(), held), _rel(model, loc.to_onnx(), held)
+    print(f"\nredundant branch at 30%: A 16->{a['channels_after']}, B 16->{b['channels_after']}; re-fitted rel L2 "
+          f"uniform {e_uni:.4f}, local {e_loc:.4f}")
+    assert e_loc < 0.5 * e_uni
+
+
+def test_obs_curves_add_up_the_greedy_errors():
+    """``importance.compute(..., "obs", curves=...)`` gives each modelled group's cumulative error
+    in OBS's greedy order: non-decreasing, one point per unit removed (up to OBS_GREEDY_SHARE), and
+    its units are the lowest-scored ones."""
+    model, a_out = _redundant_branch()
+    ir = edgec.from_model(model)
+    groups = find_groups(ir)
+    curves: dict = {}
+    scores = importance.compute(ir, groups, "obs", [verify.random_inputs(model, seed=s) for s in range(8)],
+                                curves=curves)
+    assert set(curves) == {g.id for g in groups if g.prunable and g.channels == 16}
+    for gid, pts in curves.items():
+        ks, es = zip(*pts)
+        assert list(ks) == list(range(1, len(pts) + 1)) and len(pts) == int(np.ceil(importance.OBS_GREEDY_SHARE * 16))
+        assert all(e1 >= e0 for e0, e1 in zip(es, es[1:])) and es[0] >= 0
+    a = next(g.id for g in groups if g.prunable and a_out in [o.tensor for o in g.origins])
+    (b,) = set(curves) - {a}
+    # 8 twins cost less than B's first channel (nearly nothing but OBS's damping), then a channel with no copy left
+    assert curves[a][7][1] < curves[b][0][1] and curves[a][8][1] > 5 * curves[a][7][1], (curves[a], curves[b])
+
+
 def test_sensitivity_measures_a_seeded_spread_of_batches():
     """With more batches than it measures on, the sensitivity takes a seeded draw from the whole
     set, not its first batches: on a set sorted by "class" (the first half quiet inputs, the
@@ -962,6 +1019,7 @@ def test_auto_candidates():
     assert auto_candidates("auto", "auto", True) == list(AUTO_PAIRS)
     assert auto_candidates("auto", "auto", False) == [("l1", "uniform")]  # nothing to measure on
     assert auto_candidates("l2", "auto", True) == [("l2", "uniform"), ("l2", "sensitivity"), ("l2", "balanced")]
+    assert auto_candidates("obs", "auto", True)[-1] == ("obs", "local")  # its curves come with OBS's scores
     assert auto_candidates("auto", "global", True) == [("l1", "global"), ("wanda", "global"), ("obs", "global")]
     assert auto_candidates("bn", "uniform", True) == [("bn", "uniform")]
 
@@ -994,7 +1052,8 @@ def test_auto_pruning_keeps_the_candidate_that_measures_better(case):
     pr = auto.report["pruning"]
     ch = pr["choice"]
     errs = {(c["importance"], c["mode"]): c["held_out_error"] for c in ch["candidates"]}
-    assert set(errs) == {("l1", "uniform"), ("wanda", "sensitivity"), ("obs", "sensitivity"), ("obs", "balanced")}
+    assert set(errs) == {("l1", "uniform"), ("wanda", "sensitivity"), ("obs", "sensitivity"), ("obs", "balanced"),
+                         ("obs", "local")}
     assert all(e > 0 for e in errs.values())
     best = min(errs, key=errs.get)
     assert (pr["importance"], pr["mode"]) == (ch["chosen"]["importance"], ch["chosen"]["mode"]) == best
@@ -1026,7 +1085,7 @@ def test_auto_pruning_without_enough_data_says_so():
     ch = r.report["pruning"]["choice"]
     assert (r.report["pruning"]["importance"], r.report["pruning"]["mode"]) == ("l1", "uniform")
     assert "too few" in ch["why"]
-    assert [c["said"] for c in ch["candidates"]] == ["(not measured)"] * 4
+    assert [c["said"] for c in ch["candidates"]] == ["(not measured)"] * 5
     blind = edgec.compile(model, None, prune=0.3, round_to=1).report["pruning"]  # no data: nothing to choose
     assert (blind["importance"], blind["mode"], blind["choice"]) == ("l1", "uniform", None)
 
@@ -1046,7 +1105,7 @@ def test_auto_pruning_survives_a_candidate_that_cannot_run(monkeypatch):
     calib = [verify.random_inputs(model, seed=s) for s in range(16)]
     r = edgec.compile(model, None, prune=0.3, calib=calib, round_to=1)
     pr = r.report["pruning"]
-    assert (pr["importance"], pr["mode"]) in [("l1", "uniform"), ("obs", "sensitivity")]
+    assert (pr["importance"], pr["mode"]) in [("l1", "uniform"), ("obs", "sensitivity"), ("obs", "local")]
     assert r.report["after"]["macs"] < r.report["before"]["macs"]
     said = {(c["importance"], c["mode"]): c["said"] for c in pr["choice"]["candidates"]}
     assert said[("wanda", "sensitivity")] == "(failed: ValueError: cannot score this graph)"
