@@ -574,6 +574,28 @@ def proto_bodies(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
+def captured(g: onnx.GraphProto) -> set[str]:
+    """Names a body reads that it does not define itself (outer-scope captures), through the
+    bodies inside it too."""
+    defined = {vi.name for vi in g.input} | {t.name for t in g.initializer}
+    reads: set[str] = set()
+    for n in g.node:
+        reads.update(x for x in n.input if x)
+        defined.update(o for o in n.output if o)
+        for sub in proto_bodies(n):
+            reads.update(captured(sub))
+    reads.update(o.name for o in g.output)
+    return reads - defined
+
+
+def node_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node reads: its inputs and what its bodies capture from the outer scope."""
+    out = {x for x in node.input if x}
+    for g in proto_bodies(node):
+        out |= captured(g)
+    return out
+
+
 def _all_nodes_proto(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
     for node in graph.node:
         yield node

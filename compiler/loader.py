@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper, version_converter
 
 from . import datafiles, outputs
-from .ir import proto_bodies
+from .ir import captured, proto_bodies
 from .errors import InternalError, UserError
 from .ir import IR, ModelInfo
 
@@ -482,7 +482,7 @@ def _check_graph(g: onnx.GraphProto, where: str, outer: set[str]) -> list[int] |
         reads = [x for x in n.input if x]
         for sub in proto_bodies(n):  # names a subgraph captures from this scope are dependencies too
             _check_graph(sub, where, outer | known)
-            reads.extend(_captured(sub))
+            reads.extend(captured(sub))
         d = set()
         for x in n.input:
             if x and x not in known and x not in outer:
@@ -497,19 +497,6 @@ def _check_graph(g: onnx.GraphProto, where: str, outer: set[str]) -> list[int] |
         if not outer:
             _check_value_info(o, "output", label)
     return _topological_order(g, deps, label)
-
-
-def _captured(g: onnx.GraphProto) -> set[str]:
-    """Names a subgraph reads that it does not define itself (outer-scope captures)."""
-    defined = {vi.name for vi in g.input} | {t.name for t in g.initializer}
-    reads: set[str] = set()
-    for n in g.node:
-        reads.update(x for x in n.input if x)
-        defined.update(o for o in n.output if o)
-        for sub in proto_bodies(n):
-            reads.update(_captured(sub))
-    reads.update(o.name for o in g.output)
-    return reads - defined
 
 
 def _topological_order(g: onnx.GraphProto, deps: list[set[int]], label: str) -> list[int] | None:

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
 from . import runtime
-from .ir import proto_bodies
+from .ir import node_reads
 
 
 # a layer with more inputs per output than this is not re-fitted: its normal equations are a
@@ -519,19 +519,6 @@ class NormalEquations:
 
 
 # ====================================================================== running a model in parts
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """Names a node reads: its inputs and what its subgraphs capture from the outer scope."""
-    out = {x for x in node.input if x}
-    for g in proto_bodies(node):
-        defined = {v.name for v in g.input} | {t.name for t in g.initializer}
-        inner: set[str] = set()
-        for n in g.node:
-            inner |= _reads(n) - defined
-            defined.update(o for o in n.output if o)
-        out |= inner | ({o.name for o in g.output} - defined)
-    return out
-
-
 class StagedRun:
     """A model run in parts over a fixed list of batches, so that chosen nodes (``layers``:
     node name -> the input it is fitted on) can change their constants between the parts.
@@ -561,7 +548,7 @@ class StagedRun:
         bad = [nm for nm in layers if counts[nm] != 1]
         if bad:
             raise ValueError(f"StagedRun: each layer needs a unique node name (missing or repeated: {bad[:3]})")
-        self.reads = [_reads(n) for n in self.nodes]
+        self.reads = [node_reads(n) for n in self.nodes]
         producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         bit = {self.index[nm]: 1 << k for k, nm in enumerate(layers)}
         self.layer_bit = {nm: bit[self.index[nm]] for nm in layers}
@@ -667,7 +654,7 @@ class StagedRun:
             node, tensors = self.replaced.get(i, (self.nodes[i], []))
             graph.initializer.extend(tensors)
             defined.update(t.name for t in tensors)
-            for r in sorted(_reads(node) if i in self.replaced else self.reads[i]):
+            for r in sorted(node_reads(node) if i in self.replaced else self.reads[i]):
                 if r in defined:
                     continue
                 defined.add(r)
