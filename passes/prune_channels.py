@@ -665,10 +665,16 @@ class PruneChannels(Pass):
         base = costs_mod.compute(ir).macs
         goal = base * (1.0 - target)
         lo, hi = 0.0, self.max_layer_ratio
-        if self._macs_after(ir, hi, feeds, steps=steps) > goal:
+        most = self._macs_after(ir, hi, feeds, steps=steps)
+        if most > goal:
             if result is not None:
-                result.note(f"MACs target {target:.0%} not reachable within max_layer_ratio "
-                            f"{self.max_layer_ratio}: pruning at ratio {hi}")
+                reach = SENSITIVE.get(self.mode, LOCAL_REACH if self.mode == "local" else None)
+                within = (f"the {self.mode} allocation (no group beyond {reach}x the per-step ratio "
+                          f"{self._trial_ratio:.3f}{', its largest trial' if self.mode in SENSITIVE else ''}) and "
+                          f"max_layer_ratio {self.max_layer_ratio}" if reach else f"max_layer_ratio {self.max_layer_ratio}")
+                result.note(f"MACs target {target:.0%} not reachable within {within}: pruning at ratio {hi} "
+                            f"removes {1.0 - most / base:.0%} of the MACs" if base else
+                            f"MACs target {target:.0%} not reachable within {within}: pruning at ratio {hi}")
             return hi
         m_lo, m_hi = base, None
         for _ in range(10):

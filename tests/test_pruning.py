@@ -1276,6 +1276,28 @@ def test_progressive_steps_keep_max_layer_ratio_over_all_the_steps():
             assert not notes
 
 
+@pytest.mark.parametrize("mode,reach", [("local", 1.5), ("balanced", 1.5), ("sensitivity", 2.0)])
+def test_an_unreachable_macs_target_names_the_allocations_reach(mode, reach):
+    """The allocations prune no group beyond their largest trial (reach x the per-step ratio):
+    a MACs target beyond that says so, with what was removed, not only max_layer_ratio (which
+    it is far from: the transformer's attention products, activation x activation, cannot go)."""
+    from edgec.analysis import costs
+    from edgec.passes.prune_channels import PruneChannels
+    from edgec.pipeline import PassContext, PassManager
+    model = ALL_MODELS["transformer_encoder"](batch=1)
+    calib = [verify.random_inputs(model, seed=s) for s in range(16)]
+    ir = edgec.from_model(model)
+    before = costs.compute(ir).macs
+    (rec,) = PassManager([PruneChannels(mode=mode, importance="obs", macs_target=0.4)]).run(
+        ir, PassContext(calib=calib))
+    removed = 1 - costs.compute(ir).macs / before
+    (note,) = [n for n in rec.notes if "not reachable" in n]
+    print(f"{mode}: {removed:.3f} of the MACs removed; {note}")
+    assert removed < 0.4
+    assert f"the {mode} allocation (no group beyond {reach}x the per-step ratio 0.225" in note
+    assert f"removes {removed:.0%} of the MACs" in note
+
+
 def test_sensitivity_on_a_float16_model():
     """A float16 model's probe takes float16 masks and fills (ONNX Runtime refuses float32 ones):
     the trials run, with and without a re-fit to follow, and removing a channel costs something."""
