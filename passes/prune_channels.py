@@ -50,7 +50,8 @@ Rules
 - The result's ``data`` is a :class:`PruneResult`: the ratio used, one dict per group (id,
   prunable, reason, channels before/after, removed units, its ratio, importance of removed/kept
   units, and with ``sensitivity``/``balanced`` the measured (units zeroed, squared relative error) per
-  step, with ``local`` the OBS error at the units removed, ``local_error``)
+  step, with ``local`` OBS's error for as many units as were removed, in OBS's own greedy order
+  (the units removed when the importance is ``obs``; ``local_error``)
   and the per-layer fit errors of the reconstruction.
 """
 
@@ -604,7 +605,9 @@ class PruneChannels(Pass):
         curves = self._curves.get(key)
         cap = {g.id: g.channels - _keep_target(g.channels, min(reach * self._trial_ratio, mlr), _round_units(g, rt),
                                             mlr) for g in prunable} if local else {}
-        if curves is None and local:  # OBS's curves up to reach x the ratio (a group with none: spent last)
+        # OBS's curves up to reach x the ratio; a group with none (OBS does not model its readers, or
+        # the per-step ratio is too small for one unit: cap 0) is spent last, as a group without trials
+        if curves is None and local:
             found = self._measured(ir, groups, feeds, "obs")[1] if feeds else {}
             curves = {gid: [p for p in pts if p[0] <= cap[gid]] for gid, pts in found.items() if gid in cap}
             curves = self._curves[key] = {gid: pts for gid, pts in curves.items() if pts}
@@ -634,8 +637,6 @@ class PruneChannels(Pass):
             limits[g.id] = n - _keep_target(n, mlr, grt, mlr)
             if curves.get(g.id):  # never beyond the largest trial: the error is measured, not extrapolated
                 limits[g.id] = min(limits[g.id], max(u for u, _ in curves[g.id]))
-            if local:  # nor beyond reach x the ratio, with a curve or without
-                limits[g.id] = min(limits[g.id], cap[g.id])
             first[g.id] = (n % grt) or grt  # keep stays a multiple of round_to
             step[g.id] = grt
         # cost in MACs for a ratio too: counted in channels, the allocation would meet the ratio with
@@ -644,6 +645,15 @@ class PruneChannels(Pass):
         budget = sum((g.channels - _keep_target(g.channels, ratio, _round_units(g, rt), mlr)) * cost[g.id]
                      for g in prunable)
         return sens.allocate(curves, limits, step, cost, budget, first=first), curves
+
+    def _limits_said(self, mlr: float) -> str:
+        """What bounds a group's pruning, for a note on an unreachable MACs target: the allocation's
+        reach (no group beyond it times the per-step ratio; its largest trial) and ``mlr``."""
+        reach = SENSITIVE.get(self.mode, LOCAL_REACH if self.mode == "local" else None)
+        if reach is None:
+            return f"max_layer_ratio {mlr}"
+        return (f"the {self.mode} allocation (no group beyond {reach}x the per-step ratio {self._trial_ratio:.3f}"
+                f"{', its largest trial' if self.mode in SENSITIVE else ''}) and max_layer_ratio {mlr}")
 
     def _macs_after(self, ir: IR, ratio: float, feeds: list[dict] | None, mode: str | None = None,
                     steps: int | None = None) -> int:
@@ -668,10 +678,7 @@ class PruneChannels(Pass):
         most = self._macs_after(ir, hi, feeds, steps=steps)
         if most > goal:
             if result is not None:
-                reach = SENSITIVE.get(self.mode, LOCAL_REACH if self.mode == "local" else None)
-                within = (f"the {self.mode} allocation (no group beyond {reach}x the per-step ratio "
-                          f"{self._trial_ratio:.3f}{', its largest trial' if self.mode in SENSITIVE else ''}) and "
-                          f"max_layer_ratio {self.max_layer_ratio}" if reach else f"max_layer_ratio {self.max_layer_ratio}")
+                within = self._limits_said(self.max_layer_ratio)
                 result.note(f"MACs target {target:.0%} not reachable within {within}: pruning at ratio {hi} "
                             f"removes {1.0 - most / base:.0%} of the MACs" if base else
                             f"MACs target {target:.0%} not reachable within {within}: pruning at ratio {hi}")
@@ -757,7 +764,7 @@ class PruneChannels(Pass):
             self.max_layer_ratio = mlr
         macs_after = costs_mod.compute(ir).macs
         if per_step_solve and macs_after > macs_before * (1.0 - target) * 1.01:
-            result.note(f"MACs target {target:.0%} not reachable within max_layer_ratio {mlr} in {self.steps} "
+            result.note(f"MACs target {target:.0%} not reachable within {self._limits_said(mlr)} in {self.steps} "
                         f"steps: {1.0 - macs_after / macs_before:.0%} of the MACs removed")
         if result.changed:
             n_groups = sum(1 for s in data.groups if s["removed"])
@@ -812,7 +819,7 @@ def _record(summary: list[dict], groups: list[ChannelGroup], scores: dict[str, n
         entry["channels_after"] = g.channels - len(rem)
         entry["removed"] += len(rem)
         entry["ratio"] = round(entry["removed"] / entry["channels_before"], 4) if entry["channels_before"] else 0.0
-        if curves is not None and g.id in curves and local:  # OBS's error where this step stopped
+        if curves is not None and g.id in curves and local:  # OBS's error for that many units, in its order
             pts = [e for u, e in curves[g.id] if u == len(rem)]
             if pts:
                 entry.setdefault("local_error", []).append(float(f"{pts[0]:.4g}"))
