@@ -603,24 +603,27 @@ class PruneChannels(Pass):
         rt, mlr = self.round_to, self.max_layer_ratio
         key = (reach, local) + tuple((g.id, g.channels, tuple(o.tensor for o in g.origins)) for g in prunable)
         curves = self._curves.get(key)
-        cap = {g.id: g.channels - _keep_target(g.channels, min(reach * self._trial_ratio, mlr), _round_units(g, rt),
-                                            mlr) for g in prunable} if local else {}
+        r0 = self._trial_ratio
+
+        def units_at(g: ChannelGroup, r: float) -> int:  # what a group loses at ratio r (rounded as select does)
+            return g.channels - _keep_target(g.channels, r, _round_units(g, rt), mlr)
+
         # OBS's curves up to reach x the ratio; a group with none (OBS does not model its readers, or
         # the per-step ratio is too small for one unit: cap 0) is spent last, as a group without trials
         if curves is None and local:
             found = self._measured(ir, groups, feeds, "obs")[1] if feeds else {}
+            cap = {g.id: units_at(g, min(reach * r0, mlr)) for g in prunable}
             curves = {gid: [p for p in pts if p[0] <= cap[gid]] for gid, pts in found.items() if gid in cap}
             curves = self._curves[key] = {gid: pts for gid, pts in curves.items() if pts}
         if curves is None:
             curves = {}
             if feeds:
-                r0 = self._trial_ratio
                 trials = {}
                 for g in prunable:
                     order = np.argsort(scores[g.id], kind="stable")
                     ts: list[list[int]] = []
                     for r in (r0, min(reach * r0, mlr)):
-                        u = g.channels - _keep_target(g.channels, r, _round_units(g, rt), mlr)
+                        u = units_at(g, r)
                         if u > 0 and (not ts or u > len(ts[-1])):
                             ts.append(order[:u].tolist())
                     if ts:
