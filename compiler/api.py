@@ -338,7 +338,9 @@ def _run_pipeline(run: _Run) -> None:
     run.records = PassManager(run.pipeline).run(run.ir, ctx)
 
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN", "Einsum")
+# layers whose MACs need their output shape ("before" folds the shape arithmetic when one lacks it);
+# not quant_rules.WEIGHTED_OPS, which lists what int8 quantizes by weight
+SHAPED_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN", "Einsum")
 
 
 def _costs_before(ir: IR, input_shapes: dict | None) -> "costs_mod.Costs":
@@ -357,7 +359,7 @@ def _costs_before(ir: IR, input_shapes: dict | None) -> "costs_mod.Costs":
             fixed = ir
         raw = costs_mod.compute(fixed)  # nodes, parameters and bytes: the model as given
         if all(IR.static_shape(n.outputs[0]) is not None for n in fixed.nodes
-               if n.op in WEIGHTED_OPS and n.outputs):  # every layer's shape known: nothing to fold for
+               if n.op in SHAPED_LAYER_OPS and n.outputs):  # every layer's shape known: nothing to fold for
             return raw
         folded = fixed.copy()
         PassManager([InferShapes(), FixedPoint([FoldShapes(), FoldConstants()])]).run(folded, PassContext())

@@ -23,7 +23,6 @@ from edgec.ir import IR, subgraphs
 from edgec.pipeline import Pass, PassContext, PassResult, register
 
 
-
 @register
 class InlineIf(Pass):
     name = "inline_if"
