@@ -193,6 +193,12 @@ class GraphBuilder:
             self.shapes[o] = [int(d) for d in s]
         return outs[0] if n_out == 1 else outs
 
+    def take(self, t: str, index: int, out_shape: Shape, axis: int = 0) -> str:
+        """Gather of one scalar index along ``axis``: that axis goes (how exporters take a fused
+        QKV projection apart)."""
+        return self.op("Gather", [t, self.const(np.asarray(index, dtype=np.int64), "index", dtype=np.int64)],
+                       out_shape, axis=axis)
+
     # ----------------------------------------------------------- init helpers
     def _he(self, shape: Sequence[int], fan_in: int, gain: float = 2.0) -> np.ndarray:
         return self.rng.normal(0.0, math.sqrt(gain / max(fan_in, 1)), size=tuple(shape))
@@ -681,8 +687,7 @@ def transformer_encoder(batch: int = 1, seq: int = 8, d_model: int = 32, heads: 
     if qkv == "kv":
         q = heads_view(b.linear(x, d_model), [0, 2, 1, 3])          # [B, h, T, dh]
         f = b.transpose(b.reshape(b.linear(x, 2 * d_model), [0, seq, 2, heads, dh]), [2, 0, 3, 1, 4])
-        k, v = (b.op("Gather", [f, b.const(np.asarray(i, dtype=np.int64), "index", dtype=np.int64)],
-                     [batch, heads, seq, dh], axis=0) for i in range(2))
+        k, v = (b.take(f, i, [batch, heads, seq, dh]) for i in range(2))
         k = b.transpose(k, [0, 1, 3, 2])                             # [B, h, dh, T]
     elif qkv == "separate":
         q = heads_view(b.linear(x, d_model), [0, 2, 1, 3])          # [B, h, T, dh]
@@ -698,8 +703,7 @@ def transformer_encoder(batch: int = 1, seq: int = 8, d_model: int = 32, heads: 
                 sl = b.op("Slice", [f, *se], [1, *part])
                 parts.append(b.op("Squeeze", [sl, b.const(np.asarray([0], dtype=np.int64), "axes", dtype=np.int64)], part))
         elif qkv == "gather":
-            parts = [b.op("Gather", [f, b.const(np.asarray(i, dtype=np.int64), "index", dtype=np.int64)], part, axis=0)
-                     for i in range(3)]
+            parts = [b.take(f, i, part) for i in range(3)]
         else:
             axes = b.const(np.asarray([0], dtype=np.int64), "axes", dtype=np.int64)
             parts = [b.op("Squeeze", [t, axes], part) for t in b.split(f, [1, 1, 1], axis=0)]
@@ -723,8 +727,7 @@ def conv_attention(heads: int = 2, dh: int = 8, hw: int = 4) -> onnx.ModelProto:
     c = heads * dh
     x = b.input("input", [1, c, hw, hw])
     f = b.reshape(b.conv(x, 3 * c, 1), [1, 3, heads, dh, hw * hw])
-    q, k, v = (b.op("Gather", [f, b.const(np.asarray(i, dtype=np.int64), "index", dtype=np.int64)],
-                    [1, heads, dh, hw * hw], axis=1) for i in range(3))
+    q, k, v = (b.take(f, i, [1, heads, dh, hw * hw], axis=1) for i in range(3))
     att = b.softmax(b.matmul(b.transpose(q, [0, 1, 3, 2]), k), axis=-1)  # [1, heads, HW, HW]
     y = b.reshape(b.matmul(v, b.transpose(att, [0, 1, 3, 2])), [1, c, hw, hw])
     b.output(b.add(x, b.conv(y, c, 1)), "output")
