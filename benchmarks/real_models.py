@@ -421,6 +421,13 @@ def edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
+def ctc_greedy(output: np.ndarray) -> list[int]:
+    """Greedy CTC decoding of one sample's class scores (time steps x classes in any leading
+    layout): the argmax per step, repeats collapsed, the blank (0) dropped."""
+    idx = np.asarray(output).reshape(-1, np.shape(output)[-1]).argmax(-1)
+    return [int(i) for k, i in enumerate(idx) if i != 0 and (k == 0 or i != idx[k - 1])]
+
+
 def case_ocr_rec(n_calib: int, n_eval: int):
     model = onnx.load_model_from_string(member("rapidocr-onnxruntime",
                                                "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"))
@@ -433,9 +440,7 @@ def case_ocr_rec(n_calib: int, n_eval: int):
     truth = [t for _, t in lines]
 
     def decode(o):
-        idx = o[0].reshape(-1, o[0].shape[-1]).argmax(-1)
-        keep = [i for k, i in enumerate(idx) if i != 0 and (k == 0 or i != idx[k - 1])]
-        return "".join(chars[i] for i in keep).strip()
+        return "".join(chars[i] for i in ctc_greedy(o[0])).strip()
 
     def metric(outs):
         got = [decode(o) for o in outs]
@@ -948,11 +953,8 @@ def case_captcha(n_calib: int, n_eval: int):
     x, truth = render_captchas(n_eval, 2)
     feeds = [{"input1": x[i:i + 1]} for i in range(n_eval)]
 
-    def decode(o):
-        o = np.asarray(o[0])
-        idx = (o[:, 0] if o.ndim == 3 and o.shape[1] == 1 else o.reshape(-1, o.shape[-1])).argmax(-1)
-        keep = [int(i) for k, i in enumerate(idx) if i != 0 and (k == 0 or i != idx[k - 1])]
-        return "".join(charset[i] for i in keep if i < len(charset))
+    def decode(o):  # (the output is [steps, 1, classes])
+        return "".join(charset[i] for i in ctc_greedy(o[0]) if i < len(charset))
 
     def metric(outs):
         got = [decode(o) for o in outs]
