@@ -1281,9 +1281,6 @@ def test_an_unreachable_macs_target_names_the_allocations_reach(mode, reach):
     """The allocations prune no group beyond their largest trial (reach x the per-step ratio):
     a MACs target beyond that says so, with what was removed, not only max_layer_ratio (which
     it is far from: the transformer's attention products, activation x activation, cannot go)."""
-    from edgec.analysis import costs
-    from edgec.passes.prune_channels import PruneChannels
-    from edgec.pipeline import PassContext, PassManager
     model = ALL_MODELS["transformer_encoder"](batch=1)
     calib = [verify.random_inputs(model, seed=s) for s in range(16)]
     ir = edgec.from_model(model)
@@ -1302,9 +1299,6 @@ def test_local_allocation_with_progressive_steps_reaches_the_macs_target():
     """With three steps the per-step ratio is small, and a group of 8-16 channels has no OBS point
     within 1.5x it: such a group is spent last, as a group without trials is under ``balanced``,
     not held at zero (it was: 11% of the MACs went for a 40% target on resnet_basic)."""
-    from edgec.analysis import costs
-    from edgec.passes.prune_channels import PruneChannels
-    from edgec.pipeline import PassContext, PassManager
     model = ALL_MODELS["resnet_basic"](batch=1)
     calib = [verify.random_inputs(model, seed=s) for s in range(16)]
     removed = {}
