@@ -70,6 +70,12 @@ import onnx_graphsurgeon as gs
 from .errors import UserError
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# ops of an already-quantized input (ONNX Runtime's QDQ, QOperator and dynamic-quantization output,
+# its com.microsoft ones included): int8 keeps them as they are, pruning finds no float weights in them
+PRE_QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearConcat",
+                 "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearLeakyRelu", "QLinearSoftmax",
+                 "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention"}
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ from .quant_plan import (QuantPlan, Ranges, build_plan, clip_bounds, fake_quanti
                          scale_groups, weighted_nodes, with_wide)
 from .quant_probe import PREFIX as PROBE_PREFIX
 from .quant_probe import ChannelMeans, Probe
-from .quant_rules import table_for
+from .quant_rules import PRE_QUANTIZED, table_for
 from . import runtime
 from .runtime import augment, error_metrics, join_batches, output_error, reference_session, run_batches, sqnr_db
 from .target import QuantScheme
@@ -186,9 +186,6 @@ def quantize_for_target(ir: IR, target, options: QuantOptions, calib, *, max_err
                     strict=options.strict, rounding=options.rounding, sixteen_bit=options.sixteen_bit, log=log)
 
 
-PRE_QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-                 "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearConcat",
-                 "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearLeakyRelu", "QLinearSoftmax"}
 
 
 def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8", scheme: QuantScheme | None = None,

@@ -75,6 +75,7 @@ from edgec.errors import UserError
 from edgec.ir import IR, is_opaque
 from edgec.passes.reconstruct import reconstruct
 from edgec.pipeline import Pass, PassContext, PassResult, register
+from edgec.quant_rules import PRE_QUANTIZED
 from edgec import runtime
 from edgec.runtime import error_metrics
 
@@ -700,7 +701,12 @@ class PruneChannels(Pass):
 
     def run(self, ir: IR, ctx: PassContext) -> PassResult:
         with data_tail.detached(ir):  # a model ending in NMS: trials measure what NMS reads
-            return self._run(ir, ctx)
+            result = self._run(ir, ctx)
+        quantized = sorted({n.op for n in ir.nodes if n.op in PRE_QUANTIZED})
+        if not result.changed and quantized:  # (ORT's quantize_dynamic output: "0 of 0 groups" says nothing)
+            result.note(f"the input model is already quantized ({', '.join(quantized)}): pruning finds channels in "
+                        f"float weights only, so those layers were not pruned; give edgec the float model")
+        return result
 
     def _run(self, ir: IR, ctx: PassContext) -> PassResult:
         if AUTO in (self.importance, self.mode):

@@ -945,6 +945,32 @@ def test_int8_of_an_already_quantized_model_says_so():
     assert "already quantized" in compile_text(r.report)
 
 
+def test_pruning_an_already_quantized_model_says_why_nothing_was_pruned(tmp_path):
+    """ONNX Runtime's quantize_dynamic output (ConvInteger: ddddocr's default recogniser ships so)
+    given to --prune: no group was found and the report said only '0 of 0 groups pruned'. It now
+    says the layers were already quantized and asks for the float model; the graph is unchanged."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (16, 4, 3, 3)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (8, 16, 3, 3)).astype(np.float32), "W2")]
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "W2"], ["y"], pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 8, 8, 8])], inits)
+    src, dyn = tmp_path / "f.onnx", tmp_path / "dyn.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    quantize_dynamic(str(src), str(dyn), weight_type=QuantType.QUInt8, op_types_to_quantize=["Conv"])
+    assert "ConvInteger" in {n.op_type for n in onnx.load(str(dyn)).graph.node}
+    calib = {"x": rng.normal(0, 1, (8, 4, 8, 8)).astype(np.float32)}
+    r = edgec.compile(str(dyn), None, prune=0.3, calib=calib)
+    pr = r.report["pruning"]
+    assert not any(s["removed"] for s in pr["groups"])
+    notes = [n for p in r.report["passes"] for n in p.get("notes", [])]
+    assert any(n.startswith("the input model is already quantized (ConvInteger") and "float model" in n
+               for n in notes), notes
+    assert r.report["after"]["params"] == r.report["before"]["params"]
+
+
 def test_a_16bit_qdq_model_refused_by_a_target_says_why():
     """A 16-bit QDQ model (opset 21) for rknn, which reads up to 19: the refusal quoted the
     converter's C++ assertion (type_restriction.h: isUnallowed ...). It names the types now."""
