@@ -46,6 +46,16 @@ Models (all trained by their authors; none trained here):
   preprocesses. Metric: exact match (case-insensitive: the text is lowercase, ddddocr's charset
   has both cases) and character accuracy of the greedy CTC decode. Added in session 31, after a
   held-out-style trial on it found pruning short (the other CTC recogniser here is ocr_rec).
+* ``click``: ddddocr's click-captcha detector (``ddddocr==1.6.1``, ``ddddocr/common_det.onnx``: a
+  YOLOX-style detector -- Focus slicing, CSPDarknet with SiLU written as Sigmoid*Mul, a PAN neck
+  with nearest Resize, decoupled heads at strides 8/16/32 giving box offsets, objectness and one
+  class -- 1x3x416x416, decoded outside the graph). Data: 3-5 characters (letters and digits in
+  the DejaVu fonts, 30-51 px, rotated up to 35 degrees, a random colour on a halo of its
+  complement) on unlightened photo crops of about 344x384, letterboxed as ddddocr's ``preproc``
+  does (BGR, 0-255, padded with 114). Metric: box F1 at IoU >= 0.5 against the characters' ink
+  boxes after ddddocr's decoding (score = objectness x class > 0.1, NMS at 0.45), and the same F1
+  against the fp32 model's boxes (``agree``). Added in session 32 as a held-out-style trial: the
+  issue's YOLOX-style detector family, not tuned on.
 
 Data (real, from the same cache, deterministic by seed):
 
@@ -964,9 +974,109 @@ def case_captcha(n_calib: int, n_eval: int):
     return model, {"input1": calib}, feeds, metric, "exact"
 
 
+# ====================================================================== click-captcha detector
+CLICK = 416  # ddddocr's detector input (square, letterboxed with 114)
+CLICK_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZabdefghkmnpqrt23456789"
+
+
+def render_click(rng, photos):
+    """A click captcha: 3-5 characters (rotated up to 35 degrees, 30-51 px, a random colour on a
+    halo of its complement, as such captchas draw them) on an unlightened photo crop of about
+    344x384 -> (RGB uint8, [x0, y0, x1, y1] boxes of the ink, not overlapping)."""
+    PIL = pil()
+    import PIL.ImageFilter
+    h, w = int(rng.integers(300, 385)), int(rng.integers(340, 417))
+    im = background(rng, photos, h, w, light=False)
+    boxes: list[np.ndarray] = []
+    n, tries = int(rng.integers(3, 6)), 0
+    while len(boxes) < n and tries < 50:
+        tries += 1
+        size = int(rng.integers(30, 52))
+        glyph = PIL.Image.new("L", (size * 2, size * 2), 0)
+        PIL.ImageDraw.Draw(glyph).text((size // 2, size // 4), CLICK_CHARS[int(rng.integers(len(CLICK_CHARS)))],
+                                       font=font(rng, size), fill=255)
+        glyph = glyph.rotate(float(rng.uniform(-35, 35)), resample=PIL.Image.BILINEAR)
+        bb = glyph.getbbox()
+        if bb is None:
+            continue
+        glyph = glyph.crop(bb)
+        gw, gh = glyph.size
+        x, y = int(rng.integers(4, w - gw - 4)), int(rng.integers(4, h - gh - 4))
+        b = np.array([x, y, x + gw, y + gh], np.float32)
+        if boxes and iou(b[None], np.array(boxes)).max() > 0:
+            continue
+        col = tuple(int(c) for c in rng.integers(0, 256, 3))
+        im.paste(PIL.Image.new("RGB", glyph.size, tuple(255 - c for c in col)), (x, y),
+                 glyph.filter(PIL.ImageFilter.MaxFilter(3)))
+        im.paste(PIL.Image.new("RGB", glyph.size, col), (x, y), glyph)
+        boxes.append(b)
+    return np.asarray(im), np.array(boxes, np.float32).reshape(-1, 4)
+
+
+def click_input(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """ddddocr's ``preproc``: BGR (cv2's order), resized to fit 416x416, padded with 114, 0-255."""
+    PIL = pil()
+    h, w = rgb.shape[:2]
+    r = min(CLICK / h, CLICK / w)
+    nh, nw = int(h * r), int(w * r)
+    res = np.asarray(PIL.Image.fromarray(np.ascontiguousarray(rgb[..., ::-1])).resize((nw, nh), PIL.Image.BILINEAR))
+    pad = np.full((CLICK, CLICK, 3), 114, np.uint8)
+    pad[:nh, :nw] = res
+    return pad.transpose(2, 0, 1)[None].astype(np.float32), r
+
+
+def yolox_boxes(out: np.ndarray, r: float, score_thr: float = 0.1, nms_thr: float = 0.45) -> np.ndarray:
+    """ddddocr's ``demo_postprocess`` + class-agnostic NMS: grid offsets and exp sizes at strides
+    8/16/32, score = objectness x class, boxes back in the image's pixels."""
+    grids, strides = [], []
+    for s in (8, 16, 32):
+        xv, yv = np.meshgrid(np.arange(CLICK // s), np.arange(CLICK // s))
+        grids.append(np.stack((xv, yv), 2).reshape(-1, 2))
+        strides.append(np.full((len(grids[-1]), 1), s))
+    g, st = np.concatenate(grids), np.concatenate(strides)
+    p = np.asarray(out, np.float64).reshape(-1, out.shape[-1])
+    cxy, wh = (p[:, :2] + g) * st, np.exp(p[:, 2:4]) * st
+    score = p[:, 4] * p[:, 5:].max(1)
+    b = np.concatenate([cxy - wh / 2, cxy + wh / 2], 1) / r
+    keep_s = score > score_thr
+    b, score = b[keep_s], score[keep_s]
+    x1, y1, x2, y2 = b.T
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order, keep = score.argsort()[::-1], []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        iw = np.maximum(0.0, np.minimum(x2[i], x2[order[1:]]) - np.maximum(x1[i], x1[order[1:]]) + 1)
+        ih = np.maximum(0.0, np.minimum(y2[i], y2[order[1:]]) - np.maximum(y1[i], y1[order[1:]]) + 1)
+        inter = iw * ih
+        order = order[np.where(inter / (areas[i] + areas[order[1:]] - inter) <= nms_thr)[0] + 1]
+    return b[keep].astype(np.float32).reshape(-1, 4)
+
+
+def case_click(n_calib: int, n_eval: int):
+    model = onnx.load_model_from_string(member("ddddocr", "ddddocr/common_det.onnx"))
+    rc, re_ = np.random.default_rng(80), np.random.default_rng(81)
+    calib = [click_input(render_click(rc, PHOTOS_CALIB)[0])[0] for _ in range(n_calib)]
+    pages = [render_click(re_, PHOTOS_EVAL) for _ in range(n_eval)]
+    inputs = [click_input(im) for im, _ in pages]
+    feeds = [{"images": x} for x, _ in inputs]
+    ratios = [r for _, r in inputs]
+    gts = [b for _, b in pages]
+
+    def metric(outs, ref_outs=None):
+        got = [yolox_boxes(o[0], r) for o, r in zip(outs, ratios)]
+        res = {"F1": box_f1(got, gts)}
+        if ref_outs is not None:
+            res["agree"] = box_f1(got, [yolox_boxes(o[0], r) for o, r in zip(ref_outs, ratios)])
+        return res
+    metric.wants_ref = True
+    return model, {"images": np.concatenate(calib)}, feeds, metric, "F1"
+
+
 CASES = {"ocr_det": (case_ocr_det, 24, 32), "ocr_rec": (case_ocr_rec, 32, 64), "layout": (case_layout, 16, 32),
          "orientation": (case_orientation, 32, 64), "magika": (case_magika, 32, 160),
-         "minilm": (case_minilm, 32, 48), "captcha": (case_captcha, 32, 500)}
+         "minilm": (case_minilm, 32, 48), "captcha": (case_captcha, 32, 500),
+         "click": (case_click, 32, 200)}
 
 
 # ====================================================================== running
