@@ -665,7 +665,7 @@ def _verify(run: _Run) -> None:
             if lossy:
                 raise VerificationError(
                     f"the compiled model's output error (relative L2 {comparison.rel_l2:.4g}) is above "
-                    f"--max-error {v.max_error}; nothing was written")
+                    f"--max-error {v.max_error}; nothing was written", measured=run.verified)
             raise VerificationError(f"the compiled model differs from the original: {_worst(comparison)} "
                                     f"(max abs error {comparison.max_abs_error:.3g}, rtol {v.rtol}, atol {v.atol}"
                                     f"{_floor_said(comparison)}); nothing was written")

@@ -20,4 +20,9 @@ class InternalError(EdgecError):
 
 
 class VerificationError(EdgecError):
-    """The rewritten model does not compute what the original computed (within tolerance)."""
+    """The rewritten model does not compute what the original computed (within tolerance).
+    ``measured``: the comparison that failed (the report's ``verify`` section), when there was one."""
+
+    def __init__(self, message: str, measured: dict | None = None):
+        super().__init__(message)
+        self.measured = measured

@@ -13,9 +13,10 @@ What each goal means on a profile:
 * ``size``: the smallest weights: INT8 (``mixed`` down to INT4 where the budget allows)
   and pruning within the budget.
 
-Candidates are compiled most aggressive first; the first one that meets the budgets wins.
-The report's ``strategy`` section lists what was tried, the measured error and size of each,
-and why the winner was chosen.
+The precision alone is compiled first; when it meets the error budget, the pruning ratios
+are bisected for the largest that does (with the precision on top), else nothing is pruned;
+the last resort is exact rewrites. The report's ``strategy`` section lists what was tried, the
+measured error and size of each, and why the winner was chosen.
 """
 
 from __future__ import annotations
@@ -102,10 +103,16 @@ def run(compile_fn: Callable, model, output, options: CompileOptions, *, target_
     """Compile the candidates for ``options.goal`` (``compile_fn(options, output)``, output None
     for a trial) and the winner again with ``output``; its report gets a ``strategy`` section.
 
+    A trial runs with the error budget, so int8's fallback keeps ops float until it is met (its
+    default budget is looser than a goal's usually is). The precision alone is tried first: when
+    it misses the error budget, pruning on top of it only adds error, so no pruning is compiled.
+    Otherwise the pruning ratios are bisected for the largest within the budget (the error grows
+    with the ratio, the size falls): at most three pruned compiles of five.
+
     ``trials(list of options)`` (optional) compiles every trial at once (on an executor's
     workers) and returns, in order, each one's report (``verify`` and ``after`` at least) or the
     EdgecError it raised, or None to compile them here one by one. The winner is the same
-    either way: the first candidate, in order, that meets the budgets."""
+    either way: the search reads the same outcomes in the same order."""
     goal = options.goal
     if goal not in GOALS:
         raise UserError(f"--goal {goal}: choose one of {', '.join(GOALS)}")
@@ -118,11 +125,17 @@ def run(compile_fn: Callable, model, output, options: CompileOptions, *, target_
         check_output_path(output, model if not hasattr(model, "graph") else None)
     max_error, max_bytes = options.verify.max_error, options.quant.max_bytes
     tries, reasons = candidates(target_profile, goal, options)
-    trial_options = [cand.options(options, max_error=None) for cand in tries]
+    trial_options = [cand.options(options, max_error=max_error) for cand in tries]
     outcomes = trials(trial_options) if trials is not None and len(tries) > 1 else None
-    tried = []
-    for i, cand in enumerate(tries):
-        last = i == len(tries) - 1
+    tried: list[dict] = []
+    seen: dict[int, dict] = {}
+
+    def measure(i: int) -> dict:
+        """Candidate ``i``'s entry in ``tried`` (compiled on first use): ``ok``, and ``error_ok``
+        (it compiled and its error is within the budget, whatever its size)."""
+        if i in seen:
+            return seen[i]
+        cand = tries[i]
         label = ", ".join(f"{k}={v}" for k, v in cand.settings.items()) or "exact rewrites only"
         log(f"goal {goal}: trying {label}")
         try:
@@ -133,18 +146,54 @@ def run(compile_fn: Callable, model, output, options: CompileOptions, *, target_
             else:
                 report = outcomes[i]
         except EdgecError as e:
-            tried.append({"settings": cand.settings, "ok": False, "why": str(e)})
-            continue
-        ok, why = _fits(report, max_error, max_bytes)
-        tried.append({"settings": cand.settings, "ok": ok, "why": why,
-                      "rel_l2": report.get("verify", {}).get("rel_l2"),
-                      "bytes": report["after"]["bytes"], "macs": report["after"]["macs"]})
-        if ok or last:
-            if not ok:
-                reasons.append(f"no candidate met the budget; the last one (exact rewrites) is used: {why}")
-            # compile the winner again, writing the output (and failing on the budget if it still misses)
-            final = compile_fn(cand.options(options, max_error=max_error if ok else None), output)
-            final.report["strategy"] = {"goal": goal, "max_error": max_error, "max_bytes": max_bytes,
-                                        "chosen": cand.settings, "reasons": reasons, "tried": tried}
-            return final
-    raise UserError(f"--goal {goal}: no candidate compiled")  # pragma: no cover - the last always compiles
+            measured = getattr(e, "measured", None) or {}
+            entry = {"settings": cand.settings, "ok": False, "why": str(e), "rel_l2": measured.get("rel_l2"),
+                     "error_ok": False}
+        else:
+            ok, why = _fits(report, max_error, max_bytes)
+            err = report.get("verify", {}).get("rel_l2")
+            entry = {"settings": cand.settings, "ok": ok, "why": why, "rel_l2": err,
+                     "bytes": report["after"]["bytes"], "macs": report["after"]["macs"],
+                     "error_ok": max_error is None or (err is not None and err <= max_error)}
+        tried.append(entry)
+        seen[i] = entry
+        return entry
+
+    pruned = [i for i, c in enumerate(tries) if c.prune.ratio is not None]
+    alone = len(pruned)  # the precision without pruning, then exact rewrites last
+    winner = None
+    if pruned:
+        if not measure(alone)["error_ok"]:
+            reasons.append(f"{goal}: {tries[alone].settings.get('quantize', 'the precision')} alone misses the "
+                           f"error budget, and pruning only adds error: no pruning compiled")
+        else:
+            by_ratio = sorted(pruned, key=lambda i: tries[i].prune.ratio)
+            lo, hi = -1, len(by_ratio)  # by_ratio[lo] within the error budget (-1: the precision alone)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if measure(by_ratio[mid])["error_ok"]:
+                    lo = mid
+                else:
+                    hi = mid
+            best = by_ratio[lo] if lo >= 0 else alone
+            reasons.append(f"{goal}: pruning ratios bisected (the error grows with the ratio): "
+                           f"{sum(i in seen for i in pruned)} of {len(pruned)} compiled")
+            if best != alone and measure(best).get("macs", -1) >= measure(alone)["macs"]:
+                reasons.append(f"{goal}: pruning at {tries[best].prune.ratio} removes nothing here (channel counts "
+                               f"rounded to the multiple), so none is applied")
+                best = alone
+            if measure(best)["ok"]:
+                winner = best
+    for i in ([] if winner is not None else range(alone, len(tries))):
+        if measure(i)["ok"] or i == len(tries) - 1:
+            winner = i
+            break
+    cand, ok = tries[winner], seen[winner]["ok"]
+    if not ok:
+        reasons.append(f"no candidate met the budget; the last one (exact rewrites) is used: {seen[winner]['why']}")
+    # compile the winner again, writing the output (and failing on the budget if it still misses)
+    final = compile_fn(cand.options(options, max_error=max_error if ok else None), output)
+    final.report["strategy"] = {"goal": goal, "max_error": max_error, "max_bytes": max_bytes,
+                                "chosen": cand.settings, "reasons": reasons,
+                                "tried": [{k: v for k, v in t.items() if k != "error_ok"} for t in tried]}
+    return final

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import edgec
 from edgec.errors import UserError
@@ -21,11 +23,67 @@ def test_latency_goal_meets_the_error_budget_on_real_data(tmp_path):
     assert r["verify"]["rel_l2"] <= 0.3 and r["verify"]["passed"]
     rejected = [t for t in st["tried"] if not t["ok"]]
     assert all(t["rel_l2"] is None or t["rel_l2"] > 0.3 for t in rejected)
-    # the chosen ratio is the most aggressive one that fits: the one tried just before it did not fit
-    chosen_index = [t["settings"] for t in st["tried"]].index(st["chosen"])
-    assert all(not t["ok"] for t in st["tried"][:chosen_index])
+    # int8 alone first, then the ratios bisected: the chosen one fits, every larger one tried did
+    # not, the next larger ratio was tried, and at most three of the five were compiled
+    from edgec.strategy import RATIOS
+    assert st["tried"][0]["settings"] == {"quantize": "int8"} and st["tried"][0]["ok"]
+    ratio = st["chosen"]["prune"]
+    pruned = {t["settings"]["prune"]: t["ok"] for t in st["tried"] if "prune" in t["settings"]}
+    assert pruned[ratio] and not any(ok for r, ok in pruned.items() if r > ratio)
+    larger = [r for r in RATIOS if r > ratio]
+    assert not larger or min(larger) in pruned
+    assert len(pruned) <= 3 and any("bisected" in why for why in st["reasons"])
     assert r["after"]["macs"] < r["before"]["macs"] and out.exists()
     assert any("int8 units" in why for why in st["reasons"])
+
+
+def _outlier_channel_model():
+    """conv1's first output channel is 10x the others and conv2 ignores it: all int8 leaves a
+    relative L2 of about 0.04, under int8's default fallback budget (0.1)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32)
+    w1[0] *= 10
+    w2 = rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32)
+    w2[:, 0] = 0
+    w3 = rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32)
+    g = helper.make_graph([
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3"], ["y"], pads=[1, 1, 1, 1], name="conv3")],
+        "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8, 8])],
+        [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_latency_goal_gives_int8_the_goals_budget():
+    """The trials ran int8 with its default fallback budget (0.1), so a goal of 0.01 on this model
+    saw all int8 at 0.044, compiled every pruning ratio on top of it and wrote the float model.
+    int8's fallback now gets the goal's budget: conv1's outlier scale goes float and the rest
+    stays int8, within 0.01 in ONNX Runtime."""
+    model = _outlier_channel_model()
+    plain = edgec.compile(model, None, quantize="int8", calib="random", verify=True).report
+    assert 0.01 < plain["verify"]["rel_l2"] < 0.1 and not plain["quantization"].get("fallback")
+    r = edgec.compile(model, None, goal="latency", max_error=0.01, calib="random").report
+    assert r["strategy"]["chosen"] == {"quantize": "int8"}
+    assert r["verify"]["rel_l2"] <= 0.01 and r["verify"]["passed"]
+    fb = r["quantization"]["fallback"]
+    assert fb["met"] and {f["node"] for f in fb["float"]} == {"conv1", "relu1", "conv2"}
+    # nothing here is prunable at the 8-channel multiple: no ratio is named as if it pruned
+    assert any("removes nothing" in why for why in r["strategy"]["reasons"])
+
+
+def test_latency_goal_prunes_nothing_on_top_of_an_int8_that_misses():
+    """int8 alone above the budget (even after its fallback): pruning only adds error, so no
+    pruned candidate is compiled (there were five), and the exact rewrites are written."""
+    r = edgec.compile(EXAMPLE / "model.onnx", None, goal="latency", max_error=0.001, calib=EXAMPLE / "calib.npz",
+                      eval_data=EXAMPLE / "eval.npz").report
+    st = r["strategy"]
+    assert [t["settings"] for t in st["tried"]] == [{"quantize": "int8"}, {}]
+    assert st["tried"][0]["rel_l2"] > 0.001 and st["chosen"] == {}
+    assert any("no pruning compiled" in why for why in st["reasons"])
 
 
 def test_accuracy_goal_is_exact():
