@@ -1135,8 +1135,9 @@ def edgec_variant(model: onnx.ModelProto, calib: dict, workdir: Path, **kw):
                      f"{'kept' if rnd['applied'] else 'not kept'}")
     st = rep.get("strategy")
     if st:
-        ch = st.get("chosen") or st.get("winner") or {}
-        note = (f"chose {ch.get('name', ch) if isinstance(ch, dict) else ch}" + (f"; {note}" if note else ""))[:120]
+        ch = st.get("chosen") or {}
+        said = ", ".join(f"{k}={v}" for k, v in ch.items()) or "exact rewrites only"
+        note = (f"chose {said} ({len(st.get('tried', []))} compiled)" + (f"; {note}" if note else ""))[:160]
     pr = rep.get("pruning")
     if pr and not q:
         note = f"params {rep['before']['params']}->{rep['after']['params']}, MACs {rep['before']['macs']:.3g}->{rep['after']['macs']:.3g}"
