@@ -588,6 +588,7 @@ TARGET = Target(
                       alternatives="--quantize vendor (RKNN-Toolkit2 quantizes; try --target-option "
                                    "quantized_algorithm=kl_divergence), or no --quantize (the NPU runs FP16)",
                       pointwise=("Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "LeakyRelu"),
+                      sibling_outputs=True,
                       # calibrated Sigmoid/HardSigmoid ranges: RKNN re-derives them on import
                       # (adjust_tanh_sigmoid), and the fixed [0, 1] range measured less faithful in its
                       # simulator (EfficientNet-style SiLU/SE: cosine 0.9961 against 0.9970 calibrated)

@@ -866,8 +866,13 @@ def dfl_head(batch: int = 1, in_ch: int = 3, hw: int = 64, width: int = 16, num_
 
 
 def yolox_head(batch: int = 1, in_ch: int = 3, hw: int = 64, width: int = 16, num_classes: int = 4,
-               seed: int = 0) -> onnx.ModelProto:
+               seed: int = 0, obj_beside_reg: bool = False) -> onnx.ModelProto:
     """YOLOX-style decode at stride 8: xy = (pred + grid) * stride, wh = Exp(pred) * stride, scores = Sigmoid(obj) * Sigmoid(cls); output [N, A, 4 + C] (channels last) with pixel boxes beside [0, 1] scores."""
+    # obj_beside_reg: YOLOX's own layout (ddddocr's detector): the objectness conv reads the box
+    # branch's feature beside the box conv, and the raw maps are the output, decoded outside the
+    # graph: Concat(box, Sigmoid(obj), Sigmoid(cls)) -> [N, A, 5 + C]
+    if obj_beside_reg:
+        return _yolox_raw(batch, in_ch, hw, width, num_classes, seed)
     b = GraphBuilder("yolox_head", seed)
     x = b.input("input", [batch, in_ch, hw, hw])
     y = b.conv_bn(x, width, 3, 2, act="silu")
@@ -896,6 +901,31 @@ def yolox_head(batch: int = 1, in_ch: int = 3, hw: int = 64, width: int = 16, nu
     out = b.transpose(b.concat([xy, wh, scores], axis=1), [0, 2, 1])
     b.output(out, "output")
     return _normalised(b.build(yolox_head.__doc__))
+
+
+def _yolox_raw(batch: int, in_ch: int, hw: int, width: int, num_classes: int, seed: int) -> onnx.ModelProto:
+    b = GraphBuilder("yolox_head", seed)
+    x = b.input("input", [batch, in_ch, hw, hw])
+    y = b.conv_bn(x, width, 3, 2, act="silu")
+    y = b.conv_bn(y, width, 3, 2, act="silu")
+    feat = b.conv_bn(y, 2 * width, 3, 2, act="silu")
+    n, c, h, w = b.shape(feat)
+    r = b.conv_bn(feat, c, 3, act="silu")
+    k = b.conv_bn(feat, c, 3, act="silu")
+
+    def pred(x: str, name: str, nout: int, gain: float, bias) -> str:
+        node = b._uname(name)
+        wt = b._param(node, "weight", b._he([nout, c, 1, 1], c, 2.0) * gain)
+        return b.op("Conv", [x, wt, b._param(node, "bias", np.asarray(bias))], [n, nout, h, w], node_name=node,
+                    kernel_shape=[1, 1])
+
+    box = pred(r, "reg_pred", 4, 0.4, [0.5, 0.5, 0.7, 0.7])
+    obj = b.sigmoid(pred(r, "obj_pred", 1, 1.5, [-4.6]))
+    cls = b.sigmoid(pred(k, "cls_pred", num_classes, 1.5, b.rng.normal(0.0, 0.5, num_classes)))
+    out = b.transpose(b.reshape(b.concat([box, obj, cls], axis=1), [n, 5 + num_classes, h * w]), [0, 2, 1])
+    b.output(out, "output")
+    return _normalised(b.build("YOLOX-style raw head: box and objectness convs reading one feature, classes another; "
+                               "Concat(box, Sigmoid(obj), Sigmoid(cls)), decoded outside the graph."))
 
 
 def wide_range_head(batch: int = 1, in_ch: int = 3, hw: int = 32, width: int = 16, seed: int = 0) -> onnx.ModelProto:

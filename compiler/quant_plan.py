@@ -520,6 +520,8 @@ class _Planner:
             producer_q.discard(out.name)
             if not r.weighted:
                 qnodes.discard(id(n))
+        if self.scheme.sibling_outputs:
+            self._sibling_outputs(weighted, qtensors, producer_q)
         residual = self._residual_adds(weighted, qtensors, edges)
 
         # scale groups
@@ -618,6 +620,24 @@ class _Planner:
                          float_layers=tuple(floats) + tuple(self.crushed.items()), residual_adds=residual)
 
     # ------------------------------------------------------------------ decisions
+    def _sibling_outputs(self, weighted: list[gs.Node], qtensors, producer_q) -> None:
+        """Weighted ops reading one tensor all give their outputs Q/DQ when one of them does
+        (:attr:`QuantScheme.sibling_outputs`): a YOLOX head's box conv, whose output only a float
+        Concat reads, beside the objectness conv whose Sigmoid is quantized."""
+        by_input: dict[str, list[gs.Node]] = {}
+        for n in weighted:
+            by_input.setdefault(n.inputs[0].name, []).append(n)
+        for siblings in by_input.values():
+            if len(siblings) < 2 or not any(m.outputs[0].name in qtensors for m in siblings):
+                continue
+            for m in siblings:
+                out = m.outputs[0]
+                # (a float tail too: its own scale, and the alternative is no build at all)
+                if out.name in qtensors or self.ir.is_graph_output(out) or out.name not in self.ranges:
+                    continue
+                qtensors[out.name] = out
+                producer_q.add(out.name)
+
     def _mark_output(self, n: gs.Node, qtensors, producer_q, force: bool) -> None:
         out = n.outputs[0]
         r = self.rule(n)

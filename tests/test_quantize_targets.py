@@ -182,6 +182,32 @@ def test_rknn_quantizes_a_batchnorm_after_concat_as_a_depthwise_conv_with_its_re
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.02
 
 
+def _pred_readers(q: onnx.ModelProto) -> dict[str, list[str]]:
+    readers: dict[str, list[str]] = {}
+    for n in q.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
+    return {n.name: readers.get(n.output[0], []) for n in q.graph.node if n.op_type == "Conv" and "_pred" in n.name}
+
+
+def test_rknn_gives_a_float_output_conv_the_int8_output_of_its_siblings():
+    """RKNN-Toolkit2 2.5 refused to build edgec's QDQ of ddddocr's YOLOX detector ("Invalid
+    w_par['dtype'] = float16 for Conv_262_weight_dequantized"): its box conv, whose output only a
+    float Concat reads, kept a float output (RKNN computes such a conv in FP16) beside the
+    objectness conv that reads the same tensor with an int8 output. For rknn, convs reading one
+    tensor now all give their outputs Q/DQ when one does; cpu keeps the box output float (it only
+    goes to the output). Both within the budget in ONNX Runtime (the build itself:
+    tests/test_rknn_simulator.py)."""
+    model = builders.yolox_head(obj_beside_reg=True)
+    calib = calib_for(model)
+    rk = edgec.compile(model, target="rknn", quantize="int8", calib=calib, verify=True)
+    cpu = edgec.compile(model, target="cpu", quantize="int8", calib=calib, verify=True)
+    assert _pred_readers(rk.model) == {"reg_pred_0": ["QuantizeLinear"], "obj_pred_0": ["QuantizeLinear"],
+                                       "cls_pred_0": ["QuantizeLinear"]}
+    assert _pred_readers(cpu.model)["reg_pred_0"] == ["Concat"]
+    assert rk.report["verify"]["rel_l2"] < 0.1 and cpu.report["verify"]["rel_l2"] < 0.1
+
+
 def test_rknn_build_config_sets_optimization_level_2_for_edgec_qdq_without_hard_activations(tmp_path):
     """``--quantize int8`` for rknn: RKNN builds edgec's QDQ at optimization_level 2 (at 3 it
     re-derives pools, concat-conv and split-conv and measured less faithful in its simulator),
