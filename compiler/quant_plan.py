@@ -472,6 +472,8 @@ class _Planner:
                 floats.append((key, f"no calibrated range for '{n.inputs[0].name}'"))
                 continue
             weighted.append(n)
+        if self.scheme.sibling_outputs:
+            weighted = self._float_siblings(weighted, floats)
         if not weighted:
             return QuantPlan(weight_format=self.scheme.weight_format, float_layers=tuple(floats))
         qnodes: set[int] = {id(n) for n in weighted}
@@ -620,6 +622,27 @@ class _Planner:
                          float_layers=tuple(floats) + tuple(self.crushed.items()), residual_adds=residual)
 
     # ------------------------------------------------------------------ decisions
+    def _float_siblings(self, weighted: list[gs.Node], floats: list) -> list[gs.Node]:
+        """``weighted`` without the layers that read one tensor with a layer kept float (by
+        --keep-float, the fallback, a rule or the precision plan), which join ``floats``: RKNN
+        computes the float one in FP16 and cannot build it beside an int8 one
+        (:attr:`QuantScheme.sibling_outputs`)."""
+        quantized = {id(n) for n in weighted}
+        by_input: dict[str, list[gs.Node]] = {}
+        for n in weighted_nodes(self.ir, self.table):
+            by_input.setdefault(n.inputs[0].name, []).append(n)
+        dropped: set[int] = set()
+        for siblings in by_input.values():
+            kept = [m for m in siblings if id(m) not in quantized]
+            if not kept or len(kept) == len(siblings):
+                continue
+            for m in siblings:
+                if id(m) in quantized:
+                    dropped.add(id(m))
+                    floats.append((node_key(m), f"reads '{m.inputs[0].name}' beside '{node_key(kept[0])}', which stays "
+                                                f"float: RKNN cannot build an int8 layer beside an FP16 one on one tensor"))
+        return [n for n in weighted if id(n) not in dropped]
+
     def _sibling_outputs(self, weighted: list[gs.Node], qtensors, producer_q) -> None:
         """Weighted ops reading one tensor all give their outputs Q/DQ when one of them does
         (:attr:`QuantScheme.sibling_outputs`): a YOLOX head's box conv, whose output only a float

@@ -186,8 +186,6 @@ def quantize_for_target(ir: IR, target, options: QuantOptions, calib, *, max_err
                     strict=options.strict, rounding=options.rounding, sixteen_bit=options.sixteen_bit, log=log)
 
 
-
-
 def quantize(ir: IR, calib: Iterable[dict] | None = None, *, mode: str = "int8", scheme: QuantScheme | None = None,
              method: str | dict = "auto", percentile: float = 99.99, activations: str | None = None,
              weights: str | None = None, weight_type: str | None = None, keep_float: Iterable[str] = (),

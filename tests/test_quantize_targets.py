@@ -208,6 +208,25 @@ def test_rknn_gives_a_float_output_conv_the_int8_output_of_its_siblings():
     assert rk.report["verify"]["rel_l2"] < 0.1 and cpu.report["verify"]["rel_l2"] < 0.1
 
 
+def test_rknn_keeps_a_float_layers_siblings_float():
+    """The converse: a layer kept float (here by --keep-float; the fallback does the same) beside
+    int8 siblings reading one tensor. RKNN refused that build too (a review found it: the fallback
+    floated the box conv of a head whose box channels span 1e-3..1e3). For rknn its siblings stay
+    float with it, and the report says why; cpu keeps them int8."""
+    model = builders.yolox_head(obj_beside_reg=True)
+    calib = calib_for(model)
+    rk = edgec.compile(model, target="rknn", quantize="int8", calib=calib, keep_float=["reg_pred_0"], verify=True)
+    cpu = edgec.compile(model, target="cpu", quantize="int8", calib=calib, keep_float=["reg_pred_0"], verify=True)
+    prod = lambda q: {o: n.op_type for n in q.graph.node for o in n.output}  # noqa: E731
+    conv = lambda q, name: next(n for n in q.graph.node if n.name == name)  # noqa: E731
+    assert conv(rk.model, "obj_pred_0").input[1] not in prod(rk.model)  # float weights
+    assert prod(cpu.model)[conv(cpu.model, "obj_pred_0").input[1]] == "DequantizeLinear"
+    assert prod(rk.model)[conv(rk.model, "cls_pred_0").input[1]] == "DequantizeLinear"  # another tensor: int8
+    why = dict(rk.report["quantization"]["float_layers"])
+    assert "beside 'reg_pred_0'" in why["obj_pred_0"] and "obj_pred_0" not in dict(cpu.report["quantization"]["float_layers"])
+    assert rk.report["verify"]["rel_l2"] < 0.1
+
+
 def test_rknn_build_config_sets_optimization_level_2_for_edgec_qdq_without_hard_activations(tmp_path):
     """``--quantize int8`` for rknn: RKNN builds edgec's QDQ at optimization_level 2 (at 3 it
     re-derives pools, concat-conv and split-conv and measured less faithful in its simulator),

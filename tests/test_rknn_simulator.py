@@ -42,14 +42,15 @@ def rknn():
     return vendor
 
 
-def _compile_jobs(tmp_path, models: dict, quantize: bool, calib=None, feeds=None, quantize_mode=None, calib_data=None):
+def _compile_jobs(tmp_path, models: dict, quantize: bool, calib=None, feeds=None, quantize_mode=None, calib_data=None,
+                  **kw):
     jobs, refs = [], {}
     for name, model in models.items():
         out = tmp_path / f"{name}.onnx"
         src = tmp_path / f"{name}.src.onnx"
         onnx.save(model, src)
         shapes = {i.name: [d.dim_value or 1 for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-        edgec.compile(src, out, target="rknn", input_shapes=shapes, quantize=quantize_mode, calib=calib_data)
+        edgec.compile(src, out, target="rknn", input_shapes=shapes, quantize=quantize_mode, calib=calib_data, **kw)
         compiled = onnx.load(out)
         x = feeds if feeds is not None else verify.random_inputs(compiled, seed=3)
         np.savez(tmp_path / f"{name}.in.npz", *x.values())
@@ -148,6 +149,10 @@ def test_prequantized_yolox_head_with_sibling_convs_builds(rknn, tmp_path):
     calib = [{"input": np.random.default_rng(k).normal(size=shape).astype(np.float32)} for k in range(16)]
     jobs, refs = _compile_jobs(tmp_path, {"yolox_qdq": model}, quantize=False, quantize_mode="int8",
                                calib_data=calib, feeds=calib[0])
+    _check(jobs, rknn.run_jobs("rknn", jobs), refs, min_cos=0.998)
+    # the box conv kept float (as the fallback keeps one): its sibling stays float with it, and it builds
+    jobs, refs = _compile_jobs(tmp_path, {"yolox_keep": model}, quantize=False, quantize_mode="int8",
+                               calib_data=calib, feeds=calib[0], keep_float=["reg_pred_0"])
     _check(jobs, rknn.run_jobs("rknn", jobs), refs, min_cos=0.998)
 
 
