@@ -256,7 +256,8 @@ def trial_compile(options: CompileOptions, shared) -> dict | EdgecError:
         result = compile(executor_mod.shared_value(shared), None, options=options)
     except EdgecError as e:
         return e
-    return {"verify": result.report.get("verify", {}), "after": result.report["after"]}
+    return {"verify": result.report.get("verify", {}), "after": result.report["after"],
+            "pruned": strategy.pruned_channels(result.report)}
 
 
 def _for_task(o: CompileOptions) -> CompileOptions:
@@ -468,6 +469,18 @@ def _quantize(run: _Run) -> None:
                 f"shape with the data; it and everything after it stay as they were")
 
 
+def _quant_budget(run: _Run) -> float | None:
+    """The quantizer's error budget: ``--max-error``, less what pruning already spent of it.
+    Pruning's and int8's output errors are close to independent, so their relative L2s add in
+    quadrature: int8 gets ``sqrt(max_error^2 - pruning^2)``, measured (as int8 measures) against
+    the pruned float model. Pruning alone over the budget leaves nothing to share: ``max_error``."""
+    budget = run.options.verify.max_error
+    spent = (run.prune_error or {}).get("rel_l2")
+    if budget is None or spent is None or spent >= budget:
+        return budget
+    return float(np.sqrt(budget * budget - spent * spent))
+
+
 def _some(names: list[str], n: int = 4) -> str:
     """The first ``n`` names, and how many more (SSDlite's tail reads 95 tensors after 180 ops)."""
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
@@ -480,7 +493,7 @@ def _quantize_measured(run: _Run, q) -> None:
     simulate = getattr(tgt.extras, "simulate", None) if q.mode == "int8" and tgt.options.get("simulator") else None
     float_ir = run.ir.copy() if simulate is not None else None
     run.quant_report = quantize_api.quantize_for_target(run.ir, tgt, q, run.calib,
-                                                        max_error=run.options.verify.max_error, log=run.log)
+                                                        max_error=_quant_budget(run), log=run.log)
     run.ir.infer_shapes()
     if simulate is not None:  # the target's own toolchain measures both int8s; the more faithful is written
         check = _simulator_check(run, simulate, float_ir)
@@ -489,7 +502,7 @@ def _quantize_measured(run: _Run, q) -> None:
             strict_ir = float_ir.copy()
             try:
                 strict_report = quantize_api.quantize_for_target(strict_ir, tgt, replace(q, strict=True), run.calib,
-                                                                 max_error=run.options.verify.max_error, log=run.log)
+                                                                 max_error=_quant_budget(run), log=run.log)
             except EdgecError as e:  # all int8 refused on all the samples (it ran on 3/4): keep the fallback's
                 check.update(chosen="edgec", why=check["why"] + f"; but all int8 on every sample was refused ({e}), "
                                                                 "so the fallback's float ops stay")
@@ -561,7 +574,7 @@ def _simulator_check(run: _Run, simulate, float_ir: IR) -> dict:
         return check
     fit, held = split
     trial = float_ir.copy()
-    rep = quantize_api.quantize_for_target(trial, tgt, q, fit, max_error=run.options.verify.max_error,
+    rep = quantize_api.quantize_for_target(trial, tgt, q, fit, max_error=_quant_budget(run),
                                            log=lambda s: None)
     trial.infer_shapes()
     strict = _strict_candidate(run, float_ir, rep, fit)
@@ -577,7 +590,7 @@ def _strict_candidate(run: _Run, float_ir: IR, quant_report: dict, batches) -> I
     strict = float_ir.copy()
     try:
         quantize_api.quantize_for_target(strict, run.target, replace(run.options.quant, strict=True), batches,
-                                         max_error=run.options.verify.max_error, log=lambda s: None)
+                                         max_error=_quant_budget(run), log=lambda s: None)
     except EdgecError as e:
         run.log(f"rknn simulator: no all-int8 candidate ({e})")
         return None

@@ -88,6 +88,13 @@ def candidates(target, goal: str, base: CompileOptions) -> tuple[list[Candidate]
     return [candidate(r, quant) for r in ratios] + [candidate(quantize=quant), candidate()], reasons
 
 
+def pruned_channels(report: dict) -> int:
+    """Channels a compile's pruning removed (0 without pruning); a trial's reduced report has it."""
+    if "pruned" in report:
+        return report["pruned"]
+    return sum(g.get("removed", 0) for g in (report.get("pruning") or {}).get("groups", []))
+
+
 def _fits(report: dict, max_error, max_bytes) -> tuple[bool, str]:
     err = report.get("verify", {}).get("rel_l2")
     size = report["after"]["bytes"]
@@ -107,7 +114,9 @@ def run(compile_fn: Callable, model, output, options: CompileOptions, *, target_
     default budget is looser than a goal's usually is). The precision alone is tried first: when
     it misses the error budget, pruning on top of it only adds error, so no pruning is compiled.
     Otherwise the pruning ratios are bisected for the largest within the budget (the error grows
-    with the ratio, the size falls): at most three pruned compiles of five.
+    with the ratio, the size falls): at most three pruned compiles of five. Where that one misses
+    the size budget, the most pruned candidate measured that fits both wins; one that pruned no
+    channel is not named.
 
     ``trials(list of options)`` (optional) compiles every trial at once (on an executor's
     workers) and returns, in order, each one's report (``verify`` and ``after`` at least) or the
@@ -154,6 +163,7 @@ def run(compile_fn: Callable, model, output, options: CompileOptions, *, target_
             err = report.get("verify", {}).get("rel_l2")
             entry = {"settings": cand.settings, "ok": ok, "why": why, "rel_l2": err,
                      "bytes": report["after"]["bytes"], "macs": report["after"]["macs"],
+                     "pruned": pruned_channels(report),
                      "error_ok": max_error is None or (err is not None and err <= max_error)}
         tried.append(entry)
         seen[i] = entry
@@ -163,9 +173,13 @@ def run(compile_fn: Callable, model, output, options: CompileOptions, *, target_
     alone = len(pruned)  # the precision without pruning, then exact rewrites last
     winner = None
     if pruned:
-        if not measure(alone)["error_ok"]:
-            reasons.append(f"{goal}: {tries[alone].settings.get('quantize', 'the precision')} alone misses the "
-                           f"error budget, and pruning only adds error: no pruning compiled")
+        first = measure(alone)
+        if not first["error_ok"]:
+            err = first.get("rel_l2")
+            what = (f"misses the error budget ({err:.4g} > {max_error})" if err is not None and max_error is not None
+                    and err > max_error else f"failed ({first['why'][:160]})")
+            reasons.append(f"{goal}: {tries[alone].settings.get('quantize', 'the precision')} alone {what}, and "
+                           f"pruning on top of it only adds error: no pruning compiled")
         else:
             by_ratio = sorted(pruned, key=lambda i: tries[i].prune.ratio)
             lo, hi = -1, len(by_ratio)  # by_ratio[lo] within the error budget (-1: the precision alone)
@@ -178,12 +192,17 @@ def run(compile_fn: Callable, model, output, options: CompileOptions, *, target_
             best = by_ratio[lo] if lo >= 0 else alone
             reasons.append(f"{goal}: pruning ratios bisected (the error grows with the ratio): "
                            f"{sum(i in seen for i in pruned)} of {len(pruned)} compiled")
-            if best != alone and measure(best).get("macs", -1) >= measure(alone)["macs"]:
+            if best != alone and not measure(best).get("pruned"):
                 reasons.append(f"{goal}: pruning at {tries[best].prune.ratio} removes nothing here (channel counts "
                                f"rounded to the multiple), so none is applied")
                 best = alone
+            # the most pruned candidate measured that fits both budgets (the largest within the error
+            # budget may miss the size one where size does not fall with the ratio)
+            fitting = [i for i in by_ratio[:lo + 1] if i in seen and seen[i]["ok"] and seen[i].get("pruned")]
             if measure(best)["ok"]:
                 winner = best
+            elif fitting:
+                winner = fitting[-1]
     for i in ([] if winner is not None else range(alone, len(tries))):
         if measure(i)["ok"] or i == len(tries) - 1:
             winner = i

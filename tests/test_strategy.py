@@ -143,3 +143,72 @@ def test_compile_takes_options_or_keywords_not_both():
         edgec.compile(EXAMPLE / "model.onnx", options=options, prune=0.2)
     with pytest.raises(UserError, match="--prune-macs"):  # options are checked as keywords are
         edgec.compile(EXAMPLE / "model.onnx", options=replace(options, prune=replace(options.prune, macs=2.0)))
+
+
+def _stub_goal(table: dict, **budget):
+    """strategy.run on a stub compile: ``table`` maps a candidate (its pruning ratio, None for the
+    precision alone, "exact") to (relative L2, bytes); a candidate over --max-error raises as a
+    compile does. Returns (chosen settings, the strategy section, the candidates compiled)."""
+    from types import SimpleNamespace
+
+    from edgec import strategy
+    from edgec.errors import VerificationError
+    from edgec.options import CompileOptions, QuantOptions, VerifyOptions
+
+    compiled = []
+
+    def compile_fn(opts, output):
+        key = "exact" if opts.quant.mode is None else opts.prune.ratio
+        if output is None:
+            compiled.append(key)
+        err, size = table[key]
+        if opts.verify.max_error is not None and key != "exact" and err > opts.verify.max_error:
+            raise VerificationError(f"error {err} above {opts.verify.max_error}", measured={"rel_l2": err})
+        return SimpleNamespace(report={"verify": {"rel_l2": err}, "after": {"bytes": size, "macs": 0},
+                                       "pruned": 0 if key in (None, "exact") else 8})
+
+    target = SimpleNamespace(name="cpu", description="cpu", float_precision="fp32", channel_multiple=8)
+    opts = CompileOptions(calib="x", goal=budget.pop("goal", "size"),
+                          verify=VerifyOptions(max_error=budget.get("max_error")),
+                          quant=QuantOptions(max_bytes=budget.get("max_bytes")))
+    st = strategy.run(compile_fn, "m.onnx", None, opts, target_profile=target).report["strategy"]
+    return st["chosen"], st, compiled
+
+
+def test_goal_takes_the_most_pruned_candidate_that_fits_both_budgets():
+    """Size need not fall with the ratio (mixed keeps wider precisions where pruning left more
+    error): 0.4 is the largest ratio within the error budget, but 0.3 does not fit the size
+    budget while 0.4 does, and 0.5 misses the error. A review found the bisection then wrote the
+    exact model; the most pruned candidate measured that fits both wins."""
+    table = {0.5: (0.12, 60), 0.4: (0.08, 70), 0.3: (0.07, 80), 0.2: (0.06, 72), 0.1: (0.05, 78),
+             None: (0.04, 90), "exact": (0.0, 400)}
+    chosen, st, compiled = _stub_goal(table, max_error=0.1, max_bytes=75)
+    assert chosen == {"prune": 0.4, "quantize": "mixed"}, st
+    table[0.4], table[0.3] = (0.08, 76), (0.07, 74)  # the largest within the error budget misses the size,
+    chosen, st, compiled = _stub_goal(table, max_error=0.1, max_bytes=75)  # a smaller one measured fits
+    assert chosen == {"prune": 0.3, "quantize": "mixed"}, st
+    assert len({c for c in compiled if c not in (None, "exact")}) <= 3
+
+
+def test_goal_says_why_no_pruning_was_compiled():
+    table = {r: (0.2, 10) for r in (0.5, 0.4, 0.3, 0.2, 0.1)} | {None: (0.2, 50), "exact": (0.0, 400)}
+    chosen, st, compiled = _stub_goal(table, goal="latency", max_error=0.1)
+    assert chosen == {} and set(compiled) == {None, "exact"}
+    assert any("misses the error budget (0.2 > 0.1)" in r for r in st["reasons"]), st["reasons"]
+
+
+def test_int8_gets_the_error_budget_pruning_left():
+    """--prune with --quantize int8 --max-error: int8's fallback measures against the pruned float
+    model, so it gets what pruning left of the budget (errors in quadrature), not all of it."""
+    from types import SimpleNamespace
+
+    from edgec.api import _quant_budget
+    from edgec.options import CompileOptions, VerifyOptions
+
+    def run(max_error, spent):
+        return SimpleNamespace(options=CompileOptions(verify=VerifyOptions(max_error=max_error)),
+                               prune_error=None if spent is None else {"rel_l2": spent})
+
+    assert _quant_budget(run(0.1, 0.06)) == pytest.approx(0.08)
+    assert _quant_budget(run(0.1, None)) == 0.1 and _quant_budget(run(None, 0.06)) is None
+    assert _quant_budget(run(0.1, 0.2)) == 0.1  # pruning alone over: nothing to share (the compile fails)
