@@ -362,6 +362,14 @@ def weighted_nodes(ir: IR, table: dict[str, OpRule] | None = None) -> list[gs.No
     return [n for n in ir.nodes if n.op in table and table[n.op].weighted and _default_domain(n) and weight_ok(ir, n)]
 
 
+def _siblings(layers: list[gs.Node]) -> list[list[gs.Node]]:
+    """``layers`` in groups of two or more that read the same (first) input tensor."""
+    by_input: dict[str, list[gs.Node]] = {}
+    for n in layers:
+        by_input.setdefault(n.inputs[0].name, []).append(n)
+    return [g for g in by_input.values() if len(g) > 1]
+
+
 def _default_domain(n: gs.Node) -> bool:
     return n.domain in (None, "", "ai.onnx")
 
@@ -628,11 +636,8 @@ class _Planner:
         computes the float one in FP16 and cannot build it beside an int8 one
         (:attr:`QuantScheme.sibling_outputs`)."""
         quantized = {id(n) for n in weighted}
-        by_input: dict[str, list[gs.Node]] = {}
-        for n in weighted_nodes(self.ir, self.table):
-            by_input.setdefault(n.inputs[0].name, []).append(n)
         dropped: set[int] = set()
-        for siblings in by_input.values():
+        for siblings in _siblings(weighted_nodes(self.ir, self.table)):
             kept = [m for m in siblings if id(m) not in quantized]
             if not kept or len(kept) == len(siblings):
                 continue
@@ -647,11 +652,8 @@ class _Planner:
         """Weighted ops reading one tensor all give their outputs Q/DQ when one of them does
         (:attr:`QuantScheme.sibling_outputs`): a YOLOX head's box conv, whose output only a float
         Concat reads, beside the objectness conv whose Sigmoid is quantized."""
-        by_input: dict[str, list[gs.Node]] = {}
-        for n in weighted:
-            by_input.setdefault(n.inputs[0].name, []).append(n)
-        for siblings in by_input.values():
-            if len(siblings) < 2 or not any(m.outputs[0].name in qtensors for m in siblings):
+        for siblings in _siblings(weighted):
+            if not any(m.outputs[0].name in qtensors for m in siblings):
                 continue
             for m in siblings:
                 out = m.outputs[0]

@@ -36,9 +36,10 @@ class QuantScheme:
     # a tensor's statistics are clamped to what its readers tell apart before its range is chosen
     # (edgec.analysis.saturation: a hard-swish's input below -3 is all one value)
     saturation: bool = True
-    # weighted ops reading the same tensor all get output Q/DQ when one does: RKNN-Toolkit2 2.5
-    # cannot build a conv it computes in float16 (int8 weights, float output) beside an int8 one
-    # reading the same tensor ("Invalid w_par['dtype'] = float16", ddddocr's YOLOX head)
+    # weighted ops reading the same tensor share a precision: all get output Q/DQ when one does, and
+    # all stay float when one is kept float. RKNN-Toolkit2 2.5 cannot build a layer it computes in
+    # FP16 (float weights, or int8 weights with a float output) beside an int8 one reading the
+    # same tensor ("Invalid w_par['dtype'] = float16", ddddocr's YOLOX head)
     sibling_outputs: bool = False
     reason: str = ""                 # why this scheme, for the report
     # what else to try when int8 collapses (a refusal names it): the options this target takes

@@ -682,10 +682,9 @@ class PruneChannels(Pass):
         most = self._macs_after(ir, hi, feeds, steps=steps)
         if most > goal:
             if result is not None:
-                within = self._limits_said(self.max_layer_ratio)
-                result.note(f"MACs target {target:.0%} not reachable within {within}: pruning at ratio {hi} "
-                            f"removes {1.0 - most / base:.0%} of the MACs" if base else
-                            f"MACs target {target:.0%} not reachable within {within}: pruning at ratio {hi}")
+                said = (f"MACs target {target:.0%} not reachable within {self._limits_said(self.max_layer_ratio)}: "
+                        f"pruning at ratio {hi}")
+                result.note(said + (f" removes {1.0 - most / base:.0%} of the MACs" if base else ""))
             return hi
         m_lo, m_hi = base, None
         for _ in range(10):

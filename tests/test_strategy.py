@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import edgec
 from edgec.errors import UserError
 
 from conftest import EXAMPLE
+from test_quantization import _collapsing_model
 
 
 def test_latency_goal_meets_the_error_budget_on_real_data(tmp_path):
@@ -37,33 +36,12 @@ def test_latency_goal_meets_the_error_budget_on_real_data(tmp_path):
     assert any("int8 units" in why for why in st["reasons"])
 
 
-def _outlier_channel_model():
-    """conv1's first output channel is 10x the others and conv2 ignores it: all int8 leaves a
-    relative L2 of about 0.04, under int8's default fallback budget (0.1)."""
-    rng = np.random.default_rng(0)
-    w1 = rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32)
-    w1[0] *= 10
-    w2 = rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32)
-    w2[:, 0] = 0
-    w3 = rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32)
-    g = helper.make_graph([
-        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
-        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("Conv", ["r2", "w3"], ["y"], pads=[1, 1, 1, 1], name="conv3")],
-        "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8, 8])],
-        [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_latency_goal_gives_int8_the_goals_budget():
     """The trials ran int8 with its default fallback budget (0.1), so a goal of 0.01 on this model
     saw all int8 at 0.044, compiled every pruning ratio on top of it and wrote the float model.
     int8's fallback now gets the goal's budget: conv1's outlier scale goes float and the rest
     stays int8, within 0.01 in ONNX Runtime."""
-    model = _outlier_channel_model()
+    model = _collapsing_model(outlier=10)  # all int8: relative L2 about 0.04, under int8's default budget 0.1
     plain = edgec.compile(model, None, quantize="int8", calib="random", verify=True).report
     assert 0.01 < plain["verify"]["rel_l2"] < 0.1 and not plain["quantization"].get("fallback")
     r = edgec.compile(model, None, goal="latency", max_error=0.01, calib="random").report
